@@ -1,0 +1,1 @@
+"""The runtime layer: devices, memory, tensors, streams, the C toolchain and module cache."""

@@ -1,0 +1,1 @@
+"""The CPU backend: host device, host memory, ISA detection and measured peaks."""
