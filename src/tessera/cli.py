@@ -1,0 +1,149 @@
+"""The `tessera` command: machine report, compile cache, benchmarks."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from importlib import metadata
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import tessera
+from tessera.errors import TesseraError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Tessera: an open, hardware-neutral compute stack for neural networks.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect or clear the compile cache.")
+app.add_typer(cache_app, name="cache")
+console = Console()
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _fmt_bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def machine_report(remeasure: bool = False) -> dict[str, Any]:
+    """Everything `tessera info` shows, as data."""
+    from tessera.runtime import toolchain
+    from tessera.runtime.cache import default_cache
+    from tessera.runtime.cpu.probe import measured_peaks
+
+    cc = toolchain.compiler()
+    devices = []
+    for dev in tessera.devices():
+        props = dev.properties(measure=False)
+        if dev.type == "cpu":
+            props.update(measured_peaks(remeasure=remeasure))
+        devices.append(props)
+    gomp = toolchain.openmp_flags(cc)
+    return {
+        "tessera": tessera.__version__,
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "numpy": _version("numpy"),
+        "compiler": {"command": " ".join(cc.command), "family": cc.family,
+                     "version": cc.version.splitlines()[0]},
+        "openmp": gomp[1] if len(gomp) > 1 else "the compiler's own runtime",
+        "devices": devices,
+        "cache": default_cache().info(),
+    }
+
+
+@app.command()
+def info(
+    remeasure: Annotated[bool, typer.Option(help="Measure peak GFLOPS and bandwidth again.")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+    = False,
+) -> None:
+    """Devices, ISA, compiler, cache, and this machine's measured peaks."""
+    report = machine_report(remeasure)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    top = Table(show_header=False, title=f"Tessera {report['tessera']}", title_justify="left")
+    top.add_row("python / torch / numpy",
+                f"{report['python']} / {report['torch']} / {report['numpy']}")
+    top.add_row("C compiler", f"{report['compiler']['version']}  ({report['compiler']['command']})")
+    top.add_row("OpenMP runtime", report["openmp"])
+    cache = report["cache"]
+    entries = sum(k["entries"] for k in cache["kinds"].values())
+    top.add_row("compile cache", f"{cache['path']}  ({entries} entries, "
+                                 f"{_fmt_bytes(cache['total_bytes'])})")
+    console.print(top)
+    for dev in report["devices"]:
+        table = Table(show_header=False, title=f"device {dev['name']!r}", title_justify="left")
+        table.add_row("model", f"{dev['model']} ({dev['arch']})")
+        table.add_row("cores", f"{dev['cores']} usable of {dev['logical_cpus']} logical CPUs")
+        table.add_row("ISA", " ".join(dev["isa"]) or "(baseline)")
+        table.add_row("caches", "  ".join(f"{k} {_fmt_bytes(v)}"
+                                          for k, v in dev["cache_bytes"].items() if v))
+        table.add_row("peak fp32 (measured)", f"{dev['peak_gflops_fp32']:.1f} GFLOPS")
+        table.add_row("bandwidth (measured)", f"copy {dev['copy_bandwidth_gbs']:.1f} GB/s, "
+                                              f"read {dev['read_bandwidth_gbs']:.1f} GB/s")
+        table.add_row("measured at", dev["measured_at"])
+        console.print(table)
+
+
+@cache_app.command("info")
+def cache_info() -> None:
+    """Where the compile cache is and what it holds."""
+    from tessera.runtime.cache import default_cache
+
+    report = default_cache().info()
+    console.print(f"compile cache: {report['path']} (layout {report['layout']})")
+    for kind, stats in report["kinds"].items():
+        console.print(f"  {kind:10s} {stats['entries']:6d} entries  {_fmt_bytes(stats['bytes'])}")
+    if report["failed_sources"]:
+        console.print(f"  {report['failed_sources']} source(s) of failed compiles in "
+                      f"{report['path']}/{report['layout']}/errors")
+    console.print(f"  total      {_fmt_bytes(report['total_bytes'])}")
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Delete every cached artifact (they are rebuilt on next use)."""
+    from tessera.runtime.cache import default_cache
+
+    cache = default_cache()
+    freed = cache.clear()
+    console.print(f"cleared {cache.root} ({_fmt_bytes(freed)} freed)")
+
+
+@app.command()
+def bench(
+    suite: Annotated[str, typer.Argument(help="Suite to run, e.g. runtime.")],
+    quick: Annotated[bool, typer.Option(help="Fewer rounds and smaller sizes.")] = False,
+    json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
+) -> None:
+    """Time Tessera against its baselines, interleaved in one process; medians and ratios."""
+    from tessera import bench as runner
+
+    runner.run(suite, quick=quick, json_path=json_path, console=console)
+
+
+def main() -> None:
+    """Console-script entry point: Tessera errors print as messages, not tracebacks."""
+    try:
+        app()
+    except TesseraError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {type(e).__name__}: {e}",
+                                   markup=True, highlight=False)
+        sys.exit(1)

@@ -1,0 +1,226 @@
+"""The C toolchain: find a compiler, choose flags for this CPU, compile to a shared library
+through the artifact cache, and load it.
+
+OpenMP: one runtime per process. When torch is installed, modules link torch's bundled
+`libgomp.so.1` (same soname as the system's), so whichever is loaded first serves both and
+symbol versions are checked against the older library at link time. See
+docs/design/threading.md for the measurements behind this choice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.util
+import os
+import shlex
+import shutil
+import subprocess
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tessera.errors import CompileError, ToolchainError
+from tessera.runtime.cache import default_cache
+from tessera.runtime.cpu.device import cpu_features
+
+__all__ = ["Compiler", "Module", "compile_c", "compiler", "openmp_flags"]
+
+_BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno",
+               "-Werror=implicit-function-declaration", "-Werror=return-type")
+# Portable ISA flags used when the compiler does not understand -march=native.
+_ISA_FLAGS = {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c", "avx512f": "-mavx512f",
+              "avx512bw": "-mavx512bw", "avx512vl": "-mavx512vl"}
+
+
+@dataclass(frozen=True)
+class Compiler:
+    """A C compiler: its command, family (gcc/clang/cc) and full version banner."""
+
+    command: tuple[str, ...]
+    family: str
+    version: str
+
+    @property
+    def identity(self) -> str:
+        """What, besides source and flags, decides the compiled bytes."""
+        return f"{' '.join(self.command)}\n{self.version}"
+
+
+def _probe_compiler(command: tuple[str, ...]) -> Compiler | None:
+    if shutil.which(command[0]) is None:
+        return None
+    try:
+        out = subprocess.run([*command, "--version"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    banner = out.strip()
+    family = "clang" if "clang" in banner else "gcc" if ("gcc" in banner or "GCC" in banner) \
+        else "cc"
+    return Compiler(command, family, banner)
+
+
+@functools.lru_cache(maxsize=8)
+def _find_compiler(cc_env: str | None) -> Compiler:
+    if cc_env:
+        found = _probe_compiler(tuple(shlex.split(cc_env)))
+        if found is None:
+            raise ToolchainError(f"the C compiler named by $CC ({cc_env!r}) does not run",
+                                 hint="point CC at a working gcc or clang, or unset it")
+        return found
+    for name in ("gcc", "clang", "cc"):
+        found = _probe_compiler((name,))
+        if found is not None:
+            return found
+    raise ToolchainError("no C compiler found (tried $CC, gcc, clang, cc)",
+                         hint="install one, e.g. `apt-get install gcc`, or set CC")
+
+
+def compiler() -> Compiler:
+    """The compiler Tessera uses: `$CC` if set, else the first of gcc, clang, cc."""
+    return _find_compiler(os.environ.get("CC") or None)
+
+
+def _native_flags() -> list[str]:
+    return ["-march=native", "-mtune=native"]
+
+
+def _portable_flags() -> list[str]:
+    return [flag for feat, flag in _ISA_FLAGS.items() if feat in cpu_features()]
+
+
+@functools.cache
+def _torch_libgomp() -> Path | None:
+    """torch's bundled libgomp, found without importing torch (None if absent)."""
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    lib = Path(next(iter(spec.submodule_search_locations))) / "lib" / "libgomp.so.1"
+    return lib if lib.is_file() else None
+
+
+def openmp_flags(cc: Compiler | None = None) -> list[str]:
+    """Flags for an OpenMP module that shares one OpenMP runtime with torch."""
+    cc = cc or compiler()
+    flags = ["-fopenmp"]
+    gomp = _torch_libgomp()
+    if gomp is not None and cc.family == "gcc":
+        # Listed before gcc's implicit -lgomp, torch's copy resolves the GOMP symbols; the
+        # rpath makes a module loaded before torch load that same file.
+        flags += [str(gomp), f"-Wl,-rpath,{gomp.parent}"]
+    return flags
+
+
+class Module:
+    """A compiled shared library, loaded. Get typed entry points with `function()`."""
+
+    def __init__(self, name: str, key: str, entry: Path, built: bool, flags: list[str]):
+        self.name = name
+        self.key = key
+        self.entry = entry
+        self.path = entry / "module.so"
+        self.source_path = entry / "source.c"
+        self.built = built
+        self.flags = flags
+        try:
+            self._lib = ctypes.CDLL(str(self.path))
+        except OSError as e:
+            raise ToolchainError(f"cannot load compiled module {name!r}: {e}",
+                                 where=str(self.path),
+                                 hint="run `tessera cache clear` and retry; if it persists, "
+                                      "report it with the output of `tessera info`") from e
+
+    def function(self, symbol: str, restype: Any = None, argtypes: Sequence[Any] = ()) -> Any:
+        """A new ctypes foreign function for `symbol` with the given C signature."""
+        try:
+            fn = self._lib[symbol]
+        except AttributeError:
+            raise ToolchainError(f"module {self.name!r} has no function {symbol!r}",
+                                 where=str(self.source_path),
+                                 hint="check the name and that it is not `static`") from None
+        fn.restype = restype
+        fn.argtypes = list(argtypes)
+        return fn
+
+    @property
+    def source(self) -> str:
+        return self.source_path.read_text()
+
+    def __repr__(self) -> str:
+        return f"<tessera Module {self.name!r} {self.key[:12]} at {self.path}>"
+
+
+_loaded: dict[str, Module] = {}
+_loaded_lock = threading.Lock()
+
+
+def compile_c(source: str, *, name: str = "kernel", openmp: bool = False,
+              flags: Sequence[str] = (), where: str | None = None) -> Module:
+    """Compile C `source` into a shared library (once per machine) and load it.
+
+    The cache key covers the source, all flags, the compiler's identity and the CPU's
+    features. `where` names the user's code the source came from, for error messages.
+    """
+    cc = compiler()
+    extra = [*flags, *shlex.split(os.environ.get("TESSERA_CFLAGS", ""))]
+    if openmp:
+        extra += openmp_flags(cc)
+    key = hashlib.sha256("\0".join(
+        ["tessera-c-module-1", source, cc.identity, " ".join(_BASE_FLAGS), " ".join(extra),
+         " ".join(sorted(cpu_features()))]).encode()).hexdigest()
+    with _loaded_lock:
+        module = _loaded.get(key)
+        if module is None:
+            def build(tmp: Path) -> dict[str, Any]:
+                return _build(cc, source, extra, tmp, name, key, where)
+
+            entry, built = default_cache().get_or_build("modules", key, build)
+            meta = default_cache().manifest(entry)["meta"]
+            module = _loaded[key] = Module(name, key, entry, built, meta["flags"])
+        return module
+
+
+def _build(cc: Compiler, source: str, extra: list[str], tmp: Path, name: str, key: str,
+           where: str | None) -> dict[str, Any]:
+    """Compile into `tmp`, with native ISA flags, or explicit ones if those are refused."""
+    src = tmp / "source.c"
+    src.write_text(source)
+    cmd, ok, output = _run_cc(cc, [*_BASE_FLAGS, *_native_flags(), *extra], src)
+    if not ok and "native" in output and ("unrecognized" in output or "unknown" in output):
+        cmd, ok, output = _run_cc(cc, [*_BASE_FLAGS, *_portable_flags(), *extra], src)
+    if not ok:
+        saved = str(_save_failed_source(source, name, key))
+        raise CompileError(f"C compilation of {name!r} failed",
+                           compiler_output=output.replace(str(src), saved), source_path=saved,
+                           command=shlex.join(cmd).replace(str(src), saved), where=where,
+                           hint="the generated source is saved at the path above; if it came "
+                                "from Tessera itself, please report it with that file")
+    flags = cmd[len(cc.command):-4]
+    return {"name": name, "flags": flags, "compiler": cc.version.splitlines()[0]}
+
+
+def _run_cc(cc: Compiler, flags: list[str], src: Path) -> tuple[list[str], bool, str]:
+    """Run the compiler once: (command, success, its output)."""
+    cmd = [*cc.command, *flags, str(src), "-o", str(src.with_name("module.so")), "-lm"]
+    timeout = float(os.environ.get("TESSERA_COMPILE_TIMEOUT", 600))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return cmd, False, f"the compiler timed out after {timeout:.0f} s"
+    return cmd, proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def _save_failed_source(source: str, name: str, key: str) -> Path:
+    """Keep a failed source where the user can open it (outside the temp build dir)."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+    path = default_cache().base / "errors" / f"{safe}-{key[:12]}.c"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.write_text(source)
+    return path
