@@ -230,3 +230,17 @@ def test_one_openmp_runtime_beside_torch(torch_first):
     threads, libs = run_python(code).split()
     assert int(threads) == len(os.sched_getaffinity(0))
     assert libs == "1"
+
+
+def test_threads_compile_concurrently():
+    from concurrent.futures import ThreadPoolExecutor
+
+    shared = unique_source()
+    sources = [shared] * 4 + [unique_source(f"int f(int x) {{ return x + {i}; }}")
+                              for i in range(4)]
+    with ThreadPoolExecutor(8) as pool:
+        modules = list(pool.map(compile_c, sources))
+    assert len({id(m) for m in modules[:4]}) == 1
+    assert sum(m.built for m in modules[:4]) <= 1
+    for i, m in enumerate(modules[4:]):
+        assert m.function("f", ctypes.c_int, [ctypes.c_int])(10) == 10 + i

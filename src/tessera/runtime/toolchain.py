@@ -175,16 +175,19 @@ def compile_c(source: str, *, name: str = "kernel", openmp: bool = False,
     key = hashlib.sha256("\0".join(
         ["tessera-c-module-1", source, cc.identity, " ".join(_BASE_FLAGS), " ".join(extra),
          " ".join(sorted(cpu_features()))]).encode()).hexdigest()
-    with _loaded_lock:
-        module = _loaded.get(key)
-        if module is None:
-            def build(tmp: Path) -> dict[str, Any]:
-                return _build(cc, source, extra, tmp, name, key, where)
-
-            entry, built = default_cache().get_or_build("modules", key, build)
-            meta = default_cache().manifest(entry)["meta"]
-            module = _loaded[key] = Module(name, key, entry, built, meta["flags"])
+    module = _loaded.get(key)
+    if module is not None:
         return module
+
+    def build(tmp: Path) -> dict[str, Any]:
+        return _build(cc, source, extra, tmp, name, key, where)
+
+    # Builds of one key are serialized by the cache's file lock (across threads too), so
+    # different kernels compile in parallel; the dict lock only keeps one Module per key.
+    entry, built = default_cache().get_or_build("modules", key, build)
+    flags_used = default_cache().manifest(entry)["meta"]["flags"]
+    with _loaded_lock:
+        return _loaded.setdefault(key, Module(name, key, entry, built, flags_used))
 
 
 def _build(cc: Compiler, source: str, extra: list[str], tmp: Path, name: str, key: str,
