@@ -1,0 +1,205 @@
+"""The benchmark runner: calibrate, time interleaved rounds, report medians and ratios."""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tessera.errors import TesseraError
+
+__all__ = ["SUITES", "BenchError", "Case", "available", "run", "time_case"]
+
+SUITES: dict[str, str] = {
+    "runtime": "tessera.bench.runtime",
+}
+BASELINE_ORDER = ("numpy", "torch_eager", "torch_inductor", "mpi", "gloo")
+
+
+class BenchError(TesseraError):
+    """An unknown suite, or implementations that disagree (a benchmark of wrong results
+    measures nothing)."""
+
+
+@dataclass
+class Case:
+    """One benchmark: named zero-argument callables, timed against each other.
+
+    `check` runs once before timing and raises AssertionError if the implementations
+    disagree; `extra(impl, median_s)` derives metrics such as GFLOPS or GB/s.
+    """
+
+    name: str
+    impls: dict[str, Callable[[], object]]
+    check: Callable[[], None] | None = None
+    extra: Callable[[str, float], dict[str, float]] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Timing:
+    median_s: float
+    iqr_pct: float
+    rounds: int
+    calls_per_sample: int
+
+
+Clock = Callable[[], int]
+
+
+def _sample(fn: Callable[[], object], calls: int, clock: Clock) -> float:
+    """Seconds per call over `calls` back-to-back calls, with the collector paused."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = clock()
+        for _ in range(calls):
+            fn()
+        return (clock() - t0) / calls / 1e9
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _calibrate(fn: Callable[[], object], min_sample_s: float, clock: Clock) -> int:
+    """Calls per sample so one sample lasts at least `min_sample_s` (timer noise << 1%)."""
+    calls = 1
+    while True:
+        per_call = _sample(fn, calls, clock)
+        if per_call * calls >= min_sample_s or calls >= 1 << 24:
+            return calls
+        calls = min(1 << 24, max(2 * calls, int(1.2 * min_sample_s / max(per_call, 1e-9))))
+
+
+def time_case(impls: dict[str, Callable[[], object]], *, rounds: int, min_sample_s: float,
+              clock: Clock = time.perf_counter_ns, seed: int = 0) -> dict[str, Timing]:
+    """Median seconds per call of each impl, sampled in `rounds` shuffled rounds so slow
+    drifts of the machine hit every impl alike."""
+    for fn in impls.values():  # warm up: caches, lazy compilation, first-touch pages
+        fn()
+    calls = {name: _calibrate(fn, min_sample_s, clock) for name, fn in impls.items()}
+    samples: dict[str, list[float]] = {name: [] for name in impls}
+    order = list(impls)
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            samples[name].append(_sample(impls[name], calls[name], clock))
+    result = {}
+    for name, xs in samples.items():
+        median = statistics.median(xs)
+        q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [median, median, median]
+        iqr = 100.0 * (q[2] - q[0]) / median if median > 0 else 0.0
+        result[name] = Timing(median, iqr, rounds, calls[name])
+    return result
+
+
+def available() -> list[str]:
+    """Names of the registered suites."""
+    return sorted(SUITES)
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on (never imports torch just to ask its version)."""
+    from tessera import __version__
+    from tessera.runtime.cpu.device import cpu_model, usable_cores
+    from tessera.runtime.toolchain import compiler
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"cpu": cpu_model(), "cores": usable_cores(), "torch": version("torch"),
+            "numpy": version("numpy"), "python": platform.python_version(),
+            "tessera": __version__, "compiler": compiler().version.splitlines()[0]}
+
+
+def _fmt_time(s: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if s >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s / 1e-9:.3g} ns"
+
+
+def _run_case(suite: str, case: Case, quick: bool) -> list[dict[str, Any]]:
+    if case.check is not None:
+        try:
+            case.check()
+        except AssertionError as e:
+            raise BenchError(f"benchmark {suite}/{case.name}: implementations disagree: {e}",
+                             hint="a benchmark of wrong results measures nothing; fix the "
+                                  "implementation (or the check) first") from e
+    timings = time_case(case.impls, rounds=7 if quick else 21,
+                        min_sample_s=0.002 if quick else 0.005)
+    rows = []
+    for impl, t in timings.items():
+        extra = {"iqr_pct": round(t.iqr_pct, 1), "rounds": t.rounds,
+                 "calls_per_sample": t.calls_per_sample, **case.meta}
+        if case.extra is not None:
+            extra.update(case.extra(impl, t.median_s))
+        rows.append({"suite": suite, "case": case.name, "impl": impl,
+                     "median_s": t.median_s, "extra": extra, "_meta": tuple(case.meta)})
+    return rows
+
+
+def _table(suite: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"tessera bench {suite}", title_justify="left")
+    for col in ("case", "impl", "median", "IQR", "speedup"):
+        table.add_column(col, justify="left" if col in ("case", "impl") else "right",
+                         no_wrap=col == "case")
+    hidden = {"iqr_pct", "rounds", "calls_per_sample"}
+    metrics = sorted({k for r in rows for k in r["extra"] if k not in hidden
+                      and k not in r.get("_meta", ())})
+    for m in metrics:
+        table.add_column(m, justify="right")
+    tessera_s = {r["case"]: r["median_s"] for r in rows if r["impl"] == "tessera"}
+    for r in rows:
+        ref = tessera_s.get(r["case"])
+        speedup = "" if r["impl"] == "tessera" or ref is None else \
+            f"{r['median_s'] / ref:.2f}x"
+        values = [r["extra"].get(m, "") for m in metrics]
+        table.add_row(r["case"], r["impl"], _fmt_time(r["median_s"]),
+                      f"{r['extra']['iqr_pct']:.1f}%", speedup,
+                      *(f"{v:.3g}" if isinstance(v, float) else str(v) for v in values))
+    return table
+
+
+def run(suite: str, *, quick: bool = False, json_path: str | None = None,
+        console: Console | None = None) -> list[dict[str, Any]]:
+    """Run one suite, print its table, optionally write the JSON; returns the rows.
+
+    `speedup` is baseline median / Tessera median: above 1 means Tessera is faster.
+    """
+    if suite not in SUITES:
+        raise BenchError(f"unknown benchmark suite {suite!r}",
+                         hint=f"available suites: {', '.join(available())}")
+    console = console or Console()
+    module = importlib.import_module(SUITES[suite])
+    rows: list[dict[str, Any]] = []
+    for case in module.cases(quick):
+        case_rows = _run_case(suite, case, quick)
+        case_rows.sort(key=lambda r: (r["impl"] != "tessera",
+                                      BASELINE_ORDER.index(r["impl"])
+                                      if r["impl"] in BASELINE_ORDER else 99, r["impl"]))
+        rows += case_rows
+    console.print(_table(suite, rows))
+    rows = [{k: v for k, v in r.items() if k != "_meta"} for r in rows]
+    if json_path:
+        Path(json_path).write_text(json.dumps({"machine": machine_info(), "results": rows},
+                                              indent=1))
+        console.print(f"wrote {json_path}")
+    return rows
