@@ -1,0 +1,1 @@
+"""Code generators: one C-style printer, with a dialect per target."""

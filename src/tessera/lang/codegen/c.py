@@ -1,0 +1,83 @@
+"""The C dialect: the grid becomes an OpenMP parallel loop over programs, inner loops ask
+for SIMD, and the math library is pasted in so the source alone decides the binary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tessera.lang.codegen.cstyle import CStylePrinter
+from tessera.lang.ir import Function, Op
+from tessera.lang.types import TensorType
+
+__all__ = ["CPrinter", "ENTRY"]
+
+ENTRY = "tessera_kernel"
+_MATH = Path(__file__).with_name("tessera_math.h")
+
+_PRELUDE = r"""#include <stdint.h>
+#include <stdbool.h>
+#include <math.h>
+
+/* Python's // and % on integers (floor semantics). x // 0 and x % 0 give 0 in kernels. */
+#define TSR_INT_DIVMOD(T, U, S) \
+static inline T tsr_floordiv_##S(T a, T b) { \
+    if (b == 0) return 0; \
+    if (b == -1) return (T)((U)0 - (U)a); \
+    T q = a / b; return q - ((a % b != 0) & ((a < 0) != (b < 0))); } \
+static inline T tsr_mod_##S(T a, T b) { \
+    if (b == 0 || b == -1) return 0; \
+    T r = a % b; return r + ((r != 0) & ((r < 0) != (b < 0))) * b; }
+TSR_INT_DIVMOD(int32_t, uint32_t, i32)
+TSR_INT_DIVMOD(int64_t, uint64_t, i64)
+"""
+
+
+class CPrinter(CStylePrinter):
+    """Prints a kernel as `void tessera_kernel(grid0, grid1, grid2, params...)`."""
+
+    def __init__(self, fn: Function, restrict: bool = True):
+        super().__init__(fn)
+        self.restrict = restrict
+
+    def simd(self, clauses: str = "") -> str:
+        return f"#pragma omp simd {clauses}".rstrip()
+
+    def op_program_id(self, op: Op) -> None:
+        self.names[op.id] = f"tsr_pid{op.attrs['axis']}"
+
+    def op_num_programs(self, op: Op) -> None:
+        self.names[op.id] = f"tsr_grid{op.attrs['axis']}"
+
+    def op_dim(self, op: Op) -> None:
+        self.names[op.id] = f"{self.name(op.operands[0])}_n{op.attrs['axis']}"
+
+    def source(self) -> str:
+        params = []
+        for p in self.fn.params:
+            self.names[p.id] = f"a_{p.attrs['name']}"
+            if isinstance(p.type, TensorType):
+                decl = self.tensor_params(p)
+                if not self.restrict:
+                    decl[0] = decl[0].replace("*restrict ", "*")
+                params += decl
+            else:
+                params.append(self.scalar_param(p))
+        self.depth = 2
+        self.block(self.fn.body)
+        body = self.lines
+        head = ["int64_t tsr_grid0", "int64_t tsr_grid1", "int64_t tsr_grid2", *params]
+        return "\n".join([
+            _PRELUDE, _MATH.read_text(),
+            f"/* kernel {self.fn.name}, from {self.fn.loc} */",
+            f"void {ENTRY}({', '.join(head)}) {{",
+            "    const int64_t tsr_n = tsr_grid0 * tsr_grid1 * tsr_grid2;",
+            "    #pragma omp parallel for schedule(static) if(tsr_n > 1)",
+            "    for (int64_t tsr_pid = 0; tsr_pid < tsr_n; tsr_pid++) {",
+            "        const int64_t tsr_pid0 = tsr_pid % tsr_grid0;",
+            "        const int64_t tsr_pid1 = (tsr_pid / tsr_grid0) % tsr_grid1;",
+            "        const int64_t tsr_pid2 = tsr_pid / (tsr_grid0 * tsr_grid1);",
+            "        (void)tsr_pid1; (void)tsr_pid2;",
+            *body,
+            "    }",
+            "}",
+            ""])

@@ -1,0 +1,509 @@
+"""The C-style printer shared by every C-family target (C now, OpenCL C next).
+
+Tile ops become loop nests over their static shapes. Elementwise ops and loads used once
+are inlined into their consumer's loop nest (fusion: no intermediate is materialized);
+everything else is materialized into a stack array. Each loop nest that touches memory
+is printed twice: an unmasked copy for blocks entirely in bounds and a masked one for the
+edges (mask elimination). Dialects override the hooks at the bottom.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections import Counter
+
+from tessera.lang.ir import Block, Function, Op
+from tessera.lang.types import COMPUTE, TensorType, TileType
+from tessera.runtime import dtype as dt
+
+__all__ = ["CStylePrinter"]
+
+_INLINE = frozenset({"unary", "binary", "where", "cast", "arange", "full", "reshape", "load",
+                     "const"})
+_ALWAYS_INLINE = frozenset({"const", "full", "arange"})
+_BIN_C = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "and": "&", "or": "|",
+          "xor": "^", "lshift": "<<", "rshift": ">>", "lt": "<", "le": "<=", "gt": ">",
+          "ge": ">=", "eq": "==", "ne": "!="}
+_LIMITS = {"int32_t": ("INT32_MIN", "INT32_MAX"), "int64_t": ("INT64_MIN", "INT64_MAX"),
+           "bool": ("0", "1"), "float": ("-INFINITY", "INFINITY")}
+
+
+def _literal(value: object, ctype: str) -> str:
+    if ctype == "float":
+        v = float(value)  # type: ignore[arg-type]
+        if math.isnan(v):
+            return "NAN"
+        if math.isinf(v):
+            return "INFINITY" if v > 0 else "(-INFINITY)"
+        return f"{v!r}f"
+    if ctype == "int64_t":
+        return f"INT64_C({int(value)})"  # type: ignore[call-overload]
+    return str(int(value))  # type: ignore[call-overload]
+
+
+class CStylePrinter(ABC):
+    """Prints one traced kernel Function as C-family source."""
+
+    def __init__(self, fn: Function):
+        self.fn = fn
+        self.lines: list[str] = []
+        self.depth = 1
+        self.names: dict[int, str] = {}
+        self.uses = Counter()
+        self.user_block: dict[int, Block] = {}
+        self.inline: set[int] = set()
+        self._plan(fn.body)
+
+    # -- planning: which values are inlined --------------------------------------------------
+    def _plan(self, block: Block) -> None:
+        position = {op.id: i for i, op in enumerate(block.ops)}
+        write_positions = []
+        for i, op in enumerate(block.ops):
+            if op.kind in ("store", "for", "if", "while"):
+                write_positions.append(i)
+            for o in op.operands:
+                self.uses[o.id] += 1
+            for b in op.blocks:
+                for y in b.yields:
+                    self.uses[y.id] += 2  # carried across a region boundary: materialize
+                self._plan(b)
+        for i, op in enumerate(block.ops):
+            if op.kind not in _INLINE or not isinstance(op.type, TileType):
+                continue
+            if op.type.is_scalar and op.kind != "const":
+                continue
+            if op.kind in _ALWAYS_INLINE:
+                self.inline.add(op.id)
+                continue
+            if self.uses[op.id] != 1:
+                continue
+            user = next((u for u in block.ops if any(o is op for o in u.operands)), None)
+            if user is None or user.kind in ("for", "if", "while"):
+                continue
+            if op.kind == "load" and any(i < w < position[user.id] for w in write_positions):
+                continue  # a store lies between the load and its use
+            if self._reads_inlined_load(op) and any(i < w < position[user.id]
+                                                    for w in write_positions):
+                continue
+            self.inline.add(op.id)
+
+    def _reads_inlined_load(self, op: Op) -> bool:
+        return any(o.kind == "load" or (o.id in self.inline and self._reads_inlined_load(o))
+                   for o in op.operands)
+
+    # -- output ----------------------------------------------------------------------------
+    def line(self, text: str) -> None:
+        self.lines.append("    " * self.depth + text)
+
+    def name(self, op: Op) -> str:
+        if op.id not in self.names:
+            self.names[op.id] = f"v{op.id}"
+        return self.names[op.id]
+
+    def ctype(self, op: Op) -> str:
+        assert isinstance(op.type, TileType)
+        return op.type.ctype
+
+    # -- expressions -------------------------------------------------------------------------
+    def expr(self, op: Op, idx: list[str], masked: bool, loads: list[Op]) -> str:
+        """C expression of `op`'s element at `idx` (one index expression per dimension)."""
+        if op.id not in self.inline:
+            if op.type.is_scalar:
+                return self.name(op)
+            return f"{self.name(op)}[{self.flat(idx, op.shape)}]"
+        kind, t = op.kind, self.ctype(op)
+        if kind == "const":
+            return _literal(op.attrs["value"], t)
+        if kind == "full":
+            return _literal(op.attrs["value"], t)
+        if kind == "arange":
+            return f"((int32_t)({op.attrs['start']} + {idx[0]}))"
+        if kind == "reshape":
+            return self.expr(op.operands[0], self.reshape_idx(op, idx), masked, loads)
+        if kind == "load":
+            loads.append(op)
+            return self.load_expr(op, idx, masked)
+        args = [self.expr(o, self.bcast(o, op, idx), masked, loads) for o in op.operands]
+        if kind == "cast":
+            return self.cast_expr(args[0], op.operands[0].type.dtype, op.type.dtype)
+        if kind == "where":
+            return f"({args[0]} ? {args[1]} : {args[2]})"
+        if kind == "unary":
+            return self.unary_expr(op.attrs["fn"], args[0], op.operands[0].type.ctype)
+        return self.binary_expr(op.attrs["fn"], args[0], args[1], op.operands[0].type.ctype)
+
+    @staticmethod
+    def flat(idx: list[str], shape: tuple[int, ...]) -> str:
+        terms, stride = [], 1
+        for i, s in zip(reversed(idx), reversed(shape), strict=True):
+            if s != 1:
+                terms.append(i if stride == 1 else f"{i} * {stride}")
+            stride *= s
+        return " + ".join(reversed(terms)) or "0"
+
+    @staticmethod
+    def bcast(operand: Op, result: Op, idx: list[str]) -> list[str]:
+        """Index of `operand` broadcast against `result` (numpy rules: align right)."""
+        shape = operand.shape
+        lead = len(result.shape) - len(shape)
+        return ["0" if s == 1 else idx[lead + d] for d, s in enumerate(shape)]
+
+    @staticmethod
+    def reshape_idx(op: Op, idx: list[str]) -> list[str]:
+        real = iter(i for i, s in zip(idx, op.shape, strict=True) if s != 1)
+        return ["0" if s == 1 else next(real) for s in op.operands[0].shape]
+
+    def cast_expr(self, x: str, src: dt.dtype, dst: dt.dtype) -> str:
+        if dst is dt.bool:
+            return f"({x} != 0)"
+        if dst is dt.float16:
+            return f"tsr_f16_to_f32(tsr_f32_to_f16({x}))"
+        if dst is dt.bfloat16:
+            return f"tsr_bf16_to_f32(tsr_f32_to_bf16({x}))"
+        return f"(({COMPUTE[dst]})({x}))"
+
+    def unary_expr(self, fn: str, x: str, ctype: str) -> str:
+        if fn == "neg":
+            return f"(-{x})"
+        if fn == "not" or (fn == "invert" and ctype == "bool"):
+            return f"(!{x})"
+        if fn == "invert":
+            return f"(~{x})"
+        if fn == "abs" and ctype != "float":
+            return f"({x} < 0 ? -{x} : {x})"
+        return f"tsr_{fn}({x})"
+
+    def binary_expr(self, fn: str, a: str, b: str, ctype: str) -> str:
+        if fn in _BIN_C:
+            return f"({a} {_BIN_C[fn]} {b})"
+        if fn in ("maximum", "minimum"):
+            if ctype == "float":
+                return f"tsr_{fn}({a}, {b})"
+            return f"({a} {'>' if fn == 'maximum' else '<'} {b} ? {a} : {b})"
+        if fn == "pow":
+            return f"tsr_pow({a}, {b})"
+        return f"tsr_{fn}_{'i64' if ctype == 'int64_t' else 'i32'}({a}, {b})"  # floordiv, mod
+
+    # -- memory ------------------------------------------------------------------------------
+    def access(self, tensor: Op, starts: list[Op], sizes: tuple, idx: list[str]
+               ) -> tuple[str, list[str], list[str]]:
+        """(element offset, per-element mask terms, whole-block in-bounds terms)."""
+        p = self.name(tensor)
+        ndim = tensor.type.ndim
+        kept = iter(idx)
+        offset, mask, inbounds = [], [], []
+        for d, (start, size) in enumerate(zip(starts, sizes, strict=True)):
+            s = self.name(start) if start.id not in self.inline else self.expr(start, [], False, [])
+            pos = s if size is None else f"({s} + {next(kept)})"
+            unit = d == ndim - 1 and tensor.type.unit_stride
+            offset.append(pos if unit else f"{pos} * {p}_s{d}")
+            if size is None:
+                inbounds.append(f"(uint64_t){s} < (uint64_t){p}_n{d}")
+            else:
+                mask.append(f"(uint64_t){pos} < (uint64_t){p}_n{d}")
+                inbounds.append(f"{s} >= 0 && {s} + {size} <= {p}_n{d}")
+        return " + ".join(offset), mask, inbounds
+
+    def load_expr(self, op: Op, idx: list[str], masked: bool) -> str:
+        tensor, starts = op.operands[0], op.operands[1:]
+        offset, mask, _ = self.access(tensor, starts, op.attrs["sizes"], idx)
+        value = self.from_storage(f"{self.name(tensor)}[{offset}]", tensor.type.dtype)
+        if not masked or not mask:
+            return value
+        other = _literal(op.attrs["other"], self.ctype(op))
+        return f"({' && '.join(mask)} ? {value} : {other})"
+
+    @staticmethod
+    def from_storage(x: str, d: dt.dtype) -> str:
+        return {dt.float16: f"tsr_f16_to_f32({x})", dt.bfloat16: f"tsr_bf16_to_f32({x})",
+                dt.bool: f"({x} != 0)"}.get(d, x)
+
+    @staticmethod
+    def to_storage(x: str, d: dt.dtype) -> str:
+        return {dt.float16: f"tsr_f32_to_f16({x})", dt.bfloat16: f"tsr_f32_to_bf16({x})",
+                dt.bool: f"(uint8_t)({x})"}.get(d, f"({d.c_type})({x})")
+
+    def inbounds_of(self, loads: list[Op]) -> list[str]:
+        terms: list[str] = []
+        for op in loads:
+            _, _, inb = self.access(op.operands[0], op.operands[1:], op.attrs["sizes"],
+                                    ["0"] * len(op.shape))
+            terms += [t for t in inb if t not in terms]
+        return terms
+
+    # -- loop nests --------------------------------------------------------------------------
+    def nest(self, shape: tuple[int, ...], body, simd_pragma: str | None = None) -> None:
+        """Emit loops over `shape`; `body(idx)` emits the innermost statements."""
+        idx = [f"i{self.depth}_{d}" for d in range(len(shape))]
+        opened = 0
+        for d, (i, s) in enumerate(zip(idx, shape, strict=True)):
+            if s == 1:
+                idx[d] = "0"
+                continue
+            if d == len(shape) - 1 or all(x == 1 for x in shape[d + 1:]):
+                self.line(simd_pragma or self.simd())
+            self.line(f"for (int {i} = 0; {i} < {s}; {i}++) {{")
+            self.depth += 1
+            opened += 1
+        body(idx)
+        for _ in range(opened):
+            self.depth -= 1
+            self.line("}")
+
+    def guarded(self, emit, extra: list[str] | None = None) -> None:
+        """Print `emit(masked, loads)` unmasked for in-bounds blocks, masked otherwise.
+        `extra` adds in-bounds conditions of accesses that are not loads (stores)."""
+        probe: list[Op] = []
+        saved = (list(self.lines), self.depth)
+        emit(True, probe)  # a dry run, to learn which loads the statement reads
+        self.lines, self.depth = saved
+        terms = self.inbounds_of(probe)
+        terms += [t for t in extra or [] if t not in terms]
+        if not terms:
+            emit(False, [])
+            return
+        self.line(f"if ({' && '.join(terms)}) {{")
+        self.depth += 1
+        emit(False, [])
+        self.depth -= 1
+        self.line("} else {")
+        self.depth += 1
+        emit(True, [])
+        self.depth -= 1
+        self.line("}")
+
+    # -- statements --------------------------------------------------------------------------
+    def block(self, block: Block) -> None:
+        for op in block.ops:
+            self.op(op)
+
+    def op(self, op: Op) -> None:
+        if op.id in self.inline or op.kind in ("param", "blockarg", "result"):
+            return
+        handler = getattr(self, f"op_{op.kind}", None)
+        if handler is not None:
+            handler(op)
+        elif op.type.is_scalar:
+            self.line(f"const {self.ctype(op)} {self.name(op)} = {self.expr_root(op, [])};")
+        else:
+            self.materialize(op)
+
+    def expr_root(self, op: Op, idx: list[str], masked: bool = True,
+                  loads: list[Op] | None = None) -> str:
+        """Expression of a non-inlined op computed here (inline its own definition)."""
+        self.inline.add(op.id)
+        try:
+            return self.expr(op, idx, masked, loads if loads is not None else [])
+        finally:
+            self.inline.discard(op.id)
+
+    def materialize(self, op: Op) -> None:
+        name = self.name(op)
+        self.line(f"{self.ctype(op)} {name}[{op.type.numel}];")
+
+        def emit(masked: bool, loads: list[Op]) -> None:
+            self.nest(op.shape, lambda idx: self.line(
+                f"{name}[{self.flat(idx, op.shape)}] = "
+                f"{self.expr_root(op, idx, masked, loads)};"))
+        self.guarded(emit)
+
+    def op_store(self, op: Op) -> None:
+        tensor, value, starts = op.operands[0], op.operands[1], op.operands[2:]
+        sizes = op.attrs["sizes"]
+        shape = tuple(s for s in sizes if s is not None)
+        p = self.name(tensor)
+
+        def emit(masked: bool, loads: list[Op]) -> None:
+            def body(idx: list[str]) -> None:
+                offset, mask, _ = self.access(tensor, starts, sizes, idx)
+                v = self.expr(value, self.bcast_to(value, shape, idx), masked, loads)
+                stmt = f"{p}[{offset}] = {self.to_storage(v, tensor.type.dtype)};"
+                self.line(f"if ({' && '.join(mask)}) {stmt}" if masked and mask else stmt)
+            self.nest(shape, body)
+        self.guarded(emit, self.access(tensor, starts, sizes, ["0"] * len(shape))[2])
+
+    @staticmethod
+    def bcast_to(value: Op, shape: tuple[int, ...], idx: list[str]) -> list[str]:
+        lead = len(shape) - len(value.shape)
+        return ["0" if s == 1 else idx[lead + d] for d, s in enumerate(value.shape)]
+
+    def op_reduce(self, op: Op) -> None:
+        src = op.operands[0]
+        fn, axes, t = op.attrs["fn"], op.attrs["axes"], self.ctype(op)
+        init = "0" if fn == "sum" else _LIMITS[t][0 if fn == "max" else 1]
+        r = self.name(op)
+        self.line(f"{t} {r}[{op.type.numel}];")
+        self.line(f"for (int k = 0; k < {op.type.numel}; k++) {r}[k] = {init};")
+        last_reduced = len(src.shape) - 1 in axes
+        outer = src.shape[:-1] if last_reduced else src.shape
+        n_inner = src.shape[-1] if last_reduced else 1
+        is_float = t == "float" and fn != "sum"
+
+        def emit(masked: bool, loads: list[Op]) -> None:
+            def body(idx: list[str]) -> None:
+                out_idx = ["0" if d in axes else i for d, i in enumerate(idx)]
+                if last_reduced:
+                    out_idx.append("0")
+                dst = f"{r}[{self.flat(out_idx, op.shape)}]"
+                if not last_reduced:
+                    e = self.expr(src, idx, masked, loads)
+                    self.line(f"{dst} = {self.combine(fn, dst, e, t)};")
+                    return
+                j = f"j{self.depth}"
+                clause = {"sum": "+", "max": "max", "min": "min"}[fn]
+                self.line(f"{t} acc = {init};")
+                if is_float:
+                    self.line("int nan = 0;")
+                reds = f"reduction({clause}:acc)" + (" reduction(|:nan)" if is_float else "")
+                self.line(self.simd(reds))
+                self.line(f"for (int {j} = 0; {j} < {n_inner}; {j}++) {{")
+                self.depth += 1
+                e = self.expr(src, [*idx, j], masked, loads)
+                if fn == "sum":
+                    self.line(f"acc += {e};")
+                else:
+                    self.line(f"const {t} x = {e};")
+                    cmp = ">" if fn == "max" else "<"
+                    self.line(f"acc = x {cmp} acc ? x : acc;")
+                    if is_float:
+                        self.line("nan |= x != x;")
+                self.depth -= 1
+                self.line("}")
+                if is_float:
+                    self.line("if (nan) acc = NAN;")
+                self.line(f"{dst} = {self.combine(fn, dst, 'acc', t)};")
+            self.nest(outer, body)
+        self.guarded(emit)
+
+    @staticmethod
+    def combine(fn: str, a: str, b: str, ctype: str) -> str:
+        if fn == "sum":
+            return f"{a} + {b}"
+        if ctype == "float":
+            return f"tsr_{'maximum' if fn == 'max' else 'minimum'}({a}, {b})"
+        return f"({b} {'>' if fn == 'max' else '<'} {a} ? {b} : {a})"
+
+    def declare_carried(self, results: list[Op], inits: list[Op]) -> list[str]:
+        """Variables that hold values carried around a loop or out of a branch."""
+        names = []
+        for res, init in zip(results, inits, strict=True):
+            name = self.name(res)
+            if res.type.is_scalar:
+                self.line(f"{res.type.ctype} {name} = {self.expr(init, [], True, [])};")
+            else:
+                self.line(f"{res.type.ctype} {name}[{res.type.numel}];")
+                self.copy(name, init, res.type)
+            names.append(name)
+        return names
+
+    def copy(self, dst: str, src: Op, type_: TileType) -> None:
+        if type_.is_scalar:
+            self.line(f"{dst} = {self.expr(src, [], True, [])};")
+            return
+        self.nest(type_.shape, lambda idx: self.line(
+            f"{dst}[{self.flat(idx, type_.shape)}] = "
+            f"{self.expr(src, self.bcast_to(src, type_.shape, idx), True, [])};"))
+
+    def results_of(self, op: Op) -> list[Op]:
+        return sorted((u for b in [self.fn.body] for u in b.walk()
+                       if u.kind == "result" and u.operands[0] is op),
+                      key=lambda u: u.attrs["index"])
+
+    def bind(self, args: list[Op], names: list[str]) -> None:
+        for a, n in zip(args, names, strict=True):
+            self.names[a.id] = n
+
+    def update(self, names: list[str], yields: list[Op], types: list[TileType]) -> None:
+        tmps = []
+        for n, y, t in zip(names, yields, types, strict=True):
+            if self.names.get(y.id) == n:
+                tmps.append(None)
+                continue
+            tmp = f"{n}_next"
+            if t.is_scalar:
+                self.line(f"const {t.ctype} {tmp} = {self.expr(y, [], True, [])};")
+            else:
+                self.line(f"{t.ctype} {tmp}[{t.numel}];")
+                self.copy(tmp, y, t)
+            tmps.append(tmp)
+        for n, tmp, t in zip(names, tmps, types, strict=True):
+            if tmp is None:
+                continue
+            if t.is_scalar:
+                self.line(f"{n} = {tmp};")
+            else:
+                self.line(f"for (int k = 0; k < {t.numel}; k++) {n}[k] = {tmp}[k];")
+
+    def op_for(self, op: Op) -> None:
+        start, stop, step, *inits = op.operands
+        body = op.blocks[0]
+        results = self.results_of(op)
+        names = self.declare_carried(results, inits) if results else []
+        ind, *args = body.args
+        i = self.name(ind)
+        s0, s1, s2 = (self.expr(v, [], True, []) for v in (start, stop, step))
+        self.line("{")
+        self.depth += 1
+        self.line(f"const int64_t {i}_step = {s2};")
+        if op.attrs.get("unroll"):
+            self.line(f"#pragma GCC unroll {int(op.attrs['unroll'])}")
+        self.line(f"for (int64_t {i} = {s0}; {i}_step > 0 ? {i} < {s1} : {i} > {s1}; "
+                  f"{i} += {i}_step) {{")
+        self.depth += 1
+        self.bind(args, names)
+        self.block(body)
+        self.update(names, body.yields, [r.type for r in results])
+        self.depth -= 1
+        self.line("}")
+        self.depth -= 1
+        self.line("}")
+
+    def op_while(self, op: Op) -> None:
+        cond_block, body = op.blocks
+        results = self.results_of(op)
+        names = self.declare_carried(results, op.operands) if results else []
+        self.line("for (;;) {")
+        self.depth += 1
+        self.bind(cond_block.args, names)
+        self.block(cond_block)
+        self.line(f"if (!{self.expr(cond_block.yields[0], [], True, [])}) break;")
+        self.bind(body.args, names)
+        self.block(body)
+        self.update(names, body.yields, [r.type for r in results])
+        self.depth -= 1
+        self.line("}")
+
+    def op_if(self, op: Op) -> None:
+        results = self.results_of(op)
+        for r in results:
+            decl = f"[{r.type.numel}]" if not r.type.is_scalar else ""
+            self.line(f"{r.type.ctype} {self.name(r)}{decl};")
+        names = [self.name(r) for r in results]
+        self.line(f"if ({self.expr(op.operands[0], [], True, [])}) {{")
+        for k, block in enumerate(op.blocks):
+            self.depth += 1
+            self.block(block)
+            for n, y, r in zip(names, block.yields, results, strict=True):
+                self.copy(n, y, r.type)
+            self.depth -= 1
+            self.line("} else {" if k == 0 else "}")
+
+    # -- dialect hooks -----------------------------------------------------------------------
+    @abstractmethod
+    def simd(self, clauses: str = "") -> str:
+        """The pragma asking to vectorize the next loop."""
+
+    def scalar_param(self, op: Op) -> str:
+        return f"{op.type.ctype} {self.name(op)}"
+
+    def tensor_params(self, op: Op) -> list[str]:
+        t: TensorType = op.type
+        p = self.name(op)
+        qual = "" if self.fn_writes(op) else "const "
+        return [f"{qual}{t.dtype.c_type} *restrict {p}",
+                *(f"int64_t {p}_n{d}" for d in range(t.ndim)),
+                *(f"int64_t {p}_s{d}" for d in range(t.ndim))]
+
+    def fn_writes(self, tensor: Op) -> bool:
+        return any(o.kind == "store" and o.operands[0] is tensor for o in self.fn.body.walk())

@@ -1,0 +1,533 @@
+"""Python AST -> tile IR, for one specialization of a kernel (argument dtypes, ranks and
+constexpr values fixed). Python-level values (constexprs, tuples, modules) are evaluated
+as Python while building; everything else becomes IR through the `Builder`."""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import inspect
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+from tessera.lang import core
+from tessera.lang.errors import KernelSyntaxError
+from tessera.lang.ir import Block, Function, Loc, Op
+from tessera.lang.semantic import Builder
+from tessera.lang.types import TensorType, TileType
+from tessera.runtime import dtype as dt
+
+__all__ = ["parse_kernel", "trace"]
+
+_BINOPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "truediv",
+           ast.FloorDiv: "floordiv", ast.Mod: "mod", ast.Pow: "pow", ast.BitAnd: "and",
+           ast.BitOr: "or", ast.BitXor: "xor", ast.LShift: "lshift", ast.RShift: "rshift"}
+_CMPOPS = {ast.Lt: "lt", ast.LtE: "le", ast.Gt: "gt", ast.GtE: "ge", ast.Eq: "eq",
+           ast.NotEq: "ne"}
+_PY_BIN = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+           "truediv": lambda a, b: a / b, "floordiv": lambda a, b: a // b,
+           "mod": lambda a, b: a % b, "pow": lambda a, b: a ** b, "and": lambda a, b: a & b,
+           "or": lambda a, b: a | b, "xor": lambda a, b: a ^ b, "lshift": lambda a, b: a << b,
+           "rshift": lambda a, b: a >> b, "lt": lambda a, b: a < b, "le": lambda a, b: a <= b,
+           "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b, "eq": lambda a, b: a == b,
+           "ne": lambda a, b: a != b}
+_METHODS = {"sum", "max", "min", "mean", "to"}
+_PURE_PY = {builtins.min, builtins.max, builtins.abs, builtins.int, builtins.float,
+            builtins.bool, builtins.len}
+
+
+def parse_kernel(fn: Callable[..., Any]) -> tuple[ast.FunctionDef, str, int]:
+    """The function's AST, its file, and the file line of the AST's line 1."""
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError) as e:
+        raise KernelSyntaxError(f"cannot read the source of {fn.__qualname__}",
+                                hint="kernels must be defined in a file, not typed into a "
+                                     "REPL or built with exec") from e
+    tree = ast.parse(source)
+    node = tree.body[0]
+    if not isinstance(node, ast.FunctionDef):
+        raise KernelSyntaxError(f"{fn.__qualname__} is not a plain function definition")
+    return node, inspect.getsourcefile(fn) or "<unknown>", fn.__code__.co_firstlineno
+
+
+def _is_py(x: Any) -> bool:
+    return not isinstance(x, Op)
+
+
+class _Frontend(ast.NodeVisitor):
+    def __init__(self, fn: Callable[..., Any], node: ast.FunctionDef, file: str, first: int,
+                 lines: list[str]):
+        self.fn, self.node, self.file, self.first, self.lines = fn, node, file, first, lines
+        self.b = Builder()
+        self.scope: dict[str, Any] = {}
+        self.globals = {**fn.__globals__, **_closure(fn)}
+
+    # -- helpers ----------------------------------------------------------------------------
+    def at(self, node: ast.AST) -> None:
+        if hasattr(node, "lineno"):
+            line = self.first + node.lineno - 1
+            text = self.lines[node.lineno - 1] if node.lineno <= len(self.lines) else ""
+            self.b.loc = Loc(self.file, line, text)
+
+    def syntax(self, node: ast.AST, message: str, hint: str | None = None) -> KernelSyntaxError:
+        self.at(node)
+        loc = self.b.loc
+        return KernelSyntaxError(message, where=f"{loc}: {loc.text.strip()}" if loc else None,
+                                 hint=hint)
+
+    def lookup(self, node: ast.Name) -> Any:
+        if node.id in self.scope:
+            return self.scope[node.id]
+        if node.id in self.globals:
+            return self.globals[node.id]
+        if hasattr(builtins, node.id):
+            return getattr(builtins, node.id)
+        raise self.syntax(node, f"name {node.id!r} is not defined")
+
+    # -- statements -------------------------------------------------------------------------
+    def body(self, stmts: list[ast.stmt]) -> None:
+        for i, stmt in enumerate(stmts):
+            self.at(stmt)
+            if isinstance(stmt, ast.Return):
+                if stmt.value is not None or i != len(stmts) - 1 or stmts is not self.node.body:
+                    raise self.syntax(stmt, "kernels return nothing and only at their end",
+                                      hint="write results into an output tensor")
+                continue
+            self.visit(stmt)
+
+    def generic_visit(self, node: ast.AST) -> Any:
+        raise self.syntax(node, f"{type(node).__name__} is not supported in kernels")
+
+    def visit_Expr(self, node: ast.Expr) -> None:
+        if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            return  # a docstring
+        self.visit(node.value)
+
+    def visit_Pass(self, node: ast.Pass) -> None:
+        return None
+
+    def visit_Assign(self, node: ast.Assign) -> None:
+        value = self.visit(node.value)
+        for target in node.targets:
+            self.assign(target, value)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        if node.value is None:
+            raise self.syntax(node, "a declaration without a value is not supported")
+        self.assign(node.target, self.visit(node.value))
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> None:
+        op = _BINOPS.get(type(node.op))
+        if op is None:
+            raise self.syntax(node, f"{type(node.op).__name__}= is not supported")
+        current = self.visit(ast.Name(node.target.id, ast.Load(), lineno=node.lineno)) \
+            if isinstance(node.target, ast.Name) else self.visit(node.target)
+        self.assign(node.target, self.binop(op, current, self.visit(node.value)))
+
+    def assign(self, target: ast.expr, value: Any) -> None:
+        if isinstance(target, ast.Name):
+            self.scope[target.id] = value
+        elif isinstance(target, ast.Tuple):
+            if not isinstance(value, tuple) or len(value) != len(target.elts):
+                raise self.syntax(target, "cannot unpack this value into "
+                                          f"{len(target.elts)} names")
+            for t, v in zip(target.elts, value, strict=True):
+                self.assign(t, v)
+        elif isinstance(target, ast.Subscript):
+            tensor = self.visit(target.value)
+            if not (isinstance(tensor, Op) and isinstance(tensor.type, TensorType)):
+                raise self.syntax(target, "only tensor slices can be assigned to",
+                                  hint="tiles are values: build a new one instead")
+            self.b.store(tensor, self.tensor_index(tensor, target.slice), value)
+        else:
+            raise self.syntax(target, f"cannot assign to {type(target).__name__}")
+
+    def visit_For(self, node: ast.For) -> None:
+        if node.orelse:
+            raise self.syntax(node, "for ... else is not supported")
+        if not isinstance(node.target, ast.Name):
+            raise self.syntax(node.target, "loop variables must be a single name")
+        it = self.visit(node.iter)
+        if isinstance(it, core.static_range):
+            for v in it.values:
+                self.scope[node.target.id] = v
+                self.body(node.body)
+            return
+        if isinstance(it, builtins.range):  # range() of constants: a run-time loop anyway
+            it = core.range(it.start, it.stop, it.step)
+        if not isinstance(it, core.range):
+            raise self.syntax(node.iter, "loops run over range(...), tl.range(...) or "
+                                         "tl.static_range(...)")
+        args = list(it.args)
+        if not 1 <= len(args) <= 3:
+            raise self.syntax(node.iter, "range takes 1 to 3 arguments")
+        start, stop, step = ([0, *args, 1] if len(args) == 1 else
+                             [*args, 1] if len(args) == 2 else args)
+        if _is_py(step) and step == 0:
+            raise self.syntax(node.iter, "range step must not be zero")
+        bounds = [self.b.cast(self.b.value(v), dt.int64) for v in (start, stop, step)]
+        carried = self.carried(node.body)
+        attrs = {"unroll": it.unroll} if it.unroll else {}
+        self.at(node)
+        ind = Op("blockarg", [], TileType(dt.int64))
+        self.region_loop("for", bounds, carried, node.body, attrs,
+                         lambda: self.scope.__setitem__(node.target.id, ind), [ind])
+
+    def visit_While(self, node: ast.While) -> None:
+        if node.orelse:
+            raise self.syntax(node, "while ... else is not supported")
+        carried = self.carried(node.body)
+        inits = [self.b.value(self.scope[n]) for n in carried]
+        args = [Op("blockarg", [], v.type) for v in inits]
+        self.at(node)
+        cond_block = Block(args=args)
+        self.b.push(cond_block)
+        saved = dict(self.scope)
+        self.scope.update(zip(carried, args, strict=True))
+        cond = self.scalar_condition(node.test)
+        cond_block.yields = [cond]
+        self.b.pop()
+        self.scope = saved
+        self.region_loop("while", [], carried, node.body, {}, lambda: None, [],
+                         pre_blocks=[cond_block], inits=inits)
+
+    def carried(self, stmts: list[ast.stmt]) -> list[str]:
+        """Names assigned in `stmts` that already hold a value: they flow around the loop."""
+        names: list[str] = []
+        for stmt in stmts:
+            for n in ast.walk(stmt):
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store) and \
+                        n.id in self.scope and n.id not in names:
+                    names.append(n.id)
+        return names
+
+    def region_loop(self, kind: str, operands: list[Op], carried: list[str],
+                    stmts: list[ast.stmt], attrs: dict[str, Any], bind: Callable[[], None],
+                    leading: list[Op], pre_blocks: list[Block] | None = None,
+                    inits: list[Op] | None = None) -> Op:
+        inits = inits if inits is not None else [self.b.value(self.scope[n]) for n in carried]
+        args = [Op("blockarg", [], v.type) for v in inits]
+        block = Block(args=leading + args)
+        saved = dict(self.scope)
+        self.b.push(block)
+        self.scope.update(zip(carried, args, strict=True))
+        bind()
+        self.body(stmts)
+        block.yields = [self.conform(n, self.scope[n], init) for n, init in
+                        zip(carried, inits, strict=True)]
+        self.b.pop()
+        self.scope = saved
+        op = self.b.emit(kind, [*operands, *inits], None, pure=False, **attrs)
+        op.blocks = [*(pre_blocks or []), block]
+        for i, (name, init) in enumerate(zip(carried, inits, strict=True)):
+            self.scope[name] = self.b.emit("result", [op], init.type, pure=False, index=i)
+        return op
+
+    def conform(self, name: str, value: Any, like: Op) -> Op:
+        """`value` as the type `name` had before the loop or branch (dtype may be cast)."""
+        value = self.b.value(value)
+        if value.shape != like.shape:
+            raise self.b.error(f"{name!r} changes shape from {like.shape} to {value.shape} "
+                               "inside a loop or branch",
+                               hint=f"give {name!r} its final shape before, e.g. tl.zeros(...)")
+        return self.b.cast(value, like.type.dtype)
+
+    def visit_If(self, node: ast.If) -> None:
+        cond = self.visit(node.test)
+        if _is_py(cond):  # a compile-time condition: build only the branch taken
+            self.body(node.body if cond else node.orelse)
+            return
+        cond = self.scalar_condition(node.test, cond)
+        before = dict(self.scope)
+        branches = []
+        for stmts in (node.body, node.orelse):
+            block = Block()
+            self.b.push(block)
+            self.scope = dict(before)
+            self.body(stmts)
+            self.b.pop()
+            branches.append((block, self.scope))
+        names = [n for n in {**branches[0][1], **branches[1][1]}
+                 if any(s.get(n) is not before.get(n) for _, s in branches)]
+        results = []
+        for name in names:
+            if not all(name in s for _, s in branches):
+                continue  # assigned in one branch only and new: local to that branch
+            like = self.b.value(branches[0][1][name])
+            for block, scope in branches:
+                self.b.push(block)
+                block.yields.append(self.conform(name, scope[name], like))
+                self.b.pop()
+            results.append((name, like.type))
+        self.scope = before
+        self.at(node)
+        op = self.b.emit("if", [cond], None, pure=False)
+        op.blocks = [branches[0][0], branches[1][0]]
+        for i, (name, type_) in enumerate(results):
+            self.scope[name] = self.b.emit("result", [op], type_, pure=False, index=i)
+
+    def scalar_condition(self, node: ast.expr, value: Any = None) -> Op:
+        value = self.visit(node) if value is None else value
+        value = self.b.value(value)
+        if not value.type.is_scalar:
+            raise self.syntax(node, f"a condition must be a scalar, not a {value.type} tile",
+                              hint="use tl.where for elementwise choices")
+        return self.b.cast(value, dt.bool)
+
+    # -- expressions ------------------------------------------------------------------------
+    def visit_Constant(self, node: ast.Constant) -> Any:
+        if isinstance(node.value, (bool, int, float, str)) or node.value is None:
+            return node.value
+        raise self.syntax(node, f"constant {node.value!r} is not supported")
+
+    def visit_Name(self, node: ast.Name) -> Any:
+        return self.lookup(node)
+
+    def visit_Tuple(self, node: ast.Tuple) -> tuple[Any, ...]:
+        return tuple(self.visit(e) for e in node.elts)
+
+    visit_List = visit_Tuple
+
+    def visit_Attribute(self, node: ast.Attribute) -> Any:
+        obj = self.visit(node.value)
+        if isinstance(obj, Op):
+            if node.attr == "shape":
+                if isinstance(obj.type, TensorType):
+                    return tuple(self.b.emit("dim", [obj], TileType(dt.int64), axis=i)
+                                 for i in builtins.range(obj.type.ndim))
+                return obj.shape
+            if node.attr == "dtype":
+                return obj.type.dtype
+            if node.attr == "ndim":
+                return obj.type.ndim if isinstance(obj.type, TensorType) else len(obj.shape)
+            if node.attr in _METHODS:
+                return ("method", node.attr, obj)
+            raise self.syntax(node, f"tiles have no attribute {node.attr!r}")
+        try:
+            return getattr(obj, node.attr)
+        except AttributeError:
+            raise self.syntax(node, f"{obj!r} has no attribute {node.attr!r}") from None
+
+    def binop(self, fn: str, a: Any, c: Any) -> Any:
+        if _is_py(a) and _is_py(c):
+            try:
+                return _PY_BIN[fn](a, c)
+            except Exception as e:
+                raise self.b.error(f"compile-time expression failed: {e}") from None
+        return self.b.binary(fn, a, c)
+
+    def visit_BinOp(self, node: ast.BinOp) -> Any:
+        if isinstance(node.op, ast.MatMult):
+            raise self.syntax(node, "'@' is not supported yet", hint="multiply tiles with "
+                              "broadcasting and tl.sum until tl.dot lands")
+        a, c = self.visit(node.left), self.visit(node.right)
+        self.at(node)
+        return self.binop(_BINOPS[type(node.op)], a, c)
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> Any:
+        x = self.visit(node.operand)
+        if _is_py(x):
+            return {ast.USub: lambda v: -v, ast.UAdd: lambda v: +v, ast.Not: lambda v: not v,
+                    ast.Invert: lambda v: ~v}[type(node.op)](x)
+        self.at(node)
+        if isinstance(node.op, ast.UAdd):
+            return x
+        if isinstance(node.op, ast.Not) and not x.type.is_scalar:
+            raise self.syntax(node, "'not' on a tile is ambiguous", hint="use ~mask")
+        return self.b.unary({ast.USub: "neg", ast.Not: "not", ast.Invert: "invert"}
+                            [type(node.op)], x)
+
+    def visit_Compare(self, node: ast.Compare) -> Any:
+        result, left = None, self.visit(node.left)
+        for op, right_node in zip(node.ops, node.comparators, strict=True):
+            if type(op) not in _CMPOPS:
+                raise self.syntax(node, f"{type(op).__name__} comparisons are not supported")
+            right = self.visit(right_node)
+            self.at(node)
+            part = self.binop(_CMPOPS[type(op)], left, right)
+            result = part if result is None else self.binop("and", result, part)
+            left = right
+        return result
+
+    def visit_BoolOp(self, node: ast.BoolOp) -> Any:
+        values = [self.visit(v) for v in node.values]
+        if all(_is_py(v) for v in values):
+            out = values[0]
+            for v in values[1:]:
+                out = (out and v) if isinstance(node.op, ast.And) else (out or v)
+            return out
+        fn = "and" if isinstance(node.op, ast.And) else "or"
+        out = self.scalar_condition(node.values[0], values[0])
+        for n, v in zip(node.values[1:], values[1:], strict=True):
+            out = self.b.binary(fn, out, self.scalar_condition(n, v))
+        return out
+
+    def visit_IfExp(self, node: ast.IfExp) -> Any:
+        cond = self.visit(node.test)
+        if _is_py(cond):
+            return self.visit(node.body if cond else node.orelse)
+        return self.b.where(cond, self.visit(node.body), self.visit(node.orelse))
+
+    def visit_Subscript(self, node: ast.Subscript) -> Any:
+        obj = self.visit(node.value)
+        if isinstance(obj, Op) and isinstance(obj.type, TensorType):
+            return self.b.load(obj, self.tensor_index(obj, node.slice), 0)
+        if isinstance(obj, Op):
+            return self.tile_index(obj, node.slice)
+        index = self.visit(node.slice)
+        if isinstance(obj, tuple) and isinstance(index, int):
+            return obj[index]
+        raise self.syntax(node, f"cannot index {type(obj).__name__} here")
+
+    def index_items(self, node: ast.expr) -> list[ast.expr]:
+        return list(node.elts) if isinstance(node, ast.Tuple) else [node]
+
+    def tensor_index(self, tensor: Op, node: ast.expr) -> list[tuple[Op, int | None]]:
+        items = self.index_items(node)
+        if len(items) != tensor.type.ndim:
+            raise self.syntax(node, f"a rank-{tensor.type.ndim} tensor needs "
+                                    f"{tensor.type.ndim} indices, got {len(items)}",
+                              hint="index every dimension, e.g. x[i, j:j + BLOCK]")
+        out = []
+        for item in items:
+            if isinstance(item, ast.Slice):
+                if item.step is not None:
+                    raise self.syntax(item, "slice steps are not supported",
+                                      hint="pass a strided view of the tensor instead")
+                if item.upper is None:
+                    raise self.syntax(item, "tile sizes must be known at compile time",
+                                      hint="write x[0:BLOCK] with BLOCK a tl.constexpr; "
+                                           "elements past the end are masked")
+                start = self.visit(item.lower) if item.lower is not None else 0
+                size = self.static_size(item, start, self.visit(item.upper))
+                out.append((self.b.cast(self.b.value(start), dt.int64), size))
+            else:
+                pos = self.b.value(self.visit(item))
+                if not pos.type.is_scalar or pos.type.dtype.is_floating_point:
+                    raise self.syntax(item, "tensor indices must be integer scalars or slices")
+                out.append((self.b.cast(pos, dt.int64), None))
+        return out
+
+    def static_size(self, node: ast.expr, start: Any, stop: Any) -> int:
+        """stop - start, which must be a compile-time constant (e.g. i:i + BLOCK)."""
+        (b0, o0), (b1, o1) = _affine(start), _affine(stop)
+        if b0 is not b1 or not isinstance(o1 - o0, int) or o1 - o0 <= 0:
+            raise self.syntax(node, "the slice's size must be a positive compile-time "
+                                    "constant", hint="write start:start + BLOCK")
+        return o1 - o0
+
+    def tile_index(self, tile: Op, node: ast.expr) -> Op:
+        items = self.index_items(node)
+        shape, dims = [], iter(tile.shape)
+        for item in items:
+            if isinstance(item, ast.Constant) and item.value is None:
+                shape.append(1)
+            elif isinstance(item, ast.Slice) and item.lower is item.upper is item.step is None:
+                shape.append(next(dims, None))
+            else:
+                raise self.syntax(item, "tiles can only be indexed with ':' and None",
+                                  hint="load the elements you need from the tensor instead")
+        if None in shape:
+            raise self.syntax(node, f"too many indices for a tile of shape {tile.shape}")
+        shape += list(dims)
+        self.at(node)
+        return self.b.reshape(tile, tuple(shape))
+
+    def visit_Call(self, node: ast.Call) -> Any:
+        fn = self.visit(node.func)
+        if fn is core.load:
+            return self.load_call(node)
+        args = [self.visit(a) for a in node.args]
+        kwargs = {k.arg: self.visit(k.value) for k in node.keywords}
+        self.at(node)
+        if isinstance(fn, tuple) and fn[:1] == ("method",):
+            _, name, obj = fn
+            if name == "to":
+                return self.b.cast(obj, dt.as_dtype(args[0] if args else kwargs["dtype"]))
+            return core._REGISTRY[name].build(self.b, obj, *args, **kwargs)
+        if isinstance(fn, core.Builtin):
+            try:
+                return fn.build(self.b, *args, **kwargs)
+            except TypeError as e:
+                raise self.syntax(node, f"bad arguments to tl.{fn.name}: {e}") from None
+        if fn in (core.range, core.static_range, builtins.range):
+            return fn(*args, **kwargs)
+        if fn in _PURE_PY:
+            return self.python_builtin(node, fn, args)
+        raise self.syntax(node, f"cannot call {getattr(fn, '__name__', fn)!r} in a kernel",
+                          hint="kernels call tl.* functions and Python's min, max, abs, "
+                               "int, float, bool and len")
+
+    def python_builtin(self, node: ast.Call, fn: Any, args: list[Any]) -> Any:
+        if all(_is_py(a) for a in args):
+            return fn(*args)
+        if fn in (builtins.min, builtins.max) and len(args) == 2:
+            return self.b.binary("minimum" if fn is builtins.min else "maximum", *args)
+        if fn is builtins.abs and len(args) == 1:
+            return self.b.unary("abs", args[0])
+        if fn in (builtins.int, builtins.float, builtins.bool) and len(args) == 1:
+            return self.b.cast(self.b.value(args[0]), {builtins.int: dt.int64,
+                                                       builtins.float: dt.float32,
+                                                       builtins.bool: dt.bool}[fn])
+        raise self.syntax(node, f"{fn.__name__}() of run-time values is not supported here")
+
+    def load_call(self, node: ast.Call) -> Op:
+        if len(node.args) != 1 or not isinstance(node.args[0], ast.Subscript):
+            raise self.syntax(node, "tl.load takes one tensor slice, e.g. "
+                                    "tl.load(x[i:i + BLOCK], other=0.0)")
+        kwargs = {k.arg: self.visit(k.value) for k in node.keywords}
+        unknown = set(kwargs) - {"other"}
+        if unknown:
+            raise self.syntax(node, f"tl.load got unknown arguments {sorted(unknown)}")
+        sub = node.args[0]
+        tensor = self.visit(sub.value)
+        if not (isinstance(tensor, Op) and isinstance(tensor.type, TensorType)):
+            raise self.syntax(node, "tl.load needs a slice of a tensor argument")
+        self.at(node)
+        return self.b.load(tensor, self.tensor_index(tensor, sub.slice), kwargs.get("other", 0))
+
+
+def _affine(x: Any) -> tuple[Any, Any]:
+    """(base, constant offset) with x == base + offset, for slice size inference."""
+    if _is_py(x):
+        return None, x
+    if x.kind == "const":
+        return None, x.attrs["value"]
+    if x.kind == "cast" and x.type.dtype is dt.int64:
+        return _affine(x.operands[0])
+    if x.kind == "binary" and x.attrs["fn"] in ("add", "sub"):
+        (b0, o0), (b1, o1) = _affine(x.operands[0]), _affine(x.operands[1])
+        sign = 1 if x.attrs["fn"] == "add" else -1
+        if b1 is None:
+            return b0, o0 + sign * o1
+        if b0 is None and sign == 1:
+            return b1, o0 + o1
+    return x, 0
+
+
+def _closure(fn: Callable[..., Any]) -> dict[str, Any]:
+    if not fn.__closure__:
+        return {}
+    return {name: cell.cell_contents for name, cell in
+            zip(fn.__code__.co_freevars, fn.__closure__, strict=True)}
+
+
+def trace(fn: Callable[..., Any], params: dict[str, TensorType | TileType | Any]) -> Function:
+    """Build the IR of `fn` for one specialization. `params` maps each parameter to a
+    TensorType, a scalar TileType, or (for constexprs) its Python value."""
+    node, file, first = parse_kernel(fn)
+    lines = textwrap.dedent(inspect.getsource(fn)).splitlines()
+    fe = _Frontend(fn, node, file, first, lines)
+    fe.at(node)
+    ops = []
+    for i, (name, kind) in enumerate(params.items()):
+        if isinstance(kind, (TensorType, TileType)):
+            op = Op("param", [], kind, {"name": name, "index": i}, fe.b.loc)
+            ops.append(op)
+            fe.scope[name] = op
+        else:
+            fe.scope[name] = kind
+    fe.body(node.body)
+    return Function(fn.__name__, ops, fe.b.blocks[0], Loc(file, first))
