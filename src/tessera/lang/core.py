@@ -25,12 +25,16 @@ class constexpr:
 class Builtin:
     """A function that exists only inside kernels."""
 
-    def __init__(self, name: str, build: Callable[..., Any]):
+    def __init__(self, name: str, build: Callable[..., Any],
+                 python: Callable[..., Any] | None = None):
         self.name = name
         self.build = build
+        self.python = python  # what the builtin means outside kernels, if anything
         self.__doc__ = build.__doc__
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.python is not None:
+            return self.python(*args, **kwargs)
         raise KernelError(f"tl.{self.name}() can only be used inside a @tl.kernel function",
                           hint="decorate the function with @tessera.lang.kernel and launch "
                                "it as k[grid](...)")
@@ -165,12 +169,19 @@ min = _reduction("min", "minimum over `axis`; NaN if any element is NaN")
 mean = _reduction("mean", "mean over `axis`, in float32")
 
 
+def _cdiv(x: int, y: int) -> int:
+    return -(-x // y)
+
+
 @builtin
 def cdiv(b: Builder, x, y):
-    """Ceiling division of integers."""
+    """Ceiling division of integers (also usable outside kernels, for grids)."""
     if isinstance(x, int) and isinstance(y, int):
-        return -(-x // y)
+        return _cdiv(x, y)
     return b.binary("floordiv", b.binary("sub", b.binary("add", x, y), 1), y)
+
+
+cdiv.python = _cdiv
 
 
 @builtin

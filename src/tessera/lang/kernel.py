@@ -18,6 +18,7 @@ from tessera.lang import core
 from tessera.lang.codegen.c import ENTRY, CPrinter
 from tessera.lang.errors import LaunchError
 from tessera.lang.frontend import trace
+from tessera.lang.passes import dce
 from tessera.lang.types import TensorType, TileType
 from tessera.runtime import dtype as dt
 from tessera.runtime.tensor import Tensor, as_tensor
@@ -73,6 +74,7 @@ class _Compiled:
     fn: Any
     source: str
     ir: str
+    writes: frozenset[str]  # tensor parameters the kernel stores into
 
 
 class Kernel:
@@ -111,9 +113,10 @@ class Kernel:
         bound.apply_defaults()
         return dict(bound.arguments)
 
-    def _specialize(self, values: dict[str, Any]) -> tuple[tuple, dict[str, Any], list[Any]]:
-        """(cache key, trace params, flat C arguments)."""
-        key, params, flat, spans = [], {}, [], []
+    def _specialize(self, values: dict[str, Any]
+                    ) -> tuple[tuple, dict[str, Any], list[Any], dict[str, _Arg]]:
+        """(cache key, trace params, flat C arguments, tensor arguments by name)."""
+        key, params, flat, tensors = [], {}, [], {}
         for name, v in values.items():
             if name in self.constexprs:
                 if not isinstance(v, (bool, int, float, str, dt.dtype)) and v is not None:
@@ -132,7 +135,7 @@ class Kernel:
                 params[name] = TensorType(arg.dtype, len(arg.shape), unit)
                 key.append(("t", name, arg.dtype.name, len(arg.shape), unit))
                 flat += [arg.ptr, *arg.shape, *arg.strides]
-                spans.append((name, arg))
+                tensors[name] = arg
             elif isinstance(v, (bool, np.bool_)):
                 params[name] = TileType(dt.bool)
                 key.append(("b", name))
@@ -149,15 +152,14 @@ class Kernel:
                 raise LaunchError(f"argument {name!r} of kernel {self.fn.__name__} is a "
                                   f"{type(v).__name__}; kernels take tensors, int, float, "
                                   "bool, or constexprs", where=self.where)
-        key.append(("alias", _overlaps(spans)))
-        return tuple(key), params, flat
+        key.append(("alias", _overlaps(list(tensors.values()))))
+        return tuple(key), params, flat, tensors
 
     def _compile(self, key: tuple, params: dict[str, Any]) -> _Compiled:
         compiled = self._compiled.get(key)
         if compiled is not None:
             return compiled
-        ir = trace(self.fn, params)
-        _check_writes(ir, params, key, self)
+        ir = dce(trace(self.fn, params))
         source = CPrinter(ir, restrict=not key[-1][1]).source()
         if os.environ.get("TESSERA_DUMP"):
             print(f"// tessera: {self.fn.__name__} {key}\n{source}", file=sys.stderr)
@@ -168,15 +170,29 @@ class Kernel:
                 argtypes += [ctypes.c_void_p] + [ctypes.c_int64] * (2 * p.type.ndim)
             else:
                 argtypes.append(_CTYPES[p.type.dtype])
-        compiled = _Compiled(module.function(ENTRY, None, argtypes), source, str(ir))
+        writes = frozenset(op.operands[0].attrs["name"] for op in ir.body.walk()
+                           if op.kind == "store")
+        compiled = _Compiled(module.function(ENTRY, None, argtypes), source, str(ir), writes)
         self._compiled[key] = compiled
         return compiled
+
+    def _check_writable(self, name: str, arg: _Arg) -> None:
+        if arg.readonly:
+            raise LaunchError(f"kernel {self.fn.__name__} stores into {name!r}, which is "
+                              "read-only", where=self.where, hint="pass a writable copy")
+        if any(s == 0 and n > 1 for n, s in zip(arg.shape, arg.strides, strict=True)):
+            raise LaunchError(f"kernel {self.fn.__name__} stores into {name!r}, whose "
+                              "elements share memory (a stride-0, expanded view)",
+                              where=self.where, hint="pass a contiguous tensor, e.g. "
+                                                     ".contiguous() or .copy()")
 
     # -- launching --------------------------------------------------------------------------
     def launch(self, grid: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         values = self._bind(args, kwargs)
-        key, params, flat = self._specialize(values)
+        key, params, flat, tensors = self._specialize(values)
         compiled = self._compile(key, params)
+        for name in compiled.writes:
+            self._check_writable(name, tensors[name])
         g = _grid(grid(values) if callable(grid) else grid, self)
         if 0 in g:
             return
@@ -184,12 +200,12 @@ class Kernel:
 
     def source(self, *args: Any, **kwargs: Any) -> str:
         """The C source this kernel compiles to for these arguments."""
-        key, params, _ = self._specialize(self._bind(args, kwargs))
+        key, params, _, _ = self._specialize(self._bind(args, kwargs))
         return self._compile(key, params).source
 
     def ir(self, *args: Any, **kwargs: Any) -> str:
         """The tile IR of this kernel for these arguments."""
-        key, params, _ = self._specialize(self._bind(args, kwargs))
+        key, params, _, _ = self._specialize(self._bind(args, kwargs))
         return self._compile(key, params).ir
 
 
@@ -202,13 +218,9 @@ def _grid(g: Any, k: Kernel) -> tuple[int, int, int]:
     return (*map(int, g), *(1,) * (3 - len(g)))  # type: ignore[return-value]
 
 
-def _overlaps(spans: list[tuple[str, _Arg]]) -> bool:
-    ranges = sorted(a.span for _, a in spans if a.span[0] != a.span[1])
+def _overlaps(args: list[_Arg]) -> bool:
+    ranges = sorted(a.span for a in args if a.span[0] != a.span[1])
     return any(b[0] < a[1] for a, b in zip(ranges, ranges[1:], strict=False))
-
-
-def _check_writes(ir: Any, params: dict[str, Any], key: tuple, k: Kernel) -> None:
-    del ir, params, key, k
 
 
 def kernel(fn: Callable[..., Any]) -> Kernel:

@@ -17,6 +17,7 @@ _MATH = Path(__file__).with_name("tessera_math.h")
 _PRELUDE = r"""#include <stdint.h>
 #include <stdbool.h>
 #include <math.h>
+#include <string.h>
 
 /* Python's // and % on integers (floor semantics). x // 0 and x % 0 give 0 in kernels. */
 #define TSR_INT_DIVMOD(T, U, S) \
@@ -67,7 +68,7 @@ class CPrinter(CStylePrinter):
         body = self.lines
         head = ["int64_t tsr_grid0", "int64_t tsr_grid1", "int64_t tsr_grid2", *params]
         return "\n".join([
-            _PRELUDE, _MATH.read_text(),
+            _PRELUDE, _MATH.read_text() if _MATH.exists() else "",  # TEMP
             f"/* kernel {self.fn.name}, from {self.fn.loc} */",
             f"void {ENTRY}({', '.join(head)}) {{",
             "    const int64_t tsr_n = tsr_grid0 * tsr_grid1 * tsr_grid2;",

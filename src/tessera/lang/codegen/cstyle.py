@@ -194,15 +194,19 @@ class CStylePrinter(ABC):
         kept = iter(idx)
         offset, mask, inbounds = [], [], []
         for d, (start, size) in enumerate(zip(starts, sizes, strict=True)):
+            known = start.attrs["value"] if start.kind == "const" else None
             s = self.name(start) if start.id not in self.inline else self.expr(start, [], False, [])
-            pos = s if size is None else f"({s} + {next(kept)})"
+            i = None if size is None else next(kept)
+            pos = s if size is None else i if known == 0 else f"({s} + {i})"
             unit = d == ndim - 1 and tensor.type.unit_stride
             offset.append(pos if unit else f"{pos} * {p}_s{d}")
             if size is None:
                 inbounds.append(f"(uint64_t){s} < (uint64_t){p}_n{d}")
             else:
                 mask.append(f"(uint64_t){pos} < (uint64_t){p}_n{d}")
-                inbounds.append(f"{s} >= 0 && {s} + {size} <= {p}_n{d}")
+                inbounds += [] if known is not None and known >= 0 else [f"{s} >= 0"]
+                inbounds.append(f"{known + size if known is not None else f'{s} + {size}'}"
+                                f" <= {p}_n{d}")
         return " + ".join(offset), mask, inbounds
 
     def load_expr(self, op: Op, idx: list[str], masked: bool) -> str:
@@ -350,29 +354,30 @@ class CStylePrinter(ABC):
                     e = self.expr(src, idx, masked, loads)
                     self.line(f"{dst} = {self.combine(fn, dst, e, t)};")
                     return
-                j = f"j{self.depth}"
+                j, acc, nan, x = (f"{r}_{v}" for v in ("j", "acc", "nan", "x"))
                 clause = {"sum": "+", "max": "max", "min": "min"}[fn]
-                self.line(f"{t} acc = {init};")
+                self.line(f"{t} {acc} = {init};")
                 if is_float:
-                    self.line("int nan = 0;")
-                reds = f"reduction({clause}:acc)" + (" reduction(|:nan)" if is_float else "")
+                    self.line(f"int {nan} = 0;")
+                reds = f"reduction({clause}:{acc})" + (f" reduction(|:{nan})" if is_float
+                                                       else "")
                 self.line(self.simd(reds))
                 self.line(f"for (int {j} = 0; {j} < {n_inner}; {j}++) {{")
                 self.depth += 1
                 e = self.expr(src, [*idx, j], masked, loads)
                 if fn == "sum":
-                    self.line(f"acc += {e};")
+                    self.line(f"{acc} += {e};")
                 else:
-                    self.line(f"const {t} x = {e};")
+                    self.line(f"const {t} {x} = {e};")
                     cmp = ">" if fn == "max" else "<"
-                    self.line(f"acc = x {cmp} acc ? x : acc;")
+                    self.line(f"{acc} = {x} {cmp} {acc} ? {x} : {acc};")
                     if is_float:
-                        self.line("nan |= x != x;")
+                        self.line(f"{nan} |= {x} != {x};")
                 self.depth -= 1
                 self.line("}")
                 if is_float:
-                    self.line("if (nan) acc = NAN;")
-                self.line(f"{dst} = {self.combine(fn, dst, 'acc', t)};")
+                    self.line(f"if ({nan}) {acc} = NAN;")
+                self.line(f"{dst} = {self.combine(fn, dst, acc, t)};")
             self.nest(outer, body)
         self.guarded(emit)
 
