@@ -9,7 +9,7 @@ from tessera.lang.codegen.cstyle import CStylePrinter
 from tessera.lang.ir import Function, Op
 from tessera.lang.types import TensorType
 
-__all__ = ["CPrinter", "ENTRY"]
+__all__ = ["ENTRY", "CPrinter"]
 
 ENTRY = "tessera_kernel"
 _MATH = Path(__file__).with_name("tessera_math.h")
@@ -53,24 +53,28 @@ class CPrinter(CStylePrinter):
         self.names[op.id] = f"{self.name(op.operands[0])}_n{op.attrs['axis']}"
 
     def source(self) -> str:
-        params = []
+        params, unpack, call = [], [], []
         for p in self.fn.params:
             self.names[p.id] = f"a_{p.attrs['name']}"
-            if isinstance(p.type, TensorType):
-                decl = self.tensor_params(p)
-                if not self.restrict:
-                    decl[0] = decl[0].replace("*restrict ", "*")
-                params += decl
-            else:
-                params.append(self.scalar_param(p))
+            decls = self.tensor_params(p) if isinstance(p.type, TensorType) else \
+                [self.scalar_param(p)]
+            if not self.restrict:
+                decls[0] = decls[0].replace("*restrict ", "*")
+            for decl in decls:  # every parameter travels in one 8-byte slot
+                ctype, name = decl.rsplit(" ", 1)
+                slot = "double" if ctype == "float" else "int64_t" if "*" not in ctype \
+                    else ctype.replace("restrict", "").replace("const", "").strip()
+                unpack.append(f"    {slot} {name}; memcpy(&{name}, tsr_args + "
+                              f"{8 * len(call)}, 8);")
+                call.append(f"({ctype.replace('restrict', '').strip()}){name}")
+            params += decls
         self.depth = 2
         self.block(self.fn.body)
-        body = self.lines
         head = ["int64_t tsr_grid0", "int64_t tsr_grid1", "int64_t tsr_grid2", *params]
         return "\n".join([
             _PRELUDE, _MATH.read_text() if _MATH.exists() else "",  # TEMP
             f"/* kernel {self.fn.name}, from {self.fn.loc} */",
-            f"void {ENTRY}({', '.join(head)}) {{",
+            f"static void tsr_run({', '.join(head)}) {{",
             "    const int64_t tsr_n = tsr_grid0 * tsr_grid1 * tsr_grid2;",
             "    #pragma omp parallel for schedule(static) if(tsr_n > 1)",
             "    for (int64_t tsr_pid = 0; tsr_pid < tsr_n; tsr_pid++) {",
@@ -78,7 +82,16 @@ class CPrinter(CStylePrinter):
             "        const int64_t tsr_pid1 = (tsr_pid / tsr_grid0) % tsr_grid1;",
             "        const int64_t tsr_pid2 = tsr_pid / (tsr_grid0 * tsr_grid1);",
             "        (void)tsr_pid1; (void)tsr_pid2;",
-            *body,
+            *self.lines,
             "    }",
+            "}",
+            "",
+            "/* Launch ABI: the grid, then each parameter in an 8-byte slot (pointers, int64,",
+            "   bool as int64, float as double), packed by the Python launcher. */",
+            f"void {ENTRY}(int64_t tsr_grid0, int64_t tsr_grid1, int64_t tsr_grid2, "
+            "const char *tsr_args) {",
+            *unpack,
+            "    (void)tsr_args;",
+            f"    tsr_run({', '.join(['tsr_grid0', 'tsr_grid1', 'tsr_grid2', *call])});",
             "}",
             ""])
