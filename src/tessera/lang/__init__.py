@@ -14,48 +14,12 @@ Tensors are sliced, never addressed by pointers: elements past a tensor's end ar
 on load (`other=`, default 0) and on store. See docs/lang/reference.md.
 """
 
-from tessera.lang.core import (
-                               abs,
-                               arange,
-                               cast,
-                               cdiv,
-                               constexpr,
-                               cos,
-                               erf,
-                               exp,
-                               exp2,
-                               full,
-                               gelu,
-                               load,
-                               log,
-                               log2,
-                               max,
-                               maximum,
-                               mean,
-                               min,
-                               minimum,
-                               num_programs,
-                               pow,
-                               program_id,
-                               range,
-                               rsqrt,
-                               sigmoid,
-                               silu,
-                               sin,
-                               sqrt,
-                               static_range,
-                               sum,
-                               tanh,
-                               where,
-                               zeros,
-)
+from tessera.lang.core import *  # noqa: F403 (the builtins)
+from tessera.lang.core import __all__ as _builtins
 from tessera.lang.errors import KernelError, KernelSyntaxError, KernelTypeError, LaunchError
 from tessera.lang.jit import Kernel, kernel
 from tessera.runtime.dtype import bfloat16, bool, float16, float32, int8, int32, int64, uint8
 
-__all__ = ["Kernel", "KernelError", "KernelSyntaxError", "KernelTypeError", "LaunchError",
-           "abs", "arange", "bfloat16", "bool", "cast", "cdiv", "constexpr", "cos", "erf",
-           "exp", "exp2", "float16", "float32", "full", "gelu", "int8", "int32", "int64",
-           "kernel", "load", "log", "log2", "max", "maximum", "mean", "min", "minimum",
-           "num_programs", "pow", "program_id", "range", "rsqrt", "sigmoid", "silu", "sin",
-           "sqrt", "static_range", "sum", "tanh", "uint8", "where", "zeros"]
+__all__ = [*_builtins, "Kernel", "KernelError", "KernelSyntaxError", "KernelTypeError",
+           "LaunchError", "bfloat16", "bool", "float16", "float32", "int8", "int32", "int64",
+           "kernel", "uint8"]

@@ -13,7 +13,11 @@ from tessera.lang.errors import KernelError
 from tessera.lang.semantic import Builder
 from tessera.runtime import dtype as dt
 
-__all__ = ["Builtin", "constexpr", "range", "static_range"]
+__all__ = ["abs", "arange", "argmax", "argmin", "cast", "cdiv", "constexpr", "cos", "dot",
+           "erf", "exp", "exp2", "full", "gelu", "load", "log", "log2", "max", "maximum",
+           "mean", "min", "minimum", "num_programs", "pow", "program_id", "range", "rsqrt",
+           "sigmoid", "silu", "sin", "sqrt", "static_range", "sum", "tanh", "trans", "where",
+           "zeros"]
 
 _builtin_range = range
 
@@ -171,6 +175,29 @@ mean = _reduction("mean", "mean over `axis`, in float32")
 
 def _cdiv(x: int, y: int) -> int:
     return -(-x // y)
+
+
+def _argreduction(name: str, doc: str) -> Builtin:
+    def build(b: Builder, x, axis=None, keepdims: bool = False):
+        return b.argreduce(name, x, axis, keepdims)
+    build.__name__, build.__doc__ = name, doc
+    return builtin(build)
+
+
+argmax = _argreduction("argmax", "int64 index of the first maximum along `axis` (NaN wins)")
+argmin = _argreduction("argmin", "int64 index of the first minimum along `axis` (NaN wins)")
+
+
+@builtin
+def dot(b: Builder, x, y, acc=None):
+    """Matrix product of 2-D tiles [M, K] @ [K, N] with float32 accumulation, plus acc."""
+    return b.dot(x, y, acc)
+
+
+@builtin
+def trans(b: Builder, x):
+    """Transpose of a 2-D tile (also written x.T)."""
+    return b.trans(x)
 
 
 @builtin

@@ -32,7 +32,7 @@ _PY_BIN = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a
            "rshift": lambda a, b: a >> b, "lt": lambda a, b: a < b, "le": lambda a, b: a <= b,
            "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b, "eq": lambda a, b: a == b,
            "ne": lambda a, b: a != b}
-_METHODS = {"sum", "max", "min", "mean", "to"}
+_METHODS = {"sum", "max", "min", "mean", "argmax", "argmin", "to"}
 _PURE_PY = {builtins.min, builtins.max, builtins.abs, builtins.int, builtins.float,
             builtins.bool, builtins.len}
 
@@ -155,8 +155,6 @@ class _Frontend(ast.NodeVisitor):
                 self.scope[node.target.id] = v
                 self.body(node.body)
             return
-        if isinstance(it, builtins.range):  # range() of constants: a run-time loop anyway
-            it = core.range(it.start, it.stop, it.step)
         if not isinstance(it, core.range):
             raise self.syntax(node.iter, "loops run over range(...), tl.range(...) or "
                                          "tl.static_range(...)")
@@ -298,6 +296,9 @@ class _Frontend(ast.NodeVisitor):
                     return tuple(self.b.emit("dim", [obj], TileType(dt.int64), axis=i)
                                  for i in builtins.range(obj.type.ndim))
                 return obj.shape
+            if node.attr == "T" and isinstance(obj.type, TileType):
+                self.at(node)
+                return self.b.trans(obj)
             if node.attr == "dtype":
                 return obj.type.dtype
             if node.attr == "ndim":
@@ -319,11 +320,10 @@ class _Frontend(ast.NodeVisitor):
         return self.b.binary(fn, a, c)
 
     def visit_BinOp(self, node: ast.BinOp) -> Any:
-        if isinstance(node.op, ast.MatMult):
-            raise self.syntax(node, "'@' is not supported yet", hint="multiply tiles with "
-                              "broadcasting and tl.sum until tl.dot lands")
         a, c = self.visit(node.left), self.visit(node.right)
         self.at(node)
+        if isinstance(node.op, ast.MatMult):
+            return self.b.dot(a, c)
         return self.binop(_BINOPS[type(node.op)], a, c)
 
     def visit_UnaryOp(self, node: ast.UnaryOp) -> Any:
@@ -452,8 +452,13 @@ class _Frontend(ast.NodeVisitor):
                 return fn.build(self.b, *args, **kwargs)
             except TypeError as e:
                 raise self.syntax(node, f"bad arguments to tl.{fn.name}: {e}") from None
-        if fn in (core.range, core.static_range, builtins.range):
-            return fn(*args, **kwargs)
+        if fn is builtins.range or fn is core.range:
+            return core.range(*args, **kwargs)
+        if fn is core.static_range:
+            if not all(isinstance(a, int) for a in args) or kwargs:
+                raise self.syntax(node, "tl.static_range takes compile-time integers",
+                                  hint="use range(...) for a loop with run-time bounds")
+            return core.static_range(*args)
         if fn in _PURE_PY:
             return self.python_builtin(node, fn, args)
         raise self.syntax(node, f"cannot call {getattr(fn, '__name__', fn)!r} in a kernel",

@@ -242,6 +242,58 @@ class Builder:
             return out
         return self.reshape(out, tuple(s for i, s in enumerate(x.shape) if i not in axes))
 
+    def argreduce(self, fn: str, x: Any, axis: int | None, keepdims: bool) -> Op:
+        """Index (int64) of the first max/min along `axis`, or of the flattened tile when
+        axis is None; the first NaN wins, as in torch."""
+        x = self.value(x)
+        if x.type.is_scalar:
+            raise self.error(f"{fn}() needs a tile, got the scalar {x.type}")
+        if axis is None:
+            if len(x.shape) != 1:
+                raise self.error(f"{fn}() over all axes needs a 1-D tile, got {x.type}",
+                                 hint="give axis=, or reshape the tile first")
+            axis = 0
+        ndim = len(x.shape)
+        if not isinstance(axis, int) or not -ndim <= axis < ndim:
+            raise self.error(f"axis {axis} is out of range for a tile of rank {ndim}")
+        axis %= ndim
+        best = self.reduce("max" if fn == "argmax" else "min", x, axis, keepdims=True)
+        hit = self.binary("eq", x, best)
+        if x.type.dtype.is_floating_point:  # a NaN maximum: the first NaN is the answer
+            hit = self.where(self.binary("ne", best, best), self.binary("ne", x, x), hit)
+        n = x.shape[axis]
+        pos = self.reshape(self.arange(0, n), tuple(n if d == axis else 1 for d in range(ndim)))
+        first = self.reduce("min", self.where(hit, pos, n), axis, keepdims)
+        return self.cast(first, dt.int64)
+
+    def trans(self, x: Any) -> Op:
+        """The transpose of a 2-D tile (a view: no data moves until it is used)."""
+        x = self.value(x)
+        if len(x.shape) != 2:
+            raise self.error(f"transpose needs a 2-D tile, got {x.type}")
+        return self.emit("trans", [x], TileType(x.type.dtype, x.shape[::-1]))
+
+    def dot(self, a: Any, b: Any, acc: Any = None) -> Op:
+        """a @ b for 2-D tiles [M, K] x [K, N], accumulated in float32 (int32 or int64 for
+        integer tiles), plus `acc` if given."""
+        a, b = self.value(a), self.value(b)
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1] != b.shape[0]:
+            raise self.error(f"dot needs tiles [M, K] and [K, N], got {a.type} and {b.type}",
+                             hint="load 2-D tiles; use x.T (tl.trans) to transpose one")
+        dtype = promote(a.type, b.type)
+        if dtype is dt.bool:
+            dtype = dt.int32
+        shape = (a.shape[0], b.shape[1])
+        operands = [self.cast(a, dtype), self.cast(b, dtype)]
+        if acc is not None:
+            acc = self.value(acc)
+            if broadcast_shapes(acc.shape, shape) != shape:
+                raise self.error(f"dot accumulator of shape {acc.shape} does not fit the "
+                                 f"result shape {shape}")
+            operands.append(self.cast(acc, dtype))
+        self.check_shape(shape)
+        return self.emit("dot", operands, TileType(dtype, shape))
+
     # -- memory ---------------------------------------------------------------------------
     def load(self, tensor: Op, index: list[tuple[Op, int | None]], other: Any) -> Op:
         """`index[d]` is (start, size) for a slice or (position, None) for an integer."""

@@ -19,8 +19,8 @@ from tessera.runtime import dtype as dt
 
 __all__ = ["CStylePrinter"]
 
-_INLINE = frozenset({"unary", "binary", "where", "cast", "arange", "full", "reshape", "load",
-                     "const"})
+_INLINE = frozenset({"unary", "binary", "where", "cast", "arange", "full", "reshape", "trans",
+                     "load", "const"})
 _ALWAYS_INLINE = frozenset({"const", "full", "arange"})
 _BIN_C = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "and": "&", "or": "|",
           "xor": "^", "lshift": "<<", "rshift": ">>", "lt": "<", "le": "<=", "gt": ">",
@@ -79,8 +79,8 @@ class CStylePrinter(ABC):
             if self.uses[op.id] != 1:
                 continue
             user = next((u for u in block.ops if any(o is op for o in u.operands)), None)
-            if user is None or user.kind in ("for", "if", "while"):
-                continue
+            if user is None or user.kind in ("for", "if", "while", "dot"):
+                continue  # dot reads its operands M*N*K times: give it arrays
             if op.kind == "load" and any(i < w < position[user.id] for w in write_positions):
                 continue  # a store lies between the load and its use
             if self._reads_inlined_load(op) and any(i < w < position[user.id]
@@ -121,6 +121,8 @@ class CStylePrinter(ABC):
             return f"((int32_t)({op.attrs['start']} + {idx[0]}))"
         if kind == "reshape":
             return self.expr(op.operands[0], self.reshape_idx(op, idx), masked, loads)
+        if kind == "trans":
+            return self.expr(op.operands[0], idx[::-1], masked, loads)
         if kind == "load":
             loads.append(op)
             return self.load_expr(op, idx, masked)
@@ -381,6 +383,37 @@ class CStylePrinter(ABC):
             self.nest(outer, body)
         self.guarded(emit)
 
+    def op_dot(self, op: Op) -> None:
+        """C[i, :] += A[i, k] * B[k, :]: the inner loop runs along contiguous rows of B and C,
+        so it vectorizes; rows of C are accumulated in pairs to reuse each row of B."""
+        a, b = op.operands[:2]
+        (m, n), k = op.shape, a.shape[1]
+        acc = op.operands[2] if len(op.operands) == 3 else None
+        t = self.ctype(op)
+        if acc is not None and acc.kind == "blockarg" and self.uses[acc.id] == 1 \
+                and acc.shape == op.shape:
+            c = self.names[op.id] = self.name(acc)  # accumulate into the loop's own array
+        else:
+            c = self.name(op)
+            self.line(f"{t} {c}[{m * n}];")
+            if acc is not None:
+                self.copy(c, acc, op.type)
+            else:
+                self.line(f"for (int k = 0; k < {m * n}; k++) {c}[k] = 0;")
+        i, p, j = (f"{c}_{v}" for v in "ipj")
+        self.line(f"for (int {i} = 0; {i} < {m}; {i}++) {{")
+        self.depth += 1
+        self.line(f"for (int {p} = 0; {p} < {k}; {p}++) {{")
+        self.depth += 1
+        self.line(f"const {t} {c}_a = {self.expr(a, [i, p], True, [])};")
+        self.line(self.simd())
+        self.line(f"for (int {j} = 0; {j} < {n}; {j}++) "
+                  f"{c}[{i} * {n} + {j}] += {c}_a * {self.expr(b, [p, j], True, [])};")
+        self.depth -= 1
+        self.line("}")
+        self.depth -= 1
+        self.line("}")
+
     @staticmethod
     def combine(fn: str, a: str, b: str, ctype: str) -> str:
         if fn == "sum":
@@ -420,25 +453,30 @@ class CStylePrinter(ABC):
             self.names[a.id] = n
 
     def update(self, names: list[str], yields: list[Op], types: list[TileType]) -> None:
-        tmps = []
-        for n, y, t in zip(names, yields, types, strict=True):
-            if self.names.get(y.id) == n:
-                tmps.append(None)
-                continue
-            tmp = f"{n}_next"
-            if t.is_scalar:
-                self.line(f"const {t.ctype} {tmp} = {self.expr(y, [], True, [])};")
-            else:
-                self.line(f"{t.ctype} {tmp}[{t.numel}];")
-                self.copy(tmp, y, t)
-            tmps.append(tmp)
-        for n, tmp, t in zip(names, tmps, types, strict=True):
-            if tmp is None:
-                continue
-            if t.is_scalar:
-                self.line(f"{n} = {tmp};")
-            else:
-                self.line(f"for (int k = 0; k < {t.numel}; k++) {n}[k] = {tmp}[k];")
+        """Assign the values a block yields to the carried variables, as one parallel
+        assignment: values still to be computed, or other carried variables, go through a
+        temporary first; values already in their own array or local are copied directly."""
+        done = [self.names.get(y.id) == n for n, y in zip(names, yields, strict=True)]
+        direct = [y.id not in self.inline and y.kind != "blockarg" for y in yields]
+        tmps = {}
+        for n, y, t, skip, d in zip(names, yields, types, done, direct, strict=True):
+            if not (skip or d):
+                tmps[n] = f"{n}_next"
+                self.declare(tmps[n], t)
+                self.copy(tmps[n], y, t)
+        for n, y, t, skip, d in zip(names, yields, types, done, direct, strict=True):
+            if not skip and d:
+                self.copy(n, y, t)
+        for n, t in zip(names, types, strict=True):
+            if n in tmps:
+                self.copy_array(n, tmps[n], t)
+
+    def declare(self, name: str, t: TileType) -> None:
+        self.line(f"{t.ctype} {name}{'' if t.is_scalar else f'[{t.numel}]'};")
+
+    def copy_array(self, dst: str, src: str, t: TileType) -> None:
+        self.line(f"{dst} = {src};" if t.is_scalar else
+                  f"for (int k = 0; k < {t.numel}; k++) {dst}[k] = {src}[k];")
 
     def op_for(self, op: Op) -> None:
         start, stop, step, *inits = op.operands

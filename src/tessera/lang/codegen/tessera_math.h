@@ -1,0 +1,337 @@
+/* tessera_math.h: float32 math for generated kernels.
+ *
+ * Every function is `static inline`, branch-free straight-line code (selects, not jumps),
+ * uses no tables and calls no libm function except sqrtf/fabsf/copysignf, which compilers
+ * expand to instructions; so GCC/Clang vectorize calls inside `#pragma omp simd` loops.
+ * Bit casts go through memcpy. Needs <stdint.h>, <stdbool.h>, <math.h>, <string.h> included
+ * first, round-to-nearest mode, no -ffast-math (the round-to-integer trick x + 1.5*2^23 - 1.5*2^23
+ * must not be reassociated) and -fno-math-errno for sqrtf to become one instruction.
+ * Subnormal inputs and results are handled (nothing is flushed), unless the caller enables
+ * FTZ/DAZ. Measured errors per function: docs/lang/math.md.
+ *
+ * exp/exp2/log/log2/tanh/sigmoid/silu/gelu_tanh compute in float32; sin/cos/erf/gelu_erf/pow
+ * compute in float64 internally (still vectorized) and round once to float32 at the end.
+ */
+#ifndef TESSERA_MATH_H
+#define TESSERA_MATH_H
+
+/* ---- bit casts ---------------------------------------------------------------------- */
+static inline uint32_t tsr__f2u(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+static inline float tsr__u2f(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+static inline uint64_t tsr__d2u(double x) { uint64_t u; memcpy(&u, &x, 8); return u; }
+static inline double tsr__u2d(uint64_t u) { double x; memcpy(&x, &u, 8); return x; }
+
+#define TSR__RND32 0x1.8p23f  /* x + RND32 - RND32 rounds |x| < 2^22 to an integer */
+#define TSR__RND64 0x1.8p52   /* same for doubles, |x| < 2^51 */
+#define TSR__NANF (__builtin_nanf(""))
+
+/* 2^k for an integer k in [-150, 129] (low bits of k): applied as two normal halves. */
+static inline float tsr__scale(float p, uint32_t k) {
+    uint32_t k1 = (uint32_t)((int32_t)k >> 1), k2 = k - k1;
+    return p * tsr__u2f((k1 + 127u) << 23) * tsr__u2f((k2 + 127u) << 23);
+}
+
+/* ---- simple ------------------------------------------------------------------------- */
+/* abs/sqrt/rsqrt: single instructions (rsqrt = correctly rounded 1/sqrt, two roundings). */
+static inline float tsr_abs(float x) { return fabsf(x); }
+static inline float tsr_sqrt(float x) { return sqrtf(x); }
+static inline float tsr_rsqrt(float x) { return 1.0f / sqrtf(x); }
+
+/* maximum/minimum: NaN if either is NaN (torch semantics); max(-0,+0) = +0, min = -0. */
+static inline float tsr_maximum(float a, float b) {
+    float r = a > b ? a : b;
+    r = a == b ? tsr__u2f(tsr__f2u(a) & tsr__f2u(b)) : r;
+    return (a != a || b != b) ? a + b : r;
+}
+static inline float tsr_minimum(float a, float b) {
+    float r = a < b ? a : b;
+    r = a == b ? tsr__u2f(tsr__f2u(a) | tsr__f2u(b)) : r;
+    return (a != a || b != b) ? a + b : r;
+}
+
+/* ---- exp / exp2 (float32) ----------------------------------------------------------- */
+/* exp: x = k ln2 + r, |r| <= ln2/2 (Cody-Waite, 2-part ln2); e^r = 1 + r + r^2 P5(r)
+ * (minimax); 2^k applied in two halves, so subnormal results round correctly and
+ * overflow gives inf. */
+static inline float tsr_exp(float x) {
+    x = x > 89.0f ? 89.0f : x;
+    x = x < -104.0f ? -104.0f : x;                 /* comparisons keep NaN */
+    float s = x * 1.44269504f + TSR__RND32, k = s - TSR__RND32;
+    float r = x - k * 0.693359375f;                /* exact */
+    r = r - k * -2.12194440e-4f;
+    float p = 1.9890988e-4f;
+    p = p * r + 1.3933647e-3f;
+    p = p * r + 8.3333105e-3f;
+    p = p * r + 4.1666467e-2f;
+    p = p * r + 1.6666667e-1f;
+    p = p * r + 0.5f;
+    p = (p * r) * r + r + 1.0f;
+    return tsr__scale(p, tsr__f2u(s) - 0x4B400000u);
+}
+
+/* exp2: x = k + r, |r| <= 1/2 (exact); 2^r = 1 + r P5(r) (minimax); 2^k as in tsr_exp. */
+static inline float tsr_exp2(float x) {
+    x = x > 130.0f ? 130.0f : x;
+    x = x < -152.0f ? -152.0f : x;
+    float s = x + TSR__RND32, r = x - (s - TSR__RND32);
+    float p = 1.5453163e-4f;
+    p = p * r + 1.3390863e-3f;
+    p = p * r + 9.618083e-3f;
+    p = p * r + 5.550357e-2f;
+    p = p * r + 2.402265e-1f;
+    p = p * r + 6.931472e-1f;
+    p = p * r + 1.0f;
+    return tsr__scale(p, tsr__f2u(s) - 0x4B400000u);
+}
+
+/* ---- log / log2 (float32) ----------------------------------------------------------- */
+/* Shared reduction: x = 2^e m, m in [sqrt(1/2), sqrt(2)) (subnormals prescaled by 2^23),
+ * f = m - 1; returns y = log(1+f) - f = -f^2/2 + f^3 P8(f) (minimax). */
+static inline float tsr__log_core(float x, float *f_out, float *e_out) {
+    bool sub = x < 0x1p-126f;
+    uint32_t u = tsr__f2u(sub ? x * 0x1p23f : x) + (0x3f800000u - 0x3f3504f3u);
+    *e_out = (float)((int32_t)(u >> 23) - 127) - (sub ? 23.0f : 0.0f);
+    float f = tsr__u2f((u & 0x007fffffu) + 0x3f3504f3u) - 1.0f, z = f * f;
+    float p = 6.971611e-2f;
+    p = p * f - 1.1479734e-1f;
+    p = p * f + 1.168542e-1f;
+    p = p * f - 1.2425687e-1f;
+    p = p * f + 1.4249058e-1f;
+    p = p * f - 1.6667803e-1f;
+    p = p * f + 2.0000716e-1f;
+    p = p * f - 2.4999997e-1f;
+    p = p * f + 3.333333e-1f;
+    *f_out = f;
+    return f * z * p - 0.5f * z;
+}
+/* Special values of log/log2: +0/-0 -> -inf, x < 0 -> NaN, +inf -> +inf, NaN -> NaN. */
+static inline float tsr__log_special(float x, float r) {
+    float s = x == 0.0f ? -INFINITY : (x < 0.0f ? TSR__NANF : x);
+    return (x > 0.0f && x < INFINITY) ? r : s;
+}
+/* log: e ln2 + f + y with ln2 in two parts (Cephes order of summation). */
+static inline float tsr_log(float x) {
+    float f, e, y = tsr__log_core(x, &f, &e);
+    float r = f + (y + e * -2.12194440e-4f);
+    return tsr__log_special(x, r + e * 0.693359375f);
+}
+/* log2: e + (f + y) log2(e), with log2(e) = 1 + 0.4426950 split to keep f's bits exact. */
+static inline float tsr_log2(float x) {
+    float f, e, y = tsr__log_core(x, &f, &e);
+    const float l = 0.44269504088896340736f;
+    float r = y * l + f * l + y + f + e;
+    return tsr__log_special(x, r);
+}
+
+/* ---- tanh / sigmoid / silu / gelu_tanh (float32) ------------------------------------ */
+/* tanh: |x| < 0.625: x + x^3 P5(x^2) (minimax); else sign(x) (1 - 2/(e^{2|x|} + 1)). */
+static inline float tsr_tanh(float x) {
+    float a = fabsf(x), z = x * x;
+    float p = 2.2927448e-3f;
+    p = p * z - 8.343945e-3f;
+    p = p * z + 2.1768918e-2f;
+    p = p * z - 5.3959258e-2f;
+    p = p * z + 1.3333304e-1f;
+    p = p * z - 3.3333334e-1f;
+    float small = a + a * z * p, big = 1.0f - 2.0f / (tsr_exp(2.0f * a) + 1.0f);
+    return copysignf(a < 0.625f ? small : big, x);   /* tanh(-0) = -0 */
+}
+/* sigmoid: e = exp(-|x|) never overflows; x >= 0: 1/(1+e), x < 0: e/(1+e). */
+static inline float tsr_sigmoid(float x) {
+    float e = tsr_exp(-fabsf(x));
+    return (x >= 0.0f ? 1.0f : e) / (1.0f + e);
+}
+/* silu: x * sigmoid(x) (accurate for large negative x; silu(-inf) = NaN like torch). */
+static inline float tsr_silu(float x) { return x * tsr_sigmoid(x); }
+/* gelu_tanh: 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3);
+ * same function as torch's approximate='tanh', without its cancellation for x << 0.
+ * w = -|2u| is formed in double and split hi+lo so e^w = exp(hi) (1 + lo) keeps full
+ * relative accuracy in the tail (where 2u is large). */
+static inline float tsr_gelu_tanh(float xf) {
+    double x = xf, w = -fabs(1.5957691216057308 * x * (1.0 + 0.044715 * x * x));
+    w = w < -200.0 ? -200.0 : w;                   /* e^-200 is 0 in float; keeps NaN */
+    float hi = (float)w, lo = (float)(w - hi);
+    float e = tsr_exp(hi) * (1.0f + lo);
+    return xf * ((xf >= 0.0f ? 1.0f : e) / (1.0f + e));
+}
+
+/* ---- float64 helpers (for sin/cos/erf/gelu_erf/pow) --------------------------------- */
+/* 2^t in double: t = k + r, |r| <= 1/2; Taylor series of e^{r ln2} to degree 11 (rel. error
+ * < 1e-14); t is clamped to [-1000, 1000] (beyond float32's range either way). */
+static inline double tsr__exp2_d(double t) {
+    t = t > 1000.0 ? 1000.0 : t;
+    t = t < -1000.0 ? -1000.0 : t;
+    double s = t + TSR__RND64, r = t - (s - TSR__RND64);
+    double p = 4.4455382718708116e-10;
+    p = p * r + 7.054911620801123e-09;
+    p = p * r + 1.01780860092397e-07;
+    p = p * r + 1.321548679014431e-06;
+    p = p * r + 1.5252733804059841e-05;
+    p = p * r + 0.0001540353039338161;
+    p = p * r + 0.0013333558146428443;
+    p = p * r + 0.009618129107628477;
+    p = p * r + 0.05550410866482158;
+    p = p * r + 0.24022650695910072;
+    p = p * r + 0.6931471805599453;
+    p = p * r + 1.0;
+    return p * tsr__u2d((tsr__d2u(s) + 1023u) << 52);   /* low bits of s hold k */
+}
+/* log2|x| for finite x != 0 in double: x = 2^e m, m in [sqrt(1/2), sqrt(2)); ln m =
+ * 2 atanh(s), s = (m-1)/(m+1), odd series to s^17 (|s| < 0.172, rel. error < 1e-16). */
+static inline double tsr__log2_d(double x) {
+    uint64_t u = (tsr__d2u(x) & 0x7fffffffffffffffu) + (0x3ff0000000000000u - 0x3fe6a09e667f3bcdu);
+    double e = tsr__u2d(0x4330000000000000u | (u >> 52)) - (0x1p52 + 1023.0);
+    double m = tsr__u2d((u & 0x000fffffffffffffu) + 0x3fe6a09e667f3bcdu);
+    double s = (m - 1.0) / (m + 1.0), z = s * s;
+    double p = 1.0 / 17;
+    p = p * z + 1.0 / 15;
+    p = p * z + 1.0 / 13;
+    p = p * z + 1.0 / 11;
+    p = p * z + 1.0 / 9;
+    p = p * z + 1.0 / 7;
+    p = p * z + 1.0 / 5;
+    p = p * z + 1.0 / 3;
+    return e + (2.0 * 1.4426950408889634) * (s + s * z * p);
+}
+/* erf(z) for |z| < 1/2: Taylor series to z^19 (rel. error < 1e-14). */
+static inline double tsr__erf_small_d(double z) {
+    double w = z * z, p = -1.6365844691234924e-07;
+    p = p * w + 1.6462114365889248e-06;
+    p = p * w - 1.492565035840625e-05;
+    p = p * w + 0.00012055332981789664;
+    p = p * w - 0.0008548327023450853;
+    p = p * w + 0.005223977625442188;
+    p = p * w - 0.026866170645131252;
+    p = p * w + 0.11283791670955126;
+    p = p * w - 0.37612638903183754;
+    p = p * w + 1.1283791670955126;
+    return z * p;
+}
+/* erfc(z) for z >= 1/2: t exp(-z^2 + g(t)), t = 2/(2+z), g a degree-12 Chebyshev fit on
+ * z in [0.5, 10.5] (Numerical-Recipes form; rel. error < 4e-11); 0 for huge z. */
+static inline double tsr__erfc_big_d(double z) {
+    double t = 2.0 / (2.0 + z);
+    double c = t < 0.16 ? 0.16 : (t > 0.8 ? 0.8 : t);
+    double g = 0.09069925955080452;
+    g = g * c - 0.8229497414978945;
+    g = g * c + 2.9689417913624125;
+    g = g * c - 5.687805121689605;
+    g = g * c + 6.321439497894324;
+    g = g * c - 4.200820673090421;
+    g = g * c + 1.8919524383723534;
+    g = g * c - 0.7987278614113882;
+    g = g * c + 0.06650934614399509;
+    g = g * c + 0.058837072338865926;
+    g = g * c + 0.37758466444640465;
+    g = g * c + 0.9998390662987817;
+    g = g * c - 1.2655076495106652;
+    return t * tsr__exp2_d((g - z * z) * 1.4426950408889634);
+}
+
+/* ---- erf / gelu_erf (float64 inside) ------------------------------------------------ */
+/* erf: |x| < 1/2: Taylor; else sign(x) (1 - erfc(|x|)); saturates to +-1. */
+static inline float tsr_erf(float xf) {
+    double x = xf, a = fabs(x);
+    double big = copysign(1.0 - tsr__erfc_big_d(a), x);
+    return (float)(a < 0.5 ? tsr__erf_small_d(x) : big);
+}
+/* gelu_erf: 0.5 x (1 + erf(x/sqrt2)) = 0.5 x erfc(-x/sqrt2), erfc from the pieces above
+ * (no cancellation for x << 0). */
+static inline float tsr_gelu_erf(float xf) {
+    double x = xf, z = -x * 0.7071067811865476, a = fabs(z);
+    double eb = tsr__erfc_big_d(a);
+    double ec = a < 0.5 ? 1.0 - tsr__erf_small_d(z) : (z > 0.0 ? eb : 2.0 - eb);
+    return (float)(0.5 * x * ec);
+}
+
+/* ---- sin / cos (float64 inside) ----------------------------------------------------- */
+/* x = k pi/2 + r, |r| <= pi/4: Cody-Waite with a 3-part pi/2 (26+26+53 bits; exact
+ * products for |k| < 2^27, i.e. |x| < 2.1e8); Taylor sin to r^13, cos to r^14 on r;
+ * quadrant (k + shift) mod 4 selects +-sin r / +-cos r. Result clamped to [-1, 1] so it
+ * stays bounded where the reduction loses accuracy (|x| >~ 1e9). inf/NaN -> NaN. */
+static inline float tsr__sincos(float xf, uint64_t shift) {
+    double x = xf;
+    double s = x * 0.6366197723675814 + TSR__RND64, k = s - TSR__RND64;
+    uint64_t q = tsr__d2u(s) + shift;
+    double r = x - k * 0x1.921fb5p+0;
+    r = r - k * 0x1.110b46p-26;
+    r = r - k * 0x1.1a62633145c07p-54;
+    double z = r * r;
+    double ps = 1.0 / 6227020800;
+    ps = ps * z - 1.0 / 39916800;
+    ps = ps * z + 1.0 / 362880;
+    ps = ps * z - 1.0 / 5040;
+    ps = ps * z + 1.0 / 120;
+    ps = ps * z - 1.0 / 6;
+    ps = r * (1.0 + z * ps);                        /* keeps sin(-0) = -0 */
+    double pc = 1.0 / 87178291200;
+    pc = pc * z - 1.0 / 479001600;
+    pc = pc * z + 1.0 / 3628800;
+    pc = pc * z - 1.0 / 40320;
+    pc = pc * z + 1.0 / 720;
+    pc = pc * z - 1.0 / 24;
+    pc = pc * z + 0.5;
+    pc = 1.0 - z * pc;
+    double v = (q & 1u) ? pc : ps;
+    v = (q & 2u) ? -v : v;
+    v = v > 1.0 ? 1.0 : v;
+    v = v < -1.0 ? -1.0 : v;
+    return (float)v;
+}
+static inline float tsr_sin(float x) { return tsr__sincos(x, 0u); }
+static inline float tsr_cos(float x) { return tsr__sincos(x, 1u); }
+
+/* ---- pow (float64 inside) ----------------------------------------------------------- */
+/* pow: 2^(y log2|x|) in double, then C99/IEEE powf special cases: pow(x, +-0) = 1,
+ * pow(1, y) = 1, pow(-1, +-inf) = 1, x < 0 finite with y finite non-integer -> NaN,
+ * negative x (incl. -0, -inf) with odd integer y -> negated; 0/inf cases follow from the
+ * arithmetic with log2(0) = -inf, log2(inf) = inf. */
+static inline float tsr_pow(float xf, float yf) {
+    double x = xf, y = yf, ax = fabs(x);
+    double lg = tsr__log2_d(x);
+    lg = ax == 0.0 ? -INFINITY : (ax == INFINITY ? INFINITY : lg);
+    double r = tsr__exp2_d(y * lg);                 /* NaN in -> NaN through t */
+    r = (x != x) ? x : r;
+    double hy = 0.5 * y;
+    double ry = (y + TSR__RND64) - TSR__RND64, rh = (hy + TSR__RND64) - TSR__RND64;
+    bool big = fabs(y) >= 0x1p50;                   /* such floats are even integers */
+    bool is_int = big || ry == y;
+    bool odd = !big && is_int && rh != hy;
+    r = (odd && signbit(xf)) ? -r : r;
+    r = (x < 0.0 && ax != INFINITY && fabs(y) != INFINITY && !is_int) ? TSR__NANF : r;
+    r = (y == 0.0 || x == 1.0 || (x == -1.0 && fabs(y) == INFINITY)) ? 1.0 : r;
+    return (float)r;
+}
+
+/* ---- float16 / bfloat16 storage conversions ----------------------------------------- */
+/* f16 -> f32: normal: rebias; inf/NaN: exponent all ones (payload kept); subnormal:
+ * (float)mantissa * 2^-24 (exact). */
+static inline float tsr_f16_to_f32(uint16_t h) {
+    uint32_t em = h & 0x7fffu, sign = (uint32_t)(h & 0x8000u) << 16;
+    float normal = tsr__u2f((em << 13) + 0x38000000u);
+    float special = tsr__u2f((em << 13) + 0x70000000u);
+    float sub = (float)(int32_t)em * 0x1p-24f;
+    float v = em >= 0x7c00u ? special : (em < 0x0400u ? sub : normal);
+    return tsr__u2f(tsr__f2u(v) | sign);
+}
+/* f32 -> f16, round to nearest even: |x| >= 2^16 -> inf (NaN -> quiet 0x7e00);
+ * |x| < 2^-14: adding 0.5 makes the FPU round at f16's subnormal step; else rebias and
+ * round on the integer bits (carry into the exponent gives inf past 65504). */
+static inline uint16_t tsr_f32_to_f16(float x) {
+    uint32_t u = tsr__f2u(x), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    uint32_t special = a > 0x7f800000u ? 0x7e00u : 0x7c00u;
+    uint32_t sub = tsr__f2u(tsr__u2f(a) + 0.5f) - 0x3f000000u;
+    uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;   /* 0xc8000000 = -(112 << 23) */
+    uint32_t o = a >= 0x47800000u ? special : (a < 0x38800000u ? sub : normal);
+    return (uint16_t)(o | sign);
+}
+/* bf16 <-> f32: bf16 is the top half of a float32; rounding is RNE on the low 16 bits, NaN
+ * is kept NaN (quiet bit set). */
+static inline float tsr_bf16_to_f32(uint16_t h) { return tsr__u2f((uint32_t)h << 16); }
+static inline uint16_t tsr_f32_to_bf16(float x) {
+    uint32_t u = tsr__f2u(x);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x0040u : r);
+}
+
+#endif /* TESSERA_MATH_H */
