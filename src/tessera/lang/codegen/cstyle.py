@@ -422,18 +422,22 @@ class CStylePrinter(ABC):
             return f"tsr_{'maximum' if fn == 'max' else 'minimum'}({a}, {b})"
         return f"({b} {'>' if fn == 'max' else '<'} {a} ? {b} : {a})"
 
-    def declare_carried(self, results: list[Op], inits: list[Op]) -> list[str]:
-        """Variables that hold values carried around a loop or out of a branch."""
-        names = []
-        for res, init in zip(results, inits, strict=True):
-            name = self.name(res)
-            if res.type.is_scalar:
-                self.line(f"{res.type.ctype} {name} = {self.expr(init, [], True, [])};")
-            else:
-                self.line(f"{res.type.ctype} {name}[{res.type.numel}];")
-                self.copy(name, init, res.type)
-            names.append(name)
+    def carried(self, op: Op, types: list[TileType]) -> list[str]:
+        """The variables that carry `op`'s values (loop-carried, or out of a branch); its
+        result ops, those DCE kept, name them."""
+        names = [f"{self.name(op)}_{k}" for k in range(len(types))]
+        for u in self.fn.body.walk():
+            if u.kind == "result" and u.operands[0] is op:
+                self.names[u.id] = names[u.attrs["index"]]
         return names
+
+    def declare_carried(self, op: Op, inits: list[Op]) -> tuple[list[str], list[TileType]]:
+        types = [i.type for i in inits]
+        names = self.carried(op, types)
+        for name, init, t in zip(names, inits, types, strict=True):
+            self.declare(name, t)
+            self.copy(name, init, t)
+        return names, types
 
     def copy(self, dst: str, src: Op, type_: TileType) -> None:
         if type_.is_scalar:
@@ -442,11 +446,6 @@ class CStylePrinter(ABC):
         self.nest(type_.shape, lambda idx: self.line(
             f"{dst}[{self.flat(idx, type_.shape)}] = "
             f"{self.expr(src, self.bcast_to(src, type_.shape, idx), True, [])};"))
-
-    def results_of(self, op: Op) -> list[Op]:
-        return sorted((u for b in [self.fn.body] for u in b.walk()
-                       if u.kind == "result" and u.operands[0] is op),
-                      key=lambda u: u.attrs["index"])
 
     def bind(self, args: list[Op], names: list[str]) -> None:
         for a, n in zip(args, names, strict=True):
@@ -481,8 +480,7 @@ class CStylePrinter(ABC):
     def op_for(self, op: Op) -> None:
         start, stop, step, *inits = op.operands
         body = op.blocks[0]
-        results = self.results_of(op)
-        names = self.declare_carried(results, inits) if results else []
+        names, types = self.declare_carried(op, inits)
         ind, *args = body.args
         i = self.name(ind)
         s0, s1, s2 = (self.expr(v, [], True, []) for v in (start, stop, step))
@@ -496,7 +494,7 @@ class CStylePrinter(ABC):
         self.depth += 1
         self.bind(args, names)
         self.block(body)
-        self.update(names, body.yields, [r.type for r in results])
+        self.update(names, body.yields, types)
         self.depth -= 1
         self.line("}")
         self.depth -= 1
@@ -504,8 +502,7 @@ class CStylePrinter(ABC):
 
     def op_while(self, op: Op) -> None:
         cond_block, body = op.blocks
-        results = self.results_of(op)
-        names = self.declare_carried(results, op.operands) if results else []
+        names, types = self.declare_carried(op, op.operands)
         self.line("for (;;) {")
         self.depth += 1
         self.bind(cond_block.args, names)
@@ -513,22 +510,21 @@ class CStylePrinter(ABC):
         self.line(f"if (!{self.expr(cond_block.yields[0], [], True, [])}) break;")
         self.bind(body.args, names)
         self.block(body)
-        self.update(names, body.yields, [r.type for r in results])
+        self.update(names, body.yields, types)
         self.depth -= 1
         self.line("}")
 
     def op_if(self, op: Op) -> None:
-        results = self.results_of(op)
-        for r in results:
-            decl = f"[{r.type.numel}]" if not r.type.is_scalar else ""
-            self.line(f"{r.type.ctype} {self.name(r)}{decl};")
-        names = [self.name(r) for r in results]
+        types = [y.type for y in op.blocks[0].yields]
+        names = self.carried(op, types)
+        for n, t in zip(names, types, strict=True):
+            self.declare(n, t)
         self.line(f"if ({self.expr(op.operands[0], [], True, [])}) {{")
         for k, block in enumerate(op.blocks):
             self.depth += 1
             self.block(block)
-            for n, y, r in zip(names, block.yields, results, strict=True):
-                self.copy(n, y, r.type)
+            for n, y, t in zip(names, block.yields, types, strict=True):
+                self.copy(n, y, t)
             self.depth -= 1
             self.line("} else {" if k == 0 else "}")
 

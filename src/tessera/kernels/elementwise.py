@@ -1,0 +1,48 @@
+"""Elementwise kernels: the smallest useful kernel, and a fused epilogue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tessera.lang as tl
+from tessera.errors import ShapeError
+from tessera.kernels._util import check_vector, rows
+
+
+@tl.kernel
+def add_kernel(x, y, out, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK
+    out[i:i + BLOCK] = x[i:i + BLOCK] + y[i:i + BLOCK]
+
+
+def add(x: Any, y: Any, block: int = 4096) -> Any:
+    """x + y for two tensors of the same shape."""
+    import torch
+    if x.shape != y.shape:
+        raise ShapeError(f"add: shapes {tuple(x.shape)} and {tuple(y.shape)} differ")
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    xf, yf, of = x.reshape(-1), y.reshape(-1), out.view(-1)
+    add_kernel[(tl.cdiv(xf.numel(), block),)](xf, yf, of, BLOCK=block)
+    return out
+
+
+@tl.kernel
+def bias_gelu_kernel(x, bias, out, BM: tl.constexpr, BN: tl.constexpr,
+                     APPROX: tl.constexpr):
+    i = tl.program_id(0) * BM
+    j = tl.program_id(1) * BN
+    h = x[i:i + BM, j:j + BN] + bias[j:j + BN][None, :]
+    out[i:i + BM, j:j + BN] = tl.gelu(h, approximate=APPROX)
+
+
+def bias_gelu(x: Any, bias: Any, approximate: str = "none") -> Any:
+    """gelu(x + bias) over the last dimension, in one pass (the fused epilogue of a linear
+    layer), as torch.nn.functional.gelu(x + bias, approximate=...)."""
+    import torch
+    x2, m, n = rows(x, "bias_gelu")
+    check_vector(bias, n, "bias_gelu", "bias")
+    out = torch.empty((m, n), dtype=x.dtype)
+    bm, bn = 8, min(512, 1 << max(n - 1, 1).bit_length())
+    bias_gelu_kernel[(tl.cdiv(m, bm), tl.cdiv(n, bn))](x2, bias, out, BM=bm, BN=bn,
+                                                       APPROX=approximate)
+    return out.view(x.shape)

@@ -1,0 +1,53 @@
+"""LayerNorm and RMSNorm over the last dimension: one program per row, statistics in
+float32, the normalized row written in the input's dtype."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tessera.lang as tl
+from tessera.kernels._util import check_vector, rows
+
+
+@tl.kernel
+def layer_norm_kernel(x, weight, bias, out, eps, N: tl.constexpr, AFFINE: tl.constexpr):
+    r = tl.program_id(0)
+    row = x[r, 0:N].to(tl.float32)
+    centered = row - tl.sum(row) / N
+    y = centered * tl.rsqrt(tl.sum(centered * centered) / N + eps)
+    if AFFINE:
+        y = y * weight[0:N] + bias[0:N]
+    out[r, 0:N] = y
+
+
+@tl.kernel
+def rms_norm_kernel(x, weight, out, eps, N: tl.constexpr):
+    r = tl.program_id(0)
+    row = x[r, 0:N].to(tl.float32)
+    out[r, 0:N] = row * tl.rsqrt(tl.sum(row * row) / N + eps) * weight[0:N]
+
+
+def layer_norm(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Any:
+    """torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)."""
+    import torch
+    x2, m, n = rows(x, "layer_norm")
+    check_vector(weight, n, "layer_norm", "weight")
+    check_vector(bias, n, "layer_norm", "bias")
+    affine = weight is not None
+    if affine and bias is None:
+        bias = torch.zeros(n, dtype=weight.dtype)
+    out = torch.empty((m, n), dtype=x.dtype)
+    w = weight if affine else x2
+    layer_norm_kernel[(m,)](x2, w, bias if affine else x2, out, float(eps), N=n,
+                            AFFINE=affine)
+    return out.view(x.shape)
+
+
+def rms_norm(x: Any, weight: Any, eps: float = 1e-6) -> Any:
+    """x / sqrt(mean(x**2) + eps) * weight over the last dimension (Llama's RMSNorm)."""
+    import torch
+    x2, m, n = rows(x, "rms_norm")
+    check_vector(weight, n, "rms_norm", "weight")
+    out = torch.empty((m, n), dtype=x.dtype)
+    rms_norm_kernel[(m,)](x2, weight, out, float(eps), N=n)
+    return out.view(x.shape)
