@@ -14,12 +14,13 @@ Tensors are sliced, never addressed by pointers: elements past a tensor's end ar
 on load (`other=`, default 0) and on store. See docs/lang/reference.md.
 """
 
+from tessera.lang.autotune import Autotuner, Config, autotune
 from tessera.lang.core import *  # noqa: F403 (the builtins)
 from tessera.lang.core import __all__ as _builtins
 from tessera.lang.errors import KernelError, KernelSyntaxError, KernelTypeError, LaunchError
 from tessera.lang.jit import Kernel, kernel
 from tessera.runtime.dtype import bfloat16, bool, float16, float32, int8, int32, int64, uint8
 
-__all__ = [*_builtins, "Kernel", "KernelError", "KernelSyntaxError", "KernelTypeError",
-           "LaunchError", "bfloat16", "bool", "float16", "float32", "int8", "int32", "int64",
-           "kernel", "uint8"]
+__all__ = [*_builtins, "Autotuner", "Config", "Kernel", "KernelError", "KernelSyntaxError",
+           "KernelTypeError", "LaunchError", "autotune", "bfloat16", "bool", "float16",
+           "float32", "int8", "int32", "int64", "kernel", "uint8"]

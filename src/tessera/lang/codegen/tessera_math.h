@@ -32,10 +32,10 @@ static inline float tsr__scale(float p, uint32_t k) {
 }
 
 /* ---- simple ------------------------------------------------------------------------- */
-/* abs/sqrt/rsqrt: single instructions (rsqrt = correctly rounded 1/sqrt, two roundings). */
+/* abs/sqrt: single instructions. rsqrt: 1/sqrt in double, rounded once (<= 0.5 ulp). */
 static inline float tsr_abs(float x) { return fabsf(x); }
 static inline float tsr_sqrt(float x) { return sqrtf(x); }
-static inline float tsr_rsqrt(float x) { return 1.0f / sqrtf(x); }
+static inline float tsr_rsqrt(float x) { return (float)(1.0 / sqrt((double)x)); }
 
 /* maximum/minimum: NaN if either is NaN (torch semantics); max(-0,+0) = +0, min = -0. */
 static inline float tsr_maximum(float a, float b) {
@@ -52,10 +52,11 @@ static inline float tsr_minimum(float a, float b) {
 /* ---- exp / exp2 (float32) ----------------------------------------------------------- */
 /* exp: x = k ln2 + r, |r| <= ln2/2 (Cody-Waite, 2-part ln2); e^r = 1 + r + r^2 P5(r)
  * (minimax); 2^k applied in two halves, so subnormal results round correctly and
- * overflow gives inf. */
-static inline float tsr_exp(float x) {
+ * overflow gives inf. tsr__exp_scaled(x, m) = e^x 2^m for 0 <= m <= 24, x <= 0. */
+static inline float tsr__exp_scaled(float x, uint32_t extra) {
     x = x > 89.0f ? 89.0f : x;
-    x = x < -104.0f ? -104.0f : x;                 /* comparisons keep NaN */
+    float lim = -104.0f - 0.6931472f * (float)extra;  /* e^lim 2^extra rounds to 0 */
+    x = x < lim ? lim : x;                         /* comparisons keep NaN */
     float s = x * 1.44269504f + TSR__RND32, k = s - TSR__RND32;
     float r = x - k * 0.693359375f;                /* exact */
     r = r - k * -2.12194440e-4f;
@@ -66,8 +67,9 @@ static inline float tsr_exp(float x) {
     p = p * r + 1.6666667e-1f;
     p = p * r + 0.5f;
     p = (p * r) * r + r + 1.0f;
-    return tsr__scale(p, tsr__f2u(s) - 0x4B400000u);
+    return tsr__scale(p, tsr__f2u(s) - 0x4B400000u + extra);
 }
+static inline float tsr_exp(float x) { return tsr__exp_scaled(x, 0u); }
 
 /* exp2: x = k + r, |r| <= 1/2 (exact); 2^r = 1 + r P5(r) (minimax); 2^k as in tsr_exp. */
 static inline float tsr_exp2(float x) {
@@ -115,16 +117,15 @@ static inline float tsr_log(float x) {
     float r = f + (y + e * -2.12194440e-4f);
     return tsr__log_special(x, r + e * 0.693359375f);
 }
-/* log2: e + (f + y) log2(e), with log2(e) = 1 + 0.4426950 split to keep f's bits exact. */
+/* log2: e + (f + y) log2(e), the final sum in double (one rounding). */
 static inline float tsr_log2(float x) {
     float f, e, y = tsr__log_core(x, &f, &e);
-    const float l = 0.44269504088896340736f;
-    float r = y * l + f * l + y + f + e;
-    return tsr__log_special(x, r);
+    return tsr__log_special(x, (float)(e + ((double)f + y) * 1.4426950408889634));
 }
 
-/* ---- tanh / sigmoid / silu / gelu_tanh (float32) ------------------------------------ */
-/* tanh: |x| < 0.625: x + x^3 P5(x^2) (minimax); else sign(x) (1 - 2/(e^{2|x|} + 1)). */
+/* ---- tanh / sigmoid / silu / gelu_tanh (float32 exp) ------------------------------- */
+/* tanh: |x| < 0.625: x + x^3 P5(x^2) (minimax); else 1 - 2/(e^{2|x|} + 1), the division
+ * done in double; sign copied from x. */
 static inline float tsr_tanh(float x) {
     float a = fabsf(x), z = x * x;
     float p = 2.2927448e-3f;
@@ -133,26 +134,31 @@ static inline float tsr_tanh(float x) {
     p = p * z - 5.3959258e-2f;
     p = p * z + 1.3333304e-1f;
     p = p * z - 3.3333334e-1f;
-    float small = a + a * z * p, big = 1.0f - 2.0f / (tsr_exp(2.0f * a) + 1.0f);
+    float small = a + a * z * p;
+    float big = (float)(1.0 - 2.0 / ((double)tsr_exp(2.0f * a) + 1.0));
     return copysignf(a < 0.625f ? small : big, x);   /* tanh(-0) = -0 */
 }
-/* sigmoid: e = exp(-|x|) never overflows; x >= 0: 1/(1+e), x < 0: e/(1+e). */
-static inline float tsr_sigmoid(float x) {
-    float e = tsr_exp(-fabsf(x));
-    return (x >= 0.0f ? 1.0f : e) / (1.0f + e);
-}
-/* silu: x * sigmoid(x) (accurate for large negative x; silu(-inf) = NaN like torch). */
-static inline float tsr_silu(float x) { return x * tsr_sigmoid(x); }
-/* gelu_tanh: 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3);
- * same function as torch's approximate='tanh', without its cancellation for x << 0.
- * w = -|2u| is formed in double and split hi+lo so e^w = exp(hi) (1 + lo) keeps full
- * relative accuracy in the tail (where 2u is large). */
-static inline float tsr_gelu_tanh(float xf) {
-    double x = xf, w = -fabs(1.5957691216057308 * x * (1.0 + 0.044715 * x * x));
-    w = w < -200.0 ? -200.0 : w;                   /* e^-200 is 0 in float; keeps NaN */
+/* x * sigmoid(v): e = e^{-|v|} (float exp of w = -|v| = hi + lo, scaled by 2^24 so it is
+ * never subnormal, corrected by (1 + lo)); then x e/(1+e) (v < 0) or x/(1+e) in double,
+ * rounded once. */
+static inline float tsr__mul_sigmoid(float x, double v) {
+    double w = -fabs(v);
+    w = w < -200.0 ? -200.0 : w;                   /* keeps NaN */
     float hi = (float)w, lo = (float)(w - hi);
-    float e = tsr_exp(hi) * (1.0f + lo);
-    return xf * ((xf >= 0.0f ? 1.0f : e) / (1.0f + e));
+    double e = (double)tsr__exp_scaled(hi, 24u) * (1.0 + lo) * 0x1p-24;
+    e = hi < -115.0f ? 0.0 : e;             /* |x| e^w < 2^-150 here (|x| <= |v|): exact 0 */
+    return (float)(x * ((v >= 0.0 ? 1.0 : e) / (1.0 + e)));
+}
+/* sigmoid: 1/(1 + e^-x) via tsr__mul_sigmoid: never overflows, exact limits 0 and 1. */
+static inline float tsr_sigmoid(float x) { return tsr__mul_sigmoid(1.0f, x); }
+/* silu: x sigmoid(x), accurate down to subnormal results; silu(-inf) = NaN like torch. */
+static inline float tsr_silu(float x) { return tsr__mul_sigmoid(x, x); }
+/* gelu_tanh: 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3), 2u
+ * in double; same function as torch's approximate='tanh', without its cancellation for
+ * x << 0 (torch returns 0 there, this returns the tiny true value). */
+static inline float tsr_gelu_tanh(float x) {
+    double xd = x;
+    return tsr__mul_sigmoid(x, 1.5957691216057308 * xd * (1.0 + 0.044715 * xd * xd));
 }
 
 /* ---- float64 helpers (for sin/cos/erf/gelu_erf/pow) --------------------------------- */
