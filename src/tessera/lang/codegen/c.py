@@ -7,7 +7,6 @@ from pathlib import Path
 
 from tessera.lang.codegen.cstyle import CStylePrinter
 from tessera.lang.ir import Function, Op
-from tessera.lang.types import TensorType
 
 __all__ = ["ENTRY", "CPrinter"]
 
@@ -56,18 +55,12 @@ class CPrinter(CStylePrinter):
         params, unpack, call = [], [], []
         for p in self.fn.params:
             self.names[p.id] = f"a_{p.attrs['name']}"
-            decls = self.tensor_params(p) if isinstance(p.type, TensorType) else \
-                [self.scalar_param(p)]
-            if not self.restrict:
-                decls[0] = decls[0].replace("*restrict ", "*")
-            for decl in decls:  # every parameter travels in one 8-byte slot
-                ctype, name = decl.rsplit(" ", 1)
-                slot = "double" if ctype == "float" else "int64_t" if "*" not in ctype \
-                    else ctype.replace("restrict", "").replace("const", "").strip()
+            for ctype, name in self.params(p, self.restrict):
+                slot = "void *" if "*" in ctype else "double" if ctype == "float" else "int64_t"
                 unpack.append(f"    {slot} {name}; memcpy(&{name}, tsr_args + "
                               f"{8 * len(call)}, 8);")
                 call.append(f"({ctype.replace('restrict', '').strip()}){name}")
-            params += decls
+                params.append(f"{ctype}{'' if ctype.endswith(' ') else ' '}{name}")
         self.depth = 2
         self.block(self.fn.body)
         head = ["int64_t tsr_grid0", "int64_t tsr_grid1", "int64_t tsr_grid2", *params]

@@ -163,6 +163,9 @@ class CStylePrinter(ABC):
             return f"tsr_f16_to_f32(tsr_f32_to_f16({x}))"
         if dst is dt.bfloat16:
             return f"tsr_bf16_to_f32(tsr_f32_to_bf16({x}))"
+        if dst in (dt.int8, dt.uint8):  # held in an int32, wrapped to 8 bits as torch does
+            via = "(int64_t)" if src.is_floating_point else ""
+            return f"((int32_t)({dst.c_type}){via}({x}))"
         return f"(({COMPUTE[dst]})({x}))"
 
     def unary_expr(self, fn: str, x: str, ctype: str) -> str:
@@ -533,16 +536,17 @@ class CStylePrinter(ABC):
     def simd(self, clauses: str = "") -> str:
         """The pragma asking to vectorize the next loop."""
 
-    def scalar_param(self, op: Op) -> str:
-        return f"{op.type.ctype} {self.name(op)}"
-
-    def tensor_params(self, op: Op) -> list[str]:
+    def params(self, op: Op, restrict: bool) -> list[tuple[str, str]]:
+        """(C type, name) of each C parameter a kernel parameter becomes: a scalar, or a
+        tensor's data pointer, sizes and strides (in elements)."""
+        if isinstance(op.type, TileType):
+            return [(op.type.ctype, self.name(op))]
         t: TensorType = op.type
         p = self.name(op)
         qual = "" if self.fn_writes(op) else "const "
-        return [f"{qual}{t.dtype.c_type} *restrict {p}",
-                *(f"int64_t {p}_n{d}" for d in range(t.ndim)),
-                *(f"int64_t {p}_s{d}" for d in range(t.ndim))]
+        return [(f"{qual}{t.dtype.c_type} *{'restrict ' if restrict else ''}", p),
+                *((("int64_t", f"{p}_n{d}")) for d in range(t.ndim)),
+                *((("int64_t", f"{p}_s{d}")) for d in range(t.ndim))]
 
     def fn_writes(self, tensor: Op) -> bool:
         return any(o.kind == "store" and o.operands[0] is tensor for o in self.fn.body.walk())

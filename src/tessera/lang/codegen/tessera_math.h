@@ -21,6 +21,22 @@ static inline float tsr__u2f(uint32_t u) { float x; memcpy(&x, &u, 4); return x;
 static inline uint64_t tsr__d2u(double x) { uint64_t u; memcpy(&u, &x, 8); return u; }
 static inline double tsr__u2d(uint64_t u) { double x; memcpy(&x, &u, 8); return x; }
 
+/* Branch-free selects c ? a : b on bit masks. Both sides are always evaluated, which keeps
+ * loops if-convertible under the default -ftrapping-math (GCC will not speculate a float
+ * operation that a plain ?: would only evaluate conditionally). */
+static inline float tsr__sel(bool c, float a, float b) {
+    uint32_t m = 0u - (uint32_t)c;
+    return tsr__u2f((tsr__f2u(a) & m) | (tsr__f2u(b) & ~m));
+}
+static inline uint32_t tsr__selu(bool c, uint32_t a, uint32_t b) {
+    uint32_t m = 0u - (uint32_t)c;
+    return (a & m) | (b & ~m);
+}
+static inline double tsr__seld(bool c, double a, double b) {
+    uint64_t m = (uint64_t)0 - (uint64_t)c;
+    return tsr__u2d((tsr__d2u(a) & m) | (tsr__d2u(b) & ~m));
+}
+
 #define TSR__RND32 0x1.8p23f  /* x + RND32 - RND32 rounds |x| < 2^22 to an integer */
 #define TSR__RND64 0x1.8p52   /* same for doubles, |x| < 2^51 */
 #define TSR__NANF (__builtin_nanf(""))
@@ -39,14 +55,14 @@ static inline float tsr_rsqrt(float x) { return (float)(1.0 / sqrt((double)x)); 
 
 /* maximum/minimum: NaN if either is NaN (torch semantics); max(-0,+0) = +0, min = -0. */
 static inline float tsr_maximum(float a, float b) {
-    float r = a > b ? a : b;
-    r = a == b ? tsr__u2f(tsr__f2u(a) & tsr__f2u(b)) : r;
-    return (a != a || b != b) ? a + b : r;
+    float r = tsr__sel(a > b, a, b);
+    r = tsr__sel(a == b, tsr__u2f(tsr__f2u(a) & tsr__f2u(b)), r);
+    return tsr__sel((a != a) | (b != b), a + b, r);
 }
 static inline float tsr_minimum(float a, float b) {
-    float r = a < b ? a : b;
-    r = a == b ? tsr__u2f(tsr__f2u(a) | tsr__f2u(b)) : r;
-    return (a != a || b != b) ? a + b : r;
+    float r = tsr__sel(a < b, a, b);
+    r = tsr__sel(a == b, tsr__u2f(tsr__f2u(a) | tsr__f2u(b)), r);
+    return tsr__sel((a != a) | (b != b), a + b, r);
 }
 
 /* ---- exp / exp2 (float32) ----------------------------------------------------------- */
@@ -54,9 +70,9 @@ static inline float tsr_minimum(float a, float b) {
  * (minimax); 2^k applied in two halves, so subnormal results round correctly and
  * overflow gives inf. tsr__exp_scaled(x, m) = e^x 2^m for 0 <= m <= 24, x <= 0. */
 static inline float tsr__exp_scaled(float x, uint32_t extra) {
-    x = x > 89.0f ? 89.0f : x;
+    x = tsr__sel(x > 89.0f, 89.0f, x);
     float lim = -104.0f - 0.6931472f * (float)extra;  /* e^lim 2^extra rounds to 0 */
-    x = x < lim ? lim : x;                         /* comparisons keep NaN */
+    x = tsr__sel(x < lim, lim, x);                 /* comparisons keep NaN */
     float s = x * 1.44269504f + TSR__RND32, k = s - TSR__RND32;
     float r = x - k * 0.693359375f;                /* exact */
     r = r - k * -2.12194440e-4f;
@@ -73,8 +89,8 @@ static inline float tsr_exp(float x) { return tsr__exp_scaled(x, 0u); }
 
 /* exp2: x = k + r, |r| <= 1/2 (exact); 2^r = 1 + r P5(r) (minimax); 2^k as in tsr_exp. */
 static inline float tsr_exp2(float x) {
-    x = x > 130.0f ? 130.0f : x;
-    x = x < -152.0f ? -152.0f : x;
+    x = tsr__sel(x > 130.0f, 130.0f, x);
+    x = tsr__sel(x < -152.0f, -152.0f, x);
     float s = x + TSR__RND32, r = x - (s - TSR__RND32);
     float p = 1.5453163e-4f;
     p = p * r + 1.3390863e-3f;
@@ -91,8 +107,8 @@ static inline float tsr_exp2(float x) {
  * f = m - 1; returns y = log(1+f) - f = -f^2/2 + f^3 P8(f) (minimax). */
 static inline float tsr__log_core(float x, float *f_out, float *e_out) {
     bool sub = x < 0x1p-126f;
-    uint32_t u = tsr__f2u(sub ? x * 0x1p23f : x) + (0x3f800000u - 0x3f3504f3u);
-    *e_out = (float)((int32_t)(u >> 23) - 127) - (sub ? 23.0f : 0.0f);
+    uint32_t u = tsr__f2u(tsr__sel(sub, x * 0x1p23f, x)) + (0x3f800000u - 0x3f3504f3u);
+    *e_out = (float)((int32_t)(u >> 23) - 127) - tsr__sel(sub, 23.0f, 0.0f);
     float f = tsr__u2f((u & 0x007fffffu) + 0x3f3504f3u) - 1.0f, z = f * f;
     float p = 6.971611e-2f;
     p = p * f - 1.1479734e-1f;
@@ -108,8 +124,9 @@ static inline float tsr__log_core(float x, float *f_out, float *e_out) {
 }
 /* Special values of log/log2: +0/-0 -> -inf, x < 0 -> NaN, +inf -> +inf, NaN -> NaN. */
 static inline float tsr__log_special(float x, float r) {
-    float s = x == 0.0f ? -INFINITY : (x < 0.0f ? TSR__NANF : x);
-    return (x > 0.0f && x < INFINITY) ? r : s;
+    bool zero = x == 0.0f, neg = x < 0.0f, ok = (x > 0.0f) & (x < INFINITY);
+    float s = tsr__sel(zero, -INFINITY, tsr__sel(neg, TSR__NANF, x));
+    return tsr__sel(ok, r, s);
 }
 /* log: e ln2 + f + y with ln2 in two parts (Cephes order of summation). */
 static inline float tsr_log(float x) {
@@ -136,18 +153,18 @@ static inline float tsr_tanh(float x) {
     p = p * z - 3.3333334e-1f;
     float small = a + a * z * p;
     float big = (float)(1.0 - 2.0 / ((double)tsr_exp(2.0f * a) + 1.0));
-    return copysignf(a < 0.625f ? small : big, x);   /* tanh(-0) = -0 */
+    return copysignf(tsr__sel(a < 0.625f, small, big), x);   /* tanh(-0) = -0 */
 }
 /* x * sigmoid(v): e = e^{-|v|} (float exp of w = -|v| = hi + lo, scaled by 2^24 so it is
  * never subnormal, corrected by (1 + lo)); then x e/(1+e) (v < 0) or x/(1+e) in double,
  * rounded once. */
 static inline float tsr__mul_sigmoid(float x, double v) {
     double w = -fabs(v);
-    w = w < -200.0 ? -200.0 : w;                   /* keeps NaN */
+    w = tsr__seld(w < -200.0, -200.0, w);          /* keeps NaN */
     float hi = (float)w, lo = (float)(w - hi);
     double e = (double)tsr__exp_scaled(hi, 24u) * (1.0 + lo) * 0x1p-24;
-    e = hi < -115.0f ? 0.0 : e;             /* |x| e^w < 2^-150 here (|x| <= |v|): exact 0 */
-    return (float)(x * ((v >= 0.0 ? 1.0 : e) / (1.0 + e)));
+    e = tsr__seld(hi < -115.0f, 0.0, e);   /* |x| e^w < 2^-150 here (|x| <= |v|): exact 0 */
+    return (float)(x * (tsr__seld(v >= 0.0, 1.0, e) / (1.0 + e)));
 }
 /* sigmoid: 1/(1 + e^-x) via tsr__mul_sigmoid: never overflows, exact limits 0 and 1. */
 static inline float tsr_sigmoid(float x) { return tsr__mul_sigmoid(1.0f, x); }
@@ -165,8 +182,8 @@ static inline float tsr_gelu_tanh(float x) {
 /* 2^t in double: t = k + r, |r| <= 1/2; Taylor series of e^{r ln2} to degree 11 (rel. error
  * < 1e-14); t is clamped to [-1000, 1000] (beyond float32's range either way). */
 static inline double tsr__exp2_d(double t) {
-    t = t > 1000.0 ? 1000.0 : t;
-    t = t < -1000.0 ? -1000.0 : t;
+    t = tsr__seld(t > 1000.0, 1000.0, t);
+    t = tsr__seld(t < -1000.0, -1000.0, t);
     double s = t + TSR__RND64, r = t - (s - TSR__RND64);
     double p = 4.4455382718708116e-10;
     p = p * r + 7.054911620801123e-09;
@@ -217,7 +234,8 @@ static inline double tsr__erf_small_d(double z) {
  * z in [0.5, 10.5] (Numerical-Recipes form; rel. error < 4e-11); 0 for huge z. */
 static inline double tsr__erfc_big_d(double z) {
     double t = 2.0 / (2.0 + z);
-    double c = t < 0.16 ? 0.16 : (t > 0.8 ? 0.8 : t);
+    double c = tsr__seld(t < 0.16, 0.16, t);
+    c = tsr__seld(c > 0.8, 0.8, c);
     double g = 0.09069925955080452;
     g = g * c - 0.8229497414978945;
     g = g * c + 2.9689417913624125;
@@ -239,14 +257,14 @@ static inline double tsr__erfc_big_d(double z) {
 static inline float tsr_erf(float xf) {
     double x = xf, a = fabs(x);
     double big = copysign(1.0 - tsr__erfc_big_d(a), x);
-    return (float)(a < 0.5 ? tsr__erf_small_d(x) : big);
+    return (float)tsr__seld(a < 0.5, tsr__erf_small_d(x), big);
 }
 /* gelu_erf: 0.5 x (1 + erf(x/sqrt2)) = 0.5 x erfc(-x/sqrt2), erfc from the pieces above
  * (no cancellation for x << 0). */
 static inline float tsr_gelu_erf(float xf) {
     double x = xf, z = -x * 0.7071067811865476, a = fabs(z);
     double eb = tsr__erfc_big_d(a);
-    double ec = a < 0.5 ? 1.0 - tsr__erf_small_d(z) : (z > 0.0 ? eb : 2.0 - eb);
+    double ec = tsr__seld(a < 0.5, 1.0 - tsr__erf_small_d(z), tsr__seld(z > 0.0, eb, 2.0 - eb));
     return (float)(0.5 * x * ec);
 }
 
@@ -278,10 +296,10 @@ static inline float tsr__sincos(float xf, uint64_t shift) {
     pc = pc * z - 1.0 / 24;
     pc = pc * z + 0.5;
     pc = 1.0 - z * pc;
-    double v = (q & 1u) ? pc : ps;
-    v = (q & 2u) ? -v : v;
-    v = v > 1.0 ? 1.0 : v;
-    v = v < -1.0 ? -1.0 : v;
+    double v = tsr__seld(q & 1u, pc, ps);
+    v = tsr__seld((q & 2u) != 0, -v, v);
+    v = tsr__seld(v > 1.0, 1.0, v);
+    v = tsr__seld(v < -1.0, -1.0, v);
     return (float)v;
 }
 static inline float tsr_sin(float x) { return tsr__sincos(x, 0u); }
@@ -295,17 +313,18 @@ static inline float tsr_cos(float x) { return tsr__sincos(x, 1u); }
 static inline float tsr_pow(float xf, float yf) {
     double x = xf, y = yf, ax = fabs(x);
     double lg = tsr__log2_d(x);
-    lg = ax == 0.0 ? -INFINITY : (ax == INFINITY ? INFINITY : lg);
+    lg = tsr__seld(ax == INFINITY, INFINITY, lg);
+    lg = tsr__seld(ax == 0.0, -INFINITY, lg);
     double r = tsr__exp2_d(y * lg);                 /* NaN in -> NaN through t */
-    r = (x != x) ? x : r;
+    r = tsr__seld(x != x, x, r);
     double hy = 0.5 * y;
     double ry = (y + TSR__RND64) - TSR__RND64, rh = (hy + TSR__RND64) - TSR__RND64;
     bool big = fabs(y) >= 0x1p50;                   /* such floats are even integers */
-    bool is_int = big || ry == y;
-    bool odd = !big && is_int && rh != hy;
-    r = (odd && signbit(xf)) ? -r : r;
-    r = (x < 0.0 && ax != INFINITY && fabs(y) != INFINITY && !is_int) ? TSR__NANF : r;
-    r = (y == 0.0 || x == 1.0 || (x == -1.0 && fabs(y) == INFINITY)) ? 1.0 : r;
+    bool is_int = big | (ry == y), odd = !big & is_int & (rh != hy);
+    bool yinf = fabs(y) == INFINITY, xneg = signbit(xf) != 0;
+    r = tsr__seld(odd & xneg, -r, r);
+    r = tsr__seld((x < 0.0) & (ax != INFINITY) & !yinf & !is_int, TSR__NANF, r);
+    r = tsr__seld((y == 0.0) | (x == 1.0) | ((x == -1.0) & yinf), 1.0, r);
     return (float)r;
 }
 
@@ -317,7 +336,7 @@ static inline float tsr_f16_to_f32(uint16_t h) {
     float normal = tsr__u2f((em << 13) + 0x38000000u);
     float special = tsr__u2f((em << 13) + 0x70000000u);
     float sub = (float)(int32_t)em * 0x1p-24f;
-    float v = em >= 0x7c00u ? special : (em < 0x0400u ? sub : normal);
+    float v = tsr__sel(em >= 0x7c00u, special, tsr__sel(em < 0x0400u, sub, normal));
     return tsr__u2f(tsr__f2u(v) | sign);
 }
 /* f32 -> f16, round to nearest even: |x| >= 2^16 -> inf (NaN -> quiet 0x7e00);
@@ -325,10 +344,10 @@ static inline float tsr_f16_to_f32(uint16_t h) {
  * round on the integer bits (carry into the exponent gives inf past 65504). */
 static inline uint16_t tsr_f32_to_f16(float x) {
     uint32_t u = tsr__f2u(x), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-    uint32_t special = a > 0x7f800000u ? 0x7e00u : 0x7c00u;
+    uint32_t special = tsr__selu(a > 0x7f800000u, 0x7e00u, 0x7c00u);
     uint32_t sub = tsr__f2u(tsr__u2f(a) + 0.5f) - 0x3f000000u;
     uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;   /* 0xc8000000 = -(112 << 23) */
-    uint32_t o = a >= 0x47800000u ? special : (a < 0x38800000u ? sub : normal);
+    uint32_t o = tsr__selu(a >= 0x47800000u, special, tsr__selu(a < 0x38800000u, sub, normal));
     return (uint16_t)(o | sign);
 }
 /* bf16 <-> f32: bf16 is the top half of a float32; rounding is RNE on the low 16 bits, NaN
@@ -337,7 +356,7 @@ static inline float tsr_bf16_to_f32(uint16_t h) { return tsr__u2f((uint32_t)h <<
 static inline uint16_t tsr_f32_to_bf16(float x) {
     uint32_t u = tsr__f2u(x);
     uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x0040u : r);
+    return (uint16_t)tsr__selu((u & 0x7fffffffu) > 0x7f800000u, (u >> 16) | 0x0040u, r);
 }
 
 #endif /* TESSERA_MATH_H */
