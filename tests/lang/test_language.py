@@ -325,9 +325,9 @@ def test_autotune_winner_persists_across_processes(tmp_path) -> None:
 def test_autotune_rejects_bad_configs() -> None:
     with pytest.raises(tl.LaunchError, match="not one of its parameters"):
         tl.autotune(configs=[tl.Config(NOPE=1)])(axpb)
-    with pytest.raises(tl.LaunchError, match="not tl.constexpr"):
+    with pytest.raises(tl.LaunchError, match=r"not tl\.constexpr"):
         tl.autotune(configs=[tl.Config(a=1)])(axpb)
-    with pytest.raises(tl.LaunchError, match="above @tl.kernel"):
+    with pytest.raises(tl.LaunchError, match=r"above @tl\.kernel"):
         tl.autotune(configs=[tl.Config(BLOCK=1)])(lambda x: x)
     with pytest.raises(tl.LaunchError, match="do not pass"):
         accumulate[_grid](torch.ones(4), torch.zeros(4), BLOCK=16)
