@@ -24,6 +24,7 @@ __all__ = ["SUITES", "BenchError", "Case", "available", "run", "time_case"]
 
 SUITES: dict[str, str] = {
     "runtime": "tessera.bench.runtime",
+    "lang": "tessera.bench.lang",
 }
 BASELINE_ORDER = ("numpy", "torch_eager", "torch_inductor", "mpi", "gloo")
 

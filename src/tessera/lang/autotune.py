@@ -155,7 +155,7 @@ def _snapshot(value: Any, name: str) -> Callable[[], None]:
     arg = _tensor_arg(value, name)
     if arg is None:
         raise LaunchError(f"autotune restore={name!r} names a non-tensor argument")
-    lo, hi = arg.span()
+    lo, hi = arg.lo, arg.hi
     data = ctypes.string_at(lo, hi - lo)
     return lambda: ctypes.memmove(lo, data, hi - lo)
 

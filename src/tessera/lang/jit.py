@@ -35,26 +35,29 @@ _TORCH_DTYPES: dict[Any, dt.dtype] = {}  # torch.dtype -> dtype, filled on first
 
 
 class _Arg(NamedTuple):
-    """One tensor argument, reduced to what the generated code needs."""
+    """One tensor argument, reduced to what the generated code needs, and the bytes
+    [lo, hi) its elements occupy (to detect outputs that alias inputs)."""
 
     ptr: int
     shape: tuple[int, ...]
     strides: tuple[int, ...]
     dtype: dt.dtype
     readonly: bool
+    lo: int
+    hi: int
 
-    def span(self) -> tuple[int, int]:
-        """[first byte, last byte + 1) of the memory the tensor's elements occupy."""
-        lo = hi = 0
-        for n, s in zip(self.shape, self.strides, strict=True):
-            if n == 0:
-                return self.ptr, self.ptr
-            if s > 0:
-                hi += (n - 1) * s
-            else:
-                lo += (n - 1) * s
-        size = self.dtype.itemsize
-        return self.ptr + lo * size, self.ptr + (hi + 1) * size
+
+def _span(ptr: int, shape: Sequence[int], strides: Sequence[int], itemsize: int
+          ) -> tuple[int, int]:
+    lo = hi = 0
+    for n, s in zip(shape, strides, strict=True):
+        if n == 0:
+            return ptr, ptr
+        if s > 0:
+            hi += (n - 1) * s
+        else:
+            lo += (n - 1) * s
+    return ptr + lo * itemsize, ptr + (hi + 1) * itemsize
 
 
 _TORCH_TYPES: set[type] = set()  # torch.Tensor and subclasses seen so far
@@ -72,10 +75,15 @@ def _tensor_arg(x: Any, name: str) -> _Arg | None:
         d = _TORCH_DTYPES.get(x.dtype)
         if d is None:
             d = _TORCH_DTYPES[x.dtype] = dt.as_dtype(x.dtype)
-        return _Arg(x.data_ptr(), tuple(x.shape), x.stride(), d, False)
+        ptr, shape, strides = x.data_ptr(), tuple(x.shape), x.stride()
+        lo, hi = (ptr, ptr + x.numel() * d.itemsize) if x.is_contiguous() else \
+            _span(ptr, shape, strides, d.itemsize)
+        return _Arg(ptr, shape, strides, d, False, lo, hi)
     if t is Tensor or t is np.ndarray or hasattr(x, "__dlpack__"):
         x = x if t is Tensor else as_tensor(x)
-        return _Arg(x.data_ptr(), x.shape, x.strides, x.dtype, x.readonly)
+        ptr = x.data_ptr()
+        return _Arg(ptr, x.shape, x.strides, x.dtype, x.readonly,
+                    *_span(ptr, x.shape, x.strides, x.dtype.itemsize))
     return None
 
 
@@ -110,6 +118,7 @@ class Kernel:
         self.names = [p.name for p in params]
         self.defaults = {p.name: p.default for p in params if p.default is not p.empty}
         self.constexprs = {p.name for p in params if _is_constexpr(p.annotation)}
+        self._is_constexpr = [n in self.constexprs for n in self.names]
         self.where = _where(fn)
         self._compiled: dict[tuple, _Compiled] = {}
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
@@ -134,6 +143,14 @@ class Kernel:
         names = self.names
         if len(args) == len(names) and not kwargs:
             return dict(zip(names, args, strict=True))
+        if len(args) + len(kwargs) == len(names):  # every parameter given once, presumably
+            values = dict(zip(names, args, strict=False))
+            values.update(kwargs)
+            if len(values) == len(names):
+                try:
+                    return {n: values[n] for n in names}  # in parameter order: the C ABI's
+                except KeyError:
+                    pass  # an unknown name: the general path says which
         if len(args) > len(names):
             raise self._arity(f"takes {len(names)} arguments but {len(args)} were given")
         values = dict(zip(names, args, strict=False))
@@ -158,8 +175,8 @@ class Kernel:
         key: list[Any] = []
         flat: list[Any] = []
         tensors: dict[str, _Arg] = {}
-        for name, v in values.items():
-            if name in self.constexprs:
+        for is_constexpr, (name, v) in zip(self._is_constexpr, values.items(), strict=True):
+            if is_constexpr:
                 if not isinstance(v, (bool, int, float, str, dt.dtype)) and v is not None:
                     raise LaunchError(f"constexpr {name!r} must be an int, float, bool, str "
                                       f"or dtype, got {type(v).__name__}", where=self.where)
@@ -285,12 +302,10 @@ def _grid(g: Any, k: Kernel) -> tuple[int, int, int]:
 def _overlaps(tensors: dict[str, _Arg], writes: frozenset[str]) -> bool:
     """Whether a tensor the kernel writes shares memory with any other tensor argument."""
     for name in writes:
-        lo, hi = tensors[name].span()
-        for other, arg in tensors.items():
-            if other != name:
-                olo, ohi = arg.span()
-                if olo < hi and lo < ohi:
-                    return True
+        w = tensors[name]
+        for other, a in tensors.items():
+            if other != name and a.lo < w.hi and w.lo < a.hi:
+                return True
     return False
 
 

@@ -9,8 +9,11 @@
  * Subnormal inputs and results are handled (nothing is flushed), unless the caller enables
  * FTZ/DAZ. Measured errors per function: docs/lang/math.md.
  *
- * exp/exp2/log/log2/tanh/sigmoid/silu/gelu_tanh compute in float32; sin/cos/erf/gelu_erf/pow
- * compute in float64 internally (still vectorized) and round once to float32 at the end.
+ * exp/exp2/log/log2/tanh/sigmoid/silu/gelu_tanh compute in float32 (log2 sums its last step,
+ * gelu_tanh its argument, in float64); rsqrt/sin/cos/erf/gelu_erf/pow compute in float64
+ * (still vectorized, about half the float32 throughput) and round once to float32.
+ * Requires SSE4.1-class SIMD for full vectorization (plain x86-64 SSE2 leaves the float64
+ * ones scalar).
  */
 #ifndef TESSERA_MATH_H
 #define TESSERA_MATH_H
@@ -140,9 +143,9 @@ static inline float tsr_log2(float x) {
     return tsr__log_special(x, (float)(e + ((double)f + y) * 1.4426950408889634));
 }
 
-/* ---- tanh / sigmoid / silu / gelu_tanh (float32 exp) ------------------------------- */
-/* tanh: |x| < 0.625: x + x^3 P5(x^2) (minimax); else 1 - 2/(e^{2|x|} + 1), the division
- * done in double; sign copied from x. */
+/* ---- tanh / sigmoid / silu / gelu_tanh (float32) ----------------------------------- */
+/* tanh: |x| < 0.625: x + x^3 P5(x^2) (minimax); else 1 - 2/(e^{2|x|} + 1); sign copied
+ * from x. */
 static inline float tsr_tanh(float x) {
     float a = fabsf(x), z = x * x;
     float p = 2.2927448e-3f;
@@ -152,30 +155,31 @@ static inline float tsr_tanh(float x) {
     p = p * z + 1.3333304e-1f;
     p = p * z - 3.3333334e-1f;
     float small = a + a * z * p;
-    float big = (float)(1.0 - 2.0 / ((double)tsr_exp(2.0f * a) + 1.0));
+    float big = 1.0f - 2.0f / (tsr_exp(2.0f * a) + 1.0f);
     return copysignf(tsr__sel(a < 0.625f, small, big), x);   /* tanh(-0) = -0 */
 }
-/* x * sigmoid(v): e = e^{-|v|} (float exp of w = -|v| = hi + lo, scaled by 2^24 so it is
- * never subnormal, corrected by (1 + lo)); then x e/(1+e) (v < 0) or x/(1+e) in double,
- * rounded once. */
-static inline float tsr__mul_sigmoid(float x, double v) {
-    double w = -fabs(v);
+/* x * sigmoid(v), given w = -|v| as hi + lo and pos = v >= 0: es = e^w 2^24 (float exp,
+ * scaled so it is never subnormal, times (1 + lo)), d = 1 + e^w; x/d for v >= 0, else
+ * (x/d) es 2^-24, whose last multiply rounds once into the subnormal range. */
+static inline float tsr__mul_sigmoid(float x, float hi, float lo, bool pos) {
+    float es = tsr__exp_scaled(hi, 24u) * (1.0f + lo);
+    es = tsr__sel(hi < -115.0f, 0.0f, es);  /* |x| e^w < 2^-150 here (|x| <= |v|): exact 0 */
+    float q = x / (1.0f + es * 0x1p-24f);
+    return tsr__sel(pos, q, (q * es) * 0x1p-24f);
+}
+/* sigmoid: 1/(1 + e^-x), e^-|x| never overflows; exact limits 0 and 1. */
+static inline float tsr_sigmoid(float x) { return tsr__mul_sigmoid(1.0f, -fabsf(x), 0.0f, x >= 0.0f); }
+/* silu: x sigmoid(x), accurate down to subnormal results; silu(-inf) = NaN like torch. */
+static inline float tsr_silu(float x) { return tsr__mul_sigmoid(x, -fabsf(x), 0.0f, x >= 0.0f); }
+/* gelu_tanh: 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3);
+ * same function as torch's approximate='tanh', without its cancellation for x << 0 (torch
+ * returns 0 there, this the tiny true value). -|2u| is formed in double and split hi + lo,
+ * so e^{-|2u|} keeps full relative accuracy where |2u| is large. */
+static inline float tsr_gelu_tanh(float x) {
+    double xd = x, w = -fabs(1.5957691216057308 * xd * (1.0 + 0.044715 * xd * xd));
     w = tsr__seld(w < -200.0, -200.0, w);          /* keeps NaN */
     float hi = (float)w, lo = (float)(w - hi);
-    double e = (double)tsr__exp_scaled(hi, 24u) * (1.0 + lo) * 0x1p-24;
-    e = tsr__seld(hi < -115.0f, 0.0, e);   /* |x| e^w < 2^-150 here (|x| <= |v|): exact 0 */
-    return (float)(x * (tsr__seld(v >= 0.0, 1.0, e) / (1.0 + e)));
-}
-/* sigmoid: 1/(1 + e^-x) via tsr__mul_sigmoid: never overflows, exact limits 0 and 1. */
-static inline float tsr_sigmoid(float x) { return tsr__mul_sigmoid(1.0f, x); }
-/* silu: x sigmoid(x), accurate down to subnormal results; silu(-inf) = NaN like torch. */
-static inline float tsr_silu(float x) { return tsr__mul_sigmoid(x, x); }
-/* gelu_tanh: 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3), 2u
- * in double; same function as torch's approximate='tanh', without its cancellation for
- * x << 0 (torch returns 0 there, this returns the tiny true value). */
-static inline float tsr_gelu_tanh(float x) {
-    double xd = x;
-    return tsr__mul_sigmoid(x, 1.5957691216057308 * xd * (1.0 + 0.044715 * xd * xd));
+    return tsr__mul_sigmoid(x, hi, lo, x >= 0.0f);
 }
 
 /* ---- float64 helpers (for sin/cos/erf/gelu_erf/pow) --------------------------------- */

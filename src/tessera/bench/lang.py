@@ -1,0 +1,86 @@
+"""Suite `lang`: kernels written in tessera.lang (tessera.kernels) against torch eager
+and torch.compile (Inductor), on the same inputs in the same process.
+
+Memory-bound kernels report GB/s (bytes read + written once); matmul and attention
+report GFLOPS. `--quick` uses small shapes and skips Inductor (its compile dominates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tessera.bench.runner import Case
+
+
+def _case(name: str, ours: Callable[[], Any], ref: Callable[..., Any], args: tuple,
+          quick: bool, *, bytes_moved: int = 0, flops: int = 0, atol: float = 1e-4,
+          meta: dict[str, Any] | None = None) -> Case:
+    import torch
+
+    impls: dict[str, Callable[[], Any]] = {"tessera": ours,
+                                           "torch_eager": lambda: ref(*args)}
+    if not quick:
+        compiled = torch.compile(ref, dynamic=False)
+        impls["torch_inductor"] = lambda: compiled(*args)
+
+    def check() -> None:
+        want = ref(*args)
+        for impl in impls.values():
+            torch.testing.assert_close(impl(), want, atol=atol, rtol=1e-4)
+
+    def extra(impl: str, median_s: float) -> dict[str, float]:
+        if flops:
+            return {"gflops": flops / median_s / 1e9}
+        return {"gb_per_s": bytes_moved / median_s / 1e9}
+
+    return Case(name, impls, check=check, extra=extra, meta=meta or {})
+
+
+def cases(quick: bool) -> list[Case]:
+    import torch
+    import torch.nn.functional as F
+
+    import tessera.kernels as K
+
+    torch.manual_seed(0)
+    rows_big = (256, 1024) if quick else (8192, 4096)
+    n_add = 1 << (18 if quick else 24)
+    out: list[Case] = []
+
+    x, y = torch.randn(n_add), torch.randn(n_add)
+    out.append(_case(f"add_{n_add >> 10}K", lambda: K.add(x, y), torch.add, (x, y), quick,
+                     bytes_moved=12 * n_add))
+
+    for m, n in (rows_big, (32, 384)):
+        a = torch.randn(m, n)
+        w, b = torch.randn(n), torch.randn(n)
+        io = 8 * m * n
+        out += [
+            _case(f"softmax_{m}x{n}", lambda a=a: K.softmax(a),
+                  lambda t: torch.softmax(t, -1), (a,), quick, bytes_moved=io),
+            _case(f"layernorm_{m}x{n}", lambda a=a, w=w, b=b: K.layer_norm(a, w, b),
+                  lambda t, w, b: F.layer_norm(t, t.shape[-1:], w, b), (a, w, b), quick,
+                  bytes_moved=io),
+            _case(f"rmsnorm_{m}x{n}", lambda a=a, w=w: K.rms_norm(a, w),
+                  lambda t, w: F.rms_norm(t, t.shape[-1:], w, 1e-6), (a, w), quick,
+                  bytes_moved=io),
+        ]
+    m, n = rows_big
+    a, b = torch.randn(m, n), torch.randn(n)
+    out.append(_case(f"bias_gelu_{m}x{n}", lambda: K.bias_gelu(a, b),
+                     lambda t, b: F.gelu(t + b), (a, b), quick, bytes_moved=8 * m * n))
+
+    s = 128 if quick else 512
+    p, q = torch.randn(s, s), torch.randn(s, s)
+    out.append(_case(f"dot_matmul_{s}", lambda: K.matmul(p, q), torch.matmul, (p, q), quick,
+                     flops=2 * s ** 3, atol=1e-3,
+                     meta={"note": "tl.dot's portable lowering; issue 4 brings micro-kernels"}))
+
+    bsz, heads, seq, d = (1, 2, 128, 64) if quick else (1, 8, 1024, 64)
+    qkv = [torch.randn(bsz, heads, seq, d) for _ in range(3)]
+    out.append(_case(f"flash_attention_causal_h{heads}_s{seq}_d{d}",
+                     lambda: K.flash_attention(*qkv, causal=True),
+                     lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                     tuple(qkv), quick, flops=2 * bsz * heads * seq * seq * d, atol=1e-4))
+    return out
