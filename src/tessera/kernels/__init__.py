@@ -4,9 +4,8 @@ the kernels that tessera.ops builds on; each is tested against torch."""
 
 from tessera.kernels.attention import flash_attention
 from tessera.kernels.elementwise import add, bias_gelu
-from tessera.kernels.matmul import matmul
-from tessera.kernels.norm import layer_norm, rms_norm
-from tessera.kernels.softmax import softmax
+from tessera.kernels.gemm import matmul
+from tessera.kernels.rows import layer_norm, rms_norm, softmax
 
 __all__ = ["add", "bias_gelu", "flash_attention", "layer_norm", "matmul", "rms_norm",
            "softmax"]
