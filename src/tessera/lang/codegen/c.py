@@ -11,6 +11,9 @@ from tessera.lang.ir import Function, Op
 __all__ = ["ENTRY", "CPrinter"]
 
 ENTRY = "tessera_kernel"
+# Launches that move fewer elements than this run on the calling thread: below it, waking
+# the other threads costs more than they save (and a busy machine makes that far worse).
+PARALLEL_GRAIN = 32768
 _MATH = Path(__file__).with_name("tessera_math.h")
 
 _PRELUDE = r"""#include <stdint.h>
@@ -69,7 +72,8 @@ class CPrinter(CStylePrinter):
             f"/* kernel {self.fn.name}, from {self.fn.loc} */",
             f"static void tsr_run({', '.join(head)}) {{",
             "    const int64_t tsr_n = tsr_grid0 * tsr_grid1 * tsr_grid2;",
-            "    #pragma omp parallel for schedule(static) if(tsr_n > 1)",
+            f"    #pragma omp parallel for schedule(static) if(tsr_n * {self.work()} >= "
+            f"{PARALLEL_GRAIN})",
             "    for (int64_t tsr_pid = 0; tsr_pid < tsr_n; tsr_pid++) {",
             "        const int64_t tsr_pid0 = tsr_pid % tsr_grid0;",
             "        const int64_t tsr_pid1 = (tsr_pid / tsr_grid0) % tsr_grid1;",

@@ -25,6 +25,7 @@ _ALWAYS_INLINE = frozenset({"const", "full", "arange"})
 _BIN_C = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "and": "&", "or": "|",
           "xor": "^", "lshift": "<<", "rshift": ">>", "lt": "<", "le": "<=", "gt": ">",
           "ge": ">=", "eq": "==", "ne": "!="}
+LOOP_GUESS = 16  # trips assumed for a loop whose trip count is known only at run time
 _LIMITS = {"int32_t": ("INT32_MIN", "INT32_MAX"), "int64_t": ("INT64_MIN", "INT64_MAX"),
            "bool": ("0", "1"), "float": ("-INFINITY", "INFINITY")}
 
@@ -547,6 +548,17 @@ class CStylePrinter(ABC):
         return [(f"{qual}{t.dtype.c_type} *{'restrict ' if restrict else ''}", p),
                 *((("int64_t", f"{p}_n{d}")) for d in range(t.ndim)),
                 *((("int64_t", f"{p}_s{d}")) for d in range(t.ndim))]
+
+    def work(self, block: Block | None = None) -> int:
+        """Elements one program loads and stores (loops counted as LOOP_GUESS trips): what
+        decides whether a launch is big enough to be worth the threads' fork and join."""
+        total = 0
+        for op in (block or self.fn.body).ops:
+            if op.kind in ("load", "store"):
+                total += math.prod(s for s in op.attrs["sizes"] if s is not None)
+            for b in op.blocks:
+                total += self.work(b) * (LOOP_GUESS if op.kind in ("for", "while") else 1)
+        return max(total, 1)
 
     def fn_writes(self, tensor: Op) -> bool:
         return any(o.kind == "store" and o.operands[0] is tensor for o in self.fn.body.walk())

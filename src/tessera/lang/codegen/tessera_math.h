@@ -11,7 +11,7 @@
  *
  * exp/exp2/log/log2/tanh/sigmoid/silu/gelu_tanh compute in float32 (log2 sums its last step,
  * gelu_tanh its argument, in float64); rsqrt/sin/cos/erf/gelu_erf/pow compute in float64
- * (still vectorized, about half the float32 throughput) and round once to float32.
+ * (still vectorized, but slower; see the docs) and round once to float32.
  * Requires SSE4.1-class SIMD for full vectorization (plain x86-64 SSE2 leaves the float64
  * ones scalar).
  */
@@ -71,14 +71,15 @@ static inline float tsr_minimum(float a, float b) {
 /* ---- exp / exp2 (float32) ----------------------------------------------------------- */
 /* exp: x = k ln2 + r, |r| <= ln2/2 (Cody-Waite, 2-part ln2); e^r = 1 + r + r^2 P5(r)
  * (minimax); 2^k applied in two halves, so subnormal results round correctly and
- * overflow gives inf. tsr__exp_scaled(x, m) = e^x 2^m for 0 <= m <= 24, x <= 0. */
-static inline float tsr__exp_scaled(float x, uint32_t extra) {
+ * overflow gives inf. tsr__exp_scaled(x, lo, m) = e^(x + lo) 2^m, for a tiny lo (low part
+ * of a double argument, added to r) and 0 <= m <= 24 with x <= 0. */
+static inline float tsr__exp_scaled(float x, float lo, uint32_t extra) {
     x = tsr__sel(x > 89.0f, 89.0f, x);
     float lim = -104.0f - 0.6931472f * (float)extra;  /* e^lim 2^extra rounds to 0 */
     x = tsr__sel(x < lim, lim, x);                 /* comparisons keep NaN */
     float s = x * 1.44269504f + TSR__RND32, k = s - TSR__RND32;
     float r = x - k * 0.693359375f;                /* exact */
-    r = r - k * -2.12194440e-4f;
+    r = r - k * -2.12194440e-4f + lo;
     float p = 1.9890988e-4f;
     p = p * r + 1.3933647e-3f;
     p = p * r + 8.3333105e-3f;
@@ -88,7 +89,7 @@ static inline float tsr__exp_scaled(float x, uint32_t extra) {
     p = (p * r) * r + r + 1.0f;
     return tsr__scale(p, tsr__f2u(s) - 0x4B400000u + extra);
 }
-static inline float tsr_exp(float x) { return tsr__exp_scaled(x, 0u); }
+static inline float tsr_exp(float x) { return tsr__exp_scaled(x, 0.0f, 0u); }
 
 /* exp2: x = k + r, |r| <= 1/2 (exact); 2^r = 1 + r P5(r) (minimax); 2^k as in tsr_exp. */
 static inline float tsr_exp2(float x) {
@@ -159,10 +160,10 @@ static inline float tsr_tanh(float x) {
     return copysignf(tsr__sel(a < 0.625f, small, big), x);   /* tanh(-0) = -0 */
 }
 /* x * sigmoid(v), given w = -|v| as hi + lo and pos = v >= 0: es = e^w 2^24 (float exp,
- * scaled so it is never subnormal, times (1 + lo)), d = 1 + e^w; x/d for v >= 0, else
- * (x/d) es 2^-24, whose last multiply rounds once into the subnormal range. */
+ * scaled so it is never subnormal), d = 1 + e^w; x/d for v >= 0, else (x/d) es 2^-24, whose
+ * last multiply rounds once into the subnormal range. */
 static inline float tsr__mul_sigmoid(float x, float hi, float lo, bool pos) {
-    float es = tsr__exp_scaled(hi, 24u) * (1.0f + lo);
+    float es = tsr__exp_scaled(hi, lo, 24u);
     es = tsr__sel(hi < -115.0f, 0.0f, es);  /* |x| e^w < 2^-150 here (|x| <= |v|): exact 0 */
     float q = x / (1.0f + es * 0x1p-24f);
     return tsr__sel(pos, q, (q * es) * 0x1p-24f);
