@@ -11,11 +11,12 @@ import textwrap
 from collections.abc import Callable
 from typing import Any
 
+from tessera.errors import DtypeError, TesseraError
 from tessera.lang import core
 from tessera.lang.errors import KernelSyntaxError
 from tessera.lang.ir import Block, Function, Loc, Op
 from tessera.lang.semantic import Builder
-from tessera.lang.types import TensorType, TileType
+from tessera.lang.types import TensorType, TileType, promote
 from tessera.runtime import dtype as dt
 
 __all__ = ["parse_kernel", "trace"]
@@ -25,6 +26,7 @@ _BINOPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "truediv",
            ast.BitOr: "or", ast.BitXor: "xor", ast.LShift: "lshift", ast.RShift: "rshift"}
 _CMPOPS = {ast.Lt: "lt", ast.LtE: "le", ast.Gt: "gt", ast.GtE: "ge", ast.Eq: "eq",
            ast.NotEq: "ne"}
+_CMP_NAMES = {ast.Is: "is", ast.IsNot: "is not", ast.In: "in", ast.NotIn: "not in"}
 _PY_BIN = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
            "truediv": lambda a, b: a / b, "floordiv": lambda a, b: a // b,
            "mod": lambda a, b: a % b, "pow": lambda a, b: a ** b, "and": lambda a, b: a & b,
@@ -45,10 +47,14 @@ def parse_kernel(fn: Callable[..., Any]) -> tuple[ast.FunctionDef, str, int]:
         raise KernelSyntaxError(f"cannot read the source of {fn.__qualname__}",
                                 hint="kernels must be defined in a file, not typed into a "
                                      "REPL or built with exec") from e
-    tree = ast.parse(source)
-    node = tree.body[0]
+    try:
+        node = ast.parse(source).body[0]
+    except SyntaxError:
+        node = None  # e.g. a lambda in the middle of an expression
     if not isinstance(node, ast.FunctionDef):
-        raise KernelSyntaxError(f"{fn.__qualname__} is not a plain function definition")
+        raise KernelSyntaxError(f"{fn.__qualname__} is not a plain function definition",
+                                where=_where_defined(fn),
+                                hint="define kernels with `def`, not lambda or exec")
     return node, inspect.getsourcefile(fn) or "<unknown>", fn.__code__.co_firstlineno
 
 
@@ -166,30 +172,14 @@ class _Frontend(ast.NodeVisitor):
         if _is_py(step) and step == 0:
             raise self.syntax(node.iter, "range step must not be zero")
         bounds = [self.b.cast(self.b.value(v), dt.int64) for v in (start, stop, step)]
-        carried = self.carried(node.body)
         attrs = {"unroll": it.unroll} if it.unroll else {}
-        self.at(node)
-        ind = Op("blockarg", [], TileType(dt.int64))
-        self.region_loop("for", bounds, carried, node.body, attrs,
-                         lambda: self.scope.__setitem__(node.target.id, ind), [ind])
+        name = node.target.id
+        self.loop(node, "for", bounds, attrs, lambda ind: self.scope.__setitem__(name, ind))
 
     def visit_While(self, node: ast.While) -> None:
         if node.orelse:
             raise self.syntax(node, "while ... else is not supported")
-        carried = self.carried(node.body)
-        inits = [self.b.value(self.scope[n]) for n in carried]
-        args = [Op("blockarg", [], v.type) for v in inits]
-        self.at(node)
-        cond_block = Block(args=args)
-        self.b.push(cond_block)
-        saved = dict(self.scope)
-        self.scope.update(zip(carried, args, strict=True))
-        cond = self.scalar_condition(node.test)
-        cond_block.yields = [cond]
-        self.b.pop()
-        self.scope = saved
-        self.region_loop("while", [], carried, node.body, {}, lambda: None, [],
-                         pre_blocks=[cond_block], inits=inits)
+        self.loop(node, "while", [], {}, None)
 
     def carried(self, stmts: list[ast.stmt]) -> list[str]:
         """Names assigned in `stmts` that already hold a value: they flow around the loop."""
@@ -201,36 +191,57 @@ class _Frontend(ast.NodeVisitor):
                     names.append(n.id)
         return names
 
-    def region_loop(self, kind: str, operands: list[Op], carried: list[str],
-                    stmts: list[ast.stmt], attrs: dict[str, Any], bind: Callable[[], None],
-                    leading: list[Op], pre_blocks: list[Block] | None = None,
-                    inits: list[Op] | None = None) -> Op:
-        inits = inits if inits is not None else [self.b.value(self.scope[n]) for n in carried]
-        args = [Op("blockarg", [], v.type) for v in inits]
-        block = Block(args=leading + args)
+    def loop(self, node: ast.For | ast.While, kind: str, operands: list[Op],
+             attrs: dict[str, Any], bind_index: Callable[[Op], None] | None) -> None:
+        """Build a `for` (bind_index binds its induction variable) or a `while` loop. Values
+        assigned in the body flow around it; if the body widens one (an int accumulator
+        that receives floats, as Python allows), the loop is built again from widened
+        initial values."""
+        carried = self.carried(node.body)
+        inits = [self.b.value(self.scope[n]) for n in carried]
         saved = dict(self.scope)
-        self.b.push(block)
-        self.scope.update(zip(carried, args, strict=True))
-        bind()
-        self.body(stmts)
-        block.yields = [self.conform(n, self.scope[n], init) for n, init in
-                        zip(carried, inits, strict=True)]
+        while True:
+            blocks, yields = [], []
+            for is_cond in ([True] if kind == "while" else []) + [False]:
+                args = [Op("blockarg", [], v.type) for v in inits]
+                leading = [Op("blockarg", [], TileType(dt.int64))] if bind_index else []
+                block = Block(args=leading + args)
+                self.b.push(block)
+                self.scope.update(zip(carried, args, strict=True))
+                if is_cond:
+                    block.yields = [self.scalar_condition(node.test)]
+                else:
+                    if bind_index:
+                        bind_index(leading[0])
+                    self.body(node.body)
+                    yields = [self.b.value(self.scope[n]) for n in carried]
+                self.b.pop()
+                self.scope = dict(saved)
+                blocks.append(block)
+            self.at(node)
+            wider = [self.widened(n, y, i, "inside the loop")
+                     for n, y, i in zip(carried, yields, inits, strict=True)]
+            if all(w is i.type.dtype for w, i in zip(wider, inits, strict=True)):
+                break
+            inits = [self.b.cast(i, w) for i, w in zip(inits, wider, strict=True)]
+        body = blocks[-1]
+        self.b.push(body)
+        body.yields = [self.b.cast(y, i.type.dtype) for y, i in zip(yields, inits, strict=True)]
         self.b.pop()
-        self.scope = saved
         op = self.b.emit(kind, [*operands, *inits], None, pure=False, **attrs)
-        op.blocks = [*(pre_blocks or []), block]
+        op.blocks = blocks
         for i, (name, init) in enumerate(zip(carried, inits, strict=True)):
             self.scope[name] = self.b.emit("result", [op], init.type, pure=False, index=i)
-        return op
 
-    def conform(self, name: str, value: Any, like: Op) -> Op:
-        """`value` as the type `name` had before the loop or branch (dtype may be cast)."""
-        value = self.b.value(value)
-        if value.shape != like.shape:
-            raise self.b.error(f"{name!r} changes shape from {like.shape} to {value.shape} "
-                               "inside a loop or branch",
-                               hint=f"give {name!r} its final shape before, e.g. tl.zeros(...)")
-        return self.b.cast(value, like.type.dtype)
+    def widened(self, name: str, new: Op, old: Op, where: str) -> dt.dtype:
+        """The dtype a variable must have to hold both `old` and `new` (same shape)."""
+        if new.shape != old.shape:
+            raise self.b.error(f"{name!r} changes shape from {old.shape} to {new.shape} "
+                               f"{where}", hint=f"give {name!r} its final shape first, "
+                                                "e.g. with tl.zeros(...)")
+        if new.type.dtype is old.type.dtype:
+            return old.type.dtype
+        return promote(old.type, new.type)
 
     def visit_If(self, node: ast.If) -> None:
         cond = self.visit(node.test)
@@ -253,12 +264,18 @@ class _Frontend(ast.NodeVisitor):
         for name in names:
             if not all(name in s for _, s in branches):
                 continue  # assigned in one branch only and new: local to that branch
-            like = self.b.value(branches[0][1][name])
+            values = []
             for block, scope in branches:
                 self.b.push(block)
-                block.yields.append(self.conform(name, scope[name], like))
+                values.append(self.b.value(scope[name]))
                 self.b.pop()
-            results.append((name, like.type))
+            self.at(node)
+            dtype = self.widened(name, values[1], values[0], "between the if and else branches")
+            for (block, _), v in zip(branches, values, strict=True):
+                self.b.push(block)
+                block.yields.append(self.b.cast(v, dtype))
+                self.b.pop()
+            results.append((name, TileType(dtype, values[0].shape)))
         self.scope = before
         self.at(node)
         op = self.b.emit("if", [cond], None, pure=False)
@@ -342,11 +359,15 @@ class _Frontend(ast.NodeVisitor):
     def visit_Compare(self, node: ast.Compare) -> Any:
         result, left = None, self.visit(node.left)
         for op, right_node in zip(node.ops, node.comparators, strict=True):
-            if type(op) not in _CMPOPS:
-                raise self.syntax(node, f"{type(op).__name__} comparisons are not supported")
             right = self.visit(right_node)
             self.at(node)
-            part = self.binop(_CMPOPS[type(op)], left, right)
+            if isinstance(op, (ast.Is, ast.IsNot)) and _is_py(left) and _is_py(right):
+                part = (left is right) == isinstance(op, ast.Is)
+            elif type(op) not in _CMPOPS:
+                raise self.syntax(node, f"'{_CMP_NAMES.get(type(op), type(op).__name__)}' "
+                                        "is only supported on compile-time values")
+            else:
+                part = self.binop(_CMPOPS[type(op)], left, right)
             result = part if result is None else self.binop("and", result, part)
             left = right
         return result
@@ -378,6 +399,8 @@ class _Frontend(ast.NodeVisitor):
             return self.tile_index(obj, node.slice)
         index = self.visit(node.slice)
         if isinstance(obj, tuple) and isinstance(index, int):
+            if not -len(obj) <= index < len(obj):
+                raise self.syntax(node, f"index {index} is out of range for {len(obj)} items")
             return obj[index]
         raise self.syntax(node, f"cannot index {type(obj).__name__} here")
 
@@ -442,16 +465,26 @@ class _Frontend(ast.NodeVisitor):
         args = [self.visit(a) for a in node.args]
         kwargs = {k.arg: self.visit(k.value) for k in node.keywords}
         self.at(node)
+        try:
+            return self.call(node, fn, args, kwargs)
+        except DtypeError as e:  # a bad dtype name: say where in the kernel
+            raise self.b.error(e.message, hint=e.hint) from None
+        except TesseraError:
+            raise
+        except (TypeError, ValueError, IndexError, KeyError) as e:
+            name = fn[1] if isinstance(fn, tuple) else getattr(fn, "__name__", fn)
+            raise self.syntax(node, f"bad call to {name}(): {e}") from None
+
+    def call(self, node: ast.Call, fn: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
         if isinstance(fn, tuple) and fn[:1] == ("method",):
             _, name, obj = fn
             if name == "to":
+                if len(args) + len(kwargs) != 1 or set(kwargs) - {"dtype"}:
+                    raise self.syntax(node, ".to() takes one dtype, e.g. x.to(tl.float16)")
                 return self.b.cast(obj, dt.as_dtype(args[0] if args else kwargs["dtype"]))
             return core._REGISTRY[name].build(self.b, obj, *args, **kwargs)
         if isinstance(fn, core.Builtin):
-            try:
-                return fn.build(self.b, *args, **kwargs)
-            except TypeError as e:
-                raise self.syntax(node, f"bad arguments to tl.{fn.name}: {e}") from None
+            return fn.build(self.b, *args, **kwargs)
         if fn is builtins.range or fn is core.range:
             return core.range(*args, **kwargs)
         if fn is core.static_range:
@@ -510,6 +543,10 @@ def _affine(x: Any) -> tuple[Any, Any]:
         if b0 is None and sign == 1:
             return b1, o0 + o1
     return x, 0
+
+
+def _where_defined(fn: Callable[..., Any]) -> str:
+    return f"{fn.__code__.co_filename}:{fn.__code__.co_firstlineno}"
 
 
 def _closure(fn: Callable[..., Any]) -> dict[str, Any]:

@@ -85,6 +85,9 @@ class Builder:
 
     # -- values ---------------------------------------------------------------------------
     def const(self, value: bool | int | float, dtype: dt.dtype | None = None) -> Op:
+        if isinstance(value, int) and not isinstance(value, bool) and \
+                not -2**63 <= value < 2**63:
+            raise self.error(f"integer constant {value} does not fit in int64")
         if dtype is None:
             dtype = dt.bool if isinstance(value, bool) else \
                 dt.int32 if isinstance(value, int) and -2**31 <= value < 2**31 else \
@@ -110,6 +113,7 @@ class Builder:
     def arange(self, start: int, stop: int) -> Op:
         if stop <= start:
             raise self.error(f"arange({start}, {stop}) is empty")
+        self.check_shape((stop - start,))
         return self.emit("arange", [], TileType(dt.int32, (stop - start,)), start=start)
 
     def check_shape(self, shape: tuple[int, ...]) -> None:
@@ -131,6 +135,7 @@ class Builder:
                 raise self.error(f"shapes {shapes} do not broadcast",
                                  hint="insert size-1 dimensions with x[:, None] / x[None, :]")
             shape = out
+        self.check_shape(shape)
         return shape
 
     def cast(self, x: Op, dtype: dt.dtype) -> Op:
@@ -214,6 +219,7 @@ class Builder:
             raise self.error(f"cannot view a tile of shape {x.shape} as {shape}")
         if shape == x.shape:
             return x
+        self.check_shape(shape)
         return self.emit("reshape", [x], TileType(x.type.dtype, shape))
 
     # -- reductions -----------------------------------------------------------------------

@@ -208,6 +208,7 @@ class CStylePrinter(ABC):
             offset.append(pos if unit else f"{pos} * {p}_s{d}")
             if size is None:
                 inbounds.append(f"(uint64_t){s} < (uint64_t){p}_n{d}")
+                mask.append(inbounds[-1])
             else:
                 mask.append(f"(uint64_t){pos} < (uint64_t){p}_n{d}")
                 inbounds += [] if known is not None and known >= 0 else [f"{s} >= 0"]
