@@ -68,7 +68,7 @@ class CPrinter(CStylePrinter):
         self.block(self.fn.body)
         head = ["int64_t tsr_grid0", "int64_t tsr_grid1", "int64_t tsr_grid2", *params]
         return "\n".join([
-            _PRELUDE, _MATH.read_text() if _MATH.exists() else "",  # TEMP
+            _PRELUDE, _MATH.read_text(),
             f"/* kernel {self.fn.name}, from {self.fn.loc} */",
             f"static void tsr_run({', '.join(head)}) {{",
             "    const int64_t tsr_n = tsr_grid0 * tsr_grid1 * tsr_grid2;",
