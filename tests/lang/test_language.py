@@ -331,3 +331,26 @@ def test_autotune_rejects_bad_configs() -> None:
         tl.autotune(configs=[tl.Config(BLOCK=1)])(lambda x: x)
     with pytest.raises(tl.LaunchError, match="do not pass"):
         accumulate[_grid](torch.ones(4), torch.zeros(4), BLOCK=16)
+
+
+@tl.kernel
+def pipelined_matmul(a, b, c, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     AHEAD: tl.constexpr):
+    i = tl.program_id(0) * BM
+    j = tl.program_id(1) * BN
+    acc = tl.zeros((BM, BN))
+    for k in tl.range(0, a.shape[1], BK, pipeline=AHEAD):
+        acc = tl.dot(a[i:i + BM, k:k + BK], b[k:k + BK, j:j + BN], acc)
+    c[i:i + BM, j:j + BN] = acc
+
+
+def test_pipeline_hint_prefetches_next_tiles() -> None:
+    a, b, c = torch.randn(100, 300), torch.randn(300, 70), torch.empty(100, 70)
+    args = (a, b, c)
+    pipelined_matmul[(4, 3)](*args, BM=32, BN=32, BK=64, AHEAD=2)
+    torch.testing.assert_close(c, a @ b, atol=1e-4, rtol=1e-4)
+    src = pipelined_matmul.source(*args, BM=32, BN=32, BK=64, AHEAD=2)
+    assert src.count("__builtin_prefetch") == 2  # both operands, two iterations ahead
+    assert "2 * v" in src.split("__builtin_prefetch")[1]
+    with pytest.raises(tl.KernelSyntaxError, match="pipeline= must be a positive"):
+        pipelined_matmul[(1, 1)](*args, BM=32, BN=32, BK=64, AHEAD=0)

@@ -172,7 +172,11 @@ class _Frontend(ast.NodeVisitor):
         if _is_py(step) and step == 0:
             raise self.syntax(node.iter, "range step must not be zero")
         bounds = [self.b.cast(self.b.value(v), dt.int64) for v in (start, stop, step)]
-        attrs = {"unroll": it.unroll} if it.unroll else {}
+        for hint, v in (("unroll", it.unroll), ("pipeline", it.pipeline)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise self.syntax(node.iter, f"{hint}= must be a positive compile-time int, "
+                                             f"got {v!r}")
+        attrs = {k: v for k, v in (("unroll", it.unroll), ("pipeline", it.pipeline)) if v}
         name = node.target.id
         self.loop(node, "for", bounds, attrs, lambda ind: self.scope.__setitem__(name, ind))
 

@@ -54,6 +54,7 @@ class CStylePrinter(ABC):
         self.uses = Counter()
         self.user_block: dict[int, Block] = {}
         self.inline: set[int] = set()
+        self.emitted: set[int] = set()  # ops whose C value is declared by now
         self._plan(fn.body)
 
     # -- planning: which values are inlined --------------------------------------------------
@@ -292,6 +293,7 @@ class CStylePrinter(ABC):
     def op(self, op: Op) -> None:
         if op.id in self.inline or op.kind in ("param", "blockarg", "result"):
             return
+        self.emitted.add(op.id)
         handler = getattr(self, f"op_{op.kind}", None)
         if handler is not None:
             handler(op)
@@ -498,12 +500,58 @@ class CStylePrinter(ABC):
                   f"{i} += {i}_step) {{")
         self.depth += 1
         self.bind(args, names)
+        if op.attrs.get("pipeline"):
+            self.prefetch(body, ind, f"({i} + {int(op.attrs['pipeline'])} * {i}_step)")
         self.block(body)
         self.update(names, body.yields, types)
         self.depth -= 1
         self.line("}")
         self.depth -= 1
         self.line("}")
+
+    def prefetch(self, body: Block, ind: Op, ahead: str) -> None:
+        """Software pipelining on a CPU: ask for the cache lines the loop's loads will read
+        `pipeline` iterations ahead (prefetches never fault, so no bounds are needed)."""
+        for op in body.ops:
+            if op.kind != "load":
+                continue
+            starts = [self.scalar_expr(s, {ind.id: ahead}) for s in op.operands[1:]]
+            if None in starts or not any(self.depends_on(s, ind) for s in op.operands[1:]):
+                continue  # an address we cannot restate, or one the loop does not move
+            tensor, sizes = op.operands[0], op.attrs["sizes"]
+            per_line = max(1, 64 // tensor.type.dtype.itemsize)
+            idx = [f"pf{d}" for d in range(len(sizes))]
+            pos = [s if n is None else f"({s} + {i})"
+                   for s, n, i in zip(starts, sizes, idx, strict=True)]
+            offset = " + ".join(f"{x} * {self.name(tensor)}_s{d}" for d, x in enumerate(pos))
+            last = len(sizes) - 1
+            loops = [f"for (int64_t {i} = 0; {i} < {n}; {i} += {per_line if d == last else 1})"
+                     for d, (i, n) in enumerate(zip(idx, sizes, strict=True)) if n is not None]
+            self.line(" ".join(loops) + f" __builtin_prefetch(&{self.name(tensor)}[{offset}]);")
+
+    def scalar_expr(self, op: Op, subst: dict[int, str]) -> str | None:
+        """A C expression recomputing scalar `op` with some values replaced, or None if it
+        depends on something that cannot be recomputed (a load, a loop result)."""
+        if op.id in subst:
+            return subst[op.id]
+        if op.id in self.emitted or op.kind == "param" or \
+                (op.kind == "blockarg" and op.id in self.names):
+            return self.name(op)  # a value the C code already holds
+        if op.kind == "const":
+            return self.expr(op, [], False, [])
+        if op.kind not in ("binary", "unary", "cast") or not op.type.is_scalar:
+            return None
+        args = [self.scalar_expr(o, subst) for o in op.operands]
+        if None in args:
+            return None
+        if op.kind == "cast":
+            return self.cast_expr(args[0], op.operands[0].type.dtype, op.type.dtype)
+        if op.kind == "unary":
+            return self.unary_expr(op.attrs["fn"], args[0], op.operands[0].type.ctype)
+        return self.binary_expr(op.attrs["fn"], args[0], args[1], op.operands[0].type.ctype)
+
+    def depends_on(self, op: Op, target: Op) -> bool:
+        return op is target or any(self.depends_on(o, target) for o in op.operands)
 
     def op_while(self, op: Op) -> None:
         cond_block, body = op.blocks
