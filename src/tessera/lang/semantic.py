@@ -22,6 +22,8 @@ ARITH = {"add": operator.add, "sub": operator.sub, "mul": operator.mul,
          "lshift": operator.lshift, "rshift": operator.rshift, "maximum": max, "minimum": min}
 COMPARE = {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
            "eq": operator.eq, "ne": operator.ne}
+COMMUTATIVE = frozenset({"add", "mul", "and", "or", "xor", "maximum", "minimum", "eq", "ne"})
+IDENTITY = {"add": 0, "sub": 0, "mul": 1, "truediv": 1}
 INT_ONLY = frozenset({"floordiv", "mod", "and", "or", "xor", "lshift", "rshift"})
 FLOAT_UNARY = frozenset({"exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid",
                          "erf", "sin", "cos", "silu", "gelu_erf", "gelu_tanh"})
@@ -175,6 +177,12 @@ class Builder:
             folded = self._fold(fn, a.attrs["value"], b.attrs["value"], rtype)
             if folded is not None:
                 return folded
+        if fn in COMMUTATIVE and (a.kind == "const", a.id) > (b.kind == "const", b.id):
+            a, b = b, a  # canonical order: constants right, older values left (helps CSE)
+        if b.kind == "const" and a.type == TileType(rtype, shape) and \
+                b.attrs["value"] == IDENTITY.get(fn) and not isinstance(b.attrs["value"], bool) \
+                and not (fn == "add" and rtype.is_floating_point):  # -0.0 + 0 is +0.0
+            return a  # x + 0, x - 0, x * 1, x / 1
         return self.emit("binary", [a, b], TileType(rtype, shape), fn=fn)
 
     def _fold(self, fn: str, x: Any, y: Any, dtype: dt.dtype) -> Op | None:

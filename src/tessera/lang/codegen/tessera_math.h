@@ -51,7 +51,7 @@ static inline float tsr__scale(float p, uint32_t k) {
 }
 
 /* ---- simple ------------------------------------------------------------------------- */
-/* abs/sqrt: single instructions. rsqrt: 1/sqrt in double, rounded once (<= 0.5 ulp). */
+/* abs/sqrt: single instructions. rsqrt: 1/sqrt in double, rounded once (0.5 ulp measured). */
 static inline float tsr_abs(float x) { return fabsf(x); }
 static inline float tsr_sqrt(float x) { return sqrtf(x); }
 static inline float tsr_rsqrt(float x) { return (float)(1.0 / sqrt((double)x)); }
@@ -169,7 +169,9 @@ static inline float tsr__mul_sigmoid(float x, float hi, float lo, bool pos) {
     return tsr__sel(pos, q, (q * es) * 0x1p-24f);
 }
 /* sigmoid: 1/(1 + e^-x), e^-|x| never overflows; exact limits 0 and 1. */
-static inline float tsr_sigmoid(float x) { return tsr__mul_sigmoid(1.0f, -fabsf(x), 0.0f, x >= 0.0f); }
+static inline float tsr_sigmoid(float x) {
+    return tsr__mul_sigmoid(1.0f, -fabsf(x), 0.0f, x >= 0.0f);
+}
 /* silu: x sigmoid(x), accurate down to subnormal results; silu(-inf) = NaN like torch. */
 static inline float tsr_silu(float x) { return tsr__mul_sigmoid(x, -fabsf(x), 0.0f, x >= 0.0f); }
 /* gelu_tanh: 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3);
