@@ -79,6 +79,8 @@ class CStylePrinter(ABC):
                 self.inline.add(op.id)
                 continue
             if self.uses[op.id] != 1:
+                if self._reread(op, block, i, position, write_positions):
+                    self.inline.add(op.id)
                 continue
             user = next((u for u in block.ops if any(o is op for o in u.operands)), None)
             if user is None or user.kind in ("for", "if", "while", "dot"):
@@ -89,6 +91,20 @@ class CStylePrinter(ABC):
                                                     for w in write_positions):
                 continue
             self.inline.add(op.id)
+
+    def _reread(self, op: Op, block: Block, i: int, position: dict[int, int],
+                write_positions: list[int]) -> bool:
+        """Whether a load with several users is better read again by each of them than
+        copied once into a tile: true for contiguous rows that nothing writes in between
+        (a read from L1 costs what a read of the copy does, and the copy pass is saved)."""
+        if op.kind != "load" or not op.operands[0].type.unit_stride:
+            return False
+        users = [u for u in block.ops if any(o is op for o in u.operands)]
+        if len(users) != self.uses[op.id] or any(u.kind in ("for", "if", "while", "dot")
+                                                 for u in users):
+            return False  # used from a nested block, yielded, or by a dot
+        last = max(position[u.id] for u in users)
+        return not any(i < w < last for w in write_positions)
 
     def _reads_inlined_load(self, op: Op) -> bool:
         return any(o.kind == "load" or (o.id in self.inline and self._reads_inlined_load(o))
