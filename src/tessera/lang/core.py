@@ -162,6 +162,8 @@ def gelu(b: Builder, x, approximate: str = "none"):
 
 def _reduction(name: str, doc: str) -> Builtin:
     def build(b: Builder, x, axis=None, keepdims: bool = False):
+        if name.startswith("arg"):
+            return b.argreduce(name, x, axis, keepdims)
         return b.reduce(name, x, axis, keepdims)
     build.__name__, build.__doc__ = name, doc
     return builtin(build)
@@ -171,21 +173,8 @@ sum = _reduction("sum", "sum over `axis` (all axes if None)")
 max = _reduction("max", "maximum over `axis`; NaN if any element is NaN")
 min = _reduction("min", "minimum over `axis`; NaN if any element is NaN")
 mean = _reduction("mean", "mean over `axis`, in float32")
-
-
-def _cdiv(x: int, y: int) -> int:
-    return -(-x // y)
-
-
-def _argreduction(name: str, doc: str) -> Builtin:
-    def build(b: Builder, x, axis=None, keepdims: bool = False):
-        return b.argreduce(name, x, axis, keepdims)
-    build.__name__, build.__doc__ = name, doc
-    return builtin(build)
-
-
-argmax = _argreduction("argmax", "int64 index of the first maximum along `axis` (NaN wins)")
-argmin = _argreduction("argmin", "int64 index of the first minimum along `axis` (NaN wins)")
+argmax = _reduction("argmax", "int64 index of the first maximum along `axis` (NaN wins)")
+argmin = _reduction("argmin", "int64 index of the first minimum along `axis` (NaN wins)")
 
 
 @builtin
@@ -198,6 +187,10 @@ def dot(b: Builder, x, y, acc=None):
 def trans(b: Builder, x):
     """Transpose of a 2-D tile (also written x.T)."""
     return b.trans(x)
+
+
+def _cdiv(x: int, y: int) -> int:
+    return -(-x // y)
 
 
 @builtin
