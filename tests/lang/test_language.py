@@ -354,3 +354,40 @@ def test_pipeline_hint_prefetches_next_tiles() -> None:
     assert "2 * v" in src.split("__builtin_prefetch")[1]
     with pytest.raises(tl.KernelSyntaxError, match="pipeline= must be a positive"):
         pipelined_matmul[(1, 1)](*args, BM=32, BN=32, BK=64, AHEAD=0)
+
+
+@tl.kernel
+def stepped_sum(x, out, step):
+    acc = 0
+    for i in range(0, 10, step):
+        acc += x[i]
+    out[0] = acc
+
+
+def test_runtime_zero_step_runs_no_iterations() -> None:
+    x, out = torch.arange(10), torch.full((1,), -1)
+    stepped_sum[(1,)](x, out, 0)  # Python would raise; a kernel must neither hang nor crash
+    assert out.item() == 0
+    stepped_sum[(1,)](x, out, 3)
+    assert out.item() == 0 + 3 + 6 + 9
+
+
+@tl.kernel
+def int_sum_and_wrap(x, total, wrapped, N: tl.constexpr):
+    v = x[0:N]
+    total[0] = tl.sum(v)
+    wrapped[0:N] = v * 3
+
+
+def test_integer_sums_widen_and_overflow_wraps_like_torch() -> None:
+    x = torch.full((64,), 2**30, dtype=torch.int32)
+    total, wrapped = torch.empty(1, dtype=torch.int64), torch.empty(64, dtype=torch.int32)
+    int_sum_and_wrap[(1,)](x, total, wrapped, N=64)
+    assert total.item() == x.sum().item() == 64 * 2**30  # int64, as torch.sum
+    assert torch.equal(wrapped, x * 3)  # int32 overflow wraps, as in torch
+
+
+def test_tiles_too_big_for_a_thread_stack_run() -> None:
+    import tessera.kernels as K
+    x = torch.randn(3, 200_000)  # 800 KB rows: kept in thread-local storage, not the stack
+    torch.testing.assert_close(K.softmax(x), torch.softmax(x, -1))

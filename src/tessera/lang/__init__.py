@@ -14,6 +14,7 @@ Tensors are sliced, never addressed by pointers: elements past a tensor's end ar
 on load (`other=`, default 0) and on store. See docs/lang/reference.md.
 """
 
+from tessera.errors import CompileError
 from tessera.lang.autotune import Autotuner, Config, autotune
 from tessera.lang.core import *  # noqa: F403 (the builtins)
 from tessera.lang.core import __all__ as _builtins
@@ -21,6 +22,6 @@ from tessera.lang.errors import KernelError, KernelSyntaxError, KernelTypeError,
 from tessera.lang.jit import Kernel, kernel
 from tessera.runtime.dtype import bfloat16, bool, float16, float32, int8, int32, int64, uint8
 
-__all__ = [*_builtins, "Autotuner", "Config", "Kernel", "KernelError", "KernelSyntaxError",
-           "KernelTypeError", "LaunchError", "autotune", "bfloat16", "bool", "float16",
-           "float32", "int8", "int32", "int64", "kernel", "uint8"]
+__all__ = [*_builtins, "Autotuner", "CompileError", "Config", "Kernel", "KernelError",
+           "KernelSyntaxError", "KernelTypeError", "LaunchError", "autotune", "bfloat16",
+           "bool", "float16", "float32", "int8", "int32", "int64", "kernel", "uint8"]

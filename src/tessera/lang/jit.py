@@ -236,7 +236,8 @@ class Kernel:
         source = CPrinter(ir, restrict=not key[-1]).source()
         if os.environ.get("TESSERA_DUMP"):
             print(f"// tessera: {self.fn.__name__} {key}\n{source}", file=sys.stderr)
-        module = compile_c(source, name=self.fn.__name__, openmp=True, where=self.where)
+        module = compile_c(source, name=self.fn.__name__, openmp=True, where=self.where,
+                           flags=["-fwrapv"])  # integer overflow wraps, as in torch
         fn = module.function(ENTRY, None, [ctypes.c_int64] * 3 + [ctypes.c_char_p])
         fmt = "".join("q" * (1 + 2 * p.type.ndim) if isinstance(p.type, TensorType) else
                       "d" if p.type.dtype is dt.float32 else "q" for p in ir.params)

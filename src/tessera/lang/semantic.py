@@ -64,6 +64,8 @@ class Builder:
     def emit(self, kind: str, operands: list[Op], type_: Any, pure: bool = True,
              **attrs: Any) -> Op:
         """Append an op, or return an identical pure one already visible here (CSE)."""
+        if isinstance(type_, TileType) and type_.shape:
+            self.check_shape(type_.shape, 8 if type_.ctype == "int64_t" else 4)
         key = None
         if pure:
             key = (kind, tuple(o.id for o in operands), type_,
@@ -118,11 +120,12 @@ class Builder:
         self.check_shape((stop - start,))
         return self.emit("arange", [], TileType(dt.int32, (stop - start,)), start=start)
 
-    def check_shape(self, shape: tuple[int, ...]) -> None:
+    def check_shape(self, shape: tuple[int, ...], itemsize: int = 4) -> None:
+        """Tile shapes are positive compile-time ints; a tile holds at most 1 MiB."""
         if any(not isinstance(s, int) or s <= 0 for s in shape):
             raise self.error(f"tile shape {shape} must be positive compile-time integers",
                              hint="make sizes tl.constexpr parameters or literals")
-        if math.prod(shape) * 4 > MAX_TILE_BYTES:
+        if math.prod(shape) * itemsize > MAX_TILE_BYTES:
             raise self.error(f"a tile of shape {shape} is larger than "
                              f"{MAX_TILE_BYTES >> 10} KiB",
                              hint="use smaller blocks and loop over them")
@@ -165,8 +168,8 @@ class Builder:
             if fn in INT_ONLY and dtype.is_floating_point:
                 if fn in ("floordiv", "mod"):
                     raise self.error(f"'{_SYMBOL[fn]}' on floating-point tiles is not "
-                                     "supported", hint="use / and tl.floor-free math, or "
-                                                       "cast to an integer dtype first")
+                                     "supported", hint="cast to an integer dtype first, or "
+                                                       "divide with /")
                 raise self.error(f"'{_SYMBOL[fn]}' needs integer or bool operands, got "
                                  f"{a.type} and {b.type}")
             if dtype is dt.bool and fn not in ("and", "or", "xor", "maximum", "minimum"):
@@ -247,8 +250,8 @@ class Builder:
             count = math.prod(x.shape[a] for a in axes)
             return self.binary("truediv", total, float(count))
         dtype = compute_dtype(x.type.dtype)
-        if fn == "sum" and dtype is dt.bool:
-            dtype = dt.int32
+        if fn == "sum" and not dtype.is_floating_point:
+            dtype = dt.int64  # as torch.sum of integers and bools
         x = self.cast(x, dtype)
         kept = tuple(1 if i in axes else s for i, s in enumerate(x.shape))
         out = self.emit("reduce", [x], TileType(dtype, kept), fn=fn, axes=axes)
@@ -265,7 +268,7 @@ class Builder:
         if axis is None:
             if len(x.shape) != 1:
                 raise self.error(f"{fn}() over all axes needs a 1-D tile, got {x.type}",
-                                 hint="give axis=, or reshape the tile first")
+                                 hint="give axis=")
             axis = 0
         ndim = len(x.shape)
         if not isinstance(axis, int) or not -ndim <= axis < ndim:

@@ -25,6 +25,7 @@ _ALWAYS_INLINE = frozenset({"const", "full", "arange"})
 _BIN_C = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "and": "&", "or": "|",
           "xor": "^", "lshift": "<<", "rshift": ">>", "lt": "<", "le": "<=", "gt": ">",
           "ge": ">=", "eq": "==", "ne": "!="}
+STACK_TILE_BYTES = 32 << 10  # larger tiles live in thread-local storage, not on the stack
 LOOP_GUESS = 16  # trips assumed for a loop whose trip count is known only at run time
 _LIMITS = {"int32_t": ("INT32_MIN", "INT32_MAX"), "int64_t": ("INT64_MIN", "INT64_MAX"),
            "bool": ("0", "1"), "float": ("-INFINITY", "INFINITY")}
@@ -329,7 +330,7 @@ class CStylePrinter(ABC):
 
     def materialize(self, op: Op) -> None:
         name = self.name(op)
-        self.line(f"{self.ctype(op)} {name}[{op.type.numel}];")
+        self.declare(name, op.type)
 
         def emit(masked: bool, loads: list[Op]) -> None:
             self.nest(op.shape, lambda idx: self.line(
@@ -362,7 +363,7 @@ class CStylePrinter(ABC):
         fn, axes, t = op.attrs["fn"], op.attrs["axes"], self.ctype(op)
         init = "0" if fn == "sum" else _LIMITS[t][0 if fn == "max" else 1]
         r = self.name(op)
-        self.line(f"{t} {r}[{op.type.numel}];")
+        self.declare(r, op.type)
         self.line(f"for (int k = 0; k < {op.type.numel}; k++) {r}[k] = {init};")
         last_reduced = len(src.shape) - 1 in axes
         outer = src.shape[:-1] if last_reduced else src.shape
@@ -407,8 +408,7 @@ class CStylePrinter(ABC):
         self.guarded(emit)
 
     def op_dot(self, op: Op) -> None:
-        """C[i, :] += A[i, k] * B[k, :]: the inner loop runs along contiguous rows of B and C,
-        so it vectorizes; rows of C are accumulated in pairs to reuse each row of B."""
+        """C = A @ B (+ acc) for tiles A [M, K], B [K, N], in C's accumulator dtype."""
         a, b = op.operands[:2]
         (m, n), k = op.shape, a.shape[1]
         acc = op.operands[2] if len(op.operands) == 3 else None
@@ -418,22 +418,42 @@ class CStylePrinter(ABC):
             c = self.names[op.id] = self.name(acc)  # accumulate into the loop's own array
         else:
             c = self.name(op)
-            self.line(f"{t} {c}[{m * n}];")
+            self.declare(c, op.type)
             if acc is not None:
                 self.copy(c, acc, op.type)
             else:
                 self.line(f"for (int k = 0; k < {m * n}; k++) {c}[k] = 0;")
-        i, p, j = (f"{c}_{v}" for v in "ipj")
-        self.line(f"for (int {i} = 0; {i} < {m}; {i}++) {{")
+        self.dot_blocks(c, t, a, b, m, n, k)
+
+    def dot_blocks(self, c: str, t: str, a: Op, b: Op, m: int, n: int, k: int) -> None:
+        """C += A @ B as a register-blocked loop nest: an MR x NR block of C stays in a local
+        array that the compiler keeps in vector registers across the whole K loop, each row
+        of B is loaded once per MR rows, and each A element is broadcast once per NR."""
+        mr = next(r for r in (6, 4, 3, 2, 1) if m % r == 0)
+        nr = next(r for r in (16, 8, 4, 2, 1) if n % r == 0)
+        i, j, p, r, q = (f"{c}_{v}" for v in "ijprq")
+        blk = f"{c}_blk"
+        self.line(f"for (int {i} = 0; {i} < {m}; {i} += {mr}) "
+                  f"for (int {j} = 0; {j} < {n}; {j} += {nr}) {{")
         self.depth += 1
+        self.line(f"{t} {blk}[{mr}][{nr}];")
+        self.line(f"for (int {r} = 0; {r} < {mr}; {r}++) for (int {q} = 0; {q} < {nr}; {q}++) "
+                  f"{blk}[{r}][{q}] = {c}[({i} + {r}) * {n} + {j} + {q}];")
         self.line(f"for (int {p} = 0; {p} < {k}; {p}++) {{")
         self.depth += 1
-        self.line(f"const {t} {c}_a = {self.expr(a, [i, p], True, [])};")
+        self.line(f"#pragma GCC unroll {mr}")
+        self.line(f"for (int {r} = 0; {r} < {mr}; {r}++) {{")
+        self.depth += 1
+        self.line(f"const {t} {c}_a = {self.expr(a, [f'({i} + {r})', p], True, [])};")
         self.line(self.simd())
-        self.line(f"for (int {j} = 0; {j} < {n}; {j}++) "
-                  f"{c}[{i} * {n} + {j}] += {c}_a * {self.expr(b, [p, j], True, [])};")
+        self.line(f"for (int {q} = 0; {q} < {nr}; {q}++) {blk}[{r}][{q}] += "
+                  f"{c}_a * {self.expr(b, [p, f'({j} + {q})'], True, [])};")
         self.depth -= 1
         self.line("}")
+        self.depth -= 1
+        self.line("}")
+        self.line(f"for (int {r} = 0; {r} < {mr}; {r}++) for (int {q} = 0; {q} < {nr}; {q}++) "
+                  f"{c}[({i} + {r}) * {n} + {j} + {q}] = {blk}[{r}][{q}];")
         self.depth -= 1
         self.line("}")
 
@@ -494,7 +514,12 @@ class CStylePrinter(ABC):
                 self.copy_array(n, tmps[n], t)
 
     def declare(self, name: str, t: TileType) -> None:
-        self.line(f"{t.ctype} {name}{'' if t.is_scalar else f'[{t.numel}]'};")
+        if t.is_scalar:
+            self.line(f"{t.ctype} {name};")
+        elif t.numel * 8 <= STACK_TILE_BYTES:
+            self.line(f"{t.ctype} {name}[{t.numel}];")
+        else:  # a big tile: per-thread storage, so no worker thread's stack overflows
+            self.line(f"static _Thread_local {t.ctype} {name}[{t.numel}];")
 
     def copy_array(self, dst: str, src: str, t: TileType) -> None:
         self.line(f"{dst} = {src};" if t.is_scalar else
@@ -512,8 +537,8 @@ class CStylePrinter(ABC):
         self.line(f"const int64_t {i}_step = {s2};")
         if op.attrs.get("unroll"):
             self.line(f"#pragma GCC unroll {int(op.attrs['unroll'])}")
-        self.line(f"for (int64_t {i} = {s0}; {i}_step > 0 ? {i} < {s1} : {i} > {s1}; "
-                  f"{i} += {i}_step) {{")
+        self.line(f"for (int64_t {i} = {s0}; {i}_step > 0 ? {i} < {s1} : "
+                  f"{i}_step < 0 && {i} > {s1}; {i} += {i}_step) {{")  # step 0: no trips
         self.depth += 1
         self.bind(args, names)
         if op.attrs.get("pipeline"):
