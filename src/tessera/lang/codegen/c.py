@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tessera.lang.codegen.cstyle import CStylePrinter
 from tessera.lang.ir import Function, Op
+from tessera.runtime.cpu.device import cpu_features
 
 __all__ = ["ENTRY", "CPrinter"]
 
@@ -32,6 +33,15 @@ static inline T tsr_mod_##S(T a, T b) { \
     T r = a % b; return r + ((r != 0) & ((r < 0) != (b < 0))) * b; }
 TSR_INT_DIVMOD(int32_t, uint32_t, i32)
 TSR_INT_DIVMOD(int64_t, uint64_t, i64)
+
+"""
+
+# Explicit vectors (GCC/Clang extensions) for micro-kernels the vectorizer would not find on
+# its own; unaligned loads and stores go through memcpy.
+_VECTORS = r"""
+typedef float tsr_fv __attribute__((vector_size({bytes})));
+static inline tsr_fv tsr_vload(const float *p) {{ tsr_fv v; memcpy(&v, p, {bytes}); return v; }}
+static inline void tsr_vstore(float *p, tsr_fv v) {{ memcpy(p, &v, {bytes}); }}
 """
 
 
@@ -41,9 +51,20 @@ class CPrinter(CStylePrinter):
     def __init__(self, fn: Function, restrict: bool = True):
         super().__init__(fn)
         self.restrict = restrict
+        if "avx512f" in cpu_features():  # 32 registers of 16 floats
+            self.vector_lanes, self.vector_registers = 16, 32
 
     def simd(self, clauses: str = "") -> str:
         return f"#pragma omp simd {clauses}".rstrip()
+
+    def vector_type(self) -> str:
+        return "tsr_fv"
+
+    def vload(self, address: str) -> str:
+        return f"tsr_vload({address})"
+
+    def vstore(self, address: str, value: str) -> str:
+        return f"tsr_vstore({address}, {value});"
 
     def op_program_id(self, op: Op) -> None:
         self.names[op.id] = f"tsr_pid{op.attrs['axis']}"
@@ -68,7 +89,7 @@ class CPrinter(CStylePrinter):
         self.block(self.fn.body)
         head = ["int64_t tsr_grid0", "int64_t tsr_grid1", "int64_t tsr_grid2", *params]
         return "\n".join([
-            _PRELUDE, _MATH.read_text(),
+            _PRELUDE, _VECTORS.format(bytes=4 * self.vector_lanes), _MATH.read_text(),
             f"/* kernel {self.fn.name}, from {self.fn.loc} */",
             f"static void tsr_run({', '.join(head)}) {{",
             "    const int64_t tsr_n = tsr_grid0 * tsr_grid1 * tsr_grid2;",

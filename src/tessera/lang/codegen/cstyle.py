@@ -25,7 +25,7 @@ _ALWAYS_INLINE = frozenset({"const", "full", "arange"})
 _BIN_C = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "and": "&", "or": "|",
           "xor": "^", "lshift": "<<", "rshift": ">>", "lt": "<", "le": "<=", "gt": ">",
           "ge": ">=", "eq": "==", "ne": "!="}
-STACK_TILE_BYTES = 32 << 10  # larger tiles live in thread-local storage, not on the stack
+STACK_TILE_BYTES = 64 << 10  # larger tiles live in thread-local storage, not on the stack
 LOOP_GUESS = 16  # trips assumed for a loop whose trip count is known only at run time
 _LIMITS = {"int32_t": ("INT32_MIN", "INT32_MAX"), "int64_t": ("INT64_MIN", "INT64_MAX"),
            "bool": ("0", "1"), "float": ("-INFINITY", "INFINITY")}
@@ -426,34 +426,52 @@ class CStylePrinter(ABC):
         self.dot_blocks(c, t, a, b, m, n, k)
 
     def dot_blocks(self, c: str, t: str, a: Op, b: Op, m: int, n: int, k: int) -> None:
-        """C += A @ B as a register-blocked loop nest: an MR x NR block of C stays in a local
-        array that the compiler keeps in vector registers across the whole K loop, each row
-        of B is loaded once per MR rows, and each A element is broadcast once per NR."""
-        mr = next(r for r in (6, 4, 3, 2, 1) if m % r == 0)
-        nr = next(r for r in (16, 8, 4, 2, 1) if n % r == 0)
-        i, j, p, r, q = (f"{c}_{v}" for v in "ijprq")
-        blk = f"{c}_blk"
+        """C += A @ B. Float tiles whose rows are whole vectors get a register-blocked
+        micro-kernel: an MR x NR block of C lives in MR * NR / VL named vector variables
+        across the whole K loop, each row slice of B is loaded once per MR rows, and each
+        A element is broadcast once. Anything else gets a plain loop nest (i, p, j)."""
+        vl = self.vector_lanes
+        if t != "float" or n % vl or a.id in self.inline or b.id in self.inline:
+            self.dot_loops(c, t, a, b, m, n, k)
+            return
+        nv = 2 if n % (2 * vl) == 0 else 1
+        budget = self.vector_registers - nv - 4  # B vectors, the A broadcast, some slack
+        mr = next(r for r in (8, 6, 4, 3, 2, 1) if m % r == 0 and r * nv <= budget)
+        i, j, p = (f"{c}_{v}" for v in "ijp")
+        A, B = self.name(a), self.name(b)
+        accs = [[f"{c}_c{r}{v}" for v in range(nv)] for r in range(mr)]
         self.line(f"for (int {i} = 0; {i} < {m}; {i} += {mr}) "
-                  f"for (int {j} = 0; {j} < {n}; {j} += {nr}) {{")
+                  f"for (int {j} = 0; {j} < {n}; {j} += {nv * vl}) {{")
         self.depth += 1
-        self.line(f"{t} {blk}[{mr}][{nr}];")
-        self.line(f"for (int {r} = 0; {r} < {mr}; {r}++) for (int {q} = 0; {q} < {nr}; {q}++) "
-                  f"{blk}[{r}][{q}] = {c}[({i} + {r}) * {n} + {j} + {q}];")
+        for r, row in enumerate(accs):
+            for v, acc in enumerate(row):
+                self.line(f"{self.vector_type()} {acc} = "
+                          f"{self.vload(f'{c} + ({i} + {r}) * {n} + {j} + {v * vl}')};")
         self.line(f"for (int {p} = 0; {p} < {k}; {p}++) {{")
         self.depth += 1
-        self.line(f"#pragma GCC unroll {mr}")
-        self.line(f"for (int {r} = 0; {r} < {mr}; {r}++) {{")
+        for v in range(nv):
+            self.line(f"const {self.vector_type()} {c}_b{v} = "
+                      f"{self.vload(f'{B} + {p} * {n} + {j} + {v * vl}')};")
+        for r, row in enumerate(accs):
+            self.line(f"const float {c}_a{r} = {A}[({i} + {r}) * {k} + {p}];")
+            for v, acc in enumerate(row):
+                self.line(f"{acc} += {c}_a{r} * {c}_b{v};")
+        self.depth -= 1
+        self.line("}")
+        for r, row in enumerate(accs):
+            for v, acc in enumerate(row):
+                self.line(self.vstore(f"{c} + ({i} + {r}) * {n} + {j} + {v * vl}", acc))
+        self.depth -= 1
+        self.line("}")
+
+    def dot_loops(self, c: str, t: str, a: Op, b: Op, m: int, n: int, k: int) -> None:
+        i, p, j = (f"{c}_{v}" for v in "ipj")
+        self.line(f"for (int {i} = 0; {i} < {m}; {i}++) for (int {p} = 0; {p} < {k}; {p}++) {{")
         self.depth += 1
-        self.line(f"const {t} {c}_a = {self.expr(a, [f'({i} + {r})', p], True, [])};")
+        self.line(f"const {t} {c}_a = {self.expr(a, [i, p], True, [])};")
         self.line(self.simd())
-        self.line(f"for (int {q} = 0; {q} < {nr}; {q}++) {blk}[{r}][{q}] += "
-                  f"{c}_a * {self.expr(b, [p, f'({j} + {q})'], True, [])};")
-        self.depth -= 1
-        self.line("}")
-        self.depth -= 1
-        self.line("}")
-        self.line(f"for (int {r} = 0; {r} < {mr}; {r}++) for (int {q} = 0; {q} < {nr}; {q}++) "
-                  f"{c}[({i} + {r}) * {n} + {j} + {q}] = {blk}[{r}][{q}];")
+        self.line(f"for (int {j} = 0; {j} < {n}; {j}++) "
+                  f"{c}[{i} * {n} + {j}] += {c}_a * {self.expr(b, [p, j], True, [])};")
         self.depth -= 1
         self.line("}")
 
@@ -516,7 +534,7 @@ class CStylePrinter(ABC):
     def declare(self, name: str, t: TileType) -> None:
         if t.is_scalar:
             self.line(f"{t.ctype} {name};")
-        elif t.numel * 8 <= STACK_TILE_BYTES:
+        elif t.numel * (8 if t.ctype == "int64_t" else 4) <= STACK_TILE_BYTES:
             self.line(f"{t.ctype} {name}[{t.numel}];")
         else:  # a big tile: per-thread storage, so no worker thread's stack overflows
             self.line(f"static _Thread_local {t.ctype} {name}[{t.numel}];")
@@ -626,6 +644,21 @@ class CStylePrinter(ABC):
     @abstractmethod
     def simd(self, clauses: str = "") -> str:
         """The pragma asking to vectorize the next loop."""
+
+    vector_lanes = 8  # floats in one explicit vector
+    vector_registers = 16  # how many the target has (register blocking stays within them)
+
+    @abstractmethod
+    def vector_type(self) -> str:
+        """The type of `vector_lanes` floats."""
+
+    @abstractmethod
+    def vload(self, address: str) -> str:
+        """An expression loading a vector of floats from `address` (no alignment assumed)."""
+
+    @abstractmethod
+    def vstore(self, address: str, value: str) -> str:
+        """A statement storing a vector to `address`."""
 
     def params(self, op: Op, restrict: bool) -> list[tuple[str, str]]:
         """(C type, name) of each C parameter a kernel parameter becomes: a scalar, or a
