@@ -45,6 +45,7 @@ class _Arg(NamedTuple):
     readonly: bool
     lo: int
     hi: int
+    dense: bool  # known to be contiguous (so no two elements share memory)
 
 
 def _span(ptr: int, shape: Sequence[int], strides: Sequence[int], itemsize: int
@@ -76,14 +77,15 @@ def _tensor_arg(x: Any, name: str) -> _Arg | None:
         if d is None:
             d = _TORCH_DTYPES[x.dtype] = dt.as_dtype(x.dtype)
         ptr, shape, strides = x.data_ptr(), tuple(x.shape), x.stride()
-        lo, hi = (ptr, ptr + x.numel() * d.itemsize) if x.is_contiguous() else \
-            _span(ptr, shape, strides, d.itemsize)
-        return _Arg(ptr, shape, strides, d, False, lo, hi)
+        if x.is_contiguous():
+            return _Arg(ptr, shape, strides, d, False, ptr, ptr + x.numel() * d.itemsize, True)
+        return _Arg(ptr, shape, strides, d, False, *_span(ptr, shape, strides, d.itemsize),
+                    False)
     if t is Tensor or t is np.ndarray or hasattr(x, "__dlpack__"):
         x = x if t is Tensor else as_tensor(x)
         ptr = x.data_ptr()
         return _Arg(ptr, x.shape, x.strides, x.dtype, x.readonly,
-                    *_span(ptr, x.shape, x.strides, x.dtype.itemsize))
+                    *_span(ptr, x.shape, x.strides, x.dtype.itemsize), False)
     return None
 
 
@@ -252,7 +254,8 @@ class Kernel:
         compiled = self._compiled.get((*key, False)) or self._compile((*key, False), values)
         if compiled.writes:
             for name in compiled.writes:
-                self._check_writable(name, tensors[name])
+                if not tensors[name].dense:
+                    self._check_writable(name, tensors[name])
             if _overlaps(tensors, compiled.writes):  # no `restrict` when outputs alias
                 compiled = self._compile((*key, True), values)
         return values, compiled, flat

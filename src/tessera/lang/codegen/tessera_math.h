@@ -50,6 +50,17 @@ static inline float tsr__scale(float p, uint32_t k) {
     return p * tsr__u2f((k1 + 127u) << 23) * tsr__u2f((k2 + 127u) << 23);
 }
 
+/* fused a*b + c, one rounding: fmaf is one instruction where the target has FMA
+ * (__FP_FAST_FMAF); otherwise the exact float product is formed in double (the double
+ * rounding of the sum is harmless here), which still vectorizes. */
+static inline float tsr__fma(float a, float b, float c) {
+#ifdef __FP_FAST_FMAF
+    return fmaf(a, b, c);
+#else
+    return (float)((double)a * b + c);
+#endif
+}
+
 /* ---- simple ------------------------------------------------------------------------- */
 /* abs/sqrt: single instructions. rsqrt: 1/sqrt in double, rounded once (0.5 ulp measured). */
 static inline float tsr_abs(float x) { return fabsf(x); }
@@ -104,6 +115,23 @@ static inline float tsr_exp2(float x) {
     p = p * r + 6.931472e-1f;
     p = p * r + 1.0f;
     return tsr__scale(p, tsr__f2u(s) - 0x4B400000u);
+}
+
+/* e^(x + lo) for x in [-87, 0.3], |lo| <= 2^-20 |x| (the low part of an exact split), with
+ * no range clamps: callers keep x in range or discard the lane by a select. Same reduction
+ * and polynomial as tsr_exp, 2^k by one multiply (the result is a normal float). */
+static inline float tsr__exp_core(float x, float lo) {
+    float s = tsr__fma(x, 1.44269504f, TSR__RND32), k = s - TSR__RND32;
+    float r = tsr__fma(k, -0.693359375f, x);
+    r = tsr__fma(k, 2.12194440e-4f, r) + lo;
+    float p = 1.9890988e-4f;
+    p = tsr__fma(p, r, 1.3933647e-3f);
+    p = tsr__fma(p, r, 8.3333105e-3f);
+    p = tsr__fma(p, r, 4.1666467e-2f);
+    p = tsr__fma(p, r, 1.6666667e-1f);
+    p = tsr__fma(p, r, 0.5f);
+    p = tsr__fma(p * r, r, r) + 1.0f;
+    return p * tsr__u2f((tsr__f2u(s) - 0x4B400000u + 127u) << 23);
 }
 
 /* ---- log / log2 (float32) ----------------------------------------------------------- */
@@ -185,7 +213,7 @@ static inline float tsr_gelu_tanh(float x) {
     return tsr__mul_sigmoid(x, hi, lo, x >= 0.0f);
 }
 
-/* ---- float64 helpers (for sin/cos/erf/gelu_erf/pow) --------------------------------- */
+/* ---- float64 helpers (for pow) ---------------------------------------------------- */
 /* 2^t in double: t = k + r, |r| <= 1/2; Taylor series of e^{r ln2} to degree 11 (rel. error
  * < 1e-14); t is clamped to [-1000, 1000] (beyond float32's range either way). */
 static inline double tsr__exp2_d(double t) {
@@ -223,91 +251,79 @@ static inline double tsr__log2_d(double x) {
     p = p * z + 1.0 / 3;
     return e + (2.0 * 1.4426950408889634) * (s + s * z * p);
 }
-/* erf(z) for |z| < 1/2: Taylor series to z^19 (rel. error < 1e-14). */
-static inline double tsr__erf_small_d(double z) {
-    double w = z * z, p = -1.6365844691234924e-07;
-    p = p * w + 1.6462114365889248e-06;
-    p = p * w - 1.492565035840625e-05;
-    p = p * w + 0.00012055332981789664;
-    p = p * w - 0.0008548327023450853;
-    p = p * w + 0.005223977625442188;
-    p = p * w - 0.026866170645131252;
-    p = p * w + 0.11283791670955126;
-    p = p * w - 0.37612638903183754;
-    p = p * w + 1.1283791670955126;
-    return z * p;
+/* ---- erf / gelu_erf (float32) ------------------------------------------------------- */
+/* erf: |x| < 0.8: |x| + |x| P5(x^2); else 1 - e^{Q6(|x|)}, Q6 a fit of log erfc on
+ * [0.8, 3.95] weighted by erfc (only absolute accuracy matters there); |x| is clamped to
+ * 3.95, past which erf rounds to 1. Both fits minimax with float32 coefficients; sign
+ * copied from x (erf(-0) = -0). */
+static inline float tsr_erf(float x) {
+    float a = fabsf(x), z = a * a;
+    float p = -6.535257e-4f;
+    p = tsr__fma(p, z, 5.085134e-3f);
+    p = tsr__fma(p, z, -2.6820809e-2f);
+    p = tsr__fma(p, z, 1.1283113e-1f);
+    p = tsr__fma(p, z, -3.7612602e-1f);
+    p = tsr__fma(p, z, 1.2837917e-1f);             /* 2/sqrt(pi) - 1 */
+    float small = tsr__fma(a, p, a);
+    float b = tsr__sel(a > 3.95f, 3.95f, a);       /* keeps NaN */
+    float q = 2.0745349e-4f;
+    q = tsr__fma(q, b, -3.1536052e-3f);
+    q = tsr__fma(q, b, 2.2656156e-2f);
+    q = tsr__fma(q, b, -1.0479865e-1f);
+    q = tsr__fma(q, b, -6.36222e-1f);
+    q = tsr__fma(q, b, -1.1282289f);
+    q = tsr__fma(q, b, -6.596999e-5f);
+    float big = 1.0f - tsr__exp_core(q, 0.0f);
+    return copysignf(tsr__sel(a < 0.8f, small, big), x);
 }
-/* erfc(z) for z >= 1/2: t exp(-z^2 + g(t)), t = 2/(2+z), g a degree-12 Chebyshev fit on
- * z in [0.5, 10.5] (Numerical-Recipes form; rel. error < 4e-11); 0 for huge z. */
-static inline double tsr__erfc_big_d(double z) {
-    double t = 2.0 / (2.0 + z);
-    double c = tsr__seld(t < 0.16, 0.16, t);
-    c = tsr__seld(c > 0.8, 0.8, c);
-    double g = 0.09069925955080452;
-    g = g * c - 0.8229497414978945;
-    g = g * c + 2.9689417913624125;
-    g = g * c - 5.687805121689605;
-    g = g * c + 6.321439497894324;
-    g = g * c - 4.200820673090421;
-    g = g * c + 1.8919524383723534;
-    g = g * c - 0.7987278614113882;
-    g = g * c + 0.06650934614399509;
-    g = g * c + 0.058837072338865926;
-    g = g * c + 0.37758466444640465;
-    g = g * c + 0.9998390662987817;
-    g = g * c - 1.2655076495106652;
-    return t * tsr__exp2_d((g - z * z) * 1.4426950408889634);
-}
-
-/* ---- erf / gelu_erf (float64 inside) ------------------------------------------------ */
-/* erf: |x| < 1/2: Taylor; else sign(x) (1 - erfc(|x|)); saturates to +-1. */
-static inline float tsr_erf(float xf) {
-    double x = xf, a = fabs(x);
-    double big = copysign(1.0 - tsr__erfc_big_d(a), x);
-    return (float)tsr__seld(a < 0.5, tsr__erf_small_d(x), big);
-}
-/* gelu_erf: 0.5 x (1 + erf(x/sqrt2)) = 0.5 x erfc(-x/sqrt2), erfc from the pieces above
- * (no cancellation for x << 0). */
-static inline float tsr_gelu_erf(float xf) {
-    double x = xf, z = -x * 0.7071067811865476, a = fabs(z);
-    double eb = tsr__erfc_big_d(a);
-    double ec = tsr__seld(a < 0.5, 1.0 - tsr__erf_small_d(z), tsr__seld(z > 0.0, eb, 2.0 - eb));
-    return (float)(0.5 * x * ec);
+/* gelu_erf: x Phi(x), Phi(x) = 1 - e or e (x < 0), e = Phi(-|x|) = 0.5 erfc(|x|/sqrt2)
+ * = e^{-x^2/2} R(t), t = 1/(1 + 0.2475|x|), R a degree-9 relative minimax fit of
+ * 0.5 erfcx(|x|/sqrt2) in t on |x| <= 9.2. x^2 = h + l exactly (fma), so e^{-x^2/2} keeps
+ * full relative accuracy in the tail; |x| > 13: e = 0 (the result is below 1e-37 there). */
+static inline float tsr_gelu_erf(float x) {
+    float a = fabsf(x), h = x * x, l = tsr__fma(x, x, -h);
+    float t = 1.0f / tsr__fma(a, 0.24748737f, 1.0f);
+    float r = 3.933478e-2f;
+    r = tsr__fma(r, t, -2.3400126e-1f);
+    r = tsr__fma(r, t, 5.021932e-1f);
+    r = tsr__fma(r, t, -4.8414513e-1f);
+    r = tsr__fma(r, t, 4.3557295e-1f);
+    r = tsr__fma(r, t, -9.38802e-2f);
+    r = tsr__fma(r, t, 1.4716063e-1f);
+    r = tsr__fma(r, t, 8.7829515e-2f);
+    r = tsr__fma(r, t, 1.0000058e-1f);
+    r = tsr__fma(r, t, -6.5080945e-5f);
+    float e = tsr__exp_core(-0.5f * h, -0.5f * l) * r;
+    e = tsr__sel(a > 13.0f, 0.0f, e);              /* +-inf: Phi = 1 / 0 (-inf * 0 = NaN) */
+    return x * tsr__sel(x < 0.0f, e, 1.0f - e);
 }
 
-/* ---- sin / cos (float64 inside) ----------------------------------------------------- */
-/* x = k pi/2 + r, |r| <= pi/4: Cody-Waite with a 3-part pi/2 (26+26+53 bits; exact
- * products for |k| < 2^27, i.e. |x| < 2.1e8); Taylor sin to r^13, cos to r^14 on r;
- * quadrant (k + shift) mod 4 selects +-sin r / +-cos r. Result clamped to [-1, 1] so it
- * stays bounded where the reduction loses accuracy (|x| >~ 1e9). inf/NaN -> NaN. */
-static inline float tsr__sincos(float xf, uint64_t shift) {
-    double x = xf;
-    double s = x * 0.6366197723675814 + TSR__RND64, k = s - TSR__RND64;
-    uint64_t q = tsr__d2u(s) + shift;
-    double r = x - k * 0x1.921fb5p+0;
-    r = r - k * 0x1.110b46p-26;
-    r = r - k * 0x1.1a62633145c07p-54;
-    double z = r * r;
-    double ps = 1.0 / 6227020800;
-    ps = ps * z - 1.0 / 39916800;
-    ps = ps * z + 1.0 / 362880;
-    ps = ps * z - 1.0 / 5040;
-    ps = ps * z + 1.0 / 120;
-    ps = ps * z - 1.0 / 6;
-    ps = r * (1.0 + z * ps);                        /* keeps sin(-0) = -0 */
-    double pc = 1.0 / 87178291200;
-    pc = pc * z - 1.0 / 479001600;
-    pc = pc * z + 1.0 / 3628800;
-    pc = pc * z - 1.0 / 40320;
-    pc = pc * z + 1.0 / 720;
-    pc = pc * z - 1.0 / 24;
-    pc = pc * z + 0.5;
-    pc = 1.0 - z * pc;
-    double v = tsr__seld(q & 1u, pc, ps);
-    v = tsr__seld((q & 2u) != 0, -v, v);
-    v = tsr__seld(v > 1.0, 1.0, v);
-    v = tsr__seld(v < -1.0, -1.0, v);
-    return (float)v;
+/* ---- sin / cos (float32) ------------------------------------------------------------ */
+/* x = k pi/2 + r: k = rint(x 2/pi), r = x - k(C1 + C2 + C3) by fma, pi/2 truncated to three
+ * positive floats (k C1 is exact, sin(-0) = -0). sin r = r + r^3 S2(r^2), cos r = 1 - r^2/2
+ * + r^4 C2(r^2) (minimax on |r| <= pi/4); quadrant (k + shift) mod 4 picks +-sin/+-cos.
+ * Accurate while |r| stays near pi/4 (|x| <~ 1e5, see the docs); far out, |r| > 2 is
+ * zeroed so the result stays in [-1, 1] (the rounding trick breaks past |x| ~ 6.6e6).
+ * inf/NaN -> NaN. */
+static inline float tsr__sincos(float x, uint32_t shift) {
+    float s = tsr__fma(x, 0x1.45f306p-1f, TSR__RND32), k = s - TSR__RND32;
+    uint32_t q = tsr__f2u(s) + shift;
+    float r = tsr__fma(k, -0x1.921fb4p+0f, x);
+    r = tsr__fma(k, -0x1.4442d0p-24f, r);
+    r = tsr__fma(k, -0x1.846988p-48f, r);
+    r = tsr__sel(fabsf(r) > 2.0f, 0.0f, r);        /* keeps NaN */
+    float z = r * r;
+    float ps = -1.9514454e-4f;
+    ps = tsr__fma(ps, z, 8.332155e-3f);
+    ps = tsr__fma(ps, z, -1.6666655e-1f);
+    ps = tsr__fma(r * z, ps, r);
+    float pc = 2.443221e-5f;
+    pc = tsr__fma(pc, z, -1.3887308e-3f);
+    pc = tsr__fma(pc, z, 4.1666646e-2f);
+    pc = tsr__fma(pc, z, -0.5f);
+    pc = tsr__fma(pc, z, 1.0f);
+    float v = tsr__sel(q & 1u, pc, ps);
+    return tsr__u2f(tsr__f2u(v) ^ ((q & 2u) << 30));
 }
 static inline float tsr_sin(float x) { return tsr__sincos(x, 0u); }
 static inline float tsr_cos(float x) { return tsr__sincos(x, 1u); }
