@@ -38,7 +38,7 @@ def flash_attention_kernel(q, k, v, out, scale, BM: tl.constexpr, BN: tl.constex
 
 
 def flash_attention(q: Any, k: Any, v: Any, causal: bool = False,
-                    scale: float | None = None, block: tuple[int, int] = (32, 64)) -> Any:
+                    scale: float | None = None, block: tuple[int, int] = (64, 64)) -> Any:
     """softmax(q @ k^T * scale) @ v for [batch, heads, seq, head_dim] tensors, as
     torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)."""
     import torch
