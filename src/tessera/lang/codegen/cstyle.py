@@ -25,6 +25,7 @@ _ALWAYS_INLINE = frozenset({"const", "full", "arange"})
 _BIN_C = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "and": "&", "or": "|",
           "xor": "^", "lshift": "<<", "rshift": ">>", "lt": "<", "le": "<=", "gt": ">",
           "ge": ">=", "eq": "==", "ne": "!="}
+REDUCE_STREAMS = 4  # independent accumulators per long row reduction
 STACK_TILE_BYTES = 64 << 10  # larger tiles live in thread-local storage, not on the stack
 LOOP_GUESS = 16  # trips assumed for a loop whose trip count is known only at run time
 _LIMITS = {"int32_t": ("INT32_MIN", "INT32_MAX"), "int64_t": ("INT64_MIN", "INT64_MAX"),
@@ -368,7 +369,6 @@ class CStylePrinter(ABC):
         last_reduced = len(src.shape) - 1 in axes
         outer = src.shape[:-1] if last_reduced else src.shape
         n_inner = src.shape[-1] if last_reduced else 1
-        is_float = t == "float" and fn != "sum"
 
         def emit(masked: bool, loads: list[Op]) -> None:
             def body(idx: list[str]) -> None:
@@ -380,32 +380,57 @@ class CStylePrinter(ABC):
                     e = self.expr(src, idx, masked, loads)
                     self.line(f"{dst} = {self.combine(fn, dst, e, t)};")
                     return
-                j, acc, nan, x = (f"{r}_{v}" for v in ("j", "acc", "nan", "x"))
-                clause = {"sum": "+", "max": "max", "min": "min"}[fn]
-                self.line(f"{t} {acc} = {init};")
-                if is_float:
-                    self.line(f"int {nan} = 0;")
-                reds = f"reduction({clause}:{acc})" + (f" reduction(|:{nan})" if is_float
-                                                       else "")
-                self.line(self.simd(reds))
-                self.line(f"for (int {j} = 0; {j} < {n_inner}; {j}++) {{")
-                self.depth += 1
-                e = self.expr(src, [*idx, j], masked, loads)
-                if fn == "sum":
-                    self.line(f"{acc} += {e};")
-                else:
-                    self.line(f"const {t} {x} = {e};")
-                    cmp = ">" if fn == "max" else "<"
-                    self.line(f"{acc} = {x} {cmp} {acc} ? {x} : {acc};")
-                    if is_float:
-                        self.line(f"{nan} |= {x} != {x};")
-                self.depth -= 1
-                self.line("}")
-                if is_float:
-                    self.line(f"if ({nan}) {acc} = NAN;")
-                self.line(f"{dst} = {self.combine(fn, dst, acc, t)};")
+                self.reduce_row(fn, t, r, init, n_inner, lambda j: self.expr(
+                    src, [*idx, j], masked, loads), dst)
             self.nest(outer, body)
         self.guarded(emit)
+
+    def reduce_row(self, fn: str, t: str, r: str, init: str, n: int, element, dst: str
+                   ) -> None:
+        """dst = fn(dst, element(0), ..., element(n - 1)). Long rows are split into
+        REDUCE_STREAMS contiguous parts reduced side by side: independent accumulators
+        hide the add latency a single chain would wait on (without reassociating floats
+        the compiler could not do this itself)."""
+        streams = REDUCE_STREAMS if n >= 16 * REDUCE_STREAMS else 1
+        part = n // streams
+        j = f"{r}_j"
+        accs = [f"{r}_acc{k}" for k in range(streams)]
+        is_float = t == "float" and fn != "sum"
+        nan = f"{r}_nan"
+        for acc in accs:
+            self.line(f"{t} {acc} = {init};")
+        if is_float:
+            self.line(f"int {nan} = 0;")
+        clause = {"sum": "+", "max": "max", "min": "min"}[fn]
+
+        def loop(lo: int, hi: int, accs: list[str]) -> None:
+            reds = f"reduction({clause}:{','.join(accs)})" + \
+                (f" reduction(|:{nan})" if is_float else "")
+            self.line(self.simd(reds))
+            self.line(f"for (int {j} = {lo}; {j} < {hi}; {j}++) {{")
+            self.depth += 1
+            for k, acc in enumerate(accs):
+                e = element(f"{j} + {k * part}" if k else j)
+                if fn == "sum":
+                    self.line(f"{acc} += {e};")
+                    continue
+                x = f"{acc}_x"
+                self.line(f"const {t} {x} = {e};")
+                self.line(f"{acc} = {x} {'>' if fn == 'max' else '<'} {acc} ? {x} : {acc};")
+                if is_float:
+                    self.line(f"{nan} |= {x} != {x};")
+            self.depth -= 1
+            self.line("}")
+        loop(0, part, accs)
+        if streams * part < n:  # the tail, into the first accumulator
+            loop(streams * part, n, accs[:1])
+        total = accs[0]
+        for acc in accs[1:]:
+            total = self.combine(fn, total, acc, t) if fn == "sum" else \
+                f"({acc} {'>' if fn == 'max' else '<'} {total} ? {acc} : {total})"
+        if is_float:
+            total = f"({nan} ? NAN : {total})"
+        self.line(f"{dst} = {self.combine(fn, dst, total, t)};")
 
     def op_dot(self, op: Op) -> None:
         """C = A @ B (+ acc) for tiles A [M, K], B [K, N], in C's accumulator dtype."""
