@@ -108,3 +108,14 @@ def test_runtime_suite_end_to_end(tmp_path):
         for i in ("tessera", "torch_eager")}
     assert all(r["extra"]["us_per_call"] > 0 for r in rows)
     assert json.loads(out.read_text())["results"] == rows
+
+
+def test_lang_suite_end_to_end(tmp_path):
+    out = tmp_path / "lang.json"
+    rows = bench.run("lang", quick=True, json_path=str(out))
+    cases = {r["case"] for r in rows}
+    assert {"softmax_32x384", "layernorm_32x384", "rmsnorm_32x384"} <= cases
+    assert any(c.startswith("flash_attention") for c in cases)
+    assert {r["impl"] for r in rows} == {"tessera", "torch_eager"}  # --quick: no Inductor
+    metric = [r["extra"].get("gb_per_s") or r["extra"].get("gflops") for r in rows]
+    assert all(m > 0 for m in metric)
