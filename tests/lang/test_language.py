@@ -391,3 +391,46 @@ def test_tiles_too_big_for_a_thread_stack_run() -> None:
     import tessera.kernels as K
     x = torch.randn(3, 200_000)  # 800 KB rows: kept in thread-local storage, not the stack
     torch.testing.assert_close(K.softmax(x), torch.softmax(x, -1))
+
+
+# -- kernels calling kernels -------------------------------------------------------------------
+
+
+@tl.kernel
+def swish(x, beta=1.0):
+    return x * tl.sigmoid(beta * x)
+
+
+@tl.kernel
+def load_row(t, r, N: tl.constexpr):
+    return tl.load(t[r, 0:N], other=0.0)
+
+
+@tl.kernel
+def gated_rows(x, gate, out, N: tl.constexpr):
+    r = tl.program_id(0)
+    out[r, 0:N] = swish(load_row(x, r, N), beta=2.0) * load_row(gate, r, N=N)
+
+
+@tl.kernel
+def forever(x):
+    return forever(x)
+
+
+@tl.kernel
+def calls_forever(x, out):
+    out[0] = forever(x[0])
+
+
+def test_kernels_call_kernels_inline() -> None:
+    x, gate, out = torch.randn(5, 70), torch.randn(5, 70), torch.empty(5, 70)
+    gated_rows[(5,)](x, gate, out, N=70)
+    torch.testing.assert_close(out, x * torch.sigmoid(2 * x) * gate)
+    assert "swish" not in gated_rows.source(x, gate, out, N=70).split("tsr_run")[1]
+
+
+def test_kernel_calls_that_cannot_work_are_errors() -> None:
+    with pytest.raises(tl.KernelSyntaxError, match="nest deeper"):
+        calls_forever[(1,)](torch.ones(1), torch.ones(1))
+    with pytest.raises(tl.KernelSyntaxError, match="returns nothing"):
+        swish[(1,)](torch.ones(1))

@@ -62,13 +62,19 @@ def _is_py(x: Any) -> bool:
     return not isinstance(x, Op)
 
 
+MAX_INLINE_DEPTH = 16  # kernels calling kernels: deeper than this is surely recursion
+
+
 class _Frontend(ast.NodeVisitor):
-    def __init__(self, fn: Callable[..., Any], node: ast.FunctionDef, file: str, first: int,
-                 lines: list[str]):
-        self.fn, self.node, self.file, self.first, self.lines = fn, node, file, first, lines
-        self.b = Builder()
+    def __init__(self, fn: Callable[..., Any], builder: Builder | None = None,
+                 depth: int = 0):
+        self.node, self.file, self.first = parse_kernel(fn)
+        self.fn, self.depth = fn, depth
+        self.lines = textwrap.dedent(inspect.getsource(fn)).splitlines()
+        self.b = builder or Builder()
         self.scope: dict[str, Any] = {}
         self.globals = {**fn.__globals__, **_closure(fn)}
+        self.result: Any = None  # what a kernel called from another kernel returns
 
     # -- helpers ----------------------------------------------------------------------------
     def at(self, node: ast.AST) -> None:
@@ -97,9 +103,13 @@ class _Frontend(ast.NodeVisitor):
         for i, stmt in enumerate(stmts):
             self.at(stmt)
             if isinstance(stmt, ast.Return):
-                if stmt.value is not None or i != len(stmts) - 1 or stmts is not self.node.body:
-                    raise self.syntax(stmt, "kernels return nothing and only at their end",
+                if i != len(stmts) - 1 or stmts is not self.node.body or \
+                        (stmt.value is not None and not self.depth):
+                    raise self.syntax(stmt, "a launched kernel returns nothing; a kernel "
+                                            "called from a kernel returns only at its end",
                                       hint="write results into an output tensor")
+                if stmt.value is not None:
+                    self.result = self.visit(stmt.value)
                 continue
             self.visit(stmt)
 
@@ -498,9 +508,30 @@ class _Frontend(ast.NodeVisitor):
             return core.static_range(*args)
         if fn in _PURE_PY:
             return self.python_builtin(node, fn, args)
+        from tessera.lang.jit import Kernel  # (jit imports this module)
+        if isinstance(fn, Kernel):
+            return self.inline(node, fn.fn, args, kwargs)
         raise self.syntax(node, f"cannot call {getattr(fn, '__name__', fn)!r} in a kernel",
                           hint="kernels call tl.* functions and Python's min, max, abs, "
                                "int, float, bool and len")
+
+    def inline(self, node: ast.Call, fn: Callable[..., Any], args: list[Any],
+               kwargs: dict[str, Any]) -> Any:
+        """A @tl.kernel called from a kernel: its body is built in place, with the caller's
+        values (tiles, tensors, constants) as its arguments; it returns what it returns."""
+        if self.depth >= MAX_INLINE_DEPTH:
+            raise self.syntax(node, f"kernels nest deeper than {MAX_INLINE_DEPTH} calls",
+                              hint="kernels cannot call themselves recursively")
+        try:
+            bound = inspect.signature(fn).bind(*args, **kwargs)
+        except TypeError as e:
+            raise self.syntax(node, f"bad call to {fn.__name__}(): {e}") from None
+        bound.apply_defaults()
+        callee = _Frontend(fn, self.b, self.depth + 1)
+        callee.scope.update(bound.arguments)
+        callee.body(callee.node.body)
+        self.at(node)
+        return callee.result
 
     def python_builtin(self, node: ast.Call, fn: Any, args: list[Any]) -> Any:
         if all(_is_py(a) for a in args):
@@ -563,10 +594,8 @@ def _closure(fn: Callable[..., Any]) -> dict[str, Any]:
 def trace(fn: Callable[..., Any], params: dict[str, TensorType | TileType | Any]) -> Function:
     """Build the IR of `fn` for one specialization. `params` maps each parameter to a
     TensorType, a scalar TileType, or (for constexprs) its Python value."""
-    node, file, first = parse_kernel(fn)
-    lines = textwrap.dedent(inspect.getsource(fn)).splitlines()
-    fe = _Frontend(fn, node, file, first, lines)
-    fe.at(node)
+    fe = _Frontend(fn)
+    fe.at(fe.node)
     ops = []
     for i, (name, kind) in enumerate(params.items()):
         if isinstance(kind, (TensorType, TileType)):
@@ -575,5 +604,5 @@ def trace(fn: Callable[..., Any], params: dict[str, TensorType | TileType | Any]
             fe.scope[name] = op
         else:
             fe.scope[name] = kind
-    fe.body(node.body)
-    return Function(fn.__name__, ops, fe.b.blocks[0], Loc(file, first))
+    fe.body(fe.node.body)
+    return Function(fn.__name__, ops, fe.b.blocks[0], Loc(fe.file, fe.first))
