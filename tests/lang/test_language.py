@@ -434,3 +434,19 @@ def test_kernel_calls_that_cannot_work_are_errors() -> None:
         calls_forever[(1,)](torch.ones(1), torch.ones(1))
     with pytest.raises(tl.KernelSyntaxError, match="returns nothing"):
         swish[(1,)](torch.ones(1))
+
+
+@tl.kernel
+def normalize_rows(x, out, BM: tl.constexpr):
+    r = tl.program_id(0) * BM
+    t = x[r:r + BM, :]  # `:` slices the whole dimension: its size is specialized
+    out[r:r + BM, :] = t / tl.sum(t * t, axis=1, keepdims=True)
+
+
+def test_whole_dimension_slices_specialize_on_size() -> None:
+    for m, n in [(37, 50), (5, 7), (37, 50)]:
+        x = torch.randn(m, n)
+        out = torch.empty_like(x)
+        normalize_rows[(tl.cdiv(m, 8),)](x, out, BM=8)
+        torch.testing.assert_close(out, x / (x * x).sum(1, keepdim=True))
+    assert len(normalize_rows._compiled) == 2  # one build per column count

@@ -428,11 +428,15 @@ class _Frontend(ast.NodeVisitor):
                                     f"{tensor.type.ndim} indices, got {len(items)}",
                               hint="index every dimension, e.g. x[i, j:j + BLOCK]")
         out = []
-        for item in items:
+        for d, item in enumerate(items):
             if isinstance(item, ast.Slice):
                 if item.step is not None:
                     raise self.syntax(item, "slice steps are not supported",
                                       hint="pass a strided view of the tensor instead")
+                whole = tensor.type.size(d)
+                if item.lower is None and item.upper is None and whole is not None:
+                    out.append((self.b.const(0, dt.int64), whole))  # `:` on a specialized dim
+                    continue
                 if item.upper is None:
                     raise self.syntax(item, "tile sizes must be known at compile time",
                                       hint="write x[0:BLOCK] with BLOCK a tl.constexpr; "
@@ -578,6 +582,22 @@ def _affine(x: Any) -> tuple[Any, Any]:
         if b0 is None and sign == 1:
             return b1, o0 + o1
     return x, 0
+
+
+def whole_slices(fn: Callable[..., Any]) -> dict[str, frozenset[int]]:
+    """Dims of tensor parameters that the kernel slices whole (`x[r, :]`): launches are
+    specialized on their sizes, so the tile's shape is known when the kernel compiles."""
+    node, _, _ = parse_kernel(fn)
+    params = {a.arg for a in node.args.args + node.args.kwonlyargs}
+    dims: dict[str, set[int]] = {}
+    for n in ast.walk(node):
+        if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) and \
+                n.value.id in params:
+            items = n.slice.elts if isinstance(n.slice, ast.Tuple) else [n.slice]
+            for d, item in enumerate(items):
+                if isinstance(item, ast.Slice) and item.lower is item.upper is item.step is None:
+                    dims.setdefault(n.value.id, set()).add(d)
+    return {name: frozenset(d) for name, d in dims.items()}
 
 
 def _where_defined(fn: Callable[..., Any]) -> str:

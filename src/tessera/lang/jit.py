@@ -22,7 +22,7 @@ from tessera.errors import DtypeError
 from tessera.lang import core
 from tessera.lang.codegen.c import ENTRY, CPrinter
 from tessera.lang.errors import LaunchError
-from tessera.lang.frontend import trace
+from tessera.lang.frontend import trace, whole_slices
 from tessera.lang.passes import dce
 from tessera.lang.types import TensorType, TileType
 from tessera.runtime import dtype as dt
@@ -121,6 +121,7 @@ class Kernel:
         self.defaults = {p.name: p.default for p in params if p.default is not p.empty}
         self.constexprs = {p.name for p in params if _is_constexpr(p.annotation)}
         self._is_constexpr = [n in self.constexprs for n in self.names]
+        self._whole: dict[str, frozenset[int]] | None = None  # parsed at first launch
         self.where = _where(fn)
         self._compiled: dict[tuple, _Compiled] = {}
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
@@ -177,6 +178,8 @@ class Kernel:
         key: list[Any] = []
         flat: list[Any] = []
         tensors: dict[str, _Arg] = {}
+        if self._whole is None:
+            self._whole = whole_slices(self.fn)
         for is_constexpr, (name, v) in zip(self._is_constexpr, values.items(), strict=True):
             if is_constexpr:
                 if not isinstance(v, (bool, int, float, str, dt.dtype)) and v is not None:
@@ -194,7 +197,11 @@ class Kernel:
                 raise LaunchError(f"argument {name!r} of kernel {self.fn.__name__}: "
                                   f"{e.message}", where=self.where, hint=e.hint) from None
             if arg is not None:
-                key.append((arg.dtype, len(arg.shape), bool(arg.shape) and arg.strides[-1] == 1))
+                whole = self._whole.get(name)
+                sizes = tuple(n if d in whole else None for d, n in enumerate(arg.shape)) \
+                    if whole else ()
+                key.append((arg.dtype, len(arg.shape), bool(arg.shape) and arg.strides[-1] == 1,
+                            sizes))
                 flat += (arg.ptr, *arg.shape, *arg.strides)
                 tensors[name] = arg
             elif isinstance(v, (bool, np.bool_)):

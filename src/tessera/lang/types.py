@@ -46,6 +46,11 @@ class TensorType:
     dtype: dt.dtype
     ndim: int
     unit_stride: bool = False  # specialized: the last dimension has stride 1
+    sizes: tuple[int | None, ...] = ()  # dims the kernel slices whole (`:`), specialized
+
+    def size(self, dim: int) -> int | None:
+        """The compile-time size of `dim`, if the kernel is specialized on it."""
+        return self.sizes[dim] if dim < len(self.sizes) else None
 
     def __str__(self) -> str:
         return f"tensor<{self.dtype.name}, rank {self.ndim}>"
