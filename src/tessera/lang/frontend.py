@@ -324,8 +324,10 @@ class _Frontend(ast.NodeVisitor):
         if isinstance(obj, Op):
             if node.attr == "shape":
                 if isinstance(obj.type, TensorType):
-                    return tuple(self.b.emit("dim", [obj], TileType(dt.int64), axis=i)
-                                 for i in builtins.range(obj.type.ndim))
+                    return tuple(  # specialized sizes are compile-time ints
+                        obj.type.size(i) if obj.type.size(i) is not None else
+                        self.b.emit("dim", [obj], TileType(dt.int64), axis=i)
+                        for i in builtins.range(obj.type.ndim))
                 return obj.shape
             if node.attr == "T" and isinstance(obj.type, TileType):
                 self.at(node)
