@@ -1,19 +1,21 @@
 /* tessera_math.h: float32 math for generated kernels.
  *
  * Every function is `static inline`, branch-free straight-line code (selects, not jumps),
- * uses no tables and calls no libm function except sqrtf/fabsf/copysignf, which compilers
- * expand to instructions; so GCC/Clang vectorize calls inside `#pragma omp simd` loops.
+ * uses no tables and calls no libm function except sqrtf/fabsf/copysignf (and fmaf where
+ * __FP_FAST_FMAF says it is one instruction), which compilers expand to instructions; so
+ * GCC/Clang vectorize calls inside `#pragma omp simd` loops.
  * Bit casts go through memcpy. Needs <stdint.h>, <stdbool.h>, <math.h>, <string.h> included
  * first, round-to-nearest mode, no -ffast-math (the round-to-integer trick x + 1.5*2^23 - 1.5*2^23
  * must not be reassociated) and -fno-math-errno for sqrtf to become one instruction.
  * Subnormal inputs and results are handled (nothing is flushed), unless the caller enables
  * FTZ/DAZ. Measured errors per function: docs/lang/math.md.
  *
- * exp/exp2/log/log2/tanh/sigmoid/silu/gelu_tanh compute in float32 (log2 sums its last step,
- * gelu_tanh its argument, in float64); rsqrt/sin/cos/erf/gelu_erf/pow compute in float64
- * (still vectorized, but slower; see the docs) and round once to float32.
- * Requires SSE4.1-class SIMD for full vectorization (plain x86-64 SSE2 leaves the float64
- * ones scalar).
+ * exp/exp2/log/log2/tanh/sigmoid/silu/gelu_tanh/erf/gelu_erf/sin/cos compute in float32
+ * (log2 sums its last step, gelu_tanh its argument, in float64); rsqrt/pow compute in
+ * float64 (still vectorized, but slower; see the docs) and round once to float32. fmaf is
+ * used only through tsr__fma, which falls back to a double product without hardware FMA.
+ * Requires SSE4.1-class SIMD for full vectorization (plain x86-64 SSE2 leaves gelu_tanh and
+ * pow scalar).
  */
 #ifndef TESSERA_MATH_H
 #define TESSERA_MATH_H
@@ -117,10 +119,12 @@ static inline float tsr_exp2(float x) {
     return tsr__scale(p, tsr__f2u(s) - 0x4B400000u);
 }
 
-/* e^(x + lo) for x in [-87, 0.3], |lo| <= 2^-20 |x| (the low part of an exact split), with
- * no range clamps: callers keep x in range or discard the lane by a select. Same reduction
- * and polynomial as tsr_exp, 2^k by one multiply (the result is a normal float). */
-static inline float tsr__exp_core(float x, float lo) {
+/* y e^(x + lo) for x in [-87, 0.3] and a tiny lo (|lo| < 1e-5: the low part of an exact
+ * split plus small corrections, added to the reduced argument). No range clamps: callers
+ * keep x in range or discard the lane by a select. Same reduction and polynomial as
+ * tsr_exp; y is applied as y + y (e^r - 1), one rounding, and 2^k by one multiply (the
+ * result is a normal float). */
+static inline float tsr__exp_core(float x, float lo, float y) {
     float s = tsr__fma(x, 1.44269504f, TSR__RND32), k = s - TSR__RND32;
     float r = tsr__fma(k, -0.693359375f, x);
     r = tsr__fma(k, 2.12194440e-4f, r) + lo;
@@ -130,8 +134,8 @@ static inline float tsr__exp_core(float x, float lo) {
     p = tsr__fma(p, r, 4.1666467e-2f);
     p = tsr__fma(p, r, 1.6666667e-1f);
     p = tsr__fma(p, r, 0.5f);
-    p = tsr__fma(p * r, r, r) + 1.0f;
-    return p * tsr__u2f((tsr__f2u(s) - 0x4B400000u + 127u) << 23);
+    p = tsr__fma(p * r, r, r);                     /* e^r - 1 */
+    return tsr__fma(y, p, y) * tsr__u2f((tsr__f2u(s) - 0x4B400000u + 127u) << 23);
 }
 
 /* ---- log / log2 (float32) ----------------------------------------------------------- */
@@ -252,19 +256,22 @@ static inline double tsr__log2_d(double x) {
     return e + (2.0 * 1.4426950408889634) * (s + s * z * p);
 }
 /* ---- erf / gelu_erf (float32) ------------------------------------------------------- */
-/* erf: |x| < 0.8: |x| + |x| P5(x^2); else 1 - e^{Q6(|x|)}, Q6 a fit of log erfc on
- * [0.8, 3.95] weighted by erfc (only absolute accuracy matters there); |x| is clamped to
- * 3.95, past which erf rounds to 1. Both fits minimax with float32 coefficients; sign
- * copied from x (erf(-0) = -0). */
-static inline float tsr_erf(float x) {
-    float a = fabsf(x), z = a * a;
-    float p = -6.535257e-4f;
+/* erf(a) = a + a P5(a^2) for |a| < 0.8 (relative minimax, float32 coefficients; keeps the
+ * sign, erf(-0) = -0). */
+static inline float tsr__erf_small(float a) {
+    float z = a * a, p = -6.535257e-4f;
     p = tsr__fma(p, z, 5.085134e-3f);
     p = tsr__fma(p, z, -2.6820809e-2f);
     p = tsr__fma(p, z, 1.1283113e-1f);
     p = tsr__fma(p, z, -3.7612602e-1f);
     p = tsr__fma(p, z, 1.2837917e-1f);             /* 2/sqrt(pi) - 1 */
-    float small = tsr__fma(a, p, a);
+    return tsr__fma(a, p, a);
+}
+/* erf: |x| < 0.8: tsr__erf_small; else 1 - e^{Q6(|x|)}, Q6 a fit of log erfc on [0.8, 3.95]
+ * weighted by erfc (only absolute accuracy matters there); |x| is clamped to 3.95, past
+ * which erf rounds to 1. Sign copied from x. */
+static inline float tsr_erf(float x) {
+    float a = fabsf(x);
     float b = tsr__sel(a > 3.95f, 3.95f, a);       /* keeps NaN */
     float q = 2.0745349e-4f;
     q = tsr__fma(q, b, -3.1536052e-3f);
@@ -273,38 +280,45 @@ static inline float tsr_erf(float x) {
     q = tsr__fma(q, b, -6.36222e-1f);
     q = tsr__fma(q, b, -1.1282289f);
     q = tsr__fma(q, b, -6.596999e-5f);
-    float big = 1.0f - tsr__exp_core(q, 0.0f);
-    return copysignf(tsr__sel(a < 0.8f, small, big), x);
+    float big = 1.0f - tsr__exp_core(q, 0.0f, 1.0f);
+    return copysignf(tsr__sel(a < 0.8f, tsr__erf_small(a), big), x);
 }
-/* gelu_erf: x Phi(x), Phi(x) = 1 - e or e (x < 0), e = Phi(-|x|) = 0.5 erfc(|x|/sqrt2)
- * = e^{-x^2/2} R(t), t = 1/(1 + 0.2475|x|), R a degree-9 relative minimax fit of
- * 0.5 erfcx(|x|/sqrt2) in t on |x| <= 9.2. x^2 = h + l exactly (fma), so e^{-x^2/2} keeps
- * full relative accuracy in the tail; |x| > 13: e = 0 (the result is below 1e-37 there). */
+/* gelu_erf: with v = |x| Phi(-|x|), gelu = -v (x < 0) or x - v; v = e^{-x^2/2} |x| R(t),
+ * t = 1/(1 + 0.3|x|), R a degree-10 relative minimax fit of 0.5 erfcx(|x|/sqrt2) in t on
+ * [0, 9.2]. The rounding error of t is measured (t_true = t (1 + d)) and applied to R to
+ * first order (R's log-derivative in t is about 0.813 + 1.879 t). x^2 = h + l exactly
+ * (fma), so e^{-x^2/2} keeps full relative accuracy in the tail. |x| > 13: v = 0 (the true
+ * value is below 1e-37); -inf gives NaN like torch (x 0 - v). */
 static inline float tsr_gelu_erf(float x) {
     float a = fabsf(x), h = x * x, l = tsr__fma(x, x, -h);
-    float t = 1.0f / tsr__fma(a, 0.24748737f, 1.0f);
-    float r = 3.933478e-2f;
-    r = tsr__fma(r, t, -2.3400126e-1f);
-    r = tsr__fma(r, t, 5.021932e-1f);
-    r = tsr__fma(r, t, -4.8414513e-1f);
-    r = tsr__fma(r, t, 4.3557295e-1f);
-    r = tsr__fma(r, t, -9.38802e-2f);
-    r = tsr__fma(r, t, 1.4716063e-1f);
-    r = tsr__fma(r, t, 8.7829515e-2f);
-    r = tsr__fma(r, t, 1.0000058e-1f);
-    r = tsr__fma(r, t, -6.5080945e-5f);
-    float e = tsr__exp_core(-0.5f * h, -0.5f * l) * r;
-    e = tsr__sel(a > 13.0f, 0.0f, e);              /* +-inf: Phi = 1 / 0 (-inf * 0 = NaN) */
-    return x * tsr__sel(x < 0.0f, e, 1.0f - e);
+    float den = tsr__fma(a, 0.3f, 1.0f), den_lo = tsr__fma(a, 0.3f, 1.0f - den);
+    float t = 1.0f / den;
+    float d = tsr__fma(-t, den_lo, tsr__fma(-t, den, 1.0f));
+    float r = -1.5954915e-2f;
+    r = tsr__fma(r, t, 8.3962046e-2f);
+    r = tsr__fma(r, t, -1.5170574e-1f);
+    r = tsr__fma(r, t, 7.26579e-2f);
+    r = tsr__fma(r, t, 3.947362e-2f);
+    r = tsr__fma(r, t, 1.6758239e-2f);
+    r = tsr__fma(r, t, 1.1428475e-1f);
+    r = tsr__fma(r, t, 9.939513e-2f);
+    r = tsr__fma(r, t, 1.2166386e-1f);
+    r = tsr__fma(r, t, 1.1945374e-1f);
+    r = tsr__fma(r, t, 1.1368444e-5f);
+    /* R(t (1 + d)) = R(t) (1 + A d) ~ R(t) e^{A d}: the correction joins exp's low part */
+    float lo = tsr__fma(tsr__fma(t, 1.879f, 0.813f), d, -0.5f * l);
+    float v = tsr__exp_core(-0.5f * h, lo, a * r);
+    v = tsr__sel(a > 13.0f, 0.0f, v);
+    return tsr__sel(x < 0.0f, tsr__fma(x, 0.0f, -v), x - v);
 }
 
 /* ---- sin / cos (float32) ------------------------------------------------------------ */
 /* x = k pi/2 + r: k = rint(x 2/pi), r = x - k(C1 + C2 + C3) by fma, pi/2 truncated to three
- * positive floats (k C1 is exact, sin(-0) = -0). sin r = r + r^3 S2(r^2), cos r = 1 - r^2/2
- * + r^4 C2(r^2) (minimax on |r| <= pi/4); quadrant (k + shift) mod 4 picks +-sin/+-cos.
- * Accurate while |r| stays near pi/4 (|x| <~ 1e5, see the docs); far out, |r| > 2 is
- * zeroed so the result stays in [-1, 1] (the rounding trick breaks past |x| ~ 6.6e6).
- * inf/NaN -> NaN. */
+ * positive floats (k C1 is exact). sin r = r + r^3 S2(r^2) with r's sign (sin(-0) = -0),
+ * cos r = 1 - r^2/2 + r^4 C2(r^2) (minimax on |r| <= pi/4); quadrant (k + shift) mod 4
+ * picks +-sin/+-cos. Accurate while |r| stays near pi/4 (|x| <= 1e6, see the docs); far
+ * out, |r| > 2 is zeroed so the result stays in [-1, 1] (the rounding trick breaks past
+ * |x| ~ 6.6e6). inf/NaN -> NaN. */
 static inline float tsr__sincos(float x, uint32_t shift) {
     float s = tsr__fma(x, 0x1.45f306p-1f, TSR__RND32), k = s - TSR__RND32;
     uint32_t q = tsr__f2u(s) + shift;
@@ -316,7 +330,7 @@ static inline float tsr__sincos(float x, uint32_t shift) {
     float ps = -1.9514454e-4f;
     ps = tsr__fma(ps, z, 8.332155e-3f);
     ps = tsr__fma(ps, z, -1.6666655e-1f);
-    ps = tsr__fma(r * z, ps, r);
+    ps = copysignf(tsr__fma(r * z, ps, r), r);      /* r = -0 would give +0 */
     float pc = 2.443221e-5f;
     pc = tsr__fma(pc, z, -1.3887308e-3f);
     pc = tsr__fma(pc, z, 4.1666646e-2f);
