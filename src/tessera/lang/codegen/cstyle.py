@@ -438,9 +438,11 @@ class CStylePrinter(ABC):
         (m, n), k = op.shape, a.shape[1]
         acc = op.operands[2] if len(op.operands) == 3 else None
         t = self.ctype(op)
-        if acc is not None and acc.kind == "blockarg" and self.uses[acc.id] == 1 \
-                and acc.shape == op.shape:
-            c = self.names[op.id] = self.name(acc)  # accumulate into the loop's own array
+        carried = self.carried_leaf(acc, op.shape) if acc is not None else None
+        if carried is not None:  # accumulate into the loop's own array, rescaled in place
+            c = self.names[op.id] = self.name(carried)
+            if acc is not carried:
+                self.copy(c, acc, op.type)
         else:
             c = self.name(op)
             self.declare(c, op.type)
@@ -449,6 +451,18 @@ class CStylePrinter(ABC):
             else:
                 self.line(f"for (int k = 0; k < {m * n}; k++) {c}[k] = 0;")
         self.dot_blocks(c, t, a, b, m, n, k)
+
+    def carried_leaf(self, acc: Op, shape: tuple[int, ...]) -> Op | None:
+        """The loop-carried tile that `acc` is, or that an inlined elementwise chain turns
+        into `acc` (acc * alpha[:, None]), if nothing else reads it: a dot may then update
+        that tile in place, since every element depends only on itself."""
+        if acc.kind == "blockarg":
+            return acc if self.uses[acc.id] == 1 and acc.shape == shape else None
+        if acc.id not in self.inline or acc.kind not in ("unary", "binary", "where", "cast") \
+                or acc.shape != shape:
+            return None
+        found = [x for x in (self.carried_leaf(o, shape) for o in acc.operands) if x]
+        return found[0] if len(found) == 1 else None
 
     def dot_blocks(self, c: str, t: str, a: Op, b: Op, m: int, n: int, k: int) -> None:
         """C += A @ B. Float tiles whose rows are whole vectors get a register-blocked
