@@ -61,6 +61,7 @@ def _span(ptr: int, shape: Sequence[int], strides: Sequence[int], itemsize: int
     return ptr + lo * itemsize, ptr + (hi + 1) * itemsize
 
 
+_new_arg = tuple.__new__
 _TORCH_TYPES: set[type] = set()  # torch.Tensor and subclasses seen so far
 _TORCH_DTYPES: dict[Any, dt.dtype] = {}  # torch.dtype -> dtype, filled on first sight
 
@@ -76,9 +77,10 @@ def _tensor_arg(x: Any, name: str) -> _Arg | None:
         d = _TORCH_DTYPES.get(x.dtype)
         if d is None:
             d = _TORCH_DTYPES[x.dtype] = dt.as_dtype(x.dtype)
-        ptr, shape, strides = x.data_ptr(), tuple(x.shape), x.stride()
-        if x.is_contiguous():
-            return _Arg(ptr, shape, strides, d, False, ptr, ptr + x.numel() * d.itemsize, True)
+        ptr, shape, strides = x.data_ptr(), x.shape, x.stride()
+        if x.is_contiguous():  # (_new_arg: the NamedTuple without its slow __new__)
+            return _new_arg(_Arg, (ptr, shape, strides, d, False, ptr,
+                                   ptr + x.numel() * d.itemsize, True))
         return _Arg(ptr, shape, strides, d, False, *_span(ptr, shape, strides, d.itemsize),
                     False)
     if t is Tensor or t is np.ndarray or hasattr(x, "__dlpack__"):
