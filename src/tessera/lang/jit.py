@@ -20,6 +20,7 @@ import numpy as np
 
 from tessera.errors import DtypeError
 from tessera.lang import core
+from tessera.lang.binder import make_fast_launcher
 from tessera.lang.codegen.c import ENTRY, CPrinter
 from tessera.lang.errors import LaunchError
 from tessera.lang.frontend import trace, whole_slices
@@ -61,6 +62,7 @@ def _span(ptr: int, shape: Sequence[int], strides: Sequence[int], itemsize: int
     return ptr + lo * itemsize, ptr + (hi + 1) * itemsize
 
 
+MAX_FAST_LAUNCHERS = 4  # signatures per kernel with a generated launcher
 _new_arg = tuple.__new__
 _TORCH_TYPES: set[type] = set()  # torch.Tensor and subclasses seen so far
 _TORCH_DTYPES: dict[Any, dt.dtype] = {}  # torch.dtype -> dtype, filled on first sight
@@ -96,7 +98,7 @@ def _is_constexpr(annotation: Any) -> bool:
                                             annotation.split(".")[-1] == "constexpr")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Compiled:
     """One specialization: the native entry point and what launching it needs to know."""
 
@@ -105,6 +107,7 @@ class _Compiled:
     ir: str
     packer: struct.Struct
     writes: frozenset[str]  # tensor parameters the kernel stores into
+    restrict: bool  # compiled assuming no output aliases another argument
 
 
 class Kernel:
@@ -126,6 +129,8 @@ class Kernel:
         self._whole: dict[str, frozenset[int]] | None = None  # parsed at first launch
         self.where = _where(fn)
         self._compiled: dict[tuple, _Compiled] = {}
+        self._fast: list[Callable[..., bool]] = []  # see binder.py
+        self._fast_for: list[_Compiled] = []
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
 
     def __repr__(self) -> str:
@@ -139,6 +144,12 @@ class Kernel:
 
     def __getitem__(self, grid: Any) -> Callable[..., None]:
         def launch(*args: Any, **kwargs: Any) -> None:
+            for fast in self._fast:
+                try:
+                    if fast(grid, *args, **kwargs):
+                        return
+                except TypeError:
+                    break  # arguments that do not bind: the general path explains
             self.launch(grid, args, kwargs)
         return launch
 
@@ -252,7 +263,8 @@ class Kernel:
         fn = module.function(ENTRY, None, [ctypes.c_int64] * 3 + [ctypes.c_char_p])
         fmt = "".join("q" * (1 + 2 * p.type.ndim) if isinstance(p.type, TensorType) else
                       "d" if p.type.dtype is dt.float32 else "q" for p in ir.params)
-        compiled = _Compiled(fn, source, str(ir), struct.Struct("=" + fmt), writes)
+        compiled = _Compiled(fn, source, str(ir), struct.Struct("=" + fmt), writes,
+                             not key[-1])
         self._compiled[key] = compiled
         return compiled
 
@@ -285,6 +297,12 @@ class Kernel:
         g = _grid(grid(values) if callable(grid) else grid, self)
         if g[0] and g[1] and g[2]:
             compiled.fn(*g, compiled.packer.pack(*flat))
+        if type(grid) is tuple and compiled.restrict and compiled not in self._fast_for \
+                and len(self._fast) < MAX_FAST_LAUNCHERS:
+            self._fast_for.append(compiled)
+            fast = make_fast_launcher(self, values, compiled, _span)
+            if fast is not None:
+                self._fast.append(fast)
 
     def source(self, *args: Any, **kwargs: Any) -> str:
         """The C source this kernel compiles to for these arguments."""
