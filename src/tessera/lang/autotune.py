@@ -70,7 +70,7 @@ class Autotuner:
     def __getitem__(self, grid: Any) -> Callable[..., None]:
         def launch(*args: Any, **kwargs: Any) -> None:
             config = self.config_for(grid, args, kwargs)
-            self.kernel.launch(grid, args, {**kwargs, **config.kwargs})
+            self.kernel[grid](*args, **kwargs, **config.kwargs)
         return launch
 
     def config_for(self, grid: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Config:
