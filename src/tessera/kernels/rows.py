@@ -21,11 +21,12 @@ def softmax_kernel(x, out, N: tl.constexpr):
 def softmax(x: Any, dim: int = -1) -> Any:
     """torch.softmax(x, dim) (computed in float32, stored in x's dtype)."""
     import torch
-    xt = x.movedim(dim, -1)
+    last = dim in (-1, x.dim() - 1)
+    xt = x if last else x.movedim(dim, -1)
     x2, m, n = rows(xt, "softmax")
     out = torch.empty((m, n), dtype=x.dtype)
     softmax_kernel[(m,)](x2, out, N=n)
-    return out.view(xt.shape).movedim(-1, dim)
+    return out.view(xt.shape) if last else out.view(xt.shape).movedim(-1, dim)
 
 
 @tl.kernel
