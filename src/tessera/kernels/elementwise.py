@@ -6,7 +6,7 @@ from typing import Any
 
 import tessera.lang as tl
 from tessera.errors import ShapeError
-from tessera.kernels._util import check_vector, rows
+from tessera.kernels._util import check_vector, like, rows
 
 
 @tl.kernel
@@ -45,4 +45,4 @@ def bias_gelu(x: Any, bias: Any, approximate: str = "none") -> Any:
     bm, bn = 8, min(512, 1 << max(n - 1, 1).bit_length())
     bias_gelu_kernel[(tl.cdiv(m, bm), tl.cdiv(n, bn))](x2, bias, out, BM=bm, BN=bn,
                                                        APPROX=approximate)
-    return out.view(x.shape)
+    return like(out, x)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import tessera.lang as tl
-from tessera.kernels._util import check_vector, rows
+from tessera.kernels._util import check_vector, like, rows
 
 
 @tl.kernel
@@ -26,7 +26,7 @@ def softmax(x: Any, dim: int = -1) -> Any:
     x2, m, n = rows(xt, "softmax")
     out = torch.empty((m, n), dtype=x.dtype)
     softmax_kernel[(m,)](x2, out, N=n)
-    return out.view(xt.shape) if last else out.view(xt.shape).movedim(-1, dim)
+    return like(out, xt) if last else out.view(xt.shape).movedim(-1, dim)
 
 
 @tl.kernel
@@ -60,7 +60,7 @@ def layer_norm(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) 
     w = weight if affine else x2
     layer_norm_kernel[(m,)](x2, w, bias if affine else x2, out, float(eps), N=n,
                             AFFINE=affine)
-    return out.view(x.shape)
+    return like(out, x)
 
 
 def rms_norm(x: Any, weight: Any, eps: float = 1e-6) -> Any:
@@ -70,4 +70,4 @@ def rms_norm(x: Any, weight: Any, eps: float = 1e-6) -> Any:
     check_vector(weight, n, "rms_norm", "weight")
     out = torch.empty((m, n), dtype=x.dtype)
     rms_norm_kernel[(m,)](x2, weight, out, float(eps), N=n)
-    return out.view(x.shape)
+    return like(out, x)

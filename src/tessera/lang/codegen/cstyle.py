@@ -712,12 +712,17 @@ class CStylePrinter(ABC):
                 *((("int64_t", f"{p}_s{d}")) for d in range(t.ndim))]
 
     def work(self, block: Block | None = None) -> int:
-        """Elements one program loads and stores (loops counted as LOOP_GUESS trips): what
-        decides whether a launch is big enough to be worth the threads' fork and join."""
+        """Elements one program loads, stores and computes on (loops counted as LOOP_GUESS
+        trips; a dot as M*N*K): what decides whether a launch is big enough to be worth
+        the threads' fork and join."""
         total = 0
         for op in (block or self.fn.body).ops:
             if op.kind in ("load", "store"):
                 total += math.prod(s for s in op.attrs["sizes"] if s is not None)
+            elif op.kind == "dot":
+                total += op.type.numel * op.operands[0].shape[1]
+            elif isinstance(op.type, TileType) and op.kind not in _ALWAYS_INLINE:
+                total += op.type.numel
             for b in op.blocks:
                 total += self.work(b) * (LOOP_GUESS if op.kind in ("for", "while") else 1)
         return max(total, 1)
