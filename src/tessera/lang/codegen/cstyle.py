@@ -486,13 +486,16 @@ class CStylePrinter(ABC):
             for v, acc in enumerate(row):
                 self.line(f"{self.vector_type()} {acc} = "
                           f"{self.vload(f'{c} + ({i} + {r}) * {n} + {j} + {v * vl}')};")
-        self.line(f"for (int {p} = 0; {p} < {k}; {p}++) {{")
+        for r in range(mr):  # row pointers: no index arithmetic in the inner loop
+            self.line(f"const float *{c}_ar{r} = {A} + ({i} + {r}) * {k};")
+        self.line(f"const float *{c}_bp = {B} + {j};")
+        self.line(f"for (int {p} = 0; {p} < {k}; {p}++, {c}_bp += {n}) {{")
         self.depth += 1
         for v in range(nv):
             self.line(f"const {self.vector_type()} {c}_b{v} = "
-                      f"{self.vload(f'{B} + {p} * {n} + {j} + {v * vl}')};")
+                      f"{self.vload(f'{c}_bp + {v * vl}')};")
         for r, row in enumerate(accs):
-            self.line(f"const float {c}_a{r} = {A}[({i} + {r}) * {k} + {p}];")
+            self.line(f"const float {c}_a{r} = {c}_ar{r}[{p}];")
             for v, acc in enumerate(row):
                 self.line(f"{acc} += {c}_a{r} * {c}_b{v};")
         self.depth -= 1
