@@ -50,10 +50,10 @@ class CPrinter(CStylePrinter):
     """Prints a kernel as `void tessera_kernel(grid0, grid1, grid2, params...)`."""
 
     def __init__(self, fn: Function, restrict: bool = True):
-        super().__init__(fn)
-        self.restrict = restrict
         if "avx512f" in cpu_features():  # 32 registers of 16 floats
             self.vector_lanes, self.vector_registers = 16, 32
+        super().__init__(fn)
+        self.restrict = restrict
 
     def simd(self, clauses: str = "") -> str:
         return f"#pragma omp simd {clauses}".rstrip()

@@ -57,6 +57,7 @@ class CStylePrinter(ABC):
         self.user_block: dict[int, Block] = {}
         self.inline: set[int] = set()
         self.emitted: set[int] = set()  # ops whose C value is declared by now
+        self.direct: set[int] = set()  # dot operands read in place (see op_dot)
         self._plan(fn.body)
 
     # -- planning: which values are inlined --------------------------------------------------
@@ -85,6 +86,10 @@ class CStylePrinter(ABC):
                     self.inline.add(op.id)
                 continue
             user = next((u for u in block.ops if any(o is op for o in u.operands)), None)
+            if user is not None and self._direct_dot_operand(op, user) and not any(
+                    i < w < position[user.id] for w in write_positions):
+                self.direct.add(op.id)  # the dot reads it from the tensor when in bounds
+                continue
             if user is None or user.kind in ("for", "if", "while", "dot"):
                 continue  # dot reads its operands M*N*K times: give it arrays
             if op.kind == "load" and any(i < w < position[user.id] for w in write_positions):
@@ -93,6 +98,13 @@ class CStylePrinter(ABC):
                                                     for w in write_positions):
                 continue
             self.inline.add(op.id)
+
+    def _direct_dot_operand(self, op: Op, user: Op) -> bool:
+        """A float32 load from a tensor with unit last stride, used only as A or B of a
+        dot that gets the vector micro-kernel: no copy is needed for in-bounds tiles."""
+        return (op.kind == "load" and user.kind == "dot" and op in user.operands[:2]
+                and op.type.dtype is dt.float32 and op.operands[0].type.unit_stride
+                and self.ctype(user) == "float" and user.shape[1] % self.vector_lanes == 0)
 
     def _reread(self, op: Op, block: Block, i: int, position: dict[int, int],
                 write_positions: list[int]) -> bool:
@@ -309,7 +321,8 @@ class CStylePrinter(ABC):
             self.op(op)
 
     def op(self, op: Op) -> None:
-        if op.id in self.inline or op.kind in ("param", "blockarg", "result"):
+        if op.id in self.inline or op.id in self.direct or \
+                op.kind in ("param", "blockarg", "result"):
             return
         self.emitted.add(op.id)
         handler = getattr(self, f"op_{op.kind}", None)
@@ -450,7 +463,37 @@ class CStylePrinter(ABC):
                 self.copy(c, acc, op.type)
             else:
                 self.line(f"for (int k = 0; k < {m * n}; k++) {c}[k] = 0;")
-        self.dot_blocks(c, t, a, b, m, n, k)
+        vectors = t == "float" and n % self.vector_lanes == 0 and \
+            a.id not in self.inline and b.id not in self.inline
+        if not vectors:
+            self.dot_loops(c, t, a, b, m, n, k)
+            return
+        direct = [o for o in (a, b) if o.id in self.direct]
+        if not direct:
+            self.dot_blocks(c, (self.name(a), str(k)), (self.name(b), str(n)), m, n, k)
+            return
+        # interior tiles: read A and B where they are; edge tiles: masked copies first
+        self.line(f"if ({' && '.join(self.inbounds_of(direct))}) {{")
+        self.depth += 1
+        self.dot_blocks(c, self.operand(a, k), self.operand(b, n), m, n, k)
+        self.depth -= 1
+        self.line("} else {")
+        self.depth += 1
+        for o in direct:
+            self.materialize(o)
+        self.dot_blocks(c, (self.name(a), str(k)), (self.name(b), str(n)), m, n, k)
+        self.depth -= 1
+        self.line("}")
+
+    def operand(self, op: Op, cols: int) -> tuple[str, str]:
+        """(pointer to element [0, 0], row stride) of a dot operand: its tile array, or,
+        for a direct load, the tensor itself."""
+        if op.id not in self.direct:
+            return self.name(op), str(cols)
+        tensor = op.operands[0]
+        offset, _, _ = self.access(tensor, op.operands[1:], op.attrs["sizes"], ["0", "0"])
+        rows = next(d for d, size in enumerate(op.attrs["sizes"]) if size is not None)
+        return f"({self.name(tensor)} + {offset})", f"{self.name(tensor)}_s{rows}"
 
     def carried_leaf(self, acc: Op, shape: tuple[int, ...]) -> Op | None:
         """The loop-carried tile that `acc` is, or that an inlined elementwise chain turns
@@ -464,20 +507,18 @@ class CStylePrinter(ABC):
         found = [x for x in (self.carried_leaf(o, shape) for o in acc.operands) if x]
         return found[0] if len(found) == 1 else None
 
-    def dot_blocks(self, c: str, t: str, a: Op, b: Op, m: int, n: int, k: int) -> None:
-        """C += A @ B. Float tiles whose rows are whole vectors get a register-blocked
-        micro-kernel: an MR x NR block of C lives in MR * NR / VL named vector variables
-        across the whole K loop, each row slice of B is loaded once per MR rows, and each
-        A element is broadcast once. Anything else gets a plain loop nest (i, p, j)."""
+    def dot_blocks(self, c: str, a: tuple[str, str], b: tuple[str, str], m: int, n: int,
+                   k: int) -> None:
+        """C += A @ B for float tiles whose rows are whole vectors, A and B given as
+        (pointer, row stride): a register-blocked micro-kernel. An MR x NR block of C lives
+        in MR * NR / VL named vector variables across the whole K loop, each row slice of B
+        is loaded once per MR rows, and each A element is broadcast once."""
         vl = self.vector_lanes
-        if t != "float" or n % vl or a.id in self.inline or b.id in self.inline:
-            self.dot_loops(c, t, a, b, m, n, k)
-            return
         nv = 2 if n % (2 * vl) == 0 else 1
         budget = self.vector_registers - nv - 4  # B vectors, the A broadcast, some slack
         mr = next(r for r in (8, 6, 4, 3, 2, 1) if m % r == 0 and r * nv <= budget)
         i, j, p = (f"{c}_{v}" for v in "ijp")
-        A, B = self.name(a), self.name(b)
+        (A, lda), (B, ldb) = a, b
         accs = [[f"{c}_c{r}{v}" for v in range(nv)] for r in range(mr)]
         self.line(f"for (int {i} = 0; {i} < {m}; {i} += {mr}) "
                   f"for (int {j} = 0; {j} < {n}; {j} += {nv * vl}) {{")
@@ -487,9 +528,9 @@ class CStylePrinter(ABC):
                 self.line(f"{self.vector_type()} {acc} = "
                           f"{self.vload(f'{c} + ({i} + {r}) * {n} + {j} + {v * vl}')};")
         for r in range(mr):  # row pointers: no index arithmetic in the inner loop
-            self.line(f"const float *{c}_ar{r} = {A} + ({i} + {r}) * {k};")
+            self.line(f"const float *{c}_ar{r} = {A} + ({i} + {r}) * {lda};")
         self.line(f"const float *{c}_bp = {B} + {j};")
-        self.line(f"for (int {p} = 0; {p} < {k}; {p}++, {c}_bp += {n}) {{")
+        self.line(f"for (int {p} = 0; {p} < {k}; {p}++, {c}_bp += {ldb}) {{")
         self.depth += 1
         for v in range(nv):
             self.line(f"const {self.vector_type()} {c}_b{v} = "
