@@ -27,6 +27,8 @@ _BIN_C = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "and": "&", "or": 
           "ge": ">=", "eq": "==", "ne": "!="}
 REDUCE_STREAMS = 4  # independent accumulators per long row reduction
 STACK_TILE_BYTES = 64 << 10  # larger tiles live in thread-local storage, not on the stack
+_IDENTITY = {"sum": lambda t: "0", "max": lambda t: _LIMITS[t][0],
+             "min": lambda t: _LIMITS[t][1]}  # a reduction's start, by C type
 LOOP_GUESS = 16  # trips assumed for a loop whose trip count is known only at run time
 _LIMITS = {"int32_t": ("INT32_MIN", "INT32_MAX"), "int64_t": ("INT64_MIN", "INT64_MAX"),
            "bool": ("0", "1"), "float": ("-INFINITY", "INFINITY")}
@@ -58,11 +60,13 @@ class CStylePrinter(ABC):
         self.inline: set[int] = set()
         self.emitted: set[int] = set()  # ops whose C value is declared by now
         self.direct: set[int] = set()  # dot operands read in place (see op_dot)
+        self.block_of: dict[int, Block] = {}
         self._plan(fn.body)
 
     # -- planning: which values are inlined --------------------------------------------------
     def _plan(self, block: Block) -> None:
         position = {op.id: i for i, op in enumerate(block.ops)}
+        self.block_of.update((op.id, block) for op in block.ops)
         write_positions = []
         for i, op in enumerate(block.ops):
             if op.kind in ("store", "for", "if", "while"):
@@ -321,9 +325,9 @@ class CStylePrinter(ABC):
             self.op(op)
 
     def op(self, op: Op) -> None:
-        if op.id in self.inline or op.id in self.direct or \
+        if op.id in self.inline or op.id in self.direct or op.id in self.emitted or \
                 op.kind in ("param", "blockarg", "result"):
-            return
+            return  # inlined, read in place, computed already (a fused reduction), or named
         self.emitted.add(op.id)
         handler = getattr(self, f"op_{op.kind}", None)
         if handler is not None:
@@ -343,14 +347,65 @@ class CStylePrinter(ABC):
             self.inline.discard(op.id)
 
     def materialize(self, op: Op) -> None:
+        """Compute a tile into its array; row reductions of it that come later in the block
+        are computed in the same loop (the row is reduced while it is in registers)."""
         name = self.name(op)
         self.declare(name, op.type)
+        fused = self.fusible_reductions(op)
+        for red in fused:
+            self.declare(self.name(red), red.type)
+            self.emitted.add(red.id)
+
+        def row(idx: list[str], masked: bool, loads: list[Op]) -> None:
+            j = f"{name}_j"
+            accs = []
+            for red in fused:
+                fn, t = red.attrs["fn"], self.ctype(red)
+                acc = f"{self.name(red)}_acc"
+                nan = self.accumulators(fn, t, [acc], _IDENTITY[fn](t))
+                accs.append((acc, nan, self.reduction_clause(fn, [acc], nan)))
+            self.line(self.simd(" ".join(c for _, _, c in accs)))
+            self.line(f"for (int {j} = 0; {j} < {op.shape[-1]}; {j}++) {{")
+            self.depth += 1
+            self.line(f"{name}[{self.flat([*idx, j], op.shape)}] = "
+                      f"{self.expr_root(op, [*idx, j], masked, loads)};")
+            for red, (acc, nan, _) in zip(fused, accs, strict=True):
+                e = self.expr(red.operands[0], [*idx, j], masked, loads)
+                self.reduction_step(red.attrs["fn"], self.ctype(red), acc, nan, e)
+            self.depth -= 1
+            self.line("}")
+            for red, (acc, nan, _) in zip(fused, accs, strict=True):
+                total = f"({nan} ? NAN : {acc})" if nan else acc
+                self.line(f"{self.name(red)}[{self.flat([*idx, '0'], red.shape)}] = {total};")
 
         def emit(masked: bool, loads: list[Op]) -> None:
-            self.nest(op.shape, lambda idx: self.line(
-                f"{name}[{self.flat(idx, op.shape)}] = "
-                f"{self.expr_root(op, idx, masked, loads)};"))
+            if fused:
+                self.nest(op.shape[:-1], lambda idx: row(idx, masked, loads))
+            else:
+                self.nest(op.shape, lambda idx: self.line(
+                    f"{name}[{self.flat(idx, op.shape)}] = "
+                    f"{self.expr_root(op, idx, masked, loads)};"))
         self.guarded(emit)
+
+    def fusible_reductions(self, op: Op) -> list[Op]:
+        """Reductions over the last axis, later in op's block, of op itself or of an
+        elementwise function of op and values that already exist."""
+        block = self.block_of.get(op.id)
+        if block is None or not op.shape or op.shape[-1] == 1:
+            return []
+        later = block.ops[block.ops.index(op) + 1:]
+        return [r for r in later if r.kind == "reduce" and r.id not in self.emitted
+                and r.attrs["fn"] in ("sum", "max", "min")
+                and r.attrs["axes"] == (len(op.shape) - 1,)
+                and r.operands[0].shape == op.shape and self.available(r.operands[0], op)]
+
+    def available(self, e: Op, op: Op) -> bool:
+        """Whether expression `e` can be evaluated where `op` is being computed."""
+        if e is op or e.kind in _ALWAYS_INLINE or e.kind in ("param", "blockarg"):
+            return True
+        if e.id not in self.inline:
+            return e.id in self.emitted  # an array or scalar computed before op
+        return e.kind != "load" and all(self.available(o, op) for o in e.operands)
 
     def op_store(self, op: Op) -> None:
         tensor, value, starts = op.operands[0], op.operands[1], op.operands[2:]
@@ -375,7 +430,7 @@ class CStylePrinter(ABC):
     def op_reduce(self, op: Op) -> None:
         src = op.operands[0]
         fn, axes, t = op.attrs["fn"], op.attrs["axes"], self.ctype(op)
-        init = "0" if fn == "sum" else _LIMITS[t][0 if fn == "max" else 1]
+        init = _IDENTITY[fn](t)
         r = self.name(op)
         self.declare(r, op.type)
         self.line(f"for (int k = 0; k < {op.type.numel}; k++) {r}[k] = {init};")
@@ -408,42 +463,51 @@ class CStylePrinter(ABC):
         part = n // streams
         j = f"{r}_j"
         accs = [f"{r}_acc{k}" for k in range(streams)]
-        is_float = t == "float" and fn != "sum"
-        nan = f"{r}_nan"
-        for acc in accs:
-            self.line(f"{t} {acc} = {init};")
-        if is_float:
-            self.line(f"int {nan} = 0;")
-        clause = {"sum": "+", "max": "max", "min": "min"}[fn]
+        nan = self.accumulators(fn, t, accs, init)
 
         def loop(lo: int, hi: int, accs: list[str]) -> None:
-            reds = f"reduction({clause}:{','.join(accs)})" + \
-                (f" reduction(|:{nan})" if is_float else "")
-            self.line(self.simd(reds))
+            self.line(self.simd(self.reduction_clause(fn, accs, nan)))
             self.line(f"for (int {j} = {lo}; {j} < {hi}; {j}++) {{")
             self.depth += 1
             for k, acc in enumerate(accs):
-                e = element(f"{j} + {k * part}" if k else j)
-                if fn == "sum":
-                    self.line(f"{acc} += {e};")
-                    continue
-                x = f"{acc}_x"
-                self.line(f"const {t} {x} = {e};")
-                self.line(f"{acc} = {x} {'>' if fn == 'max' else '<'} {acc} ? {x} : {acc};")
-                if is_float:
-                    self.line(f"{nan} |= {x} != {x};")
+                self.reduction_step(fn, t, acc, nan, element(f"{j} + {k * part}" if k else j))
             self.depth -= 1
             self.line("}")
         loop(0, part, accs)
         if streams * part < n:  # the tail, into the first accumulator
             loop(streams * part, n, accs[:1])
-        total = accs[0]
-        for acc in accs[1:]:
-            total = self.combine(fn, total, acc, t) if fn == "sum" else \
-                f"({acc} {'>' if fn == 'max' else '<'} {total} ? {acc} : {total})"
-        if is_float:
-            total = f"({nan} ? NAN : {total})"
+        for acc in accs[1:]:  # NaNs are in the flag: plain compares combine the rest
+            self.line(f"{accs[0]} += {acc};" if fn == "sum" else
+                      f"{accs[0]} = {acc} {'>' if fn == 'max' else '<'} {accs[0]} ? {acc} : "
+                      f"{accs[0]};")
+        total = f"({nan} ? NAN : {accs[0]})" if nan else accs[0]
         self.line(f"{dst} = {self.combine(fn, dst, total, t)};")
+
+    def accumulators(self, fn: str, t: str, accs: list[str], init: str) -> str | None:
+        """Declare accumulators (and, for float max/min, a NaN flag, returned)."""
+        for acc in accs:
+            self.line(f"{t} {acc} = {init};")
+        if t != "float" or fn == "sum":
+            return None
+        nan = f"{accs[0]}_nan"
+        self.line(f"int {nan} = 0;")
+        return nan
+
+    @staticmethod
+    def reduction_clause(fn: str, accs: list[str], nan: str | None) -> str:
+        clause = f"reduction({ {'sum': '+'}.get(fn, fn)}:{','.join(accs)})"
+        return clause + (f" reduction(|:{nan})" if nan else "")
+
+    def reduction_step(self, fn: str, t: str, acc: str, nan: str | None, e: str) -> None:
+        """acc = fn(acc, e), noting NaNs in the flag (max/min compares ignore them)."""
+        if fn == "sum":
+            self.line(f"{acc} += {e};")
+            return
+        x = f"{acc}_x"
+        self.line(f"const {t} {x} = {e};")
+        self.line(f"{acc} = {x} {'>' if fn == 'max' else '<'} {acc} ? {x} : {acc};")
+        if nan:
+            self.line(f"{nan} |= {x} != {x};")
 
     def op_dot(self, op: Op) -> None:
         """C = A @ B (+ acc) for tiles A [M, K], B [K, N], in C's accumulator dtype."""
