@@ -450,3 +450,26 @@ def test_whole_dimension_slices_specialize_on_size() -> None:
         normalize_rows[(tl.cdiv(m, 8),)](x, out, BM=8)
         torch.testing.assert_close(out, x / (x * x).sum(1, keepdim=True))
     assert len(normalize_rows._compiled) == 2  # one build per column count
+
+
+@tl.kernel
+def centered_rows(x, out, mx, BM: tl.constexpr, BN: tl.constexpr):
+    i = tl.program_id(0) * BM
+    t = tl.load(x[i:i + BM, 0:BN], other=-float("inf")) * 2.0  # used twice: materialized
+    m = tl.max(t, axis=1, keepdims=True)  # fused into t's loop
+    s = tl.sum(tl.exp(t - m), axis=1, keepdims=True)
+    out[i:i + BM, 0:BN] = t - m
+    mx[i:i + BM, 0:1] = m + s
+
+
+def test_row_reductions_fused_into_materialization() -> None:
+    x = torch.randn(37, 50)
+    x[3, 7] = float("nan")
+    x[5] = float("-inf")
+    out, mx = torch.empty(37, 50), torch.empty(37, 1)
+    centered_rows[(tl.cdiv(37, 8),)](x, out, mx, BM=8, BN=64)
+    t = x * 2
+    m = t.amax(1, keepdim=True)
+    torch.testing.assert_close(out, t - m, equal_nan=True)
+    torch.testing.assert_close(mx, m + torch.exp(t - m).sum(1, keepdim=True), equal_nan=True)
+    assert "reduction(max:" in centered_rows.source(x, out, mx, BM=8, BN=64)
