@@ -1,0 +1,157 @@
+/* Tessera SGEMM template: C = alpha * A @ B + beta * C, row/column/any-strided operands.
+ *
+ * Layered as CUTLASS/CATLASS and structured as BLIS:
+ *   device  (Python)   picks blocking from the cache sizes and launches;
+ *   kernel  tsr_sgemm  the five loops: jc (NC) -> pc (KC, pack B) -> ic (MC, pack A)
+ *                      -> jr/ir (micro-tiles, spread over the threads);
+ *   block   pack_a / pack_b  copy operands into MR- and NR-wide slivers, zero-padded;
+ *   tile    micro_kernel     an MR x NR block of C in MR * NR / VL vector registers over
+ *                            the whole KC loop.
+ * The builder prepends: MR, NR, VL (floats per vector), MC, KC, NC.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+#include <omp.h>
+
+typedef float tsr_fv __attribute__((vector_size(VL * 4)));
+#define NV (NR / VL)
+
+static inline tsr_fv vload(const float *p) { tsr_fv v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, tsr_fv v) { memcpy(p, &v, sizeof v); }
+
+/* tile: acc = A_sliver (k x MR, p-major) * B_sliver (k x NR, p-major); C = alpha acc + beta C
+   for the m x n corner that lies inside C (the packed slivers are zero-padded). */
+static void micro_kernel(int64_t k, const float *restrict a, const float *restrict b,
+                         float *c, int64_t rsc, int64_t csc, int64_t m, int64_t n,
+                         float alpha, float beta) {
+    tsr_fv acc[MR][NV];
+    for (int r = 0; r < MR; r++)
+        for (int v = 0; v < NV; v++) acc[r][v] = (tsr_fv){0};
+    for (int64_t p = 0; p < k; p++, a += MR, b += NR) {
+        tsr_fv bv[NV];
+        for (int v = 0; v < NV; v++) bv[v] = vload(b + v * VL);
+        #pragma GCC unroll 16
+        for (int r = 0; r < MR; r++) {
+            const float ar = a[r];
+            for (int v = 0; v < NV; v++) acc[r][v] += ar * bv[v];
+        }
+    }
+    if (m == MR && n == NR && csc == 1) {  /* a whole tile, rows contiguous */
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < NV; v++) {
+                float *dst = c + r * rsc + v * VL;
+                tsr_fv out = alpha * acc[r][v];
+                if (beta != 0.0f) out += beta * vload(dst);
+                vstore(dst, out);
+            }
+        return;
+    }
+    float tile[MR][NR];
+    for (int r = 0; r < MR; r++)
+        for (int v = 0; v < NV; v++) vstore(&tile[r][v * VL], acc[r][v]);
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t j = 0; j < n; j++) {
+            float *dst = c + r * rsc + j * csc;
+            *dst = alpha * tile[r][j] + (beta != 0.0f ? beta * *dst : 0.0f);
+        }
+}
+
+/* block: A[ic:ic+mc, pc:pc+kc] as MR-row slivers, each kc x MR (zero rows past m). */
+static void pack_a(int64_t mc, int64_t kc, const float *a, int64_t rsa, int64_t csa,
+                   float *restrict dst) {
+    for (int64_t i = 0; i < mc; i += MR, dst += MR * kc) {
+        const int64_t rows = mc - i < MR ? mc - i : MR;
+        for (int64_t p = 0; p < kc; p++) {
+            const float *src = a + i * rsa + p * csa;
+            for (int64_t r = 0; r < MR; r++) dst[p * MR + r] = r < rows ? src[r * rsa] : 0.0f;
+        }
+    }
+}
+
+/* block: B[pc:pc+kc, jc+j:jc+j+NR] as one kc x NR sliver (zero columns past n). */
+static void pack_b_sliver(int64_t n, int64_t kc, const float *b, int64_t rsb, int64_t csb,
+                          float *restrict dst) {
+    const int64_t cols = n < NR ? n : NR;
+    for (int64_t p = 0; p < kc; p++, dst += NR) {
+        const float *src = b + p * rsb;
+        if (cols == NR && csb == 1) { memcpy(dst, src, NR * sizeof(float)); continue; }
+        for (int64_t j = 0; j < NR; j++) dst[j] = j < cols ? src[j * csb] : 0.0f;
+    }
+}
+
+/* kernel: C[m, n] = alpha A[m, k] B[k, n] + beta C, element (i, j) of X at
+   x + i * rsx + j * csx. Returns 0, or -1 if the packing buffers cannot be allocated. */
+int tsr_sgemm(int64_t m, int64_t n, int64_t k, float alpha,
+              const float *a, int64_t rsa, int64_t csa,
+              const float *b, int64_t rsb, int64_t csb,
+              float beta, float *c, int64_t rsc, int64_t csc) {
+    if (m <= 0 || n <= 0) return 0;
+    if (k <= 0 || alpha == 0.0f) {  /* C = beta C */
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < n; j++) {
+                float *dst = c + i * rsc + j * csc;
+                *dst = beta != 0.0f ? beta * *dst : 0.0f;
+            }
+        return 0;
+    }
+    const int64_t nc_max = n < NC ? (n + NR - 1) / NR * NR : NC;
+    const int64_t kc_max = k < KC ? k : KC;
+    float *bp = aligned_alloc(64, (size_t)((nc_max * kc_max * 4 + 63) / 64 * 64));
+    int threads = omp_get_max_threads();
+    const int64_t mc_max = m < MC ? (m + MR - 1) / MR * MR : MC;
+    float *ap = aligned_alloc(64, (size_t)((threads * mc_max * kc_max * 4 + 63) / 64 * 64));
+    if (!bp || !ap) { free(bp); free(ap); return -1; }
+    const int64_t work = m * n * k;
+    #pragma omp parallel if(work > 64 * 64 * 64) num_threads(threads)
+    {
+        float *my_a = ap + omp_get_thread_num() * mc_max * kc_max;
+        const int nt = omp_get_num_threads();
+        for (int64_t jc = 0; jc < n; jc += NC) {
+            const int64_t nc = n - jc < NC ? n - jc : NC;
+            for (int64_t pc = 0; pc < k; pc += KC) {
+                const int64_t kc = k - pc < KC ? k - pc : KC;
+                const float beta_p = pc == 0 ? beta : 1.0f;
+                #pragma omp for schedule(static)
+                for (int64_t j = 0; j < nc; j += NR)
+                    pack_b_sliver(nc - j, kc, b + pc * rsb + (jc + j) * csb, rsb, csb,
+                                  bp + j * kc);
+                /* threads split the rows of C into equal blocks (a multiple of the thread
+                   count, at most MC rows) when there are enough rows, else its columns */
+                int64_t blocks = (m + MC - 1) / MC;
+                blocks = (blocks + nt - 1) / nt * nt;
+                const int64_t mb = ((m + blocks - 1) / blocks + MR - 1) / MR * MR;
+                blocks = (m + mb - 1) / mb;
+                if (blocks >= nt) {
+                    #pragma omp for schedule(static)
+                    for (int64_t ib = 0; ib < blocks; ib++) {
+                        const int64_t ic = ib * mb, mc = m - ic < mb ? m - ic : mb;
+                        pack_a(mc, kc, a + ic * rsa + pc * csa, rsa, csa, my_a);
+                        for (int64_t j = 0; j < nc; j += NR)
+                            for (int64_t i = 0; i < mc; i += MR)
+                                micro_kernel(kc, my_a + i * kc, bp + j * kc,
+                                             c + (ic + i) * rsc + (jc + j) * csc, rsc, csc,
+                                             mc - i < MR ? mc - i : MR,
+                                             nc - j < NR ? nc - j : NR, alpha, beta_p);
+                    }
+                } else {
+                    for (int64_t ic = 0; ic < m; ic += MC) {
+                        const int64_t mc = m - ic < MC ? m - ic : MC;
+                        #pragma omp single
+                        pack_a(mc, kc, a + ic * rsa + pc * csa, rsa, csa, ap);
+                        #pragma omp for schedule(static) collapse(2)
+                        for (int64_t j = 0; j < nc; j += NR)
+                            for (int64_t i = 0; i < mc; i += MR)
+                                micro_kernel(kc, ap + i * kc, bp + j * kc,
+                                             c + (ic + i) * rsc + (jc + j) * csc, rsc, csc,
+                                             mc - i < MR ? mc - i : MR,
+                                             nc - j < NR ? nc - j : NR, alpha, beta_p);
+                    }
+                }
+            }
+        }
+    }
+    free(bp);
+    free(ap);
+    return 0;
+}

@@ -1,0 +1,103 @@
+"""Device layer of the SGEMM template: choose the blocking for this CPU, build the C
+template with it (once per machine, through the compile cache) and launch it on numpy,
+torch or tessera matrices of any strides."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tessera.errors import ShapeError, TesseraError
+from tessera.runtime import dtype as dt
+from tessera.runtime.cpu.device import cache_sizes, cpu_features
+from tessera.runtime.tensor import as_tensor
+from tessera.runtime.toolchain import compile_c
+
+__all__ = ["Blocking", "blocking", "sgemm"]
+
+_SOURCE = Path(__file__).with_name("sgemm.c")
+
+
+@dataclass(frozen=True)
+class Blocking:
+    """Template parameters: the micro-tile (MR x NR, in vectors of VL floats) and the
+    cache blocks (MC rows of A in L2, KC-deep slivers in L1, NC columns of B in L3)."""
+
+    mr: int
+    nr: int
+    vl: int
+    mc: int
+    kc: int
+    nc: int
+
+    def defines(self) -> str:
+        return "".join(f"#define {k.upper()} {v}\n" for k, v in vars(self).items())
+
+
+@cache
+def blocking() -> Blocking:
+    """The default blocking for this CPU, derived from its vector width and cache sizes."""
+    wide = "avx512f" in cpu_features()
+    vl = 16 if wide else 8
+    mr, nr = (8, 32) if wide else (6, 16)
+    caches = cache_sizes()
+    l1, l2 = caches["L1d"] or 32 << 10, caches["L2"] or 256 << 10
+    kc = max(64, min(512, int(0.7 * l1) // (4 * (mr + nr)) // 16 * 16))  # slivers in L1
+    mc = max(mr, min(960, l2 // 2 // (4 * kc) // mr * mr))  # A's block in half of L2
+    return Blocking(mr, nr, vl, mc, kc, nc=4096 // nr * nr)
+
+
+@cache
+def _kernel(b: Blocking) -> Any:
+    module = compile_c(b.defines() + _SOURCE.read_text(), name="sgemm", openmp=True)
+    return module.function("tsr_sgemm", ctypes.c_int, [
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64])
+
+
+def _matrix(x: Any, name: str) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    t = as_tensor(x)
+    if t.dtype is not dt.float32:
+        raise TesseraError(f"sgemm: {name} is {t.dtype.name}, not float32",
+                           hint="convert it, or use a GEMM for its dtype")
+    if len(t.shape) != 2:
+        raise ShapeError(f"sgemm: {name} must be 2-D, got shape {t.shape}")
+    return t.data_ptr(), t.shape, t.strides
+
+
+def sgemm(a: Any, b: Any, out: Any = None, *, alpha: float = 1.0, beta: float = 0.0,
+          config: Blocking | None = None) -> Any:
+    """out = alpha * a @ b + beta * out for float32 matrices of any strides (transposed
+    views included). Without `out`, a new C-contiguous result of a's kind is returned."""
+    pa, (m, k), (rsa, csa) = _matrix(a, "a")
+    pb, (k2, n), (rsb, csb) = _matrix(b, "b")
+    if k2 != k:
+        raise ShapeError(f"sgemm: a is {m}x{k} but b is {k2}x{n}",
+                         hint="the inner dimensions must agree")
+    if out is None:
+        out = _like(a, (m, n))
+        beta = 0.0
+    pc, shape, (rsc, csc) = _matrix(out, "out")
+    if shape != (m, n):
+        raise ShapeError(f"sgemm: out has shape {shape}, the product is {(m, n)}")
+    if as_tensor(out).readonly:
+        raise TesseraError("sgemm: out is read-only", hint="pass a writable array")
+    if _kernel(config or blocking())(m, n, k, alpha, pa, rsa, csa, pb, rsb, csb, beta, pc,
+                                     rsc, csc):
+        raise TesseraError(f"sgemm: no memory for the packing buffers of a {m}x{n}x{k} "
+                           "product")
+    return out
+
+
+def _like(x: Any, shape: tuple[int, int]) -> Any:
+    if type(x).__module__.startswith("torch"):
+        import torch
+        return torch.empty(shape, dtype=torch.float32)
+    return np.empty(shape, np.float32)
