@@ -25,6 +25,7 @@ __all__ = ["SUITES", "BenchError", "Case", "available", "run", "time_case"]
 SUITES: dict[str, str] = {
     "runtime": "tessera.bench.runtime",
     "lang": "tessera.bench.lang",
+    "gemm": "tessera.bench.gemm",
 }
 BASELINE_ORDER = ("numpy", "torch_eager", "torch_inductor", "mpi", "gloo")
 

@@ -80,6 +80,21 @@ static void pack_b_sliver(int64_t n, int64_t kc, const float *b, int64_t rsb, in
     }
 }
 
+/* Packing buffers, kept per calling thread and grown as needed: fresh multi-MB buffers
+   per call would cost their page faults every time. */
+static _Thread_local float *buffers[2];
+static _Thread_local size_t capacity[2];
+
+static float *buffer(int which, int64_t floats) {
+    const size_t bytes = ((size_t)floats * sizeof(float) + 4095) / 4096 * 4096;
+    if (bytes > capacity[which]) {
+        free(buffers[which]);
+        buffers[which] = aligned_alloc(4096, bytes);
+        capacity[which] = buffers[which] ? bytes : 0;
+    }
+    return buffers[which];
+}
+
 /* kernel: C[m, n] = alpha A[m, k] B[k, n] + beta C, element (i, j) of X at
    x + i * rsx + j * csx. Returns 0, or -1 if the packing buffers cannot be allocated. */
 int tsr_sgemm(int64_t m, int64_t n, int64_t k, float alpha,
@@ -97,11 +112,10 @@ int tsr_sgemm(int64_t m, int64_t n, int64_t k, float alpha,
     }
     const int64_t nc_max = n < NC ? (n + NR - 1) / NR * NR : NC;
     const int64_t kc_max = k < KC ? k : KC;
-    float *bp = aligned_alloc(64, (size_t)((nc_max * kc_max * 4 + 63) / 64 * 64));
-    int threads = omp_get_max_threads();
+    const int threads = omp_get_max_threads();
     const int64_t mc_max = m < MC ? (m + MR - 1) / MR * MR : MC;
-    float *ap = aligned_alloc(64, (size_t)((threads * mc_max * kc_max * 4 + 63) / 64 * 64));
-    if (!bp || !ap) { free(bp); free(ap); return -1; }
+    float *bp = buffer(0, nc_max * kc_max), *ap = buffer(1, threads * mc_max * kc_max);
+    if (!bp || !ap) return -1;
     const int64_t work = m * n * k;
     #pragma omp parallel if(work > 64 * 64 * 64) num_threads(threads)
     {
@@ -151,7 +165,5 @@ int tsr_sgemm(int64_t m, int64_t n, int64_t k, float alpha,
             }
         }
     }
-    free(bp);
-    free(ap);
     return 0;
 }

@@ -89,6 +89,9 @@ def sgemm(a: Any, b: Any, out: Any = None, *, alpha: float = 1.0, beta: float = 
         raise ShapeError(f"sgemm: out has shape {shape}, the product is {(m, n)}")
     if as_tensor(out).readonly:
         raise TesseraError("sgemm: out is read-only", hint="pass a writable array")
+    if (rsc == 0 and m > 1) or (csc == 0 and n > 1):
+        raise TesseraError("sgemm: out has a stride-0 (expanded) dimension, so its "
+                           "elements share memory", hint="pass a contiguous out")
     if _kernel(config or blocking())(m, n, k, alpha, pa, rsa, csa, pb, rsb, csb, beta, pc,
                                      rsc, csc):
         raise TesseraError(f"sgemm: no memory for the packing buffers of a {m}x{n}x{k} "

@@ -1,0 +1,78 @@
+"""The SGEMM template against torch.matmul: awkward shapes, every layout, alpha/beta,
+blockings that exercise every edge path, and bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tessera.errors import ShapeError, TesseraError
+from tessera.templates.gemm import Blocking, blocking, sgemm
+
+SHAPES = [(1, 1, 1), (1, 7, 3), (5, 1, 9), (7, 33, 5), (64, 64, 64), (100, 70, 300),
+          (257, 129, 513), (31, 1000, 17)]
+
+
+def _tol(k: int) -> dict[str, float]:
+    return {"atol": 2e-5 * k ** 0.5 + 1e-5, "rtol": 1e-4}
+
+
+@pytest.mark.parametrize("mnk", SHAPES)
+def test_matches_torch(mnk: tuple[int, int, int]) -> None:
+    m, n, k = mnk
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    torch.testing.assert_close(sgemm(a, b), a @ b, **_tol(k))
+
+
+@pytest.mark.parametrize("layout", ["nn", "tn", "nt", "tt", "strided"])
+def test_any_strides(layout: str) -> None:
+    m, n, k = 45, 38, 71
+    a = torch.randn(m, k) if layout[0] == "n" else torch.randn(k, m).t()
+    b = torch.randn(k, n) if layout[1:2] in ("n", "") else torch.randn(n, k).t()
+    if layout == "strided":
+        a, b = torch.randn(2 * m, 3 * k)[::2, ::3], torch.randn(k, 2 * n)[:, ::2]
+    out = torch.empty(n, m).t()  # a column-major result
+    sgemm(a, b, out)
+    torch.testing.assert_close(out, a @ b, **_tol(k))
+
+
+def test_alpha_beta_and_numpy() -> None:
+    a = np.random.default_rng(0).standard_normal((70, 40), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((40, 90), dtype=np.float32)
+    c0 = np.random.default_rng(2).standard_normal((70, 90), dtype=np.float32)
+    c = c0.copy()
+    sgemm(a, b, c, alpha=-2.0, beta=0.5)
+    np.testing.assert_allclose(c, -2.0 * a @ b + 0.5 * c0, rtol=1e-4, atol=1e-3)
+    c[:] = np.nan
+    sgemm(a, b, c, beta=0.0)  # beta = 0: C is not read, so NaNs there do not leak
+    np.testing.assert_allclose(c, a @ b, rtol=1e-4, atol=1e-3)
+    empty_k = sgemm(np.ones((3, 0), np.float32), np.ones((0, 4), np.float32))
+    assert np.array_equal(empty_k, np.zeros((3, 4), np.float32))
+
+
+@pytest.mark.parametrize("config", [Blocking(8, 32, 16, 16, 16, 64),
+                                    Blocking(6, 16, 8, 12, 24, 32),
+                                    Blocking(3, 8, 8, 9, 7, 16)])
+def test_small_blockings_cover_every_edge(config: Blocking) -> None:
+    if config.vl == 16 and blocking().vl != 16:
+        pytest.skip("16-lane vectors need AVX-512")
+    m, n, k = 53, 77, 61  # many MC, KC and NC blocks, all with remainders
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    torch.testing.assert_close(sgemm(a, b, config=config), a @ b, **_tol(k))
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ShapeError, match="inner dimensions"):
+        sgemm(torch.ones(3, 4), torch.ones(5, 6))
+    with pytest.raises(ShapeError, match="2-D"):
+        sgemm(torch.ones(3), torch.ones(3, 6))
+    with pytest.raises(TesseraError, match="float32"):
+        sgemm(torch.ones(3, 4, dtype=torch.float64), torch.ones(4, 6))
+    with pytest.raises(ShapeError, match="out has shape"):
+        sgemm(torch.ones(3, 4), torch.ones(4, 6), torch.empty(3, 5))
+    with pytest.raises(TesseraError, match="read-only"):
+        sgemm(np.ones((3, 4), np.float32), np.ones((4, 6), np.float32),
+              np.broadcast_to(np.zeros(6, np.float32), (3, 6)))
+    with pytest.raises(TesseraError, match="stride-0"):
+        sgemm(torch.ones(3, 4), torch.ones(4, 6), torch.zeros(1, 6).expand(3, 6))
