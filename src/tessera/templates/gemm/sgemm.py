@@ -47,9 +47,10 @@ def blocking() -> Blocking:
     mr, nr = (8, 32) if wide else (6, 16)
     caches = cache_sizes()
     l1, l2 = caches["L1d"] or 32 << 10, caches["L2"] or 256 << 10
-    kc = max(64, min(512, int(0.7 * l1) // (4 * (mr + nr)) // 16 * 16))  # slivers in L1
-    mc = max(mr, min(960, l2 // 2 // (4 * kc) // mr * mr))  # A's block in half of L2
-    return Blocking(mr, nr, vl, mc, kc, nc=4096 // nr * nr)
+    kc = max(128, min(512, l1 // (4 * nr) // 16 * 16))  # a B sliver fills L1
+    mc = max(mr, min(960, l2 // 4 // (4 * kc) // mr * mr))  # A's block in a quarter of L2
+    nc = max(nr, min(4096, (4 << 20) // (4 * kc) // nr * nr))  # B's panel: 4 MiB (of L3)
+    return Blocking(mr, nr, vl, mc, kc, nc)
 
 
 @cache
