@@ -76,3 +76,15 @@ def test_bad_inputs() -> None:
               np.broadcast_to(np.zeros(6, np.float32), (3, 6)))
     with pytest.raises(TesseraError, match="stride-0"):
         sgemm(torch.ones(3, 4), torch.ones(4, 6), torch.zeros(1, 6).expand(3, 6))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout", ["kn", "nk", "strided_x"])
+def test_few_rows_take_the_gemv_path(m: int, layout: str) -> None:
+    k, n = 300, 1000 + m  # a partial last strip / column group
+    x = torch.randn(m, k) if layout != "strided_x" else torch.randn(m, 2 * k)[:, ::2]
+    w = torch.randn(n, k).t() if layout == "nk" else torch.randn(k, n)
+    c0 = torch.randn(m, n)
+    c = c0.clone()
+    sgemm(x, w, c, alpha=0.5, beta=2.0)
+    torch.testing.assert_close(c, 0.5 * (x @ w) + 2.0 * c0, **_tol(k))

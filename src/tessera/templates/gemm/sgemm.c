@@ -95,6 +95,80 @@ static float *buffer(int which, int64_t floats) {
     return buffers[which];
 }
 
+/* A few rows of A (LLM decode: m = 1..GEMV_ROWS): no packing, B is streamed once at memory
+   bandwidth. Threads split the columns of C. B row-major (csb = 1): each row of A scales
+   rows of B into vector accumulators of C; B column-major (rsb = 1, a transposed weight):
+   each element of C is a dot product along a contiguous column of B. */
+#define GEMV_ROWS 4
+#define GEMV_VECS 8  /* columns of C per step when B is column-major */
+#define GEMV_STRIP 2048  /* columns of C per step when B is row-major (8 KiB in L1) */
+
+static inline float hsum(tsr_fv v) {
+    float lanes[VL], s = 0.0f;
+    vstore(lanes, v);
+    for (int l = 0; l < VL; l++) s += lanes[l];
+    return s;
+}
+
+/* out[i][v] = A[i, :] . B[:, v] for v < nj <= GEMV_VECS columns, each contiguous in B. */
+static inline __attribute__((always_inline)) void dot_columns(
+        const int m, int64_t k, int64_t nj, const float *a, int64_t rsa, int64_t csa,
+        const float *b, int64_t csb, float out[GEMV_ROWS][GEMV_STRIP]) {
+    tsr_fv acc[GEMV_ROWS][GEMV_VECS];
+    for (int i = 0; i < m; i++)
+        for (int v = 0; v < GEMV_VECS; v++) acc[i][v] = (tsr_fv){0};
+    const int64_t kv = csa == 1 && nj == GEMV_VECS ? k / VL * VL : 0;
+    for (int64_t p = 0; p < kv; p += VL) {
+        tsr_fv bv[GEMV_VECS];
+        for (int v = 0; v < GEMV_VECS; v++) bv[v] = vload(b + v * csb + p);
+        for (int i = 0; i < m; i++) {
+            const tsr_fv av = vload(a + i * rsa + p);
+            for (int v = 0; v < GEMV_VECS; v++) acc[i][v] += av * bv[v];
+        }
+    }
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t v = 0; v < nj; v++) {
+            float s = kv ? hsum(acc[i][v]) : 0.0f;
+            for (int64_t p = kv; p < k; p++) s += a[i * rsa + p * csa] * b[v * csb + p];
+            out[i][v] = s;
+        }
+}
+
+static void gemv_rows(int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+                      int64_t rsa, int64_t csa, const float *b, int64_t rsb, int64_t csb,
+                      float beta, float *c, int64_t rsc, int64_t csc) {
+    const int64_t step = csb == 1 ? GEMV_STRIP : GEMV_VECS;
+    #pragma omp parallel for schedule(static) if(n * k > 65536)
+    for (int64_t j0 = 0; j0 < n; j0 += step) {
+        const int64_t nj = n - j0 < step ? n - j0 : step;
+        float out[GEMV_ROWS][GEMV_STRIP];
+        if (csb == 1) {  /* stream B's rows over a strip of C that stays in L1 */
+            for (int64_t i = 0; i < m; i++) memset(out[i], 0, nj * sizeof(float));
+            for (int64_t p = 0; p < k; p++) {
+                const float *brow = b + p * rsb + j0;
+                for (int64_t i = 0; i < m; i++) {
+                    const float ai = a[i * rsa + p * csa];
+                    float *o = out[i];
+                    #pragma omp simd
+                    for (int64_t j = 0; j < nj; j++) o[j] += ai * brow[j];
+                }
+            }
+        } else {  /* rsb == 1: columns of B are contiguous; dot products, VL lanes at once */
+            switch (m) {  /* a constant row count keeps the accumulators in registers */
+                case 1: dot_columns(1, k, nj, a, rsa, csa, b + j0 * csb, csb, out); break;
+                case 2: dot_columns(2, k, nj, a, rsa, csa, b + j0 * csb, csb, out); break;
+                case 3: dot_columns(3, k, nj, a, rsa, csa, b + j0 * csb, csb, out); break;
+                default: dot_columns(4, k, nj, a, rsa, csa, b + j0 * csb, csb, out); break;
+            }
+        }
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < nj; j++) {
+                float *dst = c + i * rsc + (j0 + j) * csc;
+                *dst = alpha * out[i][j] + (beta != 0.0f ? beta * *dst : 0.0f);
+            }
+    }
+}
+
 /* kernel: C[m, n] = alpha A[m, k] B[k, n] + beta C, element (i, j) of X at
    x + i * rsx + j * csx. Returns 0, or -1 if the packing buffers cannot be allocated. */
 int tsr_sgemm(int64_t m, int64_t n, int64_t k, float alpha,
@@ -108,6 +182,10 @@ int tsr_sgemm(int64_t m, int64_t n, int64_t k, float alpha,
                 float *dst = c + i * rsc + j * csc;
                 *dst = beta != 0.0f ? beta * *dst : 0.0f;
             }
+        return 0;
+    }
+    if (m <= GEMV_ROWS && (csb == 1 || rsb == 1)) {
+        gemv_rows(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc);
         return 0;
     }
     const int64_t nc_max = n < NC ? (n + NR - 1) / NR * NR : NC;
