@@ -24,8 +24,12 @@ demo: venv
 test: venv
 	$(PY) -m pytest
 
+# OpenBLAS (numpy's) spins ~0.1 s after each call by default, starving the next impl's
+# threads in interleaved timing; 2^20 cycles (~0.4 ms) keeps its back-to-back calls hot.
 bench: venv
-	$(VENV)/bin/tessera bench runtime --json bench-runtime.json
+	for suite in runtime lang gemm; do \
+	    OPENBLAS_THREAD_TIMEOUT=20 $(VENV)/bin/tessera bench $$suite --json bench-$$suite.json; \
+	done
 
 lint: venv
 	$(VENV)/bin/ruff check src tests examples

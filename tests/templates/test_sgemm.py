@@ -88,3 +88,37 @@ def test_few_rows_take_the_gemv_path(m: int, layout: str) -> None:
     c = c0.clone()
     sgemm(x, w, c, alpha=0.5, beta=2.0)
     torch.testing.assert_close(c, 0.5 * (x @ w) + 2.0 * c0, **_tol(k))
+
+
+ACTS = {None: lambda x: x, "relu": torch.relu, "gelu": torch.nn.functional.gelu,
+        "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+        "silu": torch.nn.functional.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
+
+@pytest.mark.parametrize("activation", list(ACTS))
+@pytest.mark.parametrize("mnk", [(1, 70, 30), (3, 65, 17), (100, 70, 300), (257, 129, 513)])
+def test_fused_epilogues(mnk: tuple[int, int, int], activation: str | None) -> None:
+    m, n, k = mnk
+    a, b, bias, res = torch.randn(m, k), torch.randn(k, n), torch.randn(n), torch.randn(m, n)
+    got = sgemm(a, b, bias=bias, activation=activation, residual=res)
+    torch.testing.assert_close(got, ACTS[activation](a @ b + bias) + res, **_tol(k))
+    only_act = sgemm(a, b, activation=activation)
+    torch.testing.assert_close(only_act, ACTS[activation](a @ b), **_tol(k))
+
+
+def test_epilogue_edge_cases() -> None:
+    a, b = torch.randn(4, 0), torch.randn(0, 5)  # k = 0: the epilogue of zeros
+    bias = torch.randn(5)
+    torch.testing.assert_close(sgemm(a, b, bias=bias, activation="relu"),
+                               torch.relu(bias).expand(4, 5))
+    nan = torch.full((2, 3), float("nan"))
+    assert sgemm(nan, torch.ones(3, 40), activation="relu").isnan().all()
+    res_t = torch.randn(40, 2).t()  # a strided residual
+    torch.testing.assert_close(sgemm(torch.ones(2, 3), torch.ones(3, 40), residual=res_t),
+                               3 + res_t)
+    with pytest.raises(ShapeError, match="bias"):
+        sgemm(torch.ones(2, 3), torch.ones(3, 4), bias=torch.ones(5))
+    with pytest.raises(ShapeError, match="residual"):
+        sgemm(torch.ones(2, 3), torch.ones(3, 4), residual=torch.ones(4, 2))
+    with pytest.raises(TesseraError, match="unknown activation"):
+        sgemm(torch.ones(2, 3), torch.ones(3, 4), activation="swish")

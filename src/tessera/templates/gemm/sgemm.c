@@ -15,6 +15,16 @@
 #include <omp.h>
 
 typedef float tsr_fv __attribute__((vector_size(VL * 4)));
+
+/* Epilogue: what the builder fuses into the final store of each element of C (bias,
+   activation, residual...), as EPILOGUE(x, i, j, ep); the identity when there is none. */
+typedef struct { const float *bias; const float *res; int64_t rsr, csr; } tsr_ep;
+#ifndef EPILOGUE
+#define EPILOGUE(x, i, j, ep) (x)
+#define HAS_EPILOGUE 0
+#else
+#define HAS_EPILOGUE 1
+#endif
 #define NV (NR / VL)
 
 static inline tsr_fv vload(const float *p) { tsr_fv v; memcpy(&v, p, sizeof v); return v; }
@@ -22,9 +32,22 @@ static inline void vstore(float *p, tsr_fv v) { memcpy(p, &v, sizeof v); }
 
 /* tile: acc = A_sliver (k x MR, p-major) * B_sliver (k x NR, p-major); C = alpha acc + beta C
    for the m x n corner that lies inside C (the packed slivers are zero-padded). */
+static inline void epilogue_tile(float *c, int64_t rsc, int64_t csc, int64_t i0,
+                                 int64_t j0, int64_t m, int64_t n, const tsr_ep *ep) {
+    (void)i0; (void)j0; (void)ep;
+    for (int64_t r = 0; r < m; r++) {
+        #pragma omp simd
+        for (int64_t j = 0; j < n; j++) {
+            float *dst = c + r * rsc + j * csc;
+            *dst = EPILOGUE(*dst, i0 + r, j0 + j, ep);
+        }
+    }
+}
+
 static void micro_kernel(int64_t k, const float *restrict a, const float *restrict b,
                          float *c, int64_t rsc, int64_t csc, int64_t m, int64_t n,
-                         float alpha, float beta) {
+                         float alpha, float beta, int64_t i0, int64_t j0, int last,
+                         const tsr_ep *ep) {
     tsr_fv acc[MR][NV];
     for (int r = 0; r < MR; r++)
         for (int v = 0; v < NV; v++) acc[r][v] = (tsr_fv){0};
@@ -45,6 +68,7 @@ static void micro_kernel(int64_t k, const float *restrict a, const float *restri
                 if (beta != 0.0f) out += beta * vload(dst);
                 vstore(dst, out);
             }
+        if (HAS_EPILOGUE && last) epilogue_tile(c, rsc, csc, i0, j0, m, n, ep);
         return;
     }
     float tile[MR][NR];
@@ -55,6 +79,7 @@ static void micro_kernel(int64_t k, const float *restrict a, const float *restri
             float *dst = c + r * rsc + j * csc;
             *dst = alpha * tile[r][j] + (beta != 0.0f ? beta * *dst : 0.0f);
         }
+    if (HAS_EPILOGUE && last) epilogue_tile(c, rsc, csc, i0, j0, m, n, ep);
 }
 
 /* block: A[ic:ic+mc, pc:pc+kc] as MR-row slivers, each kc x MR (zero rows past m). */
@@ -136,7 +161,7 @@ static inline __attribute__((always_inline)) void dot_columns(
 
 static void gemv_rows(int64_t m, int64_t n, int64_t k, float alpha, const float *a,
                       int64_t rsa, int64_t csa, const float *b, int64_t rsb, int64_t csb,
-                      float beta, float *c, int64_t rsc, int64_t csc) {
+                      float beta, float *c, int64_t rsc, int64_t csc, const tsr_ep *ep) {
     const int64_t step = csb == 1 ? GEMV_STRIP : GEMV_VECS;
     #pragma omp parallel for schedule(static) if(n * k > 65536)
     for (int64_t j0 = 0; j0 < n; j0 += step) {
@@ -164,7 +189,8 @@ static void gemv_rows(int64_t m, int64_t n, int64_t k, float alpha, const float 
         for (int64_t i = 0; i < m; i++)
             for (int64_t j = 0; j < nj; j++) {
                 float *dst = c + i * rsc + (j0 + j) * csc;
-                *dst = alpha * out[i][j] + (beta != 0.0f ? beta * *dst : 0.0f);
+                *dst = EPILOGUE(alpha * out[i][j] + (beta != 0.0f ? beta * *dst : 0.0f),
+                                i, j0 + j, ep);
             }
     }
 }
@@ -174,18 +200,18 @@ static void gemv_rows(int64_t m, int64_t n, int64_t k, float alpha, const float 
 int tsr_sgemm(int64_t m, int64_t n, int64_t k, float alpha,
               const float *a, int64_t rsa, int64_t csa,
               const float *b, int64_t rsb, int64_t csb,
-              float beta, float *c, int64_t rsc, int64_t csc) {
+              float beta, float *c, int64_t rsc, int64_t csc, const tsr_ep *ep) {
     if (m <= 0 || n <= 0) return 0;
-    if (k <= 0 || alpha == 0.0f) {  /* C = beta C */
+    if (k <= 0 || alpha == 0.0f) {  /* C = beta C, then the epilogue */
         for (int64_t i = 0; i < m; i++)
             for (int64_t j = 0; j < n; j++) {
                 float *dst = c + i * rsc + j * csc;
-                *dst = beta != 0.0f ? beta * *dst : 0.0f;
+                *dst = EPILOGUE(beta != 0.0f ? beta * *dst : 0.0f, i, j, ep);
             }
         return 0;
     }
     if (m <= GEMV_ROWS && (csb == 1 || rsb == 1)) {
-        gemv_rows(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc);
+        gemv_rows(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc, ep);
         return 0;
     }
     const int64_t nc_max = n < NC ? (n + NR - 1) / NR * NR : NC;
@@ -204,6 +230,7 @@ int tsr_sgemm(int64_t m, int64_t n, int64_t k, float alpha,
             for (int64_t pc = 0; pc < k; pc += KC) {
                 const int64_t kc = k - pc < KC ? k - pc : KC;
                 const float beta_p = pc == 0 ? beta : 1.0f;
+                const int last = pc + kc >= k;  /* the epilogue runs once, at the end */
                 #pragma omp for schedule(static)
                 for (int64_t j = 0; j < nc; j += NR)
                     pack_b_sliver(nc - j, kc, b + pc * rsb + (jc + j) * csb, rsb, csb,
@@ -224,7 +251,8 @@ int tsr_sgemm(int64_t m, int64_t n, int64_t k, float alpha,
                                 micro_kernel(kc, my_a + i * kc, bp + j * kc,
                                              c + (ic + i) * rsc + (jc + j) * csc, rsc, csc,
                                              mc - i < MR ? mc - i : MR,
-                                             nc - j < NR ? nc - j : NR, alpha, beta_p);
+                                             nc - j < NR ? nc - j : NR, alpha, beta_p,
+                                             ic + i, jc + j, last, ep);
                     }
                 } else {
                     for (int64_t ic = 0; ic < m; ic += MC) {
@@ -237,7 +265,8 @@ int tsr_sgemm(int64_t m, int64_t n, int64_t k, float alpha,
                                 micro_kernel(kc, ap + i * kc, bp + j * kc,
                                              c + (ic + i) * rsc + (jc + j) * csc, rsc, csc,
                                              mc - i < MR ? mc - i : MR,
-                                             nc - j < NR ? nc - j : NR, alpha, beta_p);
+                                             nc - j < NR ? nc - j : NR, alpha, beta_p,
+                                             ic + i, jc + j, last, ep);
                     }
                 }
             }

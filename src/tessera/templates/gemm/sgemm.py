@@ -21,6 +21,7 @@ from tessera.runtime.toolchain import compile_c
 __all__ = ["Blocking", "blocking", "sgemm"]
 
 _SOURCE = Path(__file__).with_name("sgemm.c")
+_MATH = Path(__file__).parents[2] / "lang" / "codegen" / "tessera_math.h"
 
 
 @dataclass(frozen=True)
@@ -53,30 +54,64 @@ def blocking() -> Blocking:
     return Blocking(mr, nr, vl, mc, kc, nc)
 
 
+ACTIVATIONS = {"relu": "({x} < 0.0f ? 0.0f : {x})",  # NaN stays NaN, as in torch
+               "gelu": "tsr_gelu_erf({x})", "gelu_tanh": "tsr_gelu_tanh({x})",
+               "silu": "tsr_silu({x})", "sigmoid": "tsr_sigmoid({x})", "tanh": "tsr_tanh({x})"}
+
+
+class _EpilogueArgs(ctypes.Structure):
+    _fields_ = [("bias", ctypes.c_void_p), ("res", ctypes.c_void_p),
+                ("rsr", ctypes.c_int64), ("csr", ctypes.c_int64)]
+
+
+def _epilogue_source(bias: bool, activation: str | None, residual: bool) -> str:
+    """The EPILOGUE(x, i, j, ep) macro for one combination: act(x + bias[j]) + res[i, j]."""
+    if not (bias or activation or residual):
+        return ""
+    x = "(x)"
+    if bias:
+        x = f"({x} + (ep)->bias[j])"
+    if activation:
+        x = f"({{ const float x_ = {x}; {ACTIVATIONS[activation].format(x='x_')}; }})"
+    if residual:
+        x = f"({x} + (ep)->res[(i) * (ep)->rsr + (j) * (ep)->csr])"
+    math = _MATH.read_text() if activation else ""
+    return (f"#include <stdint.h>\n#include <stdbool.h>\n#include <string.h>\n#include <math.h>\n"
+            f"{math}\n#define EPILOGUE(x, i, j, ep) {x}\n")
+
+
 @cache
-def _kernel(b: Blocking) -> Any:
-    module = compile_c(b.defines() + _SOURCE.read_text(), name="sgemm", openmp=True)
+def _kernel(b: Blocking, epilogue: tuple[bool, str | None, bool] = (False, None, False)
+            ) -> Any:
+    source = b.defines() + _epilogue_source(*epilogue) + _SOURCE.read_text()
+    module = compile_c(source, name="sgemm", openmp=True)
     return module.function("tsr_sgemm", ctypes.c_int, [
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64])
+        ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+        ctypes.POINTER(_EpilogueArgs)])
 
 
-def _matrix(x: Any, name: str) -> tuple[int, tuple[int, int], tuple[int, int]]:
+def _matrix(x: Any, name: str, ndim: int = 2) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     t = as_tensor(x)
     if t.dtype is not dt.float32:
         raise TesseraError(f"sgemm: {name} is {t.dtype.name}, not float32",
                            hint="convert it, or use a GEMM for its dtype")
-    if len(t.shape) != 2:
-        raise ShapeError(f"sgemm: {name} must be 2-D, got shape {t.shape}")
+    if len(t.shape) != ndim:
+        raise ShapeError(f"sgemm: {name} must be {ndim}-D, got shape {t.shape}")
+    if ndim == 1 and t.strides != (1,) and t.shape[0] > 1:
+        raise ShapeError(f"sgemm: {name} must be contiguous", hint="pass .contiguous()")
     return t.data_ptr(), t.shape, t.strides
 
 
 def sgemm(a: Any, b: Any, out: Any = None, *, alpha: float = 1.0, beta: float = 0.0,
+          bias: Any = None, activation: str | None = None, residual: Any = None,
           config: Blocking | None = None) -> Any:
-    """out = alpha * a @ b + beta * out for float32 matrices of any strides (transposed
-    views included). Without `out`, a new C-contiguous result of a's kind is returned."""
+    """out = activation(alpha * a @ b + beta * out + bias) + residual for float32 matrices
+    of any strides (transposed views included); the epilogue (bias [n], an activation of
+    ACTIVATIONS, residual [m, n]) is fused into the final store. Without `out`, a new
+    C-contiguous result of a's kind is returned."""
     pa, (m, k), (rsa, csa) = _matrix(a, "a")
     pb, (k2, n), (rsb, csb) = _matrix(b, "b")
     if k2 != k:
@@ -93,8 +128,20 @@ def sgemm(a: Any, b: Any, out: Any = None, *, alpha: float = 1.0, beta: float = 
     if (rsc == 0 and m > 1) or (csc == 0 and n > 1):
         raise TesseraError("sgemm: out has a stride-0 (expanded) dimension, so its "
                            "elements share memory", hint="pass a contiguous out")
-    if _kernel(config or blocking())(m, n, k, alpha, pa, rsa, csa, pb, rsb, csb, beta, pc,
-                                     rsc, csc):
+    ep = _EpilogueArgs()
+    if bias is not None:
+        ep.bias, shape, _ = _matrix(bias, "bias", ndim=1)
+        if shape != (n,):
+            raise ShapeError(f"sgemm: bias has shape {shape}, expected ({n},)")
+    if residual is not None:
+        ep.res, shape, (ep.rsr, ep.csr) = _matrix(residual, "residual")
+        if shape != (m, n):
+            raise ShapeError(f"sgemm: residual has shape {shape}, expected {(m, n)}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise TesseraError(f"sgemm: unknown activation {activation!r}",
+                           hint=f"one of {', '.join(ACTIVATIONS)}")
+    kernel = _kernel(config or blocking(), (bias is not None, activation, residual is not None))
+    if kernel(m, n, k, alpha, pa, rsa, csa, pb, rsb, csb, beta, pc, rsc, csc, ep):
         raise TesseraError(f"sgemm: no memory for the packing buffers of a {m}x{n}x{k} "
                            "product")
     return out
