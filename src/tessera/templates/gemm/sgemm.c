@@ -235,6 +235,10 @@ int tsr_sgemm(int64_t m, int64_t n, int64_t k, float alpha,
                 for (int64_t j = 0; j < nc; j += NR)
                     pack_b_sliver(nc - j, kc, b + pc * rsb + (jc + j) * csb, rsb, csb,
                                   bp + j * kc);
+                /* the micro-tile (i, j) of the (ic, jc) block, A packed at `packed` */
+                #define TILE(packed) micro_kernel(kc, (packed) + i * kc, bp + j * kc, \
+                    c + (ic + i) * rsc + (jc + j) * csc, rsc, csc, mc - i < MR ? mc - i : MR, \
+                    nc - j < NR ? nc - j : NR, alpha, beta_p, ic + i, jc + j, last, ep)
                 /* threads split the rows of C into equal blocks (a multiple of the thread
                    count, at most MC rows) when there are enough rows, else its columns */
                 int64_t blocks = (m + MC - 1) / MC;
@@ -248,11 +252,7 @@ int tsr_sgemm(int64_t m, int64_t n, int64_t k, float alpha,
                         pack_a(mc, kc, a + ic * rsa + pc * csa, rsa, csa, my_a);
                         for (int64_t j = 0; j < nc; j += NR)
                             for (int64_t i = 0; i < mc; i += MR)
-                                micro_kernel(kc, my_a + i * kc, bp + j * kc,
-                                             c + (ic + i) * rsc + (jc + j) * csc, rsc, csc,
-                                             mc - i < MR ? mc - i : MR,
-                                             nc - j < NR ? nc - j : NR, alpha, beta_p,
-                                             ic + i, jc + j, last, ep);
+                                TILE(my_a);
                     }
                 } else {
                     for (int64_t ic = 0; ic < m; ic += MC) {
@@ -262,11 +262,7 @@ int tsr_sgemm(int64_t m, int64_t n, int64_t k, float alpha,
                         #pragma omp for schedule(static) collapse(2)
                         for (int64_t j = 0; j < nc; j += NR)
                             for (int64_t i = 0; i < mc; i += MR)
-                                micro_kernel(kc, ap + i * kc, bp + j * kc,
-                                             c + (ic + i) * rsc + (jc + j) * csc, rsc, csc,
-                                             mc - i < MR ? mc - i : MR,
-                                             nc - j < NR ? nc - j : NR, alpha, beta_p,
-                                             ic + i, jc + j, last, ep);
+                                TILE(ap);
                     }
                 }
             }
