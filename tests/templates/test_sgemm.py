@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tessera.errors import ShapeError, TesseraError
-from tessera.templates.gemm import Blocking, blocking, sgemm
+from tessera.templates.gemm import Blocking, blocking, grouped_sgemm, sgemm
 
 SHAPES = [(1, 1, 1), (1, 7, 3), (5, 1, 9), (7, 33, 5), (64, 64, 64), (100, 70, 300),
           (257, 129, 513), (31, 1000, 17)]
@@ -122,3 +122,35 @@ def test_epilogue_edge_cases() -> None:
         sgemm(torch.ones(2, 3), torch.ones(3, 4), residual=torch.ones(4, 2))
     with pytest.raises(TesseraError, match="unknown activation"):
         sgemm(torch.ones(2, 3), torch.ones(3, 4), activation="swish")
+
+
+def _grouped_reference(x, w, sizes):
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    pairs = enumerate(zip(starts, sizes, strict=True))
+    return torch.cat([x[s:s + c] @ w[e] for e, (s, c) in pairs])
+
+
+@pytest.mark.parametrize("groups", [1, 3, 8, 64])
+def test_grouped_matches_a_loop_of_matmuls(groups: int) -> None:
+    rng = np.random.default_rng(groups)
+    sizes = rng.integers(0, 20, groups)
+    sizes[0] = 0  # experts without tokens
+    x, w = torch.randn(int(sizes.sum()), 48), torch.randn(groups, 48, 70)
+    torch.testing.assert_close(grouped_sgemm(x, w, sizes), _grouped_reference(x, w, sizes),
+                               **_tol(48))
+
+
+def test_grouped_layouts_epilogue_and_errors() -> None:
+    sizes = [5, 0, 9]
+    x = torch.randn(48, 14).t()  # [14, 48] strided
+    w = torch.randn(3, 70, 48).transpose(1, 2)  # [3, 48, 70] with transposed experts
+    bias = torch.randn(70)
+    got = grouped_sgemm(x, w, sizes, bias=bias, activation="silu")
+    want = torch.nn.functional.silu(_grouped_reference(x, w, sizes) + bias)
+    torch.testing.assert_close(got, want, **_tol(48))
+    with pytest.raises(ShapeError, match="summing"):
+        grouped_sgemm(x, w, [5, 0, 8])
+    with pytest.raises(ShapeError, match="non-negative"):
+        grouped_sgemm(x, w, [15, -1, 0])
+    with pytest.raises(ShapeError, match=r"\[E, K, N\]"):
+        grouped_sgemm(x, torch.randn(48, 70), [14])

@@ -270,3 +270,27 @@ int tsr_sgemm(int64_t m, int64_t n, int64_t k, float alpha,
     }
     return 0;
 }
+
+/* grouped (MoE experts): for each group g of `sizes[g]` consecutive rows of A (tokens
+   sorted by expert), C[rows] = A[rows] @ B[g], B[g] at b + g * gsb. One call for all the
+   groups. With many groups the threads take whole groups (dynamically: token counts are
+   uneven; the GEMM inside then runs on its caller's thread alone, as nested regions do);
+   with few, each group uses all threads. Returns 0, or -1 if packing memory runs out. */
+int tsr_sgemm_grouped(int64_t groups, const int64_t *sizes, int64_t n, int64_t k,
+                      const float *a, int64_t rsa, int64_t csa,
+                      const float *b, int64_t gsb, int64_t rsb, int64_t csb,
+                      float *c, int64_t rsc, int64_t csc, const tsr_ep *ep) {
+    int64_t *starts = malloc((size_t)(groups + 1) * sizeof(int64_t));
+    if (!starts) return -1;
+    starts[0] = 0;
+    for (int64_t g = 0; g < groups; g++) starts[g + 1] = starts[g] + sizes[g];
+    int failed = 0;
+    #pragma omp parallel for schedule(dynamic, 1) if(groups >= 2 * omp_get_max_threads()) \
+        reduction(|:failed)
+    for (int64_t g = 0; g < groups; g++)
+        if (sizes[g] > 0)
+            failed |= tsr_sgemm(sizes[g], n, k, 1.0f, a + starts[g] * rsa, rsa, csa,
+                                b + g * gsb, rsb, csb, 0.0f, c + starts[g] * rsc, rsc, csc, ep);
+    free(starts);
+    return failed ? -1 : 0;
+}

@@ -18,7 +18,7 @@ from tessera.runtime.cpu.device import cache_sizes, cpu_features
 from tessera.runtime.tensor import as_tensor
 from tessera.runtime.toolchain import compile_c
 
-__all__ = ["Blocking", "blocking", "sgemm"]
+__all__ = ["ACTIVATIONS", "Blocking", "blocking", "grouped_sgemm", "sgemm"]
 
 _SOURCE = Path(__file__).with_name("sgemm.c")
 _MATH = Path(__file__).parents[2] / "lang" / "codegen" / "tessera_math.h"
@@ -80,17 +80,21 @@ def _epilogue_source(bias: bool, activation: str | None, residual: bool) -> str:
             f"{math}\n#define EPILOGUE(x, i, j, ep) {x}\n")
 
 
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_SIGNATURES = {
+    "tsr_sgemm": [_I64, _I64, _I64, ctypes.c_float, _PTR, _I64, _I64, _PTR, _I64, _I64,
+                  ctypes.c_float, _PTR, _I64, _I64, ctypes.POINTER(_EpilogueArgs)],
+    "tsr_sgemm_grouped": [_I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64,
+                          _PTR, _I64, _I64, ctypes.POINTER(_EpilogueArgs)],
+}
+
+
 @cache
-def _kernel(b: Blocking, epilogue: tuple[bool, str | None, bool] = (False, None, False)
-            ) -> Any:
+def _kernel(b: Blocking, epilogue: tuple[bool, str | None, bool] = (False, None, False),
+            entry: str = "tsr_sgemm") -> Any:
     source = b.defines() + _epilogue_source(*epilogue) + _SOURCE.read_text()
     module = compile_c(source, name="sgemm", openmp=True)
-    return module.function("tsr_sgemm", ctypes.c_int, [
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-        ctypes.POINTER(_EpilogueArgs)])
+    return module.function(entry, ctypes.c_int, _SIGNATURES[entry])
 
 
 def _matrix(x: Any, name: str, ndim: int = 2) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
@@ -140,10 +144,49 @@ def sgemm(a: Any, b: Any, out: Any = None, *, alpha: float = 1.0, beta: float = 
     if activation is not None and activation not in ACTIVATIONS:
         raise TesseraError(f"sgemm: unknown activation {activation!r}",
                            hint=f"one of {', '.join(ACTIVATIONS)}")
-    kernel = _kernel(config or blocking(), (bias is not None, activation, residual is not None))
+    kernel = _kernel(config or blocking(), (bias is not None, activation,
+                                            residual is not None))
     if kernel(m, n, k, alpha, pa, rsa, csa, pb, rsb, csb, beta, pc, rsc, csc, ep):
         raise TesseraError(f"sgemm: no memory for the packing buffers of a {m}x{n}x{k} "
                            "product")
+    return out
+
+
+def grouped_sgemm(a: Any, b: Any, sizes: Any, out: Any = None, *, bias: Any = None,
+                  activation: str | None = None, config: Blocking | None = None) -> Any:
+    """Mixture-of-experts GEMM in one call: rows of `a` [T, K] come in groups (tokens sorted
+    by expert) of `sizes` [E] rows; group g is multiplied by `b[g]` ([E, K, N], any
+    strides). Returns out [T, N]. `bias` [N] and `activation` apply to every group."""
+    pa, (t, k), (rsa, csa) = _matrix(a, "a")
+    bt = as_tensor(b)
+    if len(bt.shape) != 3 or bt.dtype is not dt.float32:
+        raise ShapeError(f"grouped_sgemm: b must be a float32 [E, K, N] tensor, got "
+                         f"{bt.dtype.name} {bt.shape}")
+    groups, k2, n = bt.shape
+    if k2 != k:
+        raise ShapeError(f"grouped_sgemm: a has K = {k}, b has K = {k2}")
+    counts = np.ascontiguousarray(np.asarray(sizes, dtype=np.int64))
+    if counts.shape != (groups,) or (counts < 0).any() or counts.sum() != t:
+        raise ShapeError(f"grouped_sgemm: sizes must be {groups} non-negative counts summing "
+                         f"to the {t} rows of a, got {counts.tolist()}")
+    if out is None:
+        out = _like(a, (t, n))
+    pc, shape, (rsc, csc) = _matrix(out, "out")
+    if shape != (t, n):
+        raise ShapeError(f"grouped_sgemm: out has shape {shape}, expected {(t, n)}")
+    ep = _EpilogueArgs()
+    if bias is not None:
+        ep.bias, shape, _ = _matrix(bias, "bias", ndim=1)
+        if shape != (n,):
+            raise ShapeError(f"grouped_sgemm: bias has shape {shape}, expected ({n},)")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise TesseraError(f"grouped_sgemm: unknown activation {activation!r}",
+                           hint=f"one of {', '.join(ACTIVATIONS)}")
+    kernel = _kernel(config or blocking(), (bias is not None, activation, False),
+                     "tsr_sgemm_grouped")
+    if kernel(groups, counts.ctypes.data, n, k, pa, rsa, csa, bt.data_ptr(), *bt.strides,
+              pc, rsc, csc, ep):
+        raise TesseraError("grouped_sgemm: no memory for the packing buffers")
     return out
 
 
