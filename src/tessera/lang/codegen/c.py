@@ -3,8 +3,7 @@ for SIMD, and the math library is pasted in so the source alone decides the bina
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from tessera.lang.codegen import MATH_HEADER
 from tessera.lang.codegen.cstyle import CStylePrinter
 from tessera.lang.ir import Function, Op
 from tessera.runtime.cpu.device import cpu_features
@@ -15,7 +14,6 @@ ENTRY = "tessera_kernel"
 # Launches that move fewer elements than this run on the calling thread: below it, waking
 # the other threads costs more than they save (and a busy machine makes that far worse).
 PARALLEL_GRAIN = 32768
-_MATH = Path(__file__).with_name("tessera_math.h")
 
 _PRELUDE = r"""#include <stdint.h>
 #include <stdbool.h>
@@ -90,7 +88,7 @@ class CPrinter(CStylePrinter):
         self.block(self.fn.body)
         head = ["int64_t tsr_grid0", "int64_t tsr_grid1", "int64_t tsr_grid2", *params]
         return "\n".join([
-            _PRELUDE, _VECTORS.format(bytes=4 * self.vector_lanes), _MATH.read_text(),
+            _PRELUDE, _VECTORS.format(bytes=4 * self.vector_lanes), MATH_HEADER.read_text(),
             f"/* kernel {self.fn.name}, from {self.fn.loc} */",
             f"static void tsr_run({', '.join(head)}) {{",
             "    const int64_t tsr_n = tsr_grid0 * tsr_grid1 * tsr_grid2;",

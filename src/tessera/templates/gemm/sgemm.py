@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from tessera.errors import ShapeError, TesseraError
+from tessera.lang.codegen import MATH_HEADER
 from tessera.runtime import dtype as dt
 from tessera.runtime.cpu.device import cache_sizes, cpu_features
 from tessera.runtime.tensor import as_tensor
@@ -21,7 +22,6 @@ from tessera.runtime.toolchain import compile_c
 __all__ = ["ACTIVATIONS", "Blocking", "blocking", "grouped_sgemm", "sgemm"]
 
 _SOURCE = Path(__file__).with_name("sgemm.c")
-_MATH = Path(__file__).parents[2] / "lang" / "codegen" / "tessera_math.h"
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def _epilogue_source(bias: bool, activation: str | None, residual: bool) -> str:
         x = f"({{ const float x_ = {x}; {ACTIVATIONS[activation].format(x='x_')}; }})"
     if residual:
         x = f"({x} + (ep)->res[(i) * (ep)->rsr + (j) * (ep)->csr])"
-    math = _MATH.read_text() if activation else ""
+    math = MATH_HEADER.read_text() if activation else ""
     return (f"#include <stdint.h>\n#include <stdbool.h>\n#include <string.h>\n#include <math.h>\n"
             f"{math}\n#define EPILOGUE(x, i, j, ep) {x}\n")
 
