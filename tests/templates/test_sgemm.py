@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tessera.errors import ShapeError, TesseraError
-from tessera.templates.gemm import Blocking, blocking, grouped_sgemm, sgemm
+from tessera.templates.gemm import Blocking, batched_sgemm, blocking, grouped_sgemm, sgemm
 
 SHAPES = [(1, 1, 1), (1, 7, 3), (5, 1, 9), (7, 33, 5), (64, 64, 64), (100, 70, 300),
           (257, 129, 513), (31, 1000, 17)]
@@ -154,3 +154,25 @@ def test_grouped_layouts_epilogue_and_errors() -> None:
         grouped_sgemm(x, w, [15, -1, 0])
     with pytest.raises(ShapeError, match=r"\[E, K, N\]"):
         grouped_sgemm(x, torch.randn(48, 70), [14])
+
+
+@pytest.mark.parametrize("bmnk", [(1, 3, 5, 7), (5, 33, 20, 17), (16, 64, 64, 64)])
+def test_batched_matches_torch(bmnk: tuple[int, int, int, int]) -> None:
+    batch, m, n, k = bmnk
+    a, b = torch.randn(batch, m, k), torch.randn(batch, k, n)
+    torch.testing.assert_close(batched_sgemm(a, b), a @ b, **_tol(k))
+
+
+def test_batched_shared_operands_views_and_errors() -> None:
+    a, w = torch.randn(4, 10, 6), torch.randn(6, 9)
+    torch.testing.assert_close(batched_sgemm(a, w), a @ w, **_tol(6))  # a shared weight
+    a_t, b = torch.randn(6, 4, 10).transpose(0, 1), torch.randn(4, 10, 9)
+    out = torch.empty(4, 9, 6).transpose(1, 2)  # strided batch views, in and out
+    batched_sgemm(a_t, b, out)
+    torch.testing.assert_close(out, a_t @ b, **_tol(10))
+    with pytest.raises(ShapeError, match="cannot multiply"):
+        batched_sgemm(torch.randn(3, 2, 4), torch.randn(2, 4, 5))
+    with pytest.raises(ShapeError, match="out must be"):
+        batched_sgemm(torch.randn(3, 2, 4), torch.randn(4, 5), torch.empty(3, 2, 6))
+    with pytest.raises(TesseraError, match="sharing memory"):
+        batched_sgemm(torch.randn(3, 2, 4), torch.randn(4, 5), torch.empty(2, 5).expand(3, 2, 5))

@@ -294,3 +294,18 @@ int tsr_sgemm_grouped(int64_t groups, const int64_t *sizes, int64_t n, int64_t k
     free(starts);
     return failed ? -1 : 0;
 }
+
+/* batched: C[i] = A[i] @ B[i] for i < batch, X[i] at x + i * bsx (a batch stride of 0
+   shares one matrix, e.g. a weight). Threads take whole products when there are many. */
+int tsr_sgemm_batched(int64_t batch, int64_t m, int64_t n, int64_t k,
+                      const float *a, int64_t bsa, int64_t rsa, int64_t csa,
+                      const float *b, int64_t bsb, int64_t rsb, int64_t csb,
+                      float *c, int64_t bsc, int64_t rsc, int64_t csc, const tsr_ep *ep) {
+    int failed = 0;
+    #pragma omp parallel for schedule(static) if(batch >= 2 * omp_get_max_threads()) \
+        reduction(|:failed)
+    for (int64_t i = 0; i < batch; i++)
+        failed |= tsr_sgemm(m, n, k, 1.0f, a + i * bsa, rsa, csa, b + i * bsb, rsb, csb, 0.0f,
+                            c + i * bsc, rsc, csc, ep);
+    return failed ? -1 : 0;
+}

@@ -19,7 +19,7 @@ from tessera.runtime.cpu.device import cache_sizes, cpu_features
 from tessera.runtime.tensor import as_tensor
 from tessera.runtime.toolchain import compile_c
 
-__all__ = ["ACTIVATIONS", "Blocking", "blocking", "grouped_sgemm", "sgemm"]
+__all__ = ["ACTIVATIONS", "Blocking", "batched_sgemm", "blocking", "grouped_sgemm", "sgemm"]
 
 _SOURCE = Path(__file__).with_name("sgemm.c")
 
@@ -86,6 +86,8 @@ _SIGNATURES = {
                   ctypes.c_float, _PTR, _I64, _I64, ctypes.POINTER(_EpilogueArgs)],
     "tsr_sgemm_grouped": [_I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64,
                           _PTR, _I64, _I64, ctypes.POINTER(_EpilogueArgs)],
+    "tsr_sgemm_batched": [_I64, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64,
+                          _I64, _PTR, _I64, _I64, _I64, ctypes.POINTER(_EpilogueArgs)],
 }
 
 
@@ -190,7 +192,42 @@ def grouped_sgemm(a: Any, b: Any, sizes: Any, out: Any = None, *, bias: Any = No
     return out
 
 
-def _like(x: Any, shape: tuple[int, int]) -> Any:
+def batched_sgemm(a: Any, b: Any, out: Any = None, *, config: Blocking | None = None) -> Any:
+    """out[i] = a[i] @ b[i] for [B, M, K] and [B, K, N] float32 tensors of any strides; a
+    2-D operand is shared by every product (a weight). Returns out [B, M, N]."""
+    ta, tb = as_tensor(a), as_tensor(b)
+    for t, name in ((ta, "a"), (tb, "b")):
+        if t.dtype is not dt.float32 or len(t.shape) not in (2, 3):
+            raise ShapeError(f"batched_sgemm: {name} must be a 2-D or 3-D float32 tensor, "
+                             f"got {t.dtype.name} {t.shape}")
+    sa = ta.shape if len(ta.shape) == 3 else (1, *ta.shape)
+    sb = tb.shape if len(tb.shape) == 3 else (1, *tb.shape)
+    batch = max(sa[0], sb[0])
+    if sa[0] not in (1, batch) or sb[0] not in (1, batch) or sa[2] != sb[1]:
+        raise ShapeError(f"batched_sgemm: cannot multiply {ta.shape} by {tb.shape}",
+                         hint="[B, M, K] @ [B, K, N]; a 2-D operand is shared")
+    (m, k), n = sa[1:], sb[2]
+
+    def batch_stride(t: Any, s: tuple[int, ...]) -> int:
+        return t.strides[0] if len(t.shape) == 3 and s[0] > 1 else 0
+    if out is None:
+        out = _like(a, (batch, m, n))
+    tc = as_tensor(out)
+    if tc.shape != (batch, m, n) or tc.dtype is not dt.float32:
+        raise ShapeError(f"batched_sgemm: out must be float32 {(batch, m, n)}, got "
+                         f"{tc.dtype.name} {tc.shape}")
+    if tc.readonly or any(s == 0 and d > 1 for s, d in zip(tc.strides, tc.shape, strict=True)):
+        raise TesseraError("batched_sgemm: out is read-only or has elements sharing memory",
+                           hint="pass a writable, non-expanded out")
+    kernel = _kernel(config or blocking(), entry="tsr_sgemm_batched")
+    if kernel(batch, m, n, k, ta.data_ptr(), batch_stride(ta, sa), *ta.strides[-2:],
+              tb.data_ptr(), batch_stride(tb, sb), *tb.strides[-2:],
+              tc.data_ptr(), *tc.strides, _EpilogueArgs()):
+        raise TesseraError("batched_sgemm: no memory for the packing buffers")
+    return out
+
+
+def _like(x: Any, shape: tuple[int, ...]) -> Any:
     if type(x).__module__.startswith("torch"):
         import torch
         return torch.empty(shape, dtype=torch.float32)
