@@ -111,6 +111,24 @@ def _matrix(x: Any, name: str, ndim: int = 2) -> tuple[int, tuple[int, ...], tup
     return t.data_ptr(), t.shape, t.strides
 
 
+def _epilogue(who: str, m: int, n: int, bias: Any, activation: str | None, residual: Any
+              ) -> tuple[_EpilogueArgs, tuple[bool, str | None, bool]]:
+    """The epilogue's run-time arguments, checked, and the spec its build is keyed on."""
+    ep = _EpilogueArgs()
+    if bias is not None:
+        ep.bias, shape, _ = _matrix(bias, "bias", ndim=1)
+        if shape != (n,):
+            raise ShapeError(f"{who}: bias has shape {shape}, expected ({n},)")
+    if residual is not None:
+        ep.res, shape, (ep.rsr, ep.csr) = _matrix(residual, "residual")
+        if shape != (m, n):
+            raise ShapeError(f"{who}: residual has shape {shape}, expected {(m, n)}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise TesseraError(f"{who}: unknown activation {activation!r}",
+                           hint=f"one of {', '.join(ACTIVATIONS)}")
+    return ep, (bias is not None, activation, residual is not None)
+
+
 def sgemm(a: Any, b: Any, out: Any = None, *, alpha: float = 1.0, beta: float = 0.0,
           bias: Any = None, activation: str | None = None, residual: Any = None,
           config: Blocking | None = None) -> Any:
@@ -134,20 +152,8 @@ def sgemm(a: Any, b: Any, out: Any = None, *, alpha: float = 1.0, beta: float = 
     if (rsc == 0 and m > 1) or (csc == 0 and n > 1):
         raise TesseraError("sgemm: out has a stride-0 (expanded) dimension, so its "
                            "elements share memory", hint="pass a contiguous out")
-    ep = _EpilogueArgs()
-    if bias is not None:
-        ep.bias, shape, _ = _matrix(bias, "bias", ndim=1)
-        if shape != (n,):
-            raise ShapeError(f"sgemm: bias has shape {shape}, expected ({n},)")
-    if residual is not None:
-        ep.res, shape, (ep.rsr, ep.csr) = _matrix(residual, "residual")
-        if shape != (m, n):
-            raise ShapeError(f"sgemm: residual has shape {shape}, expected {(m, n)}")
-    if activation is not None and activation not in ACTIVATIONS:
-        raise TesseraError(f"sgemm: unknown activation {activation!r}",
-                           hint=f"one of {', '.join(ACTIVATIONS)}")
-    kernel = _kernel(config or blocking(), (bias is not None, activation,
-                                            residual is not None))
+    ep, spec = _epilogue("sgemm", m, n, bias, activation, residual)
+    kernel = _kernel(config or blocking(), spec)
     if kernel(m, n, k, alpha, pa, rsa, csa, pb, rsb, csb, beta, pc, rsc, csc, ep):
         raise TesseraError(f"sgemm: no memory for the packing buffers of a {m}x{n}x{k} "
                            "product")
@@ -176,16 +182,8 @@ def grouped_sgemm(a: Any, b: Any, sizes: Any, out: Any = None, *, bias: Any = No
     pc, shape, (rsc, csc) = _matrix(out, "out")
     if shape != (t, n):
         raise ShapeError(f"grouped_sgemm: out has shape {shape}, expected {(t, n)}")
-    ep = _EpilogueArgs()
-    if bias is not None:
-        ep.bias, shape, _ = _matrix(bias, "bias", ndim=1)
-        if shape != (n,):
-            raise ShapeError(f"grouped_sgemm: bias has shape {shape}, expected ({n},)")
-    if activation is not None and activation not in ACTIVATIONS:
-        raise TesseraError(f"grouped_sgemm: unknown activation {activation!r}",
-                           hint=f"one of {', '.join(ACTIVATIONS)}")
-    kernel = _kernel(config or blocking(), (bias is not None, activation, False),
-                     "tsr_sgemm_grouped")
+    ep, spec = _epilogue("grouped_sgemm", t, n, bias, activation, None)
+    kernel = _kernel(config or blocking(), spec, "tsr_sgemm_grouped")
     if kernel(groups, counts.ctypes.data, n, k, pa, rsa, csa, bt.data_ptr(), *bt.strides,
               pc, rsc, csc, ep):
         raise TesseraError("grouped_sgemm: no memory for the packing buffers")
