@@ -174,5 +174,7 @@ def test_batched_shared_operands_views_and_errors() -> None:
         batched_sgemm(torch.randn(3, 2, 4), torch.randn(2, 4, 5))
     with pytest.raises(ShapeError, match="out must be"):
         batched_sgemm(torch.randn(3, 2, 4), torch.randn(4, 5), torch.empty(3, 2, 6))
-    with pytest.raises(TesseraError, match="sharing memory"):
+    with pytest.raises(TesseraError, match="stride-0"):
         batched_sgemm(torch.randn(3, 2, 4), torch.randn(4, 5), torch.empty(2, 5).expand(3, 2, 5))
+    with pytest.raises(TesseraError, match="stride-0"):
+        grouped_sgemm(torch.randn(3, 4), torch.randn(1, 4, 5), [3], torch.empty(5).expand(3, 5))

@@ -111,6 +111,15 @@ def _matrix(x: Any, name: str, ndim: int = 2) -> tuple[int, tuple[int, ...], tup
     return t.data_ptr(), t.shape, t.strides
 
 
+def _check_writable(out: Any, who: str) -> None:
+    t = as_tensor(out)
+    if t.readonly:
+        raise TesseraError(f"{who}: out is read-only", hint="pass a writable array")
+    if any(s == 0 and d > 1 for s, d in zip(t.strides, t.shape, strict=True)):
+        raise TesseraError(f"{who}: out has a stride-0 (expanded) dimension, so its "
+                           "elements share memory", hint="pass a contiguous out")
+
+
 def _epilogue(who: str, m: int, n: int, bias: Any, activation: str | None, residual: Any
               ) -> tuple[_EpilogueArgs, tuple[bool, str | None, bool]]:
     """The epilogue's run-time arguments, checked, and the spec its build is keyed on."""
@@ -147,11 +156,7 @@ def sgemm(a: Any, b: Any, out: Any = None, *, alpha: float = 1.0, beta: float = 
     pc, shape, (rsc, csc) = _matrix(out, "out")
     if shape != (m, n):
         raise ShapeError(f"sgemm: out has shape {shape}, the product is {(m, n)}")
-    if as_tensor(out).readonly:
-        raise TesseraError("sgemm: out is read-only", hint="pass a writable array")
-    if (rsc == 0 and m > 1) or (csc == 0 and n > 1):
-        raise TesseraError("sgemm: out has a stride-0 (expanded) dimension, so its "
-                           "elements share memory", hint="pass a contiguous out")
+    _check_writable(out, "sgemm")
     ep, spec = _epilogue("sgemm", m, n, bias, activation, residual)
     kernel = _kernel(config or blocking(), spec)
     if kernel(m, n, k, alpha, pa, rsa, csa, pb, rsb, csb, beta, pc, rsc, csc, ep):
@@ -182,6 +187,7 @@ def grouped_sgemm(a: Any, b: Any, sizes: Any, out: Any = None, *, bias: Any = No
     pc, shape, (rsc, csc) = _matrix(out, "out")
     if shape != (t, n):
         raise ShapeError(f"grouped_sgemm: out has shape {shape}, expected {(t, n)}")
+    _check_writable(out, "grouped_sgemm")
     ep, spec = _epilogue("grouped_sgemm", t, n, bias, activation, None)
     kernel = _kernel(config or blocking(), spec, "tsr_sgemm_grouped")
     if kernel(groups, counts.ctypes.data, n, k, pa, rsa, csa, bt.data_ptr(), *bt.strides,
@@ -214,9 +220,7 @@ def batched_sgemm(a: Any, b: Any, out: Any = None, *, config: Blocking | None = 
     if tc.shape != (batch, m, n) or tc.dtype is not dt.float32:
         raise ShapeError(f"batched_sgemm: out must be float32 {(batch, m, n)}, got "
                          f"{tc.dtype.name} {tc.shape}")
-    if tc.readonly or any(s == 0 and d > 1 for s, d in zip(tc.strides, tc.shape, strict=True)):
-        raise TesseraError("batched_sgemm: out is read-only or has elements sharing memory",
-                           hint="pass a writable, non-expanded out")
+    _check_writable(out, "batched_sgemm")
     kernel = _kernel(config or blocking(), entry="tsr_sgemm_batched")
     if kernel(batch, m, n, k, ta.data_ptr(), batch_stride(ta, sa), *ta.strides[-2:],
               tb.data_ptr(), batch_stride(tb, sb), *tb.strides[-2:],
