@@ -50,8 +50,11 @@ class Builtin:
 _REGISTRY: dict[str, Builtin] = {}
 
 
-def builtin(fn: Callable[..., Any]) -> Builtin:
-    name = fn.__name__.lstrip("_")
+def builtin(fn: Callable[..., Any], name: str | None = None, doc: str | None = None
+            ) -> Builtin:
+    """Register `fn(builder, ...)` as the builtin tl.<name> (default: fn's own name)."""
+    name = name or fn.__name__.lstrip("_")
+    fn.__doc__ = doc or fn.__doc__
     _REGISTRY[name] = b = Builtin(name, fn)
     return b
 
@@ -131,10 +134,7 @@ def pow(b: Builder, x, y):
 
 
 def _unary(name: str, doc: str) -> Builtin:
-    def build(b: Builder, x):
-        return b.unary(name, x)
-    build.__name__, build.__doc__ = name, doc
-    return builtin(build)
+    return builtin(lambda b, x: b.unary(name, x), name, doc)
 
 
 exp = _unary("exp", "e ** x")
@@ -161,12 +161,11 @@ def gelu(b: Builder, x, approximate: str = "none"):
 
 
 def _reduction(name: str, doc: str) -> Builtin:
+    method = "argreduce" if name.startswith("arg") else "reduce"
+
     def build(b: Builder, x, axis=None, keepdims: bool = False):
-        if name.startswith("arg"):
-            return b.argreduce(name, x, axis, keepdims)
-        return b.reduce(name, x, axis, keepdims)
-    build.__name__, build.__doc__ = name, doc
-    return builtin(build)
+        return getattr(b, method)(name, x, axis, keepdims)
+    return builtin(build, name, doc)
 
 
 sum = _reduction("sum", "sum over `axis` (all axes if None)")

@@ -27,7 +27,7 @@ from tessera.lang.frontend import trace, whole_slices
 from tessera.lang.passes import dce
 from tessera.lang.types import TensorType, TileType
 from tessera.runtime import dtype as dt
-from tessera.runtime.tensor import Tensor, as_tensor
+from tessera.runtime.tensor import Tensor, as_tensor, element_span
 from tessera.runtime.toolchain import compile_c
 
 __all__ = ["Kernel", "kernel"]
@@ -51,14 +51,10 @@ class _Arg(NamedTuple):
 
 def _span(ptr: int, shape: Sequence[int], strides: Sequence[int], itemsize: int
           ) -> tuple[int, int]:
-    lo = hi = 0
-    for n, s in zip(shape, strides, strict=True):
-        if n == 0:
-            return ptr, ptr
-        if s > 0:
-            hi += (n - 1) * s
-        else:
-            lo += (n - 1) * s
+    """[first byte, last byte + 1) of the memory a tensor's elements occupy."""
+    if 0 in shape:
+        return ptr, ptr
+    lo, hi = element_span(shape, strides)
     return ptr + lo * itemsize, ptr + (hi + 1) * itemsize
 
 
@@ -126,6 +122,7 @@ class Kernel:
         self.defaults = {p.name: p.default for p in params if p.default is not p.empty}
         self.constexprs = {p.name for p in params if _is_constexpr(p.annotation)}
         self._is_constexpr = [n in self.constexprs for n in self.names]
+        self._name_set = frozenset(self.names)
         self._whole: dict[str, frozenset[int]] | None = None  # parsed at first launch
         self.where = _where(fn)
         self._compiled: dict[tuple, _Compiled] = {}
@@ -162,11 +159,8 @@ class Kernel:
         if len(args) + len(kwargs) == len(names):  # every parameter given once, presumably
             values = dict(zip(names, args, strict=False))
             values.update(kwargs)
-            if len(values) == len(names):
-                try:
-                    return {n: values[n] for n in names}  # in parameter order: the C ABI's
-                except KeyError:
-                    pass  # an unknown name: the general path says which
+            if values.keys() == self._name_set:  # else the general path says what is wrong
+                return {n: values[n] for n in names}  # in parameter order: the C ABI's
         if len(args) > len(names):
             raise self._arity(f"takes {len(names)} arguments but {len(args)} were given")
         values = dict(zip(names, args, strict=False))

@@ -49,7 +49,7 @@ def contiguous_strides(shape: Shape) -> Shape:
     return tuple(reversed(strides))
 
 
-def _span(shape: Shape, strides: Shape) -> tuple[int, int]:
+def element_span(shape: Shape, strides: Shape) -> tuple[int, int]:
     """Lowest and highest element index reached, relative to element 0 (numel > 0)."""
     lo = sum((n - 1) * s for n, s in zip(shape, strides, strict=True) if s < 0)
     hi = sum((n - 1) * s for n, s in zip(shape, strides, strict=True) if s > 0)
@@ -176,7 +176,7 @@ class Tensor:
             raise ShapeError(f"as_strided: {len(dims)} dims in shape {dims} but {len(steps)} "
                              f"strides {steps}")
         itemsize = self._dtype.itemsize
-        lo, hi = _span(dims, steps) if 0 not in dims else (0, -1)
+        lo, hi = element_span(dims, steps) if 0 not in dims else (0, -1)
         if off < 0 or off + lo < 0 or (off + hi + 1) * itemsize > self._extent:
             raise ShapeError(
                 f"as_strided(shape={dims}, strides={steps}, offset={off}) reaches elements "
@@ -334,7 +334,7 @@ def _wrap_foreign(owner: object, data: int, shape: Shape, strides: Shape, dt: DT
     numel = 1
     for n in shape:
         numel *= n
-    lo, hi = _span(shape, strides) if numel else (0, -1)
+    lo, hi = element_span(shape, strides) if numel else (0, -1)
     return Tensor(owner, data + lo * dt.itemsize, (hi - lo + 1) * dt.itemsize, shape, strides,
                   -lo, dt, _device("cpu"), readonly)
 

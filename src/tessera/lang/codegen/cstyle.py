@@ -162,7 +162,7 @@ class CStylePrinter(ABC):
         if kind == "load":
             loads.append(op)
             return self.load_expr(op, idx, masked)
-        args = [self.expr(o, self.bcast(o, op, idx), masked, loads) for o in op.operands]
+        args = [self.expr(o, self.bcast_to(o, op.shape, idx), masked, loads) for o in op.operands]
         if kind == "cast":
             return self.cast_expr(args[0], op.operands[0].type.dtype, op.type.dtype)
         if kind == "where":
@@ -179,13 +179,6 @@ class CStylePrinter(ABC):
                 terms.append(i if stride == 1 else f"{i} * {stride}")
             stride *= s
         return " + ".join(reversed(terms)) or "0"
-
-    @staticmethod
-    def bcast(operand: Op, result: Op, idx: list[str]) -> list[str]:
-        """Index of `operand` broadcast against `result` (numpy rules: align right)."""
-        shape = operand.shape
-        lead = len(result.shape) - len(shape)
-        return ["0" if s == 1 else idx[lead + d] for d, s in enumerate(shape)]
 
     @staticmethod
     def reshape_idx(op: Op, idx: list[str]) -> list[str]:
@@ -424,6 +417,7 @@ class CStylePrinter(ABC):
 
     @staticmethod
     def bcast_to(value: Op, shape: tuple[int, ...], idx: list[str]) -> list[str]:
+        """Index of `value` broadcast against `shape` (numpy rules: align right)."""
         lead = len(shape) - len(value.shape)
         return ["0" if s == 1 else idx[lead + d] for d, s in enumerate(value.shape)]
 
