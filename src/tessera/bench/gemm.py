@@ -15,7 +15,7 @@ def cases(quick: bool) -> list[Case]:
     import torch
 
     from tessera.runtime.cpu.probe import measured_peaks
-    from tessera.templates.gemm import sgemm
+    from tessera.templates.gemm import gemm
 
     peak = measured_peaks()["peak_gflops_fp32"]
     # OpenBLAS's idle workers spin ~0.1 s by default and starve the next impl's threads;
@@ -29,7 +29,7 @@ def cases(quick: bool) -> list[Case]:
         ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.empty(s, s)
 
         def check(a=a, b=b, c=c, c_np=c_np, s=s) -> None:
-            sgemm(a, b, c)
+            gemm(a, b, c)
             np.matmul(a, b, out=c_np)
             np.testing.assert_allclose(c, c_np, rtol=1e-4, atol=1e-3 * s ** 0.5)
 
@@ -38,7 +38,7 @@ def cases(quick: bool) -> list[Case]:
             return {"gflops": gflops, "pct_of_peak": 100 * gflops / peak}
 
         out.append(Case(f"sgemm_{s}", {
-            "tessera": lambda a=a, b=b, c=c: sgemm(a, b, c),
+            "tessera": lambda a=a, b=b, c=c: gemm(a, b, c),
             "numpy": lambda a=a, b=b, c=c_np: np.matmul(a, b, out=c),
             "torch_eager": lambda ta=ta, tb=tb, tc=tc: torch.matmul(ta, tb, out=tc)},
             check=check, extra=extra,
@@ -52,11 +52,11 @@ def cases(quick: bool) -> list[Case]:
         return torch.nn.functional.gelu(torch.addmm(tbias, ta, tb))
 
     def fused_check() -> None:
-        sgemm(ta, tb, tc, bias=tbias, activation="gelu")
+        gemm(ta, tb, tc, bias=tbias, activation="gelu")
         torch.testing.assert_close(tc, eager(), rtol=1e-4, atol=1e-3)
 
     out.append(Case(f"gemm_bias_gelu_{s}", {
-        "tessera": lambda: sgemm(ta, tb, tc, bias=tbias, activation="gelu"),
+        "tessera": lambda: gemm(ta, tb, tc, bias=tbias, activation="gelu"),
         "torch_eager": eager},
         check=fused_check, extra=lambda impl, t, s=s: {"gflops": 2 * s ** 3 / t / 1e9}))
     out += [_grouped_case(e, quick) for e in (8, 64)]
@@ -69,7 +69,7 @@ def _grouped_case(experts: int, quick: bool) -> Case:
     import numpy as np
     import torch
 
-    from tessera.templates.gemm import grouped_sgemm
+    from tessera.templates.gemm import grouped_gemm
 
     rows, k, n = (256, 256, 256) if quick else \
         (1024, 1024, 1408) if experts <= 8 else (1024, 512, 512)
@@ -87,12 +87,12 @@ def _grouped_case(experts: int, quick: bool) -> Case:
                 torch.matmul(x[s:s + c], w[e], out=out_ref[s:s + c])
 
     def check() -> None:
-        grouped_sgemm(x, w, sizes, out_t)
+        grouped_gemm(x, w, sizes, out_t)
         loop()
         torch.testing.assert_close(out_t, out_ref, rtol=1e-4, atol=1e-3)
 
     flops = 2 * rows * k * n
     return Case(f"grouped_gemm_e{experts}",
-                {"tessera": lambda: grouped_sgemm(x, w, sizes, out_t), "torch_eager": loop},
+                {"tessera": lambda: grouped_gemm(x, w, sizes, out_t), "torch_eager": loop},
                 check=check, extra=lambda impl, t: {"gflops": flops / t / 1e9},
                 meta={"rows": rows, "k": k, "n": n, "busiest": int(sizes.max())})

@@ -1,12 +1,17 @@
-"""GEMM templates (BLIS-structured, CUTLASS-layered; see sgemm.c)."""
+"""GEMM templates (BLIS-structured, CUTLASS-layered; see sgemm.c): dense float32/16,
+weight-only int8/int4, batched, grouped (MoE), prepacked, with fused epilogues."""
 
+from tessera.templates.gemm.quant import GROUP_SIZES, QuantizedMatrix, quantize
 from tessera.templates.gemm.sgemm import (
     ACTIVATIONS,
     Blocking,
-    batched_sgemm,
+    PackedMatrix,
+    batched_gemm,
     blocking,
-    grouped_sgemm,
-    sgemm,
+    gemm,
+    grouped_gemm,
+    pack,
 )
 
-__all__ = ["ACTIVATIONS", "Blocking", "batched_sgemm", "blocking", "grouped_sgemm", "sgemm"]
+__all__ = ["ACTIVATIONS", "GROUP_SIZES", "Blocking", "PackedMatrix", "QuantizedMatrix",
+           "batched_gemm", "blocking", "gemm", "grouped_gemm", "pack", "quantize"]

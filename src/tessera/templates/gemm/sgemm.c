@@ -1,23 +1,141 @@
-/* Tessera SGEMM template: C = alpha * A @ B + beta * C, row/column/any-strided operands.
+/* Tessera GEMM template: C = alpha * A @ B + beta * C, any strides, fused epilogues.
  *
  * Layered as CUTLASS/CATLASS and structured as BLIS:
- *   device  (Python)   picks blocking from the cache sizes and launches;
- *   kernel  tsr_sgemm  the five loops: jc (NC) -> pc (KC, pack B) -> ic (MC, pack A)
+ *   device  (Python)   picks blocking and formats, builds and launches;
+ *   kernel  tsr_gemm   the five loops: jc (NC) -> pc (KC, pack B) -> ic (MC, pack A)
  *                      -> jr/ir (micro-tiles, spread over the threads);
- *   block   pack_a / pack_b  copy operands into MR- and NR-wide slivers, zero-padded;
- *   tile    micro_kernel     an MR x NR block of C in MR * NR / VL vector registers over
- *                            the whole KC loop.
- * The builder prepends: MR, NR, VL (floats per vector), MC, KC, NC.
+ *   block   pack_a / pack_b_sliver  copy operands into MR- and NR-wide float32 slivers,
+ *                      zero-padded, converting 16-bit and dequantizing int8/int4 on the way;
+ *   tile    micro_kernel  an MR x NR block of C in MR * NR / VL vector registers over the
+ *                      whole KC loop, then one store that applies the epilogue.
+ * The builder prepends MR, NR, VL (floats per vector), MC, KC, NC, the operand formats
+ * A_FMT, B_FMT, C_FMT (TSR_F32/BF16/F16; B also TSR_Q8/Q4 with GROUP rows per scale),
+ * SWIGLU, PACKED_B, optionally EPILOGUE, and tessera_math.h.
  */
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
 #include <omp.h>
 
-typedef float tsr_fv __attribute__((vector_size(VL * 4)));
+#define TSR_F32 0
+#define TSR_BF16 1
+#define TSR_F16 2
+#define TSR_Q8 3
+#define TSR_Q4 4
 
-/* Epilogue: what the builder fuses into the final store of each element of C (bias,
-   activation, residual...), as EPILOGUE(x, i, j, ep); the identity when there is none. */
+typedef float tsr_fv __attribute__((vector_size(VL * 4)));
+typedef uint16_t tsr_hv __attribute__((vector_size(VL * 2)));
+typedef uint32_t tsr_uv __attribute__((vector_size(VL * 4)));
+typedef int8_t tsr_i8v __attribute__((vector_size(VL)));
+typedef uint8_t tsr_u8v __attribute__((vector_size(VL)));
+
+static inline tsr_fv vload(const float *p) { tsr_fv v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, tsr_fv v) { memcpy(p, &v, sizeof v); }
+
+/* ---- storage formats: element types and their float32 conversions --------------------- */
+static inline float f32_in(float x) { return x; }
+static inline float f32_out(float x) { return x; }
+/* VL contiguous 16-bit floats as a float32 vector */
+static inline tsr_fv bf16_vload(const uint16_t *p) {
+    tsr_hv h; memcpy(&h, p, sizeof h);
+    const tsr_uv u = __builtin_convertvector(h, tsr_uv) << 16;
+    tsr_fv f; memcpy(&f, &u, sizeof f); return f;
+}
+static inline tsr_fv f16_vload(const uint16_t *p) {
+#ifdef __FLT16_MAX__
+    typedef _Float16 tsr_f16v __attribute__((vector_size(VL * 2)));
+    tsr_f16v h; memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, tsr_fv);
+#else
+    float lanes[VL];
+    for (int l = 0; l < VL; l++) lanes[l] = tsr_f16_to_f32(p[l]);
+    return vload(lanes);
+#endif
+}
+#define FORMAT_F32 float, f32_in, f32_out, vload
+#define FORMAT_BF16 uint16_t, tsr_bf16_to_f32, tsr_f32_to_bf16, bf16_vload
+#define FORMAT_F16 uint16_t, tsr_f16_to_f32, tsr_f32_to_f16, f16_vload
+#define PICK_T(t, in, out, vl) t
+#define PICK_IN(t, in, out, vl) in
+#define PICK_OUT(t, in, out, vl) out
+#define PICK_VLOAD(t, in, out, vl) vl
+#if A_FMT == TSR_BF16
+#define A_FORMAT FORMAT_BF16
+#elif A_FMT == TSR_F16
+#define A_FORMAT FORMAT_F16
+#else
+#define A_FORMAT FORMAT_F32
+#endif
+#if C_FMT == TSR_BF16
+#define C_FORMAT FORMAT_BF16
+#elif C_FMT == TSR_F16
+#define C_FORMAT FORMAT_F16
+#else
+#define C_FORMAT FORMAT_F32
+#endif
+#if B_FMT == TSR_BF16
+#define B_FORMAT FORMAT_BF16
+#elif B_FMT == TSR_F16
+#define B_FORMAT FORMAT_F16
+#elif B_FMT == TSR_Q8
+#define B_FORMAT int8_t, f32_in, f32_out, vload
+#elif B_FMT == TSR_Q4
+#define B_FORMAT uint8_t, f32_in, f32_out, vload
+#else
+#define B_FORMAT FORMAT_F32
+#endif
+#define APPLY(pick, fmt) pick(fmt)
+typedef APPLY(PICK_T, A_FORMAT) a_t;
+typedef APPLY(PICK_T, B_FORMAT) b_t;
+typedef APPLY(PICK_T, C_FORMAT) c_t;
+#define A_IN APPLY(PICK_IN, A_FORMAT)
+#define C_IN APPLY(PICK_IN, C_FORMAT)
+#define C_OUT APPLY(PICK_OUT, C_FORMAT)
+#define QUANTIZED (B_FMT == TSR_Q8 || B_FMT == TSR_Q4)
+
+/* Operand B: element (p, j) of a dense B at p * rs + j * cs (in b_t). A quantized B is
+   stored by columns: column j's K rows (padded to a multiple of GROUP) start at byte
+   j * cs; int8 one per byte, int4 in blocks of 32 rows as 16 bytes (row r of a block in
+   byte r % 16, low nibble for r < 16, high for r >= 16, stored as value + 8); row p of
+   column j is scaled by scale[j * scs + p / GROUP]. Problem g of a grouped or batched
+   call starts gs elements (bytes) and gss scales further. */
+typedef struct { const void *p; const float *scale; int64_t rs, cs, scs, gs, gss; } tsr_b;
+
+static inline tsr_b b_problem(const tsr_b *b, int64_t g) {
+    tsr_b r = *b;
+    r.p = (const b_t *)b->p + g * b->gs;
+    r.scale = b->scale + g * b->gss;
+    return r;
+}
+
+static inline float b_at(const tsr_b *b, int64_t p, int64_t j) {
+#if B_FMT == TSR_Q8
+    return ((const int8_t *)b->p)[j * b->cs + p] * b->scale[j * b->scs + p / GROUP];
+#elif B_FMT == TSR_Q4
+    const uint8_t byte = ((const uint8_t *)b->p)[j * b->cs + p / 32 * 16 + p % 16];
+    return ((p % 32 < 16 ? byte & 15 : byte >> 4) - 8) * b->scale[j * b->scs + p / GROUP];
+#else
+    return APPLY(PICK_IN, B_FORMAT)(((const b_t *)b->p)[p * b->rs + j * b->cs]);
+#endif
+}
+
+/* rows p .. p + VL - 1 of column j as a vector: contiguous rows (rs == 1), p % VL == 0 */
+static inline tsr_fv b_column_vload(const tsr_b *b, int64_t p, int64_t j) {
+#if B_FMT == TSR_Q8
+    tsr_i8v q; memcpy(&q, (const int8_t *)b->p + j * b->cs + p, sizeof q);
+    return __builtin_convertvector(q, tsr_fv) * b->scale[j * b->scs + p / GROUP];
+#elif B_FMT == TSR_Q4
+    tsr_u8v q; memcpy(&q, (const uint8_t *)b->p + j * b->cs + p / 32 * 16 + p % 16, sizeof q);
+    q = p % 32 < 16 ? q & 15 : q >> 4;
+    return (__builtin_convertvector(q, tsr_fv) - 8.0f) * b->scale[j * b->scs + p / GROUP];
+#else
+    return APPLY(PICK_VLOAD, B_FORMAT)((const b_t *)b->p + p + j * b->cs);
+#endif
+}
+
+/* ---- epilogue --------------------------------------------------------------------------- */
+/* What the builder fuses into the final store of each element of C (bias, activation,
+   residual...), as EPILOGUE(x, i, j, ep); the identity when there is none. */
 typedef struct { const float *bias; const float *res; int64_t rsr, csr; } tsr_ep;
 #ifndef EPILOGUE
 #define EPILOGUE(x, i, j, ep) (x)
@@ -26,28 +144,52 @@ typedef struct { const float *bias; const float *res; int64_t rsr, csr; } tsr_ep
 #define HAS_EPILOGUE 1
 #endif
 #define NV (NR / VL)
+/* SwiGLU: B holds [gate | up] (2N columns); each packed NR-sliver takes NR / 2 gate
+   columns and the same NR / 2 up columns, so one micro-tile yields silu(gate) * up. */
+#define HALF (NR / 2)
+/* Partial sums stay in C between KC steps when C is float32 and as wide as the product;
+   otherwise (16-bit C, SwiGLU) in a float32 workspace. */
+#define DIRECT (C_FMT == TSR_F32 && !SWIGLU)
 
-static inline tsr_fv vload(const float *p) { tsr_fv v; memcpy(&v, p, sizeof v); return v; }
-static inline void vstore(float *p, tsr_fv v) { memcpy(p, &v, sizeof v); }
+/* Where a micro-tile goes: C (format c_t) and, between KC steps, a float32 workspace. */
+typedef struct {
+    c_t *c; int64_t rsc, csc;
+    float *w; int64_t rsw;  /* DIRECT: w aliases c */
+    int64_t n;  /* columns of C */
+    float alpha, beta;
+    const tsr_ep *ep;
+} tsr_out;
 
-/* tile: acc = A_sliver (k x MR, p-major) * B_sliver (k x NR, p-major); C = alpha acc + beta C
-   for the m x n corner that lies inside C (the packed slivers are zero-padded). */
-static inline void epilogue_tile(float *c, int64_t rsc, int64_t csc, int64_t i0,
-                                 int64_t j0, int64_t m, int64_t n, const tsr_ep *ep) {
-    (void)i0; (void)j0; (void)ep;
+/* The final store of an m x n corner of the tile at C(i0, j0) (SwiGLU: of the packed
+   product, whose sliver j0 / NR yields outputs from j0 / NR * HALF): epilogue, SwiGLU
+   pairing, format conversion. */
+static void store_final(const tsr_out *o, float tile[MR][NR], int64_t i0, int64_t j0,
+                        int64_t m, int64_t n) {
     for (int64_t r = 0; r < m; r++) {
+        c_t *dst = o->c + (i0 + r) * o->rsc;
+#if SWIGLU
+        const int64_t c0 = j0 / NR * HALF;  /* the sliver's first output column */
+        const int64_t h = o->n - c0 < HALF ? o->n - c0 : HALF;
         #pragma omp simd
-        for (int64_t j = 0; j < n; j++) {
-            float *dst = c + r * rsc + j * csc;
-            *dst = EPILOGUE(*dst, i0 + r, j0 + j, ep);
+        for (int64_t j = 0; j < h; j++) {
+            const float x = tsr_silu(tile[r][j]) * tile[r][HALF + j];
+            dst[(c0 + j) * o->csc] = C_OUT(EPILOGUE(x, i0 + r, c0 + j, o->ep));
         }
+#else
+        #pragma omp simd
+        for (int64_t j = 0; j < n; j++)
+            dst[(j0 + j) * o->csc] = C_OUT(EPILOGUE(tile[r][j], i0 + r, j0 + j, o->ep));
+#endif
     }
 }
 
+/* ---- tile ------------------------------------------------------------------------------- */
+/* acc = A_sliver (k x MR, p-major) * B_sliver (k x NR, p-major), added to the tile at
+   (i0, j0) of the output: the m x n corner inside it (the slivers are zero-padded).
+   first: the first KC step (beta applies); last: the final one (epilogue, conversion). */
 static void micro_kernel(int64_t k, const float *restrict a, const float *restrict b,
-                         float *c, int64_t rsc, int64_t csc, int64_t m, int64_t n,
-                         float alpha, float beta, int64_t i0, int64_t j0, int last,
-                         const tsr_ep *ep) {
+                         const tsr_out *o, int64_t i0, int64_t j0, int64_t m, int64_t n,
+                         int first, int last) {
     tsr_fv acc[MR][NV];
     for (int r = 0; r < MR; r++)
         for (int v = 0; v < NV; v++) acc[r][v] = (tsr_fv){0};
@@ -60,48 +202,78 @@ static void micro_kernel(int64_t k, const float *restrict a, const float *restri
             for (int v = 0; v < NV; v++) acc[r][v] += ar * bv[v];
         }
     }
-    if (m == MR && n == NR && csc == 1) {  /* a whole tile, rows contiguous */
-        for (int r = 0; r < MR; r++)
+    const float alpha = o->alpha, beta = first ? o->beta : 1.0f;
+    if (DIRECT && m == MR && n == NR && o->csc == 1 && !(HAS_EPILOGUE && last)) {
+        for (int r = 0; r < MR; r++)  /* a whole tile, rows contiguous: vector stores */
             for (int v = 0; v < NV; v++) {
-                float *dst = c + r * rsc + v * VL;
-                tsr_fv out = alpha * acc[r][v];
-                if (beta != 0.0f) out += beta * vload(dst);
-                vstore(dst, out);
+                float *dst = o->w + (i0 + r) * o->rsw + j0 + v * VL;
+                tsr_fv x = alpha * acc[r][v];
+                if (beta != 0.0f) x += beta * vload(dst);
+                vstore(dst, x);
             }
-        if (HAS_EPILOGUE && last) epilogue_tile(c, rsc, csc, i0, j0, m, n, ep);
         return;
     }
     float tile[MR][NR];
     for (int r = 0; r < MR; r++)
-        for (int v = 0; v < NV; v++) vstore(&tile[r][v * VL], acc[r][v]);
+        for (int v = 0; v < NV; v++) vstore(&tile[r][v * VL], alpha * acc[r][v]);
+    for (int64_t r = 0; r < m; r++) {  /* add what came before: beta C, or partial sums */
+        const c_t *c = o->c + (i0 + r) * o->rsc;
+        const float *w = o->w + (i0 + r) * o->rsw;
+        if (first && beta != 0.0f)
+            for (int64_t j = 0; j < n; j++) tile[r][j] += beta * C_IN(c[(j0 + j) * o->csc]);
+        else if (!first)
+            for (int64_t j = 0; j < n; j++) tile[r][j] += w[(j0 + j) * (DIRECT ? o->csc : 1)];
+    }
+    if (last) {
+        store_final(o, tile, i0, j0, m, n);
+        return;
+    }
     for (int64_t r = 0; r < m; r++)
-        for (int64_t j = 0; j < n; j++) {
-            float *dst = c + r * rsc + j * csc;
-            *dst = alpha * tile[r][j] + (beta != 0.0f ? beta * *dst : 0.0f);
-        }
-    if (HAS_EPILOGUE && last) epilogue_tile(c, rsc, csc, i0, j0, m, n, ep);
+        for (int64_t j = 0; j < n; j++)
+            o->w[(i0 + r) * o->rsw + (j0 + j) * (DIRECT ? o->csc : 1)] = tile[r][j];
 }
 
-/* block: A[ic:ic+mc, pc:pc+kc] as MR-row slivers, each kc x MR (zero rows past m). */
-static void pack_a(int64_t mc, int64_t kc, const float *a, int64_t rsa, int64_t csa,
+/* ---- block: packing ----------------------------------------------------------------- */
+/* A[ic:ic+mc, pc:pc+kc] as MR-row slivers, each kc x MR (zero rows past mc). */
+static void pack_a(int64_t mc, int64_t kc, const a_t *a, int64_t rsa, int64_t csa,
                    float *restrict dst) {
     for (int64_t i = 0; i < mc; i += MR, dst += MR * kc) {
         const int64_t rows = mc - i < MR ? mc - i : MR;
         for (int64_t p = 0; p < kc; p++) {
-            const float *src = a + i * rsa + p * csa;
-            for (int64_t r = 0; r < MR; r++) dst[p * MR + r] = r < rows ? src[r * rsa] : 0.0f;
+            const a_t *src = a + i * rsa + p * csa;
+            for (int64_t r = 0; r < MR; r++)
+                dst[p * MR + r] = r < rows ? A_IN(src[r * rsa]) : 0.0f;
         }
     }
 }
 
-/* block: B[pc:pc+kc, jc+j:jc+j+NR] as one kc x NR sliver (zero columns past n). */
-static void pack_b_sliver(int64_t n, int64_t kc, const float *b, int64_t rsb, int64_t csb,
+/* The B column behind packed column jp of an n-column product (SwiGLU: of 2n columns
+   interleaved by half slivers), or -1 past the edge. */
+static inline int64_t b_column(int64_t jp, int64_t n) {
+#if SWIGLU
+    const int64_t out = jp / NR * HALF + jp % HALF;
+    return out >= n ? -1 : jp % NR < HALF ? out : n + out;
+#else
+    return jp < n ? jp : -1;
+#endif
+}
+
+/* B[pc:pc+kc, packed columns jp .. jp+NR] as one kc x NR sliver (zero columns past n). */
+static void pack_b_sliver(const tsr_b *b, int64_t n, int64_t pc, int64_t kc, int64_t jp,
                           float *restrict dst) {
-    const int64_t cols = n < NR ? n : NR;
-    for (int64_t p = 0; p < kc; p++, dst += NR) {
-        const float *src = b + p * rsb;
-        if (cols == NR && csb == 1) { memcpy(dst, src, NR * sizeof(float)); continue; }
-        for (int64_t j = 0; j < NR; j++) dst[j] = j < cols ? src[j * csb] : 0.0f;
+#if !QUANTIZED && B_FMT == TSR_F32 && !SWIGLU
+    if (b->cs == 1 && jp + NR <= n) {  /* whole rows of NR contiguous floats */
+        for (int64_t p = 0; p < kc; p++)
+            memcpy(dst + p * NR, (const float *)b->p + (pc + p) * b->rs + jp, NR * sizeof(float));
+        return;
+    }
+#endif
+    for (int64_t j = 0; j < NR; j++) {  /* by columns: quantized B is stored by columns */
+        const int64_t col = b_column(jp + j, n);
+        if (col < 0)
+            for (int64_t p = 0; p < kc; p++) dst[p * NR + j] = 0.0f;
+        else
+            for (int64_t p = 0; p < kc; p++) dst[p * NR + j] = b_at(b, pc + p, col);
     }
 }
 
@@ -120,12 +292,43 @@ static float *buffer(int which, int64_t floats) {
     return buffers[which];
 }
 
-/* A few rows of A (LLM decode: m = 1..GEMV_ROWS): no packing, B is streamed once at memory
-   bandwidth. Threads split the columns of C. B row-major (csb = 1): each row of A scales
-   rows of B into vector accumulators of C; B column-major (rsb = 1, a transposed weight):
-   each element of C is a dot product along a contiguous column of B. */
+/* Packed columns of an n-column product: whole slivers for SwiGLU (each holds HALF outputs). */
+static inline int64_t packed_columns(int64_t n) {
+    return SWIGLU ? (n + HALF - 1) / HALF * NR : n;
+}
+
+/* A prepacked B: every (jc, pc) panel in the order tsr_gemm reads them; the panel at
+   (jc, pc) starts at jc * k + pc * ncp (ncp: the panel's columns rounded up to NR). */
+static inline int64_t panel_offset(int64_t jc, int64_t pc, int64_t k, int64_t nc) {
+    return jc * k + pc * ((nc + NR - 1) / NR * NR);
+}
+
+/* Pack all of B [k, n] for PACKED_B builds; dst holds packed_size(k, n) floats. */
+int64_t tsr_packed_size(int64_t k, int64_t n) {
+    return (packed_columns(n) + NR - 1) / NR * NR * k;
+}
+
+void tsr_pack_b(int64_t k, int64_t n, const tsr_b *b, float *dst) {
+    const int64_t np = packed_columns(n);
+    for (int64_t jc = 0; jc < np; jc += NC) {
+        const int64_t nc = np - jc < NC ? np - jc : NC;
+        for (int64_t pc = 0; pc < k; pc += KC) {
+            const int64_t kc = k - pc < KC ? k - pc : KC;
+            float *panel = dst + panel_offset(jc, pc, k, nc);
+            #pragma omp parallel for schedule(static) if(kc * nc > 65536)
+            for (int64_t j = 0; j < nc; j += NR)
+                pack_b_sliver(b, n, pc, kc, jc + j, panel + j * kc);
+        }
+    }
+}
+
+/* ---- GEMV: a few rows of A (LLM decode) ---------------------------------------------- */
+/* No packing: B is streamed once at memory bandwidth and threads split the columns of C.
+   B row-major (cs = 1): each row of A scales rows of B into a strip of C kept in L1;
+   B by columns (rs = 1, a transposed weight, or quantized): each element of C is a dot
+   product along a contiguous column of B. */
 #define GEMV_ROWS 4
-#define GEMV_VECS 8  /* columns of C per step when B is column-major */
+#define GEMV_VECS 8  /* columns of C per step when B is read by columns */
 #define GEMV_STRIP 2048  /* columns of C per step when B is row-major (8 KiB in L1) */
 
 static inline float hsum(tsr_fv v) {
@@ -135,17 +338,18 @@ static inline float hsum(tsr_fv v) {
     return s;
 }
 
-/* out[i][v] = A[i, :] . B[:, v] for v < nj <= GEMV_VECS columns, each contiguous in B. */
+/* out[i][v] = A[i, :] . B[:, j0 + v] for v < nj <= GEMV_VECS columns stored by columns;
+   A is float32 with contiguous rows. */
 static inline __attribute__((always_inline)) void dot_columns(
-        const int m, int64_t k, int64_t nj, const float *a, int64_t rsa, int64_t csa,
-        const float *b, int64_t csb, float out[GEMV_ROWS][GEMV_STRIP]) {
+        const int m, int64_t k, int64_t nj, const float *a, int64_t rsa, const tsr_b *b,
+        int64_t j0, float *out, int64_t ldo) {
     tsr_fv acc[GEMV_ROWS][GEMV_VECS];
     for (int i = 0; i < m; i++)
         for (int v = 0; v < GEMV_VECS; v++) acc[i][v] = (tsr_fv){0};
-    const int64_t kv = csa == 1 && nj == GEMV_VECS ? k / VL * VL : 0;
+    const int64_t kv = nj == GEMV_VECS ? k / VL * VL : 0;
     for (int64_t p = 0; p < kv; p += VL) {
         tsr_fv bv[GEMV_VECS];
-        for (int v = 0; v < GEMV_VECS; v++) bv[v] = vload(b + v * csb + p);
+        for (int v = 0; v < GEMV_VECS; v++) bv[v] = b_column_vload(b, p, j0 + v);
         for (int i = 0; i < m; i++) {
             const tsr_fv av = vload(a + i * rsa + p);
             for (int v = 0; v < GEMV_VECS; v++) acc[i][v] += av * bv[v];
@@ -154,91 +358,126 @@ static inline __attribute__((always_inline)) void dot_columns(
     for (int64_t i = 0; i < m; i++)
         for (int64_t v = 0; v < nj; v++) {
             float s = kv ? hsum(acc[i][v]) : 0.0f;
-            for (int64_t p = kv; p < k; p++) s += a[i * rsa + p * csa] * b[v * csb + p];
-            out[i][v] = s;
+            for (int64_t p = kv; p < k; p++) s += a[i * rsa + p] * b_at(b, p, j0 + v);
+            out[i * ldo + v] = s;
         }
 }
 
-static void gemv_rows(int64_t m, int64_t n, int64_t k, float alpha, const float *a,
-                      int64_t rsa, int64_t csa, const float *b, int64_t rsb, int64_t csb,
-                      float beta, float *c, int64_t rsc, int64_t csc, const tsr_ep *ep) {
-    const int64_t step = csb == 1 ? GEMV_STRIP : GEMV_VECS;
+/* out[i][j] = A[i, :] . B[:, j0 + j] for j < nj columns (nj <= the step of B's layout). */
+static void gemv_block(int64_t m, int64_t k, const float *a, int64_t rsa, const tsr_b *b,
+                       int64_t j0, int64_t nj, float out[GEMV_ROWS][GEMV_STRIP]) {
+    if (!QUANTIZED && b->cs == 1) {  /* stream B's rows over a strip of C in L1 */
+        for (int64_t i = 0; i < m; i++) memset(out[i], 0, nj * sizeof(float));
+        for (int64_t p = 0; p < k; p++) {
+            const b_t *brow = (const b_t *)b->p + p * b->rs + j0;
+            for (int64_t i = 0; i < m; i++) {
+                const float ai = a[i * rsa + p];
+                float *o = out[i];
+                #pragma omp simd
+                for (int64_t j = 0; j < nj; j++)
+                    o[j] += ai * APPLY(PICK_IN, B_FORMAT)(brow[j]);
+            }
+        }
+        return;
+    }
+    switch (m) {  /* a constant row count keeps the accumulators in registers */
+        case 1: dot_columns(1, k, nj, a, rsa, b, j0, out[0], GEMV_STRIP); break;
+        case 2: dot_columns(2, k, nj, a, rsa, b, j0, out[0], GEMV_STRIP); break;
+        case 3: dot_columns(3, k, nj, a, rsa, b, j0, out[0], GEMV_STRIP); break;
+        default: dot_columns(4, k, nj, a, rsa, b, j0, out[0], GEMV_STRIP); break;
+    }
+}
+
+/* C[m, n] for m <= GEMV_ROWS; A already float32 with contiguous rows. */
+static void gemv_rows(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa,
+                      const tsr_b *b, const tsr_out *o) {
+    const int64_t step = !QUANTIZED && b->cs == 1 ? GEMV_STRIP : GEMV_VECS;
     #pragma omp parallel for schedule(static) if(n * k > 65536)
     for (int64_t j0 = 0; j0 < n; j0 += step) {
         const int64_t nj = n - j0 < step ? n - j0 : step;
         float out[GEMV_ROWS][GEMV_STRIP];
-        if (csb == 1) {  /* stream B's rows over a strip of C that stays in L1 */
-            for (int64_t i = 0; i < m; i++) memset(out[i], 0, nj * sizeof(float));
-            for (int64_t p = 0; p < k; p++) {
-                const float *brow = b + p * rsb + j0;
-                for (int64_t i = 0; i < m; i++) {
-                    const float ai = a[i * rsa + p * csa];
-                    float *o = out[i];
-                    #pragma omp simd
-                    for (int64_t j = 0; j < nj; j++) o[j] += ai * brow[j];
-                }
-            }
-        } else {  /* rsb == 1: columns of B are contiguous; dot products, VL lanes at once */
-            switch (m) {  /* a constant row count keeps the accumulators in registers */
-                case 1: dot_columns(1, k, nj, a, rsa, csa, b + j0 * csb, csb, out); break;
-                case 2: dot_columns(2, k, nj, a, rsa, csa, b + j0 * csb, csb, out); break;
-                case 3: dot_columns(3, k, nj, a, rsa, csa, b + j0 * csb, csb, out); break;
-                default: dot_columns(4, k, nj, a, rsa, csa, b + j0 * csb, csb, out); break;
+#if SWIGLU
+        float up[GEMV_ROWS][GEMV_STRIP];
+        gemv_block(m, k, a, rsa, b, n + j0, nj, up);
+#endif
+        gemv_block(m, k, a, rsa, b, j0, nj, out);
+        for (int64_t i = 0; i < m; i++) {
+            c_t *dst = o->c + i * o->rsc + j0 * o->csc;
+            for (int64_t j = 0; j < nj; j++) {
+                float x = o->alpha * out[i][j];
+#if SWIGLU
+                x = tsr_silu(x) * o->alpha * up[i][j];
+#endif
+                if (o->beta != 0.0f) x += o->beta * C_IN(dst[j * o->csc]);
+                dst[j * o->csc] = C_OUT(EPILOGUE(x, i, j0 + j, o->ep));
             }
         }
-        for (int64_t i = 0; i < m; i++)
-            for (int64_t j = 0; j < nj; j++) {
-                float *dst = c + i * rsc + (j0 + j) * csc;
-                *dst = EPILOGUE(alpha * out[i][j] + (beta != 0.0f ? beta * *dst : 0.0f),
-                                i, j0 + j, ep);
-            }
     }
 }
 
-/* kernel: C[m, n] = alpha A[m, k] B[k, n] + beta C, element (i, j) of X at
-   x + i * rsx + j * csx. Returns 0, or -1 if the packing buffers cannot be allocated. */
-int tsr_sgemm(int64_t m, int64_t n, int64_t k, float alpha,
-              const float *a, int64_t rsa, int64_t csa,
-              const float *b, int64_t rsb, int64_t csb,
-              float beta, float *c, int64_t rsc, int64_t csc, const tsr_ep *ep) {
+/* ---- kernel ----------------------------------------------------------------------------- */
+/* C[m, n] = alpha A[m, k] B[k, n] + beta C (SwiGLU: n outputs of a 2n-column B), element
+   (i, j) of X at x + i * rsx + j * csx. Returns 0, or -1 if memory runs out. */
+int tsr_gemm(int64_t m, int64_t n, int64_t k, float alpha, const a_t *a, int64_t rsa,
+             int64_t csa, const tsr_b *b, float beta, c_t *c, int64_t rsc, int64_t csc,
+             const tsr_ep *ep) {
     if (m <= 0 || n <= 0) return 0;
+    tsr_out o = {c, rsc, csc, (float *)c, rsc, n, alpha, beta, ep};
     if (k <= 0 || alpha == 0.0f) {  /* C = beta C, then the epilogue */
         for (int64_t i = 0; i < m; i++)
             for (int64_t j = 0; j < n; j++) {
-                float *dst = c + i * rsc + j * csc;
-                *dst = EPILOGUE(beta != 0.0f ? beta * *dst : 0.0f, i, j, ep);
+                c_t *dst = c + i * rsc + j * csc;
+                const float x = beta != 0.0f ? beta * C_IN(*dst) : 0.0f;
+                *dst = C_OUT(EPILOGUE(SWIGLU ? tsr_silu(0.0f) * 0.0f : x, i, j, ep));
             }
         return 0;
     }
-    if (m <= GEMV_ROWS && (csb == 1 || rsb == 1)) {
-        gemv_rows(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc, ep);
+    if (!PACKED_B && m <= GEMV_ROWS && (QUANTIZED || b->cs == 1 || b->rs == 1)) {
+        float *rows = NULL;  /* A as float32 rows for the dot products */
+        if (A_FMT != TSR_F32 || csa != 1) {
+            if (!(rows = malloc((size_t)(m * k) * sizeof(float)))) return -1;
+            for (int64_t i = 0; i < m; i++)
+                for (int64_t p = 0; p < k; p++) rows[i * k + p] = A_IN(a[i * rsa + p * csa]);
+        }
+        gemv_rows(m, n, k, rows ? rows : (const float *)a, rows ? k : rsa, b, &o);
+        free(rows);
         return 0;
     }
-    const int64_t nc_max = n < NC ? (n + NR - 1) / NR * NR : NC;
+    const int64_t np = packed_columns(n);
+    const int64_t nc_max = np < NC ? (np + NR - 1) / NR * NR : NC;
     const int64_t kc_max = k < KC ? k : KC;
     const int threads = omp_get_max_threads();
     const int64_t mc_max = m < MC ? (m + MR - 1) / MR * MR : MC;
-    float *bp = buffer(0, nc_max * kc_max), *ap = buffer(1, threads * mc_max * kc_max);
-    if (!bp || !ap) return -1;
+    float *bp = PACKED_B ? NULL : buffer(0, nc_max * kc_max);
+    float *ap = buffer(1, threads * mc_max * kc_max);
+    if ((!PACKED_B && !bp) || !ap) return -1;
+    if (!DIRECT && k > KC) {  /* partial sums between KC steps need float32 room */
+        if (!(o.w = malloc((size_t)(m * np) * sizeof(float)))) return -1;
+        o.rsw = np;
+    }
     const int64_t work = m * n * k;
     #pragma omp parallel if(work > 64 * 64 * 64) num_threads(threads)
     {
         float *my_a = ap + omp_get_thread_num() * mc_max * kc_max;
         const int nt = omp_get_num_threads();
-        for (int64_t jc = 0; jc < n; jc += NC) {
-            const int64_t nc = n - jc < NC ? n - jc : NC;
+        for (int64_t jc = 0; jc < np; jc += NC) {
+            const int64_t nc = np - jc < NC ? np - jc : NC;
             for (int64_t pc = 0; pc < k; pc += KC) {
                 const int64_t kc = k - pc < KC ? k - pc : KC;
-                const float beta_p = pc == 0 ? beta : 1.0f;
-                const int last = pc + kc >= k;  /* the epilogue runs once, at the end */
-                #pragma omp for schedule(static)
-                for (int64_t j = 0; j < nc; j += NR)
-                    pack_b_sliver(nc - j, kc, b + pc * rsb + (jc + j) * csb, rsb, csb,
-                                  bp + j * kc);
+                const int first = pc == 0, last = pc + kc >= k;
+                const float *panel;
+                if (PACKED_B) {
+                    panel = (const float *)b->p + panel_offset(jc, pc, k, nc);
+                } else {
+                    #pragma omp for schedule(static)
+                    for (int64_t j = 0; j < nc; j += NR)
+                        pack_b_sliver(b, n, pc, kc, jc + j, bp + j * kc);
+                    panel = bp;
+                }
                 /* the micro-tile (i, j) of the (ic, jc) block, A packed at `packed` */
-                #define TILE(packed) micro_kernel(kc, (packed) + i * kc, bp + j * kc, \
-                    c + (ic + i) * rsc + (jc + j) * csc, rsc, csc, mc - i < MR ? mc - i : MR, \
-                    nc - j < NR ? nc - j : NR, alpha, beta_p, ic + i, jc + j, last, ep)
+                #define TILE(packed) micro_kernel(kc, (packed) + i * kc, panel + j * kc, &o, \
+                    ic + i, jc + j, mc - i < MR ? mc - i : MR, \
+                    np - jc - j < NR ? np - jc - j : NR, first, last)
                 /* threads split the rows of C into equal blocks (a multiple of the thread
                    count, at most MC rows) when there are enough rows, else its columns */
                 int64_t blocks = (m + MC - 1) / MC;
@@ -268,18 +507,18 @@ int tsr_sgemm(int64_t m, int64_t n, int64_t k, float alpha,
             }
         }
     }
+    if (o.w != (float *)c) free(o.w);
     return 0;
 }
 
 /* grouped (MoE experts): for each group g of `sizes[g]` consecutive rows of A (tokens
-   sorted by expert), C[rows] = A[rows] @ B[g], B[g] at b + g * gsb. One call for all the
-   groups. With many groups the threads take whole groups (dynamically: token counts are
-   uneven; the GEMM inside then runs on its caller's thread alone, as nested regions do);
-   with few, each group uses all threads. Returns 0, or -1 if packing memory runs out. */
-int tsr_sgemm_grouped(int64_t groups, const int64_t *sizes, int64_t n, int64_t k,
-                      const float *a, int64_t rsa, int64_t csa,
-                      const float *b, int64_t gsb, int64_t rsb, int64_t csb,
-                      float *c, int64_t rsc, int64_t csc, const tsr_ep *ep) {
+   sorted by expert), C[rows] = A[rows] @ B[g]. One call for all the groups. With many
+   groups the threads take whole groups (dynamically: token counts are uneven; the GEMM
+   inside then runs on its caller's thread alone, as nested regions do); with few, each
+   group uses all threads. Returns 0, or -1 if memory runs out. */
+int tsr_gemm_grouped(int64_t groups, const int64_t *sizes, int64_t n, int64_t k,
+                     const a_t *a, int64_t rsa, int64_t csa, const tsr_b *b,
+                     c_t *c, int64_t rsc, int64_t csc, const tsr_ep *ep) {
     int64_t *starts = malloc((size_t)(groups + 1) * sizeof(int64_t));
     if (!starts) return -1;
     starts[0] = 0;
@@ -288,24 +527,27 @@ int tsr_sgemm_grouped(int64_t groups, const int64_t *sizes, int64_t n, int64_t k
     #pragma omp parallel for schedule(dynamic, 1) if(groups >= 2 * omp_get_max_threads()) \
         reduction(|:failed)
     for (int64_t g = 0; g < groups; g++)
-        if (sizes[g] > 0)
-            failed |= tsr_sgemm(sizes[g], n, k, 1.0f, a + starts[g] * rsa, rsa, csa,
-                                b + g * gsb, rsb, csb, 0.0f, c + starts[g] * rsc, rsc, csc, ep);
+        if (sizes[g] > 0) {
+            const tsr_b bg = b_problem(b, g);
+            failed |= tsr_gemm(sizes[g], n, k, 1.0f, a + starts[g] * rsa, rsa, csa, &bg, 0.0f,
+                               c + starts[g] * rsc, rsc, csc, ep);
+        }
     free(starts);
     return failed ? -1 : 0;
 }
 
 /* batched: C[i] = A[i] @ B[i] for i < batch, X[i] at x + i * bsx (a batch stride of 0
    shares one matrix, e.g. a weight). Threads take whole products when there are many. */
-int tsr_sgemm_batched(int64_t batch, int64_t m, int64_t n, int64_t k,
-                      const float *a, int64_t bsa, int64_t rsa, int64_t csa,
-                      const float *b, int64_t bsb, int64_t rsb, int64_t csb,
-                      float *c, int64_t bsc, int64_t rsc, int64_t csc, const tsr_ep *ep) {
+int tsr_gemm_batched(int64_t batch, int64_t m, int64_t n, int64_t k,
+                     const a_t *a, int64_t bsa, int64_t rsa, int64_t csa, const tsr_b *b,
+                     c_t *c, int64_t bsc, int64_t rsc, int64_t csc, const tsr_ep *ep) {
     int failed = 0;
     #pragma omp parallel for schedule(static) if(batch >= 2 * omp_get_max_threads()) \
         reduction(|:failed)
-    for (int64_t i = 0; i < batch; i++)
-        failed |= tsr_sgemm(m, n, k, 1.0f, a + i * bsa, rsa, csa, b + i * bsb, rsb, csb, 0.0f,
-                            c + i * bsc, rsc, csc, ep);
+    for (int64_t i = 0; i < batch; i++) {
+        const tsr_b bi = b_problem(b, i);
+        failed |= tsr_gemm(m, n, k, 1.0f, a + i * bsa, rsa, csa, &bi, 0.0f,
+                           c + i * bsc, rsc, csc, ep);
+    }
     return failed ? -1 : 0;
 }

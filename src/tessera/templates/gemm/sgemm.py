@@ -1,6 +1,6 @@
-"""Device layer of the SGEMM template: choose the blocking for this CPU, build the C
-template with it (once per machine, through the compile cache) and launch it on numpy,
-torch or tessera matrices of any strides."""
+"""Device layer of the GEMM template: choose the blocking for this CPU and the variant for
+the operands' formats and epilogue, build the C template for it (once per machine, through
+the compile cache) and launch it on numpy, torch or tessera matrices of any strides."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ from tessera.errors import ShapeError, TesseraError
 from tessera.lang.codegen import MATH_HEADER
 from tessera.runtime import dtype as dt
 from tessera.runtime.cpu.device import cache_sizes, cpu_features
-from tessera.runtime.tensor import as_tensor
+from tessera.runtime.tensor import Tensor, as_tensor, empty
 from tessera.runtime.toolchain import compile_c
+from tessera.templates.gemm.quant import QuantizedMatrix
 
-__all__ = ["ACTIVATIONS", "Blocking", "batched_sgemm", "blocking", "grouped_sgemm", "sgemm"]
+__all__ = ["ACTIVATIONS", "Blocking", "PackedMatrix", "batched_gemm", "blocking", "gemm",
+           "grouped_gemm", "pack"]
 
 _SOURCE = Path(__file__).with_name("sgemm.c")
 
@@ -58,61 +60,88 @@ ACTIVATIONS = {"relu": "({x} < 0.0f ? 0.0f : {x})",  # NaN stays NaN, as in torc
                "gelu": "tsr_gelu_erf({x})", "gelu_tanh": "tsr_gelu_tanh({x})",
                "silu": "tsr_silu({x})", "sigmoid": "tsr_sigmoid({x})", "tanh": "tsr_tanh({x})"}
 
+# Storage formats of the template's operands (TSR_F32 ... in gemm.c).
+_FORMATS = {dt.float32: 0, dt.bfloat16: 1, dt.float16: 2}
+_Q8, _Q4 = 3, 4
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """Everything that selects one compiled variant of the template."""
+
+    blocking: Blocking
+    a: int = 0  # formats of A, B and C
+    b: int = 0
+    c: int = 0
+    group: int = 32  # rows per scale of a quantized B
+    swiglu: bool = False
+    packed: bool = False
+    bias: bool = False
+    activation: str | None = None
+    residual: bool = False
+
+    def source(self) -> str:
+        x = "(x)"
+        if self.bias:
+            x = f"({x} + (ep)->bias[j])"
+        if self.activation:
+            x = f"({{ const float x_ = {x}; {ACTIVATIONS[self.activation].format(x='x_')}; }})"
+        if self.residual:
+            x = f"({x} + (ep)->res[(i) * (ep)->rsr + (j) * (ep)->csr])"
+        epilogue = f"#define EPILOGUE(x, i, j, ep) {x}\n" if x != "(x)" else ""
+        defines = {"A_FMT": self.a, "B_FMT": self.b, "C_FMT": self.c, "GROUP": self.group,
+                   "SWIGLU": int(self.swiglu), "PACKED_B": int(self.packed)}
+        return (self.blocking.defines()
+                + "".join(f"#define {k} {v}\n" for k, v in defines.items())
+                + "#include <stdint.h>\n#include <stdbool.h>\n#include <string.h>\n"
+                  "#include <math.h>\n" + MATH_HEADER.read_text() + epilogue
+                + _SOURCE.read_text())
+
 
 class _EpilogueArgs(ctypes.Structure):
     _fields_ = [("bias", ctypes.c_void_p), ("res", ctypes.c_void_p),
                 ("rsr", ctypes.c_int64), ("csr", ctypes.c_int64)]
 
 
-def _epilogue_source(bias: bool, activation: str | None, residual: bool) -> str:
-    """The EPILOGUE(x, i, j, ep) macro for one combination: act(x + bias[j]) + res[i, j]."""
-    if not (bias or activation or residual):
-        return ""
-    x = "(x)"
-    if bias:
-        x = f"({x} + (ep)->bias[j])"
-    if activation:
-        x = f"({{ const float x_ = {x}; {ACTIVATIONS[activation].format(x='x_')}; }})"
-    if residual:
-        x = f"({x} + (ep)->res[(i) * (ep)->rsr + (j) * (ep)->csr])"
-    math = MATH_HEADER.read_text() if activation else ""
-    return (f"#include <stdint.h>\n#include <stdbool.h>\n#include <string.h>\n#include <math.h>\n"
-            f"{math}\n#define EPILOGUE(x, i, j, ep) {x}\n")
+class _BArgs(ctypes.Structure):
+    """Operand B (tsr_b in gemm.c): data, scales, strides, and strides between problems."""
+
+    _fields_ = [("p", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                *((f, ctypes.c_int64) for f in ("rs", "cs", "scs", "gs", "gss"))]
 
 
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_I64, _PTR, _F = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+_B, _EP = ctypes.POINTER(_BArgs), ctypes.POINTER(_EpilogueArgs)
 _SIGNATURES = {
-    "tsr_sgemm": [_I64, _I64, _I64, ctypes.c_float, _PTR, _I64, _I64, _PTR, _I64, _I64,
-                  ctypes.c_float, _PTR, _I64, _I64, ctypes.POINTER(_EpilogueArgs)],
-    "tsr_sgemm_grouped": [_I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64,
-                          _PTR, _I64, _I64, ctypes.POINTER(_EpilogueArgs)],
-    "tsr_sgemm_batched": [_I64, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64,
-                          _I64, _PTR, _I64, _I64, _I64, ctypes.POINTER(_EpilogueArgs)],
+    "tsr_gemm": (ctypes.c_int, [_I64, _I64, _I64, _F, _PTR, _I64, _I64, _B, _F, _PTR, _I64,
+                                _I64, _EP]),
+    "tsr_gemm_grouped": (ctypes.c_int, [_I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _B, _PTR,
+                                        _I64, _I64, _EP]),
+    "tsr_gemm_batched": (ctypes.c_int, [_I64, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _B,
+                                        _PTR, _I64, _I64, _I64, _EP]),
+    "tsr_packed_size": (_I64, [_I64, _I64]),
+    "tsr_pack_b": (None, [_I64, _I64, _B, _PTR]),
 }
 
 
 @cache
-def _kernel(b: Blocking, epilogue: tuple[bool, str | None, bool] = (False, None, False),
-            entry: str = "tsr_sgemm") -> Any:
-    source = b.defines() + _epilogue_source(*epilogue) + _SOURCE.read_text()
-    module = compile_c(source, name="sgemm", openmp=True)
-    return module.function(entry, ctypes.c_int, _SIGNATURES[entry])
+def _kernel(variant: _Variant, entry: str = "tsr_gemm") -> Any:
+    module = compile_c(variant.source(), name="gemm", openmp=True)
+    return module.function(entry, *_SIGNATURES[entry])
 
 
-def _matrix(x: Any, name: str, ndim: int = 2) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+def _matrix(x: Any, name: str, ndim: int = 2, who: str = "gemm") -> tuple[Any, int]:
+    """The tessera view of a 2-D (or `ndim`-D) float operand and its format."""
     t = as_tensor(x)
-    if t.dtype is not dt.float32:
-        raise TesseraError(f"sgemm: {name} is {t.dtype.name}, not float32",
-                           hint="convert it, or use a GEMM for its dtype")
+    if t.dtype not in _FORMATS:
+        raise TesseraError(f"{who}: {name} is {t.dtype.name}; the GEMM takes float32, "
+                           "bfloat16 or float16", hint=f"convert {name} first")
     if len(t.shape) != ndim:
-        raise ShapeError(f"sgemm: {name} must be {ndim}-D, got shape {t.shape}")
-    if ndim == 1 and t.strides != (1,) and t.shape[0] > 1:
-        raise ShapeError(f"sgemm: {name} must be contiguous", hint="pass .contiguous()")
-    return t.data_ptr(), t.shape, t.strides
+        raise ShapeError(f"{who}: {name} must be {ndim}-D, got shape {t.shape}")
+    return t, _FORMATS[t.dtype]
 
 
-def _check_writable(out: Any, who: str) -> None:
-    t = as_tensor(out)
+def _check_writable(t: Any, who: str) -> None:
     if t.readonly:
         raise TesseraError(f"{who}: out is read-only", hint="pass a writable array")
     if any(s == 0 and d > 1 for s, d in zip(t.strides, t.shape, strict=True)):
@@ -120,117 +149,220 @@ def _check_writable(out: Any, who: str) -> None:
                            "elements share memory", hint="pass a contiguous out")
 
 
+def _float32(x: Any, name: str, shape: tuple[int, ...], who: str) -> Any:
+    """An epilogue operand as float32 (a converted copy if 16-bit, a contiguous one if a
+    strided vector), checked against `shape`."""
+    t, fmt = _matrix(x, name, len(shape), who)
+    if t.shape != shape:
+        raise ShapeError(f"{who}: {name} has shape {t.shape}, expected {shape}")
+    if fmt == 0 and (len(shape) == 2 or t.strides == (1,) or shape[0] <= 1):
+        return t
+    if fmt == 1:  # bfloat16 is the top half of a float32
+        bits = t.numpy(view_bfloat16_as_uint16=True).astype(np.uint32)
+        return as_tensor(np.ascontiguousarray((bits << 16).view(np.float32)))
+    return as_tensor(np.ascontiguousarray(t.numpy(), np.float32))
+
+
 def _epilogue(who: str, m: int, n: int, bias: Any, activation: str | None, residual: Any
-              ) -> tuple[_EpilogueArgs, tuple[bool, str | None, bool]]:
-    """The epilogue's run-time arguments, checked, and the spec its build is keyed on."""
-    ep = _EpilogueArgs()
+              ) -> tuple[_EpilogueArgs, dict[str, Any], list[Any]]:
+    """The epilogue's run-time arguments, checked, the variant fields it selects, and the
+    tensors to keep alive during the call."""
+    ep, keep = _EpilogueArgs(), []
     if bias is not None:
-        ep.bias, shape, _ = _matrix(bias, "bias", ndim=1)
-        if shape != (n,):
-            raise ShapeError(f"{who}: bias has shape {shape}, expected ({n},)")
+        keep.append(_float32(bias, "bias", (n,), who))
+        ep.bias = keep[-1].data_ptr()
     if residual is not None:
-        ep.res, shape, (ep.rsr, ep.csr) = _matrix(residual, "residual")
-        if shape != (m, n):
-            raise ShapeError(f"{who}: residual has shape {shape}, expected {(m, n)}")
+        keep.append(_float32(residual, "residual", (m, n), who))
+        ep.res, (ep.rsr, ep.csr) = keep[-1].data_ptr(), keep[-1].strides
     if activation is not None and activation not in ACTIVATIONS:
         raise TesseraError(f"{who}: unknown activation {activation!r}",
                            hint=f"one of {', '.join(ACTIVATIONS)}")
-    return ep, (bias is not None, activation, residual is not None)
+    spec = {"bias": bias is not None, "activation": activation, "residual": residual is not None}
+    return ep, spec, keep
 
 
-def sgemm(a: Any, b: Any, out: Any = None, *, alpha: float = 1.0, beta: float = 0.0,
-          bias: Any = None, activation: str | None = None, residual: Any = None,
-          config: Blocking | None = None) -> Any:
-    """out = activation(alpha * a @ b + beta * out + bias) + residual for float32 matrices
-    of any strides (transposed views included); the epilogue (bias [n], an activation of
-    ACTIVATIONS, residual [m, n]) is fused into the final store. Without `out`, a new
-    C-contiguous result of a's kind is returned."""
-    pa, (m, k), (rsa, csa) = _matrix(a, "a")
-    pb, (k2, n), (rsb, csb) = _matrix(b, "b")
+@dataclass(frozen=True)
+class PackedMatrix:
+    """B [K, N] packed once into the template's panels (for frozen weights): a product
+    with it skips packing. Tied to the blocking it was packed for, and to `swiglu`."""
+
+    shape: tuple[int, int]
+    dtype: str  # of the result: that of the unpacked weights
+    blocking: Blocking
+    swiglu: bool
+    data: np.ndarray  # float32 panels
+
+
+def pack(b: Any, *, swiglu: bool = False, config: Blocking | None = None) -> PackedMatrix:
+    """Pack weights b [K, N] (float32/16, any strides, or a QuantizedMatrix, dequantized
+    into float32 panels) for repeated products `gemm(x, packed)`."""
+    config = config or blocking()
+    barg, fmt, group, (k, n), out_dtype, keep = _b_operand(b, "pack", 2)
+    if swiglu and n % 2:
+        raise ShapeError(f"pack: SwiGLU weights need [gate | up] columns, got N = {n}")
+    variant = _Variant(config, b=fmt, group=group, swiglu=swiglu, packed=True)
+    outputs = n // 2 if swiglu else n
+    data = np.empty(_kernel(variant, "tsr_packed_size")(k, outputs), np.float32)
+    _kernel(variant, "tsr_pack_b")(k, outputs, barg, data.ctypes.data)
+    del keep
+    return PackedMatrix((k, n), out_dtype, config, swiglu, data)
+
+
+def _b_operand(b: Any, who: str, ndim: int
+               ) -> tuple[_BArgs, int, int, tuple[int, ...], Any, list[Any]]:
+    """Operand B's C descriptor, format, group size, shape (without packing), the dtype
+    its products default to, and what to keep alive."""
+    arg = _BArgs()
+    if isinstance(b, QuantizedMatrix):
+        if len(b.shape) != ndim:
+            raise ShapeError(f"{who}: the quantized b is {len(b.shape)}-D, expected {ndim}-D")
+        arg.p, arg.scale = b.data.ctypes.data, b.scales.ctypes.data
+        arg.rs, arg.cs, arg.scs = 1, b.data.shape[-1], b.scales.shape[-1]
+        if ndim == 3:
+            arg.gs, arg.gss = b.data.strides[0], b.scales.strides[0] // 4
+        return arg, _Q8 if b.bits == 8 else _Q4, b.group_size, b.shape, None, [b]
+    t, fmt = _matrix(b, "b", ndim, who)
+    arg.p = t.data_ptr()
+    arg.rs, arg.cs = t.strides[-2:]
+    if ndim == 3:
+        arg.gs = t.strides[0]
+    return arg, fmt, 32, t.shape, t.dtype, [t]
+
+
+def gemm(a: Any, b: Any, out: Any = None, *, alpha: float = 1.0, beta: float = 0.0,
+         bias: Any = None, activation: str | None = None, residual: Any = None,
+         swiglu: bool = False, config: Blocking | None = None) -> Any:
+    """out = activation(alpha * a @ b + beta * out + bias) + residual, fused into one pass.
+
+    a [M, K] and b [K, N] are float32, bfloat16 or float16 of any strides (transposed
+    views included); b may also be a `QuantizedMatrix` (int8/int4 weights, dequantized in
+    the kernel) or a `PackedMatrix`. Products accumulate in float32. `swiglu=True` takes
+    b = [gate | up] ([K, 2N]) and gives silu(a @ gate) * (a @ up) [M, N]. Without `out`,
+    a new C-contiguous result of a's kind is returned, in torch's promoted dtype.
+    """
+    ta, a_fmt = _matrix(a, "a")
+    m, k = ta.shape
+    packed = b if isinstance(b, PackedMatrix) else None
+    if packed is not None:
+        if packed.swiglu != swiglu:
+            raise TesseraError(f"gemm: b was packed with swiglu={packed.swiglu}, called with "
+                               f"swiglu={swiglu}", hint="pack(b, swiglu=...) as you call it")
+        if config is not None and config != packed.blocking:
+            raise TesseraError("gemm: b was packed for another blocking than `config`",
+                               hint="pack(b, config=config)")
+        config, b_fmt, group = packed.blocking, 0, 32
+        barg, (k2, n2), b_dtype = _BArgs(packed.data.ctypes.data), packed.shape, packed.dtype
+    else:
+        barg, b_fmt, group, (k2, n2), b_dtype, _ = _b_operand(b, "gemm", 2)
     if k2 != k:
-        raise ShapeError(f"sgemm: a is {m}x{k} but b is {k2}x{n}",
+        raise ShapeError(f"gemm: a is {m}x{k} but b is {k2}x{n2}",
                          hint="the inner dimensions must agree")
+    n = _outputs(n2, swiglu, "gemm")
+    if swiglu and (beta != 0.0 or bias is not None or activation is not None):
+        raise TesseraError("gemm: swiglu=True computes silu(gate) * up; it takes no beta, "
+                           "bias or activation", hint="a residual may still be added")
     if out is None:
-        out = _like(a, (m, n))
+        out = _like(a, (m, n), _promote(ta.dtype, b_dtype))
         beta = 0.0
-    pc, shape, (rsc, csc) = _matrix(out, "out")
-    if shape != (m, n):
-        raise ShapeError(f"sgemm: out has shape {shape}, the product is {(m, n)}")
-    _check_writable(out, "sgemm")
-    ep, spec = _epilogue("sgemm", m, n, bias, activation, residual)
-    kernel = _kernel(config or blocking(), spec)
-    if kernel(m, n, k, alpha, pa, rsa, csa, pb, rsb, csb, beta, pc, rsc, csc, ep):
-        raise TesseraError(f"sgemm: no memory for the packing buffers of a {m}x{n}x{k} "
-                           "product")
+    tc, c_fmt = _matrix(out, "out")
+    if tc.shape != (m, n):
+        raise ShapeError(f"gemm: out has shape {tc.shape}, the product is {(m, n)}")
+    _check_writable(tc, "gemm")
+    ep, spec, _keep = _epilogue("gemm", m, n, bias, activation, residual)
+    variant = _Variant(config or blocking(), a_fmt, b_fmt, c_fmt, group, swiglu,
+                       packed is not None, **spec)
+    if _kernel(variant)(m, n, k, alpha, ta.data_ptr(), *ta.strides, barg, beta,
+                        tc.data_ptr(), *tc.strides, ep):
+        raise TesseraError(f"gemm: out of memory for the buffers of a {m}x{n}x{k} product")
     return out
 
 
-def grouped_sgemm(a: Any, b: Any, sizes: Any, out: Any = None, *, bias: Any = None,
-                  activation: str | None = None, config: Blocking | None = None) -> Any:
+def _outputs(n: int, swiglu: bool, who: str) -> int:
+    if swiglu and n % 2:
+        raise ShapeError(f"{who}: swiglu=True needs b = [gate | up] with an even number of "
+                         f"columns, got {n}")
+    return n // 2 if swiglu else n
+
+
+def _promote(a: Any, b: Any) -> Any:
+    """torch's result dtype for a product of float32/bfloat16/float16 operands."""
+    if b is None or a is b:
+        return a
+    return dt.float32  # any mix of two different float dtypes widens to float32
+
+
+def grouped_gemm(a: Any, b: Any, sizes: Any, out: Any = None, *, bias: Any = None,
+                 activation: str | None = None, swiglu: bool = False,
+                 config: Blocking | None = None) -> Any:
     """Mixture-of-experts GEMM in one call: rows of `a` [T, K] come in groups (tokens sorted
-    by expert) of `sizes` [E] rows; group g is multiplied by `b[g]` ([E, K, N], any
-    strides). Returns out [T, N]. `bias` [N] and `activation` apply to every group."""
-    pa, (t, k), (rsa, csa) = _matrix(a, "a")
-    bt = as_tensor(b)
-    if len(bt.shape) != 3 or bt.dtype is not dt.float32:
-        raise ShapeError(f"grouped_sgemm: b must be a float32 [E, K, N] tensor, got "
-                         f"{bt.dtype.name} {bt.shape}")
-    groups, k2, n = bt.shape
+    by expert) of `sizes` [E] rows; group g is multiplied by `b[g]` ([E, K, N], any strides,
+    or a 3-D QuantizedMatrix). Returns out [T, N] (N / 2 with swiglu, as in `gemm`).
+    `bias` [N] and `activation` apply to every group."""
+    ta, a_fmt = _matrix(a, "a", 2, "grouped_gemm")
+    t, k = ta.shape
+    barg, b_fmt, group, shape, b_dtype, _keep_b = _b_operand(b, "grouped_gemm", 3)
+    groups, k2, n2 = shape
     if k2 != k:
-        raise ShapeError(f"grouped_sgemm: a has K = {k}, b has K = {k2}")
+        raise ShapeError(f"grouped_gemm: a has K = {k}, b has K = {k2}")
+    n = _outputs(n2, swiglu, "grouped_gemm")
     counts = np.ascontiguousarray(np.asarray(sizes, dtype=np.int64))
     if counts.shape != (groups,) or (counts < 0).any() or counts.sum() != t:
-        raise ShapeError(f"grouped_sgemm: sizes must be {groups} non-negative counts summing "
+        raise ShapeError(f"grouped_gemm: sizes must be {groups} non-negative counts summing "
                          f"to the {t} rows of a, got {counts.tolist()}")
     if out is None:
-        out = _like(a, (t, n))
-    pc, shape, (rsc, csc) = _matrix(out, "out")
-    if shape != (t, n):
-        raise ShapeError(f"grouped_sgemm: out has shape {shape}, expected {(t, n)}")
-    _check_writable(out, "grouped_sgemm")
-    ep, spec = _epilogue("grouped_sgemm", t, n, bias, activation, None)
-    kernel = _kernel(config or blocking(), spec, "tsr_sgemm_grouped")
-    if kernel(groups, counts.ctypes.data, n, k, pa, rsa, csa, bt.data_ptr(), *bt.strides,
-              pc, rsc, csc, ep):
-        raise TesseraError("grouped_sgemm: no memory for the packing buffers")
+        out = _like(a, (t, n), _promote(ta.dtype, b_dtype))
+    tc, c_fmt = _matrix(out, "out", 2, "grouped_gemm")
+    if tc.shape != (t, n):
+        raise ShapeError(f"grouped_gemm: out has shape {tc.shape}, expected {(t, n)}")
+    _check_writable(tc, "grouped_gemm")
+    ep, spec, _keep = _epilogue("grouped_gemm", t, n, bias, activation, None)
+    variant = _Variant(config or blocking(), a_fmt, b_fmt, c_fmt, group, swiglu, **spec)
+    if _kernel(variant, "tsr_gemm_grouped")(groups, counts.ctypes.data, n, k, ta.data_ptr(),
+                                            *ta.strides, barg, tc.data_ptr(), *tc.strides, ep):
+        raise TesseraError("grouped_gemm: out of memory for the packing buffers")
     return out
 
 
-def batched_sgemm(a: Any, b: Any, out: Any = None, *, config: Blocking | None = None) -> Any:
-    """out[i] = a[i] @ b[i] for [B, M, K] and [B, K, N] float32 tensors of any strides; a
-    2-D operand is shared by every product (a weight). Returns out [B, M, N]."""
+def batched_gemm(a: Any, b: Any, out: Any = None, *, config: Blocking | None = None) -> Any:
+    """out[i] = a[i] @ b[i] for [B, M, K] and [B, K, N] float32/16 tensors of any strides;
+    a 2-D operand is shared by every product (a weight). Returns out [B, M, N]."""
     ta, tb = as_tensor(a), as_tensor(b)
-    for t, name in ((ta, "a"), (tb, "b")):
-        if t.dtype is not dt.float32 or len(t.shape) not in (2, 3):
-            raise ShapeError(f"batched_sgemm: {name} must be a 2-D or 3-D float32 tensor, "
-                             f"got {t.dtype.name} {t.shape}")
+    for x, name in ((ta, "a"), (tb, "b")):
+        if len(x.shape) not in (2, 3):
+            raise ShapeError(f"batched_gemm: {name} must be 2-D or 3-D, got {x.shape}")
+    ta, a_fmt = _matrix(a, "a", len(ta.shape), "batched_gemm")
+    tb, b_fmt = _matrix(b, "b", len(tb.shape), "batched_gemm")
     sa = ta.shape if len(ta.shape) == 3 else (1, *ta.shape)
     sb = tb.shape if len(tb.shape) == 3 else (1, *tb.shape)
     batch = max(sa[0], sb[0])
     if sa[0] not in (1, batch) or sb[0] not in (1, batch) or sa[2] != sb[1]:
-        raise ShapeError(f"batched_sgemm: cannot multiply {ta.shape} by {tb.shape}",
+        raise ShapeError(f"batched_gemm: cannot multiply {ta.shape} by {tb.shape}",
                          hint="[B, M, K] @ [B, K, N]; a 2-D operand is shared")
     (m, k), n = sa[1:], sb[2]
 
-    def batch_stride(t: Any, s: tuple[int, ...]) -> int:
-        return t.strides[0] if len(t.shape) == 3 and s[0] > 1 else 0
+    def batch_stride(x: Any, s: tuple[int, ...]) -> int:
+        return x.strides[0] if len(x.shape) == 3 and s[0] > 1 else 0
     if out is None:
-        out = _like(a, (batch, m, n))
-    tc = as_tensor(out)
-    if tc.shape != (batch, m, n) or tc.dtype is not dt.float32:
-        raise ShapeError(f"batched_sgemm: out must be float32 {(batch, m, n)}, got "
-                         f"{tc.dtype.name} {tc.shape}")
-    _check_writable(out, "batched_sgemm")
-    kernel = _kernel(config or blocking(), entry="tsr_sgemm_batched")
-    if kernel(batch, m, n, k, ta.data_ptr(), batch_stride(ta, sa), *ta.strides[-2:],
-              tb.data_ptr(), batch_stride(tb, sb), *tb.strides[-2:],
-              tc.data_ptr(), *tc.strides, _EpilogueArgs()):
-        raise TesseraError("batched_sgemm: no memory for the packing buffers")
+        out = _like(a, (batch, m, n), _promote(ta.dtype, tb.dtype))
+    tc, c_fmt = _matrix(out, "out", 3, "batched_gemm")
+    if tc.shape != (batch, m, n):
+        raise ShapeError(f"batched_gemm: out must be {(batch, m, n)}, got {tc.shape}")
+    _check_writable(tc, "batched_gemm")
+    barg = _BArgs(tb.data_ptr(), None, *tb.strides[-2:], 0, batch_stride(tb, sb), 0)
+    variant = _Variant(config or blocking(), a_fmt, b_fmt, c_fmt)
+    if _kernel(variant, "tsr_gemm_batched")(batch, m, n, k, ta.data_ptr(),
+                                            batch_stride(ta, sa), *ta.strides[-2:], barg,
+                                            tc.data_ptr(), *tc.strides, _EpilogueArgs()):
+        raise TesseraError("batched_gemm: out of memory for the packing buffers")
     return out
 
 
-def _like(x: Any, shape: tuple[int, ...]) -> Any:
+def _like(x: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """A new C-contiguous result of x's kind: torch, tessera or numpy (a numpy operand
+    never promotes to bfloat16, which numpy lacks)."""
     if type(x).__module__.startswith("torch"):
         import torch
-        return torch.empty(shape, dtype=torch.float32)
-    return np.empty(shape, np.float32)
+        return torch.empty(shape, dtype=dtype.torch)
+    if isinstance(x, Tensor):
+        return empty(shape, dtype)
+    return np.empty(shape, dtype.numpy)
