@@ -14,7 +14,7 @@ from tessera.errors import ShapeError, TesseraError
 __all__ = ["GROUP_SIZES", "QuantizedMatrix", "quantize"]
 
 GROUP_SIZES = (32, 64, 128)
-_BLOCK = 32  # int4: rows per block of 16 bytes (row r in byte r % 16, high nibble r >= 16)
+_BLOCK = 32  # int4: rows per block of 16 bytes (row r in byte r % 16, high nibble for r >= 16, two's complement)
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class QuantizedMatrix:
     bits: int
     group_size: int
     shape: tuple[int, ...]
-    data: np.ndarray  # int8 [..., N, Kp] or uint8 [..., N, Kp / 2]
+    data: np.ndarray  # int8 [..., N, Kp], or uint8 [..., N, Kp / 2] of nibble pairs
     scales: np.ndarray  # float32 [..., N, Kp / group_size]
 
     @property
@@ -39,10 +39,10 @@ class QuantizedMatrix:
         if self.bits == 8:
             q = self.data.astype(np.float32)
         else:
-            lo, hi = self.data & 15, self.data >> 4
+            lo, hi = (self.data << 4).view(np.int8) >> 4, self.data.view(np.int8) >> 4
             blocks = self.data.shape[:-1] + (-1, _BLOCK // 2)
             q = np.concatenate([lo.reshape(blocks), hi.reshape(blocks)], axis=-1)
-            q = q.reshape(self.data.shape[:-1] + (-1,)).astype(np.float32) - 8.0
+            q = q.reshape(self.data.shape[:-1] + (-1,)).astype(np.float32)
         w = q * np.repeat(self.scales, self.group_size, axis=-1)
         return np.ascontiguousarray(np.swapaxes(w[..., :self.shape[-2]], -1, -2))
 
@@ -72,7 +72,7 @@ def quantize(b: Any, bits: int = 8, group_size: int = 128) -> QuantizedMatrix:
     safe = np.where(scales > 0, scales, np.float32(1))[..., None]
     q = np.clip(np.rint(groups / safe), -qmax, qmax).astype(np.int8).reshape(cols.shape)
     if bits == 4:
-        nib = (q + 8).astype(np.uint8).reshape(q.shape[:-1] + (-1, 2, _BLOCK // 2))
+        nib = (q.view(np.uint8) & 15).reshape(q.shape[:-1] + (-1, 2, _BLOCK // 2))
         q = (nib[..., 0, :] | (nib[..., 1, :] << 4)).reshape(q.shape[:-1] + (-1,))
     return QuantizedMatrix(bits, group_size, tuple(w.shape), np.ascontiguousarray(q),
                            np.ascontiguousarray(scales, dtype=np.float32))

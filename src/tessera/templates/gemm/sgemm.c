@@ -26,8 +26,6 @@
 typedef float tsr_fv __attribute__((vector_size(VL * 4)));
 typedef uint16_t tsr_hv __attribute__((vector_size(VL * 2)));
 typedef uint32_t tsr_uv __attribute__((vector_size(VL * 4)));
-typedef int8_t tsr_i8v __attribute__((vector_size(VL)));
-typedef uint8_t tsr_u8v __attribute__((vector_size(VL)));
 
 static inline tsr_fv vload(const float *p) { tsr_fv v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, tsr_fv v) { memcpy(p, &v, sizeof v); }
@@ -52,6 +50,42 @@ static inline tsr_fv f16_vload(const uint16_t *p) {
     return vload(lanes);
 #endif
 }
+/* VL signed bytes as floats; and 16 times the signed low or high nibbles of VL bytes
+   (a nibble moved to the top of its byte is a signed byte; the 16 folds into the scale).
+   GCC scalarizes __builtin_convertvector from bytes, so x86 gets the widening
+   instructions. */
+#if defined(__AVX512F__) && VL == 16
+#include <immintrin.h>
+static inline tsr_fv i8_vload(const int8_t *p) {
+    return (tsr_fv)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)p)));
+}
+static inline tsr_fv nibble_vload(const uint8_t *p, int high) {
+    __m128i q = _mm_loadu_si128((const void *)p);
+    q = _mm_and_si128(high ? q : _mm_slli_epi16(q, 4), _mm_set1_epi8(-16));
+    return (tsr_fv)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+}
+#elif defined(__AVX2__) && VL == 8
+#include <immintrin.h>
+static inline tsr_fv i8_vload(const int8_t *p) {
+    return (tsr_fv)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const void *)p)));
+}
+static inline tsr_fv nibble_vload(const uint8_t *p, int high) {
+    __m128i q = _mm_loadl_epi64((const void *)p);
+    q = _mm_and_si128(high ? q : _mm_slli_epi16(q, 4), _mm_set1_epi8(-16));
+    return (tsr_fv)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+}
+#else
+static inline tsr_fv i8_vload(const int8_t *p) {
+    float lanes[VL];
+    for (int l = 0; l < VL; l++) lanes[l] = p[l];
+    return vload(lanes);
+}
+static inline tsr_fv nibble_vload(const uint8_t *p, int high) {
+    float lanes[VL];
+    for (int l = 0; l < VL; l++) lanes[l] = (int8_t)(high ? p[l] & 0xf0 : p[l] << 4);
+    return vload(lanes);
+}
+#endif
 #define FORMAT_F32 float, f32_in, f32_out, vload
 #define FORMAT_BF16 uint16_t, tsr_bf16_to_f32, tsr_f32_to_bf16, bf16_vload
 #define FORMAT_F16 uint16_t, tsr_f16_to_f32, tsr_f32_to_f16, f16_vload
@@ -96,7 +130,7 @@ typedef APPLY(PICK_T, C_FORMAT) c_t;
 /* Operand B: element (p, j) of a dense B at p * rs + j * cs (in b_t). A quantized B is
    stored by columns: column j's K rows (padded to a multiple of GROUP) start at byte
    j * cs; int8 one per byte, int4 in blocks of 32 rows as 16 bytes (row r of a block in
-   byte r % 16, low nibble for r < 16, high for r >= 16, stored as value + 8); row p of
+   byte r % 16, low nibble for r < 16, high for r >= 16, two's complement); row p of
    column j is scaled by scale[j * scs + p / GROUP]. Problem g of a grouped or batched
    call starts gs elements (bytes) and gss scales further. */
 typedef struct { const void *p; const float *scale; int64_t rs, cs, scs, gs, gss; } tsr_b;
@@ -113,25 +147,13 @@ static inline float b_at(const tsr_b *b, int64_t p, int64_t j) {
     return ((const int8_t *)b->p)[j * b->cs + p] * b->scale[j * b->scs + p / GROUP];
 #elif B_FMT == TSR_Q4
     const uint8_t byte = ((const uint8_t *)b->p)[j * b->cs + p / 32 * 16 + p % 16];
-    return ((p % 32 < 16 ? byte & 15 : byte >> 4) - 8) * b->scale[j * b->scs + p / GROUP];
+    const int nib = p % 32 < 16 ? byte & 15 : byte >> 4;
+    return ((nib ^ 8) - 8) * b->scale[j * b->scs + p / GROUP];
 #else
     return APPLY(PICK_IN, B_FORMAT)(((const b_t *)b->p)[p * b->rs + j * b->cs]);
 #endif
 }
 
-/* rows p .. p + VL - 1 of column j as a vector: contiguous rows (rs == 1), p % VL == 0 */
-static inline tsr_fv b_column_vload(const tsr_b *b, int64_t p, int64_t j) {
-#if B_FMT == TSR_Q8
-    tsr_i8v q; memcpy(&q, (const int8_t *)b->p + j * b->cs + p, sizeof q);
-    return __builtin_convertvector(q, tsr_fv) * b->scale[j * b->scs + p / GROUP];
-#elif B_FMT == TSR_Q4
-    tsr_u8v q; memcpy(&q, (const uint8_t *)b->p + j * b->cs + p / 32 * 16 + p % 16, sizeof q);
-    q = p % 32 < 16 ? q & 15 : q >> 4;
-    return (__builtin_convertvector(q, tsr_fv) - 8.0f) * b->scale[j * b->scs + p / GROUP];
-#else
-    return APPLY(PICK_VLOAD, B_FORMAT)((const b_t *)b->p + p + j * b->cs);
-#endif
-}
 
 /* ---- epilogue --------------------------------------------------------------------------- */
 /* What the builder fuses into the final store of each element of C (bias, activation,
@@ -338,8 +360,12 @@ static inline float hsum(tsr_fv v) {
     return s;
 }
 
-/* out[i][v] = A[i, :] . B[:, j0 + v] for v < nj <= GEMV_VECS columns stored by columns;
-   A is float32 with contiguous rows. */
+/* Quantized columns per step for m rows: as many accumulators as the registers hold. */
+#define QCOLS(m) (4 / (m))
+
+#if !QUANTIZED
+/* out[i][v] = A[i, :] . B[:, j0 + v] for v < nj <= GEMV_VECS dense columns stored by
+   columns (rs = 1); A is float32 with contiguous rows. */
 static inline __attribute__((always_inline)) void dot_columns(
         const int m, int64_t k, int64_t nj, const float *a, int64_t rsa, const tsr_b *b,
         int64_t j0, float *out, int64_t ldo) {
@@ -349,7 +375,8 @@ static inline __attribute__((always_inline)) void dot_columns(
     const int64_t kv = nj == GEMV_VECS ? k / VL * VL : 0;
     for (int64_t p = 0; p < kv; p += VL) {
         tsr_fv bv[GEMV_VECS];
-        for (int v = 0; v < GEMV_VECS; v++) bv[v] = b_column_vload(b, p, j0 + v);
+        for (int v = 0; v < GEMV_VECS; v++)
+            bv[v] = APPLY(PICK_VLOAD, B_FORMAT)((const b_t *)b->p + p + (j0 + v) * b->cs);
         for (int i = 0; i < m; i++) {
             const tsr_fv av = vload(a + i * rsa + p);
             for (int v = 0; v < GEMV_VECS; v++) acc[i][v] += av * bv[v];
@@ -362,6 +389,53 @@ static inline __attribute__((always_inline)) void dot_columns(
             out[i * ldo + v] = s;
         }
 }
+
+#define DOT dot_columns
+#else
+/* The same for v < nj <= QCOLS(m) quantized columns: each group of rows accumulates
+   unscaled, then is scaled once. */
+static inline __attribute__((always_inline)) void dot_columns_q(
+        const int m, int64_t k, int64_t nj, const float *a, int64_t rsa, const tsr_b *b,
+        int64_t j0, float *out, int64_t ldo) {
+    const int cols = QCOLS(m);
+    const float unit = B_FMT == TSR_Q4 ? 1.0f / 16 : 1.0f;  /* nibbles load as 16 x */
+    tsr_fv acc[GEMV_ROWS][QCOLS(1)];
+    for (int i = 0; i < m; i++)
+        for (int v = 0; v < cols; v++) acc[i][v] = (tsr_fv){0};
+    const b_t *col[QCOLS(1)];
+    for (int v = 0; v < cols; v++) col[v] = (const b_t *)b->p + (j0 + v) * b->cs;
+    const int64_t kg = nj == cols ? k / GROUP * GROUP : 0;
+    for (int64_t g = 0; g < kg; g += GROUP) {
+        tsr_fv part[GEMV_ROWS][QCOLS(1)];
+        for (int i = 0; i < m; i++)
+            for (int v = 0; v < cols; v++) part[i][v] = (tsr_fv){0};
+        for (int64_t p = g; p < g + GROUP; p += VL) {
+            tsr_fv bv[QCOLS(1)];
+            for (int v = 0; v < cols; v++)
+#if B_FMT == TSR_Q8
+                bv[v] = i8_vload(col[v] + p);
+#else
+                bv[v] = nibble_vload(col[v] + p / 32 * 16 + p % 16, p % 32 >= 16);
+#endif
+            for (int i = 0; i < m; i++) {
+                const tsr_fv av = vload(a + i * rsa + p);
+                for (int v = 0; v < cols; v++) part[i][v] += av * bv[v];
+            }
+        }
+        for (int v = 0; v < cols; v++) {
+            const float scale = b->scale[(j0 + v) * b->scs + g / GROUP] * unit;
+            for (int i = 0; i < m; i++) acc[i][v] += part[i][v] * scale;
+        }
+    }
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t v = 0; v < nj; v++) {
+            float s = kg ? hsum(acc[i][v]) : 0.0f;
+            for (int64_t p = kg; p < k; p++) s += a[i * rsa + p] * b_at(b, p, j0 + v);
+            out[i * ldo + v] = s;
+        }
+}
+#define DOT dot_columns_q
+#endif
 
 /* out[i][j] = A[i, :] . B[:, j0 + j] for j < nj columns (nj <= the step of B's layout). */
 static void gemv_block(int64_t m, int64_t k, const float *a, int64_t rsa, const tsr_b *b,
@@ -381,17 +455,17 @@ static void gemv_block(int64_t m, int64_t k, const float *a, int64_t rsa, const 
         return;
     }
     switch (m) {  /* a constant row count keeps the accumulators in registers */
-        case 1: dot_columns(1, k, nj, a, rsa, b, j0, out[0], GEMV_STRIP); break;
-        case 2: dot_columns(2, k, nj, a, rsa, b, j0, out[0], GEMV_STRIP); break;
-        case 3: dot_columns(3, k, nj, a, rsa, b, j0, out[0], GEMV_STRIP); break;
-        default: dot_columns(4, k, nj, a, rsa, b, j0, out[0], GEMV_STRIP); break;
+        case 1: DOT(1, k, nj, a, rsa, b, j0, out[0], GEMV_STRIP); break;
+        case 2: DOT(2, k, nj, a, rsa, b, j0, out[0], GEMV_STRIP); break;
+        case 3: DOT(3, k, nj, a, rsa, b, j0, out[0], GEMV_STRIP); break;
+        default: DOT(4, k, nj, a, rsa, b, j0, out[0], GEMV_STRIP); break;
     }
 }
 
 /* C[m, n] for m <= GEMV_ROWS; A already float32 with contiguous rows. */
 static void gemv_rows(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa,
                       const tsr_b *b, const tsr_out *o) {
-    const int64_t step = !QUANTIZED && b->cs == 1 ? GEMV_STRIP : GEMV_VECS;
+    const int64_t step = QUANTIZED ? QCOLS(m) : b->cs == 1 ? GEMV_STRIP : GEMV_VECS;
     #pragma omp parallel for schedule(static) if(n * k > 65536)
     for (int64_t j0 = 0; j0 < n; j0 += step) {
         const int64_t nj = n - j0 < step ? n - j0 : step;
