@@ -29,6 +29,7 @@ def test_info_table():
     out = tessera("info")
     assert out.returncode == 0, out.stderr
     assert "peak fp32 (measured)" in out.stdout and "GFLOPS" in out.stdout
+    assert "GEMM blocking" in out.stdout and "default" in out.stdout
 
 
 def test_cache_info_and_clear(tmp_path):

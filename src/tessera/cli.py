@@ -1,10 +1,11 @@
-"""The `tessera` command: machine report, compile cache, benchmarks."""
+"""The `tessera` command: machine report, compile cache, autotuning, benchmarks."""
 
 from __future__ import annotations
 
 import json
 import platform
 import sys
+from dataclasses import asdict
 from importlib import metadata
 from typing import Annotated, Any
 
@@ -19,7 +20,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Tessera: an open, hardware-neutral compute stack for neural networks.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect or clear the compile cache.")
 app.add_typer(cache_app, name="cache")
+tune_app = typer.Typer(no_args_is_help=True,
+                       help="Tune template parameters for this machine; show what is recorded.")
+app.add_typer(tune_app, name="tune")
 console = Console()
+_Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 
 def _version(dist: str) -> str:
@@ -44,6 +49,8 @@ def machine_report(remeasure: bool = False) -> dict[str, Any]:
     from tessera.runtime import toolchain
     from tessera.runtime.cache import default_cache
     from tessera.runtime.cpu.probe import measured_peaks
+    from tessera.templates.gemm import blocking
+    from tessera.templates.gemm.tuning import tuned_record
 
     cc = toolchain.compiler()
     devices = []
@@ -63,6 +70,8 @@ def machine_report(remeasure: bool = False) -> dict[str, Any]:
         "openmp": gomp[1] if len(gomp) > 1 else "the compiler's own runtime",
         "devices": devices,
         "cache": default_cache().info(),
+        "gemm_blocking": {**asdict(blocking()),
+                          "speedup": record.get("speedup") if (record := tuned_record()) else None},
     }
 
 
@@ -70,8 +79,7 @@ def machine_report(remeasure: bool = False) -> dict[str, Any]:
 def info(
     remeasure: Annotated[bool, typer.Option(help="Measure peak GFLOPS and bandwidth again.")]
     = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
-    = False,
+    as_json: _Json = False,
 ) -> None:
     """Devices, ISA, compiler, cache, and this machine's measured peaks."""
     report = machine_report(remeasure)
@@ -87,6 +95,10 @@ def info(
     entries = sum(k["entries"] for k in cache["kinds"].values())
     top.add_row("compile cache", f"{cache['path']}  ({entries} entries, "
                                  f"{_fmt_bytes(cache['total_bytes'])})")
+    gemm = report["gemm_blocking"]
+    top.add_row("GEMM blocking", _fmt_blocking(gemm) + (
+        f"  (tuned: {gemm['speedup']:.2f}x the default)" if gemm["speedup"] else
+        "  (default from the caches; `tessera tune gemm` tunes it)"))
     console.print(top)
     for dev in report["devices"]:
         table = Table(show_header=False, title=f"device {dev['name']!r}", title_justify="left")
@@ -119,12 +131,92 @@ def cache_info() -> None:
 
 @cache_app.command("clear")
 def cache_clear() -> None:
-    """Delete every cached artifact (they are rebuilt on next use)."""
+    """Delete every cached artifact (rebuilt on next use) and this cache's tuning records
+    (re-tune with `tessera tune gemm`)."""
     from tessera.runtime.cache import default_cache
 
     cache = default_cache()
     freed = cache.clear()
     console.print(f"cleared {cache.root} ({_fmt_bytes(freed)} freed)")
+
+
+_BUSY_NOISE = 1.1  # a tuning's noise (see tessera.tune.gemm) above which it was busy
+
+
+def _fmt_blocking(b: dict[str, Any]) -> str:
+    return f"MR x NR {b['mr']} x {b['nr']}, MC {b['mc']}, KC {b['kc']}, NC {b['nc']}"
+
+
+def _print_gemm_record(record: dict[str, Any]) -> None:
+    """The tuning trials of a GEMM blocking record as a table, then winner vs default."""
+    sizes = record["sizes"]
+    table = Table(title=f"GEMM blocking candidates ({'quick, ' if record['quick'] else ''}"
+                        f"median GFLOPS on square sizes)", title_justify="left")
+    for column in ("stage", "MR x NR", "MC", "KC", "NC", *map(str, sizes)):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    table.add_column("note")
+    for trial in record["trials"]:
+        b = trial["blocking"]
+        gflops = trial["gflops"] or [None] * len(sizes)
+        note = trial.get("error") or ("default" if b == record["default"] else "")
+        style = "bold green" if b == record["blocking"] else None
+        table.add_row(trial["stage"], f"{b['mr']} x {b['nr']}", str(b["mc"]), str(b["kc"]),
+                      str(b["nc"]), *("-" if g is None else f"{g:.1f}" for g in gflops),
+                      note, style=style)
+    console.print(table)
+    console.print(f"winner   {_fmt_blocking(record['blocking'])}: "
+                  f"{' / '.join(map(str, record['gflops']['tuned']))} GFLOPS")
+    console.print(f"default  {_fmt_blocking(record['default'])}: "
+                  f"{' / '.join(map(str, record['gflops']['default']))} GFLOPS")
+    console.print(f"speedup  {record['speedup']:.3f}x (geometric mean over sizes "
+                  f"{', '.join(map(str, sizes))}; {record['seconds']} s of tuning)")
+    if record["noise"] > _BUSY_NOISE:
+        console.print(f"[yellow]warning:[/] repeated timings differed by up to "
+                      f"{record['noise'] - 1:.0%}: the machine was busy, so the choice may be "
+                      "noise. Re-tune when it is idle.")
+
+
+@tune_app.command("gemm")
+def tune_gemm(
+    quick: Annotated[bool, typer.Option(help="Smaller sizes, narrower search (~15 s).")]
+    = False,
+    as_json: _Json = False,
+) -> None:
+    """Find this machine's fastest GEMM blocking (MR, NR, MC, KC, NC) and record it; every
+    later GEMM uses it."""
+    from tessera.runtime import knowledge
+    from tessera.templates.gemm.tuning import KEY, KIND
+    from tessera.tune import tune_gemm as tune
+
+    status = Console(stderr=True).status("tuning the GEMM blocking")
+    with status:
+        tune(quick=quick, progress=status.update)
+    record = knowledge.load(KIND, KEY)
+    if as_json:
+        print(json.dumps(record, indent=2))
+    else:
+        _print_gemm_record(record)
+
+
+@tune_app.command("show")
+def tune_show(as_json: _Json = False) -> None:
+    """What the knowledge base holds for this machine (tuned template parameters)."""
+    from tessera.runtime import knowledge
+    from tessera.templates.gemm.tuning import KEY, KIND
+
+    records = knowledge.records()
+    if as_json:
+        print(json.dumps({"machine": knowledge.machine(), "records": records}, indent=2))
+        return
+    if not records:
+        console.print("no tuning records for this machine (`tessera tune gemm` makes one)")
+    for record in records:
+        console.print(f"[bold]{record['kind']} {record['key']}[/]  "
+                      f"recorded {record['recorded_at']}")
+        if (record["kind"], record["key"]) == (KIND, KEY):
+            _print_gemm_record(record["value"])
+        else:
+            console.print_json(data=record["value"])
 
 
 @app.command()

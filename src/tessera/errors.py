@@ -17,6 +17,7 @@ __all__ = [
     "StreamError",
     "TesseraError",
     "ToolchainError",
+    "TuneError",
 ]
 
 
@@ -77,6 +78,10 @@ class CompileError(TesseraError):
             where=where,
             hint=hint,
         )
+
+
+class TuneError(TesseraError, RuntimeError):
+    """The autotuner was asked for something it cannot do, or no candidate worked."""
 
 
 class CacheError(TesseraError, OSError):

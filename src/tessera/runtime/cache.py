@@ -116,13 +116,23 @@ class ArtifactCache:
             entry = self.lookup(kind, key)  # another process may have built it meanwhile
             if entry is not None:
                 return entry, False
-            tmp = Path(tempfile.mkdtemp(prefix=f"{key[:12]}-", dir=self._ensure(self.base / "tmp")))
-            try:
-                meta = build(tmp)
-                self._seal(tmp, key, meta)
-                return self._publish(tmp, kind, key), True
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            return self._build(kind, key, build), True
+
+    def put(self, kind: str, key: str, build: Callable[[Path], dict[str, Any]]) -> Path:
+        """Build the entry for `key` anew and publish it in place of any old one, for
+        records that change (a tuning result). A reader meanwhile finds the old entry, the
+        new one, or (for the instant of the swap) none; never a mix."""
+        with self.lock(kind, key):
+            return self._build(kind, key, build)
+
+    def _build(self, kind: str, key: str, build: Callable[[Path], dict[str, Any]]) -> Path:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{key[:12]}-", dir=self._ensure(self.base / "tmp")))
+        try:
+            meta = build(tmp)
+            self._seal(tmp, key, meta)
+            return self._publish(tmp, kind, key)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _seal(self, tmp: Path, key: str, meta: dict[str, Any]) -> None:
         files = {}

@@ -15,10 +15,11 @@ import numpy as np
 from tessera.errors import ShapeError, TesseraError
 from tessera.lang.codegen import MATH_HEADER
 from tessera.runtime import dtype as dt
-from tessera.runtime.cpu.device import cache_sizes, cpu_features
+from tessera.runtime.cpu.device import cache_sizes
 from tessera.runtime.tensor import Tensor, as_tensor, empty
 from tessera.runtime.toolchain import compile_c
 from tessera.templates.gemm.quant import QuantizedMatrix
+from tessera.templates.gemm.tuning import tuned_record, vector_lanes
 
 __all__ = ["ACTIVATIONS", "Blocking", "PackedMatrix", "batched_gemm", "blocking", "gemm",
            "grouped_gemm", "pack"]
@@ -43,11 +44,15 @@ class Blocking:
 
 
 @cache
-def blocking() -> Blocking:
-    """The default blocking for this CPU, derived from its vector width and cache sizes."""
-    wide = "avx512f" in cpu_features()
-    vl = 16 if wide else 8
-    mr, nr = (8, 32) if wide else (6, 16)
+def blocking(tuned: bool = True) -> Blocking:
+    """The blocking for this CPU: the one `tessera tune gemm` recorded for this machine if
+    there is a usable one (and `tuned`), else the default derived from its vector width and
+    cache sizes. Cached per process; the tuner clears the cache when it records."""
+    record = tuned_record() if tuned else None
+    if record is not None:
+        return Blocking(**record["blocking"])
+    vl = vector_lanes()
+    mr, nr = (8, 32) if vl == 16 else (6, 16)
     caches = cache_sizes()
     l1, l2 = caches["L1d"] or 32 << 10, caches["L2"] or 256 << 10
     kc = max(128, min(512, l1 // (4 * nr) // 16 * 16))  # a B sliver fills L1
