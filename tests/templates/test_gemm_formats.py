@@ -31,7 +31,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, k: int) -> None:
                                atol=rtol * k ** 0.5 + 1e-4)
 
 
-@pytest.mark.parametrize("m", [1, 3, 37])
+@pytest.mark.parametrize("m", [1, 3, 9, 16, 37])
 @pytest.mark.parametrize("a_dtype", [torch.float32, *F16])
 @pytest.mark.parametrize("b_dtype", [torch.float32, *F16])
 def test_16bit_operands(m: int, a_dtype: torch.dtype, b_dtype: torch.dtype) -> None:
@@ -70,7 +70,7 @@ def test_quantize_round_trip(bits: int, group: int) -> None:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("m", [1, 2, 4, 5, 37])
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 8, 37])
 @pytest.mark.parametrize("k", [32, 100, 257])
 def test_quantized_matches_dequantized(bits: int, m: int, k: int) -> None:
     n = 70

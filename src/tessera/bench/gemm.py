@@ -1,7 +1,9 @@
-"""Suite `gemm`: the SGEMM template against numpy (OpenBLAS) and torch eager, with the
-fraction of this machine's measured fp32 peak (goal, issue 4: >= 1.0x numpy from 1024 up),
-and GEMM + bias + GELU fused into one pass against torch's addmm then gelu (goal >= 1.3x).
-`--quick` runs the small sizes only."""
+"""Suite `gemm`: the GEMM template against numpy (OpenBLAS) and torch eager (issue 4):
+square SGEMM with the fraction of this machine's measured fp32 peak (goal >= 1.0x numpy
+from 1024 up); LLM linear layers (x @ W.T for a [N, K] weight, M = 1..128 tokens); decode
+GEMV per weight format, as weight GB/s against measured bandwidth (goal >= 80%); GEMM +
+bias + GELU fused (goal >= 1.3x eager); MoE grouped GEMM (goal >= 1.5x a loop).
+`--quick` runs small sizes only."""
 
 from __future__ import annotations
 
@@ -59,8 +61,92 @@ def cases(quick: bool) -> list[Case]:
         "tessera": lambda: gemm(ta, tb, tc, bias=tbias, activation="gelu"),
         "torch_eager": eager},
         check=fused_check, extra=lambda impl, t, s=s: {"gflops": 2 * s ** 3 / t / 1e9}))
+    out += [_linear_case(m, n) for m, n in ((1, 4096), (32, 4096)) if quick] or \
+        [_linear_case(m, n) for n in (4096, 11008) for m in (1, 8, 32, 128)]
+    out += [_gemv_case(f, 1024 if quick else 4096, 2752 if quick else 11008)
+            for f in ("fp32", "bf16", "int8", "int4")]
     out += [_grouped_case(e, quick) for e in (8, 64)]
     return out
+
+
+def _linear_case(m: int, n: int, k: int = 4096) -> Case:
+    """An LLM projection: m tokens through an nn.Linear weight [n, k], as it is stored."""
+    import numpy as np
+    import torch
+
+    from tessera.templates.gemm import gemm
+
+    x, w = torch.randn(m, k), torch.randn(n, k) / k ** 0.5
+    out, out_np = torch.empty(m, n), np.empty((m, n), np.float32)
+    x_np, wt_np = x.numpy(), w.numpy().T
+
+    def check() -> None:
+        torch.testing.assert_close(gemm(x, w.t(), out), torch.nn.functional.linear(x, w),
+                                   rtol=1e-4, atol=1e-4)
+
+    return Case(f"linear_m{m}_k{k}_n{n}", {
+        "tessera": lambda: gemm(x, w.t(), out),
+        "numpy": lambda: np.matmul(x_np, wt_np, out=out_np),
+        "torch_eager": lambda: torch.nn.functional.linear(x, w)},
+        check=check, extra=lambda impl, t: {"gflops": 2 * m * n * k / t / 1e9})
+
+
+def _gemv_case(fmt: str, k: int, n: int) -> Case:
+    """Decode: one token through a [n, k] weight stored as `fmt`, against torch's kernel
+    for the same storage (int8: per-channel scales; int4: groups of 128 with zero
+    points). Reports the weight bytes streamed per second and the % of this machine's
+    measured read bandwidth."""
+    import torch
+
+    from tessera.runtime.cpu.probe import measured_peaks
+    from tessera.templates.gemm import gemm, quantize
+
+    bandwidth = measured_peaks()["read_bandwidth_gbs"]
+    x, w = torch.randn(1, k), torch.randn(n, k) / k ** 0.5
+    aten = torch.ops.aten
+    if fmt in ("fp32", "bf16"):
+        wt = w if fmt == "fp32" else w.bfloat16()
+        xt = x if fmt == "fp32" else x.bfloat16()
+        ours, theirs = wt.t(), wt
+        sizes = {"tessera": wt.nbytes, "torch_eager": wt.nbytes}
+
+        def baseline() -> object:
+            return torch.nn.functional.linear(xt, theirs)
+        want = (xt.float() @ wt.float().t())
+    else:
+        ours, xt = quantize(w.t(), bits=8 if fmt == "int8" else 4, group_size=128), x
+        want = x @ torch.from_numpy(ours.dequantize())
+        if fmt == "int8":
+            scale = w.abs().amax(1) / 127
+            q8 = torch.round(w / scale[:, None]).to(torch.int8)
+            sizes = {"tessera": ours.nbytes, "torch_eager": q8.nbytes + scale.nbytes}
+
+            def baseline() -> object:
+                return aten._weight_int8pack_mm(x, q8, scale)
+        else:
+            groups = w.reshape(n, k // 128, 128)
+            lo, hi = groups.amin(-1), groups.amax(-1)
+            scale = ((hi - lo) / 15).clamp(min=1e-8)
+            q4 = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15)
+            packed = aten._convert_weight_to_int4pack_for_cpu(q4.reshape(n, k).int(), 1)
+            zeros = lo + 8 * scale  # torch's int4 stores (q - 8) * scale + zero
+            sz = torch.stack([scale, zeros], -1).transpose(0, 1).contiguous()
+            sizes = {"tessera": ours.nbytes, "torch_eager": packed.nbytes + sz.nbytes}
+
+            def baseline() -> object:
+                return aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)
+
+    def check() -> None:
+        torch.testing.assert_close(gemm(xt, ours).float(), want, rtol=2e-2, atol=2e-2)
+        assert (baseline().float() - x @ w.t()).abs().max() < 0.5  # torch's own rounding
+
+    def extra(impl: str, t: float) -> dict[str, float]:
+        gbs = sizes[impl] / t / 1e9
+        return {"gb_per_s": gbs, "pct_of_bandwidth": 100 * gbs / bandwidth}
+
+    return Case(f"gemv_{fmt}_{k}x{n}", {"tessera": lambda: gemm(xt, ours),
+                                         "torch_eager": baseline},
+                check=check, extra=extra, meta={"read_bandwidth_gbs": bandwidth})
 
 
 def _grouped_case(experts: int, quick: bool) -> Case:

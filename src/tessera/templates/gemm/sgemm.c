@@ -344,14 +344,19 @@ void tsr_pack_b(int64_t k, int64_t n, const tsr_b *b, float *dst) {
     }
 }
 
-/* ---- GEMV: a few rows of A (LLM decode) ---------------------------------------------- */
+/* ---- skinny products: a few rows of A (LLM decode) ------------------------------------ */
 /* No packing: B is streamed once at memory bandwidth and threads split the columns of C.
-   B row-major (cs = 1): each row of A scales rows of B into a strip of C kept in L1;
-   B by columns (rs = 1, a transposed weight, or quantized): each element of C is a dot
-   product along a contiguous column of B. */
-#define GEMV_ROWS 4
-#define GEMV_VECS 8  /* columns of C per step when B is read by columns */
-#define GEMV_STRIP 2048  /* columns of C per step when B is row-major (8 KiB in L1) */
+   B row-major (cs = 1, at most STRIP_ROWS rows of A): each row of A scales rows of B into
+   a strip of C kept in L1. B by columns (rs = 1: a transposed weight, or quantized; at
+   most DOT_ROWS or QDOT_ROWS rows): each element of C is a dot product along a contiguous
+   column of B; the columns of a step stay in L2 while blocks of up to 4 rows of A pass. */
+#define STRIP_ROWS 4
+#define STRIP 2048  /* columns of C per step when B is row-major (8 KiB per row in L1) */
+#define DOT_ROWS 16
+#define QDOT_ROWS 8  /* quantized: each block of rows dequantizes the columns again */
+/* columns per step for blocks of m <= 4 rows: as many accumulators as registers hold */
+#define DOT_COLS(m) (((m) <= 2 ? 128 : 64) / VL)
+#define QDOT_COLS(m) (4 / (m))
 
 static inline float hsum(tsr_fv v) {
     float lanes[VL], s = 0.0f;
@@ -360,26 +365,24 @@ static inline float hsum(tsr_fv v) {
     return s;
 }
 
-/* Quantized columns per step for m rows: as many accumulators as the registers hold. */
-#define QCOLS(m) (4 / (m))
-
 #if !QUANTIZED
-/* out[i][v] = A[i, :] . B[:, j0 + v] for v < nj <= GEMV_VECS dense columns stored by
+#define COLS DOT_COLS
+/* out[i][v] = A[i, :] . B[:, j0 + v] for i < m, v < nj <= cols dense columns stored by
    columns (rs = 1); A is float32 with contiguous rows. */
 static inline __attribute__((always_inline)) void dot_columns(
-        const int m, int64_t k, int64_t nj, const float *a, int64_t rsa, const tsr_b *b,
-        int64_t j0, float *out, int64_t ldo) {
-    tsr_fv acc[GEMV_ROWS][GEMV_VECS];
+        const int m, const int cols, int64_t k, int64_t nj, const float *a, int64_t rsa,
+        const tsr_b *b, int64_t j0, float *out, int64_t ldo) {
+    tsr_fv acc[4][DOT_COLS(1)];
     for (int i = 0; i < m; i++)
-        for (int v = 0; v < GEMV_VECS; v++) acc[i][v] = (tsr_fv){0};
-    const int64_t kv = nj == GEMV_VECS ? k / VL * VL : 0;
+        for (int v = 0; v < cols; v++) acc[i][v] = (tsr_fv){0};
+    const int64_t kv = nj == cols ? k / VL * VL : 0;
     for (int64_t p = 0; p < kv; p += VL) {
-        tsr_fv bv[GEMV_VECS];
-        for (int v = 0; v < GEMV_VECS; v++)
+        tsr_fv bv[DOT_COLS(1)];
+        for (int v = 0; v < cols; v++)
             bv[v] = APPLY(PICK_VLOAD, B_FORMAT)((const b_t *)b->p + p + (j0 + v) * b->cs);
         for (int i = 0; i < m; i++) {
             const tsr_fv av = vload(a + i * rsa + p);
-            for (int v = 0; v < GEMV_VECS; v++) acc[i][v] += av * bv[v];
+            for (int v = 0; v < cols; v++) acc[i][v] += av * bv[v];
         }
     }
     for (int64_t i = 0; i < m; i++)
@@ -389,28 +392,27 @@ static inline __attribute__((always_inline)) void dot_columns(
             out[i * ldo + v] = s;
         }
 }
-
 #define DOT dot_columns
 #else
-/* The same for v < nj <= QCOLS(m) quantized columns: each group of rows accumulates
-   unscaled, then is scaled once. */
+#define COLS QDOT_COLS
+/* The same for quantized columns: each group of rows accumulates unscaled, then is
+   scaled once. */
 static inline __attribute__((always_inline)) void dot_columns_q(
-        const int m, int64_t k, int64_t nj, const float *a, int64_t rsa, const tsr_b *b,
-        int64_t j0, float *out, int64_t ldo) {
-    const int cols = QCOLS(m);
+        const int m, const int cols, int64_t k, int64_t nj, const float *a, int64_t rsa,
+        const tsr_b *b, int64_t j0, float *out, int64_t ldo) {
     const float unit = B_FMT == TSR_Q4 ? 1.0f / 16 : 1.0f;  /* nibbles load as 16 x */
-    tsr_fv acc[GEMV_ROWS][QCOLS(1)];
+    tsr_fv acc[4][QDOT_COLS(1)];
     for (int i = 0; i < m; i++)
         for (int v = 0; v < cols; v++) acc[i][v] = (tsr_fv){0};
-    const b_t *col[QCOLS(1)];
+    const b_t *col[QDOT_COLS(1)];
     for (int v = 0; v < cols; v++) col[v] = (const b_t *)b->p + (j0 + v) * b->cs;
     const int64_t kg = nj == cols ? k / GROUP * GROUP : 0;
     for (int64_t g = 0; g < kg; g += GROUP) {
-        tsr_fv part[GEMV_ROWS][QCOLS(1)];
+        tsr_fv part[4][QDOT_COLS(1)];
         for (int i = 0; i < m; i++)
             for (int v = 0; v < cols; v++) part[i][v] = (tsr_fv){0};
         for (int64_t p = g; p < g + GROUP; p += VL) {
-            tsr_fv bv[QCOLS(1)];
+            tsr_fv bv[QDOT_COLS(1)];
             for (int v = 0; v < cols; v++)
 #if B_FMT == TSR_Q8
                 bv[v] = i8_vload(col[v] + p);
@@ -437,16 +439,16 @@ static inline __attribute__((always_inline)) void dot_columns_q(
 #define DOT dot_columns_q
 #endif
 
-/* out[i][j] = A[i, :] . B[:, j0 + j] for j < nj columns (nj <= the step of B's layout). */
-static void gemv_block(int64_t m, int64_t k, const float *a, int64_t rsa, const tsr_b *b,
-                       int64_t j0, int64_t nj, float out[GEMV_ROWS][GEMV_STRIP]) {
+/* out[i][j] = A[i, :] . B[:, j0 + j] for i < m, j < nj <= step columns (ldo = step). */
+static void skinny_block(int64_t m, int64_t k, const float *a, int64_t rsa, const tsr_b *b,
+                         int64_t j0, int64_t nj, float *out, int64_t ldo) {
     if (!QUANTIZED && b->cs == 1) {  /* stream B's rows over a strip of C in L1 */
-        for (int64_t i = 0; i < m; i++) memset(out[i], 0, nj * sizeof(float));
+        for (int64_t i = 0; i < m; i++) memset(out + i * ldo, 0, nj * sizeof(float));
         for (int64_t p = 0; p < k; p++) {
             const b_t *brow = (const b_t *)b->p + p * b->rs + j0;
             for (int64_t i = 0; i < m; i++) {
                 const float ai = a[i * rsa + p];
-                float *o = out[i];
+                float *o = out + i * ldo;
                 #pragma omp simd
                 for (int64_t j = 0; j < nj; j++)
                     o[j] += ai * APPLY(PICK_IN, B_FORMAT)(brow[j]);
@@ -454,33 +456,43 @@ static void gemv_block(int64_t m, int64_t k, const float *a, int64_t rsa, const 
         }
         return;
     }
-    switch (m) {  /* a constant row count keeps the accumulators in registers */
-        case 1: DOT(1, k, nj, a, rsa, b, j0, out[0], GEMV_STRIP); break;
-        case 2: DOT(2, k, nj, a, rsa, b, j0, out[0], GEMV_STRIP); break;
-        case 3: DOT(3, k, nj, a, rsa, b, j0, out[0], GEMV_STRIP); break;
-        default: DOT(4, k, nj, a, rsa, b, j0, out[0], GEMV_STRIP); break;
+    /* blocks of 4 rows at COLS(4) columns, or all m <= 4 rows at COLS(m); constant row
+       and column counts keep the accumulators in registers */
+    #define DOT_AT(rows, cols) DOT(rows, cols, k, nj, a + i * rsa, rsa, b, j0, out + i * ldo, ldo)
+    for (int64_t i = 0; i < m; i += 4) {
+        switch (m <= 4 ? m : m - i < 4 ? 4 + m - i : 8) {
+            case 1: DOT_AT(1, COLS(1)); break;
+            case 2: DOT_AT(2, COLS(2)); break;
+            case 3: DOT_AT(3, COLS(3)); break;
+            case 4: DOT_AT(4, COLS(4)); break;
+            case 5: DOT_AT(1, COLS(4)); break;
+            case 6: DOT_AT(2, COLS(4)); break;
+            case 7: DOT_AT(3, COLS(4)); break;
+            default: DOT_AT(4, COLS(4)); break;
+        }
     }
+    #undef DOT_AT
 }
 
-/* C[m, n] for m <= GEMV_ROWS; A already float32 with contiguous rows. */
-static void gemv_rows(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa,
-                      const tsr_b *b, const tsr_out *o) {
-    const int64_t step = QUANTIZED ? QCOLS(m) : b->cs == 1 ? GEMV_STRIP : GEMV_VECS;
+/* C[m, n] for a skinny A, already float32 with contiguous rows. */
+static void skinny(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa,
+                   const tsr_b *b, const tsr_out *o) {
+    const int64_t step = !QUANTIZED && b->cs == 1 ? STRIP : COLS(m < 4 ? m : 4);
     #pragma omp parallel for schedule(static) if(n * k > 65536)
     for (int64_t j0 = 0; j0 < n; j0 += step) {
         const int64_t nj = n - j0 < step ? n - j0 : step;
-        float out[GEMV_ROWS][GEMV_STRIP];
+        float out[STRIP_ROWS * STRIP];  /* m * step floats */
+        skinny_block(m, k, a, rsa, b, j0, nj, out, step);
 #if SWIGLU
-        float up[GEMV_ROWS][GEMV_STRIP];
-        gemv_block(m, k, a, rsa, b, n + j0, nj, up);
+        float up[STRIP_ROWS * STRIP];
+        skinny_block(m, k, a, rsa, b, n + j0, nj, up, step);
 #endif
-        gemv_block(m, k, a, rsa, b, j0, nj, out);
         for (int64_t i = 0; i < m; i++) {
             c_t *dst = o->c + i * o->rsc + j0 * o->csc;
             for (int64_t j = 0; j < nj; j++) {
-                float x = o->alpha * out[i][j];
+                float x = o->alpha * out[i * step + j];
 #if SWIGLU
-                x = tsr_silu(x) * o->alpha * up[i][j];
+                x = tsr_silu(x) * o->alpha * up[i * step + j];
 #endif
                 if (o->beta != 0.0f) x += o->beta * C_IN(dst[j * o->csc]);
                 dst[j * o->csc] = C_OUT(EPILOGUE(x, i, j0 + j, o->ep));
@@ -506,14 +518,16 @@ int tsr_gemm(int64_t m, int64_t n, int64_t k, float alpha, const a_t *a, int64_t
             }
         return 0;
     }
-    if (!PACKED_B && m <= GEMV_ROWS && (QUANTIZED || b->cs == 1 || b->rs == 1)) {
+    const int skinny_b = QUANTIZED ? m <= QDOT_ROWS : b->cs == 1 ? m <= STRIP_ROWS
+                         : b->rs == 1 && m <= DOT_ROWS;
+    if (!PACKED_B && skinny_b) {
         float *rows = NULL;  /* A as float32 rows for the dot products */
         if (A_FMT != TSR_F32 || csa != 1) {
             if (!(rows = malloc((size_t)(m * k) * sizeof(float)))) return -1;
             for (int64_t i = 0; i < m; i++)
                 for (int64_t p = 0; p < k; p++) rows[i * k + p] = A_IN(a[i * rsa + p * csa]);
         }
-        gemv_rows(m, n, k, rows ? rows : (const float *)a, rows ? k : rsa, b, &o);
+        skinny(m, n, k, rows ? rows : (const float *)a, rows ? k : rsa, b, &o);
         free(rows);
         return 0;
     }
