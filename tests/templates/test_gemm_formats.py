@@ -165,3 +165,17 @@ def test_bad_inputs() -> None:
     assert gemm(a16, w.bfloat16()).dtype is tessera.bfloat16
     with pytest.raises(TesseraError, match="int32"):
         gemm(torch.randn(2, 16), w, torch.empty(2, 8, dtype=torch.int32))
+
+
+def test_grouped_uneven_sizes() -> None:
+    """Big groups run on all threads, the rest one a thread, biggest first: every row of
+    every group still gets its own expert."""
+    rng = np.random.default_rng(3)
+    sizes = np.floor(rng.dirichlet(np.full(40, 0.3)) * 700).astype(np.int64)
+    sizes[5] += 700 - sizes.sum()
+    x, w = torch.randn(700, 48), torch.randn(40, 48, 33)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    want = torch.cat([x[starts[e]:starts[e + 1]] @ w[e] for e in range(40)])
+    torch.testing.assert_close(grouped_gemm(x, w, sizes), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grouped_gemm(x, w, sizes, config=TINY), want, rtol=1e-4,
+                               atol=1e-4)

@@ -206,16 +206,16 @@ static void store_final(const tsr_out *o, float tile[MR][NR], int64_t i0, int64_
 }
 
 /* ---- tile ------------------------------------------------------------------------------- */
-/* acc = A_sliver (k x MR, p-major) * B_sliver (k x NR, p-major), added to the tile at
+/* acc = A_sliver (k x MR, p-major) * B_sliver (k x NR, rows ldb apart), added to the tile at
    (i0, j0) of the output: the m x n corner inside it (the slivers are zero-padded).
    first: the first KC step (beta applies); last: the final one (epilogue, conversion). */
 static void micro_kernel(int64_t k, const float *restrict a, const float *restrict b,
-                         const tsr_out *o, int64_t i0, int64_t j0, int64_t m, int64_t n,
+                         int64_t ldb, const tsr_out *o, int64_t i0, int64_t j0, int64_t m, int64_t n,
                          int first, int last) {
     tsr_fv acc[MR][NV];
     for (int r = 0; r < MR; r++)
         for (int v = 0; v < NV; v++) acc[r][v] = (tsr_fv){0};
-    for (int64_t p = 0; p < k; p++, a += MR, b += NR) {
+    for (int64_t p = 0; p < k; p++, a += MR, b += ldb) {
         tsr_fv bv[NV];
         for (int v = 0; v < NV; v++) bv[v] = vload(b + v * VL);
         #pragma GCC unroll 16
@@ -351,6 +351,7 @@ void tsr_pack_b(int64_t k, int64_t n, const tsr_b *b, float *dst) {
    most DOT_ROWS or QDOT_ROWS rows): each element of C is a dot product along a contiguous
    column of B; the columns of a step stay in L2 while blocks of up to 4 rows of A pass. */
 #define STRIP_ROWS 4
+#define DIRECT_B_ROWS 64  /* up to this many rows, a row-major float32 B is not packed */
 #define STRIP 2048  /* columns of C per step when B is row-major (8 KiB per row in L1) */
 #define DOT_ROWS 16
 #define QDOT_ROWS 8  /* quantized: each block of rows dequantizes the columns again */
@@ -543,6 +544,11 @@ int tsr_gemm(int64_t m, int64_t n, int64_t k, float alpha, const a_t *a, int64_t
         if (!(o.w = malloc((size_t)(m * np) * sizeof(float)))) return -1;
         o.rsw = np;
     }
+    /* few rows, row-major float32 B: whole slivers are read in place, since packing them
+       would cost about as much as the product */
+    const int direct_b = !PACKED_B && B_FMT == TSR_F32 && !SWIGLU && b->cs == 1 &&
+                         m <= DIRECT_B_ROWS;
+    #define IN_PLACE(j) (direct_b && jc + (j) + NR <= n)
     const int64_t work = m * n * k;
     #pragma omp parallel if(work > 64 * 64 * 64) num_threads(threads)
     {
@@ -559,11 +565,13 @@ int tsr_gemm(int64_t m, int64_t n, int64_t k, float alpha, const a_t *a, int64_t
                 } else {
                     #pragma omp for schedule(static)
                     for (int64_t j = 0; j < nc; j += NR)
-                        pack_b_sliver(b, n, pc, kc, jc + j, bp + j * kc);
+                        if (!IN_PLACE(j)) pack_b_sliver(b, n, pc, kc, jc + j, bp + j * kc);
                     panel = bp;
                 }
                 /* the micro-tile (i, j) of the (ic, jc) block, A packed at `packed` */
-                #define TILE(packed) micro_kernel(kc, (packed) + i * kc, panel + j * kc, &o, \
+                #define TILE(packed) micro_kernel(kc, (packed) + i * kc, IN_PLACE(j) ? \
+                    (const float *)b->p + pc * b->rs + jc + j : panel + j * kc, \
+                    IN_PLACE(j) ? b->rs : NR, &o, \
                     ic + i, jc + j, mc - i < MR ? mc - i : MR, \
                     np - jc - j < NR ? np - jc - j : NR, first, last)
                 /* threads split the rows of C into equal blocks (a multiple of the thread
@@ -599,27 +607,44 @@ int tsr_gemm(int64_t m, int64_t n, int64_t k, float alpha, const a_t *a, int64_t
     return 0;
 }
 
+/* group g of a grouped call (rows starts[g] .. starts[g + 1] of A and C) */
+static int gemm_group(int64_t g, const int64_t *sizes, const int64_t *starts, int64_t n,
+                      int64_t k, const a_t *a, int64_t rsa, int64_t csa, const tsr_b *b,
+                      c_t *c, int64_t rsc, int64_t csc, const tsr_ep *ep) {
+    if (sizes[g] == 0) return 0;
+    const tsr_b bg = b_problem(b, g);
+    return tsr_gemm(sizes[g], n, k, 1.0f, a + starts[g] * rsa, rsa, csa, &bg, 0.0f,
+                    c + starts[g] * rsc, rsc, csc, ep);
+}
+
 /* grouped (MoE experts): for each group g of `sizes[g]` consecutive rows of A (tokens
-   sorted by expert), C[rows] = A[rows] @ B[g]. One call for all the groups. With many
-   groups the threads take whole groups (dynamically: token counts are uneven; the GEMM
-   inside then runs on its caller's thread alone, as nested regions do); with few, each
-   group uses all threads. Returns 0, or -1 if memory runs out. */
+   sorted by expert), C[rows] = A[rows] @ B[g]. One call for all the groups. Token counts
+   are uneven: a group bigger than a thread's share of the rows runs on all threads, then
+   the threads take the other groups, biggest first, as they free up (the GEMM inside then
+   runs on its caller's thread alone, as nested regions do). Returns 0, or -1 if memory
+   runs out. */
 int tsr_gemm_grouped(int64_t groups, const int64_t *sizes, int64_t n, int64_t k,
                      const a_t *a, int64_t rsa, int64_t csa, const tsr_b *b,
                      c_t *c, int64_t rsc, int64_t csc, const tsr_ep *ep) {
-    int64_t *starts = malloc((size_t)(groups + 1) * sizeof(int64_t));
+    int64_t *starts = malloc((size_t)(2 * groups + 1) * sizeof(int64_t));
     if (!starts) return -1;
+    int64_t *order = starts + groups + 1;
     starts[0] = 0;
     for (int64_t g = 0; g < groups; g++) starts[g + 1] = starts[g] + sizes[g];
+    for (int64_t g = 0; g < groups; g++) {  /* insertion sort, biggest first */
+        int64_t at = g;
+        for (; at > 0 && sizes[order[at - 1]] < sizes[g]; at--) order[at] = order[at - 1];
+        order[at] = g;
+    }
+    const int threads = omp_get_max_threads();
+    int64_t big = 0;
+    while (big < groups && sizes[order[big]] * threads > starts[groups]) big++;
     int failed = 0;
-    #pragma omp parallel for schedule(dynamic, 1) if(groups >= 2 * omp_get_max_threads()) \
-        reduction(|:failed)
-    for (int64_t g = 0; g < groups; g++)
-        if (sizes[g] > 0) {
-            const tsr_b bg = b_problem(b, g);
-            failed |= tsr_gemm(sizes[g], n, k, 1.0f, a + starts[g] * rsa, rsa, csa, &bg, 0.0f,
-                               c + starts[g] * rsc, rsc, csc, ep);
-        }
+    for (int64_t x = 0; x < big; x++)
+        failed |= gemm_group(order[x], sizes, starts, n, k, a, rsa, csa, b, c, rsc, csc, ep);
+    #pragma omp parallel for schedule(dynamic, 1) if(groups - big > 1) reduction(|:failed)
+    for (int64_t x = big; x < groups; x++)
+        failed |= gemm_group(order[x], sizes, starts, n, k, a, rsa, csa, b, c, rsc, csc, ep);
     free(starts);
     return failed ? -1 : 0;
 }
