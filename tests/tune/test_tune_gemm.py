@@ -76,7 +76,7 @@ def test_tiny_tuning_run_records_a_correct_winner():
     given = [Blocking(4, VL, VL, 16, 32, 2 * VL), Blocking(6, 2 * VL, VL, 24, 48, 4 * VL)]
     lines: list[str] = []
     winner = tessera.tune.tune_gemm(sizes=(40, 72), quick=True, candidates=given,
-                                    progress=lines.append)
+                                    progress=lines.append, max_noise=None)
     assert winner in [blocking(tuned=False), *given] and blocking() == winner
     record = knowledge.load(KIND, KEY)
     assert record["blocking"] == asdict(winner) and record["default"] == asdict(blocking(False))
@@ -98,7 +98,7 @@ def test_candidates_with_wrong_results_never_win(monkeypatch):
             result[0, 0] += 1.0
         return result
     monkeypatch.setattr(tuner, "gemm", gemm_broken_for_one)
-    winner = tessera.tune.tune_gemm(sizes=(40,), candidates=[broken])
+    winner = tessera.tune.tune_gemm(sizes=(40,), candidates=[broken], max_noise=None)
     assert winner == blocking(tuned=False)
     (failed,) = [t for t in knowledge.load(KIND, KEY)["trials"] if t["blocking"] == asdict(broken)]
     assert failed["gflops"] is None and "wrong result" in failed["error"]
@@ -132,6 +132,19 @@ def test_staged_search_finds_the_best_of_a_synthetic_cost(monkeypatch):
     assert record["noise"] == 1.0  # every repeat and stage measured the same
 
 
+def test_a_busy_machine_records_nothing(monkeypatch):
+    _record(Blocking(4, VL, VL, 64, 128, 8 * VL))
+    runs = iter([1.0, 2.0, 2.0] * 1000)  # every median twice the best run
+
+    def noisy_timing(calls, repeats, budget_s):
+        return [[next(runs) for _ in range(3)] for _ in calls]
+    monkeypatch.setattr(tuner, "time_interleaved", noisy_timing)
+    given = [Blocking(4, VL, VL, 16, 32, 2 * VL)]
+    with pytest.raises(TuneError, match="busy") as e:
+        tessera.tune.tune_gemm(sizes=(40,), candidates=given)
+    assert e.value.hint and knowledge.load(KIND, KEY)["speedup"] == 1.2  # the old record
+
+
 def test_bad_requests_are_errors():
     with pytest.raises(TuneError, match="positive integers"):
         tessera.tune.tune_gemm(sizes=(0, 64))
@@ -148,7 +161,7 @@ def test_cli_tune_gemm_and_show(monkeypatch):
     given = [Blocking(4, VL, VL, 16, 32, 2 * VL)]
     real = tessera.tune.tune_gemm
     monkeypatch.setattr(tessera.tune, "tune_gemm", lambda quick, progress: real(
-        sizes=(32,), quick=quick, candidates=given, progress=progress))
+        sizes=(32,), quick=quick, candidates=given, progress=progress, max_noise=None))
     tuned = runner.invoke(app, ["tune", "gemm", "--quick", "--json"])
     assert tuned.exit_code == 0, tuned.output
     assert json.loads(tuned.stdout)["blocking"] == asdict(blocking())

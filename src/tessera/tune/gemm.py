@@ -26,7 +26,7 @@ from tessera.templates.gemm import Blocking, blocking, gemm
 from tessera.templates.gemm.tuning import KEY, KIND, invalid
 from tessera.tune.tuner import geomean, time_interleaved
 
-__all__ = ["FULL_SIZES", "QUICK_SIZES", "tune_gemm"]
+__all__ = ["FULL_SIZES", "MAX_NOISE", "QUICK_SIZES", "tune_gemm"]
 
 FULL_SIZES = (512, 1024, 2048)
 QUICK_SIZES = (256, 512)
@@ -35,15 +35,18 @@ _KC = (192, 256, 384, 512)
 _SCALES = {False: (0.5, 0.75, 1.5, 2.0), True: (0.5, 2.0)}  # MC and NC around the best
 _REPEATS = {False: 7, True: 5}
 _BUDGET_S = {False: 8.0, True: 1.0}  # per stage and size: fewer rounds beyond it
+MAX_NOISE = 1.25  # see _Search.noise: beyond it, the candidates' differences are noise
 
 
 def tune_gemm(sizes: Sequence[int] | None = None, quick: bool = False,
               candidates: Sequence[Blocking] | None = None,
-              progress: Callable[[str], None] | None = None) -> Blocking:
+              progress: Callable[[str], None] | None = None,
+              max_noise: float | None = MAX_NOISE) -> Blocking:
     """Time float32 GEMM blockings on square problems of `sizes` (default FULL_SIZES, or
     QUICK_SIZES and a narrower search if `quick`), record the fastest for this machine and
     return it. `candidates` replaces the staged search by these blockings (and the
-    default); `progress` receives a line per stage."""
+    default); `progress` receives a line per stage. If repeated timings varied by more
+    than `max_noise` (a busy machine), nothing is recorded: a TuneError says so."""
     sizes = tuple(sizes or (QUICK_SIZES if quick else FULL_SIZES))
     if not all(isinstance(s, int) and s > 0 for s in sizes):
         raise TuneError(f"tune_gemm: sizes must be positive integers, got {sizes}",
@@ -67,12 +70,18 @@ def tune_gemm(sizes: Sequence[int] | None = None, quick: bool = False,
     speedup = geomean([d / b for d, b in zip(seconds[default], seconds[best], strict=True)])
     if speedup < 1.0:  # the search's edge did not hold up: keep the default
         best, speedup = default, 1.0
+    noise = search.noise()
+    if max_noise is not None and noise > max_noise:
+        raise TuneError(f"tune_gemm: repeated timings differed by up to {noise - 1:.0%}, more "
+                        f"than the {max_noise - 1:.0%} a choice can stand: the machine is busy, "
+                        "so nothing was recorded (the blocking in use is unchanged)",
+                        hint="tune again when the machine is idle")
     knowledge.store(KIND, KEY, {
         "blocking": asdict(best), "default": asdict(default), "sizes": list(sizes),
         "quick": quick, "speedup": round(speedup, 4),
         "gflops": {"tuned": search.gflops(seconds[best]),
                    "default": search.gflops(seconds[default])},
-        "noise": round(search.noise(), 3),
+        "noise": round(noise, 3),
         "seconds": round(time.perf_counter() - started, 1), "trials": search.trials})
     blocking.cache_clear()  # this process's GEMMs switch to the record now
     return best
