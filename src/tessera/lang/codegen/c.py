@@ -3,7 +3,7 @@ for SIMD, and the math library is pasted in so the source alone decides the bina
 
 from __future__ import annotations
 
-from tessera.lang.codegen import MATH_HEADER
+from tessera.lang.codegen import MATH_HEADER, TILE_HEADER
 from tessera.lang.codegen.cstyle import CStylePrinter
 from tessera.lang.ir import Function, Op
 from tessera.runtime.cpu.device import cpu_features
@@ -35,15 +35,6 @@ TSR_INT_DIVMOD(int64_t, uint64_t, i64)
 
 """
 
-# Explicit vectors (GCC/Clang extensions) for micro-kernels the vectorizer would not find on
-# its own; unaligned loads and stores go through memcpy.
-_VECTORS = r"""
-typedef float tsr_fv __attribute__((vector_size({bytes})));
-static inline tsr_fv tsr_vload(const float *p) {{ tsr_fv v; memcpy(&v, p, {bytes}); return v; }}
-static inline void tsr_vstore(float *p, tsr_fv v) {{ memcpy(p, &v, {bytes}); }}
-"""
-
-
 class CPrinter(CStylePrinter):
     """Prints a kernel as `void tessera_kernel(grid0, grid1, grid2, params...)`."""
 
@@ -64,6 +55,9 @@ class CPrinter(CStylePrinter):
 
     def vstore(self, address: str, value: str) -> str:
         return f"tsr_vstore({address}, {value});"
+
+    def tile_step(self, acc: str, mr: int, nv: int, a: str, b: str) -> str:
+        return f"TSR_TILE_STEP({acc}, {mr}, {nv}, {a}, {b});"
 
     def op_program_id(self, op: Op) -> None:
         self.names[op.id] = f"tsr_pid{op.attrs['axis']}"
@@ -88,7 +82,8 @@ class CPrinter(CStylePrinter):
         self.block(self.fn.body)
         head = ["int64_t tsr_grid0", "int64_t tsr_grid1", "int64_t tsr_grid2", *params]
         return "\n".join([
-            _PRELUDE, _VECTORS.format(bytes=4 * self.vector_lanes), MATH_HEADER.read_text(),
+            _PRELUDE, f"#define TSR_VL {self.vector_lanes}", TILE_HEADER.read_text(),
+            MATH_HEADER.read_text(),
             f"/* kernel {self.fn.name}, from {self.fn.loc} */",
             f"static void tsr_run({', '.join(head)}) {{",
             "    const int64_t tsr_n = tsr_grid0 * tsr_grid1 * tsr_grid2;",

@@ -568,40 +568,33 @@ class CStylePrinter(ABC):
     def dot_blocks(self, c: str, a: tuple[str, str], b: tuple[str, str], m: int, n: int,
                    k: int) -> None:
         """C += A @ B for float tiles whose rows are whole vectors, A and B given as
-        (pointer, row stride): a register-blocked micro-kernel. An MR x NR block of C lives
-        in MR * NR / VL named vector variables across the whole K loop, each row slice of B
-        is loaded once per MR rows, and each A element is broadcast once."""
+        (pointer, row stride): the GEMM template's register-blocked micro-kernel (the
+        dialect's `tile_step`). An MR x NR block of C lives in MR * NR / VL vector
+        registers across the whole K loop; each B vector is loaded once per MR rows and
+        each A element broadcast once."""
         vl = self.vector_lanes
         nv = 2 if n % (2 * vl) == 0 else 1
         budget = self.vector_registers - nv - 4  # B vectors, the A broadcast, some slack
         mr = next(r for r in (8, 6, 4, 3, 2, 1) if m % r == 0 and r * nv <= budget)
-        i, j, p = (f"{c}_{v}" for v in "ijp")
+        i, j, p, r, v = (f"{c}_{x}" for x in "ijprv")
         (A, lda), (B, ldb) = a, b
-        accs = [[f"{c}_c{r}{v}" for v in range(nv)] for r in range(mr)]
+        acc, tile = f"{c}_acc", f"{c} + ({i} + {r}) * {n} + {j} + {v} * {vl}"
         self.line(f"for (int {i} = 0; {i} < {m}; {i} += {mr}) "
                   f"for (int {j} = 0; {j} < {n}; {j} += {nv * vl}) {{")
         self.depth += 1
-        for r, row in enumerate(accs):
-            for v, acc in enumerate(row):
-                self.line(f"{self.vector_type()} {acc} = "
-                          f"{self.vload(f'{c} + ({i} + {r}) * {n} + {j} + {v * vl}')};")
-        for r in range(mr):  # row pointers: no index arithmetic in the inner loop
-            self.line(f"const float *{c}_ar{r} = {A} + ({i} + {r}) * {lda};")
-        self.line(f"const float *{c}_bp = {B} + {j};")
-        self.line(f"for (int {p} = 0; {p} < {k}; {p}++, {c}_bp += {ldb}) {{")
-        self.depth += 1
-        for v in range(nv):
-            self.line(f"const {self.vector_type()} {c}_b{v} = "
-                      f"{self.vload(f'{c}_bp + {v * vl}')};")
-        for r, row in enumerate(accs):
-            self.line(f"const float {c}_a{r} = {c}_ar{r}[{p}];")
-            for v, acc in enumerate(row):
-                self.line(f"{acc} += {c}_a{r} * {c}_b{v};")
-        self.depth -= 1
+        self.line(f"{self.vector_type()} {acc}[{mr}][{nv}];")
+        self.line(f"const float *{c}_ar[{mr}];  /* row pointers: no index arithmetic inside */")
+        self.line(f"for (int {r} = 0; {r} < {mr}; {r}++) {{")
+        self.line(f"    {c}_ar[{r}] = {A} + ({i} + {r}) * {lda};")
+        self.line(f"    for (int {v} = 0; {v} < {nv}; {v}++) {acc}[{r}][{v}] = {self.vload(tile)};")
         self.line("}")
-        for r, row in enumerate(accs):
-            for v, acc in enumerate(row):
-                self.line(self.vstore(f"{c} + ({i} + {r}) * {n} + {j} + {v * vl}", acc))
+        self.line(f"const float *{c}_bp = {B} + {j};")
+        self.line(f"#define {c}_A(row) {c}_ar[row][{p}]")
+        self.line(f"for (int {p} = 0; {p} < {k}; {p}++, {c}_bp += {ldb})")
+        self.line(f"    {self.tile_step(acc, mr, nv, f'{c}_A', f'{c}_bp')}")
+        self.line(f"#undef {c}_A")
+        self.line(f"for (int {r} = 0; {r} < {mr}; {r}++) for (int {v} = 0; {v} < {nv}; {v}++)")
+        self.line(f"    {self.vstore(tile, f'{acc}[{r}][{v}]')}")
         self.depth -= 1
         self.line("}")
 
@@ -800,6 +793,10 @@ class CStylePrinter(ABC):
     @abstractmethod
     def vstore(self, address: str, value: str) -> str:
         """A statement storing a vector to `address`."""
+
+    @abstractmethod
+    def tile_step(self, acc: str, mr: int, nv: int, a: str, b: str) -> str:
+        """A statement: acc[r][v] += a(r) * (vector v of the floats at b), r < mr, v < nv."""
 
     def params(self, op: Op, restrict: bool) -> list[tuple[str, str]]:
         """(C type, name) of each C parameter a kernel parameter becomes: a scalar, or a

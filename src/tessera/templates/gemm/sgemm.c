@@ -10,12 +10,16 @@
  *                      whole KC loop, then one store that applies the epilogue.
  * The builder prepends MR, NR, VL (floats per vector), MC, KC, NC, the operand formats
  * A_FMT, B_FMT, C_FMT (TSR_F32/BF16/F16; B also TSR_Q8/Q4 with GROUP rows per scale),
- * SWIGLU, PACKED_B, optionally EPILOGUE, and tessera_math.h.
+ * SWIGLU, PACKED_B, optionally EPILOGUE, tessera_tile.h (the micro-kernel's K step, which
+ * `tl.dot` shares) and tessera_math.h.
  */
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
 #include <omp.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #define TSR_F32 0
 #define TSR_BF16 1
@@ -23,12 +27,9 @@
 #define TSR_Q8 3
 #define TSR_Q4 4
 
-typedef float tsr_fv __attribute__((vector_size(VL * 4)));
 typedef uint16_t tsr_hv __attribute__((vector_size(VL * 2)));
 typedef uint32_t tsr_uv __attribute__((vector_size(VL * 4)));
 
-static inline tsr_fv vload(const float *p) { tsr_fv v; memcpy(&v, p, sizeof v); return v; }
-static inline void vstore(float *p, tsr_fv v) { memcpy(p, &v, sizeof v); }
 
 /* ---- storage formats: element types and their float32 conversions --------------------- */
 static inline float f32_in(float x) { return x; }
@@ -47,7 +48,7 @@ static inline tsr_fv f16_vload(const uint16_t *p) {
 #else
     float lanes[VL];
     for (int l = 0; l < VL; l++) lanes[l] = tsr_f16_to_f32(p[l]);
-    return vload(lanes);
+    return tsr_vload(lanes);
 #endif
 }
 /* VL signed bytes as floats; and 16 times the signed low or high nibbles of VL bytes
@@ -78,15 +79,15 @@ static inline tsr_fv nibble_vload(const uint8_t *p, int high) {
 static inline tsr_fv i8_vload(const int8_t *p) {
     float lanes[VL];
     for (int l = 0; l < VL; l++) lanes[l] = p[l];
-    return vload(lanes);
+    return tsr_vload(lanes);
 }
 static inline tsr_fv nibble_vload(const uint8_t *p, int high) {
     float lanes[VL];
     for (int l = 0; l < VL; l++) lanes[l] = (int8_t)(high ? p[l] & 0xf0 : p[l] << 4);
-    return vload(lanes);
+    return tsr_vload(lanes);
 }
 #endif
-#define FORMAT_F32 float, f32_in, f32_out, vload
+#define FORMAT_F32 float, f32_in, f32_out, tsr_vload
 #define FORMAT_BF16 uint16_t, tsr_bf16_to_f32, tsr_f32_to_bf16, bf16_vload
 #define FORMAT_F16 uint16_t, tsr_f16_to_f32, tsr_f32_to_f16, f16_vload
 #define PICK_T(t, in, out, vl) t
@@ -112,9 +113,9 @@ static inline tsr_fv nibble_vload(const uint8_t *p, int high) {
 #elif B_FMT == TSR_F16
 #define B_FORMAT FORMAT_F16
 #elif B_FMT == TSR_Q8
-#define B_FORMAT int8_t, f32_in, f32_out, vload
+#define B_FORMAT int8_t, f32_in, f32_out, tsr_vload
 #elif B_FMT == TSR_Q4
-#define B_FORMAT uint8_t, f32_in, f32_out, vload
+#define B_FORMAT uint8_t, f32_in, f32_out, tsr_vload
 #else
 #define B_FORMAT FORMAT_F32
 #endif
@@ -206,38 +207,54 @@ static void store_final(const tsr_out *o, float tile[MR][NR], int64_t i0, int64_
 }
 
 /* ---- tile ------------------------------------------------------------------------------- */
+/* Prefetches of C: GCC turns any write prefetch into PREFETCHW, which goes to L1 whatever
+   the locality, so the early one (to L2) is a read prefetch. */
+#define PF_L1W(p) __builtin_prefetch((p), 1, 3)
+#define PF_L2(p) __builtin_prefetch((p), 0, 2)
+#define KPF 32  /* k steps before the end of a tile at which its C is pulled into L1 */
+/* every cache line of `rows` rows of a tile of C at cp, rows rs apart */
+#define PF_TILE(PF, cp, rs, rows)                                                  \
+    for (int64_t r_ = 0; r_ < (rows); r_++) {                                      \
+        for (int l_ = 0; l_ < NR; l_ += 16) PF((cp) + r_ * (rs) + l_);              \
+        PF((cp) + r_ * (rs) + NR - 1);                                              \
+    }
+
 /* acc = A_sliver (k x MR, p-major) * B_sliver (k x NR, rows ldb apart), added to the tile at
    (i0, j0) of the output: the m x n corner inside it (the slivers are zero-padded).
-   first: the first KC step (beta applies); last: the final one (epilogue, conversion). */
+   first: the first KC step (beta applies); last: the final one (epilogue, conversion);
+   next: whether the tile below is computed next (its C is prefetched to L2 now, a whole
+   tile ahead; this tile's C, prefetched then, comes into L1 KPF steps before the end). */
 static void micro_kernel(int64_t k, const float *restrict a, const float *restrict b,
-                         int64_t ldb, const tsr_out *o, int64_t i0, int64_t j0, int64_t m, int64_t n,
-                         int first, int last) {
+                         int64_t ldb, const tsr_out *o, int64_t i0, int64_t j0, int64_t m,
+                         int64_t n, int first, int last, int next) {
     tsr_fv acc[MR][NV];
     for (int r = 0; r < MR; r++)
         for (int v = 0; v < NV; v++) acc[r][v] = (tsr_fv){0};
-    for (int64_t p = 0; p < k; p++, a += MR, b += ldb) {
-        tsr_fv bv[NV];
-        for (int v = 0; v < NV; v++) bv[v] = vload(b + v * VL);
-        #pragma GCC unroll 16
-        for (int r = 0; r < MR; r++) {
-            const float ar = a[r];
-            for (int v = 0; v < NV; v++) acc[r][v] += ar * bv[v];
-        }
-    }
+    float *w = o->w + i0 * o->rsw + j0;
+    const int prefetch = DIRECT && o->csc == 1;
+    if (prefetch && next) PF_TILE(PF_L2, w + MR * o->rsw, o->rsw, MR)
+    const int64_t k1 = k > KPF ? k - KPF : 0;
+    int64_t p = 0;
+    #define A_AT(r) a[p * MR + (r)]
+    #pragma GCC unroll 4
+    for (; p < k1; p++) TSR_TILE_STEP(acc, MR, NV, A_AT, b + p * ldb);
+    if (prefetch) PF_TILE(PF_L1W, w, o->rsw, m)
+    for (; p < k; p++) TSR_TILE_STEP(acc, MR, NV, A_AT, b + p * ldb);
+    #undef A_AT
     const float alpha = o->alpha, beta = first ? o->beta : 1.0f;
     if (DIRECT && m == MR && n == NR && o->csc == 1 && !(HAS_EPILOGUE && last)) {
         for (int r = 0; r < MR; r++)  /* a whole tile, rows contiguous: vector stores */
             for (int v = 0; v < NV; v++) {
-                float *dst = o->w + (i0 + r) * o->rsw + j0 + v * VL;
+                float *dst = w + r * o->rsw + v * VL;
                 tsr_fv x = alpha * acc[r][v];
-                if (beta != 0.0f) x += beta * vload(dst);
-                vstore(dst, x);
+                if (beta != 0.0f) x += beta * tsr_vload(dst);
+                tsr_vstore(dst, x);
             }
         return;
     }
     float tile[MR][NR];
     for (int r = 0; r < MR; r++)
-        for (int v = 0; v < NV; v++) vstore(&tile[r][v * VL], alpha * acc[r][v]);
+        for (int v = 0; v < NV; v++) tsr_vstore(&tile[r][v * VL], alpha * acc[r][v]);
     for (int64_t r = 0; r < m; r++) {  /* add what came before: beta C, or partial sums */
         const c_t *c = o->c + (i0 + r) * o->rsc;
         const float *w = o->w + (i0 + r) * o->rsw;
@@ -256,16 +273,39 @@ static void micro_kernel(int64_t k, const float *restrict a, const float *restri
 }
 
 /* ---- block: packing ----------------------------------------------------------------- */
+/* One float32 sliver: dst[p * w + l] = src[l * ls + p * ps] for l < lanes, zero for
+   lanes <= l < w (past the edge of the matrix), p < kc. */
+static inline __attribute__((always_inline)) void pack_sliver(
+        const int w, int64_t lanes, int64_t kc, const float *src, int64_t ls, int64_t ps,
+        float *restrict dst) {
+    if (lanes == w && ls == 1) {  /* lanes contiguous: a row of dst per step */
+        for (int64_t p = 0; p < kc; p++) memcpy(dst + p * w, src + p * ps, w * sizeof(float));
+    } else if (lanes == w) {  /* a whole sliver: no test per element */
+        for (int64_t p = 0; p < kc; p++)
+            for (int l = 0; l < w; l++) dst[p * w + l] = src[l * ls + p * ps];
+    } else {
+        for (int64_t p = 0; p < kc; p++) {
+            int64_t l = 0;
+            for (; l < lanes; l++) dst[p * w + l] = src[l * ls + p * ps];
+            for (; l < w; l++) dst[p * w + l] = 0.0f;
+        }
+    }
+}
+
 /* A[ic:ic+mc, pc:pc+kc] as MR-row slivers, each kc x MR (zero rows past mc). */
 static void pack_a(int64_t mc, int64_t kc, const a_t *a, int64_t rsa, int64_t csa,
                    float *restrict dst) {
     for (int64_t i = 0; i < mc; i += MR, dst += MR * kc) {
         const int64_t rows = mc - i < MR ? mc - i : MR;
+#if A_FMT == TSR_F32
+        pack_sliver(MR, rows, kc, a + i * rsa, rsa, csa, dst);
+#else
         for (int64_t p = 0; p < kc; p++) {
             const a_t *src = a + i * rsa + p * csa;
             for (int64_t r = 0; r < MR; r++)
                 dst[p * MR + r] = r < rows ? A_IN(src[r * rsa]) : 0.0f;
         }
+#endif
     }
 }
 
@@ -283,13 +323,10 @@ static inline int64_t b_column(int64_t jp, int64_t n) {
 /* B[pc:pc+kc, packed columns jp .. jp+NR] as one kc x NR sliver (zero columns past n). */
 static void pack_b_sliver(const tsr_b *b, int64_t n, int64_t pc, int64_t kc, int64_t jp,
                           float *restrict dst) {
-#if !QUANTIZED && B_FMT == TSR_F32 && !SWIGLU
-    if (b->cs == 1 && jp + NR <= n) {  /* whole rows of NR contiguous floats */
-        for (int64_t p = 0; p < kc; p++)
-            memcpy(dst + p * NR, (const float *)b->p + (pc + p) * b->rs + jp, NR * sizeof(float));
-        return;
-    }
-#endif
+#if B_FMT == TSR_F32 && !SWIGLU
+    pack_sliver(NR, n - jp < NR ? n - jp : NR, kc, (const float *)b->p + pc * b->rs + jp * b->cs,
+                b->cs, b->rs, dst);
+#else
     for (int64_t j = 0; j < NR; j++) {  /* by columns: quantized B is stored by columns */
         const int64_t col = b_column(jp + j, n);
         if (col < 0)
@@ -297,6 +334,7 @@ static void pack_b_sliver(const tsr_b *b, int64_t n, int64_t pc, int64_t kc, int
         else
             for (int64_t p = 0; p < kc; p++) dst[p * NR + j] = b_at(b, pc + p, col);
     }
+#endif
 }
 
 /* Packing buffers, kept per calling thread and grown as needed: fresh multi-MB buffers
@@ -305,11 +343,15 @@ static _Thread_local float *buffers[2];
 static _Thread_local size_t capacity[2];
 
 static float *buffer(int which, int64_t floats) {
-    const size_t bytes = ((size_t)floats * sizeof(float) + 4095) / 4096 * 4096;
+    const size_t align = (size_t)2 << 20;  /* whole 2 MiB pages, made huge: fewer TLB misses */
+    const size_t bytes = ((size_t)floats * sizeof(float) + align - 1) / align * align;
     if (bytes > capacity[which]) {
         free(buffers[which]);
-        buffers[which] = aligned_alloc(4096, bytes);
+        buffers[which] = aligned_alloc(align, bytes);
         capacity[which] = buffers[which] ? bytes : 0;
+#if defined(MADV_HUGEPAGE)
+        if (buffers[which]) madvise(buffers[which], bytes, MADV_HUGEPAGE);
+#endif
     }
     return buffers[which];
 }
@@ -361,7 +403,7 @@ void tsr_pack_b(int64_t k, int64_t n, const tsr_b *b, float *dst) {
 
 static inline float hsum(tsr_fv v) {
     float lanes[VL], s = 0.0f;
-    vstore(lanes, v);
+    tsr_vstore(lanes, v);
     for (int l = 0; l < VL; l++) s += lanes[l];
     return s;
 }
@@ -382,7 +424,7 @@ static inline __attribute__((always_inline)) void dot_columns(
         for (int v = 0; v < cols; v++)
             bv[v] = APPLY(PICK_VLOAD, B_FORMAT)((const b_t *)b->p + p + (j0 + v) * b->cs);
         for (int i = 0; i < m; i++) {
-            const tsr_fv av = vload(a + i * rsa + p);
+            const tsr_fv av = tsr_vload(a + i * rsa + p);
             for (int v = 0; v < cols; v++) acc[i][v] += av * bv[v];
         }
     }
@@ -421,7 +463,7 @@ static inline __attribute__((always_inline)) void dot_columns_q(
                 bv[v] = nibble_vload(col[v] + p / 32 * 16 + p % 16, p % 32 >= 16);
 #endif
             for (int i = 0; i < m; i++) {
-                const tsr_fv av = vload(a + i * rsa + p);
+                const tsr_fv av = tsr_vload(a + i * rsa + p);
                 for (int v = 0; v < cols; v++) part[i][v] += av * bv[v];
             }
         }
@@ -573,7 +615,7 @@ int tsr_gemm(int64_t m, int64_t n, int64_t k, float alpha, const a_t *a, int64_t
                     (const float *)b->p + pc * b->rs + jc + j : panel + j * kc, \
                     IN_PLACE(j) ? b->rs : NR, &o, \
                     ic + i, jc + j, mc - i < MR ? mc - i : MR, \
-                    np - jc - j < NR ? np - jc - j : NR, first, last)
+                    np - jc - j < NR ? np - jc - j : NR, first, last, i + MR < mc)
                 /* threads split the rows of C into equal blocks (a multiple of the thread
                    count, at most MC rows) when there are enough rows, else its columns */
                 int64_t blocks = (m + MC - 1) / MC;
