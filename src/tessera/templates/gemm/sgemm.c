@@ -51,19 +51,22 @@ static inline tsr_fv f16_vload(const uint16_t *p) {
     return tsr_vload(lanes);
 #endif
 }
-/* VL signed bytes as floats; and 16 times the signed low or high nibbles of VL bytes
-   (a nibble moved to the top of its byte is a signed byte; the 16 folds into the scale).
-   GCC scalarizes __builtin_convertvector from bytes, so x86 gets the widening
-   instructions. */
+/* VL signed bytes as floats (GCC scalarizes __builtin_convertvector from bytes, so x86
+   gets the widening instructions); and the 32 int4 rows of a 16-byte block (see tsr_b)
+   as floats times NIBBLE_UNIT: with AVX-512 each nibble looks its value up in a 16-float
+   table (vpermps reads the low 4 bits of each lane: no masking), else a nibble moved to
+   the top of its byte is a signed byte, 16 times its value. */
 #if defined(__AVX512F__) && VL == 16
 #include <immintrin.h>
 static inline tsr_fv i8_vload(const int8_t *p) {
     return (tsr_fv)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)p)));
 }
-static inline tsr_fv nibble_vload(const uint8_t *p, int high) {
-    __m128i q = _mm_loadu_si128((const void *)p);
-    q = _mm_and_si128(high ? q : _mm_slli_epi16(q, 4), _mm_set1_epi8(-16));
-    return (tsr_fv)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+#define NIBBLE_UNIT 1.0f
+static inline void nibble_block(const uint8_t *p, tsr_fv out[32 / VL]) {
+    const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const void *)p));
+    out[0] = (tsr_fv)_mm512_permutexvar_ps(bytes, values);
+    out[1] = (tsr_fv)_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), values);
 }
 #elif defined(__AVX2__) && VL == 8
 #include <immintrin.h>
@@ -85,6 +88,12 @@ static inline tsr_fv nibble_vload(const uint8_t *p, int high) {
     float lanes[VL];
     for (int l = 0; l < VL; l++) lanes[l] = (int8_t)(high ? p[l] & 0xf0 : p[l] << 4);
     return tsr_vload(lanes);
+}
+#endif
+#ifndef NIBBLE_UNIT
+#define NIBBLE_UNIT (1.0f / 16)
+static inline void nibble_block(const uint8_t *p, tsr_fv out[32 / VL]) {
+    for (int h = 0; h < 32 / VL; h++) out[h] = nibble_vload(p + h * VL % 16, h * VL >= 16);
 }
 #endif
 #define FORMAT_F32 float, f32_in, f32_out, tsr_vload
@@ -399,7 +408,8 @@ void tsr_pack_b(int64_t k, int64_t n, const tsr_b *b, float *dst) {
 #define QDOT_ROWS 8  /* quantized: each block of rows dequantizes the columns again */
 /* columns per step for blocks of m <= 4 rows: as many accumulators as registers hold */
 #define DOT_COLS(m) (((m) <= 2 ? 128 : 64) / VL)
-#define QDOT_COLS(m) (4 / (m))
+#define QDOT_WIDE (VL == 16 ? 4 : 2)  /* for one row: 32-row blocks of B fill registers */
+#define QDOT_COLS(m) (QDOT_WIDE / (m) > 0 ? QDOT_WIDE / (m) : 1)
 
 static inline float hsum(tsr_fv v) {
     float lanes[VL], s = 0.0f;
@@ -443,7 +453,7 @@ static inline __attribute__((always_inline)) void dot_columns(
 static inline __attribute__((always_inline)) void dot_columns_q(
         const int m, const int cols, int64_t k, int64_t nj, const float *a, int64_t rsa,
         const tsr_b *b, int64_t j0, float *out, int64_t ldo) {
-    const float unit = B_FMT == TSR_Q4 ? 1.0f / 16 : 1.0f;  /* nibbles load as 16 x */
+    const float unit = B_FMT == TSR_Q4 ? NIBBLE_UNIT : 1.0f;
     tsr_fv acc[4][QDOT_COLS(1)];
     for (int i = 0; i < m; i++)
         for (int v = 0; v < cols; v++) acc[i][v] = (tsr_fv){0};
@@ -454,18 +464,19 @@ static inline __attribute__((always_inline)) void dot_columns_q(
         tsr_fv part[4][QDOT_COLS(1)];
         for (int i = 0; i < m; i++)
             for (int v = 0; v < cols; v++) part[i][v] = (tsr_fv){0};
-        for (int64_t p = g; p < g + GROUP; p += VL) {
-            tsr_fv bv[QDOT_COLS(1)];
+        for (int64_t p = g; p < g + GROUP; p += 32) {  /* a block of 32 rows */
+            tsr_fv bv[QDOT_COLS(1)][32 / VL];
             for (int v = 0; v < cols; v++)
 #if B_FMT == TSR_Q8
-                bv[v] = i8_vload(col[v] + p);
+                for (int h = 0; h < 32 / VL; h++) bv[v][h] = i8_vload(col[v] + p + h * VL);
 #else
-                bv[v] = nibble_vload(col[v] + p / 32 * 16 + p % 16, p % 32 >= 16);
+                nibble_block(col[v] + p / 2, bv[v]);
 #endif
-            for (int i = 0; i < m; i++) {
-                const tsr_fv av = tsr_vload(a + i * rsa + p);
-                for (int v = 0; v < cols; v++) part[i][v] += av * bv[v];
-            }
+            for (int h = 0; h < 32 / VL; h++)
+                for (int i = 0; i < m; i++) {
+                    const tsr_fv av = tsr_vload(a + i * rsa + p + h * VL);
+                    for (int v = 0; v < cols; v++) part[i][v] += av * bv[v][h];
+                }
         }
         for (int v = 0; v < cols; v++) {
             const float scale = b->scale[(j0 + v) * b->scs + g / GROUP] * unit;
