@@ -195,24 +195,33 @@ typedef struct {
 /* The final store of an m x n corner of the tile at C(i0, j0) (SwiGLU: of the packed
    product, whose sliver j0 / NR yields outputs from j0 / NR * HALF): epilogue, SwiGLU
    pairing, format conversion. */
-static void store_final(const tsr_out *o, float tile[MR][NR], int64_t i0, int64_t j0,
-                        int64_t m, int64_t n) {
+static inline __attribute__((always_inline)) void store_rows(
+        const tsr_out *o, float tile[MR][NR], int64_t i0, int64_t j0, int64_t m, int64_t n,
+        const int64_t csc) {
     for (int64_t r = 0; r < m; r++) {
         c_t *dst = o->c + (i0 + r) * o->rsc;
 #if SWIGLU
         const int64_t c0 = j0 / NR * HALF;  /* the sliver's first output column */
         const int64_t h = o->n - c0 < HALF ? o->n - c0 : HALF;
-        #pragma omp simd
+        #pragma omp simd simdlen(VL)
         for (int64_t j = 0; j < h; j++) {
             const float x = tsr_silu(tile[r][j]) * tile[r][HALF + j];
-            dst[(c0 + j) * o->csc] = C_OUT(EPILOGUE(x, i0 + r, c0 + j, o->ep));
+            dst[(c0 + j) * csc] = C_OUT(EPILOGUE(x, i0 + r, c0 + j, o->ep));
         }
 #else
-        #pragma omp simd
+        #pragma omp simd simdlen(VL)
         for (int64_t j = 0; j < n; j++)
-            dst[(j0 + j) * o->csc] = C_OUT(EPILOGUE(tile[r][j], i0 + r, j0 + j, o->ep));
+            dst[(j0 + j) * csc] = C_OUT(EPILOGUE(tile[r][j], i0 + r, j0 + j, o->ep));
 #endif
     }
+}
+
+static void store_final(const tsr_out *o, float tile[MR][NR], int64_t i0, int64_t j0,
+                        int64_t m, int64_t n) {
+    if (o->csc == 1)  /* contiguous rows: vector stores */
+        store_rows(o, tile, i0, j0, m, n, 1);
+    else
+        store_rows(o, tile, i0, j0, m, n, o->csc);
 }
 
 /* ---- tile ------------------------------------------------------------------------------- */
@@ -251,17 +260,19 @@ static void micro_kernel(int64_t k, const float *restrict a, const float *restri
     for (; p < k; p++) TSR_TILE_STEP(acc, MR, NV, A_AT, b + p * ldb);
     #undef A_AT
     const float alpha = o->alpha, beta = first ? o->beta : 1.0f;
-    if (DIRECT && m == MR && n == NR && o->csc == 1 && !(HAS_EPILOGUE && last)) {
-        for (int r = 0; r < MR; r++)  /* a whole tile, rows contiguous: vector stores */
+    float tile[MR][NR];
+    if (DIRECT && m == MR && n == NR && o->csc == 1) {  /* a whole tile, rows contiguous */
+        const int epilogue = HAS_EPILOGUE && last;  /* then through `tile` to the epilogue */
+        for (int r = 0; r < MR; r++)
             for (int v = 0; v < NV; v++) {
                 float *dst = w + r * o->rsw + v * VL;
                 tsr_fv x = alpha * acc[r][v];
                 if (beta != 0.0f) x += beta * tsr_vload(dst);
-                tsr_vstore(dst, x);
+                tsr_vstore(epilogue ? &tile[r][v * VL] : dst, x);
             }
+        if (epilogue) store_final(o, tile, i0, j0, m, n);
         return;
     }
-    float tile[MR][NR];
     for (int r = 0; r < MR; r++)
         for (int v = 0; v < NV; v++) tsr_vstore(&tile[r][v * VL], alpha * acc[r][v]);
     for (int64_t r = 0; r < m; r++) {  /* add what came before: beta C, or partial sums */
