@@ -415,7 +415,7 @@ void tsr_pack_b(int64_t k, int64_t n, const tsr_b *b, float *dst) {
 #define STRIP_ROWS 4
 #define DIRECT_B_ROWS 64  /* up to this many rows, a row-major float32 B is not packed */
 #define STRIP 2048  /* columns of C per step when B is row-major (8 KiB per row in L1) */
-#define DOT_ROWS 16
+#define DOT_ROWS 48
 #define QDOT_ROWS 8  /* quantized: each block of rows dequantizes the columns again */
 /* columns per step for blocks of m <= 4 rows: as many accumulators as registers hold */
 #define DOT_COLS(m) (((m) <= 2 ? 128 : 64) / VL)
@@ -608,10 +608,11 @@ int tsr_gemm(int64_t m, int64_t n, int64_t k, float alpha, const a_t *a, int64_t
         if (!(o.w = malloc((size_t)(m * np) * sizeof(float)))) return -1;
         o.rsw = np;
     }
-    /* few rows, row-major float32 B: whole slivers are read in place, since packing them
-       would cost about as much as the product */
+    /* few rows, row-major float32 B of short rows: whole slivers are read in place, since
+       packing them would cost about as much as the product (long rows put each k step of
+       a sliver on another page: packing wins there) */
     const int direct_b = !PACKED_B && B_FMT == TSR_F32 && !SWIGLU && b->cs == 1 &&
-                         m <= DIRECT_B_ROWS;
+                         m <= DIRECT_B_ROWS && b->rs <= 1024;
     #define IN_PLACE(j) (direct_b && jc + (j) + NR <= n)
     const int64_t work = m * n * k;
     #pragma omp parallel if(work > 64 * 64 * 64) num_threads(threads)
@@ -639,12 +640,13 @@ int tsr_gemm(int64_t m, int64_t n, int64_t k, float alpha, const a_t *a, int64_t
                     ic + i, jc + j, mc - i < MR ? mc - i : MR, \
                     np - jc - j < NR ? np - jc - j : NR, first, last, i + MR < mc)
                 /* threads split the rows of C into equal blocks (a multiple of the thread
-                   count, at most MC rows) when there are enough rows, else its columns */
+                   count, at most MC rows) when there are enough rows, else its columns:
+                   each thread then streams only its part of B */
                 int64_t blocks = (m + MC - 1) / MC;
                 blocks = (blocks + nt - 1) / nt * nt;
                 const int64_t mb = ((m + blocks - 1) / blocks + MR - 1) / MR * MR;
                 blocks = (m + mb - 1) / mb;
-                if (blocks >= nt) {
+                if (blocks >= nt && mb * 2 >= MC) {
                     #pragma omp for schedule(static)
                     for (int64_t ib = 0; ib < blocks; ib++) {
                         const int64_t ic = ib * mb, mc = m - ic < mb ? m - ic : mb;
@@ -683,10 +685,10 @@ static int gemm_group(int64_t g, const int64_t *sizes, const int64_t *starts, in
 
 /* grouped (MoE experts): for each group g of `sizes[g]` consecutive rows of A (tokens
    sorted by expert), C[rows] = A[rows] @ B[g]. One call for all the groups. Token counts
-   are uneven: a group bigger than a thread's share of the rows runs on all threads, then
-   the threads take the other groups, biggest first, as they free up (the GEMM inside then
-   runs on its caller's thread alone, as nested regions do). Returns 0, or -1 if memory
-   runs out. */
+   are uneven: biggest first, each group bigger than a thread's share of the rows left
+   runs on all threads; then the threads take the other groups one each as they free up
+   (the GEMM inside runs on its caller's thread alone, as nested regions do). Returns 0,
+   or -1 if memory runs out. */
 int tsr_gemm_grouped(int64_t groups, const int64_t *sizes, int64_t n, int64_t k,
                      const a_t *a, int64_t rsa, int64_t csa, const tsr_b *b,
                      c_t *c, int64_t rsc, int64_t csc, const tsr_ep *ep) {
@@ -701,8 +703,8 @@ int tsr_gemm_grouped(int64_t groups, const int64_t *sizes, int64_t n, int64_t k,
         order[at] = g;
     }
     const int threads = omp_get_max_threads();
-    int64_t big = 0;
-    while (big < groups && sizes[order[big]] * threads > starts[groups]) big++;
+    int64_t big = 0, rest = starts[groups];  /* groups above a thread's share of the rest */
+    for (; big < groups && sizes[order[big]] * threads > rest; big++) rest -= sizes[order[big]];
     int failed = 0;
     for (int64_t x = 0; x < big; x++)
         failed |= gemm_group(order[x], sizes, starts, n, k, a, rsa, csa, b, c, rsc, csc, ep);
