@@ -31,7 +31,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, k: int) -> None:
                                atol=rtol * k ** 0.5 + 1e-4)
 
 
-@pytest.mark.parametrize("m", [1, 3, 9, 16, 37])
+@pytest.mark.parametrize("m", [1, 3, 9, 16, 37, 60])
 @pytest.mark.parametrize("a_dtype", [torch.float32, *F16])
 @pytest.mark.parametrize("b_dtype", [torch.float32, *F16])
 def test_16bit_operands(m: int, a_dtype: torch.dtype, b_dtype: torch.dtype) -> None:

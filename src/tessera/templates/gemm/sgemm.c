@@ -63,7 +63,8 @@ static inline tsr_fv i8_vload(const int8_t *p) {
 }
 #define NIBBLE_UNIT 1.0f
 static inline void nibble_block(const uint8_t *p, tsr_fv out[32 / VL]) {
-    const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+    const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7,
+                                          -8, -7, -6, -5, -4, -3, -2, -1);
     const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const void *)p));
     out[0] = (tsr_fv)_mm512_permutexvar_ps(bytes, values);
     out[1] = (tsr_fv)_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), values);
@@ -344,8 +345,8 @@ static inline int64_t b_column(int64_t jp, int64_t n) {
 static void pack_b_sliver(const tsr_b *b, int64_t n, int64_t pc, int64_t kc, int64_t jp,
                           float *restrict dst) {
 #if B_FMT == TSR_F32 && !SWIGLU
-    pack_sliver(NR, n - jp < NR ? n - jp : NR, kc, (const float *)b->p + pc * b->rs + jp * b->cs,
-                b->cs, b->rs, dst);
+    const float *src = (const float *)b->p + pc * b->rs + jp * b->cs;
+    pack_sliver(NR, n - jp < NR ? n - jp : NR, kc, src, b->cs, b->rs, dst);
 #else
     for (int64_t j = 0; j < NR; j++) {  /* by columns: quantized B is stored by columns */
         const int64_t col = b_column(jp + j, n);
@@ -376,7 +377,7 @@ static float *buffer(int which, int64_t floats) {
     return buffers[which];
 }
 
-/* Packed columns of an n-column product: whole slivers for SwiGLU (each holds HALF outputs). */
+/* Packed columns of an n-column product: whole slivers for SwiGLU (HALF outputs each). */
 static inline int64_t packed_columns(int64_t n) {
     return SWIGLU ? (n + HALF - 1) / HALF * NR : n;
 }
@@ -523,7 +524,8 @@ static void skinny_block(int64_t m, int64_t k, const float *a, int64_t rsa, cons
     }
     /* blocks of 4 rows at COLS(4) columns, or all m <= 4 rows at COLS(m); constant row
        and column counts keep the accumulators in registers */
-    #define DOT_AT(rows, cols) DOT(rows, cols, k, nj, a + i * rsa, rsa, b, j0, out + i * ldo, ldo)
+    #define DOT_AT(rows, cols) \
+        DOT(rows, cols, k, nj, a + i * rsa, rsa, b, j0, out + i * ldo, ldo)
     for (int64_t i = 0; i < m; i += 4) {
         switch (m <= 4 ? m : m - i < 4 ? 4 + m - i : 8) {
             case 1: DOT_AT(1, COLS(1)); break;
@@ -704,7 +706,8 @@ int tsr_gemm_grouped(int64_t groups, const int64_t *sizes, int64_t n, int64_t k,
     }
     const int threads = omp_get_max_threads();
     int64_t big = 0, rest = starts[groups];  /* groups above a thread's share of the rest */
-    for (; big < groups && sizes[order[big]] * threads > rest; big++) rest -= sizes[order[big]];
+    for (; big < groups && sizes[order[big]] * threads > rest; big++)
+        rest -= sizes[order[big]];
     int failed = 0;
     for (int64_t x = 0; x < big; x++)
         failed |= gemm_group(order[x], sizes, starts, n, k, a, rsa, csa, b, c, rsc, csc, ep);
