@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tessera.errors import ShapeError, TesseraError
-from tessera.templates.gemm import Blocking, batched_gemm, blocking, grouped_gemm, gemm
+from tessera.templates.gemm import Blocking, batched_gemm, blocking, gemm, grouped_gemm
 
 SHAPES = [(1, 1, 1), (1, 7, 3), (5, 1, 9), (7, 33, 5), (64, 64, 64), (100, 70, 300),
           (257, 129, 513), (31, 1000, 17)]

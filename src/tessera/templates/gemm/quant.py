@@ -14,7 +14,9 @@ from tessera.errors import ShapeError, TesseraError
 __all__ = ["GROUP_SIZES", "QuantizedMatrix", "quantize"]
 
 GROUP_SIZES = (32, 64, 128)
-_BLOCK = 32  # int4: rows per block of 16 bytes (row r in byte r % 16, high nibble for r >= 16, two's complement)
+# int4: rows per block of 16 bytes (row r in byte r % 16, high nibble for r >= 16; two's
+# complement nibbles)
+_BLOCK = 32
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,9 @@ class QuantizedMatrix:
             q = self.data.astype(np.float32)
         else:
             lo, hi = (self.data << 4).view(np.int8) >> 4, self.data.view(np.int8) >> 4
-            blocks = self.data.shape[:-1] + (-1, _BLOCK // 2)
+            blocks = (*self.data.shape[:-1], -1, _BLOCK // 2)
             q = np.concatenate([lo.reshape(blocks), hi.reshape(blocks)], axis=-1)
-            q = q.reshape(self.data.shape[:-1] + (-1,)).astype(np.float32)
+            q = q.reshape((*self.data.shape[:-1], -1)).astype(np.float32)
         w = q * np.repeat(self.scales, self.group_size, axis=-1)
         return np.ascontiguousarray(np.swapaxes(w[..., :self.shape[-2]], -1, -2))
 
@@ -64,16 +66,16 @@ def quantize(b: Any, bits: int = 8, group_size: int = 128) -> QuantizedMatrix:
                            hint="a scale cannot represent them; check the weights")
     k = w.shape[-2]
     kp = -(-k // group_size) * group_size
-    cols = np.zeros(w.shape[:-2] + (w.shape[-1], kp), np.float32)
+    cols = np.zeros((*w.shape[:-2], w.shape[-1], kp), np.float32)
     cols[..., :k] = np.swapaxes(w, -1, -2)
-    groups = cols.reshape(cols.shape[:-1] + (kp // group_size, group_size))
+    groups = cols.reshape((*cols.shape[:-1], kp // group_size, group_size))
     qmax = 127 if bits == 8 else 7
     scales = np.abs(groups).max(axis=-1) / np.float32(qmax)
     safe = np.where(scales > 0, scales, np.float32(1))[..., None]
     q = np.clip(np.rint(groups / safe), -qmax, qmax).astype(np.int8).reshape(cols.shape)
     if bits == 4:
-        nib = (q.view(np.uint8) & 15).reshape(q.shape[:-1] + (-1, 2, _BLOCK // 2))
-        q = (nib[..., 0, :] | (nib[..., 1, :] << 4)).reshape(q.shape[:-1] + (-1,))
+        nib = (q.view(np.uint8) & 15).reshape((*q.shape[:-1], -1, 2, _BLOCK // 2))
+        q = (nib[..., 0, :] | (nib[..., 1, :] << 4)).reshape((*q.shape[:-1], -1))
     return QuantizedMatrix(bits, group_size, tuple(w.shape), np.ascontiguousarray(q),
                            np.ascontiguousarray(scales, dtype=np.float32))
 

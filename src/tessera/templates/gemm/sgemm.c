@@ -430,6 +430,19 @@ static inline float hsum(tsr_fv v) {
     return s;
 }
 
+/* out[i][v] = the lanes of acc[i * lda + v] summed (rows 0 .. done of the dot product),
+   plus rows done .. k one at a time, for i < m, v < nj. */
+static inline __attribute__((always_inline)) void finish_dots(
+        int64_t m, int64_t nj, int64_t k, int64_t done, const tsr_fv *acc, int lda,
+        const float *a, int64_t rsa, const tsr_b *b, int64_t j0, float *out, int64_t ldo) {
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t v = 0; v < nj; v++) {
+            float s = done ? hsum(acc[i * lda + v]) : 0.0f;
+            for (int64_t p = done; p < k; p++) s += a[i * rsa + p] * b_at(b, p, j0 + v);
+            out[i * ldo + v] = s;
+        }
+}
+
 #if !QUANTIZED
 #define COLS DOT_COLS
 /* out[i][v] = A[i, :] . B[:, j0 + v] for i < m, v < nj <= cols dense columns stored by
@@ -450,12 +463,7 @@ static inline __attribute__((always_inline)) void dot_columns(
             for (int v = 0; v < cols; v++) acc[i][v] += av * bv[v];
         }
     }
-    for (int64_t i = 0; i < m; i++)
-        for (int64_t v = 0; v < nj; v++) {
-            float s = kv ? hsum(acc[i][v]) : 0.0f;
-            for (int64_t p = kv; p < k; p++) s += a[i * rsa + p] * b_at(b, p, j0 + v);
-            out[i * ldo + v] = s;
-        }
+    finish_dots(m, nj, k, kv, acc[0], DOT_COLS(1), a, rsa, b, j0, out, ldo);
 }
 #define DOT dot_columns
 #else
@@ -495,12 +503,7 @@ static inline __attribute__((always_inline)) void dot_columns_q(
             for (int i = 0; i < m; i++) acc[i][v] += part[i][v] * scale;
         }
     }
-    for (int64_t i = 0; i < m; i++)
-        for (int64_t v = 0; v < nj; v++) {
-            float s = kg ? hsum(acc[i][v]) : 0.0f;
-            for (int64_t p = kg; p < k; p++) s += a[i * rsa + p] * b_at(b, p, j0 + v);
-            out[i * ldo + v] = s;
-        }
+    finish_dots(m, nj, k, kg, acc[0], QDOT_COLS(1), a, rsa, b, j0, out, ldo);
 }
 #define DOT dot_columns_q
 #endif
