@@ -424,10 +424,14 @@ void tsr_pack_b(int64_t k, int64_t n, const tsr_b *b, float *dst) {
 #define QDOT_COLS(m) (QDOT_WIDE / (m) > 0 ? QDOT_WIDE / (m) : 1)
 
 static inline float hsum(tsr_fv v) {
+#if defined(__AVX512F__) && VL == 16
+    return _mm512_reduce_add_ps((__m512)v);  /* a shuffle tree, not 16 dependent adds */
+#else
     float lanes[VL], s = 0.0f;
     tsr_vstore(lanes, v);
     for (int l = 0; l < VL; l++) s += lanes[l];
     return s;
+#endif
 }
 
 /* out[i][v] = the lanes of acc[i * lda + v] summed (rows 0 .. done of the dot product),
