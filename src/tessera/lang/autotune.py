@@ -17,7 +17,7 @@ from tessera.errors import TesseraError
 from tessera.lang.errors import LaunchError
 from tessera.lang.jit import Kernel, _tensor_arg
 from tessera.runtime.cache import default_cache
-from tessera.runtime.cpu.device import cpu_features, cpu_model, usable_cores
+from tessera.runtime.knowledge import machine
 
 __all__ = ["Autotuner", "Config", "autotune"]
 
@@ -92,8 +92,7 @@ class Autotuner:
     def _disk_key(self, key: tuple) -> str:
         text = json.dumps([
             "tessera-autotune-1", self.kernel.fn.__qualname__, inspect.getsource(self.kernel.fn),
-            [repr(c) for c in self.configs], repr(key), cpu_model(), sorted(cpu_features()),
-            usable_cores()])
+            [repr(c) for c in self.configs], repr(key), machine()], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def _load_or_tune(self, key: tuple, grid: Any, args: Sequence[Any],

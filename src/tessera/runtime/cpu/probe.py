@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from tessera.runtime.cache import default_cache
-from tessera.runtime.cpu.device import cpu_features, cpu_model, usable_cores
+from tessera.runtime.cpu.device import usable_cores
+from tessera.runtime.knowledge import machine
 
 __all__ = ["measured_peaks"]
 
@@ -114,8 +115,7 @@ def _measure() -> dict[str, Any]:
 
 
 def _machine_key() -> str:
-    ident = [f"probe-{_VERSION}", _SOURCE, cpu_model(), " ".join(sorted(cpu_features())),
-             str(usable_cores())]
+    ident = [f"probe-{_VERSION}", _SOURCE, json.dumps(machine(), sort_keys=True)]
     return hashlib.sha256("\0".join(ident).encode()).hexdigest()
 
 

@@ -143,14 +143,18 @@ def _kernel(variant: _Variant, entry: str = "tsr_gemm") -> Any:
     return module.function(entry, *_SIGNATURES[entry])
 
 
-def _matrix(x: Any, name: str, ndim: int = 2, who: str = "gemm") -> tuple[Any, int]:
-    """The tessera view of a 2-D (or `ndim`-D) float operand and its format."""
+def _matrix(x: Any, name: str, ndim: int | tuple[int, ...] = 2, who: str = "gemm"
+            ) -> tuple[Any, int]:
+    """The tessera view of a float operand with `ndim` dimensions (or one of them) and its
+    format."""
     t = as_tensor(x)
     if t.dtype not in _FORMATS:
         raise TesseraError(f"{who}: {name} is {t.dtype.name}; the GEMM takes float32, "
                            "bfloat16 or float16", hint=f"convert {name} first")
-    if len(t.shape) != ndim:
-        raise ShapeError(f"{who}: {name} must be {ndim}-D, got shape {t.shape}")
+    ndims = (ndim,) if isinstance(ndim, int) else ndim
+    if len(t.shape) not in ndims:
+        raise ShapeError(f"{who}: {name} must be {' or '.join(f'{d}-D' for d in ndims)}, "
+                         f"got shape {t.shape}")
     return t, _FORMATS[t.dtype]
 
 
@@ -210,14 +214,13 @@ def pack(b: Any, *, swiglu: bool = False, config: Blocking | None = None) -> Pac
     """Pack weights b [K, N] (float32/16, any strides, or a QuantizedMatrix, dequantized
     into float32 panels) for repeated products `gemm(x, packed)`."""
     config = config or blocking()
-    barg, fmt, group, (k, n), out_dtype, keep = _b_operand(b, "pack", 2)
+    barg, fmt, group, (k, n), out_dtype, _keep = _b_operand(b, "pack", 2)
     if swiglu and n % 2:
         raise ShapeError(f"pack: SwiGLU weights need [gate | up] columns, got N = {n}")
     variant = _Variant(config, b=fmt, group=group, swiglu=swiglu, packed=True)
     outputs = n // 2 if swiglu else n
     data = np.empty(_kernel(variant, "tsr_packed_size")(k, outputs), np.float32)
     _kernel(variant, "tsr_pack_b")(k, outputs, barg, data.ctypes.data)
-    del keep
     return PackedMatrix((k, n), out_dtype, config, swiglu, data)
 
 
@@ -339,12 +342,8 @@ def grouped_gemm(a: Any, b: Any, sizes: Any, out: Any = None, *, bias: Any = Non
 def batched_gemm(a: Any, b: Any, out: Any = None, *, config: Blocking | None = None) -> Any:
     """out[i] = a[i] @ b[i] for [B, M, K] and [B, K, N] float32/16 tensors of any strides;
     a 2-D operand is shared by every product (a weight). Returns out [B, M, N]."""
-    ta, tb = as_tensor(a), as_tensor(b)
-    for x, name in ((ta, "a"), (tb, "b")):
-        if len(x.shape) not in (2, 3):
-            raise ShapeError(f"batched_gemm: {name} must be 2-D or 3-D, got {x.shape}")
-    ta, a_fmt = _matrix(a, "a", len(ta.shape), "batched_gemm")
-    tb, b_fmt = _matrix(b, "b", len(tb.shape), "batched_gemm")
+    ta, a_fmt = _matrix(a, "a", (2, 3), "batched_gemm")
+    tb, b_fmt = _matrix(b, "b", (2, 3), "batched_gemm")
     sa = ta.shape if len(ta.shape) == 3 else (1, *ta.shape)
     sb = tb.shape if len(tb.shape) == 3 else (1, *tb.shape)
     batch = max(sa[0], sb[0])
