@@ -9,6 +9,8 @@ from __future__ import annotations
 
 __all__ = [
     "CacheError",
+    "CommError",
+    "CommTimeoutError",
     "CompileError",
     "DeviceError",
     "DtypeError",
@@ -82,6 +84,20 @@ class CompileError(TesseraError):
 
 class TuneError(TesseraError, RuntimeError):
     """The autotuner was asked for something it cannot do, or no candidate worked."""
+
+
+class CommError(TesseraError, RuntimeError):
+    """A collective that cannot complete: ranks that disagree on what they call, an
+    aborted communicator, a bad rank or buffer."""
+
+
+class CommTimeoutError(CommError, TimeoutError):
+    """A peer that died or did not answer in time; `rank` names it (-1: unknown)."""
+
+    def __init__(self, message: str, *, rank: int, where: str | None = None,
+                 hint: str | None = None):
+        self.rank = rank
+        super().__init__(message, where=where, hint=hint)
 
 
 class CacheError(TesseraError, OSError):

@@ -12,22 +12,26 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.machinery
 import importlib.util
 import os
 import shlex
 import shutil
 import subprocess
+import sys
+import sysconfig
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from tessera.errors import CompileError, ToolchainError
 from tessera.runtime.cache import default_cache
 from tessera.runtime.cpu.device import cpu_features
 
-__all__ = ["Compiler", "Module", "compile_c", "compiler", "openmp_flags"]
+__all__ = ["Compiler", "Module", "compile_c", "compile_extension", "compiler", "openmp_flags"]
 
 _BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno",
                "-Werror=implicit-function-declaration", "-Werror=return-type")
@@ -188,6 +192,28 @@ def compile_c(source: str, *, name: str = "kernel", openmp: bool = False,
     flags_used = default_cache().manifest(entry)["meta"]["flags"]
     with _loaded_lock:
         return _loaded.setdefault(key, Module(name, key, entry, built, flags_used))
+
+
+def compile_extension(source: str, name: str) -> ModuleType:
+    """Compile C `source` into the CPython extension module `name` (it defines
+    `PyInit_<name>`) through the compile cache, and import it.
+
+    For native code whose call cost matters (microsecond collectives): an extension takes
+    buffers through the buffer protocol with no ctypes marshalling.
+    """
+    include = sysconfig.get_paths()["include"]
+    module = compile_c(source, name=name, flags=[f"-I{include}"])
+    loaded = sys.modules.get(f"tessera._ext.{name}.{module.key[:16]}")
+    if loaded is not None:
+        return loaded
+    loader = importlib.machinery.ExtensionFileLoader(name, str(module.path))
+    spec = importlib.util.spec_from_file_location(name, module.path, loader=loader)
+    if spec is None:
+        raise ToolchainError(f"cannot import compiled extension {name!r}", where=str(module.path))
+    ext = importlib.util.module_from_spec(spec)
+    loader.exec_module(ext)
+    sys.modules[f"tessera._ext.{name}.{module.key[:16]}"] = ext
+    return ext
 
 
 def _build(cc: Compiler, source: str, extra: list[str], tmp: Path, name: str, key: str,

@@ -1,0 +1,1063 @@
+/* Tessera's intra-node transport: collectives over one POSIX shared-memory segment.
+ *
+ * A CPython extension (module _tsr_shm) so that a small collective costs one call with no
+ * ctypes marshalling: buffers arrive through the buffer protocol or as raw addresses.
+ *
+ * Segment layout (all offsets 64-byte aligned):
+ *   header | per-rank lines (pid, done) | per-pair p2p lines | slots [rank][NSLOTS] | p2p
+ *   buffers [src][dst][NBUF]
+ *
+ * Protocol. Every collective is a sequence of *steps*, numbered identically on every rank
+ * (all ranks run the same collectives in the same order and split them into the same
+ * steps). In step s a rank may write its slot s % NSLOTS and post it by storing s + 1 into
+ * the slot's header (release); a reader polls that header word (acquire), so the flag and
+ * up to 32 bytes of payload arrive in one cache line (the low-latency path for small
+ * messages). After reading everything it needs in step s a rank stores done = s + 1; a
+ * writer reuses a slot only once every peer's done says the slot's previous step is read.
+ * Each header carries the operation's signature and size, checked by every reader, so
+ * mismatched collectives are reported instead of producing garbage.
+ *
+ * Waits spin briefly, then yield, then sleep; they check for an abort flag, dead peers
+ * (kill(pid, 0)) and a timeout, and return an error naming the rank they waited for.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <math.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ __volatile__("yield")
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+#define LINE 64
+#define MAGIC 0x5453524d53484d31ull /* "TSRMSHM1" */
+#define HDR_BYTES 32                /* slot header; payload follows */
+#define ABORT_MSG 448
+
+enum { K_ALLREDUCE = 1, K_REDUCE, K_BCAST, K_ALLGATHER, K_REDUCE_SCATTER, K_ALLTOALL,
+       K_BARRIER, K_SEND };
+enum { OP_SUM, OP_PROD, OP_MAX, OP_MIN, N_OPS };
+enum { D_F32, D_F16, D_BF16, D_I32, D_I64, D_F64, D_U8, N_DTYPES };
+enum { ALGO_AUTO, ALGO_ONESHOT, ALGO_TWOSHOT };
+enum { E_OK = 0, E_TIMEOUT = -1, E_DEAD = -2, E_ABORTED = -3, E_MISMATCH = -4, E_SYS = -5,
+       E_ARG = -6 };
+
+static const size_t dtype_size[N_DTYPES] = {4, 2, 2, 4, 8, 8, 1};
+static const char *dtype_name[N_DTYPES] = {"float32", "float16", "bfloat16", "int32",
+                                           "int64", "float64", "uint8"};
+static const char *op_name[N_OPS] = {"sum", "prod", "max", "min"};
+static const char *kind_name[] = {"?", "allreduce", "reduce", "broadcast", "allgather",
+                                  "reduce_scatter", "alltoall", "barrier", "send"};
+
+typedef struct { _Alignas(LINE) volatile uint64_t v; } line_t;
+
+typedef struct {
+    uint64_t magic, total_bytes, slot_bytes, nslots, p2p_bytes, nbuf;
+    uint32_t size, version;
+    _Alignas(LINE) volatile uint64_t abort_flag; /* 0, or 1 + the rank that aborted */
+    char abort_msg[ABORT_MSG];
+} seg_header;
+
+typedef struct {
+    _Alignas(LINE) volatile int64_t pid;
+    _Alignas(LINE) volatile uint64_t done;
+} rank_lines;
+
+typedef struct {
+    volatile uint64_t step1; /* step + 1 once posted */
+    uint32_t sig;            /* kind | dtype << 8 | op << 16 | (root + 1) << 24, or tag */
+    uint32_t aux;
+    uint64_t size;           /* what every rank must agree on (elements or bytes) */
+    uint64_t pad;
+} slot_header;
+
+typedef struct {
+    uint8_t *base;
+    size_t map_bytes;
+    seg_header *hdr;
+    rank_lines *ranks;
+    line_t *p2p_recvd;       /* [src * size + dst]: pieces dst has taken from src */
+    uint8_t *slots, *p2p;
+    size_t slot_stride, p2p_stride;
+    int rank, size;
+    uint64_t step;           /* the next collective step */
+    uint64_t *seen_done;     /* last value read of each peer's done */
+    uint64_t *sent, *recvd;  /* p2p pieces sent to / received from each peer */
+    int64_t timeout_ns;
+} comm;
+
+/* One call into the transport: its error, and the thread state while the GIL is released. */
+typedef struct {
+    comm *c;
+    PyThreadState *ts;
+    int err_rank;
+    char err[512];
+} call;
+
+/* --------------------------------------------------------------------------- reductions */
+
+#define BLOCK 1024
+
+#if defined(__FLT16_MAX__)
+typedef _Float16 f16_t;
+static inline float f16_load(const uint16_t *p, size_t i) { return (float)((const f16_t *)p)[i]; }
+static inline void f16_store(uint16_t *p, size_t i, float v) { ((f16_t *)p)[i] = (f16_t)v; }
+#else
+static inline float f16_load(const uint16_t *p, size_t i) {
+    uint32_t h = p[i], s = (h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
+    if (e == 0x1f) u = s | 0x7f800000u | (m << 13);
+    else if (e) u = s | ((e + 112) << 23) | (m << 13);
+    else if (m) { float f = (float)m * 0x1p-24f; memcpy(&u, &f, 4); u |= s; }
+    else u = s;
+    float f; memcpy(&f, &u, 4); return f;
+}
+static inline void f16_store(uint16_t *p, size_t i, float v) {
+    uint32_t u; memcpy(&u, &v, 4);
+    uint32_t s = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    uint16_t h;
+    if (a > 0x7f800000u) h = (uint16_t)(s | 0x7e00u);
+    else if (a >= 0x477ff000u) h = (uint16_t)(s | 0x7c00u);
+    else if (a < 0x38800000u) { float f; memcpy(&f, &a, 4); h = (uint16_t)(s | (uint32_t)nearbyintf(f * 0x1p24f)); }
+    else { uint32_t r = a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u; h = (uint16_t)(s | (r >> 13)); }
+    p[i] = h;
+}
+#endif
+
+static inline float bf16_load(const uint16_t *p, size_t i) {
+    uint32_t u = (uint32_t)p[i] << 16; float f; memcpy(&f, &u, 4); return f;
+}
+static inline void bf16_store(uint16_t *p, size_t i, float v) {
+    uint32_t u; memcpy(&u, &v, 4);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    p[i] = (uint16_t)((v != v) ? 0x7fc0u : r);
+}
+
+/* Binary ops; max/min propagate NaN as torch.maximum/minimum do. */
+#define F_SUM(a, b) ((a) + (b))
+#define F_PROD(a, b) ((a) * (b))
+#define F_MAX(a, b) (((a) > (b) || (a) != (a)) ? (a) : (b))
+#define F_MIN(a, b) (((a) < (b) || (a) != (a)) ? (a) : (b))
+
+/* out (and out2 if set) = op over srcs[0..n-1], elementwise, in BLOCK-sized passes so the
+ * partial result stays in L1. out may alias srcs[0] (never a later source). */
+#define DEF_NATIVE(NAME, T, F)                                                              \
+    static void NAME(void *out_, void *out2_, const void *const *srcs, int n, size_t count) { \
+        T *out = out_, *out2 = out2_;                                                       \
+        for (size_t b = 0; b < count; b += BLOCK) {                                         \
+            size_t m = count - b < BLOCK ? count - b : BLOCK;                               \
+            const T *s0 = (const T *)srcs[0] + b, *s1 = (const T *)srcs[1] + b;             \
+            T *o = out + b;                                                                 \
+            for (size_t i = 0; i < m; i++) o[i] = F(s0[i], s1[i]);                          \
+            for (int j = 2; j < n; j++) {                                                   \
+                const T *sj = (const T *)srcs[j] + b;                                       \
+                for (size_t i = 0; i < m; i++) o[i] = F(o[i], sj[i]);                       \
+            }                                                                               \
+            if (out2) memcpy(out2 + b, o, m * sizeof(T));                                   \
+        }                                                                                   \
+    }
+
+/* 16-bit floats accumulate in float32 and round once. */
+#define DEF_HALF(NAME, LOAD, STORE, F)                                                      \
+    static void NAME(void *out_, void *out2_, const void *const *srcs, int n, size_t count) { \
+        uint16_t *out = out_, *out2 = out2_;                                                \
+        float acc[BLOCK];                                                                   \
+        for (size_t b = 0; b < count; b += BLOCK) {                                         \
+            size_t m = count - b < BLOCK ? count - b : BLOCK;                               \
+            const uint16_t *s0 = (const uint16_t *)srcs[0] + b;                             \
+            for (size_t i = 0; i < m; i++) acc[i] = LOAD(s0, i);                            \
+            for (int j = 1; j < n; j++) {                                                   \
+                const uint16_t *sj = (const uint16_t *)srcs[j] + b;                         \
+                for (size_t i = 0; i < m; i++) acc[i] = F(acc[i], LOAD(sj, i));             \
+            }                                                                               \
+            for (size_t i = 0; i < m; i++) STORE(out + b, i, acc[i]);                       \
+            if (out2) memcpy(out2 + b, out + b, m * 2);                                     \
+        }                                                                                   \
+    }
+
+/* Integer sums and products wrap (as torch's do) without undefined behaviour. */
+#define DEF_INT(NAME, T, U)                                                                 \
+    static inline T NAME##_add(T a, T b) { return (T)((U)a + (U)b); }                       \
+    static inline T NAME##_mul(T a, T b) { return (T)((U)a * (U)b); }                       \
+    DEF_NATIVE(NAME##_sum, T, NAME##_add)                                                   \
+    DEF_NATIVE(NAME##_prod, T, NAME##_mul)                                                  \
+    DEF_NATIVE(NAME##_max, T, F_MAX)                                                        \
+    DEF_NATIVE(NAME##_min, T, F_MIN)
+
+#define DEF_FLOAT(NAME, T)                                                                  \
+    DEF_NATIVE(NAME##_sum, T, F_SUM)                                                        \
+    DEF_NATIVE(NAME##_prod, T, F_PROD)                                                      \
+    DEF_NATIVE(NAME##_max, T, F_MAX)                                                        \
+    DEF_NATIVE(NAME##_min, T, F_MIN)
+
+#define DEF_HALFS(NAME, LOAD, STORE)                                                        \
+    DEF_HALF(NAME##_sum, LOAD, STORE, F_SUM)                                                \
+    DEF_HALF(NAME##_prod, LOAD, STORE, F_PROD)                                              \
+    DEF_HALF(NAME##_max, LOAD, STORE, F_MAX)                                                \
+    DEF_HALF(NAME##_min, LOAD, STORE, F_MIN)
+
+DEF_FLOAT(r_f32, float)
+DEF_FLOAT(r_f64, double)
+DEF_INT(r_i32, int32_t, uint32_t)
+DEF_INT(r_i64, int64_t, uint64_t)
+DEF_INT(r_u8, uint8_t, uint32_t)
+DEF_HALFS(r_f16, f16_load, f16_store)
+DEF_HALFS(r_bf16, bf16_load, bf16_store)
+
+typedef void (*reduce_fn)(void *, void *, const void *const *, int, size_t);
+#define ROW(N) {N##_sum, N##_prod, N##_max, N##_min}
+static const reduce_fn reducers[N_DTYPES][N_OPS] = {
+    ROW(r_f32), ROW(r_f16), ROW(r_bf16), ROW(r_i32), ROW(r_i64), ROW(r_f64), ROW(r_u8)};
+
+/* ------------------------------------------------------------------------------ waiting */
+
+static inline uint64_t load_acq(volatile uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void store_rel(volatile uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static int fail(call *k, int code, int rank, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(k->err, sizeof k->err, fmt, ap);
+    va_end(ap);
+    k->err_rank = rank;
+    return code;
+}
+
+static void release_gil(call *k) { if (!k->ts) k->ts = PyEval_SaveThread(); }
+
+static int peer_dead(comm *c, int peer) {
+    int64_t pid = c->ranks[peer].pid;
+    return pid > 0 && kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+}
+
+/* Wait until *p >= want (p belongs to `peer`): spin ~10 us, then yield, then sleep. */
+static int wait_ge(call *k, volatile uint64_t *p, uint64_t want, int peer) {
+    comm *c = k->c;
+    for (int i = 0; i < 4096; i++) {
+        if (load_acq(p) >= want) return E_OK;
+        cpu_relax();
+    }
+    release_gil(k);
+    int64_t t0 = now_ns(), next_check = t0;
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            if (load_acq(p) >= want) return E_OK;
+            cpu_relax();
+        }
+        int64_t t = now_ns();
+        if (c->hdr->abort_flag) {
+            int who = (int)c->hdr->abort_flag - 1;
+            return fail(k, E_ABORTED, who, "rank %d aborted the communicator: %.*s", who,
+                        ABORT_MSG, c->hdr->abort_msg);
+        }
+        if (t >= next_check) {
+            if (peer_dead(c, peer))
+                return fail(k, E_DEAD, peer, "rank %d (pid %lld) died", peer,
+                            (long long)c->ranks[peer].pid);
+            next_check = t + 20000000;
+        }
+        if (t - t0 > c->timeout_ns)
+            return fail(k, E_TIMEOUT, peer, "rank %d did not respond within %.1f s", peer,
+                        c->timeout_ns / 1e9);
+        if (t - t0 < 2000000) sched_yield();
+        else { struct timespec ts = {0, 50000}; nanosleep(&ts, NULL); }
+    }
+}
+
+/* ------------------------------------------------------------------------ slot protocol */
+
+static inline slot_header *slot(comm *c, int r, uint64_t s) {
+    return (slot_header *)(c->slots + ((size_t)r * c->hdr->nslots + s % c->hdr->nslots) * c->slot_stride);
+}
+static inline uint8_t *payload(slot_header *h) { return (uint8_t *)h + HDR_BYTES; }
+
+/* Before writing my slot for step s: every peer has read that slot's previous step. */
+static int slot_acquire(call *k, uint64_t s) {
+    comm *c = k->c;
+    uint64_t need = s + 1 > c->hdr->nslots ? s + 1 - c->hdr->nslots : 0;
+    for (int q = 0; q < c->size; q++) {
+        if (q == c->rank || c->seen_done[q] >= need) continue;
+        int e = wait_ge(k, &c->ranks[q].done, need, q);
+        if (e) return e;
+        c->seen_done[q] = load_acq(&c->ranks[q].done);
+    }
+    return E_OK;
+}
+
+static inline void slot_post(comm *c, uint64_t s, uint32_t sig, uint64_t size) {
+    slot_header *h = slot(c, c->rank, s);
+    h->sig = sig;
+    h->size = size;
+    store_rel(&h->step1, s + 1);
+}
+
+static inline void step_done(comm *c, uint64_t s) { store_rel(&c->ranks[c->rank].done, s + 1); }
+
+static void describe(char *buf, size_t n, uint32_t sig, uint64_t size) {
+    unsigned kind = sig & 0xff, dt = (sig >> 8) & 0xff, op = (sig >> 16) & 0xff;
+    int root = (int)(sig >> 24) - 1, reducing = kind == K_ALLREDUCE || kind == K_REDUCE ||
+                                                 kind == K_REDUCE_SCATTER;
+    int w = snprintf(buf, n, "%s(%s, size %llu", kind <= K_SEND ? kind_name[kind] : "?",
+                     dt < N_DTYPES ? dtype_name[dt] : "?", (unsigned long long)size);
+    if (reducing && w < (int)n) w += snprintf(buf + w, n - w, ", op %s", op < N_OPS ? op_name[op] : "?");
+    if (root >= 0 && w < (int)n) w += snprintf(buf + w, n - w, ", root %d", root);
+    if (w < (int)n) snprintf(buf + w, n - w, ")");
+}
+
+static void comm_abort(comm *c, const char *msg) {
+    uint64_t expected = 0;
+    if (__atomic_compare_exchange_n(&c->hdr->abort_flag, &expected, (uint64_t)c->rank + 1, 0,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        snprintf(c->hdr->abort_msg, ABORT_MSG, "%s", msg);
+    }
+}
+
+/* Wait for peer q's slot of step s and check it belongs to the same collective. */
+static int slot_wait(call *k, int q, uint64_t s, uint32_t sig, uint64_t size, const uint8_t **data) {
+    comm *c = k->c;
+    slot_header *h = slot(c, q, s);
+    int e = wait_ge(k, &h->step1, s + 1, q);
+    if (e) return e;
+    if (h->step1 != s + 1 || h->sig != sig || h->size != size) {
+        char mine[160], theirs[160];
+        describe(mine, sizeof mine, sig, size);
+        describe(theirs, sizeof theirs, h->sig, h->size);
+        if (h->step1 != s + 1) snprintf(theirs, sizeof theirs, "a collective out of order");
+        fail(k, E_MISMATCH, q, "collective mismatch: this rank (%d) called %s, rank %d called %s",
+             c->rank, mine, q, theirs);
+        comm_abort(c, k->err);
+        return E_MISMATCH;
+    }
+    *data = payload(h);
+    return E_OK;
+}
+
+static inline uint32_t signature(int kind, int dtype, int op, int root) {
+    return (uint32_t)kind | (uint32_t)dtype << 8 | (uint32_t)op << 16 | (uint32_t)(root + 1) << 24;
+}
+
+#define TRY(x) do { int e_ = (x); if (e_) return e_; } while (0)
+
+/* ----------------------------------------------------------------------------- collectives */
+
+/* Each rank posts its whole input; every receiving rank reduces all copies in rank order,
+ * so all ranks get the same bits. */
+static int allreduce_oneshot(call *k, const void *src, void *dst, size_t n, int dt, int op,
+                             int root, uint32_t sig) {
+    comm *c = k->c;
+    size_t nbytes = n * dtype_size[dt];
+    uint64_t s = c->step++;
+    TRY(slot_acquire(k, s));
+    memcpy(payload(slot(c, c->rank, s)), src, nbytes);
+    slot_post(c, s, sig, n);
+    if (root < 0 || root == c->rank) {
+        const void *srcs[c->size];
+        for (int q = 0; q < c->size; q++) {
+            const uint8_t *d = payload(slot(c, q, s));
+            if (q != c->rank) TRY(slot_wait(k, q, s, sig, n, &d));
+            srcs[q] = d;
+        }
+        reducers[dt][op](dst, NULL, srcs, c->size, n);
+    }
+    step_done(c, s);
+    return E_OK;
+}
+
+/* Chunks of one slot: reduce-scatter (each rank reduces its slice of the chunk from the
+ * others' posted copies and posts the result), then all-gather (or gather at the root). */
+static int allreduce_twoshot(call *k, const uint8_t *src, uint8_t *dst, size_t n, int dt,
+                             int op, int root, uint32_t sig) {
+    comm *c = k->c;
+    int P = c->size, me = c->rank;
+    size_t es = dtype_size[dt], per_chunk = c->hdr->slot_bytes / es;
+    size_t align = LINE / es;
+    for (size_t c0 = 0; c0 < n; c0 += per_chunk) {
+        size_t m = n - c0 < per_chunk ? n - c0 : per_chunk;
+        size_t slice = (m + P - 1) / P;
+        slice = (slice + align - 1) / align * align;
+        #define LO(r) ((size_t)(r) * slice < m ? (size_t)(r) * slice : m)
+        #define HI(r) ((size_t)((r) + 1) * slice < m ? (size_t)((r) + 1) * slice : m)
+        uint64_t sa = c->step++, sb = c->step++;
+        const uint8_t *in = src + c0 * es;
+        TRY(slot_acquire(k, sa));
+        uint8_t *mine_a = payload(slot(c, me, sa));
+        for (int q = 0; q < P; q++)
+            if (q != me) memcpy(mine_a + LO(q) * es, in + LO(q) * es, (HI(q) - LO(q)) * es);
+        slot_post(c, sa, sig, n);
+        /* reduce my slice: my own input first, then the others in rank order */
+        const void *srcs[P];
+        srcs[0] = in + LO(me) * es;
+        for (int q = 0, j = 1; q < P; q++) {
+            if (q == me) continue;
+            const uint8_t *d;
+            TRY(slot_wait(k, q, sa, sig, n, &d));
+            srcs[j++] = d + LO(me) * es;
+        }
+        TRY(slot_acquire(k, sb));
+        uint8_t *mine_b = payload(slot(c, me, sb));
+        int keep = root < 0 || root == me;
+        reducers[dt][op](mine_b + LO(me) * es, keep ? dst + (c0 + LO(me)) * es : NULL, srcs, P,
+                         HI(me) - LO(me));
+        step_done(c, sa);
+        slot_post(c, sb, sig, n);
+        if (keep) {
+            for (int q = 0; q < P; q++) {
+                if (q == me) continue;
+                const uint8_t *d;
+                TRY(slot_wait(k, q, sb, sig, n, &d));
+                memcpy(dst + (c0 + LO(q)) * es, d + LO(q) * es, (HI(q) - LO(q)) * es);
+            }
+        }
+        step_done(c, sb);
+        #undef LO
+        #undef HI
+    }
+    return E_OK;
+}
+
+static int do_allreduce(call *k, const void *src, void *dst, size_t n, int dt, int op, int root,
+                        int algo, size_t oneshot_max) {
+    comm *c = k->c;
+    size_t nbytes = n * dtype_size[dt];
+    if (c->size == 1) {
+        if (dst && dst != src) memcpy(dst, src, nbytes);
+        return E_OK;
+    }
+    uint32_t sig = signature(root < 0 ? K_ALLREDUCE : K_REDUCE, dt, op, root);
+    int oneshot = algo == ALGO_ONESHOT || (algo == ALGO_AUTO && nbytes <= oneshot_max);
+    if (oneshot && nbytes <= c->hdr->slot_bytes)
+        return allreduce_oneshot(k, src, dst, n, dt, op, root, sig);
+    return allreduce_twoshot(k, src, dst, n, dt, op, root, sig);
+}
+
+static int do_broadcast(call *k, uint8_t *buf, size_t nbytes, int root) {
+    comm *c = k->c;
+    uint32_t sig = signature(K_BCAST, D_U8, 0, root);
+    size_t chunk = c->hdr->slot_bytes;
+    for (size_t off = 0; off < nbytes; off += chunk) {
+        size_t m = nbytes - off < chunk ? nbytes - off : chunk;
+        uint64_t s = c->step++;
+        if (c->rank == root) {
+            TRY(slot_acquire(k, s));
+            memcpy(payload(slot(c, root, s)), buf + off, m);
+            slot_post(c, s, sig, nbytes);
+        } else {
+            const uint8_t *d;
+            TRY(slot_wait(k, root, s, sig, nbytes, &d));
+            memcpy(buf + off, d, m);
+        }
+        step_done(c, s);
+    }
+    return E_OK;
+}
+
+/* Everyone's contribution (bytes[r] from rank r) to everyone, concatenated in rank order. */
+static int do_allgatherv(call *k, const uint8_t *src, uint8_t *dst, const size_t *bytes) {
+    comm *c = k->c;
+    int P = c->size, me = c->rank;
+    size_t total = 0, most = 0, chunk = c->hdr->slot_bytes, off[P];
+    for (int q = 0; q < P; q++) {
+        off[q] = total;
+        total += bytes[q];
+        if (bytes[q] > most) most = bytes[q];
+    }
+    uint32_t sig = signature(K_ALLGATHER, D_U8, 0, -1);
+    if (dst + off[me] != src) memmove(dst + off[me], src, bytes[me]);
+    src = dst + off[me];
+    for (size_t lo = 0; lo < most; lo += chunk) {
+        uint64_t s = c->step++;
+        TRY(slot_acquire(k, s));
+        if (lo < bytes[me]) {
+            size_t m = bytes[me] - lo < chunk ? bytes[me] - lo : chunk;
+            memcpy(payload(slot(c, me, s)), src + lo, m);
+        }
+        slot_post(c, s, sig, total);
+        for (int q = 0; q < P; q++) {
+            if (q == me || lo >= bytes[q]) continue;
+            size_t m = bytes[q] - lo < chunk ? bytes[q] - lo : chunk;
+            const uint8_t *d;
+            TRY(slot_wait(k, q, s, sig, total, &d));
+            memcpy(dst + off[q] + lo, d, m);
+        }
+        step_done(c, s);
+    }
+    return E_OK;
+}
+
+/* The slot split in P regions, one per destination rank (reduce-scatter, all-to-all). */
+static size_t region_bytes(comm *c) { return c->hdr->slot_bytes / c->size / LINE * LINE; }
+
+/* Rank r receives the reduction of segment r (counts[r] elements, segments in rank order). */
+static int do_reduce_scatterv(call *k, const uint8_t *src, uint8_t *dst, const size_t *counts,
+                              int dt, int op) {
+    comm *c = k->c;
+    int P = c->size, me = c->rank;
+    size_t es = dtype_size[dt], region = region_bytes(c) / es, total = 0, most = 0, off[P];
+    for (int q = 0; q < P; q++) {
+        off[q] = total;
+        total += counts[q];
+        if (counts[q] > most) most = counts[q];
+    }
+    uint32_t sig = signature(K_REDUCE_SCATTER, dt, op, -1);
+    if (P == 1) {
+        if (dst != src) memmove(dst, src, total * es);
+        return E_OK;
+    }
+    for (size_t lo = 0; lo < most; lo += region) {
+        uint64_t s = c->step++;
+        TRY(slot_acquire(k, s));
+        uint8_t *mine = payload(slot(c, me, s));
+        for (int q = 0; q < P; q++) {
+            if (q == me || lo >= counts[q]) continue;
+            size_t m = counts[q] - lo < region ? counts[q] - lo : region;
+            memcpy(mine + (size_t)q * region * es, src + (off[q] + lo) * es, m * es);
+        }
+        slot_post(c, s, sig, total);
+        if (lo < counts[me]) {
+            size_t m = counts[me] - lo < region ? counts[me] - lo : region;
+            const void *srcs[P];
+            srcs[0] = src + (off[me] + lo) * es;
+            for (int q = 0, j = 1; q < P; q++) {
+                if (q == me) continue;
+                const uint8_t *d;
+                TRY(slot_wait(k, q, s, sig, total, &d));
+                srcs[j++] = d + (size_t)me * region * es;
+            }
+            reducers[dt][op](dst + lo * es, NULL, srcs, P, m);
+        }
+        step_done(c, s);
+    }
+    return E_OK;
+}
+
+/* bytes[i * P + j]: what rank i sends rank j; blocks packed in rank order on both sides. */
+static int do_alltoallv(call *k, const uint8_t *src, uint8_t *dst, const size_t *bytes) {
+    comm *c = k->c;
+    int P = c->size, me = c->rank;
+    size_t region = region_bytes(c), most = 0, soff[P], roff[P], so = 0, ro = 0, total = 0;
+    for (int q = 0; q < P; q++) {
+        soff[q] = so; so += bytes[me * P + q];
+        roff[q] = ro; ro += bytes[q * P + me];
+    }
+    for (int i = 0; i < P * P; i++) {
+        total += bytes[i];
+        if (i / P != i % P && bytes[i] > most) most = bytes[i];
+    }
+    uint32_t sig = signature(K_ALLTOALL, D_U8, 0, -1);
+    memmove(dst + roff[me], src + soff[me], bytes[me * P + me]);
+    for (size_t lo = 0; lo < most; lo += region) {
+        uint64_t s = c->step++;
+        TRY(slot_acquire(k, s));
+        uint8_t *mine = payload(slot(c, me, s));
+        for (int q = 0; q < P; q++) {
+            size_t b = bytes[me * P + q];
+            if (q == me || lo >= b) continue;
+            memcpy(mine + (size_t)q * region, src + soff[q] + lo, b - lo < region ? b - lo : region);
+        }
+        slot_post(c, s, sig, total);
+        for (int q = 0; q < P; q++) {
+            size_t b = bytes[q * P + me];
+            if (q == me || lo >= b) continue;
+            const uint8_t *d;
+            TRY(slot_wait(k, q, s, sig, total, &d));
+            memcpy(dst + roff[q] + lo, d + (size_t)me * region, b - lo < region ? b - lo : region);
+        }
+        step_done(c, s);
+    }
+    return E_OK;
+}
+
+static int do_barrier(call *k) {
+    comm *c = k->c;
+    uint32_t sig = signature(K_BARRIER, D_U8, 0, -1);
+    uint64_t s = c->step++;
+    TRY(slot_acquire(k, s));
+    slot_post(c, s, sig, 0);
+    for (int q = 0; q < c->size; q++) {
+        const uint8_t *d;
+        if (q != c->rank) TRY(slot_wait(k, q, s, sig, 0, &d));
+    }
+    step_done(c, s);
+    return E_OK;
+}
+
+/* ------------------------------------------------------------------------ point to point */
+
+static inline slot_header *p2p_buf(comm *c, int src, int dst, uint64_t piece) {
+    size_t idx = ((size_t)src * c->size + dst) * c->hdr->nbuf + piece % c->hdr->nbuf;
+    return (slot_header *)(c->p2p + idx * c->p2p_stride);
+}
+
+/* Messages between a pair arrive in order; the tag and size are checked, not matched. */
+static int do_send(call *k, const uint8_t *src, size_t nbytes, int dst, uint32_t tag) {
+    comm *c = k->c;
+    size_t chunk = c->hdr->p2p_bytes, off = 0;
+    do {
+        uint64_t piece = c->sent[dst];
+        if (piece >= c->hdr->nbuf)
+            TRY(wait_ge(k, &c->p2p_recvd[c->rank * c->size + dst].v, piece - c->hdr->nbuf + 1, dst));
+        slot_header *h = p2p_buf(c, c->rank, dst, piece);
+        size_t m = nbytes - off < chunk ? nbytes - off : chunk;
+        memcpy(payload(h), src + off, m);
+        h->sig = tag;
+        h->size = nbytes;
+        store_rel(&h->step1, piece + 1);
+        c->sent[dst] = piece + 1;
+        off += m;
+    } while (off < nbytes);
+    return E_OK;
+}
+
+static int do_recv(call *k, uint8_t *dst, size_t nbytes, int src, uint32_t tag) {
+    comm *c = k->c;
+    size_t chunk = c->hdr->p2p_bytes, off = 0;
+    do {
+        uint64_t piece = c->recvd[src];
+        slot_header *h = p2p_buf(c, src, c->rank, piece);
+        TRY(wait_ge(k, &h->step1, piece + 1, src));
+        if (h->sig != tag || h->size != nbytes) {
+            fail(k, E_MISMATCH, src, "recv mismatch: this rank (%d) expects %zu bytes with tag %u "
+                 "from rank %d, which sent %llu bytes with tag %u", c->rank, nbytes, tag, src,
+                 (unsigned long long)h->size, h->sig);
+            comm_abort(c, k->err);
+            return E_MISMATCH;
+        }
+        size_t m = nbytes - off < chunk ? nbytes - off : chunk;
+        memcpy(dst + off, payload(h), m);
+        c->recvd[src] = piece + 1;
+        store_rel(&c->p2p_recvd[src * c->size + c->rank].v, piece + 1);
+        off += m;
+    } while (off < nbytes);
+    return E_OK;
+}
+
+/* ------------------------------------------------------------------------------ segments */
+
+static size_t align_up(size_t x) { return (x + 4095) / 4096 * 4096; }
+
+typedef struct { size_t ranks, p2p_lines, slots, p2p, total; } layout;
+
+static layout plan(size_t size, size_t slot_bytes, size_t nslots, size_t p2p_bytes, size_t nbuf) {
+    layout l;
+    size_t slot_stride = HDR_BYTES + slot_bytes, p2p_stride = HDR_BYTES + p2p_bytes;
+    l.ranks = align_up(sizeof(seg_header));
+    l.p2p_lines = l.ranks + align_up(size * sizeof(rank_lines));
+    l.slots = l.p2p_lines + align_up(size * size * sizeof(line_t));
+    l.p2p = l.slots + align_up(size * nslots * slot_stride);
+    l.total = l.p2p + align_up(size * size * nbuf * p2p_stride);
+    return l;
+}
+
+static void comm_free(comm *c) {
+    if (c->base) munmap(c->base, c->map_bytes);
+    free(c->seen_done);
+    free(c->sent);
+    free(c->recvd);
+    free(c);
+}
+
+static void capsule_free(PyObject *cap) {
+    comm *c = PyCapsule_GetPointer(cap, "tessera.shm");
+    if (c) comm_free(c);
+}
+
+static comm *get_comm(PyObject *cap) { return PyCapsule_GetPointer(cap, "tessera.shm"); }
+
+static PyObject *os_error(const char *what, const char *name) {
+    return PyErr_Format(PyExc_OSError, "%s %s: %s", what, name, strerror(errno));
+}
+
+/* create(name, size, rank, slot_bytes, nslots, p2p_bytes, nbuf, timeout_s): rank 0 creates
+ * the segment (mode 0600), the others attach to it; every rank registers its pid. */
+static PyObject *py_create(PyObject *self, PyObject *args) {
+    const char *name;
+    int size, rank;
+    Py_ssize_t slot_bytes, nslots, p2p_bytes, nbuf;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "siinnnnd", &name, &size, &rank, &slot_bytes, &nslots, &p2p_bytes,
+                          &nbuf, &timeout))
+        return NULL;
+    if (size < 1 || rank < 0 || rank >= size || slot_bytes < 4096 || slot_bytes % LINE || nslots < 2 ||
+        p2p_bytes < LINE || p2p_bytes % LINE || nbuf < 1)
+        return PyErr_Format(PyExc_ValueError, "bad shared-memory layout");
+    layout l = plan(size, slot_bytes, nslots, p2p_bytes, nbuf);
+    int fd = rank == 0 ? shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600) : shm_open(name, O_RDWR, 0);
+    if (fd < 0) return os_error(rank == 0 ? "cannot create shared memory" : "cannot open shared memory", name);
+    if (rank == 0) {
+        int e = ftruncate(fd, (off_t)l.total) ? errno : posix_fallocate(fd, 0, (off_t)l.total);
+        if (e) {
+            close(fd);
+            shm_unlink(name);
+            errno = e;
+            return PyErr_Format(PyExc_OSError, "cannot reserve %zu bytes of shared memory for %s: %s",
+                                l.total, name, strerror(e));
+        }
+    } else {
+        struct stat st;
+        if (fstat(fd, &st) || (size_t)st.st_size != l.total) {
+            close(fd);
+            return PyErr_Format(PyExc_OSError, "shared memory %s has %lld bytes, expected %zu "
+                                "(ranks disagree on the layout)", name, (long long)st.st_size, l.total);
+        }
+    }
+    void *base = mmap(NULL, l.total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (base == MAP_FAILED) {
+        if (rank == 0) shm_unlink(name);
+        return os_error("cannot map shared memory", name);
+    }
+    comm *c = calloc(1, sizeof *c);
+    c->base = base;
+    c->map_bytes = l.total;
+    c->hdr = base;
+    c->ranks = (rank_lines *)((uint8_t *)base + l.ranks);
+    c->p2p_recvd = (line_t *)((uint8_t *)base + l.p2p_lines);
+    c->slots = (uint8_t *)base + l.slots;
+    c->p2p = (uint8_t *)base + l.p2p;
+    c->slot_stride = HDR_BYTES + slot_bytes;
+    c->p2p_stride = HDR_BYTES + p2p_bytes;
+    c->rank = rank;
+    c->size = size;
+    c->timeout_ns = (int64_t)(timeout * 1e9);
+    c->seen_done = calloc(size, sizeof(uint64_t));
+    c->sent = calloc(size, sizeof(uint64_t));
+    c->recvd = calloc(size, sizeof(uint64_t));
+    seg_header *h = c->hdr;
+    if (rank == 0) {
+        h->total_bytes = l.total; h->slot_bytes = slot_bytes; h->nslots = nslots;
+        h->p2p_bytes = p2p_bytes; h->nbuf = nbuf; h->size = size; h->version = 1;
+        __atomic_store_n(&h->magic, MAGIC, __ATOMIC_RELEASE);
+    } else if (__atomic_load_n(&h->magic, __ATOMIC_ACQUIRE) != MAGIC || h->size != (uint32_t)size ||
+               h->slot_bytes != (uint64_t)slot_bytes || h->nslots != (uint64_t)nslots ||
+               h->p2p_bytes != (uint64_t)p2p_bytes || h->nbuf != (uint64_t)nbuf) {
+        comm_free(c);
+        return PyErr_Format(PyExc_OSError, "shared memory %s was not made by this job's rank 0 "
+                            "or with another layout", name);
+    }
+    c->ranks[rank].pid = getpid();
+    return PyCapsule_New(c, "tessera.shm", capsule_free);
+}
+
+/* ------------------------------------------------------------------------ Python binding */
+
+static PyObject *CommError, *TimeoutError_, *MismatchError;
+
+/* A buffer: an object with the buffer protocol, or an address (int). */
+typedef struct { Py_buffer view; int has_view; void *ptr; } buf;
+
+static int get_buf(PyObject *o, buf *b, size_t need, int writable, const char *what) {
+    b->has_view = 0;
+    if (o == Py_None) { b->ptr = NULL; return 0; }
+    if (PyLong_Check(o)) {
+        b->ptr = PyLong_AsVoidPtr(o);
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    if (PyObject_GetBuffer(o, &b->view, writable ? PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS : PyBUF_ANY_CONTIGUOUS))
+        return -1;
+    b->has_view = 1;
+    b->ptr = b->view.buf;
+    if ((size_t)b->view.len < need) {
+        PyErr_Format(PyExc_ValueError, "%s buffer has %zd bytes, needs %zu", what, b->view.len, need);
+        PyBuffer_Release(&b->view);
+        b->has_view = 0;
+        return -1;
+    }
+    return 0;
+}
+
+static void put_buf(buf *b) { if (b->has_view) PyBuffer_Release(&b->view); }
+
+/* Finish a call: take the GIL back and turn an error code into an exception. */
+static PyObject *finish(call *k, int e) {
+    if (k->ts) PyEval_RestoreThread(k->ts);
+    if (!e) Py_RETURN_NONE;
+    PyObject *type = e == E_TIMEOUT || e == E_DEAD ? TimeoutError_ : e == E_MISMATCH ? MismatchError : CommError;
+    PyObject *exc = Py_BuildValue("(sii)", k->err, k->err_rank, e);
+    if (exc) { PyErr_SetObject(type, exc); Py_DECREF(exc); }
+    return NULL;
+}
+
+static int parse_sizes(PyObject *seq, size_t *out, Py_ssize_t n, size_t scale) {
+    PyObject *fast = PySequence_Fast(seq, "sizes must be a sequence");
+    if (!fast) return -1;
+    if (PySequence_Fast_GET_SIZE(fast) != n) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "expected %zd sizes", n);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (v < 0) {
+            Py_DECREF(fast);
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "sizes must be >= 0");
+            return -1;
+        }
+        out[i] = (size_t)v * scale;
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+#define BIG (256 << 10) /* release the GIL for the whole call from this many bytes */
+
+static int check_types(comm *c, int dt, int op) {
+    if (!c) return -1;
+    if (dt < 0 || dt >= N_DTYPES || op < 0 || op >= N_OPS) {
+        PyErr_SetString(PyExc_ValueError, "bad dtype or op code");
+        return -1;
+    }
+    return 0;
+}
+
+/* allreduce(comm, algo, oneshot_max, src, dst, count, dtype, op, root); root -1: all */
+static PyObject *py_allreduce(PyObject *self, PyObject *const *a, Py_ssize_t na) {
+    if (na != 9) return PyErr_Format(PyExc_TypeError, "allreduce takes 9 arguments");
+    comm *c = get_comm(a[0]);
+    int algo = PyLong_AsLong(a[1]);
+    Py_ssize_t oneshot_max = PyLong_AsSsize_t(a[2]);
+    Py_ssize_t n = PyLong_AsSsize_t(a[5]);
+    int dt = PyLong_AsLong(a[6]), op = PyLong_AsLong(a[7]), root = PyLong_AsLong(a[8]);
+    if (PyErr_Occurred() || check_types(c, dt, op)) return NULL;
+    size_t nbytes = (size_t)n * dtype_size[dt];
+    buf s, d;
+    if (get_buf(a[3], &s, nbytes, 0, "input")) return NULL;
+    if (get_buf(a[4], &d, nbytes, 1, "output")) { put_buf(&s); return NULL; }
+    call k = {c, NULL, -1, ""};
+    if (nbytes >= BIG) release_gil(&k);
+    int e = do_allreduce(&k, s.ptr, d.ptr, (size_t)n, dt, op, root, algo, (size_t)oneshot_max);
+    PyObject *r = finish(&k, e);
+    put_buf(&s);
+    put_buf(&d);
+    return r;
+}
+
+/* broadcast(comm, buf, nbytes, root) */
+static PyObject *py_broadcast(PyObject *self, PyObject *const *a, Py_ssize_t na) {
+    if (na != 4) return PyErr_Format(PyExc_TypeError, "broadcast takes 4 arguments");
+    comm *c = get_comm(a[0]);
+    Py_ssize_t n = PyLong_AsSsize_t(a[2]);
+    int root = PyLong_AsLong(a[3]);
+    if (!c || PyErr_Occurred()) return NULL;
+    buf b;
+    if (get_buf(a[1], &b, (size_t)n, 1, "broadcast")) return NULL;
+    call k = {c, NULL, -1, ""};
+    if ((size_t)n >= BIG) release_gil(&k);
+    int e = c->size == 1 ? E_OK : do_broadcast(&k, b.ptr, (size_t)n, root);
+    PyObject *r = finish(&k, e);
+    put_buf(&b);
+    return r;
+}
+
+/* allgatherv(comm, src, dst, bytes_per_rank) */
+static PyObject *py_allgatherv(PyObject *self, PyObject *const *a, Py_ssize_t na) {
+    if (na != 4) return PyErr_Format(PyExc_TypeError, "allgatherv takes 4 arguments");
+    comm *c = get_comm(a[0]);
+    if (!c) return NULL;
+    size_t bytes[c->size], total = 0;
+    if (parse_sizes(a[3], bytes, c->size, 1)) return NULL;
+    for (int q = 0; q < c->size; q++) total += bytes[q];
+    buf s, d;
+    if (get_buf(a[1], &s, bytes[c->rank], 0, "input")) return NULL;
+    if (get_buf(a[2], &d, total, 1, "output")) { put_buf(&s); return NULL; }
+    call k = {c, NULL, -1, ""};
+    if (total >= BIG) release_gil(&k);
+    int e = do_allgatherv(&k, s.ptr, d.ptr, bytes);
+    PyObject *r = finish(&k, e);
+    put_buf(&s);
+    put_buf(&d);
+    return r;
+}
+
+/* reduce_scatterv(comm, src, dst, counts_per_rank, dtype, op) */
+static PyObject *py_reduce_scatterv(PyObject *self, PyObject *const *a, Py_ssize_t na) {
+    if (na != 6) return PyErr_Format(PyExc_TypeError, "reduce_scatterv takes 6 arguments");
+    comm *c = get_comm(a[0]);
+    int dt = PyLong_AsLong(a[4]), op = PyLong_AsLong(a[5]);
+    if (PyErr_Occurred() || check_types(c, dt, op)) return NULL;
+    size_t counts[c->size], total = 0;
+    if (parse_sizes(a[3], counts, c->size, 1)) return NULL;
+    for (int q = 0; q < c->size; q++) total += counts[q];
+    buf s, d;
+    if (get_buf(a[1], &s, total * dtype_size[dt], 0, "input")) return NULL;
+    if (get_buf(a[2], &d, counts[c->rank] * dtype_size[dt], 1, "output")) { put_buf(&s); return NULL; }
+    call k = {c, NULL, -1, ""};
+    if (total * dtype_size[dt] >= BIG) release_gil(&k);
+    int e = do_reduce_scatterv(&k, s.ptr, d.ptr, counts, dt, op);
+    PyObject *r = finish(&k, e);
+    put_buf(&s);
+    put_buf(&d);
+    return r;
+}
+
+/* alltoallv(comm, src, dst, bytes_matrix (P*P, row = sender)) */
+static PyObject *py_alltoallv(PyObject *self, PyObject *const *a, Py_ssize_t na) {
+    if (na != 4) return PyErr_Format(PyExc_TypeError, "alltoallv takes 4 arguments");
+    comm *c = get_comm(a[0]);
+    if (!c) return NULL;
+    int P = c->size;
+    size_t *bytes = PyMem_Malloc(sizeof(size_t) * P * P), sent = 0, got = 0;
+    if (!bytes) return PyErr_NoMemory();
+    if (parse_sizes(a[3], bytes, (Py_ssize_t)P * P, 1)) { PyMem_Free(bytes); return NULL; }
+    for (int q = 0; q < P; q++) { sent += bytes[c->rank * P + q]; got += bytes[q * P + c->rank]; }
+    buf s, d;
+    PyObject *r = NULL;
+    if (!get_buf(a[1], &s, sent, 0, "input")) {
+        if (!get_buf(a[2], &d, got, 1, "output")) {
+            call k = {c, NULL, -1, ""};
+            if (sent + got >= BIG) release_gil(&k);
+            r = finish(&k, do_alltoallv(&k, s.ptr, d.ptr, bytes));
+            put_buf(&d);
+        }
+        put_buf(&s);
+    }
+    PyMem_Free(bytes);
+    return r;
+}
+
+static PyObject *py_barrier(PyObject *self, PyObject *cap) {
+    comm *c = get_comm(cap);
+    if (!c) return NULL;
+    call k = {c, NULL, -1, ""};
+    return finish(&k, c->size == 1 ? E_OK : do_barrier(&k));
+}
+
+/* send(comm, src, nbytes, dst, tag) / recv(comm, dst, nbytes, src, tag) */
+static PyObject *p2p(PyObject *const *a, Py_ssize_t na, int sending) {
+    if (na != 5) return PyErr_Format(PyExc_TypeError, "send/recv take 5 arguments");
+    comm *c = get_comm(a[0]);
+    Py_ssize_t n = PyLong_AsSsize_t(a[2]);
+    int peer = PyLong_AsLong(a[3]);
+    unsigned long tag = PyLong_AsUnsignedLong(a[4]);
+    if (!c || PyErr_Occurred()) return NULL;
+    if (peer < 0 || peer >= c->size || peer == c->rank)
+        return PyErr_Format(PyExc_ValueError, "bad peer rank %d", peer);
+    buf b;
+    if (get_buf(a[1], &b, (size_t)n, !sending, sending ? "send" : "recv")) return NULL;
+    call k = {c, NULL, -1, ""};
+    if ((size_t)n >= BIG) release_gil(&k);
+    int e = sending ? do_send(&k, b.ptr, (size_t)n, peer, (uint32_t)tag)
+                    : do_recv(&k, b.ptr, (size_t)n, peer, (uint32_t)tag);
+    PyObject *r = finish(&k, e);
+    put_buf(&b);
+    return r;
+}
+static PyObject *py_send(PyObject *self, PyObject *const *a, Py_ssize_t na) { return p2p(a, na, 1); }
+static PyObject *py_recv(PyObject *self, PyObject *const *a, Py_ssize_t na) { return p2p(a, na, 0); }
+
+static PyObject *py_abort(PyObject *self, PyObject *args) {
+    PyObject *cap;
+    const char *msg;
+    if (!PyArg_ParseTuple(args, "Os", &cap, &msg)) return NULL;
+    comm *c = get_comm(cap);
+    if (!c) return NULL;
+    comm_abort(c, msg);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set_timeout(PyObject *self, PyObject *args) {
+    PyObject *cap;
+    double t;
+    if (!PyArg_ParseTuple(args, "Od", &cap, &t)) return NULL;
+    comm *c = get_comm(cap);
+    if (!c) return NULL;
+    c->timeout_ns = (int64_t)(t * 1e9);
+    Py_RETURN_NONE;
+}
+
+/* info(comm) -> dict of the layout, for tools and tests. */
+static PyObject *py_info(PyObject *self, PyObject *cap) {
+    comm *c = get_comm(cap);
+    if (!c) return NULL;
+    return Py_BuildValue("{s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "rank", c->rank, "size", c->size,
+                         "bytes", (unsigned long long)c->map_bytes,
+                         "slot_bytes", (unsigned long long)c->hdr->slot_bytes,
+                         "nslots", (unsigned long long)c->hdr->nslots,
+                         "p2p_bytes", (unsigned long long)c->hdr->p2p_bytes,
+                         "nbuf", (unsigned long long)c->hdr->nbuf,
+                         "step", (unsigned long long)c->step,
+                         "aborted", (unsigned long long)c->hdr->abort_flag);
+}
+
+/* reduce(dst, srcs, dtype, op): the C reduction on local buffers (tests, hierarchical). */
+static PyObject *py_reduce_local(PyObject *self, PyObject *const *a, Py_ssize_t na) {
+    if (na != 5) return PyErr_Format(PyExc_TypeError, "reduce_local takes 5 arguments");
+    int dt = PyLong_AsLong(a[3]), op = PyLong_AsLong(a[4]);
+    Py_ssize_t n = PyLong_AsSsize_t(a[2]);
+    if (PyErr_Occurred()) return NULL;
+    if (dt < 0 || dt >= N_DTYPES || op < 0 || op >= N_OPS || n < 0)
+        return PyErr_Format(PyExc_ValueError, "bad dtype, op or count");
+    PyObject *fast = PySequence_Fast(a[1], "sources must be a sequence");
+    if (!fast) return NULL;
+    Py_ssize_t ns = PySequence_Fast_GET_SIZE(fast);
+    if (ns < 2 || ns > 1024) { Py_DECREF(fast); return PyErr_Format(PyExc_ValueError, "2..1024 sources"); }
+    size_t nbytes = (size_t)n * dtype_size[dt];
+    buf bufs[ns + 1];
+    const void *srcs[ns];
+    int ok = 0, got = 0;
+    if (!get_buf(a[0], &bufs[0], nbytes, 1, "output")) {
+        got = 1;
+        for (; got <= ns; got++) {
+            if (get_buf(PySequence_Fast_GET_ITEM(fast, got - 1), &bufs[got], nbytes, 0, "source")) break;
+            srcs[got - 1] = bufs[got].ptr;
+        }
+        ok = got == ns + 1;
+    }
+    if (ok) reducers[dt][op](bufs[0].ptr, NULL, srcs, (int)ns, (size_t)n);
+    for (int i = 0; i < got; i++) put_buf(&bufs[i]);
+    Py_DECREF(fast);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"create", py_create, METH_VARARGS, "create or attach a segment"},
+    {"allreduce", (PyCFunction)(void (*)(void))py_allreduce, METH_FASTCALL, "allreduce or reduce"},
+    {"broadcast", (PyCFunction)(void (*)(void))py_broadcast, METH_FASTCALL, "broadcast"},
+    {"allgatherv", (PyCFunction)(void (*)(void))py_allgatherv, METH_FASTCALL, "allgatherv"},
+    {"reduce_scatterv", (PyCFunction)(void (*)(void))py_reduce_scatterv, METH_FASTCALL, "reduce_scatterv"},
+    {"alltoallv", (PyCFunction)(void (*)(void))py_alltoallv, METH_FASTCALL, "alltoallv"},
+    {"send", (PyCFunction)(void (*)(void))py_send, METH_FASTCALL, "send"},
+    {"recv", (PyCFunction)(void (*)(void))py_recv, METH_FASTCALL, "recv"},
+    {"barrier", py_barrier, METH_O, "barrier"},
+    {"abort", py_abort, METH_VARARGS, "abort the communicator for every rank"},
+    {"set_timeout", py_set_timeout, METH_VARARGS, "set the wait timeout in seconds"},
+    {"info", py_info, METH_O, "layout and state"},
+    {"reduce_local", (PyCFunction)(void (*)(void))py_reduce_local, METH_FASTCALL, "local reduction"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tsr_shm", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__tsr_shm(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    CommError = PyErr_NewException("_tsr_shm.CommError", NULL, NULL);
+    TimeoutError_ = PyErr_NewException("_tsr_shm.TimeoutError", CommError, NULL);
+    MismatchError = PyErr_NewException("_tsr_shm.MismatchError", CommError, NULL);
+    PyModule_AddObject(m, "CommError", CommError);
+    PyModule_AddObject(m, "TimeoutError", TimeoutError_);
+    PyModule_AddObject(m, "MismatchError", MismatchError);
+    return m;
+}
