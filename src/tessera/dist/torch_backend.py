@@ -317,11 +317,27 @@ class TesseraProcessGroup(dist.ProcessGroup):
         self._rank = rank
         self._size = size
         self._timeout = timeout
+        self._group_name = ""
+        self._group_desc = ""
 
     # -- identity ---------------------------------------------------------------------
 
     def getBackendName(self) -> str:
         return BACKEND_NAME
+
+    # The C++ ProcessGroup keeps its name in its backends, and this group has none: keep
+    # them here, so `group_name` (functional collectives look groups up by it) works.
+    def setGroupName(self, name: str) -> None:  # torch's spelling
+        self._group_name = name
+
+    def getGroupName(self) -> str:  # torch's spelling
+        return self._group_name
+
+    def setGroupDesc(self, desc: str) -> None:  # torch's spelling
+        self._group_desc = desc
+
+    def getGroupDesc(self) -> str:  # torch's spelling
+        return self._group_desc
 
     def __repr__(self) -> str:
         return f"TesseraProcessGroup(rank={self._rank}, size={self._size})"

@@ -48,6 +48,8 @@ class ShmTransport:
         self.timeout_errors: tuple[type[BaseException], ...] = (n.TimeoutError,)
         # bound once: a small collective costs one C call
         self.allreduce = partial(n.allreduce, h, algo, _oneshot_max(segment.size))
+        self.allreduce_arrays = partial(n.allreduce_arrays, h, algo, _oneshot_max(segment.size))
+        self.unsupported = n.Unsupported
         self.broadcast = partial(n.broadcast, h)
         self.allgatherv = partial(n.allgatherv, h)
         self.reduce_scatterv = partial(n.reduce_scatterv, h)

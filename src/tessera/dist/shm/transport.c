@@ -854,6 +854,59 @@ static PyObject *py_allreduce(PyObject *self, PyObject *const *a, Py_ssize_t na)
     return r;
 }
 
+/* The transport's dtype of a buffer's struct format (numpy arrays), or -1. */
+static int format_dtype(const Py_buffer *v) {
+    const char *f = v->format ? v->format : "B";
+    if (*f == '@' || *f == '=' || *f == '<') f++;
+    if (f[0] && f[1]) return -1;
+    switch (f[0]) {
+    case 'f': return D_F32;
+    case 'e': return D_F16;
+    case 'd': return D_F64;
+    case 'B': return D_U8;
+    case 'i': case 'l': case 'q': return v->itemsize == 4 ? D_I32 : v->itemsize == 8 ? D_I64 : -1;
+    }
+    return -1;
+}
+
+static PyObject *Unsupported;
+
+/* allreduce_arrays(comm, algo, oneshot_max, src, dst, op): the fast path for C-contiguous
+ * buffers (numpy arrays) of one supported dtype and size; raises Unsupported otherwise, and
+ * the caller takes the general path (which explains what is wrong). */
+static PyObject *py_allreduce_arrays(PyObject *self, PyObject *const *a, Py_ssize_t na) {
+    if (na != 6) return PyErr_Format(PyExc_TypeError, "allreduce_arrays takes 6 arguments");
+    comm *c = get_comm(a[0]);
+    int algo = PyLong_AsLong(a[1]), op = PyLong_AsLong(a[5]);
+    Py_ssize_t oneshot_max = PyLong_AsSsize_t(a[2]);
+    if (!c || PyErr_Occurred()) return NULL;
+    Py_buffer s, d;
+    if (PyObject_GetBuffer(a[3], &s, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)) {
+        PyErr_Clear();
+        PyErr_SetNone(Unsupported);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(a[4], &d, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE)) {
+        PyErr_Clear();
+        PyBuffer_Release(&s);
+        PyErr_SetNone(Unsupported);
+        return NULL;
+    }
+    int dt = format_dtype(&s);
+    PyObject *r = NULL;
+    if (dt < 0 || dt != format_dtype(&d) || s.len != d.len || op < 0 || op >= N_OPS) {
+        PyErr_SetNone(Unsupported);
+    } else {
+        call k = {c, NULL, -1, ""};
+        if (s.len >= BIG) release_gil(&k);
+        r = finish(&k, do_allreduce(&k, s.buf, d.buf, (size_t)s.len / dtype_size[dt], dt, op,
+                                    -1, algo, (size_t)oneshot_max));
+    }
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&d);
+    return r;
+}
+
 /* broadcast(comm, buf, nbytes, root) */
 static PyObject *py_broadcast(PyObject *self, PyObject *const *a, Py_ssize_t na) {
     if (na != 4) return PyErr_Format(PyExc_TypeError, "broadcast takes 4 arguments");
@@ -1035,6 +1088,7 @@ static PyObject *py_reduce_local(PyObject *self, PyObject *const *a, Py_ssize_t 
 static PyMethodDef methods[] = {
     {"create", py_create, METH_VARARGS, "create or attach a segment"},
     {"allreduce", (PyCFunction)(void (*)(void))py_allreduce, METH_FASTCALL, "allreduce or reduce"},
+    {"allreduce_arrays", (PyCFunction)(void (*)(void))py_allreduce_arrays, METH_FASTCALL, "allreduce of two numpy arrays"},
     {"broadcast", (PyCFunction)(void (*)(void))py_broadcast, METH_FASTCALL, "broadcast"},
     {"allgatherv", (PyCFunction)(void (*)(void))py_allgatherv, METH_FASTCALL, "allgatherv"},
     {"reduce_scatterv", (PyCFunction)(void (*)(void))py_reduce_scatterv, METH_FASTCALL, "reduce_scatterv"},
@@ -1059,5 +1113,7 @@ PyMODINIT_FUNC PyInit__tsr_shm(void) {
     PyModule_AddObject(m, "CommError", CommError);
     PyModule_AddObject(m, "TimeoutError", TimeoutError_);
     PyModule_AddObject(m, "MismatchError", MismatchError);
+    Unsupported = PyErr_NewException("_tsr_shm.Unsupported", NULL, NULL);
+    PyModule_AddObject(m, "Unsupported", Unsupported);
     return m;
 }
