@@ -47,6 +47,19 @@ def _torch() -> None:
     _torch_tensor = torch.Tensor
 
 
+class _Address(int):
+    """A tensor's data address that keeps the tensor alive (a contiguous copy may have no
+    other owner)."""
+
+    owner: Any
+
+
+def _address(t: Any) -> _Address:
+    a = _Address(t.data_ptr())
+    a.owner = t
+    return a
+
+
 def _operand(x: Any, who: str) -> tuple[Any, int, int]:
     """(what the transport reads: the array or an address, dtype code, element count)."""
     if type(x) is np.ndarray:
@@ -64,9 +77,7 @@ def _operand(x: Any, who: str) -> tuple[Any, int, int]:
         if x.device.type != "cpu":
             raise CommError(f"{who}: tensor is on {x.device}; tessera.dist works on CPU tensors",
                             hint="move it with .cpu() first")
-        if not x.is_contiguous():
-            x = x.contiguous()
-        return x.data_ptr(), code, x.numel()
+        return _address(x.contiguous()), code, x.numel()
     if isinstance(x, np.ndarray):
         return _operand(np.asarray(x), who)
     raise CommError(f"{who}: expected a numpy array or a torch tensor, got {type(x).__name__}",
@@ -91,9 +102,9 @@ def _writable(x: Any, code: int, n: int, who: str) -> tuple[Any, Callable[[], No
         raise ShapeError(f"{who}: out has {xn} {_DTYPE_NAMES[xcode]} elements, the result is "
                          f"{n} {_DTYPE_NAMES[code]}", hint="allocate out like the result")
     if _contiguous(target):
-        return (target if type(target) is np.ndarray else target.data_ptr()), None
+        return (target if isinstance(target, np.ndarray) else _address(target)), None
     staged = _empty(target, n)
-    handle = staged if type(staged) is np.ndarray else staged.data_ptr()
+    handle = staged if isinstance(staged, np.ndarray) else _address(staged)
     return handle, lambda: _copy_into(target, staged)
 
 
