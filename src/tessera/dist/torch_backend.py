@@ -152,8 +152,8 @@ class TesseraWork(dist.Work):
 
     def source_rank(self) -> int:
         raise CommError("source_rank() is only defined for recv from any source",
-                          where="TesseraWork.source_rank",
-                          hint="the tessera backend does not support recv without a source")
+                        where="TesseraWork.source_rank",
+                        hint="the tessera backend does not support recv without a source")
 
     def get_future(self) -> torch.futures.Future:
         """A torch Future holding the outputs. The communicator has no completion callback,
@@ -192,12 +192,12 @@ def _check_cpu(tensors: Sequence[torch.Tensor], where: str) -> None:
     for t in tensors:
         if t.device.type != "cpu":
             raise CommError(f"tensor on {t.device}; the tessera backend moves CPU tensors",
-                              where=where,
-                              hint="move the tensor to the CPU, or register another backend "
-                                   "for this device: init_process_group('cpu:tessera,cuda:nccl')")
+                            where=where,
+                            hint="move the tensor to the CPU, or register another backend "
+                                 "for this device: init_process_group('cpu:tessera,cuda:nccl')")
         if t.is_sparse:
             raise CommError("sparse tensors are not supported", where=where,
-                              hint="call .to_dense() first")
+                            hint="call .to_dense() first")
 
 
 def _movable(t: torch.Tensor) -> torch.Tensor:
@@ -244,7 +244,7 @@ def _same_dtype(tensors: Sequence[torch.Tensor], where: str) -> torch.dtype:
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) != 1:
         raise DtypeError(f"tensors of mixed dtypes {sorted(map(str, dtypes))}", where=where,
-                          hint="give every input and output tensor the same dtype")
+                         hint="give every input and output tensor the same dtype")
     return dtypes.pop()
 
 
@@ -261,18 +261,18 @@ class _Reduction:
                     "use SUM, PRODUCT, MIN, MAX or AVG; bitwise reductions (BAND/BOR/BXOR) "
                     "are not implemented by tessera.dist")
             raise CommError(f"reduce op {getattr(red, 'name', red)} is not supported by the "
-                              f"tessera backend", where=where, hint=hint)
+                            f"tessera backend", where=where, hint=hint)
         if dtype in _NATIVE:
             work_dtype = dtype
         elif dtype in _WIDEN:
             work_dtype = torch.int64
         else:
             raise DtypeError(f"cannot reduce {dtype} tensors", where=where,
-                              hint="reduce in float32/float16/bfloat16/float64 or "
-                                   "int32/int64/uint8 (complex: SUM/AVG only)")
+                             hint="reduce in float32/float16/bfloat16/float64 or "
+                                  "int32/int64/uint8 (complex: SUM/AVG only)")
         if red == _RedOp.AVG and dtype == torch.bool:
             raise DtypeError("AVG of bool tensors is undefined", where=where,
-                              hint="convert to a float dtype first")
+                             hint="convert to a float dtype first")
         self.name = name
         self.dtype = dtype
         self.work_dtype = work_dtype
@@ -368,14 +368,14 @@ class TesseraProcessGroup(dist.ProcessGroup):
     def _one(self, tensors: Sequence[torch.Tensor], where: str) -> torch.Tensor:
         if len(tensors) != 1:
             raise ShapeError(f"expected one tensor, got {len(tensors)}", where=where,
-                              hint="the tessera backend drives one CPU tensor per process")
+                             hint="the tessera backend drives one CPU tensor per process")
         _check_cpu(tensors, where)
         return tensors[0]
 
     def _root(self, root: int, where: str) -> int:
         if not 0 <= root < self._size:
             raise CommError(f"root rank {root} outside the group of {self._size}",
-                              where=where, hint="pass a rank of this group")
+                            where=where, hint="pass a rank of this group")
         return root
 
     # -- reductions -------------------------------------------------------------------
@@ -439,15 +439,15 @@ class TesseraProcessGroup(dist.ProcessGroup):
         out = self._one(output_tensors, where)
         if len(input_tensors) != 1 or len(input_tensors[0]) != self._size:
             raise ShapeError(f"expected one list of {self._size} input tensors",
-                              where=where, hint="pass one input tensor per rank of the group")
+                             where=where, hint="pass one input tensor per rank of the group")
         ins = input_tensors[0]
         _check_cpu(ins, where)
         _same_dtype([out, *ins], where)
         counts = [i.numel() for i in ins]
         if counts[self._rank] != out.numel():
             raise ShapeError(f"output has {out.numel()} elements but input {self._rank} has "
-                              f"{counts[self._rank]}", where=where,
-                              hint="the output must match this rank's input block")
+                             f"{counts[self._rank]}", where=where,
+                             hint="the output must match this rank's input block")
         red = _Reduction(opts.reduceOp, out.dtype, self._size, where)
         src = torch.cat([i.reshape(-1) for i in ins]).to(red.work_dtype)
         even = all(c == counts[0] for c in counts)
@@ -463,8 +463,8 @@ class TesseraProcessGroup(dist.ProcessGroup):
         _same_dtype([output, input], where)
         if input.numel() != self._size * output.numel():
             raise ShapeError(f"input has {input.numel()} elements, expected group size "
-                              f"{self._size} x output's {output.numel()}", where=where,
-                              hint="input must be world_size times the output")
+                             f"{self._size} x output's {output.numel()}", where=where,
+                             hint="input must be world_size times the output")
         red = _Reduction(opts.reduceOp, output.dtype, self._size, where)
         src = input.reshape(-1).to(red.work_dtype)  # a view when already flat-able
         return self._reduce_scatter_flat(output, src, None, opts, [output], where)
@@ -494,15 +494,15 @@ class TesseraProcessGroup(dist.ProcessGroup):
         inp = self._one(input_tensors, where)
         if len(output_tensors) != 1 or len(output_tensors[0]) != self._size:
             raise ShapeError(f"expected one list of {self._size} output tensors",
-                              where=where, hint="pass one output tensor per rank of the group")
+                             where=where, hint="pass one output tensor per rank of the group")
         outs = output_tensors[0]
         _check_cpu(outs, where)
         dtype = _same_dtype([inp, *outs], where)
         counts = [o.numel() for o in outs]
         if counts[self._rank] != inp.numel():
             raise ShapeError(f"input has {inp.numel()} elements but output {self._rank} has "
-                              f"{counts[self._rank]}", where=where,
-                              hint="output i must have the shape of rank i's input")
+                             f"{counts[self._rank]}", where=where,
+                             hint="output i must have the shape of rank i's input")
         src = _movable(inp.contiguous())
         scale = _elem_scale(dtype)
         stage = torch.empty(sum(counts) * scale, dtype=src.dtype)
@@ -531,8 +531,8 @@ class TesseraProcessGroup(dist.ProcessGroup):
         _same_dtype([output, input], where)
         if output.numel() != self._size * input.numel():
             raise ShapeError(f"output has {output.numel()} elements, expected group size "
-                              f"{self._size} x input's {input.numel()}", where=where,
-                              hint="output must be world_size times the input")
+                             f"{self._size} x input's {input.numel()}", where=where,
+                             hint="output must be world_size times the input")
         if input.numel() == 0:
             return _done([output])
         dst, back = _contig(output)
@@ -557,8 +557,8 @@ class TesseraProcessGroup(dist.ProcessGroup):
         where = "dist.all_to_all"
         if len(output_tensors) != self._size or len(input_tensors) != self._size:
             raise ShapeError(f"expected {self._size} input and {self._size} output tensors, "
-                              f"got {len(input_tensors)} and {len(output_tensors)}",
-                              where=where, hint="pass one tensor per rank of the group")
+                             f"got {len(input_tensors)} and {len(output_tensors)}",
+                             where=where, hint="pass one tensor per rank of the group")
         _check_cpu([*output_tensors, *input_tensors], where)
         dtype = _same_dtype([*output_tensors, *input_tensors], where)
         scale = _elem_scale(dtype)
@@ -615,13 +615,13 @@ class TesseraProcessGroup(dist.ProcessGroup):
         if len(splits) == 0:
             if rows % self._size:
                 raise ShapeError(f"{name} dim 0 ({rows}) does not split evenly over "
-                                  f"{self._size} ranks", where=where,
-                                  hint=f"pass {name}_split_sizes")
+                                 f"{self._size} ranks", where=where,
+                                 hint=f"pass {name}_split_sizes")
             return [rows // self._size * row] * self._size
         if len(splits) != self._size or sum(splits) != rows or min(splits) < 0:
             raise ShapeError(f"{name}_split_sizes {list(splits)} do not cover {name} dim 0 "
-                              f"({rows}) over {self._size} ranks", where=where,
-                              hint="give one non-negative size per rank, summing to dim 0")
+                             f"({rows}) over {self._size} ranks", where=where,
+                             hint="give one non-negative size per rank, summing to dim 0")
         return [int(s) * row for s in splits]
 
     def gather(self, output_tensors: list[list[torch.Tensor]],
@@ -639,7 +639,7 @@ class TesseraProcessGroup(dist.ProcessGroup):
         if self._rank == root:
             if len(outs) != self._size:
                 raise ShapeError(f"root needs {self._size} output tensors, got {len(outs)}",
-                                  where=where, hint="pass gather_list on the root")
+                                 where=where, hint="pass gather_list on the root")
             _check_cpu(outs, where)
             _same_dtype([inp, *outs], where)
             recv = [o.numel() * scale for o in outs]
@@ -671,7 +671,7 @@ class TesseraProcessGroup(dist.ProcessGroup):
             ins = input_tensors[0] if input_tensors else []
             if len(ins) != self._size:
                 raise ShapeError(f"root needs {self._size} input tensors, got {len(ins)}",
-                                  where=where, hint="pass scatter_list on the root")
+                                 where=where, hint="pass scatter_list on the root")
             _check_cpu(ins, where)
             _same_dtype([out, *ins], where)
             src = torch.cat([_movable(i.contiguous()) for i in ins])
@@ -709,7 +709,7 @@ class TesseraProcessGroup(dist.ProcessGroup):
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int) -> TesseraWork:
         raise CommError("recv without a source rank is not supported", where="dist.recv",
-                          hint="pass src= to dist.recv / dist.irecv")
+                        hint="pass src= to dist.recv / dist.irecv")
 
 
 class _Joined(TesseraWork):

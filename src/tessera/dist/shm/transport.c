@@ -453,6 +453,8 @@ static int do_allreduce(call *k, const void *src, void *dst, size_t n, int dt, i
     return allreduce_twoshot(k, src, dst, n, dt, op, root, sig);
 }
 
+/* Chunks of the root's buffer through its slots. In the first step the other ranks post an
+ * empty header that the root checks, so ranks that disagree on the root are caught. */
 static int do_broadcast(call *k, uint8_t *buf, size_t nbytes, int root) {
     comm *c = k->c;
     uint32_t sig = signature(K_BCAST, D_U8, 0, root);
@@ -460,12 +462,15 @@ static int do_broadcast(call *k, uint8_t *buf, size_t nbytes, int root) {
     for (size_t off = 0; off < nbytes; off += chunk) {
         size_t m = nbytes - off < chunk ? nbytes - off : chunk;
         uint64_t s = c->step++;
+        const uint8_t *d;
+        if (c->rank == root || off == 0) TRY(slot_acquire(k, s));
         if (c->rank == root) {
-            TRY(slot_acquire(k, s));
             memcpy(payload(slot(c, root, s)), buf + off, m);
             slot_post(c, s, sig, nbytes);
+            for (int q = 0; q < c->size && off == 0; q++)
+                if (q != root) TRY(slot_wait(k, q, s, sig, nbytes, &d));
         } else {
-            const uint8_t *d;
+            if (off == 0) slot_post(c, s, sig, nbytes);
             TRY(slot_wait(k, root, s, sig, nbytes, &d));
             memcpy(buf + off, d, m);
         }
