@@ -27,7 +27,7 @@ test: venv
 # OpenBLAS (numpy's) spins ~0.1 s after each call by default, starving the next impl's
 # threads in interleaved timing; 2^20 cycles (~0.4 ms) keeps its back-to-back calls hot.
 bench: venv
-	for suite in runtime lang gemm; do \
+	for suite in runtime lang gemm comm; do \
 	    OPENBLAS_THREAD_TIMEOUT=20 $(VENV)/bin/tessera bench $$suite --json bench-$$suite.json; \
 	done
 

@@ -224,11 +224,14 @@ def bench(
     suite: Annotated[str, typer.Argument(help="Suite to run, e.g. runtime.")],
     quick: Annotated[bool, typer.Option(help="Fewer rounds and smaller sizes.")] = False,
     json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
+    ranks: Annotated[int, typer.Option(help="Processes to launch; only the comm suite uses "
+                                            "it (the others run in this process).")] = 2,
 ) -> None:
-    """Time Tessera against its baselines, interleaved in one process; medians and ratios."""
+    """Time Tessera against its baselines, interleaved in one process (comm: in each of its
+    ranks); medians and ratios."""
     from tessera import bench as runner
 
-    runner.run(suite, quick=quick, json_path=json_path, console=console)
+    runner.run(suite, quick=quick, ranks=ranks, json_path=json_path, console=console)
 
 
 def main() -> None:

@@ -119,3 +119,28 @@ def test_lang_suite_end_to_end(tmp_path):
     assert {r["impl"] for r in rows} == {"tessera", "torch_eager"}  # --quick: no Inductor
     metric = [r["extra"].get("gb_per_s") or r["extra"].get("gflops") for r in rows]
     assert all(m > 0 for m in metric)
+
+
+def test_a_suite_can_return_finished_rows(monkeypatch, tmp_path):
+    """A suite timed in processes of its own (comm) hands back rows: the runner orders
+    them (Tessera first, baselines in a fixed order), prints them and writes the JSON."""
+    module = types.ModuleType("fake_rows_suite")
+    seen = {}
+
+    def rows(quick: bool, ranks: int) -> list[dict]:
+        seen.update(quick=quick, ranks=ranks)
+        return [{"suite": "fake", "case": c, "impl": i, "median_s": 1e-6,
+                 "extra": {"iqr_pct": 1.0, "rounds": 3, "calls_per_sample": 10, "ranks": ranks},
+                 "_meta": ["ranks"]}
+                for c in ("a", "b") for i in ("gloo", "tessera", "mpi")]
+
+    module.rows = rows
+    monkeypatch.setitem(sys.modules, "fake_rows_suite", module)
+    monkeypatch.setitem(bench.SUITES, "fake_rows", "fake_rows_suite")
+    out = tmp_path / "out.json"
+    got = bench.run("fake_rows", quick=True, ranks=3, json_path=str(out))
+    assert seen == {"quick": True, "ranks": 3}
+    assert [(r["case"], r["impl"]) for r in got] == [
+        (c, i) for c in ("a", "b") for i in ("tessera", "mpi", "gloo")]
+    assert json.loads(out.read_text())["results"] == got
+    assert all("_meta" not in r for r in got)

@@ -20,12 +20,13 @@ from rich.table import Table
 
 from tessera.errors import TesseraError
 
-__all__ = ["SUITES", "BenchError", "Case", "available", "run", "time_case"]
+__all__ = ["SUITES", "BenchError", "Case", "available", "run", "run_case", "time_case"]
 
 SUITES: dict[str, str] = {
     "runtime": "tessera.bench.runtime",
     "lang": "tessera.bench.lang",
     "gemm": "tessera.bench.gemm",
+    "comm": "tessera.bench.comm",
 }
 BASELINE_ORDER = ("numpy", "torch_eager", "torch_inductor", "mpi", "gloo")
 
@@ -88,7 +89,12 @@ def _calibrate(fn: Callable[[], object], min_sample_s: float, clock: Clock) -> i
 def time_case(impls: dict[str, Callable[[], object]], *, rounds: int, min_sample_s: float,
               clock: Clock = time.perf_counter_ns, seed: int = 0) -> dict[str, Timing]:
     """Median seconds per call of each impl, sampled in `rounds` shuffled rounds so slow
-    drifts of the machine hit every impl alike."""
+    drifts of the machine hit every impl alike.
+
+    `clock` is read exactly once before and once after each sample's calls, and the order
+    of the rounds depends on `seed` alone: processes timing together with a clock that
+    returns the same sample times on all of them (see comm_worker) stay in step.
+    """
     for fn in impls.values():  # warm up: caches, lazy compilation, first-touch pages
         fn()
     calls = {name: _calibrate(fn, min_sample_s, clock) for name, fn in impls.items()}
@@ -137,7 +143,9 @@ def _fmt_time(s: float) -> str:
     return f"{s / 1e-9:.3g} ns"
 
 
-def _run_case(suite: str, case: Case, quick: bool) -> list[dict[str, Any]]:
+def run_case(suite: str, case: Case, *, rounds: int, min_sample_s: float,
+             clock: Clock = time.perf_counter_ns) -> list[dict[str, Any]]:
+    """Check a case, time it, and return its rows (one per impl, unsorted)."""
     if case.check is not None:
         try:
             case.check()
@@ -145,8 +153,7 @@ def _run_case(suite: str, case: Case, quick: bool) -> list[dict[str, Any]]:
             raise BenchError(f"benchmark {suite}/{case.name}: implementations disagree: {e}",
                              hint="a benchmark of wrong results measures nothing; fix the "
                                   "implementation (or the check) first") from e
-    timings = time_case(case.impls, rounds=7 if quick else 21,
-                        min_sample_s=0.002 if quick else 0.005)
+    timings = time_case(case.impls, rounds=rounds, min_sample_s=min_sample_s, clock=clock)
     rows = []
     for impl, t in timings.items():
         extra = {"iqr_pct": round(t.iqr_pct, 1), "rounds": t.rounds,
@@ -180,24 +187,33 @@ def _table(suite: str, rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def run(suite: str, *, quick: bool = False, json_path: str | None = None,
+def _in_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows in case order, Tessera first in each case, then the baselines in a fixed order."""
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    return sorted(rows, key=lambda r: (cases.index(r["case"]), r["impl"] != "tessera",
+                                       BASELINE_ORDER.index(r["impl"])
+                                       if r["impl"] in BASELINE_ORDER else 99, r["impl"]))
+
+
+def run(suite: str, *, quick: bool = False, ranks: int = 2, json_path: str | None = None,
         console: Console | None = None) -> list[dict[str, Any]]:
     """Run one suite, print its table, optionally write the JSON; returns the rows.
 
     `speedup` is baseline median / Tessera median: above 1 means Tessera is faster.
+    `ranks` is the number of processes a suite that launches its own (comm) starts.
     """
     if suite not in SUITES:
         raise BenchError(f"unknown benchmark suite {suite!r}",
                          hint=f"available suites: {', '.join(available())}")
     console = console or Console()
     module = importlib.import_module(SUITES[suite])
-    rows: list[dict[str, Any]] = []
-    for case in module.cases(quick):
-        case_rows = _run_case(suite, case, quick)
-        case_rows.sort(key=lambda r: (r["impl"] != "tessera",
-                                      BASELINE_ORDER.index(r["impl"])
-                                      if r["impl"] in BASELINE_ORDER else 99, r["impl"]))
-        rows += case_rows
+    if hasattr(module, "rows"):  # timed in processes of its own, which return finished rows
+        rows = module.rows(quick, ranks)
+    else:
+        rows = [row for case in module.cases(quick)
+                for row in run_case(suite, case, rounds=7 if quick else 21,
+                                    min_sample_s=0.002 if quick else 0.005)]
+    rows = _in_order(rows)
     console.print(_table(suite, rows))
     rows = [{k: v for k, v in r.items() if k != "_meta"} for r in rows]
     if json_path:

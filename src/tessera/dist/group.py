@@ -23,6 +23,7 @@ __all__ = ["create", "finalize", "get_world", "init", "init_from_store", "is_ini
 
 _ALGOS = {"auto": 0, "oneshot": 1, "twoshot": 2}
 _world: Communicator | None = None
+_STARTUP = 300.0  # seconds ranks may take to start (a short collective timeout is not that)
 
 
 def default_timeout() -> float:
@@ -109,8 +110,10 @@ def create(boot: Bootstrap, *, timeout: float, engine: Engine | None = None,
         engine = engine or _engine_for(boot, timeout)
         leaders = engine.split(0 if local[0] == me else None, me)
         transport = Hierarchical(transport, leaders, engine, nodes, me)
-    return Communicator(transport, rank=me, size=boot.size, nodes=len(order),
+    comm = Communicator(transport, rank=me, size=boot.size, nodes=len(order),
                         node_key=keys[me], timeout=timeout, engine=engine)
+    comm.barrier()  # nobody leaves (and, as rank 0, takes the store's server along) early
+    return comm
 
 
 def init(launcher: str | None = None, *, timeout: float | None = None) -> Communicator:
@@ -119,7 +122,7 @@ def init(launcher: str | None = None, *, timeout: float | None = None) -> Commun
     global _world
     if _world is None:
         timeout = timeout if timeout is not None else default_timeout()
-        boot = detect(launcher, timeout)
+        boot = detect(launcher, max(timeout, _STARTUP))
         _world = create(boot, timeout=timeout, my_node=_forced_node(boot.rank))
     return _world
 
@@ -129,7 +132,7 @@ def init_from_store(store: Any, rank: int, size: int,
     """A communicator over the ranks sharing a torch.distributed `store` (what the
     `tessera` process-group backend is given)."""
     timeout = timeout if timeout is not None else default_timeout()
-    boot = StoreBootstrap(store, rank, size, timeout)
+    boot = StoreBootstrap(store, rank, size, max(timeout, _STARTUP))
     comm = create(boot, timeout=timeout, my_node=_forced_node(rank))
     assert comm is not None
     return comm

@@ -246,11 +246,29 @@ static int fail(call *k, int code, int rank, const char *fmt, ...) {
     return code;
 }
 
+static int aborted(call *k) {
+    int who = (int)k->c->hdr->abort_flag - 1;
+    return fail(k, E_ABORTED, who, "rank %d aborted the communicator: %.*s", who, ABORT_MSG,
+                k->c->hdr->abort_msg);
+}
+
 static void release_gil(call *k) { if (!k->ts) k->ts = PyEval_SaveThread(); }
 
+/* A peer is dead when its pid is gone or a zombie (exited, not yet reaped by its parent). */
 static int peer_dead(comm *c, int peer) {
     int64_t pid = c->ranks[peer].pid;
-    return pid > 0 && kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+    if (pid <= 0) return 0;
+    if (kill((pid_t)pid, 0) != 0) return errno == ESRCH;
+    char path[64], stat[512];
+    snprintf(path, sizeof path, "/proc/%lld/stat", (long long)pid);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, stat, sizeof stat - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    stat[n] = 0;
+    const char *end = strrchr(stat, ')');  /* "pid (comm) S ..." */
+    return end && end[1] == ' ' && end[2] == 'Z';
 }
 
 /* Wait until *p >= want (p belongs to `peer`): spin ~10 us, then yield, then sleep. */
@@ -268,11 +286,7 @@ static int wait_ge(call *k, volatile uint64_t *p, uint64_t want, int peer) {
             cpu_relax();
         }
         int64_t t = now_ns();
-        if (c->hdr->abort_flag) {
-            int who = (int)c->hdr->abort_flag - 1;
-            return fail(k, E_ABORTED, who, "rank %d aborted the communicator: %.*s", who,
-                        ABORT_MSG, c->hdr->abort_msg);
-        }
+        if (c->hdr->abort_flag) return aborted(k);
         if (t >= next_check) {
             if (peer_dead(c, peer))
                 return fail(k, E_DEAD, peer, "rank %d (pid %lld) died", peer,
@@ -294,9 +308,11 @@ static inline slot_header *slot(comm *c, int r, uint64_t s) {
 }
 static inline uint8_t *payload(slot_header *h) { return (uint8_t *)h + HDR_BYTES; }
 
-/* Before writing my slot for step s: every peer has read that slot's previous step. */
+/* Before writing my slot for step s: every peer has read that slot's previous step (and
+ * nobody has aborted: a rank that gave up must not look like one that took part). */
 static int slot_acquire(call *k, uint64_t s) {
     comm *c = k->c;
+    if (c->hdr->abort_flag) return aborted(k);
     uint64_t need = s + 1 > c->hdr->nslots ? s + 1 - c->hdr->nslots : 0;
     for (int q = 0; q < c->size; q++) {
         if (q == c->rank || c->seen_done[q] >= need) continue;
