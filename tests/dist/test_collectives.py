@@ -16,9 +16,13 @@ from cases import CASES
 
 CONFIGS = {
     "mpirun-2": ("mpirun", 2, {}),
-    "mpirun-4-small-slots": ("mpirun", 4, {"TESSERA_COMM_SLOT_BYTES": "8192"}),
-    "torchrun-2-twoshot": ("torchrun", 2, {"TESSERA_COMM_ALGO": "twoshot"}),
+    "mpirun-4-small-slots": ("mpirun", 4, {"TESSERA_COMM_SLOT_BYTES": "8192",
+                                           "TESSERA_COMM_DIRECT_MIN": "0"}),
+    "torchrun-2-twoshot": ("torchrun", 2, {"TESSERA_COMM_ALGO": "twoshot",
+                                           "TESSERA_COMM_DIRECT_MIN": "0"}),
     "torchrun-4-oneshot": ("torchrun", 4, {"TESSERA_COMM_ALGO": "oneshot"}),
+    "mpirun-3-direct": ("mpirun", 3, {"TESSERA_COMM_ALGO": "direct",
+                                      "TESSERA_COMM_DIRECT_MIN": "1"}),
     "mpirun-4-two-nodes": ("mpirun", 4, {"TESSERA_COMM_LOCAL_SIZE": "2"}),
     "torchrun-4-two-nodes": ("torchrun", 4, {"TESSERA_COMM_LOCAL_SIZE": "2"}),
     "mpirun-3-uneven-nodes": ("mpirun", 3, {"TESSERA_COMM_LOCAL_SIZE": "2"}),
@@ -52,4 +56,6 @@ def test_topology(config: str, tmp_path_factory: pytest.TempPathFactory) -> None
     for res in ranks:
         assert res["size"] == nranks
         assert res["nodes"] == -(-nranks // local), res
-        assert ("shm+engine" in res["transport"]) == (local < nranks), res
+        assert ("+engine" in res["transport"]) == (local < nranks), res
+        direct = env.get("TESSERA_COMM_DIRECT_MIN") != "0"     # the kernel allows it here
+        assert ("+direct" in res["transport"]) == direct, res

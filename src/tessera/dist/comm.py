@@ -108,6 +108,18 @@ def _writable(x: Any, code: int, n: int, who: str) -> tuple[Any, Callable[[], No
     return handle, lambda: _copy_into(target, staged)
 
 
+def _flat(x: Any) -> tuple[Any, int, Any] | None:
+    """(transport handle, bytes, dtype) of a contiguous CPU array or tensor of a supported
+    dtype, else None (the general path then explains or copies)."""
+    if type(x) is np.ndarray:
+        if x.flags.c_contiguous and x.dtype in _NP_CODES:
+            return x, x.nbytes, x.dtype
+        return None
+    if type(x) is _torch_tensor and x.is_cpu and x.dtype in _torch_codes and x.is_contiguous():
+        return x.data_ptr(), x.numel() * x.element_size(), x.dtype
+    return None
+
+
 def _contiguous(x: Any) -> bool:
     return x.flags.c_contiguous if isinstance(x, np.ndarray) else x.is_contiguous()
 
@@ -234,6 +246,7 @@ class Communicator:
         self._p2p: dict[tuple[str, int], _Worker] = {}
         self._broken: str | None = None
         self._fast = getattr(transport, "allreduce_arrays", None)
+        self._uniform_cache: dict[int, list[int]] = {}
 
     def __repr__(self) -> str:
         return (f"<tessera Communicator rank {self.rank} of {self.size} "
@@ -417,32 +430,51 @@ class Communicator:
 
     def alltoall(self, x: Any, *, out: Any = None, async_op: bool = False) -> Any:
         """Block i of `x` (dim 0 = size * n) to rank i; block j of the result from rank j."""
+        src = _flat(x) if not async_op and not self._coll.pending and self._broken is None \
+            else None
+        if src is not None and x.ndim and len(x) % self.size == 0:
+            if out is None:
+                out = _empty(x, 0, x.shape)
+            dst = None if out is x else _flat(out)
+            if dst is not None and src[1] == dst[1] and src[2] == dst[2]:
+                try:
+                    self._t.alltoallv(src[0], dst[0], self._uniform(src[1] // self.size))
+                except self._t.errors as e:
+                    self._fail(e)
+                return out
         rows, _ = _rows(x)
         if rows % self.size:
             raise ShapeError(f"alltoall: dim 0 ({rows}) is not a multiple of the "
                              f"communicator's size ({self.size})",
                              hint="use alltoallv for uneven blocks")
         n = rows // self.size
-        return self.alltoallv(x, [n] * self.size, [n] * self.size, out=out, async_op=async_op)
+        return self._alltoallv(x, [n] * self.size, [[n] * self.size] * self.size, out,
+                               async_op)
 
     def alltoallv(self, x: Any, send_counts: Sequence[int],
                   recv_counts: Sequence[int] | None = None, *, out: Any = None,
                   async_op: bool = False) -> Any:
         """Rows [sum(send_counts[:i]), ...+send_counts[i]) of `x` to rank i; the result holds
-        what each rank sent here, in rank order (`recv_counts` rows each)."""
-        rows, row_shape = _rows(x)
+        what each rank sent here, in rank order (`recv_counts` rows each). Every rank's
+        send counts are exchanged first (one small allgather)."""
+        rows, _ = _rows(x)
         send_counts = self._check_counts(send_counts, "alltoallv")
         if sum(send_counts) != rows:
             raise ShapeError(f"alltoallv: send_counts sum to {sum(send_counts)} rows, x has "
                              f"{rows}", hint="send_counts[i] is the rows sent to rank i")
-        matrix = self._count_matrix(send_counts, "alltoallv")
+        matrix = self._count_matrix(send_counts)
         column = [matrix[q][self.rank] for q in range(self.size)]
         if recv_counts is not None and list(recv_counts) != column:
             raise ShapeError(f"alltoallv: recv_counts {list(recv_counts)} disagree with what "
                              f"the ranks send here {column}", hint="pass recv_counts=None")
+        return self._alltoallv(x, send_counts, matrix, out, async_op)
+
+    def _alltoallv(self, x: Any, send_counts: list[int], matrix: list[list[int]], out: Any,
+                   async_op: bool) -> Any:
+        _, row_shape = _rows(x)
         src, code, _ = _operand(x, "alltoallv")
         row = _numel(row_shape)
-        total = sum(column)
+        total = sum(matrix[q][self.rank] for q in range(self.size))
         if out is None:
             out = _empty(x, total * row, (total, *row_shape))
         dst, back = _writable(out, code, total * row, "alltoallv")
@@ -457,6 +489,13 @@ class Communicator:
                 back()
             return out
         return self._run(run, async_op)
+
+    def _uniform(self, block: int) -> list[int]:
+        """The all-to-all matrix of equal blocks (cached: the microsecond path)."""
+        matrix = self._uniform_cache.get(block)
+        if matrix is None:
+            matrix = self._uniform_cache[block] = [block] * (self.size * self.size)
+        return matrix
 
     def barrier(self, *, async_op: bool = False) -> Any:
         """Return once every rank has called barrier."""
@@ -568,7 +607,7 @@ class Communicator:
                              f"{rows} rows")
         return counts
 
-    def _count_matrix(self, send_counts: list[int], who: str) -> list[list[int]]:
+    def _count_matrix(self, send_counts: list[int]) -> list[list[int]]:
         """Every rank's send counts (row i: what rank i sends), exchanged in one allgather."""
         if self.size == 1:
             return [send_counts]

@@ -21,7 +21,7 @@ from tessera.errors import CommError
 
 __all__ = ["create", "finalize", "get_world", "init", "init_from_store", "is_initialized"]
 
-_ALGOS = {"auto": 0, "oneshot": 1, "twoshot": 2}
+_ALGOS = {"auto": 0, "oneshot": 1, "twoshot": 2, "direct": 3}
 _world: Communicator | None = None
 _STARTUP = 300.0  # seconds ranks may take to start (a short collective timeout is not that)
 
@@ -43,7 +43,9 @@ def _algo() -> int:
     if algo not in _ALGOS:
         raise CommError(f"TESSERA_COMM_ALGO={algo!r} is not an algorithm",
                         hint="use auto, oneshot (every rank reduces all copies: small "
-                             "messages) or twoshot (reduce-scatter + all-gather: large)")
+                             "messages), twoshot (reduce-scatter + all-gather through "
+                             "shared memory) or direct (the same, copying straight between "
+                             "ranks' buffers)")
     return _ALGOS[algo]
 
 
@@ -106,6 +108,7 @@ def create(boot: Bootstrap, *, timeout: float, engine: Engine | None = None,
     if errors:
         raise CommError(f"attaching to the communicator failed: {errors[0]}")
     transport: Any = ShmTransport(segment, _algo())
+    transport.direct = shm.native().enable_direct(segment.handle, shm.direct_min())
     if len(order) > 1:
         engine = engine or _engine_for(boot, timeout)
         leaders = engine.split(0 if local[0] == me else None, me)

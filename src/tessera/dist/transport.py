@@ -34,9 +34,14 @@ def _oneshot_max(size: int) -> int:
 
 
 class ShmTransport:
-    """All of a communicator's ranks on one node, through one segment."""
+    """All of a communicator's ranks on one node, through one segment; `direct`: large
+    collectives copy straight between ranks' buffers (see `shm.direct_min`)."""
 
-    name = "shm"
+    direct = False
+
+    @property
+    def name(self) -> str:
+        return "shm+direct" if self.direct else "shm"
 
     def __init__(self, segment: shm.Segment, algo: int):
         n = shm.native()
@@ -88,7 +93,9 @@ class Hierarchical:
     keeps one block; all-to-all and messages across nodes use the engine of all ranks.
     """
 
-    name = "shm+engine"
+    @property
+    def name(self) -> str:
+        return f"{self.local.name}+engine"
 
     def __init__(self, local: ShmTransport, leaders: Engine | None, world: Engine,
                  nodes: list[int], rank: int):

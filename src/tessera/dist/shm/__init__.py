@@ -19,7 +19,8 @@ from typing import Any
 from tessera.errors import CommError, TesseraError
 from tessera.runtime.toolchain import compile_extension
 
-__all__ = ["Layout", "Segment", "native", "new_token", "segment_name", "sweep_stale", "unlink"]
+__all__ = ["Layout", "Segment", "direct_min", "native", "new_token", "segment_name", "sweep_stale",
+           "unlink"]
 
 _SHM_DIR = Path("/dev/shm")
 _PREFIX = "tessera."
@@ -49,6 +50,19 @@ class Layout:
 
     def args(self) -> tuple[int, int, int, int]:
         return self.slot_bytes, self.nslots, self.p2p_bytes, self.nbuf
+
+
+def spin_seconds(local_size: int) -> float:
+    """How long a waiting rank spins before yielding its core: 20 us, or not at all when
+    the node's ranks outnumber the cores this process may run on (a spinning rank would
+    hold the core the awaited one needs)."""
+    return 0.0 if local_size > len(os.sched_getaffinity(0)) else 20e-6
+
+
+def direct_min() -> int:
+    """Bytes per rank from which collectives copy straight between ranks' buffers (one
+    copy instead of two through the segment); TESSERA_COMM_DIRECT_MIN, 0 turns it off."""
+    return _env_int("TESSERA_COMM_DIRECT_MIN", 256 << 10, lo=0)
 
 
 def _env_int(name: str, default: int, *, lo: int, multiple: int = 1) -> int:
@@ -116,7 +130,8 @@ class Segment:
         self.rank = rank
         self.layout = layout
         try:
-            self.handle: Any = native().create(name, size, rank, *layout.args(), timeout)
+            self.handle: Any = native().create(name, size, rank, *layout.args(), timeout,
+                                               spin_seconds(size))
         except OSError as e:
             raise CommError(
                 f"shared memory for the communicator failed on local rank {rank}: {e}",

@@ -35,6 +35,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -56,7 +57,7 @@ enum { K_ALLREDUCE = 1, K_REDUCE, K_BCAST, K_ALLGATHER, K_REDUCE_SCATTER, K_ALLT
        K_BARRIER, K_SEND };
 enum { OP_SUM, OP_PROD, OP_MAX, OP_MIN, N_OPS };
 enum { D_F32, D_F16, D_BF16, D_I32, D_I64, D_F64, D_U8, N_DTYPES };
-enum { ALGO_AUTO, ALGO_ONESHOT, ALGO_TWOSHOT };
+enum { ALGO_AUTO, ALGO_ONESHOT, ALGO_TWOSHOT, ALGO_DIRECT };
 enum { E_OK = 0, E_TIMEOUT = -1, E_DEAD = -2, E_ABORTED = -3, E_MISMATCH = -4, E_SYS = -5,
        E_ARG = -6 };
 
@@ -101,7 +102,9 @@ typedef struct {
     uint64_t step;           /* the next collective step */
     uint64_t *seen_done;     /* last value read of each peer's done */
     uint64_t *sent, *recvd;  /* p2p pieces sent to / received from each peer */
-    int64_t timeout_ns;
+    int64_t timeout_ns, spin_ns;
+    size_t direct_min;       /* bytes from which collectives copy directly between ranks */
+    uint8_t *scratch;        /* DIRECT_PIECE bytes for peers' pieces being reduced */
 } comm;
 
 /* One call into the transport: its error, and the thread state while the GIL is released. */
@@ -271,21 +274,20 @@ static int peer_dead(comm *c, int peer) {
     return end && end[1] == ' ' && end[2] == 'Z';
 }
 
-/* Wait until *p >= want (p belongs to `peer`): spin ~10 us, then yield, then sleep. */
+/* Wait until *p >= want (p belongs to `peer`): spin for spin_ns (a peer a few microseconds
+ * behind; none when ranks outnumber cores, as the peer may need this core), then yield,
+ * then sleep, checking for an abort, a dead peer and the timeout. */
 static int wait_ge(call *k, volatile uint64_t *p, uint64_t want, int peer) {
     comm *c = k->c;
-    for (int i = 0; i < 4096; i++) {
-        if (load_acq(p) >= want) return E_OK;
-        cpu_relax();
-    }
-    release_gil(k);
-    int64_t t0 = now_ns(), next_check = t0;
-    for (;;) {
+    int64_t t0 = now_ns(), next_check = t0, t = t0;
+    do {
         for (int i = 0; i < 64; i++) {
             if (load_acq(p) >= want) return E_OK;
             cpu_relax();
         }
-        int64_t t = now_ns();
+    } while ((t = now_ns()) - t0 < c->spin_ns);
+    release_gil(k);
+    for (;;) {
         if (c->hdr->abort_flag) return aborted(k);
         if (t >= next_check) {
             if (peer_dead(c, peer))
@@ -298,6 +300,11 @@ static int wait_ge(call *k, volatile uint64_t *p, uint64_t want, int peer) {
                         c->timeout_ns / 1e9);
         if (t - t0 < 2000000) sched_yield();
         else { struct timespec ts = {0, 50000}; nanosleep(&ts, NULL); }
+        for (int i = 0; i < 64; i++) {
+            if (load_acq(p) >= want) return E_OK;
+            cpu_relax();
+        }
+        t = now_ns();
     }
 }
 
@@ -454,6 +461,110 @@ static int allreduce_twoshot(call *k, const uint8_t *src, uint8_t *dst, size_t n
     return E_OK;
 }
 
+/* ------------------------------------------------------------------ direct (single copy)
+ * Large collectives copy straight from a peer's buffers into this rank's with
+ * process_vm_readv (Cross Memory Attach): each byte crosses once, instead of into the
+ * segment and out again. Ranks publish their buffers' addresses in a step; a final step
+ * keeps every rank in the call until no peer still reads its buffers. */
+
+#define DIRECT_PIECE (256 << 10) /* peers' pieces reduced per pass: stays in L2 */
+
+typedef struct { uint64_t src, dst; } addresses;
+
+static int peer_read(call *k, int q, void *to, uint64_t from, size_t n) {
+    comm *c = k->c;
+    while (n) {
+        struct iovec local = {to, n}, remote = {(void *)(uintptr_t)from, n};
+        ssize_t got = process_vm_readv((pid_t)c->ranks[q].pid, &local, 1, &remote, 1, 0);
+        if (got <= 0) {
+            if (got < 0 && errno == EINTR) continue;
+            int e = got < 0 ? errno : EIO;
+            if (peer_dead(c, q))
+                return fail(k, E_DEAD, q, "rank %d (pid %lld) died", q, (long long)c->ranks[q].pid);
+            fail(k, E_SYS, q, "reading rank %d's buffer failed: %s", q, strerror(e));
+            comm_abort(c, k->err);
+            return E_SYS;
+        }
+        to = (uint8_t *)to + got;
+        from += (uint64_t)got;
+        n -= (size_t)got;
+    }
+    return E_OK;
+}
+
+/* Post this rank's buffer addresses and read everyone's. */
+static int share_addresses(call *k, uint32_t sig, uint64_t size, const void *src, void *dst,
+                           addresses *all) {
+    comm *c = k->c;
+    uint64_t s = c->step++;
+    TRY(slot_acquire(k, s));
+    addresses mine = {(uint64_t)(uintptr_t)src, (uint64_t)(uintptr_t)dst};
+    memcpy(payload(slot(c, c->rank, s)), &mine, sizeof mine);
+    slot_post(c, s, sig, size);
+    for (int q = 0; q < c->size; q++) {
+        const uint8_t *d = payload(slot(c, q, s));
+        if (q != c->rank) TRY(slot_wait(k, q, s, sig, size, &d));
+        memcpy(&all[q], d, sizeof mine);
+    }
+    step_done(c, s);
+    return E_OK;
+}
+
+/* Every rank posts, then waits for everyone's post (a barrier inside a collective). */
+static int sync_step(call *k, uint32_t sig, uint64_t size) {
+    comm *c = k->c;
+    uint64_t s = c->step++;
+    TRY(slot_acquire(k, s));
+    slot_post(c, s, sig, size);
+    for (int q = 0; q < c->size; q++) {
+        const uint8_t *d;
+        if (q != c->rank) TRY(slot_wait(k, q, s, sig, size, &d));
+    }
+    step_done(c, s);
+    return E_OK;
+}
+
+static uint8_t *scratch(call *k) {
+    if (!k->c->scratch) k->c->scratch = aligned_alloc(LINE, DIRECT_PIECE);
+    if (!k->c->scratch) fail(k, E_SYS, k->c->rank, "out of memory for %d bytes", DIRECT_PIECE);
+    return k->c->scratch;
+}
+
+/* Reduce-scatter then all-gather, both reading peers' buffers directly. Slice r of the
+ * result is reduced by rank r (its own input first, then the others in rank order). */
+static int allreduce_direct(call *k, const uint8_t *src, uint8_t *dst, size_t n, int dt, int op,
+                            uint32_t sig) {
+    comm *c = k->c;
+    int P = c->size, me = c->rank;
+    size_t es = dtype_size[dt], align = LINE / es;
+    size_t slice = ((n + P - 1) / P + align - 1) / align * align;
+    #define LO(r) ((size_t)(r) * slice < n ? (size_t)(r) * slice : n)
+    #define HI(r) ((size_t)((r) + 1) * slice < n ? (size_t)((r) + 1) * slice : n)
+    addresses all[P];
+    uint8_t *tmp = scratch(k);
+    if (!tmp) return E_SYS;
+    TRY(share_addresses(k, sig, n, src, dst, all));
+    size_t piece = DIRECT_PIECE / es / (P - 1) / align * align;
+    for (size_t i = LO(me); i < HI(me); i += piece) {
+        size_t m = HI(me) - i < piece ? HI(me) - i : piece;
+        const void *srcs[P];
+        srcs[0] = src + i * es;
+        for (int q = 0, j = 1; q < P; q++) {
+            if (q == me) continue;
+            uint8_t *to = tmp + (size_t)(j - 1) * piece * es;
+            TRY(peer_read(k, q, to, all[q].src + i * es, m * es));
+            srcs[j++] = to;
+        }
+        reducers[dt][op](dst + i * es, NULL, srcs, P, m);
+    }
+    TRY(sync_step(k, sig, n));                  /* every slice reduced, every input read */
+    for (int q = 0; q < P; q++)
+        if (q != me) TRY(peer_read(k, q, dst + LO(q) * es, all[q].dst + LO(q) * es, (HI(q) - LO(q)) * es));
+    #undef LO
+    #undef HI
+    return sync_step(k, sig, n);                /* nobody reads my result any more */
+}
+
 static int do_allreduce(call *k, const void *src, void *dst, size_t n, int dt, int op, int root,
                         int algo, size_t oneshot_max) {
     comm *c = k->c;
@@ -463,6 +574,8 @@ static int do_allreduce(call *k, const void *src, void *dst, size_t n, int dt, i
         return E_OK;
     }
     uint32_t sig = signature(root < 0 ? K_ALLREDUCE : K_REDUCE, dt, op, root);
+    if (root < 0 && c->direct_min && (algo == ALGO_DIRECT || (algo == ALGO_AUTO && nbytes >= c->direct_min)))
+        return allreduce_direct(k, src, dst, n, dt, op, sig);
     int oneshot = algo == ALGO_ONESHOT || (algo == ALGO_AUTO && nbytes <= oneshot_max);
     if (oneshot && nbytes <= c->hdr->slot_bytes)
         return allreduce_oneshot(k, src, dst, n, dt, op, root, sig);
@@ -475,6 +588,12 @@ static int do_broadcast(call *k, uint8_t *buf, size_t nbytes, int root) {
     comm *c = k->c;
     uint32_t sig = signature(K_BCAST, D_U8, 0, root);
     size_t chunk = c->hdr->slot_bytes;
+    if (c->direct_min && nbytes >= c->direct_min) {
+        addresses all[c->size];
+        TRY(share_addresses(k, sig, nbytes, buf, buf, all));
+        if (c->rank != root) TRY(peer_read(k, root, buf, all[root].src, nbytes));
+        return sync_step(k, sig, nbytes);
+    }
     for (size_t off = 0; off < nbytes; off += chunk) {
         size_t m = nbytes - off < chunk ? nbytes - off : chunk;
         uint64_t s = c->step++;
@@ -508,6 +627,13 @@ static int do_allgatherv(call *k, const uint8_t *src, uint8_t *dst, const size_t
     uint32_t sig = signature(K_ALLGATHER, D_U8, 0, -1);
     if (dst + off[me] != src) memmove(dst + off[me], src, bytes[me]);
     src = dst + off[me];
+    if (c->direct_min && total / P >= c->direct_min) {
+        addresses all[P];
+        TRY(share_addresses(k, sig, total, src, dst, all));
+        for (int q = 0; q < P; q++)
+            if (q != me) TRY(peer_read(k, q, dst + off[q], all[q].src, bytes[q]));
+        return sync_step(k, sig, total);
+    }
     for (size_t lo = 0; lo < most; lo += chunk) {
         uint64_t s = c->step++;
         TRY(slot_acquire(k, s));
@@ -589,6 +715,16 @@ static int do_alltoallv(call *k, const uint8_t *src, uint8_t *dst, const size_t 
     }
     uint32_t sig = signature(K_ALLTOALL, D_U8, 0, -1);
     memmove(dst + roff[me], src + soff[me], bytes[me * P + me]);
+    if (c->direct_min && total / P >= c->direct_min) {
+        addresses all[P];
+        TRY(share_addresses(k, sig, total, src, dst, all));
+        for (int q = 0; q < P; q++) {
+            size_t from = 0;  /* where q's block for me starts in q's input */
+            for (int j = 0; j < me; j++) from += bytes[q * P + j];
+            if (q != me) TRY(peer_read(k, q, dst + roff[q], all[q].src + from, bytes[q * P + me]));
+        }
+        return sync_step(k, sig, total);
+    }
     for (size_t lo = 0; lo < most; lo += region) {
         uint64_t s = c->step++;
         TRY(slot_acquire(k, s));
@@ -611,19 +747,7 @@ static int do_alltoallv(call *k, const uint8_t *src, uint8_t *dst, const size_t 
     return E_OK;
 }
 
-static int do_barrier(call *k) {
-    comm *c = k->c;
-    uint32_t sig = signature(K_BARRIER, D_U8, 0, -1);
-    uint64_t s = c->step++;
-    TRY(slot_acquire(k, s));
-    slot_post(c, s, sig, 0);
-    for (int q = 0; q < c->size; q++) {
-        const uint8_t *d;
-        if (q != c->rank) TRY(slot_wait(k, q, s, sig, 0, &d));
-    }
-    step_done(c, s);
-    return E_OK;
-}
+static int do_barrier(call *k) { return sync_step(k, signature(K_BARRIER, D_U8, 0, -1), 0); }
 
 /* ------------------------------------------------------------------------ point to point */
 
@@ -697,6 +821,7 @@ static void comm_free(comm *c) {
     free(c->seen_done);
     free(c->sent);
     free(c->recvd);
+    free(c->scratch);
     free(c);
 }
 
@@ -711,15 +836,15 @@ static PyObject *os_error(const char *what, const char *name) {
     return PyErr_Format(PyExc_OSError, "%s %s: %s", what, name, strerror(errno));
 }
 
-/* create(name, size, rank, slot_bytes, nslots, p2p_bytes, nbuf, timeout_s): rank 0 creates
+/* create(name, size, rank, slot_bytes, nslots, p2p_bytes, nbuf, timeout_s, spin_s): rank 0 creates
  * the segment (mode 0600), the others attach to it; every rank registers its pid. */
 static PyObject *py_create(PyObject *self, PyObject *args) {
     const char *name;
     int size, rank;
     Py_ssize_t slot_bytes, nslots, p2p_bytes, nbuf;
-    double timeout;
-    if (!PyArg_ParseTuple(args, "siinnnnd", &name, &size, &rank, &slot_bytes, &nslots, &p2p_bytes,
-                          &nbuf, &timeout))
+    double timeout, spin;
+    if (!PyArg_ParseTuple(args, "siinnnndd", &name, &size, &rank, &slot_bytes, &nslots, &p2p_bytes,
+                          &nbuf, &timeout, &spin))
         return NULL;
     if (size < 1 || rank < 0 || rank >= size || slot_bytes < 4096 || slot_bytes % LINE || nslots < 2 ||
         p2p_bytes < LINE || p2p_bytes % LINE || nbuf < 1)
@@ -763,6 +888,7 @@ static PyObject *py_create(PyObject *self, PyObject *args) {
     c->rank = rank;
     c->size = size;
     c->timeout_ns = (int64_t)(timeout * 1e9);
+    c->spin_ns = (int64_t)(spin * 1e9);
     c->seen_done = calloc(size, sizeof(uint64_t));
     c->sent = calloc(size, sizeof(uint64_t));
     c->recvd = calloc(size, sizeof(uint64_t));
@@ -1041,6 +1167,36 @@ static PyObject *p2p(PyObject *const *a, Py_ssize_t na, int sending) {
 static PyObject *py_send(PyObject *self, PyObject *const *a, Py_ssize_t na) { return p2p(a, na, 1); }
 static PyObject *py_recv(PyObject *self, PyObject *const *a, Py_ssize_t na) { return p2p(a, na, 0); }
 
+/* enable_direct(comm, min_bytes) -> bool: whether every rank can read every peer's memory
+ * (process_vm_readv may be refused: ptrace policy, containers); if so, collectives of at
+ * least min_bytes per rank copy directly. Collective. */
+static PyObject *py_enable_direct(PyObject *self, PyObject *args) {
+    PyObject *cap;
+    Py_ssize_t min_bytes;
+    if (!PyArg_ParseTuple(args, "On", &cap, &min_bytes)) return NULL;
+    comm *c = get_comm(cap);
+    if (!c) return NULL;
+    call k = {c, NULL, -1, ""};
+    uint64_t token = 0x746573736572610aull ^ (uint64_t)c->rank;
+    addresses all[c->size];
+    int32_t ok = 1, agreed = 1;
+    int e = c->size == 1 ? E_OK : share_addresses(&k, signature(K_BARRIER, D_U8, 0, -1), 1, &token, NULL, all);
+    for (int q = 0; q < c->size && !e; q++) {
+        uint64_t seen = 0;
+        struct iovec local = {&seen, sizeof seen}, remote = {(void *)(uintptr_t)all[q].src, sizeof seen};
+        if (q != c->rank && (process_vm_readv((pid_t)c->ranks[q].pid, &local, 1, &remote, 1, 0) != sizeof seen ||
+                             seen != (0x746573736572610aull ^ (uint64_t)q)))
+            ok = 0;
+    }
+    if (!e) e = do_allreduce(&k, &ok, &agreed, 1, D_I32, OP_MIN, -1, ALGO_ONESHOT, 64);
+    if (!e) e = sync_step(&k, signature(K_BARRIER, D_U8, 0, -1), 2); /* token read by all */
+    PyObject *r = finish(&k, e);
+    if (!r) return NULL;
+    Py_DECREF(r);
+    c->direct_min = agreed && min_bytes > 0 ? (size_t)min_bytes : 0;
+    return PyBool_FromLong(c->direct_min > 0);
+}
+
 static PyObject *py_abort(PyObject *self, PyObject *args) {
     PyObject *cap;
     const char *msg;
@@ -1118,6 +1274,7 @@ static PyMethodDef methods[] = {
     {"recv", (PyCFunction)(void (*)(void))py_recv, METH_FASTCALL, "recv"},
     {"barrier", py_barrier, METH_O, "barrier"},
     {"abort", py_abort, METH_VARARGS, "abort the communicator for every rank"},
+    {"enable_direct", py_enable_direct, METH_VARARGS, "probe and enable single-copy collectives"},
     {"set_timeout", py_set_timeout, METH_VARARGS, "set the wait timeout in seconds"},
     {"info", py_info, METH_O, "layout and state"},
     {"reduce_local", (PyCFunction)(void (*)(void))py_reduce_local, METH_FASTCALL, "local reduction"},
