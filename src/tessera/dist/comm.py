@@ -170,13 +170,28 @@ class Work:
         self._done = threading.Event()
         self._result: Any = None
         self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Work], None]] = []
+        self._lock = threading.Lock()
 
     def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error
-        self._done.set()
+        with self._lock:
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
 
     def is_completed(self) -> bool:
         return self._done.is_set()
+
+    def add_done_callback(self, fn: Callable[[Work], None]) -> None:
+        """Call `fn(work)` when the work finishes (on the thread that ran it), or now if
+        it has: what futures and overlapping frameworks (DDP hooks) chain on."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
 
     def wait(self, timeout: float | None = None) -> Any:
         """Block until done (or `timeout` seconds: CommTimeoutError); return the result or

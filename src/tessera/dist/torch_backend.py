@@ -87,7 +87,7 @@ class TesseraWork(dist.Work):
         self._done = False
         self._error: BaseException | None = None
         self._future: torch.futures.Future | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a future's callback may wait on this work
         if not self._inner:
             self._complete()
 
@@ -150,19 +150,38 @@ class TesseraWork(dist.Work):
         self.wait()
         return self._result
 
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        """Call `fn(self)` once the outputs are in place (what `_Joined` chains on)."""
+        self.get_future().add_done_callback(lambda _: fn(self))
+
     def source_rank(self) -> int:
         raise CommError("source_rank() is only defined for recv from any source",
                         where="TesseraWork.source_rank",
                         hint="the tessera backend does not support recv without a source")
 
     def get_future(self) -> torch.futures.Future:
-        """A torch Future holding the outputs. The communicator has no completion callback,
-        so this completes the work first: DDP comm hooks chain on it correctly, just without
-        overlap."""
-        if self._future is None:
+        """A torch Future holding the outputs, completed (on the communicator's thread) when
+        the last inner work finishes, so DDP's comm hooks overlap with the backward pass."""
+        with self._lock:
+            if self._future is not None:
+                return self._future
             self._future = torch.futures.Future()
-        self._complete()
-        self._settle_future()
+            pending = list(self._inner)
+            if self._done:
+                self._settle_future()
+                return self._future
+        left = [len(pending)]
+        count = threading.Lock()
+
+        def one_done(_: Any) -> None:
+            with count:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self._complete()
+
+        for w in pending:
+            w.add_done_callback(one_done)
         return self._future
 
 
@@ -179,6 +198,9 @@ class _Held:
 
     def is_completed(self) -> bool:
         return bool(self.work.is_completed())
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        self.work.add_done_callback(fn)
 
 
 def _done(result: list[torch.Tensor] | None = None) -> TesseraWork:
