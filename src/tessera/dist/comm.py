@@ -9,6 +9,7 @@ After either, the communicator is aborted on every rank: build a new one.
 
 from __future__ import annotations
 
+import operator
 import queue
 import socket
 import threading
@@ -108,11 +109,12 @@ def _writable(x: Any, code: int, n: int, who: str) -> tuple[Any, Callable[[], No
     return handle, lambda: _copy_into(target, staged)
 
 
-def _flat(x: Any) -> tuple[Any, int, Any] | None:
+def _flat(x: Any, writable: bool = False) -> tuple[Any, int, Any] | None:
     """(transport handle, bytes, dtype) of a contiguous CPU array or tensor of a supported
     dtype, else None (the general path then explains or copies)."""
     if type(x) is np.ndarray:
-        if x.flags.c_contiguous and x.dtype in _NP_CODES:
+        if x.flags.c_contiguous and x.dtype in _NP_CODES and (x.flags.writeable or
+                                                              not writable):
             return x, x.nbytes, x.dtype
         return None
     if type(x) is _torch_tensor and x.is_cpu and x.dtype in _torch_codes and x.is_contiguous():
@@ -279,6 +281,16 @@ class Communicator:
             return work if async_op else work.wait()
         return self._guarded(fn)
 
+    def _launch(self, op: Callable[[], None], back: Callable[[], None] | None, result: Any,
+                async_op: bool) -> Any:
+        """Run a transport call (then the copy back to a strided output) now or queued."""
+        def run() -> Any:
+            op()
+            if back:
+                back()
+            return result
+        return self._run(run, async_op)
+
     def _guarded(self, fn: Callable[[], Any]) -> Any:
         with self._lock:
             try:
@@ -291,13 +303,16 @@ class Communicator:
         self._broken = message
         self._fast = None
         self._t.abort(message)
+        where = f"rank {self.rank} of {self.size}"
         if isinstance(e, self._t.timeout_errors):
-            raise CommTimeoutError(message, rank=rank,
-                                   where=f"rank {self.rank} of {self.size}",
+            raise CommTimeoutError(message, rank=rank, where=where,
                                    hint="check that rank's output for the error that stopped "
                                         "it; raise TESSERA_COMM_TIMEOUT if it is just slow"
                                    ) from None
-        raise CommError(message, where=f"rank {self.rank} of {self.size}",
+        if isinstance(e, self._t.abort_errors):
+            raise CommError(message, where=where,
+                            hint=f"rank {rank} failed first: its error says why") from None
+        raise CommError(message, where=where,
                         hint="every rank must call the same collectives in the same order "
                              "with the same dtype, op, root and sizes") from None
 
@@ -330,13 +345,8 @@ class Communicator:
         if out is None:
             out = _empty(x, n, x.shape)
         dst, back = _writable(out, code, n, "allreduce")
-
-        def run() -> Any:
-            self._t.allreduce(src, dst, n, code, opc, -1)
-            if back:
-                back()
-            return out
-        return self._run(run, async_op)
+        return self._launch(lambda: self._t.allreduce(src, dst, n, code, opc, -1), back, out,
+                            async_op)
 
     def reduce(self, x: Any, root: int = 0, op: str = "sum", *, out: Any = None,
                async_op: bool = False) -> Any:
@@ -349,13 +359,8 @@ class Communicator:
             if out is None:
                 out = _empty(x, n, x.shape)
             dst, back = _writable(out, code, n, "reduce")
-
-        def run() -> Any:
-            self._t.allreduce(src, dst, n, code, opc, root)
-            if back:
-                back()
-            return out if self.rank == root else None
-        return self._run(run, async_op)
+        return self._launch(lambda: self._t.allreduce(src, dst, n, code, opc, root), back,
+                            out if self.rank == root else None, async_op)
 
     def broadcast(self, x: Any, root: int = 0, *, async_op: bool = False) -> Any:
         """`root`'s `x` into every rank's `x` (in place); returns `x`."""
@@ -364,28 +369,14 @@ class Communicator:
         buf, back = _writable(x, code, n, "broadcast")
         if back is not None and self.rank == root:
             buf = _operand(x, "broadcast")[0]
-
-        def run() -> Any:
-            self._t.broadcast(buf, n * _ITEMSIZE[code], root)
-            if back and self.rank != root:
-                back()
-            return x
-        return self._run(run, async_op)
+        return self._launch(lambda: self._t.broadcast(buf, n * _ITEMSIZE[code], root),
+                            back if self.rank != root else None, x, async_op)
 
     def allgather(self, x: Any, *, out: Any = None, async_op: bool = False) -> Any:
         """Every rank's `x` stacked in rank order: shape (size, *x.shape)."""
         src, code, n = _operand(x, "allgather")
-        if out is None:
-            out = _empty(x, n * self.size, (self.size, *x.shape))
-        dst, back = _writable(out, code, n * self.size, "allgather")
-        nbytes = [n * _ITEMSIZE[code]] * self.size
-
-        def run() -> Any:
-            self._t.allgatherv(src, dst, nbytes)
-            if back:
-                back()
-            return out
-        return self._run(run, async_op)
+        return self._gather(x, src, code, [n] * self.size, (self.size, *x.shape), out,
+                            async_op)
 
     def allgatherv(self, x: Any, counts: Sequence[int] | None = None, *, out: Any = None,
                    async_op: bool = False) -> Any:
@@ -395,18 +386,17 @@ class Communicator:
         counts = self._counts(counts, rows, "allgatherv")
         src, code, _ = _operand(x, "allgatherv")
         row = _numel(row_shape)
-        total = sum(counts)
-        if out is None:
-            out = _empty(x, total * row, (total, *row_shape))
-        dst, back = _writable(out, code, total * row, "allgatherv")
-        nbytes = [c * row * _ITEMSIZE[code] for c in counts]
+        return self._gather(x, src, code, [c * row for c in counts],
+                            (sum(counts), *row_shape), out, async_op)
 
-        def run() -> Any:
-            self._t.allgatherv(src, dst, nbytes)
-            if back:
-                back()
-            return out
-        return self._run(run, async_op)
+    def _gather(self, x: Any, src: Any, code: int, elems: list[int], shape: tuple[int, ...],
+                out: Any, async_op: bool) -> Any:
+        total = sum(elems)
+        if out is None:
+            out = _empty(x, total, shape)
+        dst, back = _writable(out, code, total, "allgather")
+        nbytes = [e * _ITEMSIZE[code] for e in elems]
+        return self._launch(lambda: self._t.allgatherv(src, dst, nbytes), back, out, async_op)
 
     def reduce_scatter(self, x: Any, op: str = "sum", *, out: Any = None,
                        async_op: bool = False) -> Any:
@@ -435,13 +425,8 @@ class Communicator:
             out = _empty(x, mine, (counts[self.rank], *row_shape))
         dst, back = _writable(out, code, mine, "reduce_scatterv")
         elems = [c * row for c in counts]
-
-        def run() -> Any:
-            self._t.reduce_scatterv(src, dst, elems, code, opc)
-            if back:
-                back()
-            return out
-        return self._run(run, async_op)
+        return self._launch(lambda: self._t.reduce_scatterv(src, dst, elems, code, opc), back,
+                            out, async_op)
 
     def alltoall(self, x: Any, *, out: Any = None, async_op: bool = False) -> Any:
         """Block i of `x` (dim 0 = size * n) to rank i; block j of the result from rank j."""
@@ -450,7 +435,7 @@ class Communicator:
         if src is not None and x.ndim and len(x) % self.size == 0:
             if out is None:
                 out = _empty(x, 0, x.shape)
-            dst = None if out is x else _flat(out)
+            dst = None if out is x else _flat(out, writable=True)
             if dst is not None and src[1] == dst[1] and src[2] == dst[2]:
                 try:
                     self._t.alltoallv(src[0], dst[0], self._uniform(src[1] // self.size))
@@ -497,13 +482,7 @@ class Communicator:
             src = _operand(_clone(x), "alltoallv")[0]
         unit = row * _ITEMSIZE[code]
         nbytes = [c * unit for line in matrix for c in line]
-
-        def run() -> Any:
-            self._t.alltoallv(src, dst, nbytes)
-            if back:
-                back()
-            return out
-        return self._run(run, async_op)
+        return self._launch(lambda: self._t.alltoallv(src, dst, nbytes), back, out, async_op)
 
     def _uniform(self, block: int) -> list[int]:
         """The all-to-all matrix of equal blocks (cached: the microsecond path)."""
@@ -588,7 +567,7 @@ class Communicator:
         A rank with color None joins none and gets None."""
         from tessera.dist.group import create
 
-        if color is not None and (not isinstance(color, int) or color < 0):
+        if color is not None and (not isinstance(color, (int, np.integer)) or color < 0):
             raise CommError(f"split: color must be a non-negative int or None, got {color!r}")
         boot = _SplitBootstrap(self, color, key)
         engine = self._engine.split(color, key) if self._engine is not None else None
@@ -607,7 +586,10 @@ class Communicator:
             raise CommError(f"{who}: rank {peer} is this rank", hint="copy the data locally")
 
     def _check_counts(self, counts: Sequence[int], who: str) -> list[int]:
-        counts = [int(c) for c in counts]
+        try:
+            counts = [operator.index(c) for c in counts]
+        except TypeError:
+            raise ShapeError(f"{who}: counts must be integers, got {list(counts)}") from None
         if len(counts) != self.size or min(counts, default=0) < 0:
             raise ShapeError(f"{who}: counts must be {self.size} non-negative row counts, got "
                              f"{counts}")

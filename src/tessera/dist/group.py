@@ -9,6 +9,7 @@ segment's name, so nothing is left in /dev/shm whatever happens next.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = ["create", "finalize", "get_world", "init", "init_from_store", "is_ini
 _ALGOS = {"auto": 0, "oneshot": 1, "twoshot": 2, "direct": 3}
 _world: Communicator | None = None
 _STARTUP = 300.0  # seconds ranks may take to start (a short collective timeout is not that)
+_MAX_TIMEOUT = 365 * 86400.0
 
 
 def default_timeout() -> float:
@@ -33,9 +35,16 @@ def default_timeout() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if value <= 0:
-        raise CommError(f"TESSERA_COMM_TIMEOUT={raw!r} is not a positive number of seconds")
-    return value
+    return check_timeout(value, f"TESSERA_COMM_TIMEOUT={raw!r}")
+
+
+def check_timeout(value: float, what: str = "timeout") -> float:
+    """A wait limit in seconds: positive, finite, at most a year."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and
+            0 < value <= _MAX_TIMEOUT):
+        raise CommError(f"{what} is not a number of seconds in (0, {_MAX_TIMEOUT:.0f}]",
+                        hint="e.g. timeout=60")
+    return float(value)
 
 
 def _algo() -> int:
@@ -107,14 +116,16 @@ def create(boot: Bootstrap, *, timeout: float, engine: Engine | None = None,
         shm.unlink(name)
     if errors:
         raise CommError(f"attaching to the communicator failed: {errors[0]}")
-    transport: Any = ShmTransport(segment, _algo())
-    transport.direct = shm.native().enable_direct(segment.handle, shm.direct_min())
+    local_t = ShmTransport(segment, _algo())
+    transport: Any = local_t
     if len(order) > 1:
         engine = engine or _engine_for(boot, timeout)
         leaders = engine.split(0 if local[0] == me else None, me)
-        transport = Hierarchical(transport, leaders, engine, nodes, me)
+        transport = Hierarchical(local_t, leaders, engine, nodes, me)
     comm = Communicator(transport, rank=me, size=boot.size, nodes=len(order),
                         node_key=keys[me], timeout=timeout, engine=engine)
+    local_t.direct = comm._guarded(
+        lambda: shm.native().enable_direct(segment.handle, shm.direct_min()))
     comm.barrier()  # nobody leaves (and, as rank 0, takes the store's server along) early
     return comm
 
@@ -124,7 +135,7 @@ def init(launcher: str | None = None, *, timeout: float | None = None) -> Commun
     torchrun's environment, or a single process. `timeout`: seconds to wait for a peer."""
     global _world
     if _world is None:
-        timeout = timeout if timeout is not None else default_timeout()
+        timeout = check_timeout(timeout) if timeout is not None else default_timeout()
         boot = detect(launcher, max(timeout, _STARTUP))
         _world = create(boot, timeout=timeout, my_node=_forced_node(boot.rank))
     return _world
@@ -134,7 +145,7 @@ def init_from_store(store: Any, rank: int, size: int,
                     timeout: float | None = None) -> Communicator:
     """A communicator over the ranks sharing a torch.distributed `store` (what the
     `tessera` process-group backend is given)."""
-    timeout = timeout if timeout is not None else default_timeout()
+    timeout = check_timeout(timeout) if timeout is not None else default_timeout()
     boot = StoreBootstrap(store, rank, size, max(timeout, _STARTUP))
     comm = create(boot, timeout=timeout, my_node=_forced_node(rank))
     assert comm is not None

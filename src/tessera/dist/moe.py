@@ -17,13 +17,24 @@ Both calls are collective: every rank calls them in the same order with the same
 checked first; a rank with invalid tensors raises its error after one small exchange, in
 which every other rank learns of it and raises `CommError`, so nobody waits for a peer
 that has given up.
+
+Cost: each call makes one pass over its rows besides the exchange. `dispatch` gathers the
+rows into a send buffer in exchange order; `combine` sums each token's k weighted rows
+straight from what arrived (one gather-multiply-add, `embedding_bag`). Rows reach a rank
+grouped by source rank; to hand them over grouped by local expert, small exchanges
+reorder them on arrival (one more pass), large ones (from `_SPLIT_MIN_BYTES` a rank per
+extra expert) run one all-to-all-v per local expert so rows land in place. Send and
+arrival buffers are scratch space kept per communicator (two, grown to the largest call,
+freed with the communicator); what the calls return is always a new tensor.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from tessera.dist.comm import Communicator
 from tessera.errors import CommError, DtypeError, ShapeError, TesseraError
@@ -32,20 +43,35 @@ __all__ = ["DispatchHandle", "combine", "dispatch"]
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _ID_DTYPES = (torch.int32, torch.int64)
+# Exchanging per local expert costs a collective's latency per extra expert (tens of
+# microseconds) and saves a copy of what a rank receives: worth it from about this many
+# bytes received per rank for each extra expert.
+_SPLIT_MIN_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
 class DispatchHandle:
-    """What `combine` needs to send a dispatch's rows back and weigh them: the pair order
-    and row counts of the exchange, the routing weights and the tokens' dtype."""
+    """What `combine` needs to send a dispatch's rows back and weigh them: where each
+    (token, j) pair's row went, the row counts of the exchanges, the routing weights and
+    the tokens' dtype."""
 
     comm: Communicator
-    order: torch.Tensor            # [T*k] pairs t*k + j, in the order they were sent
-    weights: torch.Tensor          # [T, k] float32
-    send_counts: list[int]         # rows sent to each rank
-    recv_counts: list[int]         # rows received from each rank
-    grouping: torch.Tensor | None  # recv_x[i] = arrived row grouping[i]; None: same order
+    slots: torch.Tensor              # [T, k]: pair (t, j)'s row in the send order
+    weights: torch.Tensor            # [T, k] float32
+    sends: list[list[int]]           # per exchange, rows sent to each rank
+    recvs: list[list[int]]           # per exchange, rows received from each rank
+    ungroup: torch.Tensor | None     # arrived row i is recv_x row ungroup[i]; None: same
     dtype: torch.dtype
+
+    @property
+    def send_counts(self) -> list[int]:
+        """Rows sent to each rank (over all exchanges)."""
+        return [sum(c) for c in zip(*self.sends)]
+
+    @property
+    def recv_counts(self) -> list[int]:
+        """Rows received from each rank (over all exchanges)."""
+        return [sum(c) for c in zip(*self.recvs)]
 
 
 def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -67,14 +93,16 @@ def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
         raise ShapeError(f"dispatch: num_experts={num_experts!r} cannot be split evenly over "
                          f"{comm.size} ranks", where=where,
                          hint="use a positive multiple of the communicator's size")
-    local = num_experts // comm.size
+    size, local = comm.size, num_experts // comm.size
     problem = _check_inputs(x, topk_ids, topk_weights, num_experts, where)
-    # table[r] = [problem?, rows for each of rank r's experts]; the alltoall gives every
-    # rank what each peer sends it, and whether any peer's inputs were invalid.
-    table = torch.zeros(comm.size, 1 + local, dtype=torch.int64)
+    # table[r] = [problem?, bytes this rank sends, rows for each of rank r's experts]; the
+    # alltoall gives every rank what each peer sends it, whether any peer's inputs were
+    # invalid, and every rank's total (which picks the same exchange plan everywhere).
+    table = torch.zeros(size, 2 + local, dtype=torch.int64)
     if problem is None:
         ids = topk_ids.reshape(-1).long()
-        table[:, 1:] = torch.bincount(ids, minlength=num_experts).view(comm.size, local)
+        table[:, 1] = ids.numel() * x.shape[1] * x.element_size()
+        table[:, 2:] = torch.bincount(ids, minlength=num_experts).view(size, local)
     else:
         table[:, 0] = 1
     arrived = comm.alltoall(table)
@@ -86,20 +114,45 @@ def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
                         f"{', '.join(map(str, bad))} passed invalid inputs", where=where,
                         hint="see the error raised on that rank")
 
-    order = torch.argsort(ids, stable=True)  # by expert, so by rank, then local expert
-    send_counts = table[:, 1:].sum(1).tolist()
-    recv_table = arrived[:, 1:]  # [source rank, local expert]
-    recv_counts = recv_table.sum(1).tolist()
-    recv_x = comm.alltoallv(x.index_select(0, order // topk_ids.shape[1]), send_counts,
-                            recv_counts)
-    grouping = None
-    if local > 1 and comm.size > 1:
-        grouping = _grouping(recv_table)
-        recv_x = recv_x.index_select(0, grouping)
+    tokens, k = topk_ids.shape
+    hidden = x.shape[1]
+    x = x.detach()
+    send_table = table[:, 2:]   # [destination rank, its local expert]
+    recv_table = arrived[:, 2:]  # [source rank, local expert]
+    split = size > 1 and local > 1 and \
+        int(arrived[:, 1].sum()) >= size * (local - 1) * _SPLIT_MIN_BYTES
+    # Send order: by destination rank, then local expert (the expert id), or with one
+    # exchange per local expert by local expert, then rank; ties keep pair order t*k + j.
+    key = ids % local * size + ids // local if split else ids
+    order = torch.argsort(key, stable=True)
+    slots = torch.empty_like(order)
+    slots[order] = torch.arange(order.numel())
+    rows = order // k
     counts = recv_table.sum(0)
+    ungroup = None
+    if size == 1:
+        sends = recvs = [[len(rows)]]
+        recv_x = x.index_select(0, rows)
+    else:
+        send = torch.index_select(x, 0, rows, out=_scratch(comm, 0, len(rows), hidden, x.dtype))
+        if split:
+            sends, recvs = send_table.t().tolist(), recv_table.t().tolist()
+            recv_x = torch.empty(int(counts.sum()), hidden, dtype=x.dtype)
+            _exchange(comm, send, sends, recvs, recv_x)
+        else:
+            sends, recvs = [send_table.sum(1).tolist()], [recv_table.sum(1).tolist()]
+            if local == 1:
+                recv_x = comm.alltoallv(send, sends[0], recvs[0])
+            else:
+                grouping = _grouping(recv_table)
+                arrival = _scratch(comm, 1, len(grouping), hidden, x.dtype)
+                comm.alltoallv(send, sends[0], recvs[0], out=arrival)
+                recv_x = arrival.index_select(0, grouping)
+                ungroup = torch.empty_like(grouping)
+                ungroup[grouping] = torch.arange(len(grouping))
     recv_ids = torch.repeat_interleave(torch.arange(local), counts)
-    handle = DispatchHandle(comm, order, topk_weights.float(), send_counts, recv_counts,
-                            grouping, x.dtype)
+    handle = DispatchHandle(comm, slots.view(tokens, k), topk_weights.float().contiguous(),
+                            sends, recvs, ungroup, x.dtype)
     return recv_x, recv_ids, counts, handle
 
 
@@ -115,20 +168,61 @@ def combine(y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         raise TesseraError(f"combine: handle must be what dispatch returned, got "
                            f"{type(handle).__name__}")
     comm = handle.comm
-    rows = sum(handle.recv_counts)
+    rows = sum(map(sum, handle.recvs))
     if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != rows:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ShapeError(f"combine: y must be [{rows}, H], one row per row dispatch "
                          f"delivered here, got {got}", where=f"rank {comm.rank} of {comm.size}",
                          hint="return one output row per row of recv_x, in the same order")
-    if handle.grouping is not None:
-        y = torch.empty_like(y).index_copy_(0, handle.grouping, y)
-    back = comm.alltoallv(y, handle.recv_counts, handle.send_counts)
-    tokens, k = handle.weights.shape
-    pairs = torch.empty(tokens * k, y.shape[1], dtype=torch.float32)
-    pairs.index_copy_(0, handle.order, back.float())
-    out = torch.einsum("tk,tkh->th", handle.weights, pairs.view(tokens, k, y.shape[1]))
+    y = y.detach().contiguous()
+    width = y.shape[1]
+    back = y  # one process: the rows are already in send order
+    if comm.size > 1:
+        if handle.ungroup is not None:  # back to arrival order, to return as they came
+            y = torch.index_select(y, 0, handle.ungroup,
+                                   out=_scratch(comm, 0, rows, width, y.dtype))
+        back = _scratch(comm, 1, handle.slots.numel(), width, y.dtype)
+        _exchange(comm, y, handle.recvs, handle.sends, back)
+    if back.dtype != torch.float32:
+        back = _scratch(comm, 0, back.shape[0], width, torch.float32).copy_(back)
+    tokens = handle.slots.shape[0]
+    if width == 0:
+        return torch.zeros(tokens, 0, dtype=handle.dtype)
+    # out[t] = sum_j weights[t, j] * back[slots[t, j]], j in order, in one pass
+    out = F.embedding_bag(handle.slots, back, mode="sum", per_sample_weights=handle.weights)
     return out.to(handle.dtype)
+
+
+def _exchange(comm: Communicator, send: torch.Tensor, sends: list[list[int]],
+              recvs: list[list[int]], out: torch.Tensor) -> None:
+    """All-to-all-v of `send`'s rows into `out`, as one exchange per entry of
+    sends/recvs (rows to / from each rank), each on the next rows of both."""
+    at_send = at_out = 0
+    for s, r in zip(sends, recvs):
+        ns, nr = sum(s), sum(r)
+        comm.alltoallv(send[at_send:at_send + ns], s, r, out=out[at_out:at_out + nr])
+        at_send, at_out = at_send + ns, at_out + nr
+
+
+_SCRATCH: weakref.WeakKeyDictionary[Communicator, list[torch.Tensor | None]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _scratch(comm: Communicator, slot: int, rows: int, cols: int,
+             dtype: torch.dtype) -> torch.Tensor:
+    """Scratch buffer `slot` (0 or 1) of `comm` as a [rows, cols] tensor: grown when too
+    small, kept for the next call, never handed to the caller (fresh pages cost more than
+    the copy into them)."""
+    buffers = _SCRATCH.get(comm)
+    if buffers is None:
+        buffers = _SCRATCH[comm] = [None, None]
+    nbytes = rows * cols * dtype.itemsize
+    buf = buffers[slot]
+    if buf is None or buf.numel() < nbytes:
+        buffers[slot] = buf = None  # free the old one first
+        with torch.inference_mode(False):  # usable outside inference mode later
+            buf = buffers[slot] = torch.empty(nbytes + nbytes // 8, dtype=torch.uint8)
+    return buf[:nbytes].view(dtype).view(rows, cols)
 
 
 def _check_inputs(x: object, ids: object, weights: object, num_experts: int,

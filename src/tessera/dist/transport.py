@@ -12,7 +12,6 @@ elements or bytes; the communicator above checks shapes and dtypes.
 from __future__ import annotations
 
 import ctypes
-import os
 from functools import partial
 from typing import Any
 
@@ -29,8 +28,7 @@ _ITEMSIZE = (4, 2, 2, 4, 8, 8, 1)
 def _oneshot_max(size: int) -> int:
     """Largest allreduce done one-shot: every rank reads every copy, size x the bytes of
     two-shot's reduce-scatter, against two synchronizations instead of one."""
-    raw = os.environ.get("TESSERA_COMM_ONESHOT_MAX")
-    return int(raw) if raw is not None else max(4096, (128 << 10) // size)
+    return shm.env_int("TESSERA_COMM_ONESHOT_MAX", max(4096, (128 << 10) // size), lo=0)
 
 
 class ShmTransport:
@@ -51,6 +49,7 @@ class ShmTransport:
         self.local_size = segment.size
         self.errors: tuple[type[BaseException], ...] = (n.CommError,)
         self.timeout_errors: tuple[type[BaseException], ...] = (n.TimeoutError,)
+        self.abort_errors: tuple[type[BaseException], ...] = (n.AbortedError,)
         # bound once: a small collective costs one C call
         self.allreduce = partial(n.allreduce, h, algo, _oneshot_max(segment.size))
         self.allreduce_arrays = partial(n.allreduce_arrays, h, algo, _oneshot_max(segment.size))
@@ -110,6 +109,7 @@ class Hierarchical:
                         for k in range(max(nodes) + 1)]
         self.errors = (*local.errors, Exception)
         self.timeout_errors = local.timeout_errors
+        self.abort_errors = local.abort_errors
         self._node = nodes[rank]
 
     def abort(self, message: str) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import tessera.dist as tdist
+from tessera.dist import moe
 from tessera.dist.moe import DispatchHandle, combine, dispatch
 from tessera.errors import CommError, DtypeError, ShapeError, TesseraError
 
@@ -132,6 +133,17 @@ def check_uneven_empty_local_expert() -> None:
 def check_no_tokens() -> None:
     inputs = [random_inputs("none", r, 0, 2, 3 * size, torch.float32) for r in range(size)]
     round_trip(inputs, 3 * size)
+
+
+def split(fn: Callable[[], None]) -> Callable[[], None]:
+    """fn with one exchange per local expert whatever the size (large calls do that)."""
+    def run() -> None:
+        saved, moe._SPLIT_MIN_BYTES = moe._SPLIT_MIN_BYTES, 0
+        try:
+            fn()
+        finally:
+            moe._SPLIT_MIN_BYTES = saved
+    return run
 
 
 def check_int32_ids_and_reuse() -> None:
@@ -260,6 +272,13 @@ def main() -> None:
         "uneven_empty_local_expert": check_uneven_empty_local_expert,
         "no_tokens": check_no_tokens,
         "int32_ids_and_reuse": check_int32_ids_and_reuse,
+        "split_float32_top2_three_experts_per_rank": split(random_case(f32, 2, 3)),
+        "split_float32_top2_wider_output": split(random_case(f32, 2, 2, wide=True)),
+        "split_bfloat16_top2_bfloat16_output": split(random_case(bf16, 2, 2, out_dtype=bf16)),
+        "split_uneven_one_rank_receives": split(check_uneven_one_rank_receives),
+        "split_uneven_empty_local_expert": split(check_uneven_empty_local_expert),
+        "split_no_tokens": split(check_no_tokens),
+        "split_int32_ids_and_reuse": split(check_int32_ids_and_reuse),
         "bad_num_experts": check_bad_num_experts,
         "bad_ids": check_bad_ids,
         "bad_weights": check_bad_weights,

@@ -16,11 +16,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tessera.errors import CommError, TesseraError
+from tessera.errors import CommError
 from tessera.runtime.toolchain import compile_extension
 
-__all__ = ["Layout", "Segment", "direct_min", "native", "new_token", "segment_name", "sweep_stale",
-           "unlink"]
+__all__ = ["Layout", "Segment", "direct_min", "env_int", "native", "new_token", "segment_name",
+           "sweep_stale", "unlink"]
 
 _SHM_DIR = Path("/dev/shm")
 _PREFIX = "tessera."
@@ -42,8 +42,8 @@ class Layout:
     """
 
     def __init__(self, size: int):
-        self.slot_bytes = _env_int("TESSERA_COMM_SLOT_BYTES", 1 << 20, lo=4096, multiple=64)
-        self.nslots = _env_int("TESSERA_COMM_SLOTS", 4, lo=2)
+        self.slot_bytes = env_int("TESSERA_COMM_SLOT_BYTES", 1 << 20, lo=4096, multiple=64)
+        self.nslots = env_int("TESSERA_COMM_SLOTS", 4, lo=2)
         self.nbuf = 2
         per_pair = (64 << 20) // max(1, size * size * self.nbuf)
         self.p2p_bytes = max(4096, min(256 << 10, per_pair // 64 * 64))
@@ -62,10 +62,10 @@ def spin_seconds(local_size: int) -> float:
 def direct_min() -> int:
     """Bytes per rank from which collectives copy straight between ranks' buffers (one
     copy instead of two through the segment); TESSERA_COMM_DIRECT_MIN, 0 turns it off."""
-    return _env_int("TESSERA_COMM_DIRECT_MIN", 256 << 10, lo=0)
+    return env_int("TESSERA_COMM_DIRECT_MIN", 256 << 10, lo=0)
 
 
-def _env_int(name: str, default: int, *, lo: int, multiple: int = 1) -> int:
+def env_int(name: str, default: int, *, lo: int, multiple: int = 1) -> int:
     raw = os.environ.get(name)
     if raw is None:
         return default
@@ -74,7 +74,7 @@ def _env_int(name: str, default: int, *, lo: int, multiple: int = 1) -> int:
     except ValueError:
         value = -1
     if value < lo or value % multiple:
-        raise TesseraError(f"{name}={raw!r} is not valid",
+        raise CommError(f"{name}={raw!r} is not valid",
                            hint=f"set an integer >= {lo}" +
                                 (f" and a multiple of {multiple}" if multiple > 1 else ""))
     return value
@@ -98,11 +98,10 @@ def sweep_stale() -> list[str]:
         return removed
     mine = f"{_PREFIX}{os.getuid()}."
     for path in _SHM_DIR.glob(mine + "*"):
-        try:
-            pid = int(path.name[len(mine):].split(".")[0])
-        except ValueError:
+        pid = path.name[len(mine):].split(".")[0]
+        if not pid.isdigit() or not 0 < int(pid) < 2**22:  # not a name we make
             continue
-        if not _alive(pid):
+        if not _alive(int(pid)):
             try:
                 path.unlink()
                 removed.append(path.name)

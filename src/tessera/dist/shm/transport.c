@@ -910,7 +910,7 @@ static PyObject *py_create(PyObject *self, PyObject *args) {
 
 /* ------------------------------------------------------------------------ Python binding */
 
-static PyObject *CommError, *TimeoutError_, *MismatchError;
+static PyObject *CommError, *TimeoutError_, *MismatchError, *AbortedError;
 
 /* A buffer: an object with the buffer protocol, or an address (int). */
 typedef struct { Py_buffer view; int has_view; void *ptr; } buf;
@@ -941,7 +941,8 @@ static void put_buf(buf *b) { if (b->has_view) PyBuffer_Release(&b->view); }
 static PyObject *finish(call *k, int e) {
     if (k->ts) PyEval_RestoreThread(k->ts);
     if (!e) Py_RETURN_NONE;
-    PyObject *type = e == E_TIMEOUT || e == E_DEAD ? TimeoutError_ : e == E_MISMATCH ? MismatchError : CommError;
+    PyObject *type = e == E_TIMEOUT || e == E_DEAD ? TimeoutError_ : e == E_MISMATCH ? MismatchError
+                   : e == E_ABORTED ? AbortedError : CommError;
     PyObject *exc = Py_BuildValue("(sii)", k->err, k->err_rank, e);
     if (exc) { PyErr_SetObject(type, exc); Py_DECREF(exc); }
     return NULL;
@@ -1291,6 +1292,8 @@ PyMODINIT_FUNC PyInit__tsr_shm(void) {
     PyModule_AddObject(m, "CommError", CommError);
     PyModule_AddObject(m, "TimeoutError", TimeoutError_);
     PyModule_AddObject(m, "MismatchError", MismatchError);
+    AbortedError = PyErr_NewException("_tsr_shm.AbortedError", CommError, NULL);
+    PyModule_AddObject(m, "AbortedError", AbortedError);
     Unsupported = PyErr_NewException("_tsr_shm.Unsupported", NULL, NULL);
     PyModule_AddObject(m, "Unsupported", Unsupported);
     return m;
