@@ -279,7 +279,7 @@ static int peer_dead(comm *c, int peer) {
  * then sleep, checking for an abort, a dead peer and the timeout. */
 static int wait_ge(call *k, volatile uint64_t *p, uint64_t want, int peer) {
     comm *c = k->c;
-    int64_t t0 = now_ns(), next_check = t0, t = t0;
+    int64_t t0 = now_ns(), next_check = t0 + 20000000, t = t0;
     do {
         for (int i = 0; i < 64; i++) {
             if (load_acq(p) >= want) return E_OK;
