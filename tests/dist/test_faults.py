@@ -16,9 +16,10 @@ from jobs import WORKERS, free_port
 SHM = Path("/dev/shm")
 
 
-def launch(scenario: str, nranks: int, out: Path) -> tuple[list[dict | None], list[int]]:
+def launch(scenario: str, nranks: int, out: Path, **extra: str
+           ) -> tuple[list[dict | None], list[int]]:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": str(nranks), "OMP_NUM_THREADS": "1"}
+           "WORLD_SIZE": str(nranks), "OMP_NUM_THREADS": "1", **extra}
     procs = [subprocess.Popen([sys.executable, str(WORKERS / "faults.py"), scenario, str(out)],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -63,6 +64,16 @@ def test_stuck_peer_times_out_and_learns_of_the_abort(tmp_path: Path) -> None:
     assert "aborted" in sleeper["message"] and "rank 0" in sleeper["message"]
     assert sleeper["seconds"] < 1
     assert leftovers(pids) == []
+
+
+def test_stuck_peer_on_another_node_times_out_in_the_engine(tmp_path: Path) -> None:
+    """Each rank its own "node": the wait happens inside gloo, whose timeout is the
+    communicator's, and still ends in CommTimeoutError."""
+    (waiter, sleeper), _ = launch("stuck_two_nodes", 2, tmp_path, TESSERA_COMM_LOCAL_SIZE="1")
+    assert waiter["error"] == "CommTimeoutError", waiter
+    assert "timed out" in waiter["message"]
+    assert waiter["seconds"] < 15
+    assert sleeper["error"] in ("CommTimeoutError", "CommError"), sleeper
 
 
 @pytest.mark.parametrize(("scenario", "nranks", "words"), [

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Engine", "GlooEngine", "MPIEngine", "as_float32", "from_float32"]
+__all__ = ["Engine", "EngineTimeout", "GlooEngine", "MPIEngine", "as_float32", "from_float32"]
 
 # dtype codes of the transport: float32 float16 bfloat16 int32 int64 float64 uint8
 _NP = (np.float32, np.float16, np.uint16, np.int32, np.int64, np.float64, np.uint8)
@@ -38,15 +38,31 @@ def from_float32(wide: np.ndarray, raw: np.ndarray, code: int) -> None:
     raw.view(np.uint16)[:] = rounded
 
 
+class EngineTimeout(RuntimeError):
+    """The engine gave up waiting for a peer (gloo's timeout; MPI has none)."""
+
+
+def _wait(work: Any) -> None:
+    """Wait for a gloo work; its timeout becomes EngineTimeout."""
+    try:
+        work.wait()
+    except RuntimeError as e:
+        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+            raise EngineTimeout(f"the inter-node engine (gloo) timed out: {e}") from e
+        raise
+
+
 def typed(raw: np.ndarray, code: int) -> np.ndarray:
     return raw.view(_NP[code])
 
 
 class Engine(ABC):
-    """Collectives among `size` processes (one per node, or all ranks) on byte arrays."""
+    """Collectives among `size` processes (one per node, or all ranks) on byte arrays;
+    `errors`: the exceptions its failures raise."""
 
     rank: int
     size: int
+    errors: tuple[type[BaseException], ...]
 
     @abstractmethod
     def allreduce(self, raw: np.ndarray, code: int, op: int) -> None:
@@ -91,6 +107,7 @@ class MPIEngine(Engine):
         from mpi4py import MPI
 
         self.MPI = MPI
+        self.errors = (MPI.Exception,)
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
@@ -139,6 +156,7 @@ class GlooEngine(Engine):
         import torch.distributed as dist
 
         self.store = store
+        self.errors = (RuntimeError,)  # torch.distributed's errors derive from it
         self.rank = rank
         self.size = size
         self.timeout = timeout
@@ -161,7 +179,7 @@ class GlooEngine(Engine):
         opts = dist.AllreduceOptions()
         opts.reduceOp = self._ops[op]
         wide = as_float32(raw, code) if code in HALF else typed(raw, code)
-        self.pg.allreduce([self._tensor(wide)], opts).wait()
+        _wait(self.pg.allreduce([self._tensor(wide)], opts))
         if code in HALF:
             from_float32(wide, raw, code)
 
@@ -170,7 +188,7 @@ class GlooEngine(Engine):
 
         opts = dist.BroadcastOptions()
         opts.rootRank = root
-        self.pg.broadcast([self._tensor(raw)], opts).wait()
+        _wait(self.pg.broadcast([self._tensor(raw)], opts))
 
     def allgatherv(self, src: np.ndarray, dst: np.ndarray, nbytes: list[int]) -> None:
         # gloo's allgather wants equal sizes: pad every block to the largest
@@ -178,8 +196,8 @@ class GlooEngine(Engine):
         padded = np.zeros(most, np.uint8)
         padded[:src.size] = src
         out = np.empty(most * self.size, np.uint8)
-        self.pg.allgather([[self._tensor(out[i * most:(i + 1) * most])
-                            for i in range(self.size)]], [self._tensor(padded)]).wait()
+        _wait(self.pg.allgather([[self._tensor(out[i * most:(i + 1) * most])
+                                  for i in range(self.size)]], [self._tensor(padded)]))
         for i, off in enumerate(_offsets(nbytes)):
             dst[off:off + nbytes[i]] = out[i * most:i * most + nbytes[i]]
 
@@ -187,16 +205,16 @@ class GlooEngine(Engine):
         p, r = self.size, self.rank
         sends = matrix[r * p:(r + 1) * p]
         recvs = [matrix[q * p + r] for q in range(p)]
-        self.pg.alltoall_base(self._tensor(dst), self._tensor(src), recvs, sends).wait()
+        _wait(self.pg.alltoall_base(self._tensor(dst), self._tensor(src), recvs, sends))
 
     def send(self, raw: np.ndarray, dst: int, tag: int) -> None:
-        self.pg.send([self._tensor(raw)], dst, tag).wait()
+        _wait(self.pg.send([self._tensor(raw)], dst, tag))
 
     def recv(self, raw: np.ndarray, src: int, tag: int) -> None:
-        self.pg.recv([self._tensor(raw)], src, tag).wait()
+        _wait(self.pg.recv([self._tensor(raw)], src, tag))
 
     def barrier(self) -> None:
-        self.pg.barrier().wait()
+        _wait(self.pg.barrier())
 
     def split(self, color: int | None, key: int) -> GlooEngine | None:
         self._splits += 1

@@ -18,14 +18,16 @@ checked first; a rank with invalid tensors raises its error after one small exch
 which every other rank learns of it and raises `CommError`, so nobody waits for a peer
 that has given up.
 
-Cost: each call makes one pass over its rows besides the exchange. `dispatch` gathers the
-rows into a send buffer in exchange order; `combine` sums each token's k weighted rows
-straight from what arrived (one gather-multiply-add, `embedding_bag`). Rows reach a rank
-grouped by source rank; to hand them over grouped by local expert, small exchanges
-reorder them on arrival (one more pass), large ones (from `_SPLIT_MIN_BYTES` a rank per
-extra expert) run one all-to-all-v per local expert so rows land in place. Send and
-arrival buffers are scratch space kept per communicator (two, grown to the largest call,
-freed with the communicator); what the calls return is always a new tensor.
+Cost: besides the exchanges, each call makes one pass over its rows. `dispatch` gathers
+the rows into a send buffer in exchange order; `combine` sums each token's k weighted rows
+straight from what came back (gather, multiply and add in one pass: `embedding_bag`).
+Rows reach a rank grouped by source rank: small exchanges regroup them by local expert on
+arrival (one more pass, and one in `combine` to send them back), large ones (from
+`_SPLIT_MIN_BYTES` received per rank per extra local expert) run one all-to-all-v per
+local expert so that the rows land in place. Send and arrival buffers are scratch space
+kept per communicator (two, grown to the largest call, freed with the communicator), as a
+large new tensor's page faults cost about as much as the copy into it; what the calls
+return is always a new tensor, or dispatch's `out`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ _ID_DTYPES = (torch.int32, torch.int64)
 # microseconds) and saves a copy of what a rank receives: worth it from about this many
 # bytes received per rank for each extra expert.
 _SPLIT_MIN_BYTES = 1 << 20
+# Smaller scratch buffers come from malloc's free lists without page faults.
+_SCRATCH_MIN_BYTES = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -66,16 +70,16 @@ class DispatchHandle:
     @property
     def send_counts(self) -> list[int]:
         """Rows sent to each rank (over all exchanges)."""
-        return [sum(c) for c in zip(*self.sends)]
+        return [sum(c) for c in zip(*self.sends, strict=True)]
 
     @property
     def recv_counts(self) -> list[int]:
         """Rows received from each rank (over all exchanges)."""
-        return [sum(c) for c in zip(*self.recvs)]
+        return [sum(c) for c in zip(*self.recvs, strict=True)]
 
 
 def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-             num_experts: int, comm: Communicator
+             num_experts: int, comm: Communicator, *, out: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchHandle]:
     """Send row t of `x` [T, H] to the rank of each expert `topk_ids[t, j]` ([T, k] int).
 
@@ -83,6 +87,12 @@ def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     (rows per local expert), handle): recv_x's rows are grouped by local expert, and
     within an expert ordered by source rank, then token, then j, so `counts` are the
     `sizes` of a grouped GEMM. `topk_weights` [T, k] are kept for `combine`.
+
+    recv_x is a new tensor, or with `out` (a contiguous [M, H] CPU tensor of x's dtype,
+    not x's memory: say the previous step's recv_x buffer once done with it) out[:N] if
+    M >= N, else a new tensor. N is only known once the ranks have exchanged counts, so
+    size `out` for the most rows this rank may receive; reusing it saves the page faults
+    of a new large tensor (about as long as the copy into it).
     """
     if not isinstance(comm, Communicator):
         raise CommError(f"dispatch: comm must be a tessera.dist Communicator, got "
@@ -94,7 +104,8 @@ def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
                          f"{comm.size} ranks", where=where,
                          hint="use a positive multiple of the communicator's size")
     size, local = comm.size, num_experts // comm.size
-    problem = _check_inputs(x, topk_ids, topk_weights, num_experts, where)
+    problem = _check_inputs(x, topk_ids, topk_weights, num_experts, where) or \
+        _check_out(out, x, where)
     # table[r] = [problem?, bytes this rank sends, rows for each of rank r's experts]; the
     # alltoall gives every rank what each peer sends it, whether any peer's inputs were
     # invalid, and every rank's total (which picks the same exchange plan everywhere).
@@ -117,41 +128,40 @@ def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     tokens, k = topk_ids.shape
     hidden = x.shape[1]
     x = x.detach()
-    send_table = table[:, 2:]   # [destination rank, its local expert]
     recv_table = arrived[:, 2:]  # [source rank, local expert]
+    counts = recv_table.sum(0)
+    n = int(counts.sum())
+    recv_x = out[:n] if out is not None and len(out) >= n else \
+        torch.empty(n, hidden, dtype=x.dtype)
     split = size > 1 and local > 1 and \
         int(arrived[:, 1].sum()) >= size * (local - 1) * _SPLIT_MIN_BYTES
     # Send order: by destination rank, then local expert (the expert id), or with one
     # exchange per local expert by local expert, then rank; ties keep pair order t*k + j.
-    key = ids % local * size + ids // local if split else ids
-    order = torch.argsort(key, stable=True)
-    slots = torch.empty_like(order)
-    slots[order] = torch.arange(order.numel())
+    order = torch.argsort(ids % local * size + ids // local if split else ids, stable=True)
     rows = order // k
-    counts = recv_table.sum(0)
     ungroup = None
     if size == 1:
-        sends = recvs = [[len(rows)]]
-        recv_x = x.index_select(0, rows)
+        sends = recvs = [[n]]
+        torch.index_select(x, 0, rows, out=recv_x)
     else:
         send = torch.index_select(x, 0, rows, out=_scratch(comm, 0, len(rows), hidden, x.dtype))
+        send_table = table[:, 2:]  # [destination rank, its local expert]
         if split:
             sends, recvs = send_table.t().tolist(), recv_table.t().tolist()
-            recv_x = torch.empty(int(counts.sum()), hidden, dtype=x.dtype)
             _exchange(comm, send, sends, recvs, recv_x)
         else:
             sends, recvs = [send_table.sum(1).tolist()], [recv_table.sum(1).tolist()]
             if local == 1:
-                recv_x = comm.alltoallv(send, sends[0], recvs[0])
-            else:
+                comm.alltoallv(send, sends[0], recvs[0], out=recv_x)
+            else:  # arrived by source rank, then expert: regroup by expert
                 grouping = _grouping(recv_table)
-                arrival = _scratch(comm, 1, len(grouping), hidden, x.dtype)
+                arrival = _scratch(comm, 1, n, hidden, x.dtype)
                 comm.alltoallv(send, sends[0], recvs[0], out=arrival)
-                recv_x = arrival.index_select(0, grouping)
-                ungroup = torch.empty_like(grouping)
-                ungroup[grouping] = torch.arange(len(grouping))
+                torch.index_select(arrival, 0, grouping, out=recv_x)
+                ungroup = _inverse(grouping)
     recv_ids = torch.repeat_interleave(torch.arange(local), counts)
-    handle = DispatchHandle(comm, slots.view(tokens, k), topk_weights.float().contiguous(),
+    handle = DispatchHandle(comm, _inverse(order).view(tokens, k),
+                            topk_weights.float().contiguous(),
                             sends, recvs, ungroup, x.dtype)
     return recv_x, recv_ids, counts, handle
 
@@ -193,12 +203,17 @@ def combine(y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
     return out.to(handle.dtype)
 
 
+def _inverse(p: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation of `p`: q[p[i]] = i."""
+    return torch.empty_like(p).scatter_(0, p, torch.arange(len(p)))
+
+
 def _exchange(comm: Communicator, send: torch.Tensor, sends: list[list[int]],
               recvs: list[list[int]], out: torch.Tensor) -> None:
     """All-to-all-v of `send`'s rows into `out`, as one exchange per entry of
     sends/recvs (rows to / from each rank), each on the next rows of both."""
     at_send = at_out = 0
-    for s, r in zip(sends, recvs):
+    for s, r in zip(sends, recvs, strict=True):
         ns, nr = sum(s), sum(r)
         comm.alltoallv(send[at_send:at_send + ns], s, r, out=out[at_out:at_out + nr])
         at_send, at_out = at_send + ns, at_out + nr
@@ -210,13 +225,15 @@ _SCRATCH: weakref.WeakKeyDictionary[Communicator, list[torch.Tensor | None]] = \
 
 def _scratch(comm: Communicator, slot: int, rows: int, cols: int,
              dtype: torch.dtype) -> torch.Tensor:
-    """Scratch buffer `slot` (0 or 1) of `comm` as a [rows, cols] tensor: grown when too
-    small, kept for the next call, never handed to the caller (fresh pages cost more than
-    the copy into them)."""
+    """Scratch buffer `slot` (0 or 1) of `comm` as a [rows, cols] tensor, never handed to
+    the caller: from _SCRATCH_MIN_BYTES kept for the next call (grown when too small), as
+    a large new tensor's page faults cost about as much as the copy into it."""
+    nbytes = rows * cols * dtype.itemsize
+    if nbytes < _SCRATCH_MIN_BYTES:
+        return torch.empty(rows, cols, dtype=dtype)
     buffers = _SCRATCH.get(comm)
     if buffers is None:
         buffers = _SCRATCH[comm] = [None, None]
-    nbytes = rows * cols * dtype.itemsize
     buf = buffers[slot]
     if buf is None or buf.numel() < nbytes:
         buffers[slot] = buf = None  # free the old one first
@@ -255,6 +272,24 @@ def _check_inputs(x: object, ids: object, weights: object, num_experts: int,
     if not weights.is_floating_point():
         return DtypeError(f"dispatch: topk_weights is {weights.dtype}", where=where,
                           hint="routing weights are floating point")
+    return None
+
+
+def _check_out(out: object, x: torch.Tensor, where: str) -> TesseraError | None:
+    """What is wrong with dispatch's `out` (for a valid x), or None."""
+    if out is None:
+        return None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != x.shape[1] \
+            or out.dtype != x.dtype or out.device.type != "cpu" or not out.is_contiguous() \
+            or out.requires_grad or (out.numel() and x.numel() and
+                                     out.untyped_storage().data_ptr() ==
+                                     x.untyped_storage().data_ptr()):
+        got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, torch.Tensor) else \
+            type(out).__name__
+        return ShapeError(f"dispatch: out must be a contiguous [rows, {x.shape[1]}] CPU "
+                          f"tensor of {x.dtype} that does not need grad, apart from x, got "
+                          f"{got}", where=where,
+                          hint="allocate it with torch.empty(rows, H, dtype=x.dtype)")
     return None
 
 

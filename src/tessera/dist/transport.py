@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from tessera.dist import shm
-from tessera.dist.engine import Engine
+from tessera.dist.engine import Engine, EngineTimeout
 
 __all__ = ["Hierarchical", "ShmTransport", "Transport"]
 
@@ -107,18 +107,19 @@ class Hierarchical:
         self.local_size = local.local_size
         self.members = [[r for r, n in enumerate(nodes) if n == k]
                         for k in range(max(nodes) + 1)]
-        self.errors = (*local.errors, Exception)
-        self.timeout_errors = local.timeout_errors
+        self.errors = (*local.errors, *world.errors)
+        self.timeout_errors = (*local.timeout_errors, EngineTimeout)
         self.abort_errors = local.abort_errors
         self._node = nodes[rank]
 
     def abort(self, message: str) -> None:
         self.local.abort(message)
 
-    @staticmethod
-    def describe_error(e: BaseException) -> tuple[str, int]:
-        if len(e.args) == 3 and isinstance(e.args[1], int):
-            return e.args[0], e.args[1]
+    def describe_error(self, e: BaseException) -> tuple[str, int]:
+        if isinstance(e, self.local.errors):
+            return self.local.describe_error(e)
+        if isinstance(e, EngineTimeout):
+            return str(e), -1
         return f"the inter-node engine failed: {e}", -1
 
     def _local_of(self, rank: int) -> int:

@@ -39,7 +39,7 @@ def scenario(name: str, c) -> dict | None:
                 os.kill(os.getpid(), signal.SIGKILL)
             os._exit(0)
         return outcome(lambda: c.allreduce(np.ones(1 << 20, np.float32)))
-    if name == "stuck":
+    if name in ("stuck", "stuck_two_nodes"):
         c.barrier()
         if r == 1:
             time.sleep(6)                       # alive but silent past rank 0's timeout
@@ -65,7 +65,7 @@ def scenario(name: str, c) -> dict | None:
 
 def main() -> None:
     name, out = sys.argv[1], Path(sys.argv[2])
-    timeout = 2.0 if name == "stuck" else 60.0
+    timeout = 2.0 if name.startswith("stuck") else 60.0
     c = tdist.init(timeout=timeout)
     result = scenario(name, c)
     result["after"] = outcome(lambda: c.allreduce(np.ones(4, np.float32)))["error"]

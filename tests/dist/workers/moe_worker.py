@@ -135,15 +135,59 @@ def check_no_tokens() -> None:
     round_trip(inputs, 3 * size)
 
 
-def split(fn: Callable[[], None]) -> Callable[[], None]:
-    """fn with one exchange per local expert whatever the size (large calls do that)."""
+def large(fn: Callable[[], None], split: bool = False) -> Callable[[], None]:
+    """fn as large calls run it: through the kept scratch buffers, and with `split` one
+    exchange per local expert."""
     def run() -> None:
-        saved, moe._SPLIT_MIN_BYTES = moe._SPLIT_MIN_BYTES, 0
+        saved = moe._SCRATCH_MIN_BYTES, moe._SPLIT_MIN_BYTES
+        moe._SCRATCH_MIN_BYTES = 0
+        if split:
+            moe._SPLIT_MIN_BYTES = 0
         try:
             fn()
         finally:
-            moe._SPLIT_MIN_BYTES = saved
+            moe._SCRATCH_MIN_BYTES, moe._SPLIT_MIN_BYTES = saved
     return run
+
+
+def check_out_buffer() -> None:
+    # recv_x is out[:N] when out has room, else a new tensor; the same rows either way.
+    x, ids, w = random_inputs("out", rank, 6, 2, 2 * size, torch.float32)
+    want, _, _, _ = dispatch(x, ids, w, 2 * size, comm)
+    room = torch.full((len(want) + 3, HIDDEN), float("nan"))
+    got, recv_ids, _, handle = dispatch(x, ids, w, 2 * size, comm, out=room)
+    same(got, want, "recv_x in out")
+    assert got.data_ptr() == room.data_ptr() and len(got) == len(want)
+    assert torch.isnan(room[len(want):]).all(), "wrote past recv_x"
+    y = expert(got, recv_ids + 2 * rank, False)
+    same(combine(y, handle), sum(w[:, j, None] * expert(x, ids[:, j], False)
+                                 for j in range(2)), "combine")
+    small = torch.empty(max(len(want) - 1, 0), HIDDEN)
+    got, _, _, _ = dispatch(x, ids, w, 2 * size, comm, out=small)
+    same(got, want, "recv_x with too small an out")
+    assert len(want) == 0 or got.data_ptr() != small.data_ptr()
+
+
+def check_bad_out() -> None:
+    x, ids, w = good()
+    for bad in (torch.empty(64, HIDDEN + 1), torch.empty(64, HIDDEN, dtype=torch.float64),
+                torch.empty(HIDDEN, 64).t(), torch.empty(64 * HIDDEN), x,
+                torch.empty(64, HIDDEN, requires_grad=True), x.numpy()):
+        expect(ShapeError, "out must be",
+               lambda bad=bad: dispatch(x, ids, w, 2 * size, comm, out=bad))
+    healthy()
+
+
+def check_grad_and_inference_mode() -> None:
+    # x needing grad is sent as data; scratch made in inference mode serves later calls.
+    x, ids, w = random_inputs("grad", rank, 5, 2, 2 * size, torch.float32)
+    want = sum(w[:, j, None] * expert(x, ids[:, j], False) for j in range(2))
+    x.requires_grad_()
+    for mode in (torch.inference_mode(), torch.no_grad(), torch.enable_grad()):
+        with mode:
+            recv_x, recv_ids, _, handle = dispatch(x, ids, w, 2 * size, comm)
+            y = expert(recv_x, recv_ids + 2 * rank, False)
+            same(combine(y, handle), want, f"combine under {type(mode).__name__}")
 
 
 def check_int32_ids_and_reuse() -> None:
@@ -272,18 +316,26 @@ def main() -> None:
         "uneven_empty_local_expert": check_uneven_empty_local_expert,
         "no_tokens": check_no_tokens,
         "int32_ids_and_reuse": check_int32_ids_and_reuse,
-        "split_float32_top2_three_experts_per_rank": split(random_case(f32, 2, 3)),
-        "split_float32_top2_wider_output": split(random_case(f32, 2, 2, wide=True)),
-        "split_bfloat16_top2_bfloat16_output": split(random_case(bf16, 2, 2, out_dtype=bf16)),
-        "split_uneven_one_rank_receives": split(check_uneven_one_rank_receives),
-        "split_uneven_empty_local_expert": split(check_uneven_empty_local_expert),
-        "split_no_tokens": split(check_no_tokens),
-        "split_int32_ids_and_reuse": split(check_int32_ids_and_reuse),
+        "out_buffer": check_out_buffer,
+        "grad_and_inference_mode": large(check_grad_and_inference_mode),
+        "large_float32_top2_three_experts_per_rank": large(random_case(f32, 2, 3)),
+        "large_bfloat16_top2_bfloat16_output": large(random_case(bf16, 2, 2, out_dtype=bf16)),
+        "large_float32_top1_one_expert_per_rank": large(random_case(f32, 1, 1)),
+        "split_float32_top2_three_experts_per_rank": large(random_case(f32, 2, 3), True),
+        "split_float32_top2_wider_output": large(random_case(f32, 2, 2, wide=True), True),
+        "split_bfloat16_top2_bfloat16_output":
+            large(random_case(bf16, 2, 2, out_dtype=bf16), True),
+        "split_uneven_one_rank_receives": large(check_uneven_one_rank_receives, True),
+        "split_uneven_empty_local_expert": large(check_uneven_empty_local_expert, True),
+        "split_no_tokens": large(check_no_tokens, True),
+        "split_int32_ids_and_reuse": large(check_int32_ids_and_reuse, True),
+        "split_out_buffer": large(check_out_buffer, True),
         "bad_num_experts": check_bad_num_experts,
         "bad_ids": check_bad_ids,
         "bad_weights": check_bad_weights,
         "bad_x": check_bad_x,
         "bad_combine": check_bad_combine,
+        "bad_out": check_bad_out,
         "one_rank_bad": check_one_rank_bad,
         "example": check_example,
     }
