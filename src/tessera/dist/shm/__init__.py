@@ -62,7 +62,7 @@ def spin_seconds(local_size: int) -> float:
 def direct_min() -> int:
     """Bytes per rank from which collectives copy straight between ranks' buffers (one
     copy instead of two through the segment); TESSERA_COMM_DIRECT_MIN, 0 turns it off."""
-    return env_int("TESSERA_COMM_DIRECT_MIN", 256 << 10, lo=0)
+    return env_int("TESSERA_COMM_DIRECT_MIN", 16 << 10, lo=0)
 
 
 def env_int(name: str, default: int, *, lo: int, multiple: int = 1) -> int:

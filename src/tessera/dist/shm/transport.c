@@ -471,25 +471,34 @@ static int allreduce_twoshot(call *k, const uint8_t *src, uint8_t *dst, size_t n
 
 typedef struct { uint64_t src, dst; } addresses;
 
-static int peer_read(call *k, int q, void *to, uint64_t from, size_t n) {
+/* Copy n bytes between this rank's `mine` and peer q's address `theirs`, one kernel copy;
+ * `write` says which way. */
+static int peer_copy(call *k, int q, void *mine, uint64_t theirs, size_t n, int write) {
     comm *c = k->c;
     while (n) {
-        struct iovec local = {to, n}, remote = {(void *)(uintptr_t)from, n};
-        ssize_t got = process_vm_readv((pid_t)c->ranks[q].pid, &local, 1, &remote, 1, 0);
+        struct iovec local = {mine, n}, remote = {(void *)(uintptr_t)theirs, n};
+        pid_t pid = (pid_t)c->ranks[q].pid;
+        ssize_t got = write ? process_vm_writev(pid, &local, 1, &remote, 1, 0)
+                            : process_vm_readv(pid, &local, 1, &remote, 1, 0);
         if (got <= 0) {
             if (got < 0 && errno == EINTR) continue;
             int e = got < 0 ? errno : EIO;
             if (peer_dead(c, q))
                 return fail(k, E_DEAD, q, "rank %d (pid %lld) died", q, (long long)c->ranks[q].pid);
-            fail(k, E_SYS, q, "reading rank %d's buffer failed: %s", q, strerror(e));
+            fail(k, E_SYS, q, "%s rank %d's buffer failed: %s", write ? "writing" : "reading",
+                 q, strerror(e));
             comm_abort(c, k->err);
             return E_SYS;
         }
-        to = (uint8_t *)to + got;
-        from += (uint64_t)got;
+        mine = (uint8_t *)mine + got;
+        theirs += (uint64_t)got;
         n -= (size_t)got;
     }
     return E_OK;
+}
+
+static int peer_read(call *k, int q, void *to, uint64_t from, size_t n) {
+    return peer_copy(k, q, to, from, n, 0);
 }
 
 /* Post this rank's buffer addresses and read everyone's. */
@@ -530,8 +539,10 @@ static uint8_t *scratch(call *k) {
     return k->c->scratch;
 }
 
-/* Reduce-scatter then all-gather, both reading peers' buffers directly. Slice r of the
- * result is reduced by rank r (its own input first, then the others in rank order). */
+/* Slice r of the result is reduced by rank r from every rank's input (its own first, then
+ * the others' in rank order, read directly), and written straight into every rank's
+ * output while it is hot in L2: reduce-scatter and all-gather in one pass. In place is
+ * safe: rank r reads and writes only slice r of its peers' buffers, piece by piece. */
 static int allreduce_direct(call *k, const uint8_t *src, uint8_t *dst, size_t n, int dt, int op,
                             uint32_t sig) {
     comm *c = k->c;
@@ -556,13 +567,12 @@ static int allreduce_direct(call *k, const uint8_t *src, uint8_t *dst, size_t n,
             srcs[j++] = to;
         }
         reducers[dt][op](dst + i * es, NULL, srcs, P, m);
+        for (int q = 0; q < P; q++)  /* the piece is hot in L2: hand it out now */
+            if (q != me) TRY(peer_copy(k, q, dst + i * es, all[q].dst + i * es, m * es, 1));
     }
-    TRY(sync_step(k, sig, n));                  /* every slice reduced, every input read */
-    for (int q = 0; q < P; q++)
-        if (q != me) TRY(peer_read(k, q, dst + LO(q) * es, all[q].dst + LO(q) * es, (HI(q) - LO(q)) * es));
     #undef LO
     #undef HI
-    return sync_step(k, sig, n);                /* nobody reads my result any more */
+    return sync_step(k, sig, n);                /* every slice everywhere, no reads left */
 }
 
 static int do_allreduce(call *k, const void *src, void *dst, size_t n, int dt, int op, int root,
