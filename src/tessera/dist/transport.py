@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ctypes
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -29,6 +29,30 @@ def _oneshot_max(size: int) -> int:
     """Largest allreduce done one-shot: every rank reads every copy, size x the bytes of
     two-shot's reduce-scatter, against two synchronizations instead of one."""
     return shm.env_int("TESSERA_COMM_ONESHOT_MAX", max(4096, (128 << 10) // size), lo=0)
+
+
+class Transport(Protocol):
+    """What a communicator needs of a transport (ShmTransport, Hierarchical). Buffers are
+    numpy arrays or addresses; sizes are elements (reductions) or bytes (movement)."""
+
+    name: str
+    local_rank: int
+    local_size: int
+    errors: tuple[type[BaseException], ...]
+    timeout_errors: tuple[type[BaseException], ...]
+    abort_errors: tuple[type[BaseException], ...]
+
+    def allreduce(self, src: Any, dst: Any, n: int, code: int, op: int, root: int) -> None: ...
+    def broadcast(self, buf: Any, nbytes: int, root: int) -> None: ...
+    def allgatherv(self, src: Any, dst: Any, nbytes: list[int]) -> None: ...
+    def reduce_scatterv(self, src: Any, dst: Any, counts: list[int], code: int,
+                        op: int) -> None: ...
+    def alltoallv(self, src: Any, dst: Any, matrix: list[int]) -> None: ...
+    def send(self, buf: Any, nbytes: int, dst: int, tag: int) -> None: ...
+    def recv(self, buf: Any, nbytes: int, src: int, tag: int) -> None: ...
+    def barrier(self) -> None: ...
+    def abort(self, message: str) -> None: ...
+    def describe_error(self, e: BaseException) -> tuple[str, int]: ...
 
 
 class ShmTransport:
@@ -70,9 +94,6 @@ class ShmTransport:
     def describe_error(e: BaseException) -> tuple[str, int]:
         message, rank, _code = e.args
         return message, rank
-
-
-Transport = ShmTransport  # the interface both transports implement
 
 
 def as_bytes(handle: Any, nbytes: int) -> np.ndarray:
