@@ -189,6 +189,27 @@ def test_reduce_local_matches_reference(code: int, op: int, n: int, nsrc: int, s
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("code", [1, 2], ids=["float16", "bfloat16"])
+def test_portable_build_reduces_16_bit_floats_alike(monkeypatch: pytest.MonkeyPatch,
+                                                   code: int) -> None:
+    """A build without F16C (plain x86-64) converts 16-bit floats in C and gets the same
+    bits as the native build (and the reference)."""
+    from tessera.runtime.toolchain import compile_extension
+
+    native = shm.native()
+    monkeypatch.setenv("TESSERA_CFLAGS", "-march=x86-64 -mtune=generic")
+    portable = compile_extension((Path(shm.__file__).parent / "transport.c").read_text(),
+                                 "_tsr_shm")
+    assert portable is not native
+    srcs = _sources(code, 2051, 3, 7, 300.0, 0.01, 1)
+    for op in range(4):
+        expected = _reference(srcs, code, op)
+        for module in (portable, native):
+            dst = torch.empty(2051, dtype=TORCH[code])
+            module.reduce_local(_buffer(dst), [_buffer(x) for x in srcs], 2051, code, op)
+            np.testing.assert_array_equal(dst.float().numpy(), expected)
+
+
 def _bf16(bits: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.array(bits, np.uint16).view(np.int16)).view(torch.bfloat16)
 

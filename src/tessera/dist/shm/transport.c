@@ -119,38 +119,62 @@ typedef struct {
 
 #define BLOCK 1024
 
-#if defined(__FLT16_MAX__)
-typedef _Float16 f16_t;
-static inline float f16_load(const uint16_t *p, size_t i) { return (float)((const f16_t *)p)[i]; }
-static inline void f16_store(uint16_t *p, size_t i, float v) { ((f16_t *)p)[i] = (f16_t)v; }
-#else
-static inline float f16_load(const uint16_t *p, size_t i) {
-    uint32_t h = p[i], s = (h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
-    if (e == 0x1f) u = s | 0x7f800000u | (m << 13);
-    else if (e) u = s | ((e + 112) << 23) | (m << 13);
-    else if (m) { float f = (float)m * 0x1p-24f; memcpy(&u, &f, 4); u |= s; }
-    else u = s;
-    float f; memcpy(&f, &u, 4); return f;
+/* Blocks of 16-bit floats widened to float32 and rounded back (nearest even, NaN kept):
+ * F16C instructions where the CPU has them, else C. */
+#if defined(__F16C__)
+static void f16_widen(float *d, const uint16_t *s, size_t m) {
+    size_t i = 0;
+    for (; i + 8 <= m; i += 8)
+        _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+    for (; i < m; i++) d[i] = _cvtsh_ss(s[i]);
 }
-static inline void f16_store(uint16_t *p, size_t i, float v) {
-    uint32_t u; memcpy(&u, &v, 4);
-    uint32_t s = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-    uint16_t h;
-    if (a > 0x7f800000u) h = (uint16_t)(s | 0x7e00u);
-    else if (a >= 0x477ff000u) h = (uint16_t)(s | 0x7c00u);
-    else if (a < 0x38800000u) { float f; memcpy(&f, &a, 4); h = (uint16_t)(s | (uint32_t)nearbyintf(f * 0x1p24f)); }
-    else { uint32_t r = a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u; h = (uint16_t)(s | (r >> 13)); }
-    p[i] = h;
+static void f16_narrow(uint16_t *d, const float *s, size_t m) {
+    size_t i = 0;
+    for (; i + 8 <= m; i += 8)
+        _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < m; i++) d[i] = _cvtss_sh(s[i], _MM_FROUND_TO_NEAREST_INT);
+}
+#elif defined(__FLT16_MAX__)
+static void f16_widen(float *d, const uint16_t *s, size_t m) {
+    for (size_t i = 0; i < m; i++) d[i] = (float)((const _Float16 *)s)[i];
+}
+static void f16_narrow(uint16_t *d, const float *s, size_t m) {
+    for (size_t i = 0; i < m; i++) ((_Float16 *)d)[i] = (_Float16)s[i];
+}
+#else
+static void f16_widen(float *d, const uint16_t *s, size_t m) {
+    for (size_t i = 0; i < m; i++) {
+        uint32_t h = s[i], sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1f, f = h & 0x3ff, u;
+        if (e == 0x1f) u = sign | 0x7f800000u | (f << 13);
+        else if (e) u = sign | ((e + 112) << 23) | (f << 13);
+        else { float v = (float)f * 0x1p-24f; memcpy(&u, &v, 4); u |= sign; }
+        memcpy(d + i, &u, 4);
+    }
+}
+static void f16_narrow(uint16_t *d, const float *s, size_t m) {
+    for (size_t i = 0; i < m; i++) {
+        uint32_t u; memcpy(&u, s + i, 4);
+        uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+        if (a > 0x7f800000u) d[i] = (uint16_t)(sign | 0x7e00u);
+        else if (a >= 0x477ff000u) d[i] = (uint16_t)(sign | 0x7c00u);
+        else if (a < 0x38800000u) { float v; memcpy(&v, &a, 4); d[i] = (uint16_t)(sign | (uint32_t)nearbyintf(v * 0x1p24f)); }
+        else d[i] = (uint16_t)(sign | ((a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13));
+    }
 }
 #endif
 
-static inline float bf16_load(const uint16_t *p, size_t i) {
-    uint32_t u = (uint32_t)p[i] << 16; float f; memcpy(&f, &u, 4); return f;
+static void bf16_widen(float *d, const uint16_t *s, size_t m) {
+    for (size_t i = 0; i < m; i++) {
+        uint32_t u = (uint32_t)s[i] << 16;
+        memcpy(d + i, &u, 4);
+    }
 }
-static inline void bf16_store(uint16_t *p, size_t i, float v) {
-    uint32_t u; memcpy(&u, &v, 4);
-    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    p[i] = (uint16_t)((v != v) ? 0x7fc0u : r);
+static void bf16_narrow(uint16_t *d, const float *s, size_t m) {
+    for (size_t i = 0; i < m; i++) {
+        uint32_t u; memcpy(&u, s + i, 4);
+        uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        d[i] = (uint16_t)((s[i] != s[i]) ? 0x7fc0u : r);
+    }
 }
 
 /* Binary ops; max/min propagate NaN as torch.maximum/minimum do. */
@@ -178,19 +202,18 @@ static inline void bf16_store(uint16_t *p, size_t i, float v) {
     }
 
 /* 16-bit floats accumulate in float32 and round once. */
-#define DEF_HALF(NAME, LOAD, STORE, F)                                                      \
+#define DEF_HALF(NAME, WIDEN, NARROW, F)                                                    \
     static void NAME(void *out_, void *out2_, const void *const *srcs, int n, size_t count) { \
         uint16_t *out = out_, *out2 = out2_;                                                \
-        float acc[BLOCK];                                                                   \
+        float acc[BLOCK], next[BLOCK];                                                      \
         for (size_t b = 0; b < count; b += BLOCK) {                                         \
             size_t m = count - b < BLOCK ? count - b : BLOCK;                               \
-            const uint16_t *s0 = (const uint16_t *)srcs[0] + b;                             \
-            for (size_t i = 0; i < m; i++) acc[i] = LOAD(s0, i);                            \
+            WIDEN(acc, (const uint16_t *)srcs[0] + b, m);                                   \
             for (int j = 1; j < n; j++) {                                                   \
-                const uint16_t *sj = (const uint16_t *)srcs[j] + b;                         \
-                for (size_t i = 0; i < m; i++) acc[i] = F(acc[i], LOAD(sj, i));             \
+                WIDEN(next, (const uint16_t *)srcs[j] + b, m);                              \
+                for (size_t i = 0; i < m; i++) acc[i] = F(acc[i], next[i]);                 \
             }                                                                               \
-            for (size_t i = 0; i < m; i++) STORE(out + b, i, acc[i]);                       \
+            NARROW(out + b, acc, m);                                                        \
             if (out2) memcpy(out2 + b, out + b, m * 2);                                     \
         }                                                                                   \
     }
@@ -210,19 +233,19 @@ static inline void bf16_store(uint16_t *p, size_t i, float v) {
     DEF_NATIVE(NAME##_max, T, F_MAX)                                                        \
     DEF_NATIVE(NAME##_min, T, F_MIN)
 
-#define DEF_HALFS(NAME, LOAD, STORE)                                                        \
-    DEF_HALF(NAME##_sum, LOAD, STORE, F_SUM)                                                \
-    DEF_HALF(NAME##_prod, LOAD, STORE, F_PROD)                                              \
-    DEF_HALF(NAME##_max, LOAD, STORE, F_MAX)                                                \
-    DEF_HALF(NAME##_min, LOAD, STORE, F_MIN)
+#define DEF_HALFS(NAME, WIDEN, NARROW)                                                      \
+    DEF_HALF(NAME##_sum, WIDEN, NARROW, F_SUM)                                              \
+    DEF_HALF(NAME##_prod, WIDEN, NARROW, F_PROD)                                            \
+    DEF_HALF(NAME##_max, WIDEN, NARROW, F_MAX)                                              \
+    DEF_HALF(NAME##_min, WIDEN, NARROW, F_MIN)
 
 DEF_FLOAT(r_f32, float)
 DEF_FLOAT(r_f64, double)
 DEF_INT(r_i32, int32_t, uint32_t)
 DEF_INT(r_i64, int64_t, uint64_t)
 DEF_INT(r_u8, uint8_t, uint32_t)
-DEF_HALFS(r_f16, f16_load, f16_store)
-DEF_HALFS(r_bf16, bf16_load, bf16_store)
+DEF_HALFS(r_f16, f16_widen, f16_narrow)
+DEF_HALFS(r_bf16, bf16_widen, bf16_narrow)
 
 typedef void (*reduce_fn)(void *, void *, const void *const *, int, size_t);
 #define ROW(N) {N##_sum, N##_prod, N##_max, N##_min}
