@@ -53,8 +53,9 @@ _NATIVE = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64
 _WIDEN = frozenset({torch.bool, torch.int8, torch.int16, torch.uint16, torch.uint32})
 
 _RedOp = dist.ReduceOp.RedOpType
-_OPS: dict[Any, str] = {_RedOp.SUM: "sum", _RedOp.PRODUCT: "prod", _RedOp.MAX: "max",
-                        _RedOp.MIN: "min", _RedOp.AVG: "sum"}
+_DIRECT_OPS: dict[Any, str] = {_RedOp.SUM: "sum", _RedOp.PRODUCT: "prod", _RedOp.MAX: "max",
+                               _RedOp.MIN: "min"}
+_OPS: dict[Any, str] = {**_DIRECT_OPS, _RedOp.AVG: "sum"}  # AVG: a sum, then a division
 
 
 def _seconds(timeout: Any) -> float | None:
@@ -405,6 +406,12 @@ class TesseraProcessGroup(dist.ProcessGroup):
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> TesseraWork:
         """All-reduce each tensor in place (one communicator call per tensor, in order)."""
         opts = opts if opts is not None else dist.AllreduceOptions()
+        if len(tensors) == 1 and not opts.asyncOp:  # the latency path: one plain tensor
+            t = tensors[0]
+            name = _DIRECT_OPS.get(opts.reduceOp.op)
+            if name is not None and t.dtype in _NATIVE and t.is_cpu and t.is_contiguous():
+                self.comm.allreduce(t, name, out=t)
+                return TesseraWork((), None, tensors)
         where = "dist.all_reduce"
         _check_cpu(tensors, where)
         inner: list = []
