@@ -83,6 +83,7 @@ def test_stuck_peer_on_another_node_times_out_in_the_engine(tmp_path: Path) -> N
     ("mismatch_op", 2, ["op sum", "op max"]),
     ("mismatch_kind", 2, ["allreduce", "broadcast"]),
     ("mismatch_root", 2, ["root 0", "root 1"]),
+    ("mismatch_alltoallv", 2, ["rank 0 sends 12 bytes to rank 1, which expects 24"]),
 ])
 def test_mismatched_collectives_are_reported_on_every_rank(
         scenario: str, nranks: int, words: list[str], tmp_path: Path) -> None:

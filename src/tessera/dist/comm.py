@@ -448,41 +448,57 @@ class Communicator:
                              f"communicator's size ({self.size})",
                              hint="use alltoallv for uneven blocks")
         n = rows // self.size
-        return self._alltoallv(x, [n] * self.size, [[n] * self.size] * self.size, out,
-                               async_op)
+        matrix = self._uniform(n)
+        return self._alltoallv(x, rows, out, async_op,
+                               lambda src, dst, unit: self._t.alltoallv(
+                                   src, dst, [c * unit for c in matrix]))
 
     def alltoallv(self, x: Any, send_counts: Sequence[int],
                   recv_counts: Sequence[int] | None = None, *, out: Any = None,
                   async_op: bool = False) -> Any:
         """Rows [sum(send_counts[:i]), ...+send_counts[i]) of `x` to rank i; the result holds
-        what each rank sent here, in rank order (`recv_counts` rows each). Every rank's
-        send counts are exchanged first (one small allgather)."""
+        what each rank sent here, in rank order (`recv_counts[j]` rows from rank j). Without
+        `recv_counts` every rank's send counts are exchanged first (one small allgather);
+        with them each peer's count is checked against them. Pass them on all ranks or
+        none."""
         rows, _ = _rows(x)
         send_counts = self._check_counts(send_counts, "alltoallv")
         if sum(send_counts) != rows:
             raise ShapeError(f"alltoallv: send_counts sum to {sum(send_counts)} rows, x has "
                              f"{rows}", hint="send_counts[i] is the rows sent to rank i")
+        if recv_counts is not None and self._t.pairs:
+            recv = self._check_counts(recv_counts, "alltoallv")
+            if recv[self.rank] != send_counts[self.rank]:
+                raise ShapeError(f"alltoallv: this rank sends itself {send_counts[self.rank]} "
+                                 f"rows but expects {recv[self.rank]}")
+            return self._alltoallv(x, sum(recv), out, async_op,
+                                   lambda src, dst, unit: self._t.alltoallv_pairs(
+                                       src, dst, [c * unit for c in send_counts],
+                                       [c * unit for c in recv]))
         matrix = self._count_matrix(send_counts)
         column = [matrix[q][self.rank] for q in range(self.size)]
         if recv_counts is not None and list(recv_counts) != column:
             raise ShapeError(f"alltoallv: recv_counts {list(recv_counts)} disagree with what "
                              f"the ranks send here {column}", hint="pass recv_counts=None")
-        return self._alltoallv(x, send_counts, matrix, out, async_op)
+        flat = [c for line in matrix for c in line]
+        return self._alltoallv(x, sum(column), out, async_op,
+                               lambda src, dst, unit: self._t.alltoallv(
+                                   src, dst, [c * unit for c in flat]))
 
-    def _alltoallv(self, x: Any, send_counts: list[int], matrix: list[list[int]], out: Any,
-                   async_op: bool) -> Any:
+    def _alltoallv(self, x: Any, recv_rows: int, out: Any, async_op: bool,
+                   move: Callable[[Any, Any, int], None]) -> Any:
+        """Allocate/check the output and run `move(src, dst, bytes per row)`."""
         _, row_shape = _rows(x)
         src, code, _ = _operand(x, "alltoallv")
         row = _numel(row_shape)
-        total = sum(matrix[q][self.rank] for q in range(self.size))
-        if out is None:
-            out = _empty(x, total * row, (total, *row_shape))
-        dst, back = _writable(out, code, total * row, "alltoallv")
-        if _shares_memory(x, out):
+        given = out is not None
+        if not given:
+            out = _empty(x, recv_rows * row, (recv_rows, *row_shape))
+        dst, back = _writable(out, code, recv_rows * row, "alltoallv")
+        if given and _shares_memory(x, out):
             src = _operand(_clone(x), "alltoallv")[0]
         unit = row * _ITEMSIZE[code]
-        nbytes = [c * unit for line in matrix for c in line]
-        return self._launch(lambda: self._t.alltoallv(src, dst, nbytes), back, out, async_op)
+        return self._launch(lambda: move(src, dst, unit), back, out, async_op)
 
     def _uniform(self, block: int) -> list[int]:
         """The all-to-all matrix of equal blocks (cached: the microsecond path)."""

@@ -75,8 +75,9 @@ class Engine(ABC):
     def allgatherv(self, src: np.ndarray, dst: np.ndarray, nbytes: list[int]) -> None: ...
 
     @abstractmethod
-    def alltoallv(self, src: np.ndarray, dst: np.ndarray, matrix: list[int]) -> None:
-        """`matrix[i * size + j]`: bytes rank i sends rank j."""
+    def alltoallv(self, src: np.ndarray, dst: np.ndarray, sends: list[int],
+                  recvs: list[int]) -> None:
+        """`sends[j]` bytes to rank j, `recvs[j]` bytes from it, blocks in rank order."""
 
     @abstractmethod
     def send(self, raw: np.ndarray, dst: int, tag: int) -> None: ...
@@ -127,10 +128,8 @@ class MPIEngine(Engine):
     def allgatherv(self, src: np.ndarray, dst: np.ndarray, nbytes: list[int]) -> None:
         self.comm.Allgatherv(src, [dst, nbytes, _offsets(nbytes), self.MPI.BYTE])
 
-    def alltoallv(self, src: np.ndarray, dst: np.ndarray, matrix: list[int]) -> None:
-        p, r = self.size, self.rank
-        sends = matrix[r * p:(r + 1) * p]
-        recvs = [matrix[q * p + r] for q in range(p)]
+    def alltoallv(self, src: np.ndarray, dst: np.ndarray, sends: list[int],
+                  recvs: list[int]) -> None:
         self.comm.Alltoallv([src, sends, _offsets(sends), self.MPI.BYTE],
                             [dst, recvs, _offsets(recvs), self.MPI.BYTE])
 
@@ -201,10 +200,8 @@ class GlooEngine(Engine):
         for i, off in enumerate(_offsets(nbytes)):
             dst[off:off + nbytes[i]] = out[i * most:i * most + nbytes[i]]
 
-    def alltoallv(self, src: np.ndarray, dst: np.ndarray, matrix: list[int]) -> None:
-        p, r = self.size, self.rank
-        sends = matrix[r * p:(r + 1) * p]
-        recvs = [matrix[q * p + r] for q in range(p)]
+    def alltoallv(self, src: np.ndarray, dst: np.ndarray, sends: list[int],
+                  recvs: list[int]) -> None:
         _wait(self.pg.alltoall_base(self._tensor(dst), self._tensor(src), recvs, sends))
 
     def send(self, raw: np.ndarray, dst: int, tag: int) -> None:

@@ -38,6 +38,7 @@ class Transport(Protocol):
     name: str
     local_rank: int
     local_size: int
+    pairs: bool  # alltoallv_pairs works (no count exchange needed)
     errors: tuple[type[BaseException], ...]
     timeout_errors: tuple[type[BaseException], ...]
     abort_errors: tuple[type[BaseException], ...]
@@ -48,6 +49,8 @@ class Transport(Protocol):
     def reduce_scatterv(self, src: Any, dst: Any, counts: list[int], code: int,
                         op: int) -> None: ...
     def alltoallv(self, src: Any, dst: Any, matrix: list[int]) -> None: ...
+    def alltoallv_pairs(self, src: Any, dst: Any, sends: list[int],
+                        recvs: list[int]) -> None: ...
     def send(self, buf: Any, nbytes: int, dst: int, tag: int) -> None: ...
     def recv(self, buf: Any, nbytes: int, src: int, tag: int) -> None: ...
     def barrier(self) -> None: ...
@@ -64,6 +67,10 @@ class ShmTransport:
     @property
     def name(self) -> str:
         return "shm+direct" if self.direct else "shm"
+
+    @property
+    def pairs(self) -> bool:
+        return self.direct
 
     def __init__(self, segment: shm.Segment, algo: int):
         n = shm.native()
@@ -82,6 +89,7 @@ class ShmTransport:
         self.allgatherv = partial(n.allgatherv, h)
         self.reduce_scatterv = partial(n.reduce_scatterv, h)
         self.alltoallv = partial(n.alltoallv, h)
+        self.alltoallv_pairs = partial(n.alltoallv_pairs, h)
         self.send = partial(n.send, h)
         self.recv = partial(n.recv, h)
         self.barrier = partial(n.barrier, h)
@@ -199,11 +207,15 @@ class Hierarchical:
         lo = sum(counts[:self.rank]) * size
         as_bytes(dst, counts[self.rank] * size)[:] = whole[lo:lo + counts[self.rank] * size]
 
+    pairs = True  # the engines need only this rank's row and column
+
     def alltoallv(self, src: Any, dst: Any, matrix: list[int]) -> None:
         p, r = len(self.nodes), self.rank
-        sent = sum(matrix[r * p:(r + 1) * p])
-        got = sum(matrix[q * p + r] for q in range(p))
-        self.world.alltoallv(as_bytes(src, sent), as_bytes(dst, got), matrix)
+        self.alltoallv_pairs(src, dst, matrix[r * p:(r + 1) * p], matrix[r::p])
+
+    def alltoallv_pairs(self, src: Any, dst: Any, sends: list[int], recvs: list[int]) -> None:
+        self.world.alltoallv(as_bytes(src, sum(sends)), as_bytes(dst, sum(recvs)), sends,
+                             recvs)
 
     def barrier(self) -> None:
         self.local.barrier()

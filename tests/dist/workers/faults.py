@@ -56,6 +56,9 @@ def scenario(name: str, c) -> dict | None:
         return outcome(lambda: c.broadcast(ones) if r else c.allreduce(ones))
     if name == "mismatch_root":
         return outcome(lambda: c.broadcast(ones, root=r))
+    if name == "mismatch_alltoallv":            # rank 1 expects two rows from rank 0
+        recv = [2, 1] if r == 1 else [1, 1]
+        return outcome(lambda: c.alltoallv(np.ones((2, 3), np.float32), [1, 1], recv))
     if name == "recv_mismatch":
         if r == 0:
             return outcome(lambda: c.send(np.ones(10, np.float32), 1, tag=4))

@@ -54,7 +54,7 @@
 #define ABORT_MSG 448
 
 enum { K_ALLREDUCE = 1, K_REDUCE, K_BCAST, K_ALLGATHER, K_REDUCE_SCATTER, K_ALLTOALL,
-       K_BARRIER, K_SEND };
+       K_BARRIER, K_SEND, K_ALLTOALLV };
 enum { OP_SUM, OP_PROD, OP_MAX, OP_MIN, N_OPS };
 enum { D_F32, D_F16, D_BF16, D_I32, D_I64, D_F64, D_U8, N_DTYPES };
 enum { ALGO_AUTO, ALGO_ONESHOT, ALGO_TWOSHOT, ALGO_DIRECT };
@@ -66,7 +66,7 @@ static const char *dtype_name[N_DTYPES] = {"float32", "float16", "bfloat16", "in
                                            "int64", "float64", "uint8"};
 static const char *op_name[N_OPS] = {"sum", "prod", "max", "min"};
 static const char *kind_name[] = {"?", "allreduce", "reduce", "broadcast", "allgather",
-                                  "reduce_scatter", "alltoall", "barrier", "send"};
+                                  "reduce_scatter", "alltoall", "barrier", "send", "alltoallv"};
 
 typedef struct { _Alignas(LINE) volatile uint64_t v; } line_t;
 
@@ -366,7 +366,7 @@ static void describe(char *buf, size_t n, uint32_t sig, uint64_t size) {
     unsigned kind = sig & 0xff, dt = (sig >> 8) & 0xff, op = (sig >> 16) & 0xff;
     int root = (int)(sig >> 24) - 1, reducing = kind == K_ALLREDUCE || kind == K_REDUCE ||
                                                  kind == K_REDUCE_SCATTER;
-    int w = snprintf(buf, n, "%s(%s, size %llu", kind <= K_SEND ? kind_name[kind] : "?",
+    int w = snprintf(buf, n, "%s(%s, size %llu", kind <= K_ALLTOALLV ? kind_name[kind] : "?",
                      dt < N_DTYPES ? dtype_name[dt] : "?", (unsigned long long)size);
     if (reducing && w < (int)n) w += snprintf(buf + w, n - w, ", op %s", op < N_OPS ? op_name[op] : "?");
     if (root >= 0 && w < (int)n) w += snprintf(buf + w, n - w, ", root %d", root);
@@ -780,6 +780,45 @@ static int do_alltoallv(call *k, const uint8_t *src, uint8_t *dst, const size_t 
     return E_OK;
 }
 
+/* All-to-all when each rank knows only what it sends and receives (no count exchange):
+ * ranks publish their input's address and per-destination byte counts, and every rank
+ * reads its blocks straight from its peers' inputs, checking each count against its own. */
+static int do_alltoallv_pairs(call *k, const uint8_t *src, uint8_t *dst, const size_t *sends,
+                              const size_t *recvs) {
+    comm *c = k->c;
+    int P = c->size, me = c->rank;
+    uint32_t sig = signature(K_ALLTOALLV, D_U8, 0, -1);
+    size_t soff = 0, roff = 0;
+    for (int q = 0; q < me; q++) soff += sends[q];
+    uint64_t s = c->step++;
+    TRY(slot_acquire(k, s));
+    uint64_t *mine = (uint64_t *)payload(slot(c, me, s));
+    mine[0] = (uint64_t)(uintptr_t)src;
+    for (int q = 0; q < P; q++) mine[1 + q] = sends[q];
+    slot_post(c, s, sig, (uint64_t)P);
+    for (int q = 0; q < P; q++) {
+        if (q == me) {
+            memmove(dst + roff, src + soff, sends[me]);
+        } else {
+            const uint8_t *d;
+            TRY(slot_wait(k, q, s, sig, (uint64_t)P, &d));
+            const uint64_t *theirs = (const uint64_t *)d;
+            uint64_t from = theirs[0];
+            for (int j = 0; j < me; j++) from += theirs[1 + j];
+            if (theirs[1 + me] != recvs[q]) {
+                fail(k, E_MISMATCH, q, "alltoallv mismatch: rank %d sends %llu bytes to rank %d, "
+                     "which expects %zu", q, (unsigned long long)theirs[1 + me], me, recvs[q]);
+                comm_abort(c, k->err);
+                return E_MISMATCH;
+            }
+            TRY(peer_read(k, q, dst + roff, from, recvs[q]));
+        }
+        roff += recvs[q];
+    }
+    step_done(c, s);
+    return sync_step(k, sig, (uint64_t)P);  /* nobody reads my input any more */
+}
+
 static int do_barrier(call *k) { return sync_step(k, signature(K_BARRIER, D_U8, 0, -1), 0); }
 
 /* ------------------------------------------------------------------------ point to point */
@@ -1171,6 +1210,34 @@ static PyObject *py_alltoallv(PyObject *self, PyObject *const *a, Py_ssize_t na)
     return r;
 }
 
+/* alltoallv_pairs(comm, src, dst, send_bytes_per_rank, recv_bytes_per_rank); needs
+ * direct copies (enable_direct returned True). */
+static PyObject *py_alltoallv_pairs(PyObject *self, PyObject *const *a, Py_ssize_t na) {
+    if (na != 5) return PyErr_Format(PyExc_TypeError, "alltoallv_pairs takes 5 arguments");
+    comm *c = get_comm(a[0]);
+    if (!c) return NULL;
+    if (!c->direct_min && c->size > 1)
+        return PyErr_Format(PyExc_ValueError, "alltoallv_pairs needs direct copies");
+    size_t sends[c->size], recvs[c->size], sent = 0, got = 0;
+    if (parse_sizes(a[3], sends, c->size, 1) || parse_sizes(a[4], recvs, c->size, 1)) return NULL;
+    for (int q = 0; q < c->size; q++) { sent += sends[q]; got += recvs[q]; }
+    if (sends[c->rank] != recvs[c->rank])
+        return PyErr_Format(PyExc_ValueError, "this rank sends itself %zu bytes but expects %zu",
+                            sends[c->rank], recvs[c->rank]);
+    buf s, d;
+    PyObject *r = NULL;
+    if (!get_buf(a[1], &s, sent, 0, "input")) {
+        if (!get_buf(a[2], &d, got, 1, "output")) {
+            call k = {c, NULL, -1, ""};
+            if (sent + got >= BIG) release_gil(&k);
+            r = finish(&k, do_alltoallv_pairs(&k, s.ptr, d.ptr, sends, recvs));
+            put_buf(&d);
+        }
+        put_buf(&s);
+    }
+    return r;
+}
+
 static PyObject *py_barrier(PyObject *self, PyObject *cap) {
     comm *c = get_comm(cap);
     if (!c) return NULL;
@@ -1304,6 +1371,7 @@ static PyMethodDef methods[] = {
     {"allgatherv", (PyCFunction)(void (*)(void))py_allgatherv, METH_FASTCALL, "allgatherv"},
     {"reduce_scatterv", (PyCFunction)(void (*)(void))py_reduce_scatterv, METH_FASTCALL, "reduce_scatterv"},
     {"alltoallv", (PyCFunction)(void (*)(void))py_alltoallv, METH_FASTCALL, "alltoallv"},
+    {"alltoallv_pairs", (PyCFunction)(void (*)(void))py_alltoallv_pairs, METH_FASTCALL, "alltoallv without the count exchange"},
     {"send", (PyCFunction)(void (*)(void))py_send, METH_FASTCALL, "send"},
     {"recv", (PyCFunction)(void (*)(void))py_recv, METH_FASTCALL, "recv"},
     {"barrier", py_barrier, METH_O, "barrier"},
