@@ -1030,3 +1030,27 @@ def test_async_timeout_raised_by_wait(fresh: Communicator,
     with pytest.raises(CommTimeoutError, match="rank 3 did not respond") as e:
         work.wait(timeout=5)
     assert e.value.rank == 3
+
+
+def test_threads_sharing_a_communicator_take_turns(pair: list[Communicator]) -> None:
+    """Two threads per rank calling collectives on one communicator at once: the transport
+    runs one collective at a time (the other waits), so no step is lost or doubled. All
+    calls are the same collective, so whichever pair up across ranks give the right sums
+    (different ones would be reported as a mismatch)."""
+    def rank(c: Communicator) -> list[bool]:
+        def worker() -> bool:
+            x = np.ones(100_000, np.float32)                # large: the GIL is released
+            t = torch.ones(100_000)                         # the same call, as torch
+            ok = True
+            for _ in range(40):
+                ok &= bool((c.allreduce(x) == 2).all())      # numpy fast path
+                ok &= bool((c.allreduce(t, out=t) == 2).all())  # torch in place
+                t.fill_(1)
+            return ok
+        return _both(worker, worker)
+
+    results = _both(lambda: rank(pair[0]), lambda: rank(pair[1]), limit=60)
+    assert results == [[True, True], [True, True]]
+    check = _both(lambda: pair[0].allreduce(np.arange(4.0)), lambda: pair[1].allreduce(
+        np.arange(4.0)))
+    np.testing.assert_array_equal(check[0], 2 * np.arange(4.0))

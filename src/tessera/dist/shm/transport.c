@@ -105,6 +105,7 @@ typedef struct {
     int64_t timeout_ns, spin_ns;
     size_t direct_min;       /* bytes from which collectives copy directly between ranks */
     uint8_t *scratch;        /* DIRECT_PIECE bytes for peers' pieces being reduced */
+    int busy;                /* a thread is running a collective on this communicator */
 } comm;
 
 /* One call into the transport: its error, and the thread state while the GIL is released. */
@@ -112,6 +113,7 @@ typedef struct {
     comm *c;
     PyThreadState *ts;
     int err_rank;
+    int entered;             /* holds c->busy */
     char err[512];
 } call;
 
@@ -279,6 +281,16 @@ static int aborted(call *k) {
 }
 
 static void release_gil(call *k) { if (!k->ts) k->ts = PyEval_SaveThread(); }
+
+/* One collective at a time per communicator, whatever the threads: a second caller waits
+ * (without the GIL, which the running one may need back). */
+static void enter(call *k) {
+    if (__atomic_exchange_n(&k->c->busy, 1, __ATOMIC_ACQUIRE)) {
+        release_gil(k);
+        while (__atomic_exchange_n(&k->c->busy, 1, __ATOMIC_ACQUIRE)) sched_yield();
+    }
+    k->entered = 1;
+}
 
 /* A peer is dead when its pid is gone or a zombie (exited, not yet reaped by its parent). */
 static int peer_dead(comm *c, int peer) {
@@ -1011,6 +1023,7 @@ static void put_buf(buf *b) { if (b->has_view) PyBuffer_Release(&b->view); }
 
 /* Finish a call: take the GIL back and turn an error code into an exception. */
 static PyObject *finish(call *k, int e) {
+    if (k->entered) __atomic_store_n(&k->c->busy, 0, __ATOMIC_RELEASE);
     if (k->ts) PyEval_RestoreThread(k->ts);
     if (!e) Py_RETURN_NONE;
     PyObject *type = e == E_TIMEOUT || e == E_DEAD ? TimeoutError_ : e == E_MISMATCH ? MismatchError
@@ -1065,7 +1078,8 @@ static PyObject *py_allreduce(PyObject *self, PyObject *const *a, Py_ssize_t na)
     buf s, d;
     if (get_buf(a[3], &s, nbytes, 0, "input")) return NULL;
     if (get_buf(a[4], &d, nbytes, 1, "output")) { put_buf(&s); return NULL; }
-    call k = {c, NULL, -1, ""};
+    call k = {c, NULL, -1, 0, ""};
+    enter(&k);
     if (nbytes >= BIG) release_gil(&k);
     int e = do_allreduce(&k, s.ptr, d.ptr, (size_t)n, dt, op, root, algo, (size_t)oneshot_max);
     PyObject *r = finish(&k, e);
@@ -1117,7 +1131,8 @@ static PyObject *py_allreduce_arrays(PyObject *self, PyObject *const *a, Py_ssiz
     if (dt < 0 || dt != format_dtype(&d) || s.len != d.len || op < 0 || op >= N_OPS) {
         PyErr_SetNone(Unsupported);
     } else {
-        call k = {c, NULL, -1, ""};
+        call k = {c, NULL, -1, 0, ""};
+        enter(&k);
         if (s.len >= BIG) release_gil(&k);
         r = finish(&k, do_allreduce(&k, s.buf, d.buf, (size_t)s.len / dtype_size[dt], dt, op,
                                     -1, algo, (size_t)oneshot_max));
@@ -1136,7 +1151,8 @@ static PyObject *py_broadcast(PyObject *self, PyObject *const *a, Py_ssize_t na)
     if (!c || PyErr_Occurred()) return NULL;
     buf b;
     if (get_buf(a[1], &b, (size_t)n, 1, "broadcast")) return NULL;
-    call k = {c, NULL, -1, ""};
+    call k = {c, NULL, -1, 0, ""};
+    enter(&k);
     if ((size_t)n >= BIG) release_gil(&k);
     int e = c->size == 1 ? E_OK : do_broadcast(&k, b.ptr, (size_t)n, root);
     PyObject *r = finish(&k, e);
@@ -1155,7 +1171,8 @@ static PyObject *py_allgatherv(PyObject *self, PyObject *const *a, Py_ssize_t na
     buf s, d;
     if (get_buf(a[1], &s, bytes[c->rank], 0, "input")) return NULL;
     if (get_buf(a[2], &d, total, 1, "output")) { put_buf(&s); return NULL; }
-    call k = {c, NULL, -1, ""};
+    call k = {c, NULL, -1, 0, ""};
+    enter(&k);
     if (total >= BIG) release_gil(&k);
     int e = do_allgatherv(&k, s.ptr, d.ptr, bytes);
     PyObject *r = finish(&k, e);
@@ -1176,7 +1193,8 @@ static PyObject *py_reduce_scatterv(PyObject *self, PyObject *const *a, Py_ssize
     buf s, d;
     if (get_buf(a[1], &s, total * dtype_size[dt], 0, "input")) return NULL;
     if (get_buf(a[2], &d, counts[c->rank] * dtype_size[dt], 1, "output")) { put_buf(&s); return NULL; }
-    call k = {c, NULL, -1, ""};
+    call k = {c, NULL, -1, 0, ""};
+    enter(&k);
     if (total * dtype_size[dt] >= BIG) release_gil(&k);
     int e = do_reduce_scatterv(&k, s.ptr, d.ptr, counts, dt, op);
     PyObject *r = finish(&k, e);
@@ -1199,7 +1217,8 @@ static PyObject *py_alltoallv(PyObject *self, PyObject *const *a, Py_ssize_t na)
     PyObject *r = NULL;
     if (!get_buf(a[1], &s, sent, 0, "input")) {
         if (!get_buf(a[2], &d, got, 1, "output")) {
-            call k = {c, NULL, -1, ""};
+            call k = {c, NULL, -1, 0, ""};
+            enter(&k);
             if (sent + got >= BIG) release_gil(&k);
             r = finish(&k, do_alltoallv(&k, s.ptr, d.ptr, bytes));
             put_buf(&d);
@@ -1228,7 +1247,8 @@ static PyObject *py_alltoallv_pairs(PyObject *self, PyObject *const *a, Py_ssize
     PyObject *r = NULL;
     if (!get_buf(a[1], &s, sent, 0, "input")) {
         if (!get_buf(a[2], &d, got, 1, "output")) {
-            call k = {c, NULL, -1, ""};
+            call k = {c, NULL, -1, 0, ""};
+            enter(&k);
             if (sent + got >= BIG) release_gil(&k);
             r = finish(&k, do_alltoallv_pairs(&k, s.ptr, d.ptr, sends, recvs));
             put_buf(&d);
@@ -1241,7 +1261,8 @@ static PyObject *py_alltoallv_pairs(PyObject *self, PyObject *const *a, Py_ssize
 static PyObject *py_barrier(PyObject *self, PyObject *cap) {
     comm *c = get_comm(cap);
     if (!c) return NULL;
-    call k = {c, NULL, -1, ""};
+    call k = {c, NULL, -1, 0, ""};
+    enter(&k);
     return finish(&k, c->size == 1 ? E_OK : do_barrier(&k));
 }
 
@@ -1257,7 +1278,7 @@ static PyObject *p2p(PyObject *const *a, Py_ssize_t na, int sending) {
         return PyErr_Format(PyExc_ValueError, "bad peer rank %d", peer);
     buf b;
     if (get_buf(a[1], &b, (size_t)n, !sending, sending ? "send" : "recv")) return NULL;
-    call k = {c, NULL, -1, ""};
+    call k = {c, NULL, -1, 0, ""};
     if ((size_t)n >= BIG) release_gil(&k);
     int e = sending ? do_send(&k, b.ptr, (size_t)n, peer, (uint32_t)tag)
                     : do_recv(&k, b.ptr, (size_t)n, peer, (uint32_t)tag);
@@ -1277,7 +1298,8 @@ static PyObject *py_enable_direct(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "On", &cap, &min_bytes)) return NULL;
     comm *c = get_comm(cap);
     if (!c) return NULL;
-    call k = {c, NULL, -1, ""};
+    call k = {c, NULL, -1, 0, ""};
+    enter(&k);
     uint64_t token = 0x746573736572610aull ^ (uint64_t)c->rank;
     addresses all[c->size];
     int32_t ok = 1, agreed = 1;
