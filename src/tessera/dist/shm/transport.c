@@ -54,7 +54,7 @@
 #define ABORT_MSG 448
 
 enum { K_ALLREDUCE = 1, K_REDUCE, K_BCAST, K_ALLGATHER, K_REDUCE_SCATTER, K_ALLTOALL,
-       K_BARRIER, K_SEND, K_ALLTOALLV };
+       K_BARRIER, K_ALLTOALLV };
 enum { OP_SUM, OP_PROD, OP_MAX, OP_MIN, N_OPS };
 enum { D_F32, D_F16, D_BF16, D_I32, D_I64, D_F64, D_U8, N_DTYPES };
 enum { ALGO_AUTO, ALGO_ONESHOT, ALGO_TWOSHOT, ALGO_DIRECT };
@@ -66,7 +66,7 @@ static const char *dtype_name[N_DTYPES] = {"float32", "float16", "bfloat16", "in
                                            "int64", "float64", "uint8"};
 static const char *op_name[N_OPS] = {"sum", "prod", "max", "min"};
 static const char *kind_name[] = {"?", "allreduce", "reduce", "broadcast", "allgather",
-                                  "reduce_scatter", "alltoall", "barrier", "send", "alltoallv"};
+                                  "reduce_scatter", "alltoall", "barrier", "alltoallv"};
 
 typedef struct { _Alignas(LINE) volatile uint64_t v; } line_t;
 
@@ -1404,7 +1404,8 @@ static PyMethodDef methods[] = {
     {"reduce_local", (PyCFunction)(void (*)(void))py_reduce_local, METH_FASTCALL, "local reduction"},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tsr_shm", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tsr_shm", NULL, -1, methods,
+                                    NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__tsr_shm(void) {
     PyObject *m = PyModule_Create(&module);
