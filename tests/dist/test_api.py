@@ -198,8 +198,7 @@ def test_portable_build_reduces_16_bit_floats_alike(monkeypatch: pytest.MonkeyPa
 
     native = shm.native()
     monkeypatch.setenv("TESSERA_CFLAGS", "-march=x86-64 -mtune=generic")
-    portable = compile_extension((Path(shm.__file__).parent / "transport.c").read_text(),
-                                 "_tsr_shm")
+    portable = compile_extension(shm.source(), "_tsr_shm")
     assert portable is not native
     srcs = _sources(code, 2051, 3, 7, 300.0, 0.01, 1)
     for op in range(4):

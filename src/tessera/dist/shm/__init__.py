@@ -20,7 +20,7 @@ from tessera.errors import CommError
 from tessera.runtime.toolchain import compile_extension
 
 __all__ = ["Layout", "Segment", "direct_min", "env_int", "native", "new_token", "segment_name",
-           "sweep_stale", "unlink"]
+           "source", "sweep_stale", "unlink"]
 
 _SHM_DIR = Path("/dev/shm")
 _PREFIX = "tessera."
@@ -29,7 +29,14 @@ _PREFIX = "tessera."
 @cache
 def native() -> ModuleType:
     """The compiled transport (built once per machine, then loaded from the cache)."""
-    return compile_extension(Path(__file__).with_name("transport.c").read_text(), "_tsr_shm")
+    return compile_extension(source(), "_tsr_shm")
+
+
+def source() -> str:
+    """transport.c with reduce.h spliced in (so the cache key covers both files)."""
+    here = Path(__file__).parent
+    return (here / "transport.c").read_text().replace(
+        '#include "reduce.h"', (here / "reduce.h").read_text(), 1)
 
 
 class Layout:
