@@ -602,12 +602,8 @@ class TesseraProcessGroup(dist.ProcessGroup):
                 _copy_into(o, stage[offset:offset + n])
                 offset += n
 
-        if all(n == send[0] for n in send + recv):
-            if send[0] == 0:
-                return _done(list(output_tensors))
-            inner = self._issue(opts, self.comm.alltoall, src, out=stage)
-        else:
-            inner = self._issue(opts, self.comm.alltoallv, src, send, recv, out=stage)
+        # always the v-form: ranks whose sizes happen to be equal must take the same path
+        inner = self._issue(opts, self.comm.alltoallv, src, send, recv, out=stage)
         return self._work(opts, inner, copy_out, list(output_tensors))
 
     def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor,
@@ -626,11 +622,11 @@ class TesseraProcessGroup(dist.ProcessGroup):
         src = _movable(input.contiguous())
         send = [n * scale for n in send]
         recv = [n * scale for n in recv]
-        if all(n == send[0] for n in send + recv):
-            if send[0] == 0:
+        if not input_split_sizes and not output_split_sizes:  # equal blocks on every rank
+            if src.numel() == 0:
                 return _done([output])
             inner = self._issue(opts, self.comm.alltoall, src, out=_movable(dst))
-        else:
+        else:  # ranks whose splits happen to be equal must take the same path as the others
             inner = self._issue(opts, self.comm.alltoallv, src, send, recv, out=_movable(dst))
         return self._work(opts, inner, back, [output])
 

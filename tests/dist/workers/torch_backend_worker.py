@@ -250,6 +250,25 @@ def check_all_to_all_single_splits() -> None:
     same(out, want, "splits")
 
 
+def check_all_to_all_single_mixed_splits() -> None:
+    # rank 0's splits happen to be even ([2] * world both ways), the others' are not: every
+    # rank must still take the same path through the communicator
+    count = lambda src, dst: 2 if 0 in (src, dst) else 1 + (src + dst) % 2
+    xs = [gen("a2am", r, (sum(count(r, i) for i in range(world)), 3), torch.float32)
+          for r in range(world)]
+    send = [count(rank, i) for i in range(world)]
+    recv = [count(j, rank) for j in range(world)]
+    out = torch.empty(sum(recv), 3)
+    dist.all_to_all_single(out, xs[rank], output_split_sizes=recv, input_split_sizes=send)
+    want = torch.cat([xs[j].split([count(j, i) for i in range(world)])[rank]
+                      for j in range(world)])
+    same(out, want, "mixed splits")
+    outs = [torch.empty(count(j, rank), 3) for j in range(world)]
+    dist.all_to_all(outs, list(xs[rank].split(send)))
+    for j in range(world):
+        same(outs[j], xs[j].split([count(j, i) for i in range(world)])[rank], f"list {j}")
+
+
 def check_all_to_all_list() -> None:
     # uneven blocks, natively (int32) and as bytes (bool, int16)
     shape = lambda src, dst: (src + 2 * dst + 1,)
@@ -466,6 +485,7 @@ def checks(nranks: int) -> list[tuple[str, Callable[[], None]]]:
     out += [("reduce_scatter/uneven_avg_2d", check_reduce_scatter_uneven_avg),
             ("all_to_all_single/even", check_all_to_all_single),
             ("all_to_all_single/splits", check_all_to_all_single_splits),
+            ("all_to_all_single/mixed_splits", check_all_to_all_single_mixed_splits),
             ("all_to_all/list", check_all_to_all_list),
             ("barrier", check_barrier),
             ("async", check_async),
