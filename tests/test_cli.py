@@ -23,6 +23,9 @@ def test_info_json_reports_devices_compiler_cache():
     assert cpu["name"] == "cpu" and cpu["peak_gflops_fp32"] > 0 and cpu["copy_bandwidth_gbs"] > 0
     assert report["compiler"]["version"]
     assert report["cache"]["path"] == os.environ["TESSERA_CACHE_DIR"]
+    comm = report["collectives"]  # CI installs Open MPI and mpi4py; this kernel allows CMA
+    assert comm["shm_free_bytes"] > 0 and comm["direct_copies"] is True
+    assert comm["mpi4py"] and "Open MPI" in comm["mpirun"] and comm["torch_distributed"]
 
 
 def test_info_table():
@@ -30,6 +33,7 @@ def test_info_table():
     assert out.returncode == 0, out.stderr
     assert "peak fp32 (measured)" in out.stdout and "GFLOPS" in out.stdout
     assert "GEMM blocking" in out.stdout and "default" in out.stdout
+    assert "collectives" in out.stdout and "mpi4py" in out.stdout
 
 
 def test_cache_info_and_clear(tmp_path):

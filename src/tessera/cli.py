@@ -46,6 +46,7 @@ def _fmt_bytes(n: float) -> str:
 
 def machine_report(remeasure: bool = False) -> dict[str, Any]:
     """Everything `tessera info` shows, as data."""
+    from tessera.dist.status import status as dist_status
     from tessera.runtime import toolchain
     from tessera.runtime.cache import default_cache
     from tessera.runtime.cpu.probe import measured_peaks
@@ -72,6 +73,7 @@ def machine_report(remeasure: bool = False) -> dict[str, Any]:
         "cache": default_cache().info(),
         "gemm_blocking": {**asdict(blocking()),
                           "speedup": record.get("speedup") if (record := tuned_record()) else None},
+        "collectives": dist_status(),
     }
 
 
@@ -99,6 +101,7 @@ def info(
     top.add_row("GEMM blocking", _fmt_blocking(gemm) + (
         f"  (tuned: {gemm['speedup']:.2f}x the default)" if gemm["speedup"] else
         "  (default from the caches; `tessera tune gemm` tunes it)"))
+    top.add_row("collectives", _fmt_collectives(report["collectives"]))
     console.print(top)
     for dev in report["devices"]:
         table = Table(show_header=False, title=f"device {dev['name']!r}", title_justify="left")
@@ -112,6 +115,16 @@ def info(
                                               f"read {dev['read_bandwidth_gbs']:.1f} GB/s")
         table.add_row("measured at", dev["measured_at"])
         console.print(table)
+
+
+def _fmt_collectives(c: dict[str, Any]) -> str:
+    shm = (f"shared memory {_fmt_bytes(c['shm_free_bytes'])} free"
+           if c["shm_free_bytes"] is not None else "no /dev/shm")
+    direct = ("direct copies between ranks allowed" if c["direct_copies"] else
+              "direct copies refused by the kernel (ptrace policy): shared-memory copies only")
+    mpi = (f"mpi4py {c['mpi4py']}" if c["mpi4py"] else "no mpi4py (pip install mpi4py)")
+    mpirun = c["mpirun"] or "no mpirun (apt-get install openmpi-bin libopenmpi-dev)"
+    return f"{shm}; {direct}\n{mpi}; {mpirun}"
 
 
 @cache_app.command("info")

@@ -36,6 +36,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -1182,6 +1183,29 @@ static PyObject *py_enable_direct(PyObject *self, PyObject *args) {
     return PyBool_FromLong(c->direct_min > 0);
 }
 
+/* direct_copies_allowed() -> bool: whether this process may read a child's memory with
+ * process_vm_readv (what the kernel's ptrace policy allows between a job's ranks). */
+static PyObject *py_direct_copies_allowed(PyObject *self, PyObject *unused) {
+    volatile uint64_t token = 0x746573736572610aull;
+    int ready[2];
+    if (pipe(ready)) return os_error("cannot probe direct copies:", "pipe");
+    pid_t child = fork();
+    if (child == 0) {  /* the child only waits to be read, then exits */
+        char byte;
+        close(ready[1]);
+        ssize_t got = read(ready[0], &byte, 1);
+        _exit(got < 0);
+    }
+    close(ready[0]);
+    if (child < 0) { close(ready[1]); return os_error("cannot probe direct copies:", "fork"); }
+    uint64_t seen = 0;
+    struct iovec local = {&seen, sizeof seen}, remote = {(void *)&token, sizeof seen};
+    ssize_t got = process_vm_readv(child, &local, 1, &remote, 1, 0);
+    close(ready[1]);
+    waitpid(child, NULL, 0);
+    return PyBool_FromLong(got == (ssize_t)sizeof seen && seen == token);
+}
+
 static PyObject *py_abort(PyObject *self, PyObject *args) {
     PyObject *cap;
     const char *msg;
@@ -1261,6 +1285,7 @@ static PyMethodDef methods[] = {
     {"barrier", py_barrier, METH_O, "barrier"},
     {"abort", py_abort, METH_VARARGS, "abort the communicator for every rank"},
     {"enable_direct", py_enable_direct, METH_VARARGS, "probe and enable single-copy collectives"},
+    {"direct_copies_allowed", py_direct_copies_allowed, METH_NOARGS, "may ranks read each other's memory"},
     {"set_timeout", py_set_timeout, METH_VARARGS, "set the wait timeout in seconds"},
     {"info", py_info, METH_O, "layout and state"},
     {"reduce_local", (PyCFunction)(void (*)(void))py_reduce_local, METH_FASTCALL, "local reduction"},
