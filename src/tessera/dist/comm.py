@@ -461,6 +461,11 @@ class Communicator:
         `recv_counts` every rank's send counts are exchanged first (one small allgather);
         with them each peer's count is checked against them. Pass them on all ranks or
         none."""
+        if recv_counts is not None and self._t.pairs and not async_op and \
+                not self._coll.pending and self._broken is None:
+            done = self._alltoallv_fast(x, send_counts, recv_counts, out)
+            if done is not None:
+                return done
         rows, _ = _rows(x)
         send_counts = self._check_counts(send_counts, "alltoallv")
         if sum(send_counts) != rows:
@@ -484,6 +489,32 @@ class Communicator:
         return self._alltoallv(x, sum(column), out, async_op,
                                lambda src, dst, unit: self._t.alltoallv(
                                    src, dst, [c * unit for c in flat]))
+
+    def _alltoallv_fast(self, x: Any, send_counts: Sequence[int], recv_counts: Sequence[int],
+                        out: Any) -> Any:
+        """alltoallv of contiguous operands with both counts known, in one transport call;
+        None when anything needs the general path (which also explains errors)."""
+        src = _flat(x)
+        if src is None or not x.ndim or not len(x):
+            return None
+        sends = self._check_counts(send_counts, "alltoallv")
+        recvs = self._check_counts(recv_counts, "alltoallv")
+        if sum(sends) != len(x) or recvs[self.rank] != sends[self.rank]:
+            return None
+        unit = src[1] // len(x)
+        if out is None:
+            out = _empty(x, 0, (sum(recvs), *x.shape[1:]))
+        elif out is x or _overlap(x, out):
+            return None
+        dst = _flat(out, writable=True)
+        if dst is None or dst[2] != src[2] or dst[1] != sum(recvs) * unit:
+            return None
+        try:
+            self._t.alltoallv_pairs(src[0], dst[0], [c * unit for c in sends],
+                                    [c * unit for c in recvs])
+        except self._t.errors as e:
+            self._fail(e)
+        return out
 
     def _alltoallv(self, x: Any, recv_rows: int, out: Any, async_op: bool,
                    move: Callable[[Any, Any, int], None]) -> Any:
@@ -640,6 +671,16 @@ def _shares_memory(a: Any, b: Any) -> bool:
         return False
     sa, sb = a.untyped_storage(), b.untyped_storage()
     return sa.data_ptr() == sb.data_ptr() and sa.nbytes() > 0
+
+
+def _overlap(a: Any, b: Any) -> bool:
+    """Whether two arrays/tensors may share memory (a cheap bounds check)."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return np.may_share_memory(a, b)
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def _clone(x: Any) -> Any:

@@ -663,13 +663,24 @@ static int do_alltoallv_pairs(call *k, const uint8_t *src, uint8_t *dst, const s
     comm *c = k->c;
     int P = c->size, me = c->rank;
     uint32_t sig = signature(K_ALLTOALLV, D_U8, 0, -1);
+    /* the slot: [input address, bytes to each rank] then one region per destination, in
+     * which blocks below direct_min travel (both sides know a block's size) */
+    size_t head = ((size_t)(1 + P) * 8 + LINE - 1) / LINE * LINE;
+    size_t region = (c->hdr->slot_bytes - head) / P / LINE * LINE;
+    #define INLINE(b) ((b) < c->direct_min && (b) <= region)
     size_t soff = 0, roff = 0;
-    for (int q = 0; q < me; q++) soff += sends[q];
     uint64_t s = c->step++;
     TRY(slot_acquire(k, s));
-    uint64_t *mine = (uint64_t *)payload(slot(c, me, s));
-    mine[0] = (uint64_t)(uintptr_t)src;
-    for (int q = 0; q < P; q++) mine[1 + q] = sends[q];
+    uint8_t *mine = payload(slot(c, me, s));
+    uint64_t *words = (uint64_t *)mine;
+    words[0] = (uint64_t)(uintptr_t)src;
+    size_t off = 0;
+    for (int q = 0; q < P; q++) {
+        words[1 + q] = sends[q];
+        if (q == me) soff = off;
+        else if (INLINE(sends[q])) memcpy(mine + head + (size_t)q * region, src + off, sends[q]);
+        off += sends[q];
+    }
     slot_post(c, s, sig, (uint64_t)P);
     for (int q = 0; q < P; q++) {
         if (q == me) {
@@ -678,18 +689,23 @@ static int do_alltoallv_pairs(call *k, const uint8_t *src, uint8_t *dst, const s
             const uint8_t *d;
             TRY(slot_wait(k, q, s, sig, (uint64_t)P, &d));
             const uint64_t *theirs = (const uint64_t *)d;
-            uint64_t from = theirs[0];
-            for (int j = 0; j < me; j++) from += theirs[1 + j];
             if (theirs[1 + me] != recvs[q]) {
                 fail(k, E_MISMATCH, q, "alltoallv mismatch: rank %d sends %llu bytes to rank %d, "
                      "which expects %zu", q, (unsigned long long)theirs[1 + me], me, recvs[q]);
                 comm_abort(c, k->err);
                 return E_MISMATCH;
             }
-            TRY(peer_read(k, q, dst + roff, from, recvs[q]));
+            if (INLINE(recvs[q])) {
+                memcpy(dst + roff, d + head + (size_t)me * region, recvs[q]);
+            } else {
+                uint64_t from = theirs[0];
+                for (int j = 0; j < me; j++) from += theirs[1 + j];
+                TRY(peer_read(k, q, dst + roff, from, recvs[q]));
+            }
         }
         roff += recvs[q];
     }
+    #undef INLINE
     step_done(c, s);
     return sync_step(k, sig, (uint64_t)P);  /* nobody reads my input any more */
 }
@@ -1165,21 +1181,22 @@ static PyObject *py_enable_direct(PyObject *self, PyObject *args) {
     enter(&k);
     uint64_t token = 0x746573736572610aull ^ (uint64_t)c->rank;
     addresses all[c->size];
-    int32_t ok = 1, agreed = 1;
+    int64_t mine[2] = {1, (int64_t)min_bytes}, agreed[2] = {1, (int64_t)min_bytes};
     int e = c->size == 1 ? E_OK : share_addresses(&k, signature(K_BARRIER, D_U8, 0, -1), 1, &token, NULL, all);
     for (int q = 0; q < c->size && !e; q++) {
         uint64_t seen = 0;
         struct iovec local = {&seen, sizeof seen}, remote = {(void *)(uintptr_t)all[q].src, sizeof seen};
         if (q != c->rank && (process_vm_readv((pid_t)c->ranks[q].pid, &local, 1, &remote, 1, 0) != sizeof seen ||
                              seen != (0x746573736572610aull ^ (uint64_t)q)))
-            ok = 0;
+            mine[0] = 0;
     }
-    if (!e) e = do_allreduce(&k, &ok, &agreed, 1, D_I32, OP_MIN, -1, ALGO_ONESHOT, 64);
+    /* every rank must choose paths alike: the smallest threshold wins */
+    if (!e) e = do_allreduce(&k, mine, agreed, 2, D_I64, OP_MIN, -1, ALGO_ONESHOT, 64);
     if (!e) e = sync_step(&k, signature(K_BARRIER, D_U8, 0, -1), 2); /* token read by all */
     PyObject *r = finish(&k, e);
     if (!r) return NULL;
     Py_DECREF(r);
-    c->direct_min = agreed && min_bytes > 0 ? (size_t)min_bytes : 0;
+    c->direct_min = agreed[0] && agreed[1] > 0 ? (size_t)agreed[1] : 0;
     return PyBool_FromLong(c->direct_min > 0);
 }
 
