@@ -281,6 +281,20 @@ class Communicator:
             return work if async_op else work.wait()
         return self._guarded(fn)
 
+    def _quick(self, x: Any, async_op: bool, writable: bool = False) -> tuple | None:
+        """`_flat(x)` when a blocking call may take the microsecond path (nothing queued,
+        not aborted), else None."""
+        if async_op or self._coll.pending or self._broken is not None:
+            return None
+        return _flat(x, writable)
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        """A transport call on the microsecond path (its errors abort as anywhere)."""
+        try:
+            fn(*args)
+        except self._t.errors as e:
+            self._fail(e)
+
     def _launch(self, op: Callable[[], None], back: Callable[[], None] | None, result: Any,
                 async_op: bool) -> Any:
         """Run a transport call (then the copy back to a strided output) now or queued."""
@@ -364,6 +378,10 @@ class Communicator:
 
     def broadcast(self, x: Any, root: int = 0, *, async_op: bool = False) -> Any:
         """`root`'s `x` into every rank's `x` (in place); returns `x`."""
+        src = self._quick(x, async_op, writable=True)
+        if src is not None and type(root) is int and 0 <= root < self.size:
+            self._call(self._t.broadcast, src[0], src[1], root)
+            return x
         self._check_rank(root, "broadcast", "root")
         _, code, n = _operand(x, "broadcast")
         buf, back = _writable(x, code, n, "broadcast")
@@ -374,6 +392,14 @@ class Communicator:
 
     def allgather(self, x: Any, *, out: Any = None, async_op: bool = False) -> Any:
         """Every rank's `x` stacked in rank order: shape (size, *x.shape)."""
+        src = self._quick(x, async_op)
+        if src is not None:
+            if out is None:
+                out = _empty(x, 0, (self.size, *x.shape))
+            dst = None if _overlap(x, out) else _flat(out, writable=True)
+            if dst is not None and dst[1:] == (src[1] * self.size, src[2]):
+                self._call(self._t.allgatherv, src[0], dst[0], [src[1]] * self.size)
+                return out
         src, code, n = _operand(x, "allgather")
         return self._gather(x, src, code, [n] * self.size, (self.size, *x.shape), out,
                             async_op)
@@ -401,6 +427,18 @@ class Communicator:
     def reduce_scatter(self, x: Any, op: str = "sum", *, out: Any = None,
                        async_op: bool = False) -> Any:
         """Reduce every rank's `x` (dim 0 = size * n) and give rank r rows [r*n, (r+1)*n)."""
+        src = self._quick(x, async_op)
+        opc = _OP_CODES.get(op) if type(op) is str else None
+        if src is not None and opc is not None and x.ndim and len(x) % self.size == 0:
+            if out is None:
+                out = _empty(x, 0, (len(x) // self.size, *x.shape[1:]))
+            dst = None if _overlap(x, out) else _flat(out, writable=True)
+            if dst is not None and dst[1:] == (src[1] // self.size, src[2]):
+                code = _NP_CODES.get(src[2], _torch_codes.get(src[2]))
+                count = dst[1] // _ITEMSIZE[code]
+                self._call(self._t.reduce_scatterv, src[0], dst[0], [count] * self.size, code,
+                           opc)
+                return out
         rows, _ = _rows(x)
         if rows % self.size:
             raise ShapeError(f"reduce_scatter: dim 0 ({rows}) is not a multiple of the "
