@@ -288,6 +288,19 @@ class Communicator:
             return None
         return _flat(x, writable)
 
+    @staticmethod
+    def _quick_out(x: Any, src: tuple, out: Any, shape: tuple[int, ...], nbytes: int
+                   ) -> tuple[Any, Any]:
+        """(out, its transport handle) for a microsecond path: `out`, or a new array of
+        `shape`, if it is a contiguous writable buffer of `nbytes` of x's dtype apart from
+        x; else (out, None) and the general path copies, checks or explains."""
+        if out is None:
+            out = _empty(x, 0, shape)
+        elif _overlap(x, out):
+            return out, None
+        dst = _flat(out, writable=True)
+        return out, (dst[0] if dst is not None and dst[1:] == (nbytes, src[2]) else None)
+
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
         """A transport call on the microsecond path (its errors abort as anywhere)."""
         try:
@@ -394,11 +407,9 @@ class Communicator:
         """Every rank's `x` stacked in rank order: shape (size, *x.shape)."""
         src = self._quick(x, async_op)
         if src is not None:
-            if out is None:
-                out = _empty(x, 0, (self.size, *x.shape))
-            dst = None if _overlap(x, out) else _flat(out, writable=True)
-            if dst is not None and dst[1:] == (src[1] * self.size, src[2]):
-                self._call(self._t.allgatherv, src[0], dst[0], [src[1]] * self.size)
+            out, dst = self._quick_out(x, src, out, (self.size, *x.shape), src[1] * self.size)
+            if dst is not None:
+                self._call(self._t.allgatherv, src[0], dst, [src[1]] * self.size)
                 return out
         src, code, n = _operand(x, "allgather")
         return self._gather(x, src, code, [n] * self.size, (self.size, *x.shape), out,
@@ -430,13 +441,12 @@ class Communicator:
         src = self._quick(x, async_op)
         opc = _OP_CODES.get(op) if type(op) is str else None
         if src is not None and opc is not None and x.ndim and len(x) % self.size == 0:
-            if out is None:
-                out = _empty(x, 0, (len(x) // self.size, *x.shape[1:]))
-            dst = None if _overlap(x, out) else _flat(out, writable=True)
-            if dst is not None and dst[1:] == (src[1] // self.size, src[2]):
+            out, dst = self._quick_out(x, src, out, (len(x) // self.size, *x.shape[1:]),
+                                       src[1] // self.size)
+            if dst is not None:
                 code = _NP_CODES.get(src[2], _torch_codes.get(src[2]))
-                count = dst[1] // _ITEMSIZE[code]
-                self._call(self._t.reduce_scatterv, src[0], dst[0], [count] * self.size, code,
+                count = src[1] // self.size // _ITEMSIZE[code]
+                self._call(self._t.reduce_scatterv, src[0], dst, [count] * self.size, code,
                            opc)
                 return out
         rows, _ = _rows(x)
@@ -468,17 +478,20 @@ class Communicator:
 
     def alltoall(self, x: Any, *, out: Any = None, async_op: bool = False) -> Any:
         """Block i of `x` (dim 0 = size * n) to rank i; block j of the result from rank j."""
-        src = _flat(x) if not async_op and not self._coll.pending and self._broken is None \
-            else None
+        if self._fast is not None and type(x) is np.ndarray and type(out) is np.ndarray and \
+                not async_op and not self._coll.pending and x.ndim and len(x) % self.size == 0:
+            try:  # the microsecond path: the extension checks both arrays itself
+                self._t.alltoall_arrays(x, out)
+                return out
+            except self._t.unsupported:
+                pass  # the paths below copy, check or explain
+            except self._t.errors as e:
+                self._fail(e)
+        src = self._quick(x, async_op)
         if src is not None and x.ndim and len(x) % self.size == 0:
-            if out is None:
-                out = _empty(x, 0, x.shape)
-            dst = None if out is x else _flat(out, writable=True)
-            if dst is not None and src[1] == dst[1] and src[2] == dst[2]:
-                try:
-                    self._t.alltoallv(src[0], dst[0], self._uniform(src[1] // self.size))
-                except self._t.errors as e:
-                    self._fail(e)
+            out, dst = self._quick_out(x, src, out, x.shape, src[1])
+            if dst is not None:
+                self._call(self._t.alltoallv, src[0], dst, self._uniform(src[1] // self.size))
                 return out
         rows, _ = _rows(x)
         if rows % self.size:
@@ -540,18 +553,11 @@ class Communicator:
         if sum(sends) != len(x) or recvs[self.rank] != sends[self.rank]:
             return None
         unit = src[1] // len(x)
-        if out is None:
-            out = _empty(x, 0, (sum(recvs), *x.shape[1:]))
-        elif out is x or _overlap(x, out):
+        out, dst = self._quick_out(x, src, out, (sum(recvs), *x.shape[1:]), sum(recvs) * unit)
+        if dst is None:
             return None
-        dst = _flat(out, writable=True)
-        if dst is None or dst[2] != src[2] or dst[1] != sum(recvs) * unit:
-            return None
-        try:
-            self._t.alltoallv_pairs(src[0], dst[0], [c * unit for c in sends],
-                                    [c * unit for c in recvs])
-        except self._t.errors as e:
-            self._fail(e)
+        self._call(self._t.alltoallv_pairs, src[0], dst, [c * unit for c in sends],
+                   [c * unit for c in recvs])
         return out
 
     def _alltoallv(self, x: Any, recv_rows: int, out: Any, async_op: bool,

@@ -89,6 +89,7 @@ class ShmTransport:
         self.allgatherv = partial(n.allgatherv, h)
         self.reduce_scatterv = partial(n.reduce_scatterv, h)
         self.alltoallv = partial(n.alltoallv, h)
+        self.alltoall_arrays = partial(n.alltoall_arrays, h)
         self.alltoallv_pairs = partial(n.alltoallv_pairs, h)
         self.send = partial(n.send, h)
         self.recv = partial(n.recv, h)

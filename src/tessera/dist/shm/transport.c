@@ -1021,6 +1021,48 @@ static PyObject *py_allreduce_arrays(PyObject *self, PyObject *const *a, Py_ssiz
     return r;
 }
 
+/* alltoall_arrays(comm, src, dst): equal blocks between C-contiguous buffers (numpy
+ * arrays) of one format and size that do not overlap; Unsupported otherwise. */
+static PyObject *py_alltoall_arrays(PyObject *self, PyObject *const *a, Py_ssize_t na) {
+    if (na != 3) return PyErr_Format(PyExc_TypeError, "alltoall_arrays takes 3 arguments");
+    comm *c = get_comm(a[0]);
+    if (!c) return NULL;
+    Py_buffer s, d;
+    if (PyObject_GetBuffer(a[1], &s, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)) {
+        PyErr_Clear();
+        PyErr_SetNone(Unsupported);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(a[2], &d, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE)) {
+        PyErr_Clear();
+        PyBuffer_Release(&s);
+        PyErr_SetNone(Unsupported);
+        return NULL;
+    }
+    const uint8_t *sb = s.buf, *db = d.buf;
+    int dt = format_dtype(&s), P = c->size;
+    PyObject *r = NULL;
+    if (dt < 0 || dt != format_dtype(&d) || s.len != d.len || s.len % P ||
+        (sb < db + d.len && db < sb + s.len)) {
+        PyErr_SetNone(Unsupported);
+    } else {
+        size_t *bytes = PyMem_Malloc(sizeof(size_t) * P * P);
+        if (!bytes) {
+            PyErr_NoMemory();
+        } else {
+            for (int i = 0; i < P * P; i++) bytes[i] = (size_t)s.len / P;
+            call k = {c, NULL, -1, 0, ""};
+            enter(&k);
+            if ((size_t)s.len >= BIG) release_gil(&k);
+            r = finish(&k, do_alltoallv(&k, s.buf, d.buf, bytes));
+            PyMem_Free(bytes);
+        }
+    }
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&d);
+    return r;
+}
+
 /* broadcast(comm, buf, nbytes, root) */
 static PyObject *py_broadcast(PyObject *self, PyObject *const *a, Py_ssize_t na) {
     if (na != 4) return PyErr_Format(PyExc_TypeError, "broadcast takes 4 arguments");
@@ -1292,6 +1334,7 @@ static PyMethodDef methods[] = {
     {"create", py_create, METH_VARARGS, "create or attach a segment"},
     {"allreduce", (PyCFunction)(void (*)(void))py_allreduce, METH_FASTCALL, "allreduce or reduce"},
     {"allreduce_arrays", (PyCFunction)(void (*)(void))py_allreduce_arrays, METH_FASTCALL, "allreduce of two numpy arrays"},
+    {"alltoall_arrays", (PyCFunction)(void (*)(void))py_alltoall_arrays, METH_FASTCALL, "alltoall of two numpy arrays"},
     {"broadcast", (PyCFunction)(void (*)(void))py_broadcast, METH_FASTCALL, "broadcast"},
     {"allgatherv", (PyCFunction)(void (*)(void))py_allgatherv, METH_FASTCALL, "allgatherv"},
     {"reduce_scatterv", (PyCFunction)(void (*)(void))py_reduce_scatterv, METH_FASTCALL, "reduce_scatterv"},
