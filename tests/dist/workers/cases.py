@@ -178,6 +178,9 @@ def case_alltoall(c):
         check(got, want, f"alltoall n={n}")
         c.alltoall(x, out=x)                                          # in place
         check(x, want, f"alltoall in place n={n}")
+        y = (np.arange(c.size * n, dtype=np.float32) + 1000 * c.rank).reshape(c.size, n)
+        c.alltoall(y, out=y.view())                                   # a view of x as out
+        check(y, want, f"alltoall into a view of its input n={n}")
 
 
 def case_alltoallv(c):
