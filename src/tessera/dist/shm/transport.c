@@ -984,80 +984,70 @@ static int format_dtype(const Py_buffer *v) {
 
 static PyObject *Unsupported;
 
-/* allreduce_arrays(comm, algo, oneshot_max, src, dst, op): the fast path for C-contiguous
- * buffers (numpy arrays) of one supported dtype and size; raises Unsupported otherwise, and
- * the caller takes the general path (which explains what is wrong). */
+/* The two buffers of a microsecond path: C-contiguous (numpy arrays), one supported
+ * format, one size. Their dtype, or -1 with Unsupported raised: the caller takes the
+ * general path, which copies, checks or explains. */
+static int array_pair(PyObject *src, PyObject *dst, Py_buffer *s, Py_buffer *d) {
+    if (PyObject_GetBuffer(src, s, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)) {
+        PyErr_Clear();
+    } else if (PyObject_GetBuffer(dst, d, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE)) {
+        PyErr_Clear();
+        PyBuffer_Release(s);
+    } else {
+        int dt = format_dtype(s);
+        if (dt >= 0 && dt == format_dtype(d) && s->len == d->len) return dt;
+        PyBuffer_Release(s);
+        PyBuffer_Release(d);
+    }
+    PyErr_SetNone(Unsupported);
+    return -1;
+}
+
+/* allreduce_arrays(comm, algo, oneshot_max, src, dst, op): allreduce of an array pair. */
 static PyObject *py_allreduce_arrays(PyObject *self, PyObject *const *a, Py_ssize_t na) {
     if (na != 6) return PyErr_Format(PyExc_TypeError, "allreduce_arrays takes 6 arguments");
     comm *c = get_comm(a[0]);
     int algo = PyLong_AsLong(a[1]), op = PyLong_AsLong(a[5]);
     Py_ssize_t oneshot_max = PyLong_AsSsize_t(a[2]);
     if (!c || PyErr_Occurred()) return NULL;
+    if (op < 0 || op >= N_OPS) return PyErr_Format(PyExc_ValueError, "bad op code");
     Py_buffer s, d;
-    if (PyObject_GetBuffer(a[3], &s, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)) {
-        PyErr_Clear();
-        PyErr_SetNone(Unsupported);
-        return NULL;
-    }
-    if (PyObject_GetBuffer(a[4], &d, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE)) {
-        PyErr_Clear();
-        PyBuffer_Release(&s);
-        PyErr_SetNone(Unsupported);
-        return NULL;
-    }
-    int dt = format_dtype(&s);
-    PyObject *r = NULL;
-    if (dt < 0 || dt != format_dtype(&d) || s.len != d.len || op < 0 || op >= N_OPS) {
-        PyErr_SetNone(Unsupported);
-    } else {
-        call k = {c, NULL, -1, 0, ""};
-        enter(&k);
-        if (s.len >= BIG) release_gil(&k);
-        r = finish(&k, do_allreduce(&k, s.buf, d.buf, (size_t)s.len / dtype_size[dt], dt, op,
-                                    -1, algo, (size_t)oneshot_max));
-    }
+    int dt = array_pair(a[3], a[4], &s, &d);
+    if (dt < 0) return NULL;
+    call k = {c, NULL, -1, 0, ""};
+    enter(&k);
+    if (s.len >= BIG) release_gil(&k);
+    PyObject *r = finish(&k, do_allreduce(&k, s.buf, d.buf, (size_t)s.len / dtype_size[dt], dt,
+                                          op, -1, algo, (size_t)oneshot_max));
     PyBuffer_Release(&s);
     PyBuffer_Release(&d);
     return r;
 }
 
-/* alltoall_arrays(comm, src, dst): equal blocks between C-contiguous buffers (numpy
- * arrays) of one format and size that do not overlap; Unsupported otherwise. */
+/* alltoall_arrays(comm, src, dst): equal blocks between an array pair that does not
+ * overlap (Unsupported otherwise). */
 static PyObject *py_alltoall_arrays(PyObject *self, PyObject *const *a, Py_ssize_t na) {
     if (na != 3) return PyErr_Format(PyExc_TypeError, "alltoall_arrays takes 3 arguments");
     comm *c = get_comm(a[0]);
     if (!c) return NULL;
     Py_buffer s, d;
-    if (PyObject_GetBuffer(a[1], &s, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)) {
-        PyErr_Clear();
-        PyErr_SetNone(Unsupported);
-        return NULL;
-    }
-    if (PyObject_GetBuffer(a[2], &d, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE)) {
-        PyErr_Clear();
-        PyBuffer_Release(&s);
-        PyErr_SetNone(Unsupported);
-        return NULL;
-    }
+    if (array_pair(a[1], a[2], &s, &d) < 0) return NULL;
     const uint8_t *sb = s.buf, *db = d.buf;
-    int dt = format_dtype(&s), P = c->size;
+    int P = c->size;
+    size_t *bytes = NULL;
     PyObject *r = NULL;
-    if (dt < 0 || dt != format_dtype(&d) || s.len != d.len || s.len % P ||
-        (sb < db + d.len && db < sb + s.len)) {
+    if (s.len % P || (sb < db + d.len && db < sb + s.len)) {
         PyErr_SetNone(Unsupported);
+    } else if (!(bytes = PyMem_Malloc(sizeof(size_t) * P * P))) {
+        PyErr_NoMemory();
     } else {
-        size_t *bytes = PyMem_Malloc(sizeof(size_t) * P * P);
-        if (!bytes) {
-            PyErr_NoMemory();
-        } else {
-            for (int i = 0; i < P * P; i++) bytes[i] = (size_t)s.len / P;
-            call k = {c, NULL, -1, 0, ""};
-            enter(&k);
-            if ((size_t)s.len >= BIG) release_gil(&k);
-            r = finish(&k, do_alltoallv(&k, s.buf, d.buf, bytes));
-            PyMem_Free(bytes);
-        }
+        for (int i = 0; i < P * P; i++) bytes[i] = (size_t)s.len / P;
+        call k = {c, NULL, -1, 0, ""};
+        enter(&k);
+        if ((size_t)s.len >= BIG) release_gil(&k);
+        r = finish(&k, do_alltoallv(&k, s.buf, d.buf, bytes));
     }
+    PyMem_Free(bytes);
     PyBuffer_Release(&s);
     PyBuffer_Release(&d);
     return r;
