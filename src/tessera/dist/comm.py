@@ -12,6 +12,7 @@ from __future__ import annotations
 import operator
 import queue
 import socket
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,8 +39,6 @@ _torch_tensor: type | None = None
 def _torch() -> None:
     """Learn torch's tensor type and dtypes once torch is imported (never import it here)."""
     global _torch_tensor
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is None or _torch_tensor is not None:
         return
