@@ -892,7 +892,6 @@ def test_local_size_one_alone(no_world: None, monkeypatch: pytest.MonkeyPatch) -
 # ------------------------------------------------------------------------ 5. /dev/shm
 
 
-@pytest.mark.skipif(not SHM.is_dir(), reason="no /dev/shm")
 def test_sweep_stale() -> None:
     """sweep_stale removes this user's names whose creator pid is gone, and keeps names
     of live processes, of other users and of other programs."""
@@ -915,7 +914,6 @@ def test_sweep_stale() -> None:
             (SHM / name).unlink(missing_ok=True)
 
 
-@pytest.mark.skipif(not SHM.is_dir(), reason="no /dev/shm")
 def test_sweep_stale_survives_odd_pid() -> None:
     """A name whose pid field is no valid pid does not make sweep_stale (and create) fail."""
     path = SHM / f"tessera.{os.getuid()}.99999999999.{os.urandom(6).hex()}.0"
@@ -927,7 +925,6 @@ def test_sweep_stale_survives_odd_pid() -> None:
         path.unlink(missing_ok=True)
 
 
-@pytest.mark.skipif(not SHM.is_dir(), reason="no /dev/shm")
 def test_create_leaves_no_names() -> None:
     """No segment name of this process remains in /dev/shm after create() or split()
     returns, and the communicators still work."""

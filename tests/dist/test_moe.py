@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from jobs import run
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("workers") / "moe_worker.py"
@@ -53,17 +53,13 @@ CHECKS = [
 ]
 
 
-def _launch(ranks: int, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run python with `args` on `ranks` processes (mpirun beyond one)."""
-    cmd = [sys.executable, *args]
+def _launch(ranks: int, script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `script args` as one process, or on `ranks` processes under mpirun."""
+    env = {"TESSERA_COMM_TIMEOUT": "30"}
     if ranks > 1:
-        if shutil.which("mpirun") is None:
-            pytest.skip("mpirun is not installed")
-        pytest.importorskip("mpi4py")
-        cmd = ["mpirun", "-np", str(ranks), "--oversubscribe", *cmd]
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "TESSERA_COMM_TIMEOUT": "30"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        return run("mpirun", ranks, Path(script), list(args), env=env)
+    return subprocess.run([sys.executable, script, *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=240)
 
 
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda n: f"{n}rank")
