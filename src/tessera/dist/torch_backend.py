@@ -256,6 +256,14 @@ def _chain(*steps: Callable[[], None] | None) -> Callable[[], None] | None:
     return run
 
 
+def _unstage(outs: Sequence[torch.Tensor], stage: torch.Tensor, sizes: list[int]) -> None:
+    """Copy consecutive pieces of a staging buffer (`sizes` elements each) into `outs`."""
+    offset = 0
+    for o, n in zip(outs, sizes, strict=True):
+        _copy_into(o, stage[offset:offset + n])
+        offset += n
+
+
 def _copy_into(dst: torch.Tensor, flat_src: torch.Tensor) -> None:
     """Copy a flat buffer (possibly a byte view) into `dst` of any shape and layout."""
     if flat_src.dtype != dst.dtype:
@@ -537,10 +545,7 @@ class TesseraProcessGroup(dist.ProcessGroup):
         stage = torch.empty(sum(counts) * scale, dtype=src.dtype)
 
         def copy_out() -> None:
-            offset = 0
-            for o, n in zip(outs, counts, strict=True):
-                _copy_into(o, stage[offset:offset + n * scale])
-                offset += n * scale
+            _unstage(outs, stage, [n * scale for n in counts])
 
         if all(c == counts[0] for c in counts):
             if counts[0] == 0:
@@ -597,10 +602,7 @@ class TesseraProcessGroup(dist.ProcessGroup):
         stage = torch.empty(sum(recv), dtype=src.dtype)
 
         def copy_out() -> None:
-            offset = 0
-            for o, n in zip(output_tensors, recv, strict=True):
-                _copy_into(o, stage[offset:offset + n])
-                offset += n
+            _unstage(output_tensors, stage, recv)
 
         # always the v-form: ranks whose sizes happen to be equal must take the same path
         inner = self._issue(opts, self.comm.alltoallv, src, send, recv, out=stage)
@@ -673,10 +675,7 @@ class TesseraProcessGroup(dist.ProcessGroup):
         stage = torch.empty(sum(recv), dtype=src.dtype)
 
         def copy_out() -> None:
-            offset = 0
-            for o, n in zip(outs, recv, strict=True):
-                _copy_into(o, stage[offset:offset + n])
-                offset += n
+            _unstage(outs, stage, recv)
 
         inner = self._issue(opts, self.comm.alltoallv, src, send, recv, out=stage)
         return self._work(opts, inner, copy_out if self._rank == root else None, list(outs))
