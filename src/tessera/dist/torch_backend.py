@@ -403,6 +403,16 @@ class TesseraProcessGroup(dist.ProcessGroup):
         _check_cpu(tensors, where)
         return tensors[0]
 
+    def _check_blocks(self, whole: torch.Tensor, whole_name: str, block: torch.Tensor,
+                      block_name: str, where: str) -> None:
+        """CPU tensors of one dtype, `whole` holding the group's size blocks of `block`."""
+        _check_cpu([whole, block], where)
+        _same_dtype([whole, block], where)
+        if whole.numel() != self._size * block.numel():
+            raise ShapeError(f"{whole_name} has {whole.numel()} elements, expected group size "
+                             f"{self._size} x {block_name}'s {block.numel()}", where=where,
+                             hint=f"{whole_name} must be world_size times the {block_name}")
+
     def _root(self, root: int, where: str) -> int:
         if not 0 <= root < self._size:
             raise CommError(f"root rank {root} outside the group of {self._size}",
@@ -496,12 +506,7 @@ class TesseraProcessGroup(dist.ProcessGroup):
         """`dist.reduce_scatter_tensor`: input holds size blocks of output's size."""
         opts = opts if opts is not None else dist.ReduceScatterOptions()
         where = "dist.reduce_scatter_tensor"
-        _check_cpu([output, input], where)
-        _same_dtype([output, input], where)
-        if input.numel() != self._size * output.numel():
-            raise ShapeError(f"input has {input.numel()} elements, expected group size "
-                             f"{self._size} x output's {output.numel()}", where=where,
-                             hint="input must be world_size times the output")
+        self._check_blocks(input, "input", output, "output", where)
         red = _Reduction(opts.reduceOp, output.dtype, self._size, where)
         src = input.reshape(-1).to(red.work_dtype)  # a view when already flat-able
         return self._reduce_scatter_flat(output, src, None, opts, [output], where)
@@ -561,12 +566,7 @@ class TesseraProcessGroup(dist.ProcessGroup):
         """`dist.all_gather_into_tensor`: output holds size blocks of input's size."""
         opts = opts if opts is not None else dist.AllgatherOptions()
         where = "dist.all_gather_into_tensor"
-        _check_cpu([output, input], where)
-        _same_dtype([output, input], where)
-        if output.numel() != self._size * input.numel():
-            raise ShapeError(f"output has {output.numel()} elements, expected group size "
-                             f"{self._size} x input's {input.numel()}", where=where,
-                             hint="output must be world_size times the input")
+        self._check_blocks(output, "output", input, "input", where)
         if input.numel() == 0:
             return _done([output])
         dst, back = _contig(output)
