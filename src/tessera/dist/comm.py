@@ -448,13 +448,8 @@ class Communicator:
                 self._call(self._t.reduce_scatterv, src[0], dst, [count] * self.size, code,
                            opc)
                 return out
-        rows, _ = _rows(x)
-        if rows % self.size:
-            raise ShapeError(f"reduce_scatter: dim 0 ({rows}) is not a multiple of the "
-                             f"communicator's size ({self.size})",
-                             hint="use reduce_scatterv for uneven blocks")
-        return self.reduce_scatterv(x, [rows // self.size] * self.size, op, out=out,
-                                    async_op=async_op)
+        n = self._even_blocks(x, "reduce_scatter")
+        return self.reduce_scatterv(x, [n] * self.size, op, out=out, async_op=async_op)
 
     def reduce_scatterv(self, x: Any, counts: Sequence[int], op: str = "sum", *,
                         out: Any = None, async_op: bool = False) -> Any:
@@ -492,14 +487,9 @@ class Communicator:
             if dst is not None:
                 self._call(self._t.alltoallv, src[0], dst, self._uniform(src[1] // self.size))
                 return out
-        rows, _ = _rows(x)
-        if rows % self.size:
-            raise ShapeError(f"alltoall: dim 0 ({rows}) is not a multiple of the "
-                             f"communicator's size ({self.size})",
-                             hint="use alltoallv for uneven blocks")
-        n = rows // self.size
+        n = self._even_blocks(x, "alltoall")
         matrix = self._uniform(n)
-        return self._alltoallv(x, rows, out, async_op,
+        return self._alltoallv(x, n * self.size, out, async_op,
                                lambda src, dst, unit: self._t.alltoallv(
                                    src, dst, [c * unit for c in matrix]))
 
@@ -674,6 +664,15 @@ class Communicator:
         self._check_rank(peer, who, "peer")
         if peer == self.rank:
             raise CommError(f"{who}: rank {peer} is this rank", hint="copy the data locally")
+
+    def _even_blocks(self, x: Any, who: str) -> int:
+        """Rows per rank of `x`'s dim 0, split evenly over the ranks."""
+        rows, _ = _rows(x)
+        if rows % self.size:
+            raise ShapeError(f"{who}: dim 0 ({rows}) is not a multiple of the "
+                             f"communicator's size ({self.size})",
+                             hint=f"use {who}v for uneven blocks")
+        return rows // self.size
 
     def _check_counts(self, counts: Sequence[int], who: str) -> list[int]:
         try:
