@@ -15,6 +15,7 @@ def tessera(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           text=True, env={**os.environ, **(env or {})}, timeout=300)
 
 
+@pytest.mark.mpi
 def test_info_json_reports_devices_compiler_cache():
     out = tessera("info", "--json")
     assert out.returncode == 0, out.stderr

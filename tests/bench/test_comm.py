@@ -17,6 +17,7 @@ CASES = [f"allreduce_{s}" for s in ("8B", "256B", "4KB", "64KB", "1MB", "16MB")]
     [f"alltoall_{s}" for s in ("4KB", "1MB", "16MB")]  # --quick: no 64MB
 LATENCY = {"allreduce_8B", "allreduce_256B", "allreduce_4KB", "allreduce_64KB"}
 
+@pytest.mark.ranks
 def test_comm_suite_end_to_end(tmp_path):
     out = tmp_path / "comm.json"
     rows = bench.run("comm", quick=True, ranks=2, json_path=str(out))
@@ -29,6 +30,7 @@ def test_comm_suite_end_to_end(tmp_path):
     assert json.loads(out.read_text())["results"] == rows
 
 
+@pytest.mark.ranks
 def test_wrong_results_on_one_rank_stop_every_rank(tmp_path):
     """Rank 1's tessera allreduce adds 1: both ranks leave, rank 0 reports rank 1's error."""
     script = tmp_path / "wrong_rank1.py"

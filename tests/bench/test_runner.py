@@ -110,6 +110,7 @@ def test_runtime_suite_end_to_end(tmp_path):
     assert json.loads(out.read_text())["results"] == rows
 
 
+@pytest.mark.slow
 def test_lang_suite_end_to_end(tmp_path):
     out = tmp_path / "lang.json"
     rows = bench.run("lang", quick=True, json_path=str(out))

@@ -11,6 +11,8 @@ import sys
 import pytest
 from jobs import WORKERS, results, run
 
+pytestmark = pytest.mark.ranks
+
 sys.path.insert(0, str(WORKERS))
 from cases import CASES
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from jobs import WORKERS, free_port
 
+pytestmark = pytest.mark.ranks
+
 SHM = Path("/dev/shm")
 
 

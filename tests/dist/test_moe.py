@@ -62,7 +62,9 @@ def _launch(ranks: int, script: str, *args: str) -> subprocess.CompletedProcess[
                           capture_output=True, text=True, timeout=240)
 
 
-@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda n: f"{n}rank")
+@pytest.fixture(scope="module", ids=lambda n: f"{n}rank",
+                params=[1, pytest.param(2, marks=pytest.mark.ranks),
+                        pytest.param(4, marks=pytest.mark.ranks)])
 def verdicts(request: pytest.FixtureRequest,
              tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, str]], str]:
     """(each rank's {check: "ok" | failure}, the launch's output) for one launch."""
@@ -90,6 +92,7 @@ def test_worker_runs_only_known_checks(verdicts: tuple[list[dict[str, str]], str
         assert sorted(got) == sorted(CHECKS), f"rank {r}: {sorted(got)}\n{output}"
 
 
+@pytest.mark.ranks
 def test_example_script_on_two_ranks() -> None:
     proc = _launch(2, str(EXAMPLE), "--tokens", "32")
     assert proc.returncode == 0, proc.stdout + proc.stderr

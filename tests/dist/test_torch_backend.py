@@ -95,6 +95,7 @@ def launches(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Launch]:
     return {w: _finish(procs[w], w, dirs[w]) for w in WORLDS}
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("world", WORLDS)
 def test_launch_finishes_cleanly(launches, world):
     launch = launches[world]
@@ -104,6 +105,7 @@ def test_launch_finishes_cleanly(launches, world):
         assert res.get("done") == "ok", f"rank {r} did not finish every check"
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("world, check", CHECKS, ids=[f"{w}-{c}" for w, c in CHECKS])
 def test_worker_check(launches, world, check):
     launch = launches[world]

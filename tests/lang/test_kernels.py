@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import tessera.kernels as K
+from marks import slow_after
 from tessera.errors import ShapeError
 
 SHAPES = [(1, 1), (1, 7), (33, 384), (5, 1000), (3, 4, 33)]
@@ -32,7 +33,7 @@ def test_add(n: int) -> None:
     assert torch.equal(K.add(x, y), x + y)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", slow_after(2, DTYPES))
 @pytest.mark.parametrize("shape", SHAPES)
 def test_row_kernels(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     torch.manual_seed(0)

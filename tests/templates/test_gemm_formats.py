@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tessera
+from marks import slow_after
 from tessera.errors import ShapeError, TesseraError
 from tessera.templates.gemm import (
     Blocking,
@@ -32,7 +33,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, k: int) -> None:
 
 
 @pytest.mark.parametrize("m", [1, 3, 9, 16, 37, 60])
-@pytest.mark.parametrize("a_dtype", [torch.float32, *F16])
+@pytest.mark.parametrize("a_dtype", slow_after(1, [torch.float32, *F16]))
 @pytest.mark.parametrize("b_dtype", [torch.float32, *F16])
 def test_16bit_operands(m: int, a_dtype: torch.dtype, b_dtype: torch.dtype) -> None:
     k, n = 70, 45
@@ -43,8 +44,8 @@ def test_16bit_operands(m: int, a_dtype: torch.dtype, b_dtype: torch.dtype) -> N
         _close(got, (a.float() @ b.float()).to(got.dtype), k)
 
 
-@pytest.mark.parametrize("out_dtype", F16)
-@pytest.mark.parametrize("config", [None, TINY])
+@pytest.mark.parametrize("out_dtype", slow_after(1, F16))
+@pytest.mark.parametrize("config", slow_after(1, [None, TINY]))
 def test_16bit_result_accumulates_in_float32(out_dtype: torch.dtype, config: Blocking) -> None:
     m, n, k = 29, 50, 1000  # K spans several KC blocks
     a, b = torch.randn(m, k), torch.randn(k, n)
@@ -69,9 +70,9 @@ def test_quantize_round_trip(bits: int, group: int) -> None:
     assert q.nbytes == q.data.nbytes + q.scales.nbytes
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", slow_after(1, [4, 8]))
 @pytest.mark.parametrize("m", [1, 2, 4, 5, 8, 37])
-@pytest.mark.parametrize("k", [32, 100, 257])
+@pytest.mark.parametrize("k", slow_after(1, [100, 32, 257]))
 def test_quantized_matches_dequantized(bits: int, m: int, k: int) -> None:
     n = 70
     q = quantize(torch.randn(k, n), bits=bits, group_size=32 if k < 64 else 64)
@@ -90,7 +91,7 @@ def _swiglu(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("m", [1, 4, 9, 64])
 @pytest.mark.parametrize("n", [5, 37, 64])
-@pytest.mark.parametrize("config", [None, TINY])
+@pytest.mark.parametrize("config", slow_after(1, [None, TINY]))
 def test_swiglu(m: int, n: int, config: Blocking) -> None:
     k = 300
     a, w = torch.randn(m, k), torch.randn(k, 2 * n) / 8
@@ -104,7 +105,7 @@ def test_swiglu(m: int, n: int, config: Blocking) -> None:
            _swiglu(a, torch.from_numpy(q.dequantize())), k)
 
 
-@pytest.mark.parametrize("m", [1, 3, 100])
+@pytest.mark.parametrize("m", slow_after(1, [100, 1, 3]))
 def test_prepacked(m: int) -> None:
     k, n = 150, 90
     a, w = torch.randn(m, k), torch.randn(n, k).t()  # an nn.Linear weight, transposed
@@ -213,6 +214,7 @@ def test_quantized_at_eight_lanes(bits: int) -> None:
                                    a @ torch.from_numpy(q.dequantize()), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_portable_c_fallback(tmp_path) -> None:
     import os
     import subprocess
