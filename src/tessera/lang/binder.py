@@ -17,6 +17,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from tessera.runtime.cpu.launch import launcher
+
 __all__ = ["make_fast_launcher"]
 
 
@@ -25,7 +27,7 @@ def make_fast_launcher(kernel: Any, values: dict[str, Any], compiled: Any,
     """A function `fast(grid, *args, **kwargs) -> bool` that launches `compiled` when the
     arguments match those of `values` in everything that chose it, or None if this
     signature is not one it handles (non-torch tensors, callable grids, odd names)."""
-    env: dict[str, Any] = {"_tsr_fn": compiled.fn, "_tsr_pack": compiled.packer.pack,
+    env: dict[str, Any] = {"_tsr_call": launcher(), "_tsr_address": compiled.address,
                            "_tsr_span": span}
     params, checks, flat, tensors = [], [], [], []
     for p in inspect.signature(kernel.fn).parameters.values():
@@ -76,8 +78,7 @@ def make_fast_launcher(kernel: Any, values: dict[str, Any], compiled: Any,
         "_tsr_g = _tsr_grid + (1, 1)",
         "if type(_tsr_g[0]) is not int or type(_tsr_g[1]) is not int or "
         "type(_tsr_g[2]) is not int or min(_tsr_g[:3]) < 0: return False",
-        f"if _tsr_g[0] and _tsr_g[1] and _tsr_g[2]: "
-        f"_tsr_fn(_tsr_g[0], _tsr_g[1], _tsr_g[2], _tsr_pack({', '.join(flat)}))",
+        f"_tsr_call(_tsr_address, _tsr_g[0], _tsr_g[1], _tsr_g[2], {', '.join(flat)})",
         "return True"])
     exec(compile(source, f"<tessera fast launcher of {kernel.__name__}>", "exec"), env)
     return env["fast"]

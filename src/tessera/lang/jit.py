@@ -1,16 +1,15 @@
 """`@tl.kernel`: specialize on argument dtypes, ranks and constexprs, compile through the
 runtime toolchain, and launch as `k[grid](*args)` on tessera, torch or numpy tensors.
 
-Launching is on the hot path of small kernels, so it avoids `inspect` and per-argument
-ctypes conversion: arguments are bound by hand and packed into one buffer of 8-byte slots
-that the generated entry point unpacks (see codegen/c.py)."""
+Launching is on the hot path of small kernels, so it avoids `inspect` and ctypes:
+arguments are bound by hand and handed to the native launcher (runtime/cpu/launch.py),
+which packs them into the 8-byte slots the generated entry point unpacks (codegen/c.py)."""
 
 from __future__ import annotations
 
 import ctypes
 import inspect
 import os
-import struct
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from tessera.lang.frontend import trace, whole_slices
 from tessera.lang.passes import dce
 from tessera.lang.types import TensorType, TileType
 from tessera.runtime import dtype as dt
+from tessera.runtime.cpu.launch import launcher
 from tessera.runtime.tensor import Tensor, as_tensor, element_span
 from tessera.runtime.toolchain import compile_c
 
@@ -98,10 +98,9 @@ def _is_constexpr(annotation: Any) -> bool:
 class _Compiled:
     """One specialization: the native entry point and what launching it needs to know."""
 
-    fn: Any
+    address: int  # of the entry point (see runtime/cpu/launch.py)
     source: str
     ir: str
-    packer: struct.Struct
     writes: frozenset[str]  # tensor parameters the kernel stores into
     restrict: bool  # compiled assuming no output aliases another argument
 
@@ -254,11 +253,8 @@ class Kernel:
             print(f"// tessera: {self.fn.__name__} {key}\n{source}", file=sys.stderr)
         module = compile_c(source, name=self.fn.__name__, openmp=True, where=self.where,
                            flags=["-fwrapv"])  # integer overflow wraps, as in torch
-        fn = module.function(ENTRY, None, [ctypes.c_int64] * 3 + [ctypes.c_char_p])
-        fmt = "".join("q" * (1 + 2 * p.type.ndim) if isinstance(p.type, TensorType) else
-                      "d" if p.type.dtype is dt.float32 else "q" for p in ir.params)
-        compiled = _Compiled(fn, source, str(ir), struct.Struct("=" + fmt), writes,
-                             not key[-1])
+        address = ctypes.cast(module.function(ENTRY), ctypes.c_void_p).value
+        compiled = _Compiled(address, source, str(ir), writes, not key[-1])
         self._compiled[key] = compiled
         return compiled
 
@@ -289,8 +285,7 @@ class Kernel:
     def launch(self, grid: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         values, compiled, flat = self._prepare(args, kwargs)
         g = _grid(grid(values) if callable(grid) else grid, self)
-        if g[0] and g[1] and g[2]:
-            compiled.fn(*g, compiled.packer.pack(*flat))
+        launcher()(compiled.address, *g, *flat)
         if type(grid) is tuple and compiled.restrict and compiled not in self._fast_for \
                 and len(self._fast) < MAX_FAST_LAUNCHERS:
             self._fast_for.append(compiled)

@@ -78,27 +78,38 @@ class CPrinter(CStylePrinter):
                               f"{8 * len(call)}, 8);")
                 call.append(f"({ctype.replace('restrict', '').strip()}){name}")
                 params.append(f"{ctype}{'' if ctype.endswith(' ') else ' '}{name}")
-        self.depth = 2
+        self.depth = 1
         self.block(self.fn.body)
         head = ["int64_t tsr_grid0", "int64_t tsr_grid1", "int64_t tsr_grid2", *params]
+        args = ", ".join(["tsr_grid0", "tsr_grid1", "tsr_grid2",
+                          *(name for p in self.fn.params for _, name in self.params(p, False))])
         return "\n".join([
             _PRELUDE, f"#define TSR_VL {self.vector_lanes}", TILE_HEADER.read_text(),
             MATH_HEADER.read_text(),
             f"/* kernel {self.fn.name}, from {self.fn.loc} */",
+            "/* one program; not inlined, so the parallel and the serial loop share one copy */",
+            f"static __attribute__((noinline)) void tsr_program(int64_t tsr_pid, "
+            f"{', '.join(head)}) {{",
+            "    const int64_t tsr_pid0 = tsr_pid % tsr_grid0;",
+            "    const int64_t tsr_pid1 = (tsr_pid / tsr_grid0) % tsr_grid1;",
+            "    const int64_t tsr_pid2 = tsr_pid / (tsr_grid0 * tsr_grid1);",
+            "    (void)tsr_pid1; (void)tsr_pid2;",
+            *self.lines,
+            "}",
+            "",
             f"static void tsr_run({', '.join(head)}) {{",
             "    const int64_t tsr_n = tsr_grid0 * tsr_grid1 * tsr_grid2;",
+            f"    if (tsr_n * {self.work()} < {PARALLEL_GRAIN}) {{  /* no OpenMP region at all: "
+            "even a one-thread one costs ~0.7 us */",
+            f"        for (int64_t tsr_pid = 0; tsr_pid < tsr_n; tsr_pid++) tsr_program(tsr_pid, "
+            f"{args});",
+            "        return;",
+            "    }",
             "    /* 8 chunks per thread, dealt round-robin: balanced when programs differ in",
             "       work (causal attention), yet each thread's programs stay mostly adjacent */",
             "    const int64_t tsr_chunk = tsr_n / (8 * omp_get_max_threads()) + 1;",
-            f"    #pragma omp parallel for schedule(static, tsr_chunk) if(tsr_n * {self.work()}"
-            f" >= {PARALLEL_GRAIN})",
-            "    for (int64_t tsr_pid = 0; tsr_pid < tsr_n; tsr_pid++) {",
-            "        const int64_t tsr_pid0 = tsr_pid % tsr_grid0;",
-            "        const int64_t tsr_pid1 = (tsr_pid / tsr_grid0) % tsr_grid1;",
-            "        const int64_t tsr_pid2 = tsr_pid / (tsr_grid0 * tsr_grid1);",
-            "        (void)tsr_pid1; (void)tsr_pid2;",
-            *self.lines,
-            "    }",
+            "    #pragma omp parallel for schedule(static, tsr_chunk)",
+            f"    for (int64_t tsr_pid = 0; tsr_pid < tsr_n; tsr_pid++) tsr_program(tsr_pid, {args});",
             "}",
             "",
             "/* Launch ABI: the grid, then each parameter in an 8-byte slot (pointers, int64,",

@@ -1,0 +1,85 @@
+/* Calling compiled kernels from Python at the cost of a method call, not of ctypes.
+ *
+ * Every generated entry point has one ABI (lang/codegen/c.py):
+ *     void entry(int64_t grid0, int64_t grid1, int64_t grid2, const char *args)
+ * with each argument in an 8-byte slot: pointers and integers as int64, floats as double.
+ * call(address, grid0, grid1, grid2, *args) packs Python ints and floats into those slots
+ * on the stack and calls the entry point without the GIL. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_SLOTS 256
+
+typedef void (*entry_fn)(int64_t, int64_t, int64_t, const char *);
+
+static int slot(PyObject *v, char *dst) {
+    if (PyLong_CheckExact(v) || PyBool_Check(v)) {
+        int overflow = 0;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (overflow) {
+            PyErr_SetString(PyExc_OverflowError, "kernel argument does not fit in int64");
+            return -1;
+        }
+        int64_t i = (int64_t)x;
+        memcpy(dst, &i, 8);
+        return 0;
+    }
+    if (PyFloat_CheckExact(v)) {
+        double d = PyFloat_AS_DOUBLE(v);
+        memcpy(dst, &d, 8);
+        return 0;
+    }
+    if (PyLong_Check(v) || PyFloat_Check(v) || PyIndex_Check(v)) {  /* numpy scalars, enums */
+        PyObject *n = PyFloat_Check(v) ? PyNumber_Float(v) : PyNumber_Index(v);
+        if (n == NULL) return -1;
+        int rc = slot(n, dst);
+        Py_DECREF(n);
+        return rc;
+    }
+    PyErr_Format(PyExc_TypeError, "kernel argument must be an int or float, not %.100s",
+                 Py_TYPE(v)->tp_name);
+    return -1;
+}
+
+static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs < 4) {
+        PyErr_SetString(PyExc_TypeError, "call(address, grid0, grid1, grid2, *args)");
+        return NULL;
+    }
+    if (nargs - 4 > MAX_SLOTS) {
+        PyErr_SetString(PyExc_TypeError, "too many kernel arguments");
+        return NULL;
+    }
+    int64_t head[4];
+    for (int i = 0; i < 4; i++) {
+        if (slot(args[i], (char *)&head[i]) < 0) return NULL;
+    }
+    if (head[0] == 0) {
+        PyErr_SetString(PyExc_ValueError, "null kernel address");
+        return NULL;
+    }
+    char buf[8 * MAX_SLOTS + 8];
+    for (Py_ssize_t i = 4; i < nargs; i++) {
+        if (slot(args[i], buf + 8 * (i - 4)) < 0) return NULL;
+    }
+    entry_fn fn = (entry_fn)(intptr_t)head[0];
+    if (head[1] > 0 && head[2] > 0 && head[3] > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        fn(head[1], head[2], head[3], buf);
+        Py_END_ALLOW_THREADS
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL,
+     "call(address, grid0, grid1, grid2, *args): run a compiled kernel entry point"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tsr_launch", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__tsr_launch(void) { return PyModule_Create(&module); }
