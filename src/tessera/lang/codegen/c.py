@@ -83,6 +83,7 @@ class CPrinter(CStylePrinter):
         head = ["int64_t tsr_grid0", "int64_t tsr_grid1", "int64_t tsr_grid2", *params]
         args = ", ".join(["tsr_grid0", "tsr_grid1", "tsr_grid2",
                           *(name for p in self.fn.params for _, name in self.params(p, False))])
+        loop = f"for (int64_t tsr_pid = 0; tsr_pid < tsr_n; tsr_pid++) tsr_program(tsr_pid, {args});"
         return "\n".join([
             _PRELUDE, f"#define TSR_VL {self.vector_lanes}", TILE_HEADER.read_text(),
             MATH_HEADER.read_text(),
@@ -101,15 +102,14 @@ class CPrinter(CStylePrinter):
             "    const int64_t tsr_n = tsr_grid0 * tsr_grid1 * tsr_grid2;",
             f"    if (tsr_n * {self.work()} < {PARALLEL_GRAIN}) {{  /* no OpenMP region at all: "
             "even a one-thread one costs ~0.7 us */",
-            f"        for (int64_t tsr_pid = 0; tsr_pid < tsr_n; tsr_pid++) tsr_program(tsr_pid, "
-            f"{args});",
+            f"        {loop}",
             "        return;",
             "    }",
             "    /* 8 chunks per thread, dealt round-robin: balanced when programs differ in",
             "       work (causal attention), yet each thread's programs stay mostly adjacent */",
             "    const int64_t tsr_chunk = tsr_n / (8 * omp_get_max_threads()) + 1;",
             "    #pragma omp parallel for schedule(static, tsr_chunk)",
-            f"    for (int64_t tsr_pid = 0; tsr_pid < tsr_n; tsr_pid++) tsr_program(tsr_pid, {args});",
+            f"    {loop}",
             "}",
             "",
             "/* Launch ABI: the grid, then each parameter in an 8-byte slot (pointers, int64,",
