@@ -83,7 +83,7 @@ class CPrinter(CStylePrinter):
         head = ["int64_t tsr_grid0", "int64_t tsr_grid1", "int64_t tsr_grid2", *params]
         args = ", ".join(["tsr_grid0", "tsr_grid1", "tsr_grid2",
                           *(name for p in self.fn.params for _, name in self.params(p, False))])
-        loop = f"for (int64_t tsr_pid = 0; tsr_pid < tsr_n; tsr_pid++) tsr_program(tsr_pid, {args});"
+        loop = f"for (int64_t p = 0; p < tsr_n; p++) tsr_program(p, {args});"
         return "\n".join([
             _PRELUDE, f"#define TSR_VL {self.vector_lanes}", TILE_HEADER.read_text(),
             MATH_HEADER.read_text(),
