@@ -7,34 +7,8 @@ report GFLOPS. `--quick` uses small shapes and skips Inductor (its compile domin
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
+from tessera.bench.cases import torch_case as _case
 from tessera.bench.runner import Case
-
-
-def _case(name: str, ours: Callable[[], Any], ref: Callable[..., Any], args: tuple,
-          quick: bool, *, bytes_moved: int = 0, flops: int = 0, atol: float = 1e-4,
-          meta: dict[str, Any] | None = None) -> Case:
-    import torch
-
-    impls: dict[str, Callable[[], Any]] = {"tessera": ours,
-                                           "torch_eager": lambda: ref(*args)}
-    if not quick:
-        compiled = torch.compile(ref, dynamic=False)
-        impls["torch_inductor"] = lambda: compiled(*args)
-
-    def check() -> None:
-        want = ref(*args)
-        for impl in impls.values():
-            torch.testing.assert_close(impl(), want, atol=atol, rtol=1e-4)
-
-    def extra(impl: str, median_s: float) -> dict[str, float]:
-        if flops:
-            return {"gflops": flops / median_s / 1e9}
-        return {"gb_per_s": bytes_moved / median_s / 1e9}
-
-    return Case(name, impls, check=check, extra=extra, meta=meta or {})
 
 
 def cases(quick: bool) -> list[Case]:

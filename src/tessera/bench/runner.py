@@ -27,6 +27,7 @@ SUITES: dict[str, str] = {
     "lang": "tessera.bench.lang",
     "gemm": "tessera.bench.gemm",
     "comm": "tessera.bench.comm",
+    "ops": "tessera.bench.ops",
 }
 BASELINE_ORDER = ("numpy", "torch_eager", "torch_inductor", "mpi", "gloo")
 

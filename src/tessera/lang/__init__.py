@@ -19,9 +19,10 @@ from tessera.lang.autotune import Autotuner, Config, autotune
 from tessera.lang.core import *  # noqa: F403 (the builtins)
 from tessera.lang.core import __all__ as _builtins
 from tessera.lang.errors import KernelError, KernelSyntaxError, KernelTypeError, LaunchError
-from tessera.lang.jit import Kernel, kernel
+from tessera.lang.jit import Kernel, Specialization, TensorSpec, kernel
 from tessera.runtime.dtype import bfloat16, bool, float16, float32, int8, int32, int64, uint8
 
 __all__ = [*_builtins, "Autotuner", "CompileError", "Config", "Kernel", "KernelError",
-           "KernelSyntaxError", "KernelTypeError", "LaunchError", "autotune", "bfloat16",
+           "KernelSyntaxError", "KernelTypeError", "LaunchError", "Specialization",
+           "TensorSpec", "autotune", "bfloat16",
            "bool", "float16", "float32", "int8", "int32", "int64", "kernel", "uint8"]

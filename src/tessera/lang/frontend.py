@@ -418,6 +418,10 @@ class _Frontend(ast.NodeVisitor):
             if not -len(obj) <= index < len(obj):
                 raise self.syntax(node, f"index {index} is out of range for {len(obj)} items")
             return obj[index]
+        if isinstance(obj, dict) and _is_py(index):  # a compile-time table, e.g. of kernels
+            if index not in obj:
+                raise self.syntax(node, f"key {index!r} is not in this mapping")
+            return obj[index]
         raise self.syntax(node, f"cannot index {type(obj).__name__} here")
 
     def index_items(self, node: ast.expr) -> list[ast.expr]:

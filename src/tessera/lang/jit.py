@@ -27,12 +27,21 @@ from tessera.lang.passes import dce
 from tessera.lang.types import TensorType, TileType
 from tessera.runtime import dtype as dt
 from tessera.runtime.cpu.launch import launcher
-from tessera.runtime.tensor import Tensor, as_tensor, element_span
+from tessera.runtime.tensor import Tensor, as_tensor, contiguous_strides, element_span
 from tessera.runtime.toolchain import compile_c
 
-__all__ = ["Kernel", "kernel"]
+__all__ = ["Kernel", "Specialization", "TensorSpec", "kernel"]
 
 _TORCH_DTYPES: dict[Any, dt.dtype] = {}  # torch.dtype -> dtype, filled on first sight
+
+
+class TensorSpec(NamedTuple):
+    """A tensor argument described rather than given, for `Kernel.specialize`: compile for
+    this dtype, rank and layout (`strides` None: contiguous) without any memory."""
+
+    dtype: dt.dtype
+    shape: tuple[int, ...]
+    strides: tuple[int, ...] | None = None
 
 
 class _Arg(NamedTuple):
@@ -81,6 +90,9 @@ def _tensor_arg(x: Any, name: str) -> _Arg | None:
                                    ptr + x.numel() * d.itemsize, True))
         return _Arg(ptr, shape, strides, d, False, *_span(ptr, shape, strides, d.itemsize),
                     False)
+    if t is TensorSpec:
+        strides = x.strides if x.strides is not None else contiguous_strides(x.shape)
+        return _Arg(0, tuple(x.shape), tuple(strides), dt.as_dtype(x.dtype), False, 0, 0, True)
     if t is Tensor or t is np.ndarray or hasattr(x, "__dlpack__"):
         x = x if t is Tensor else as_tensor(x)
         ptr = x.data_ptr()
@@ -95,8 +107,11 @@ def _is_constexpr(annotation: Any) -> bool:
 
 
 @dataclass(eq=False)
-class _Compiled:
-    """One specialization: the native entry point and what launching it needs to know."""
+class Specialization:
+    """One compiled specialization: the native entry point (run it with
+    `runtime.cpu.launch.launcher()(address, grid0, grid1, grid2, *args)`, the arguments
+    flattened as the general launcher does: each tensor as its data pointer, sizes and
+    strides in elements, each scalar as an int or float, constexprs left out)."""
 
     address: int  # of the entry point (see runtime/cpu/launch.py)
     source: str
@@ -124,9 +139,9 @@ class Kernel:
         self._name_set = frozenset(self.names)
         self._whole: dict[str, frozenset[int]] | None = None  # parsed at first launch
         self.where = _where(fn)
-        self._compiled: dict[tuple, _Compiled] = {}
+        self._compiled: dict[tuple, Specialization] = {}
         self._fast: list[Callable[..., bool]] = []  # see binder.py
-        self._fast_for: list[_Compiled] = []
+        self._fast_for: list[Specialization] = []
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
 
     def __repr__(self) -> str:
@@ -241,7 +256,7 @@ class Kernel:
                 params[name] = TileType({bool: dt.bool, int: dt.int64, float: dt.float32}[k])
         return params
 
-    def _compile(self, key: tuple, values: dict[str, Any]) -> _Compiled:
+    def _compile(self, key: tuple, values: dict[str, Any]) -> Specialization:
         compiled = self._compiled.get(key)
         if compiled is not None:
             return compiled
@@ -254,12 +269,12 @@ class Kernel:
         module = compile_c(source, name=self.fn.__name__, openmp=True, where=self.where,
                            flags=["-fwrapv"])  # integer overflow wraps, as in torch
         address = ctypes.cast(module.function(ENTRY), ctypes.c_void_p).value
-        compiled = _Compiled(address, source, str(ir), writes, not key[-1])
+        compiled = Specialization(address, source, str(ir), writes, not key[-1])
         self._compiled[key] = compiled
         return compiled
 
     def _prepare(self, args: Sequence[Any], kwargs: dict[str, Any]
-                 ) -> tuple[dict[str, Any], _Compiled, list[Any]]:
+                 ) -> tuple[dict[str, Any], Specialization, list[Any]]:
         values = self.bind(args, kwargs)
         key, flat, tensors = self._specialize(values)
         compiled = self._compiled.get((*key, False)) or self._compile((*key, False), values)
@@ -292,6 +307,12 @@ class Kernel:
             fast = make_fast_launcher(self, values, compiled, _span)
             if fast is not None:
                 self._fast.append(fast)
+
+    def specialize(self, *args: Any, **kwargs: Any) -> Specialization:
+        """The compiled build for arguments like these (tensors may be `TensorSpec`s), for
+        callers that launch it directly with precomputed arguments (tessera.ops). The
+        build assumes no output overlaps another tensor argument."""
+        return self._prepare(args, kwargs)[1]
 
     def source(self, *args: Any, **kwargs: Any) -> str:
         """The C source this kernel compiles to for these arguments."""

@@ -1,0 +1,128 @@
+"""Eager calls: each op's public function, generated with the op's own signature so that
+Python binds the arguments, does one type test per tensor argument and calls the
+implementation directly when every tensor is a torch tensor. Numpy arrays and tessera
+tensors are wrapped zero-copy on the way in and the result is given back in the kind of
+the first tensor argument."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from tessera.errors import DeviceError, DtypeError
+from tessera.ops.registry import Arg, OpDef
+from tessera.runtime.tensor import Tensor as TesseraTensor
+from tessera.runtime.tensor import as_tensor
+
+__all__ = ["eager_function", "to_torch"]
+
+_T = torch.Tensor
+
+
+def eager_function(d: OpDef) -> Callable[..., Any]:
+    """The public function of op `d`."""
+    env: dict[str, Any] = {"_T": _T, "_impl": d.impl, "_op": d, "_foreign": _foreign,
+                           "_all_torch": _all_torch}
+    params, call, fast = [], [], []
+    for a in d.args:
+        if a.kwarg_only and "*" not in params:
+            params.append("*")
+        if a.default is Arg.REQUIRED:
+            params.append(a.name)
+        else:
+            env[f"_default_{a.name}"] = a.default
+            params.append(f"{a.name}=_default_{a.name}")
+        call.append(f"{a.name}={a.name}" if a.kwarg_only else a.name)
+        if a.type == "Tensor":
+            fast.append(f"type({a.name}) is _T")
+        elif a.type == "Optional[Tensor]":
+            fast.append(f"({a.name} is None or type({a.name}) is _T)")
+        elif a.is_tensor:
+            fast.append(f"_all_torch({a.name})")
+    names = ", ".join(a.name for a in d.args)
+    source = "\n".join([
+        f"def {d.name}({', '.join(params)}):",
+        f"    if {' and '.join(fast) or 'True'}:",
+        f"        return _impl({', '.join(call)})",
+        f"    return _foreign(_op, ({names}{',' if len(d.args) == 1 else ''}))"])
+    exec(compile(source, f"<tessera op {d.name}>", "exec"), env)
+    fn = env[d.name]
+    fn.__doc__ = d.impl.__doc__
+    fn.__qualname__ = fn.__name__ = d.name
+    fn.__module__ = d.impl.__module__
+    fn.__wrapped__ = d.impl  # inspect.signature shows the implementation's
+    fn.op = d
+    return fn
+
+
+def _all_torch(xs: Any) -> bool:
+    return type(xs) in (list, tuple) and all(type(x) is _T for x in xs)
+
+
+def to_torch(x: Any, op: str, arg: str) -> tuple[torch.Tensor, str | None]:
+    """(a CPU torch tensor sharing x's memory, the kind x was: "torch", "numpy",
+    "tessera", or None for a Python number made into a 0-dim tensor)."""
+    if isinstance(x, _T):
+        if not x.is_cpu:
+            raise DeviceError(f"{op}: argument {arg!r} is on {x.device}; tessera.ops runs on "
+                              "the CPU", hint="move it with .cpu(), or compile the model for "
+                                              "the device")
+        return x, "torch"
+    if isinstance(x, np.ndarray):
+        if not x.dtype.isnative:
+            raise DtypeError(f"{op}: argument {arg!r} has non-native byte order {x.dtype}",
+                             hint="convert with x.astype(x.dtype.newbyteorder('='))")
+        with warnings.catch_warnings():  # read-only arrays: inputs are never written
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                return torch.from_numpy(x), "numpy"
+            except TypeError as e:
+                raise DtypeError(f"{op}: argument {arg!r} has dtype {x.dtype}, which torch "
+                                 "cannot hold", hint="use a float, int or bool array") from e
+    if isinstance(x, TesseraTensor):
+        return x.torch(), "tessera"
+    if isinstance(x, (bool, int, float, np.number, np.bool_)):
+        return torch.tensor(x), None
+    raise DtypeError(f"{op}: argument {arg!r} must be a tensor (torch, numpy or tessera), "
+                     f"got {type(x).__name__}")
+
+
+def _foreign(d: OpDef, values: tuple[Any, ...]) -> Any:
+    """The general path: convert every tensor argument, run, convert the result back."""
+    kind = None
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for a, v in zip(d.args, values, strict=True):
+        if a.is_tensor and v is not None:
+            if a.type.startswith("List"):
+                if not isinstance(v, (list, tuple)):
+                    raise DtypeError(f"{d.name}: argument {a.name!r} must be a list of "
+                                     f"tensors, got {type(v).__name__}")
+                pairs = [to_torch(x, d.name, f"{a.name}[{i}]") for i, x in enumerate(v)]
+                v = [t for t, _ in pairs]
+                kind = kind or next((k for _, k in pairs if k), None)
+            else:
+                v, k = to_torch(v, d.name, a.name)
+                kind = kind or k
+        if a.kwarg_only:
+            kwargs[a.name] = v
+        else:
+            args.append(v)
+    return _give_back(d.impl(*args, **kwargs), kind, d.name)
+
+
+def _give_back(out: Any, kind: str | None, op: str) -> Any:
+    if isinstance(out, (tuple, list)):
+        return type(out)(_give_back(o, kind, op) for o in out)
+    if not isinstance(out, _T) or kind in ("torch", None):
+        return out
+    if kind == "tessera":
+        return as_tensor(out)
+    if out.dtype == torch.bfloat16:
+        raise DtypeError(f"{op}: the result is bfloat16, which numpy cannot hold",
+                         hint="pass torch tensors to get a bfloat16 result")
+    return out.numpy()
