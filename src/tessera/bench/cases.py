@@ -12,7 +12,7 @@ __all__ = ["torch_case"]
 
 def torch_case(name: str, ours: Callable[[], Any], ref: Callable[..., Any], args: tuple,
                quick: bool, *, bytes_moved: int = 0, flops: int = 0, atol: float = 1e-4,
-               rtol: float = 1e-4,                meta: dict[str, Any] | None = None) -> Case:
+               rtol: float = 1e-4, meta: dict[str, Any] | None = None) -> Case:
     """A case timing `ours()` against `ref(*args)` in torch eager and, unless `quick`,
     under torch.compile (Inductor); checked to agree within `atol` first. Reports GFLOPS
     if `flops` is given, else GB/s of `bytes_moved`."""
