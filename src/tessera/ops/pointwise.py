@@ -229,13 +229,18 @@ def _where(c, x, y):
     return tl.where(c, x, y)
 
 
+@tl.kernel
+def _fma(x, y, z):
+    return x * y + z
+
+
 UNARY = {k.__name__[1:]: k for k in (
     _neg, _abs, _exp, _log, _sqrt, _rsqrt, _tanh, _sigmoid, _erf, _sin, _cos, _relu, _gelu,
     _gelu_tanh, _silu, _clamp, _clamp_min, _clamp_max, _logical_not, _copy)}
 BINARY = {k.__name__[1:]: k for k in (
     _add, _add_alpha, _sub, _sub_alpha, _mul, _div, _pow, _maximum, _minimum, _eq, _ne, _lt,
     _le, _gt, _ge, _logical_and, _logical_or, _logical_xor)}
-TERNARY = {"where": _where}
+TERNARY = {"where": _where, "fma": _fma}
 
 
 # -- the generic kernels: this program's tile of each operand, by coalesced rank ---------
@@ -282,7 +287,8 @@ def binary_kernel(x, y, out, s0, FN: tl.constexpr, CT: tl.constexpr, RANK: tl.co
 @tl.kernel
 def ternary_kernel(c, x, y, out, FN: tl.constexpr, CT: tl.constexpr, RANK: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr):
-    _put(out, TERNARY[FN](_tile(c, RANK, tl.bool, BM, BN), _tile(x, RANK, CT, BM, BN),
+    first = tl.bool if FN == "where" else CT  # where's condition stays a condition
+    _put(out, TERNARY[FN](_tile(c, RANK, first, BM, BN), _tile(x, RANK, CT, BM, BN),
                           _tile(y, RANK, CT, BM, BN)), RANK, BM, BN)
 
 
@@ -443,7 +449,7 @@ def _unary_op(name: str, ref: Any, doc: str, result: str) -> None:
 
     impl.__doc__ = doc
     impl.__name__ = name
-    globals()[name] = op(f"{name}(Tensor x) -> Tensor", kind="pointwise", reference=ref,
+    op(f"{name}(Tensor x) -> Tensor", kind="pointwise", reference=ref,
                          dtypes=_ALL_NAMES, tile=UNARY[name],
                          implements=_aten(name, "default"))(impl)
 
@@ -539,7 +545,7 @@ def _binary_op(name: str, ref: Any, doc: str, *, kind: str = "arith",
     impl.__doc__ = doc
     impl.__name__ = name
     reference = (lambda x, other, *, alpha=1: ref(x, other, alpha=alpha)) if alpha else ref
-    globals()[name] = op(schema, kind="pointwise", reference=reference,
+    op(schema, kind="pointwise", reference=reference,
                          dtypes=_ALL_NAMES, tile=BINARY[name],
                          implements=_aten(name, "Tensor", "Scalar"))(impl)
 
