@@ -305,8 +305,10 @@ def _blocks(sizes: list[int]) -> tuple[int, int]:
 
 
 def _compute_dtype(d: torch.dtype) -> Any:
-    """What the kernel computes in for results of dtype `d` (floats in float32)."""
-    return tl.float32 if d.is_floating_point else ldtype(d)
+    """What the kernel computes in for results of dtype `d`: floats in float32, integers
+    without a kernel dtype (int16, from uint8 with int8) in int32, which holds them."""
+    return tl.float32 if d.is_floating_point else ldtype(d) if d in KERNEL_DTYPES \
+        else tl.int32
 
 
 def run(fn: str, operands: list[torch.Tensor], out_dtype: torch.dtype,
@@ -314,6 +316,10 @@ def run(fn: str, operands: list[torch.Tensor], out_dtype: torch.dtype,
         name: str = "") -> torch.Tensor:
     """Apply table entry `fn` to broadcast `operands`; a new contiguous tensor of
     `out_dtype`. `compute` (default: out_dtype) decides the compute dtype."""
+    if out_dtype not in KERNEL_DTYPES:
+        raise DtypeError(f"{name}: the result would be {str(out_dtype).removeprefix('torch.')}"
+                         " (torch's promotion of the inputs), which the kernels do not hold",
+                         hint="convert the inputs to one dtype first")
     x = operands[0]
     shape = x.shape
     if all(t.shape == shape and t.is_contiguous() for t in operands):  # the common case
