@@ -1,0 +1,316 @@
+"""Concatenation, splitting and layout copies: cat, split, permute, transpose.
+
+All four are one strided copy (`copy_into`): operands' dims are coalesced, and the copy
+walks tiles of the last two dims (dims before those on grid axis 2). When the source's
+unit-stride dim is not the destination's last one the copy is a transpose: the tile is
+read along the source's rows and written transposed, so both sides stream whole cache
+lines instead of one element per line. Results are new contiguous tensors, converted to
+the result dtype on the store (cat's type promotion).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+import tessera.lang as tl
+from tessera.errors import ShapeError, TesseraError
+from tessera.ops._launch import (
+    KERNEL_DTYPES,
+    ArgumentError,
+    check_dim,
+    check_dtype,
+    check_tensor,
+    coalesce,
+    compiled,
+    launch,
+    spec,
+)
+from tessera.ops.pointwise import result_type
+from tessera.ops.registry import op
+
+__all__ = ["cat", "copy_into", "empty", "permute", "split", "strided_copy", "transpose"]
+
+ALL = tuple(KERNEL_DTYPES)
+_ALL_NAMES = tuple(str(d).removeprefix("torch.") for d in ALL)
+_WIDTHS = (16, 128, 1024)  # straight tiles' widths: a short menu, so sizes never recompile
+_TILE = 4096  # elements per straight tile
+_SQUARE = 64  # transposed tiles are _SQUARE x _SQUARE
+_HUGE = 1 << 21  # a transparent huge page
+_ADVISE = 4 * _HUGE  # outputs from this size are advised onto huge pages
+
+
+def _madvise() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    f = ctypes.CDLL(None, use_errno=True).madvise
+    f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return f
+
+
+_MADVISE = _madvise()
+_MADV_HUGEPAGE = 14
+
+
+def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty; on Linux a large result is advised onto transparent huge pages first
+    (as torch's THP_MEM_ALLOC_ENABLE does): a fresh 64 MB output then takes 32 page
+    faults instead of 16384, which on a VM cost more than writing it (75 -> 24 ms)."""
+    out = torch.empty(shape, dtype=dtype)
+    nbytes = out.numel() * out.element_size()
+    if nbytes >= _ADVISE and _MADVISE is not None:
+        p = out.data_ptr()
+        lo, hi = (p + _HUGE - 1) & -_HUGE, (p + nbytes) & -_HUGE
+        _MADVISE(lo, hi - lo, _MADV_HUGEPAGE)  # advice only: a refusal changes nothing
+    return out
+
+
+@tl.kernel
+def _tile(x, b, c, i, j, RANK: tl.constexpr, TRANS: tl.constexpr, BM: tl.constexpr,
+          BN: tl.constexpr):
+    """x's [BM, BN] tile at rows i, columns j of matrix (b, c) (the leading dims that
+    exist); TRANS: x holds that matrix transposed, and this is x's [BN, BM] tile."""
+    if RANK == 2:
+        t = x[j:j + BN, i:i + BM] if TRANS else x[i:i + BM, j:j + BN]
+    elif RANK == 3:
+        t = x[c, j:j + BN, i:i + BM] if TRANS else x[c, i:i + BM, j:j + BN]
+    else:
+        t = x[b, c, j:j + BN, i:i + BM] if TRANS else x[b, c, i:i + BM, j:j + BN]
+    return t
+
+
+@tl.kernel
+def _put(out, t, b, c, i, j, RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    if RANK == 2:
+        out[i:i + BM, j:j + BN] = t
+    elif RANK == 3:
+        out[c, i:i + BM, j:j + BN] = t
+    else:
+        out[b, c, i:i + BM, j:j + BN] = t
+
+
+@tl.kernel
+def copy_kernel(x, out, RANK: tl.constexpr, TRANS: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr):
+    """out = x (converted to out's dtype) over one tile of the last two dims; dims before
+    those (at most two) walk grid axis 2."""
+    j = tl.program_id(0) * BN
+    if RANK == 1:
+        out[j:j + BN] = x[j:j + BN]
+    else:
+        i = tl.program_id(1) * BM
+        lead = tl.program_id(2)
+        b = lead // out.shape[1] if RANK == 4 else 0
+        c = lead % out.shape[1] if RANK == 4 else lead
+        t = _tile(x, b, c, i, j, RANK, TRANS, BM, BN)
+        if TRANS:
+            # Always true, but a load used inside a branch is first copied into a tile
+            # buffer (row by row from x), so the transposed reads below hit L1 instead of
+            # one cache line of x per element.
+            if i < out.shape[RANK - 2]:
+                _put(out, t.T, b, c, i, j, RANK, BM, BN)
+        else:
+            _put(out, t, b, c, i, j, RANK, BM, BN)
+
+
+def _width(n: int) -> int:
+    return next((w for w in _WIDTHS if w >= n), _WIDTHS[-1])
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[...] = src (same shapes, any strides, src converted to dst's dtype), as one
+    launch for up to 4 coalesced dims."""
+    if dst.numel() == 0:
+        return
+    if src.is_contiguous() and dst.is_contiguous():
+        sizes, (ss, ds) = [dst.numel()], ([1], [1])
+    else:
+        sizes, (ss, ds) = coalesce(dst.shape, [src.stride(), dst.stride()])
+        if len(sizes) > 4:  # rare: one launch per index of the first dim
+            for i in range(dst.shape[0]):
+                copy_into(dst[i], src[i])
+            return
+    strided_copy(src.data_ptr(), src.dtype, ss, dst.data_ptr(), dst.dtype, ds, sizes)
+
+
+def strided_copy(src: int, sdtype: torch.dtype, ss: Sequence[int], dst: int,
+                 ddtype: torch.dtype, ds: Sequence[int], sizes: Sequence[int]) -> None:
+    """Copy `sizes` elements (1 to 4 dims, coalesced) from address `src` (strides `ss`, in
+    elements) to `dst` (strides `ds`), converting sdtype to ddtype."""
+    rank = len(sizes)
+    trans = rank > 1 and ds[-1] == 1 and ss[-1] != 1 and 1 in ss
+    if trans:  # the source's unit dim becomes the second to last; pass x transposed
+        a = ss.index(1)
+        order = [d for d in range(rank) if d != a]
+        order.insert(rank - 2, a)
+        sizes = [sizes[d] for d in order]
+        ds = [ds[d] for d in order]
+        ss = [ss[d] for d in order]
+        xs, xst = [*sizes[:-2], sizes[-1], sizes[-2]], [*ss[:-2], ss[-1], ss[-2]]
+        bm, bn = (min(_SQUARE, _width(n)) for n in sizes[-2:])
+    else:
+        xs, xst = sizes, ss
+        bn = _width(sizes[-1])
+        bm = 1 if rank == 1 else min(_TILE // bn, _width(sizes[-2]))
+    su, du = xst[-1] == 1, ds[-1] == 1
+    key = ("copy", rank, trans, bm, bn, su, du, sdtype, ddtype)
+    s = compiled(key, copy_kernel, lambda: spec(sdtype, rank, su),
+                 lambda: spec(ddtype, rank, du), RANK=rank, TRANS=trans, BM=bm, BN=bn)
+    lead = 1
+    for n in sizes[:-2]:
+        lead *= n
+    grid = (-(-sizes[-1] // bn), -(-sizes[-2] // bm) if rank > 1 else 1, lead)
+    launch(s, grid, src, *xs, *xst, dst, *sizes, *ds)
+
+
+def _kernel_tensor(x: Any, name: str, arg: str) -> torch.Tensor:
+    check_tensor(x, name, arg, ALL)
+    return x
+
+
+# -- cat -----------------------------------------------------------------------------------
+def _cat_meta(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    return torch.cat(tensors, dim)
+
+
+@op("cat(Tensor[] tensors, int dim=0) -> Tensor", kind="shape", reference=torch.cat,
+    meta=_cat_meta, dtypes=_ALL_NAMES,
+    implements=(torch.ops.aten.cat.default, torch.ops.aten.concat.default))
+def cat(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """Concatenation along `dim` with torch's type promotion; 1-dim empty tensors are
+    skipped, as torch skips them."""
+    if not isinstance(tensors, (list, tuple)) or not tensors:
+        raise TesseraError("cat: argument 'tensors' must be a non-empty list of tensors",
+                           hint="pass at least one tensor")
+    for k, t in enumerate(tensors):
+        _kernel_tensor(t, "cat", f"tensors[{k}]")
+        if t.dim() == 0:
+            raise ShapeError(f"cat: tensors[{k}] is 0-dim and cannot be concatenated",
+                             hint="give it a dim first, e.g. t.reshape(1)")
+    dtype = result_type(*tensors)
+    check_dtype(dtype, "cat", "tensors", ALL)
+    parts = [(k, t) for k, t in enumerate(tensors) if t.shape != (0,)]
+    if not parts:
+        return torch.empty(0, dtype=dtype)
+    first = parts[0][1]
+    d = check_dim(dim, first.dim(), "cat")
+    shape = list(first.shape)
+    shape[d] = 0
+    for k, t in parts:
+        if t.dim() != first.dim() or t.shape[:d] != first.shape[:d] or \
+                t.shape[d + 1:] != first.shape[d + 1:]:
+            raise ShapeError(f"cat: tensors[{k}] has shape {tuple(t.shape)}, which does not "
+                             f"match {tuple(first.shape)} outside dim {d}",
+                             hint="all sizes must agree except along the cat dim")
+        shape[d] += t.shape[d]
+    out = empty(shape, dtype)
+    if out.numel() == 0:
+        return out
+    outer = first.shape[:d].numel()
+    inner = first.shape[d + 1:].numel()
+    row = shape[d] * inner  # elements of out per outer index
+    base, size = out.data_ptr(), out.element_size()
+    offset = 0
+    for _, t in parts:
+        n = t.shape[d] * inner
+        if n == 0:
+            continue
+        if t.is_contiguous():  # [outer, n] into out's [outer, row] at column offset
+            sizes, ss, ds = ([n], [1], [1]) if outer == 1 else ([outer, n], [n, 1], [row, 1])
+            strided_copy(t.data_ptr(), t.dtype, ss, base + offset * size, dtype, ds, sizes)
+        else:
+            copy_into(out.narrow(d, offset // inner, t.shape[d]), t)
+        offset += n
+    return out
+
+
+# -- split ---------------------------------------------------------------------------------
+def _split_sizes(x: torch.Tensor, split_sizes: Any, d: int) -> list[int]:
+    """The piece sizes: a list summing to x.shape[d], or an int chunk (as torch.split)."""
+    n = x.shape[d] if x.dim() else 1
+    if isinstance(split_sizes, int) and not isinstance(split_sizes, bool):
+        if split_sizes <= 0 and n:
+            raise ArgumentError(f"split: split_sizes={split_sizes} must be positive")
+        step = split_sizes if split_sizes > 0 else 1
+        return [min(step, n - i) for i in range(0, n, step)] or [0]
+    sizes = list(split_sizes)
+    if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in sizes):
+        raise ArgumentError(f"split: split_sizes={sizes} must be non-negative ints")
+    if sum(sizes) != n:
+        raise ShapeError(f"split: split_sizes={sizes} sum to {sum(sizes)}, but dim {d} has "
+                         f"size {n}", hint="the sizes must add up to the dim's size")
+    return sizes
+
+
+def _split_meta(x: torch.Tensor, split_sizes: Sequence[int], dim: int = 0
+                ) -> list[torch.Tensor]:
+    return [t.clone(memory_format=torch.contiguous_format)
+            for t in torch.split(x, list(split_sizes), dim)]
+
+
+@op("split(Tensor x, int[] split_sizes, int dim=0) -> Tensor[]", kind="shape",
+    reference=_split_meta, dtypes=_ALL_NAMES,
+    implements=(torch.ops.aten.split_with_sizes.default, torch.ops.aten.split.Tensor))
+def split(x: torch.Tensor, split_sizes: Sequence[int] | int, dim: int = 0
+          ) -> list[torch.Tensor]:
+    """x cut along `dim` into pieces of `split_sizes` (an int: equal chunks, the last
+    smaller, as torch.split). The pieces are new contiguous tensors, not views: the
+    schema declares no aliasing, so torch.compile and the graph compiler may treat each
+    piece as a fresh buffer and hand it to kernels that want unit strides; a graph
+    that only slices keeps aten's views and never calls this."""
+    x = _kernel_tensor(x, "split", "x")
+    d = check_dim(dim, x.dim(), "split")
+    sizes = _split_sizes(x, split_sizes, d)
+    if x.dim() == 0:
+        raise ShapeError("split: x is 0-dim and has no dim to split",
+                         hint="give it a dim first, e.g. x.reshape(1)")
+    pieces, start = [], 0
+    for n in sizes:
+        part = x.narrow(d, start, n)
+        out = empty(part.shape, x.dtype)
+        copy_into(out, part)
+        pieces.append(out)
+        start += n
+    return pieces
+
+
+# -- permute, transpose ----------------------------------------------------------------------
+def _layout_copy(x: torch.Tensor) -> torch.Tensor:
+    out = empty(x.shape, x.dtype)
+    copy_into(out, x)
+    return out
+
+
+@op("permute(Tensor x, int[] dims) -> Tensor", kind="shape",
+    reference=lambda x, dims: x.permute(dims).clone(memory_format=torch.contiguous_format),
+    dtypes=_ALL_NAMES, implements=(torch.ops.aten.permute.default,))
+def permute(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """x.permute(dims) as a new contiguous tensor (the layout copy a graph needs), a
+    tiled transpose when the dims that move include the innermost one."""
+    x = _kernel_tensor(x, "permute", "x")
+    dims = list(dims)
+    if len(dims) != x.dim():
+        raise ShapeError(f"permute: dims={dims} has {len(dims)} entries for a {x.dim()}-dim "
+                         "tensor", hint="give one entry per dim")
+    norm = [check_dim(d, x.dim(), "permute", "dims") for d in dims]
+    if len(set(norm)) != len(norm):
+        raise ArgumentError(f"permute: dims={dims} repeats a dim",
+                            hint="dims must be a permutation of range(x.dim())")
+    return _layout_copy(x.permute(norm))
+
+
+@op("transpose(Tensor x, int dim0, int dim1) -> Tensor", kind="shape",
+    reference=lambda x, dim0, dim1: x.transpose(dim0, dim1).clone(
+        memory_format=torch.contiguous_format),
+    dtypes=_ALL_NAMES, implements=(torch.ops.aten.transpose.int,))
+def transpose(x: torch.Tensor, dim0: int, dim1: int) -> torch.Tensor:
+    """x.transpose(dim0, dim1) as a new contiguous tensor, by a tiled transpose (reads
+    and writes stream whole cache lines: bandwidth-bound)."""
+    x = _kernel_tensor(x, "transpose", "x")
+    d0 = check_dim(dim0, x.dim(), "transpose", "dim0")
+    d1 = check_dim(dim1, x.dim(), "transpose", "dim1")
+    return _layout_copy(x.transpose(d0, d1) if x.dim() else x)
