@@ -1,0 +1,596 @@
+"""Mixture-of-experts ops (Mixtral, Qwen-MoE, DeepSeek-style layers): top-k, routing, the
+permutation of token rows into expert groups and back, grouped expert GEMMs, and the
+whole layer as one op, `fused_moe`, on the GEMM templates.
+
+fused_moe for T tokens, E experts, top-k, hidden H, intermediate I, in six native calls
+whatever T and E (nothing per expert in Python; experts no token picked are never read):
+
+  route    logits [T, E] -> weights [T, k] float32, ids [T, k]         a program per token
+  sort     ids -> counts [E], row_map [T, k] (each choice's row in its expert's group)
+  gather   x [T, H] -> rows [T * k, H] grouped by expert                a program per token
+  experts  grouped_gemm(rows, w_gate_up, swiglu) [T * k, I], then grouped_gemm(., w_down)
+  combine  out[t] = sum_j weights[t, j] * y[row_map[t, j]], in float32  a program per token
+
+Expert weights are [E, K, N] (x @ w[e]), any strides: stacked nn.Linear weights [E, N, K]
+pass as `w.transpose(1, 2)`, without a copy. Gate and up projections are one [E, H, 2I]
+tensor, [gate | up] along N. Quantized experts are the (data, scales) pairs of
+`tessera.ops.quantize` on the [E, K, N] weights.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+
+import tessera.lang as tl
+from tessera.errors import DtypeError, ShapeError
+from tessera.ops._launch import (
+    FLOATS,
+    ArgumentError,
+    check_dim,
+    check_tensor,
+    compiled,
+    launch,
+    spec,
+)
+from tessera.ops.quant import dequantize_reference, quantized_matrix
+from tessera.ops.registry import op
+from tessera.templates.gemm import QuantizedMatrix, grouped_gemm
+
+__all__ = ["fused_moe", "grouped_matmul", "moe_permute", "moe_route", "moe_unpermute", "topk"]
+
+_IDS = (torch.int64, torch.int32)
+_TOPK_DTYPES = (*FLOATS, torch.int32, torch.int8, torch.uint8)
+_SCORINGS = ("softmax", "sigmoid")
+
+
+# -- kernels ---------------------------------------------------------------------------------
+@tl.kernel
+def _worse(a, ia, b, ib, LARGEST: tl.constexpr):
+    """Whether (a, index ia) ranks after (b, ib): by value (NaN above everything, as in
+    torch), then by index."""
+    anan = a != a
+    bnan = b != b
+    tie = ((a == b) | (anan & bnan)) & (ia > ib)
+    beaten = (bnan & ~anan) | (a < b) if LARGEST else (anan & ~bnan) | (a > b)
+    return beaten | tie
+
+
+@tl.kernel
+def _sift(values, indices, a, b, hole, size, LARGEST: tl.constexpr):
+    """Sift the entry at `hole` of the heap values[a, :size, b] (worst at the root) down."""
+    v = values[a, hole, b]
+    iv = indices[a, hole, b]
+    going = True
+    while going:
+        c = 2 * hole + 1
+        going = c < size
+        if going:
+            cv = values[a, c, b]
+            ci = indices[a, c, b]
+            dv = values[a, c + 1, b]
+            di = indices[a, c + 1, b]
+            if (c + 1 < size) & _worse(dv, di, cv, ci, LARGEST):
+                c = c + 1
+                cv = dv
+                ci = di
+            going = _worse(cv, ci, v, iv, LARGEST)
+            if going:
+                values[a, hole, b] = cv
+                indices[a, hole, b] = ci
+                hole = c
+    values[a, hole, b] = v
+    indices[a, hole, b] = iv
+
+
+@tl.kernel
+def topk_kernel(x, values, indices, LARGEST: tl.constexpr, SORTED: tl.constexpr):
+    """Top-k of the row x[a, :, b] of this program into values/indices[a, :k, b]: a heap of
+    the best k seen (worst at the root) over one pass, then heap-sorted best first."""
+    b = tl.program_id(0)
+    a = tl.program_id(1)
+    k = values.shape[1]
+    for i in range(k):
+        values[a, i, b] = x[a, i, b]
+        indices[a, i, b] = i
+    for s in range(k // 2 - 1, -1, -1):
+        _sift(values, indices, a, b, s, k, LARGEST)
+    for i in range(k, x.shape[1]):
+        v = x[a, i, b]
+        if _worse(values[a, 0, b], indices[a, 0, b], v, i, LARGEST):
+            values[a, 0, b] = v
+            indices[a, 0, b] = i
+            _sift(values, indices, a, b, 0, k, LARGEST)
+    if SORTED:
+        for end in range(k - 1, 0, -1):
+            v = values[a, 0, b]
+            iv = indices[a, 0, b]
+            values[a, 0, b] = values[a, end, b]
+            indices[a, 0, b] = indices[a, end, b]
+            values[a, end, b] = v
+            indices[a, end, b] = iv
+            _sift(values, indices, a, b, 0, end, LARGEST)
+
+
+@tl.kernel
+def route_kernel(logits, bias, weights, ids, bad, scale, BE: tl.constexpr,
+                 SIGMOID: tl.constexpr, BIAS: tl.constexpr, RENORM: tl.constexpr):
+    """Token t's experts: scores (softmax or sigmoid of its logits), the k best by score
+    (+ bias) with ties to the lower expert, their scores as weights (renormalized to sum
+    to 1), times `scale`. bad[t] counts the row's NaN and infinite logits."""
+    t = tl.program_id(0)
+    pos = tl.arange(0, BE)
+    valid = pos < logits.shape[1]
+    z = logits[t, 0:BE].to(tl.float32)
+    bad[t] = tl.sum(tl.where(valid & (z - z != 0), 1, 0))
+    if SIGMOID:
+        p = tl.sigmoid(z)
+    else:
+        zm = tl.where(valid, z, -float("inf"))
+        ez = tl.exp(zm - tl.max(zm))
+        p = ez / tl.sum(ez)
+    sel = p + bias[0:BE] if BIAS else p
+    taken = ~valid
+    total = 0.0
+    for j in range(ids.shape[1]):
+        m = tl.max(tl.where(taken, -float("inf"), sel))
+        i = tl.min(tl.where((sel == m) & ~taken, pos, BE))
+        w = tl.sum(tl.where(pos == i, p, 0.0))
+        ids[t, j] = i
+        weights[t, j] = w
+        total += w
+        taken = taken | (pos == i)
+    if RENORM:
+        total = total + 1e-20 if SIGMOID else total
+    for j in range(ids.shape[1]):
+        weights[t, j] = weights[t, j] / total * scale if RENORM else weights[t, j] * scale
+
+
+@tl.kernel
+def sort_kernel(ids, counts, starts, row_map, bad):
+    """One program: rows per expert (counts) and, for each choice ids[t, j], its row in the
+    expert-major order (a stable counting sort). bad[0] counts ids out of [0, E)."""
+    n_experts = counts.shape[0]
+    for e in range(n_experts):
+        counts[e] = 0
+    n_bad = 0
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            e = ids[t, j]
+            if (e >= 0) & (e < n_experts):
+                counts[e] += 1
+            else:
+                n_bad += 1
+    run = 0
+    for e in range(n_experts):
+        starts[e] = run
+        run += counts[e]
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            e = ids[t, j]
+            row = -1
+            if (e >= 0) & (e < n_experts):
+                row = starts[e]
+                starts[e] = row + 1
+            row_map[t, j] = row
+    bad[0] = n_bad
+
+
+@tl.kernel
+def gather_kernel(x, row_map, out, BH: tl.constexpr):
+    """Token t's row (a block of BH columns) copied to its k rows of the expert groups."""
+    h = tl.program_id(0) * BH
+    t = tl.program_id(1)
+    row = x[t, h:h + BH]
+    for j in range(row_map.shape[1]):
+        out[row_map[t, j], h:h + BH] = row
+
+
+@tl.kernel
+def combine_kernel(y, row_map, weights, out, BH: tl.constexpr):
+    """out[t] = sum over j of weights[t, j] * y[row_map[t, j]], in float32."""
+    h = tl.program_id(0) * BH
+    t = tl.program_id(1)
+    acc = tl.zeros((BH,))
+    for j in range(row_map.shape[1]):
+        acc += weights[t, j] * y[row_map[t, j], h:h + BH]
+    out[t, h:h + BH] = acc
+
+
+def _run(kernel: tl.Kernel, grid: tuple[int, int, int], tensors: list[torch.Tensor],
+         scalars: tuple[Any, ...] = (), **const: Any) -> None:
+    """Launch `kernel` on these tensors (any strides) and scalars, compiling the
+    specialization on first use."""
+    layout = tuple((t.dtype, t.dim(), t.stride(-1) == 1) for t in tensors)
+    key = (kernel, layout, tuple(map(type, scalars)), tuple(const.items()))
+    s = compiled(key, kernel, *(partial(spec, *lay) for lay in layout), *scalars, **const)
+    flat: list[Any] = []
+    for t in tensors:
+        flat += (t.data_ptr(), *t.shape, *t.stride())
+    launch(s, grid, *flat, *scalars)
+
+
+def _pow2(n: int, cap: int) -> int:
+    return min(cap, 1 << max(n - 1, 0).bit_length())
+
+
+# -- topk ----------------------------------------------------------------------------------
+@op("topk(Tensor x, int k, int dim=-1, bool largest=True, bool sorted=True) -> "
+    "(Tensor values, Tensor indices)", kind="index", reference=torch.topk,
+    dtypes=tuple(str(d).removeprefix("torch.") for d in _TOPK_DTYPES),
+    implements=(torch.ops.aten.topk.default,))
+def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest (or smallest) elements along `dim` and their indices, as torch.topk.
+    NaN ranks above every number (first when largest, last when smallest); equal values
+    come lowest index first (torch leaves their order unspecified). One pass per row
+    keeping a heap of k: O(n log k)."""
+    check_tensor(x, "topk", "x", _TOPK_DTYPES)
+    d = check_dim(dim, x.dim(), "topk")
+    shape = x.shape if x.dim() else torch.Size((1,))
+    n = shape[d]
+    if not isinstance(k, int) or not 0 <= k <= n:
+        raise ArgumentError(f"topk: k={k!r} is out of range for {n} elements along dim {dim}",
+                            hint=f"use 0 <= k <= {n}")
+    if not x.dim():  # torch gives the element itself for k = 0 too
+        k = 1
+    outer = shape[:d].numel()
+    inner = shape[d + 1:].numel()
+    out_shape = (*shape[:d], k, *shape[d + 1:])
+    values = torch.empty(out_shape, dtype=x.dtype)
+    indices = torch.empty(out_shape, dtype=torch.int64)
+    if k and outer and inner:
+        _run(topk_kernel, (inner, outer, 1),
+             [x.reshape(outer, n, inner), values.view(outer, k, inner),
+              indices.view(outer, k, inner)], LARGEST=bool(largest), SORTED=bool(sorted))
+    if not x.dim():
+        return values.view(()), indices.view(())
+    return values, indices
+
+
+# -- routing ---------------------------------------------------------------------------------
+def _route_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool = True, *,
+                     scoring: str = "softmax", correction_bias: torch.Tensor | None = None,
+                     routed_scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    z = router_logits.float()
+    scores = torch.sigmoid(z) if scoring == "sigmoid" else torch.softmax(z, dim=-1)
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    ids = torch.topk(choice, top_k, dim=-1).indices
+    weights = scores.gather(-1, ids)
+    if renormalize:
+        total = weights.sum(-1, keepdim=True)
+        weights = weights / (total + 1e-20 if scoring == "sigmoid" else total)
+    return weights * routed_scaling, ids
+
+
+def _check_routing(router_logits: torch.Tensor, top_k: int, scoring: str,
+                   correction_bias: torch.Tensor | None, op: str) -> int:
+    """Checked routing arguments; returns the number of experts."""
+    check_tensor(router_logits, op, "router_logits")
+    if router_logits.dim() < 1:
+        raise ShapeError(f"{op}: argument 'router_logits' must be [..., E], got a scalar")
+    e = router_logits.shape[-1]
+    if not isinstance(top_k, int) or not 1 <= top_k <= e:
+        raise ArgumentError(f"{op}: top_k={top_k!r} is out of range for {e} experts",
+                            hint=f"use 1 <= top_k <= {e}")
+    if scoring not in _SCORINGS:
+        raise ArgumentError(f"{op}: scoring={scoring!r}; it takes 'softmax' (Mixtral, "
+                            "Qwen-MoE) or 'sigmoid' (DeepSeek-V3)")
+    if correction_bias is not None:
+        check_tensor(correction_bias, op, "correction_bias")
+        if tuple(correction_bias.shape) != (e,):
+            raise ShapeError(f"{op}: argument 'correction_bias' must have shape ({e},), got "
+                             f"{tuple(correction_bias.shape)}")
+        if not torch.isfinite(correction_bias).all():
+            raise ArgumentError(f"{op}: argument 'correction_bias' has NaN or infinity")
+    return e
+
+
+def _route(logits: torch.Tensor, top_k: int, renormalize: bool, scoring: str,
+           correction_bias: torch.Tensor | None, routed_scaling: float, op: str
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing of 2-D logits [T, E] (checked): (weights, ids), raising on NaN/inf rows."""
+    t, e = logits.shape
+    weights = torch.empty((t, top_k), dtype=torch.float32)
+    ids = torch.empty((t, top_k), dtype=torch.int64)
+    bad = torch.empty(t, dtype=torch.int32)
+    if t:
+        bias = logits if correction_bias is None else correction_bias
+        _run(route_kernel, (t, 1, 1), [logits, bias, weights, ids, bad],
+             (float(routed_scaling),), BE=_pow2(e, 1 << 16), SIGMOID=scoring == "sigmoid",
+             BIAS=correction_bias is not None, RENORM=bool(renormalize))
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            raise ArgumentError(f"{op}: argument 'router_logits' has NaN or infinity in row "
+                                f"{row}; routing it would pick an arbitrary expert",
+                                hint="the router's input or weights are broken upstream")
+    return weights, ids
+
+
+@op("moe_route(Tensor router_logits, int top_k, bool renormalize=True, *, "
+    "str scoring='softmax', Tensor? correction_bias=None, float routed_scaling=1.0) -> "
+    "(Tensor topk_weights, Tensor topk_ids)", kind="moe", reference=_route_reference)
+def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True, *,
+              scoring: str = "softmax", correction_bias: torch.Tensor | None = None,
+              routed_scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's top_k experts and their weights from router logits [..., E]: softmax
+    (or sigmoid) scores, the best top_k (by score + correction_bias, if given; ties to the
+    lower expert), weights = their scores, renormalized to sum to 1 if asked, times
+    routed_scaling. Weights float32, ids int64; NaN or infinite logits raise."""
+    e = _check_routing(router_logits, top_k, scoring, correction_bias, "moe_route")
+    lead = router_logits.shape[:-1]
+    weights, ids = _route(router_logits.reshape(-1, e), top_k, renormalize, scoring,
+                          correction_bias, routed_scaling, "moe_route")
+    return weights.view(*lead, top_k), ids.view(*lead, top_k)
+
+
+# -- permutation ---------------------------------------------------------------------------
+def _sort(topk_ids: torch.Tensor, num_experts: int, op: str
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts [E], row_map [T, k]) of expert choices [T, k], raising on ids out of range."""
+    counts = torch.empty(num_experts, dtype=torch.int64)
+    row_map = torch.empty(topk_ids.shape, dtype=torch.int64)
+    bad = torch.empty(1, dtype=torch.int64)
+    _run(sort_kernel, (1, 1, 1), [topk_ids, counts, torch.empty_like(counts), row_map, bad])
+    if bad[0]:
+        ids = topk_ids.flatten()
+        e = int(ids[(ids < 0) | (ids >= num_experts)][0])
+        raise ArgumentError(f"{op}: argument 'topk_ids' holds expert {e}, out of range for "
+                            f"num_experts={num_experts}")
+    return counts, row_map
+
+
+def _gather(x: torch.Tensor, row_map: torch.Tensor) -> torch.Tensor:
+    """x's rows [T, H] copied to the expert-grouped rows [T * k, H] that row_map names."""
+    t, h = x.shape
+    rows = torch.empty((row_map.numel(), h), dtype=x.dtype)
+    if rows.numel():
+        bh = _pow2(h, 1024)
+        _run(gather_kernel, (-(-h // bh), t, 1), [x, row_map, rows], BH=bh)
+    return rows
+
+
+def _combine(y: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor,
+             dtype: torch.dtype) -> torch.Tensor:
+    """out[t] = sum_j weights[t, j] * y[row_map[t, j]], accumulated in float32."""
+    t, h = row_map.shape[0], y.shape[1]
+    out = torch.empty((t, h), dtype=dtype)
+    if out.numel():
+        bh = _pow2(h, 1024)
+        _run(combine_kernel, (-(-h // bh), t, 1), [y, row_map, weights, out], BH=bh)
+    return out
+
+
+def _permute_reference(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    flat = topk_ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    row_map = torch.empty_like(order)
+    row_map[order] = torch.arange(order.numel())
+    counts = torch.bincount(flat, minlength=num_experts)
+    return x[order // topk_ids.shape[1]], counts, row_map.view(topk_ids.shape)
+
+
+def _permute_meta(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (x.new_empty((topk_ids.numel(), x.shape[-1])),
+            x.new_empty(num_experts, dtype=torch.int64),
+            x.new_empty(topk_ids.shape, dtype=torch.int64))
+
+
+def _check_choices(topk_ids: torch.Tensor, t: int, op: str) -> None:
+    check_tensor(topk_ids, op, "topk_ids", _IDS)
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != t:
+        raise ShapeError(f"{op}: argument 'topk_ids' must be [T, k] for the {t} tokens of x, "
+                         f"got shape {tuple(topk_ids.shape)}")
+
+
+def _check_rows(x: torch.Tensor, op: str, arg: str) -> None:
+    check_tensor(x, op, arg)
+    if x.dim() != 2:
+        raise ShapeError(f"{op}: argument {arg!r} must be 2-D [tokens, hidden], got shape "
+                         f"{tuple(x.shape)}")
+
+
+@op("moe_permute(Tensor x, Tensor topk_ids, int num_experts) -> "
+    "(Tensor rows, Tensor counts, Tensor row_map)", kind="moe",
+    reference=_permute_reference, meta=_permute_meta)
+def moe_permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token rows x [T, H] copied once per expert choice into rows [T * k, H] grouped by
+    expert (expert 0's first; within an expert, in token order), the rows per expert
+    counts [E] (int64), and row_map [T, k]: the row holding each token's j-th choice."""
+    _check_rows(x, "moe_permute", "x")
+    _check_choices(topk_ids, x.shape[0], "moe_permute")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ArgumentError(f"moe_permute: num_experts={num_experts!r} must be a positive int")
+    counts, row_map = _sort(topk_ids, num_experts, "moe_permute")
+    return _gather(x, row_map), counts, row_map
+
+
+def _unpermute_reference(y: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor
+                         ) -> torch.Tensor:
+    picked = y.float()[row_map]  # [T, k, H]
+    return (picked * topk_weights.float()[..., None]).sum(1).to(y.dtype)
+
+
+@op("moe_unpermute(Tensor y, Tensor row_map, Tensor topk_weights) -> Tensor", kind="moe",
+    reference=_unpermute_reference,
+    meta=lambda y, row_map, topk_weights: y.new_empty((row_map.shape[0], y.shape[-1])))
+def moe_unpermute(y: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor
+                  ) -> torch.Tensor:
+    """Expert outputs y [T * k, H] (rows grouped as moe_permute left them) combined back
+    into token order: out[t] = sum_j topk_weights[t, j] * y[row_map[t, j]], accumulated in
+    float32, in y's dtype."""
+    _check_rows(y, "moe_unpermute", "y")
+    check_tensor(row_map, "moe_unpermute", "row_map", _IDS)
+    check_tensor(topk_weights, "moe_unpermute", "topk_weights")
+    if row_map.dim() != 2 or topk_weights.shape != row_map.shape:
+        raise ShapeError(f"moe_unpermute: row_map {tuple(row_map.shape)} and topk_weights "
+                         f"{tuple(topk_weights.shape)} must both be [T, k]")
+    if row_map.numel():
+        lo, hi = torch.aminmax(row_map)
+        if lo < 0 or hi >= y.shape[0]:
+            raise ArgumentError(f"moe_unpermute: argument 'row_map' names row "
+                                f"{int(lo if lo < 0 else hi)}, out of range for the "
+                                f"{y.shape[0]} rows of y")
+    return _combine(y, row_map, topk_weights, y.dtype)
+
+
+# -- expert GEMMs ------------------------------------------------------------------------------
+def _experts(w: torch.Tensor, scales: torch.Tensor | None, e: int | None, k: int, op: str,
+             arg: str, scales_arg: str) -> tuple[torch.Tensor | QuantizedMatrix, int]:
+    """The GEMM template's operand for expert weights (float [E, K, N] or quantized data
+    with scales) and N, checked against E experts (None: any) and K rows."""
+    if scales is not None:
+        if not isinstance(w, torch.Tensor) or w.dtype not in (torch.int8, torch.uint8):
+            raise DtypeError(f"{op}: {scales_arg} is given, so argument {arg!r} must be the "
+                             "int8/uint8 data of tessera.ops.quantize")
+        q = quantized_matrix(w, scales, k, op, arg, scales_arg)
+        if len(q.shape) != 3 or e not in (None, q.shape[0]):
+            raise ShapeError(f"{op}: quantized {arg!r} must hold [E, K, N] expert weights"
+                             + (f" for {e} experts" if e is not None else "")
+                             + f", got {q.shape}")
+        return q, q.shape[2]
+    check_tensor(w, op, arg, FLOATS)
+    if w.dim() != 3 or w.shape[1] != k or e not in (None, w.shape[0]):
+        want = f"[{e if e is not None else 'E'}, {k}, N]"
+        raise ShapeError(f"{op}: argument {arg!r} must be {want} expert weights, got shape "
+                         f"{tuple(w.shape)}", hint="stacked nn.Linear weights [E, N, K] pass "
+                                                   "as w.transpose(1, 2)")
+    return w, w.shape[2]
+
+
+def _half(n: int, op: str, arg: str) -> int:
+    if n % 2:
+        raise ShapeError(f"{op}: argument {arg!r} must hold [gate | up] columns (an even N), "
+                         f"got N = {n}")
+    return n // 2
+
+
+def _grouped_reference(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
+                       scales: torch.Tensor | None = None, *, swiglu: bool = False
+                       ) -> torch.Tensor:
+    if scales is not None:
+        w = dequantize_reference(w, scales, x.shape[1])
+    dtype = x.dtype if scales is not None else torch.promote_types(x.dtype, w.dtype)
+    parts = [xe.float() @ we.float() for xe, we in
+             zip(x.split(counts.tolist()), w, strict=True)]
+    y = torch.cat(parts) if parts else x.new_empty((0, w.shape[2]), dtype=torch.float32)
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    return y.to(dtype)
+
+
+def _grouped_meta(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
+                  scales: torch.Tensor | None = None, *, swiglu: bool = False
+                  ) -> torch.Tensor:
+    n = w.shape[1] if scales is not None else w.shape[2]
+    dtype = x.dtype if scales is not None else torch.promote_types(x.dtype, w.dtype)
+    return x.new_empty((x.shape[0], n // 2 if swiglu else n), dtype=dtype)
+
+
+@op("grouped_matmul(Tensor x, Tensor w, Tensor counts, Tensor? scales=None, *, "
+    "bool swiglu=False) -> Tensor", kind="moe", reference=_grouped_reference,
+    meta=_grouped_meta)
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
+                   scales: torch.Tensor | None = None, *, swiglu: bool = False
+                   ) -> torch.Tensor:
+    """Expert GEMMs in one call: rows x [T, K] come in groups of counts[e] rows (tokens
+    sorted by expert), group e times w[e] ([E, K, N] float, or int8/int4 data with its
+    scales from tessera.ops.quantize); experts without rows are skipped. swiglu=True takes
+    w = [gate | up] and gives silu(x @ gate) * (x @ up) [T, N / 2]."""
+    _check_rows(x, "grouped_matmul", "x")
+    operand, n = _experts(w, scales, None, x.shape[1], "grouped_matmul", "w", "scales")
+    e = operand.shape[0]
+    check_tensor(counts, "grouped_matmul", "counts", _IDS)
+    sizes = counts.numpy()
+    if sizes.shape != (e,) or (sizes < 0).any() or int(sizes.sum()) != x.shape[0]:
+        raise ShapeError(f"grouped_matmul: argument 'counts' must be {e} non-negative row "
+                         f"counts summing to the {x.shape[0]} rows of x, got "
+                         f"{sizes.tolist()}")
+    if swiglu:
+        n = _half(n, "grouped_matmul", "w")
+    dtype = x.dtype if scales is not None else torch.promote_types(x.dtype, w.dtype)
+    out = torch.empty((x.shape[0], n), dtype=dtype)
+    if out.numel():
+        grouped_gemm(x, operand, sizes, out, swiglu=swiglu)
+    return out
+
+
+# -- the whole layer -----------------------------------------------------------------------
+def _fused_reference(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor,
+                     w_down: torch.Tensor, top_k: int, renormalize: bool = True, *,
+                     gate_up_scales: torch.Tensor | None = None,
+                     down_scales: torch.Tensor | None = None, scoring: str = "softmax",
+                     correction_bias: torch.Tensor | None = None,
+                     routed_scaling: float = 1.0) -> torch.Tensor:
+    """Route, then each expert's SwiGLU MLP on the tokens that chose it (float32)."""
+    h = x.shape[-1]
+    xs = x.reshape(-1, h).float()
+    weights, ids = _route_reference(router_logits.reshape(xs.shape[0], -1), top_k,
+                                    renormalize, scoring=scoring,
+                                    correction_bias=correction_bias,
+                                    routed_scaling=routed_scaling)
+    if gate_up_scales is not None:
+        w_gate_up = dequantize_reference(w_gate_up, gate_up_scales, h)
+    inter = w_gate_up.shape[-1] // 2
+    if down_scales is not None:
+        w_down = dequantize_reference(w_down, down_scales, inter)
+    out = torch.zeros_like(xs)
+    for e in range(w_gate_up.shape[0]):
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        gate, up = (xs[tok] @ w_gate_up[e].float()).chunk(2, dim=-1)
+        y = (torch.nn.functional.silu(gate) * up) @ w_down[e].float()
+        out.index_add_(0, tok, y * weights[tok, slot, None])
+    return out.to(x.dtype).view(x.shape)
+
+
+@op("fused_moe(Tensor x, Tensor router_logits, Tensor w_gate_up, Tensor w_down, int top_k, "
+    "bool renormalize=True, *, Tensor? gate_up_scales=None, Tensor? down_scales=None, "
+    "str scoring='softmax', Tensor? correction_bias=None, float routed_scaling=1.0) -> "
+    "Tensor", kind="moe", reference=_fused_reference,
+    meta=lambda x, *args, **kwargs: x.new_empty(x.shape))
+def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor,
+              w_down: torch.Tensor, top_k: int, renormalize: bool = True, *,
+              gate_up_scales: torch.Tensor | None = None,
+              down_scales: torch.Tensor | None = None, scoring: str = "softmax",
+              correction_bias: torch.Tensor | None = None, routed_scaling: float = 1.0
+              ) -> torch.Tensor:
+    """A whole MoE layer on x [..., H]: route with moe_route's rules, run each token
+    through its top_k experts' SwiGLU MLPs (silu(x @ gate) * (x @ up)) @ down, with
+    w_gate_up [E, H, 2I] = [gate | up] and w_down [E, I, H], float or int8/int4 from
+    tessera.ops.quantize (with gate_up_scales / down_scales), and sum the outputs by the
+    routing weights. Only the experts some token picked are read. Result in x's dtype."""
+    check_tensor(x, "fused_moe", "x")
+    if x.dim() < 1:
+        raise ShapeError("fused_moe: argument 'x' must be [..., hidden], got a scalar")
+    e = _check_routing(router_logits, top_k, scoring, correction_bias, "fused_moe")
+    h = x.shape[-1]
+    xs = x.reshape(-1, h)
+    logits = router_logits.reshape(-1, e)
+    if logits.shape[0] != xs.shape[0]:
+        raise ShapeError(f"fused_moe: router_logits {tuple(router_logits.shape)} must have "
+                         f"one row of E logits per token of x {tuple(x.shape)}")
+    gate_up, n2 = _experts(w_gate_up, gate_up_scales, e, h, "fused_moe", "w_gate_up",
+                           "gate_up_scales")
+    inter = _half(n2, "fused_moe", "w_gate_up")
+    down, n = _experts(w_down, down_scales, e, inter, "fused_moe", "w_down", "down_scales")
+    if n != h:
+        raise ShapeError(f"fused_moe: argument 'w_down' gives {n} outputs per expert; x has "
+                         f"hidden size {h}")
+    if not xs.shape[0]:
+        return x.new_empty(x.shape)
+    weights, ids = _route(logits, top_k, renormalize, scoring, correction_bias,
+                          routed_scaling, "fused_moe")
+    counts, row_map = _sort(ids, e, "fused_moe")
+    sizes = counts.numpy()
+    rows = _gather(xs, row_map)
+    act = torch.empty((rows.shape[0], inter), dtype=torch.float32)
+    grouped_gemm(rows, gate_up, sizes, act, swiglu=True)
+    y = torch.empty((rows.shape[0], h), dtype=torch.float32)
+    grouped_gemm(act, down, sizes, y)
+    return _combine(y, row_map, weights, x.dtype).view(x.shape)
