@@ -1,0 +1,248 @@
+"""Attention: rotary position embeddings, scaled dot-product attention and decode attention
+over a KV cache.
+
+Attention runs on the attention template (templates/attention): FlashAttention for
+prefill (the S x S scores never exist; the rows of a group sit in vector lanes, so the
+online softmax needs no horizontal reductions) and flash-decoding for a few queries over
+a long cache (each sequence's keys split into chunks across the threads, then combined).
+Layout is torch's: q [B, H, S, D] (3-D [H, S, D] too); a [B, S, H, D] projection is
+passed as its transpose (`x.transpose(1, 2)`, no copy), since every stride is honored.
+Everything accumulates in float32; results are in the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import tessera.lang as tl
+from tessera.errors import DtypeError, ShapeError
+from tessera.ops._launch import FLOATS, ArgumentError, check_tensor, compiled, launch, spec
+from tessera.ops.registry import op
+from tessera.templates import attention as template
+
+_BLOCK = 2048  # rotary: elements per program
+
+
+# -- rotary position embedding --------------------------------------------------------------
+@tl.kernel
+def _rotary(a, b, ca, cb, sa, sb, oa, ob, xr, outr, BS: tl.constexpr, HALF: tl.constexpr,
+            REST: tl.constexpr):
+    """BS positions of one (batch, head): each rotated pair (a, b) becomes
+    (a cos_a - b sin_a, b cos_b + a sin_b); features past the rotary ones are copied."""
+    n, h, s = tl.program_id(2), tl.program_id(1), tl.program_id(0) * BS
+    x1 = a[n, h, s:s + BS, 0:HALF].to(tl.float32)
+    x2 = b[n, h, s:s + BS, 0:HALF].to(tl.float32)
+    oa[n, h, s:s + BS, 0:HALF] = x1 * ca[n, h, s:s + BS, 0:HALF] - x2 * sa[n, h, s:s + BS, 0:HALF]
+    ob[n, h, s:s + BS, 0:HALF] = x2 * cb[n, h, s:s + BS, 0:HALF] + x1 * sb[n, h, s:s + BS, 0:HALF]
+    if REST > 0:
+        outr[n, h, s:s + BS, 0:REST] = xr[n, h, s:s + BS, 0:REST]
+
+
+def _rotary_tables(t: torch.Tensor, x: torch.Tensor, name: str, arg: str) -> torch.Tensor:
+    """cos or sin as [B, H, S, R] by broadcasting: [S, R] serves every batch row and head,
+    [B, S, R] every head (as Hugging Face's cos[:, None]), 4-D broadcasts as is."""
+    check_tensor(t, name, arg, FLOATS)
+    if t.dim() not in (2, 3, 4):
+        raise ShapeError(f"{name}: {arg} must be [S, R], [B, S, R] or [B, H, S, R], got "
+                         f"shape {tuple(t.shape)}")
+    full = t[None, None] if t.dim() == 2 else t[:, None] if t.dim() == 3 else t
+    try:
+        return full.expand(*x.shape[:3], t.shape[-1])
+    except RuntimeError:
+        raise ShapeError(f"{name}: {arg} of shape {tuple(t.shape)} does not broadcast to x "
+                         f"{tuple(x.shape)} (as [B, H, S, rotary dims])",
+                         hint="cos/sin are [S, R], [B, S, R] or [B, H, S, R]") from None
+
+
+def _rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                      interleaved: bool = False) -> torch.Tensor:
+    r = cos.shape[-1]
+    c = (cos[None, None] if cos.dim() == 2 else cos[:, None] if cos.dim() == 3 else cos)
+    s = (sin[None, None] if sin.dim() == 2 else sin[:, None] if sin.dim() == 3 else sin)
+    xf = x.float()
+    xr = xf[..., :r]
+    if interleaved:
+        rot = torch.stack((-xr[..., 1::2], xr[..., 0::2]), dim=-1).flatten(-2)
+    else:
+        rot = torch.cat((-xr[..., r // 2:], xr[..., :r // 2]), dim=-1)
+    return torch.cat((xr * c.float() + rot * s.float(), xf[..., r:]), dim=-1).to(x.dtype)
+
+
+@op("rotary_embedding(Tensor x, Tensor cos, Tensor sin, *, bool interleaved=False) -> Tensor",
+    kind="attention", reference=_rotary_reference)
+def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                     interleaved: bool = False) -> torch.Tensor:
+    """Rotary position embedding of x [B, H, S, D]: x * cos + rotate(x) * sin on the first
+    R = cos.shape[-1] features (partial rotary when R < D; the rest are copied). rotate is
+    Llama/GPT-NeoX's rotate_half, or GPT-J's pairs (x[2i], x[2i+1]) with interleaved=True.
+    cos/sin are [S, R], [B, S, R] or broadcast to [B, H, S, R]; computed in float32, the
+    result has x's dtype and layout. A [B, S, H, D] tensor goes in as x.transpose(1, 2)."""
+    name = "rotary_embedding"
+    check_tensor(x, name, "x", FLOATS)
+    if x.dim() != 4:
+        raise ShapeError(f"{name}: x must be 4-D [B, H, S, D], got shape {tuple(x.shape)}",
+                         hint="a [B, S, H, D] tensor goes in as x.transpose(1, 2)")
+    c, s = _rotary_tables(cos, x, name, "cos"), _rotary_tables(sin, x, name, "sin")
+    r, d = cos.shape[-1], x.shape[-1]
+    if sin.shape[-1] != r or r % 2 or not 2 <= r <= d:
+        raise ShapeError(f"{name}: cos and sin must have the same even number of rotary "
+                         f"features, at most x's {d}; got {r} and {sin.shape[-1]}")
+    out = torch.empty_like(x)
+    if out.numel() == 0:
+        return out
+    half = r // 2
+    pick = (slice(0, r, 2), slice(1, r, 2)) if interleaved else \
+        (slice(0, half), slice(half, r))
+    views = [t[..., p] for t in (x, c, s, out) for p in pick]
+    rest = (x[..., r:], out[..., r:]) if r < d else (x[..., :1], out[..., :1])
+    args = [*views[:2], views[2], views[3], views[4], views[5], views[6], views[7], *rest]
+    bs = max(1, _BLOCK // (1 << (half - 1).bit_length()))
+    key = ("rotary", bs, half, d - r, *((t.dtype, t.stride(-1) == 1) for t in args))
+    k = compiled(key, _rotary, *(spec(t.dtype, 4, t.stride(-1) == 1) for t in args), BS=bs,
+                 HALF=half, REST=d - r)
+    flat = [v for t in args for v in (t.data_ptr(), *t.shape, *t.stride())]
+    launch(k, (-(-x.shape[2] // bs), x.shape[1], x.shape[0]), *flat)
+    return out
+
+
+# -- scaled dot-product attention -----------------------------------------------------------
+def _qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str, dims: tuple[int, ...]
+         ) -> None:
+    for t, arg in ((q, "q"), (k, "k"), (v, "v")):
+        check_tensor(t, name, arg, FLOATS)
+        if t.dim() not in dims:
+            raise ShapeError(f"{name}: {arg} must be {' or '.join(f'{n}-D' for n in dims)} "
+                             "([B, H, S, D])", hint="a [B, S, H, D] tensor goes in as "
+                                                    "t.transpose(1, 2)")
+    if not q.dtype == k.dtype == v.dtype:
+        raise DtypeError(f"{name}: q, k and v must have one dtype, got {str(q.dtype)[6:]}, "
+                         f"{str(k.dtype)[6:]} and {str(v.dtype)[6:]}")
+    if not q.dim() == k.dim() == v.dim():
+        raise ShapeError(f"{name}: q, k and v must have the same rank, got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[:-1] != v.shape[:-1] or k.shape[-1] != q.shape[-1] or \
+            q.shape[:-3] != k.shape[:-3]:
+        raise ShapeError(f"{name}: q {tuple(q.shape)}, k {tuple(k.shape)} and v "
+                         f"{tuple(v.shape)} do not fit", hint="q [B, Hq, Sq, D], k [B, Hkv, "
+                                                             "Sk, D], v [B, Hkv, Sk, Dv]")
+
+
+def _heads(hq: int, hkv: int, gqa: bool, name: str, arg: str = "k") -> None:
+    if hq != hkv and not (gqa and hkv > 0 and hq % hkv == 0):
+        raise ShapeError(f"{name}: q has {hq} heads and {arg} has {hkv}; "
+                         + ("q's heads must be a multiple of them" if gqa else
+                            "they must match (or pass enable_gqa=True for grouped-query "
+                            "attention)"))
+
+
+def _like_q(q: torch.Tensor, dv: int) -> torch.Tensor:
+    """The output [B, H, Sq, Dv] in q's layout, as torch's: [B, S, H, D] memory if q is a
+    transposed [B, S, H, D] projection, else contiguous."""
+    b, h, s = q.shape[:3]
+    if q.stride(1) < q.stride(2) and h > 1 and s > 1:
+        return torch.empty(b, s, h, dv, dtype=q.dtype).transpose(1, 2)
+    return torch.empty(b, h, s, dv, dtype=q.dtype)
+
+
+def _mask(mask: torch.Tensor, q: torch.Tensor, sk: int, name: str) -> torch.Tensor:
+    """attn_mask checked and broadcast (by strides) to [..., Hq, Sq, Sk]."""
+    check_tensor(mask, name, "attn_mask", (torch.bool, torch.float32, q.dtype))
+    try:
+        return mask.expand(*q.shape[:-1], sk)
+    except RuntimeError:
+        raise ShapeError(f"{name}: attn_mask of shape {tuple(mask.shape)} does not broadcast "
+                         f"to the scores {(*q.shape[:-1], sk)}",
+                         hint="dims must match or be 1, aligned from the right") from None
+
+
+def _sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                    scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          scale=scale, enable_gqa=enable_gqa)
+
+
+@op("scaled_dot_product_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, "
+    "bool is_causal=False, float? scale=None, bool enable_gqa=False) -> Tensor",
+    kind="attention", reference=_sdpa_reference,
+    implements=(torch.ops.aten.scaled_dot_product_attention.default,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default))
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, as torch.nn.functional.scaled_dot_product_attention
+    (inference, no dropout): q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv];
+    is_causal masks keys after the query's position (top-left aligned); attn_mask is bool
+    (False drops) or float (added), broadcast to [B, Hq, Sq, Sk]; both may be given.
+    enable_gqa lets Hkv divide Hq. Rows left with no key give 0, as torch."""
+    name = "scaled_dot_product_attention"
+    _qkv(q, k, v, name, (3, 4))
+    _heads(q.shape[-3], k.shape[-3], enable_gqa, name)
+    sk, dv = k.shape[-2], v.shape[-1]
+    mask = _mask(attn_mask, q, sk, name) if attn_mask is not None else None
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    one = q.dim() == 3  # [H, S, D]: one batch row
+    if one:
+        q, k, v = q[None], k[None], v[None]
+        mask = mask[None] if mask is not None else None
+    out = _like_q(q, dv)
+    if out.numel():
+        template.attention(q, k, v, out, scale=scale, causal=bool(is_causal), mask=mask)
+    return out[0] if one else out
+
+
+# -- decode attention over a KV cache -------------------------------------------------------
+def _decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      cache_lens: torch.Tensor, scale: float | None = None,
+                      is_causal: bool = False) -> torch.Tensor:
+    sq, s = q.shape[2], k_cache.shape[2]
+    lens = cache_lens.long()[:, None, None, None]
+    pos = torch.arange(s)
+    seen = pos <= lens - sq + torch.arange(sq)[:, None] if is_causal else pos < lens
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=seen, scale=scale,
+                                          enable_gqa=True)
+
+
+def _chunk(longest: int, items: int) -> int:
+    """Keys per decode chunk: enough chunks that the (batch row, kv head, chunk) items give
+    every thread four, but no fewer than 64 keys each (a chunk's partial result costs a
+    combine step)."""
+    per_sequence = -(-4 * torch.get_num_threads() // max(items, 1))
+    return max(64, -(-longest // per_sequence))
+
+
+@op("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, "
+    "float? scale=None, bool is_causal=False) -> Tensor", kind="attention",
+    reference=_decode_reference)
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cache_lens: torch.Tensor, scale: float | None = None,
+                     is_causal: bool = False) -> torch.Tensor:
+    """Attention of a few new queries per sequence, q [B, Hq, Sq, D] (Sq typically 1), over
+    a KV cache k_cache [B, Hkv, S, D], v_cache [B, Hkv, S, Dv] of which the first
+    cache_lens[b] positions are valid (Hkv divides Hq: GQA/MQA). is_causal: the queries are
+    the last Sq valid positions and query i sees keys up to its own (bottom-right aligned),
+    for speculative or chunked decoding. Flash-decoding: each sequence's keys are split
+    into chunks across the threads, then combined. A query with no valid key gives 0."""
+    name = "decode_attention"
+    _qkv(q, k_cache, v_cache, name, (4,))
+    _heads(q.shape[1], k_cache.shape[1], True, name, "k_cache")
+    check_tensor(cache_lens, name, "cache_lens", (torch.int32, torch.int64))
+    b, s = q.shape[0], k_cache.shape[2]
+    if tuple(cache_lens.shape) != (b,):
+        raise ShapeError(f"{name}: cache_lens must have shape ({b},), one length per batch "
+                         f"row, got {tuple(cache_lens.shape)}")
+    lens = cache_lens.to(torch.int64).contiguous()
+    longest = int(lens.max()) if b else 0
+    if b and (int(lens.min()) < 0 or longest > s):
+        raise ArgumentError(f"{name}: cache_lens must be in [0, {s}] (the cache's length), "
+                            f"got values in [{int(lens.min())}, {longest}]")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out = _like_q(q, v_cache.shape[-1])
+    if out.numel():
+        template.decode(q, k_cache, v_cache, lens, out, scale=scale, causal=bool(is_causal),
+                        chunk=_chunk(max(longest, 1), b * k_cache.shape[1]))
+    return out

@@ -1,0 +1,541 @@
+/* Tessera attention template: FlashAttention forward (prefill) and split-KV decoding.
+ *
+ * Prefill (tsr_attention) works on groups of RN = RV * VL query rows of one head, with the
+ * rows in vector lanes: S^T = K Q^T and O^T += V^T P^T are GEMM micro-tiles (the GEMM
+ * template's TSR_TILE_STEP) whose A operand is K or V read in place (a broadcast per
+ * element) and whose B operand is a small packed buffer (Q^T, P^T), and the online softmax
+ * is lane-wise: row maxima and sums need no horizontal reductions, nothing is transposed
+ * per key block, and K is never packed. Keys stream in blocks of BN; causal groups stop at
+ * their last row's key and mask only the keys past their first row.
+ * Decode (tsr_decode) splits every sequence's valid keys into chunks spread over the
+ * threads (flash-decoding): each chunk leaves a partial max, sum and output per query row,
+ * and a second phase combines them.
+ *
+ * The builder prepends VL (floats per vector), RV, MR, BN, IN_FMT (q, k, v and out),
+ * MASK_FMT (NONE, BOOL or a float format), TSR_VL, tessera_tile.h and tessera_math.h.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define TSR_F32 0
+#define TSR_BF16 1
+#define TSR_F16 2
+#define TSR_BOOL 3
+#define TSR_NONE 4
+
+#define RN (RV * VL)  /* query rows per group: the lanes of RV vectors */
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+#if IN_FMT == TSR_BF16
+typedef uint16_t in_t;
+#define IN(x) tsr_bf16_to_f32(x)
+#define OUT(x) tsr_f32_to_bf16(x)
+#elif IN_FMT == TSR_F16
+typedef uint16_t in_t;
+#define IN(x) tsr_f16_to_f32(x)
+#define OUT(x) tsr_f32_to_f16(x)
+#else
+typedef float in_t;
+#define IN(x) (x)
+#define OUT(x) (x)
+#endif
+
+/* A mask element applied to a score in log2 units: booleans keep or drop it, floats add. */
+#if MASK_FMT == TSR_BOOL
+typedef uint8_t mask_t;
+#define MASKED(s, x) tsr__sel((x) != 0, (s), -INFINITY)
+#elif MASK_FMT == TSR_BF16
+typedef uint16_t mask_t;
+#define MASKED(s, x) ((s) + LOG2E * tsr_bf16_to_f32(x))
+#elif MASK_FMT == TSR_F16
+typedef uint16_t mask_t;
+#define MASKED(s, x) ((s) + LOG2E * tsr_f16_to_f32(x))
+#else
+typedef float mask_t;
+#define MASKED(s, x) ((s) + LOG2E * (x))
+#endif
+
+/* The launch arguments, one 8-byte slot each in this order (templates/attention/build.py).
+   Strides are in elements, in the order (batch, head, position, feature). */
+typedef struct {
+    const in_t *q, *k, *v;
+    in_t *o;
+    const mask_t *mask;     /* [B, H, Sq, Sk] by strides (0 where broadcast), or NULL */
+    float *lse;             /* [B, Hq, Sq] natural-log logsumexp, or NULL */
+    const int64_t *lens;    /* decode: valid keys of each batch row */
+    float *ws;              /* decode: the chunks' partial results */
+    int64_t qs[4], ks[4], vs[4], os[4], ms[4];
+    int64_t batch, hq, hkv, sq, sk, d, dv;
+    int64_t causal;         /* prefill: top-left aligned; decode: bottom-right (the last
+                               query is the last valid key) */
+    int64_t chunk;          /* decode: keys per chunk */
+    double scale;
+} tsr_args;
+
+/* Scratch buffers, kept per thread and grown as needed (fresh ones per call would cost
+   their page faults every time). */
+#define NBUF 5
+static _Thread_local float *buffers[NBUF];
+static _Thread_local size_t capacity[NBUF];
+
+static float *buffer(int which, int64_t floats) {
+    const size_t bytes = ((size_t)floats * sizeof(float) / 4096 + 1) * 4096;
+    if (bytes > capacity[which]) {
+        free(buffers[which]);
+        buffers[which] = aligned_alloc(64, bytes);
+        capacity[which] = buffers[which] ? bytes : 0;
+    }
+    return buffers[which];
+}
+
+/* 2^x for the x <= 0 of a softmax (score minus running max), to 2.4e-7 relative: k + r
+   with |r| <= 1/2, a degree-5 fit of 2^r, 2^k in the exponent field. Below -126.5 it is
+   exactly 0 (k = -127 gives a zero scale), which a weight relative to the row's largest
+   never feels in float32; NaN stays NaN. */
+static inline float exp2_neg(float x) {
+    x = tsr__sel(x < -127.0f, -127.0f, x);
+    const float s = x + TSR__RND32, r = x - (s - TSR__RND32);
+    float p = 1.3276469e-3f;
+    p = tsr__fma(p, r, 9.6755419e-3f);
+    p = tsr__fma(p, r, 5.5507131e-2f);
+    p = tsr__fma(p, r, 2.4022120e-1f);
+    p = tsr__fma(p, r, 6.9314694e-1f);
+    p = tsr__fma(p, r, 1.0f);
+    return p * tsr__u2f((tsr__f2u(s) - 0x4B400000u + 127u) << 23);
+}
+
+typedef int32_t tsr_iv __attribute__((vector_size(VL * 4)));
+/* lane-wise max; a NaN in b is kept (it reaches the softmax's exp and the output) */
+static inline tsr_fv vmax(tsr_fv a, tsr_fv b) {
+    const tsr_iv keep = a > b;
+    return (tsr_fv)((keep & (tsr_iv)a) | (~keep & (tsr_iv)b));
+}
+
+/* ---- float32 copies of K and V rows ------------------------------------------------------ */
+/* Rows [from, to) of one head of k (d features) into dst (rows ld floats apart). */
+static void convert_rows(const in_t *src, int64_t rs, int64_t cs, int64_t from, int64_t to,
+                         int64_t n, float *restrict dst, int64_t ld) {
+    for (int64_t r = from; r < to; r++) {
+        const in_t *row = src + r * rs;
+        float *out = dst + r * ld;
+        if (cs == 1) {
+            #pragma omp simd
+            for (int64_t e = 0; e < n; e++) out[e] = IN(row[e]);
+        } else {
+            for (int64_t e = 0; e < n; e++) out[e] = IN(row[e * cs]);
+        }
+    }
+}
+
+/* A head's keys and values as float32 rows: in place when they already are (float32,
+   unit feature stride), else converted into this thread's buffers as far as needed. */
+typedef struct {
+    const float *k, *v;
+    int64_t ldk, ldv;
+    int64_t head, done;  /* the (batch, kv head) converted, and how many of its rows */
+} tsr_kv;
+
+static void kv_rows(const tsr_args *a, tsr_kv *kv, int64_t b, int64_t h, int64_t upto) {
+    const in_t *k = a->k + b * a->ks[0] + h * a->ks[1];
+    const in_t *v = a->v + b * a->vs[0] + h * a->vs[1];
+    if (IN_FMT == TSR_F32 && a->ks[3] == 1 && a->vs[3] == 1) {
+        kv->k = (const float *)k, kv->v = (const float *)v;
+        kv->ldk = a->ks[2], kv->ldv = a->vs[2];
+        return;
+    }
+    const int64_t head = b * a->hkv + h;
+    if (kv->head != head) {
+        kv->head = head, kv->done = 0;
+        kv->ldk = a->d, kv->ldv = a->dv;
+        kv->k = buffer(0, a->sk * a->d);
+        kv->v = buffer(1, a->sk * a->dv);
+    }
+    if (upto > kv->done) {
+        convert_rows(k, a->ks[2], a->ks[3], kv->done, upto, a->d, (float *)kv->k, a->d);
+        convert_rows(v, a->vs[2], a->vs[3], kv->done, upto, a->dv, (float *)kv->v, a->dv);
+        kv->done = upto;
+    }
+}
+
+/* ---- prefill: one group of RN query rows --------------------------------------------- */
+/* S^T rows for keys k[0 .. mr): st[i][j] = k[i] . q[j] (q^T in qt: d rows of RN); top
+   takes the lane-wise max. */
+static inline __attribute__((always_inline)) void scores_tile(
+        const int mr, const float *k, int64_t ldk, const float *restrict qt, int64_t d,
+        float *restrict st, tsr_fv top[RV]) {
+    tsr_fv acc[MR][RV];
+    const float *kr[MR];
+    for (int i = 0; i < mr; i++) {
+        kr[i] = k + i * ldk;
+        for (int v = 0; v < RV; v++) acc[i][v] = (tsr_fv){0};
+    }
+    #define K_AT(i) kr[i][e]
+    for (int64_t e = 0; e < d; e++) TSR_TILE_STEP(acc, mr, RV, K_AT, qt + e * RN);
+    #undef K_AT
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < RV; v++) {
+            tsr_vstore(st + i * RN + v * VL, acc[i][v]);
+            top[v] = vmax(top[v], acc[i][v]);
+        }
+}
+
+/* S^T for keys k[0 .. nk) into st, and its lane-wise max into top. */
+static void scores(const float *k, int64_t ldk, const float *qt, int64_t d, int64_t nk,
+                   float *st, float *top) {
+    tsr_fv t[RV];
+    for (int v = 0; v < RV; v++) t[v] = (tsr_fv){0} - INFINITY;
+    int64_t i = 0;
+    for (; i + MR <= nk; i += MR) scores_tile(MR, k + i * ldk, ldk, qt, d, st + i * RN, t);
+    /* the last keys: the same tile with fewer of them (8, 4, 2, 1 as needed) */
+#if MR > 8
+    if (nk - i >= 8) scores_tile(8, k + i * ldk, ldk, qt, d, st + i * RN, t), i += 8;
+#endif
+#if MR > 4
+    if (nk - i >= 4) scores_tile(4, k + i * ldk, ldk, qt, d, st + i * RN, t), i += 4;
+#endif
+#if MR > 2
+    if (nk - i >= 2) scores_tile(2, k + i * ldk, ldk, qt, d, st + i * RN, t), i += 2;
+#endif
+    if (nk - i >= 1) scores_tile(1, k + i * ldk, ldk, qt, d, st + i * RN, t);
+    for (int v = 0; v < RV; v++) tsr_vstore(top + v * VL, t[v]);
+}
+
+/* O^T rows for features v[.][0 .. mr): ot[i][j] = alpha[j] ot[i][j] + sum_c v[c][i] p[c][j]
+   (P^T in st: nk rows of RN). */
+static inline __attribute__((always_inline)) void values_tile(
+        const int mr, const float *v, int64_t ldv, const float *restrict st, int64_t nk,
+        float *restrict ot, const float *restrict alpha) {
+    tsr_fv acc[MR][RV], scale[RV];
+    for (int w = 0; w < RV; w++) scale[w] = tsr_vload(alpha + w * VL);
+    for (int i = 0; i < mr; i++)
+        for (int w = 0; w < RV; w++) acc[i][w] = tsr_vload(ot + i * RN + w * VL) * scale[w];
+    const float *vr = v;
+    #define V_AT(i) vr[i]
+    for (int64_t c = 0; c < nk; c++, vr += ldv) TSR_TILE_STEP(acc, mr, RV, V_AT, st + c * RN);
+    #undef V_AT
+    for (int i = 0; i < mr; i++)
+        for (int w = 0; w < RV; w++) tsr_vstore(ot + i * RN + w * VL, acc[i][w]);
+}
+
+static void values(const float *v, int64_t ldv, const float *st, int64_t nk, int64_t dv,
+                   float *ot, const float *alpha) {
+    int64_t i = 0;
+    for (; i + MR <= dv; i += MR) values_tile(MR, v + i, ldv, st, nk, ot + i * RN, alpha);
+#if MR > 8
+    if (dv - i >= 8) values_tile(8, v + i, ldv, st, nk, ot + i * RN, alpha), i += 8;
+#endif
+#if MR > 4
+    if (dv - i >= 4) values_tile(4, v + i, ldv, st, nk, ot + i * RN, alpha), i += 4;
+#endif
+#if MR > 2
+    if (dv - i >= 2) values_tile(2, v + i, ldv, st, nk, ot + i * RN, alpha), i += 2;
+#endif
+    if (dv - i >= 1) values_tile(1, v + i, ldv, st, nk, ot + i * RN, alpha);
+}
+
+/* The lane-wise max of nk rows of st (after masking). */
+static void block_max(const float *restrict st, int64_t nk, float *restrict top) {
+    for (int j = 0; j < RN; j++) top[j] = -INFINITY;
+    for (int64_t c = 0; c < nk; c++) {
+        #pragma omp simd
+        for (int j = 0; j < RN; j++) top[j] = st[c * RN + j] > top[j] ? st[c * RN + j] : top[j];
+    }
+}
+
+/* The online softmax over one block of nk keys (log2 units, in st; top: their max):
+   st becomes P^T, the running max m and sum l are updated and alpha receives the factor
+   of the old output. A row whose keys so far are all masked keeps m = -inf and
+   contributes nothing. */
+static void softmax_block(float *restrict st, int64_t nk, float *restrict top,
+                          float *restrict m, float *restrict l, float *restrict alpha) {
+    float base[RN], sum[RN];
+    #pragma omp simd
+    for (int j = 0; j < RN; j++) {
+        top[j] = top[j] > m[j] ? top[j] : m[j];
+        base[j] = tsr__sel(top[j] == -INFINITY, 0.0f, top[j]);
+        alpha[j] = exp2_neg(m[j] - base[j]);
+        m[j] = top[j];
+        sum[j] = 0.0f;
+    }
+    for (int64_t c = 0; c < nk; c++) {
+        #pragma omp simd
+        for (int j = 0; j < RN; j++) {
+            const float p = exp2_neg(st[c * RN + j] - base[j]);
+            st[c * RN + j] = p;
+            sum[j] += p;
+        }
+    }
+    #pragma omp simd
+    for (int j = 0; j < RN; j++) l[j] = l[j] * alpha[j] + sum[j];
+}
+
+/* One group of RN query rows: q^T (d rows of RN lanes, scaled to log2 units), the output
+   so far O^T (dv rows of RN), the running max and sum per row, and the keys it sees. */
+typedef struct {
+    float *qt, *ot;
+    float m[RN], l[RN], alpha[RN];
+    int64_t r0, rows, end;
+} tsr_group;
+
+static void group_start(const tsr_args *a, tsr_group *g, int64_t b, int64_t h) {
+    const int64_t d = a->d, rows = g->rows;
+    const in_t *q = a->q + b * a->qs[0] + h * a->qs[1] + g->r0 * a->qs[2];
+    const float qscale = (float)(a->scale * 1.4426950408889634);
+    for (int64_t e = 0; e < d; e++) {
+        for (int64_t j = 0; j < rows; j++)
+            g->qt[e * RN + j] = IN(q[j * a->qs[2] + e * a->qs[3]]) * qscale;
+        for (int64_t j = rows; j < RN; j++) g->qt[e * RN + j] = 0.0f;
+    }
+    memset(g->ot, 0, sizeof(float) * a->dv * RN);
+    for (int j = 0; j < RN; j++) g->m[j] = -INFINITY, g->l[j] = 0.0f;
+}
+
+/* Keys kb .. kb + nk for one group: scores, masks, online softmax, output update. */
+static void group_keys(const tsr_args *a, const tsr_kv *kv, tsr_group *g, int64_t b,
+                       int64_t h, int64_t kb, int64_t nk, float *restrict st) {
+    const int64_t r0 = g->r0;
+    float top[RN];
+    scores(kv->k + kb * kv->ldk, kv->ldk, g->qt, a->d, nk, st, top);
+#if MASK_FMT != TSR_NONE
+    const mask_t *mask = a->mask + b * a->ms[0] + h * a->ms[1] + r0 * a->ms[2] + kb * a->ms[3];
+    for (int64_t j = 0; j < g->rows; j++) {
+        const mask_t *row = mask + j * a->ms[2];
+        for (int64_t c = 0; c < nk; c++) st[c * RN + j] = MASKED(st[c * RN + j], row[c * a->ms[3]]);
+    }
+#else
+    (void)b, (void)h;
+#endif
+    const int diagonal = a->causal && kb + nk > r0 + 1;
+    if (diagonal)  /* key c is seen by rows >= c */
+        for (int64_t c = kb > r0 + 1 ? kb : r0 + 1; c < kb + nk; c++) {
+            #pragma omp simd
+            for (int j = 0; j < RN; j++)
+                st[(c - kb) * RN + j] = tsr__sel(r0 + j < c, -INFINITY, st[(c - kb) * RN + j]);
+        }
+    if (diagonal || MASK_FMT != TSR_NONE) block_max(st, nk, top);
+    softmax_block(st, nk, top, g->m, g->l, g->alpha);
+    values(kv->v + kb * kv->ldv, kv->ldv, st, nk, a->dv, g->ot, g->alpha);
+}
+
+static void group_finish(const tsr_args *a, const tsr_group *g, int64_t b, int64_t h) {
+    in_t *o = a->o + b * a->os[0] + h * a->os[1] + g->r0 * a->os[2];
+    for (int64_t j = 0; j < g->rows; j++) {  /* rows with no key get 0, as torch */
+        const float inv = g->l[j] > 0.0f ? 1.0f / g->l[j] : 0.0f;
+        for (int64_t e = 0; e < a->dv; e++)
+            o[j * a->os[2] + e * a->os[3]] = OUT(g->ot[e * RN + j] * inv);
+    }
+    if (a->lse) {
+        float *lse = a->lse + (b * a->hq + h) * a->sq + g->r0;
+        for (int64_t j = 0; j < g->rows; j++)
+            lse[j] = g->l[j] > 0.0f ? (g->m[j] + log2f(g->l[j])) * LN2 : -INFINITY;
+    }
+}
+
+/* Keys a group starting at row r0 sees. */
+static inline int64_t group_end(const tsr_args *a, int64_t r0) {
+    return a->causal && r0 + RN < a->sk ? r0 + RN : a->sk;
+}
+
+/* Rows r0 .. r0 + NG * RN of query head h (kv head h / (hq / hkv)) of batch row b, as NG
+   groups that take each block of keys in turn while it is in L1. */
+static void row_block(const tsr_args *a, tsr_kv *kv, int64_t b, int64_t h, int64_t r0,
+                      tsr_group *groups, float *st) {
+    int64_t n = 0, end = 0;
+    for (; n < NG && r0 + n * RN < a->sq; n++) {
+        tsr_group *g = groups + n;
+        g->r0 = r0 + n * RN;
+        g->rows = a->sq - g->r0 < RN ? a->sq - g->r0 : RN;
+        g->end = group_end(a, g->r0);
+        end = g->end > end ? g->end : end;
+        group_start(a, g, b, h);
+    }
+    kv_rows(a, kv, b, h / (a->hq / a->hkv), end);
+    for (int64_t kb = 0; kb < end; kb += BN)
+        for (int64_t i = 0; i < n; i++)
+            if (kb < groups[i].end) {
+                const int64_t left = groups[i].end - kb;
+                group_keys(a, kv, groups + i, b, h, kb, left < BN ? left : BN, st);
+            }
+    for (int64_t i = 0; i < n; i++) group_finish(a, groups + i, b, h);
+}
+
+/* Work of a block of rows starting at r0: the keys its groups see, plus a fixed part. */
+static inline int64_t block_cost(const tsr_args *a, int64_t r0) {
+    int64_t cost = 0;
+    for (int64_t i = 0; i < NG && r0 + i * RN < a->sq; i++) cost += group_end(a, r0 + i * RN) + 16;
+    return cost;
+}
+
+void tsr_attention(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
+    (void)g0, (void)g1, (void)g2;
+    tsr_args a;
+    memcpy(&a, raw, sizeof a);
+    const int64_t blocks = (a.sq + NG * RN - 1) / (NG * RN);
+    int64_t head_cost = 0;
+    for (int64_t i = 0; i < blocks; i++) head_cost += block_cost(&a, i * NG * RN);
+    const int64_t total = head_cost * a.batch * a.hq;
+    #pragma omp parallel if((double)total * RN * (a.d + a.dv) > 4e6)
+    {
+        /* equal shares of the work, each a run of blocks in (batch, kv head, query head,
+           block) order: a thread converts each kv head it meets once */
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t lo = total * t / nt, hi = total * (t + 1) / nt;
+        tsr_group groups[NG];
+        float *qt = buffer(2, NG * a.d * RN), *ot = buffer(3, NG * a.dv * RN);
+        float *st = buffer(4, BN * RN);
+        for (int i = 0; i < NG; i++) groups[i].qt = qt + i * a.d * RN, groups[i].ot = ot + i * a.dv * RN;
+        tsr_kv kv = {0};
+        kv.head = -1;
+        int64_t at = 0;
+        for (int64_t bh = 0; bh < a.batch * a.hq && at < hi; bh++) {
+            if (at + head_cost <= lo) {
+                at += head_cost;
+                continue;
+            }
+            for (int64_t i = 0; i < blocks && at < hi; i++) {
+                const int64_t r0 = i * NG * RN;
+                if (at >= lo) row_block(&a, &kv, bh / a.hq, bh % a.hq, r0, groups, st);
+                at += block_cost(&a, r0);
+            }
+        }
+    }
+}
+
+/* ---- decode: a few query rows per kv head, keys split into chunks -------------------- */
+#define KB 8  /* keys per step: independent dot products in flight */
+
+/* s[j] = q . k[j] for j < KB (k[j] rows of n floats). */
+static inline void dots(const float *restrict q, const float *const k[KB], int64_t n,
+                        float s[KB]) {
+    tsr_fv acc[KB];
+    for (int j = 0; j < KB; j++) acc[j] = (tsr_fv){0};
+    int64_t e = 0;
+    for (; e + VL <= n; e += VL) {
+        const tsr_fv x = tsr_vload(q + e);
+        for (int j = 0; j < KB; j++) acc[j] += x * tsr_vload(k[j] + e);
+    }
+    for (int j = 0; j < KB; j++) {
+        float lanes[VL], t = 0.0f;
+        tsr_vstore(lanes, acc[j]);
+        for (int l = 0; l < VL; l++) t += lanes[l];
+        for (int64_t f = e; f < n; f++) t += q[f] * k[j][f];
+        s[j] = t;
+    }
+}
+
+/* Keys [c0, c1) of kv head h of batch row b for `rows` query rows (qf: their scaled
+   float32 queries, limit: how many keys each sees); res gets each row's max, sum and
+   unnormalized output (2 + dv floats). */
+static void decode_chunk(const tsr_args *a, int64_t b, int64_t h, int64_t c0, int64_t c1,
+                         const float *qf, const int64_t *limit, int64_t rows, float *res,
+                         float *kbuf, float *vbuf) {
+    const int64_t d = a->d, dv = a->dv, stride = 2 + dv;
+    const in_t *k = a->k + b * a->ks[0] + h * a->ks[1];
+    const in_t *v = a->v + b * a->vs[0] + h * a->vs[1];
+    const int direct = IN_FMT == TSR_F32 && a->ks[3] == 1 && a->vs[3] == 1;
+    for (int64_t r = 0; r < rows; r++) {
+        res[r * stride] = -INFINITY, res[r * stride + 1] = 0.0f;
+        memset(res + r * stride + 2, 0, sizeof(float) * dv);
+    }
+    for (int64_t kb = c0; kb < c1; kb += KB) {
+        const int64_t nk = c1 - kb < KB ? c1 - kb : KB;
+        const float *kr[KB], *vr[KB];
+        if (!direct) {
+            convert_rows(k + kb * a->ks[2], a->ks[2], a->ks[3], 0, nk, d, kbuf, d);
+            convert_rows(v + kb * a->vs[2], a->vs[2], a->vs[3], 0, nk, dv, vbuf, dv);
+        }
+        for (int j = 0; j < KB; j++) {  /* past the chunk: repeat its first key, unused */
+            const int64_t c = j < nk ? j : 0;
+            kr[j] = direct ? (const float *)k + (kb + c) * a->ks[2] : kbuf + c * d;
+            vr[j] = direct ? (const float *)v + (kb + c) * a->vs[2] : vbuf + c * dv;
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            float s[KB], *m = res + r * stride, *o = m + 2;
+            dots(qf + r * d, kr, d, s);
+            float top = m[0];
+            for (int j = 0; j < KB; j++) {
+                s[j] = j < nk && kb + j < limit[r] ? s[j] : -INFINITY;
+                top = s[j] > top ? s[j] : top;
+            }
+            if (top == -INFINITY) continue;  /* nothing seen yet */
+            const float alpha = exp2_neg(m[0] - top);
+            float sum = 0.0f;
+            for (int j = 0; j < KB; j++) sum += s[j] = exp2_neg(s[j] - top);
+            m[0] = top, m[1] = m[1] * alpha + sum;
+            #pragma omp simd
+            for (int64_t e = 0; e < dv; e++) {
+                float x = o[e] * alpha;
+                for (int j = 0; j < KB; j++) x += s[j] * vr[j][e];
+                o[e] = x;
+            }
+        }
+    }
+}
+
+void tsr_decode(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
+    (void)g0, (void)g1, (void)g2;
+    tsr_args a;
+    memcpy(&a, raw, sizeof a);
+    const int64_t per_head = a.hq / a.hkv, rows = per_head * a.sq, stride = 2 + a.dv;
+    const int64_t chunks = (a.sk + a.chunk - 1) / a.chunk;  /* per sequence, at most */
+    int64_t total = 0;
+    for (int64_t b = 0; b < a.batch; b++) total += a.lens[b] * a.hkv;
+    #pragma omp parallel if(total * rows * (a.d + a.dv) > 1 << 20)
+    {
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t lo = total * t / nt, hi = total * (t + 1) / nt;
+        float *qf = buffer(2, rows * a.d), *kbuf = buffer(3, KB * a.d);
+        float *vbuf = buffer(4, KB * a.dv);
+        int64_t *limit = (int64_t *)buffer(0, rows * 2);
+        const float qscale = (float)(a.scale * 1.4426950408889634);
+        int64_t at = 0;
+        for (int64_t bh = 0; bh < a.batch * a.hkv && at < hi; bh++) {
+            const int64_t b = bh / a.hkv, h = bh % a.hkv, len = a.lens[b];
+            if (at + len <= lo) {
+                at += len;
+                continue;
+            }
+            for (int64_t r = 0; r < rows; r++) {  /* row r: query r % sq of head r / sq */
+                const int64_t i = r % a.sq;
+                const in_t *q = a.q + b * a.qs[0] + (h * per_head + r / a.sq) * a.qs[1] +
+                                i * a.qs[2];
+                for (int64_t e = 0; e < a.d; e++) qf[r * a.d + e] = IN(q[e * a.qs[3]]) * qscale;
+                limit[r] = a.causal ? len - a.sq + 1 + i : len;
+            }
+            for (int64_t c = 0; c * a.chunk < len && at < hi; c++) {
+                const int64_t c0 = c * a.chunk, c1 = c0 + a.chunk < len ? c0 + a.chunk : len;
+                if (at >= lo)
+                    decode_chunk(&a, b, h, c0, c1, qf, limit, rows,
+                                 a.ws + (bh * chunks + c) * rows * stride, kbuf, vbuf);
+                at += c1 - c0;
+            }
+        }
+        #pragma omp barrier
+        /* combine the chunks of every query row */
+        float *weight = buffer(1, chunks);
+        #pragma omp for schedule(static)
+        for (int64_t x = 0; x < a.batch * a.hkv * rows; x++) {
+            const int64_t bh = x / rows, r = x % rows, b = bh / a.hkv, h = bh % a.hkv;
+            const int64_t n = (a.lens[b] + a.chunk - 1) / a.chunk, step = rows * stride;
+            const float *part = a.ws + bh * chunks * step + r * stride;
+            float top = -INFINITY, sum = 0.0f;
+            for (int64_t c = 0; c < n; c++) top = part[c * step] > top ? part[c * step] : top;
+            for (int64_t c = 0; c < n; c++) {
+                const float mc = part[c * step];
+                weight[c] = mc == -INFINITY ? 0.0f : exp2_neg(mc - top);
+                sum += part[c * step + 1] * weight[c];
+            }
+            const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  /* no key: 0, as torch */
+            in_t *o = a.o + b * a.os[0] + (h * per_head + r / a.sq) * a.os[1] +
+                      (r % a.sq) * a.os[2];
+            for (int64_t e = 0; e < a.dv; e++) {
+                float y = 0.0f;
+                for (int64_t c = 0; c < n; c++) y += part[c * step + 2 + e] * weight[c];
+                o[e * a.os[3]] = OUT(y * inv);
+            }
+        }
+    }
+}
