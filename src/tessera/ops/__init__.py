@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from tessera.ops import _fastpath
 from tessera.ops._launch import ArgumentError
 from tessera.ops.registry import KINDS, OpDef, definitions, get, list_ops
 from tessera.ops.torchlib import register as _register_torch
@@ -26,6 +27,7 @@ for _d in definitions():
     _register_torch(_d)
     globals()[_d.name] = _d.eager
 
-list = list_ops
+list = list_ops  # tessera.ops.list(), as numpy's and torch's modules name things
+_fastpath.start()
 
 __all__ = ["KINDS", "ArgumentError", "OpDef", "get", "list", *list_ops()]

@@ -6,6 +6,7 @@ the first tensor argument."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from tessera.errors import DeviceError, DtypeError
+from tessera.ops import _fastpath
 from tessera.ops.registry import Arg, OpDef
 from tessera.runtime.tensor import Tensor as TesseraTensor
 from tessera.runtime.tensor import as_tensor
@@ -44,9 +46,15 @@ def eager_function(d: OpDef) -> Callable[..., Any]:
         elif a.is_tensor:
             fast.append(f"_all_torch({a.name})")
     names = ", ".join(a.name for a in d.args)
+    native = []
+    if d.fast:
+        _fastpath.bind(env)
+        expr = re.sub(r"@(\w+)", lambda m: str(_fastpath.table(m.group(1))), d.fast)
+        native = [f"        _r = {expr}", "        if _r is not None:", "            return _r"]
     source = "\n".join([
         f"def {d.name}({', '.join(params)}):",
         f"    if {' and '.join(fast) or 'True'}:",
+        *native,
         f"        return _impl({', '.join(call)})",
         f"    return _foreign(_op, ({names}{',' if len(d.args) == 1 else ''}))"])
     exec(compile(source, f"<tessera op {d.name}>", "exec"), env)

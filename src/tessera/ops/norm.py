@@ -14,6 +14,7 @@ import torch
 
 import tessera.lang as tl
 from tessera.errors import ShapeError
+from tessera.ops import _fastpath
 from tessera.ops._launch import (
     FLOATS,
     ArgumentError,
@@ -120,6 +121,9 @@ def _norm(x: torch.Tensor, shape: Sequence[int], w: torch.Tensor | None,
     s = compiled(key, norm_rows, spec(x.dtype, 2), spec(wt.dtype, wt.dim()),
                  spec(bt.dtype, bt.dim()), spec(x.dtype, 2), n, float(eps), RMS=rms,
                  W=wv is not None, B=bv is not None, BM=bm, BN=bn, ONE=one)
+    if x.is_contiguous():
+        _fastpath.add_plan(name, s.address, (x.dtype, wt.dtype, bt.dtype), x.dtype, rows=(
+            wv is not None, bv is not None, wt.dtype, bt.dtype, bm, bn, one))
     launch(s, (-(-m // bm), 1, 1), x2.data_ptr(), m, n, n, 1, *_flat(wt), *_flat(bt),
            out.data_ptr(), m, n, n, 1, n, float(eps))
     return out
@@ -134,6 +138,7 @@ def _flat(t: torch.Tensor) -> tuple[int, ...]:
     reference=lambda x, normalized_shape, weight=None, bias=None, eps=1e-5:
     torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps),
     epilogues=("activation", "residual"),
+    fast="_rows(@layer_norm, x, weight, bias, eps, normalized_shape)",
     implements=(torch.ops.aten.layer_norm.default,
                 torch.ops.aten.native_layer_norm.default))
 def layer_norm(x: torch.Tensor, normalized_shape: Sequence[int],
@@ -147,7 +152,8 @@ def layer_norm(x: torch.Tensor, normalized_shape: Sequence[int],
     "Tensor", kind="normalization",
     reference=lambda x, normalized_shape, weight=None, eps=None:
     torch.nn.functional.rms_norm(x, normalized_shape, weight, eps),
-    epilogues=("activation", "residual"), implements=(torch.ops.aten.rms_norm.default,))
+    epilogues=("activation", "residual"), implements=(torch.ops.aten.rms_norm.default,),
+    fast="_rows(@rms_norm, x, weight, None, eps, normalized_shape)")
 def rms_norm(x: torch.Tensor, normalized_shape: Sequence[int],
              weight: torch.Tensor | None = None, eps: float | None = None) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the trailing normalized_shape (Llama's

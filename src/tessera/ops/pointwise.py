@@ -16,6 +16,7 @@ import torch
 import tessera.lang as tl
 from tessera.errors import DtypeError, ShapeError
 from tessera.lang.jit import Specialization
+from tessera.ops import _fastpath
 from tessera.ops._launch import (
     KERNEL_DTYPES,
     ArgumentError,
@@ -315,7 +316,9 @@ def run(fn: str, operands: list[torch.Tensor], out_dtype: torch.dtype,
         scalars: tuple[Any, ...] = (), compute: torch.dtype | None = None,
         name: str = "") -> torch.Tensor:
     """Apply table entry `fn` to broadcast `operands`; a new contiguous tensor of
-    `out_dtype`. `compute` (default: out_dtype) decides the compute dtype."""
+    `out_dtype`. `compute` (default: out_dtype) decides the compute dtype. The native
+    fast path replays dense launches of `fn` with these `scalars`: ops whose scalars vary
+    per call (alpha, clamp's bounds) must not name `fn`'s table in their `fast`."""
     if out_dtype not in KERNEL_DTYPES:
         raise DtypeError(f"{name}: the result would be {str(out_dtype).removeprefix('torch.')}"
                          " (torch's promotion of the inputs), which the kernels do not hold",
@@ -365,6 +368,8 @@ def _specialize(key: tuple, fn: str, operands: list[torch.Tensor], out_dtype: to
     s = _SPECS[key] = _KERNELS[len(operands)].specialize(
         *specs, *scalars, FN=fn, CT=_compute_dtype(compute or out_dtype), RANK=rank, BM=bm,
         BN=bn)
+    if rank == 1 and all(units):  # what the native fast path runs for dense operands
+        _fastpath.add_plan(fn, s.address, tuple(dtypes[:-1]), out_dtype, bn, scalars)
     return s
 
 
@@ -455,9 +460,8 @@ def _unary_op(name: str, ref: Any, doc: str, result: str) -> None:
 
     impl.__doc__ = doc
     impl.__name__ = name
-    op(f"{name}(Tensor x) -> Tensor", kind="pointwise", reference=ref,
-                         dtypes=_ALL_NAMES, tile=UNARY[name],
-                         implements=_aten(name, "default"))(impl)
+    op(f"{name}(Tensor x) -> Tensor", kind="pointwise", reference=ref, dtypes=_ALL_NAMES,
+       tile=UNARY[name], implements=_aten(name, "default"), fast=f"_pw(@{name}, x)")(impl)
 
 
 for _name, _ref, _result, _doc in [
@@ -482,7 +486,8 @@ for _name, _ref, _result, _doc in [
 @op("gelu(Tensor x, *, str approximate='none') -> Tensor", kind="pointwise",
     reference=lambda x, *, approximate="none": torch.nn.functional.gelu(
         x, approximate=approximate), dtypes=("float32", "bfloat16", "float16"),
-    tile=UNARY["gelu"], implements=_aten("gelu", "default"))
+    tile=UNARY["gelu"], implements=_aten("gelu", "default"),
+    fast="_pw(@gelu, x) if approximate == 'none' else _pw(@gelu_tanh, x)")
 def gelu(x: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
     """GELU, exact (erf) or approximate='tanh', as torch.nn.functional.gelu."""
     if approximate not in ("none", "tanh"):
@@ -551,9 +556,9 @@ def _binary_op(name: str, ref: Any, doc: str, *, kind: str = "arith",
     impl.__doc__ = doc
     impl.__name__ = name
     reference = (lambda x, other, *, alpha=1: ref(x, other, alpha=alpha)) if alpha else ref
-    op(schema, kind="pointwise", reference=reference,
-                         dtypes=_ALL_NAMES, tile=BINARY[name],
-                         implements=_aten(name, "Tensor", "Scalar"))(impl)
+    fast = f"_pw(@{name}, x, other)" + (" if alpha == 1 else None" if alpha else "")
+    op(schema, kind="pointwise", reference=reference, dtypes=_ALL_NAMES, tile=BINARY[name],
+       implements=_aten(name, "Tensor", "Scalar"), fast=fast)(impl)
 
 
 for _name, _ref, _kind, _alpha, _doc in [
@@ -579,7 +584,7 @@ for _name, _ref, _kind, _alpha, _doc in [
 
 @op("where(Tensor condition, Tensor x, Tensor other) -> Tensor", kind="pointwise",
     reference=torch.where, dtypes=_ALL_NAMES, tile=TERNARY["where"],
-    implements=_aten("where", "self"))
+    implements=_aten("where", "self"), fast="_pw(@where, condition, x, other)")
 def where(condition: torch.Tensor, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """x where condition, else other (all three broadcast)."""
     c = _checked(condition, "where", "condition")

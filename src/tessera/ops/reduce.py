@@ -21,6 +21,7 @@ import torch
 
 import tessera.lang as tl
 from tessera.errors import ShapeError
+from tessera.ops import _fastpath
 from tessera.ops._launch import (
     FLOATS,
     ArgumentError,
@@ -440,6 +441,9 @@ def _softmax(x: torch.Tensor, dim: int, log: bool, name: str) -> torch.Tensor:
         s = compiled(key, softmax_rows, tl.TensorSpec(ldtype(v.dtype), (2, 2),
                                                          (2, 1 if st[1] == 1 else 2)),
                         spec(x.dtype, 2), red, LOG=log, BM=bm, BN=bn, ONE=one)
+        if st[1] == 1:
+            _fastpath.add_plan(name, s.address, (x.dtype,), x.dtype,
+                               rows=(False, False, x.dtype, x.dtype, bm, bn, one))
         launch(s, (-(-outer // bm), 1, 1), v.data_ptr(), outer, red, st[0], st[1],
                ov.data_ptr(), outer, red, red, 1, red)
         return out
@@ -456,6 +460,7 @@ def _softmax(x: torch.Tensor, dim: int, log: bool, name: str) -> torch.Tensor:
 
 @op("softmax(Tensor x, int dim=-1) -> Tensor", kind="reduction",
     reference=lambda x, dim=-1: torch.softmax(x, dim),
+    fast="_rows(@softmax, x, None, None, None, None) if dim == -1 else None",
     implements=(torch.ops.aten._softmax.default, torch.ops.aten.softmax.int))
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """exp(x - max) / sum(exp(x - max)) along dim, in float32, stored in x's dtype."""
@@ -464,6 +469,7 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 @op("log_softmax(Tensor x, int dim=-1) -> Tensor", kind="reduction",
     reference=lambda x, dim=-1: torch.log_softmax(x, dim),
+    fast="_rows(@log_softmax, x, None, None, None, None) if dim == -1 else None",
     implements=(torch.ops.aten._log_softmax.default, torch.ops.aten.log_softmax.int))
 def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """x - max - log(sum(exp(x - max))) along dim, in float32, stored in x's dtype."""

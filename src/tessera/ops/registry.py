@@ -63,6 +63,7 @@ class OpDef:
     epilogues: tuple[str, ...] = ()  # consumers the graph compiler may fuse into this op
     implements: tuple[Any, ...] = ()  # torch callables / aten overloads this op computes
     tile: Any = None  # pointwise: a tessera.lang function of tiles, for fused kernels
+    fast: str | None = None  # the native fast path's call, see `op`
     eager: Callable[..., Any] = field(default=None, repr=False)  # type: ignore[assignment]
 
     @property
@@ -77,11 +78,15 @@ def op(schema: str, *, kind: str, reference: Callable[..., Any],
        meta: Callable[..., Any] | None = None,
        dtypes: Sequence[str] = ("float32", "bfloat16", "float16"),
        epilogues: Sequence[str] = (), implements: Sequence[Any] = (),
-       tile: Any = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+       tile: Any = None, fast: str | None = None
+       ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare the decorated function (the eager implementation on CPU torch tensors) as
     the operator `schema` and return its public eager form, which also takes numpy arrays
     and tessera tensors and gives back the caller's kind. `meta` defaults to running
-    `reference` on fake tensors (fine wherever torch's own ops can infer the shapes)."""
+    `reference` on fake tensors (fine wherever torch's own ops can infer the shapes).
+    `fast` is a Python expression over the op's parameters tried first when every tensor
+    argument is a torch tensor: a call of the native fast path, `_pw(@table, ...)` or
+    `_rows(@table, ...)` (see _fastpath.py), that gives the result or None."""
     if kind not in KINDS:
         raise ValueError(f"unknown op kind {kind!r}; one of {sorted(KINDS)}")
 
@@ -92,7 +97,7 @@ def op(schema: str, *, kind: str, reference: Callable[..., Any],
             raise ValueError(f"op {name!r} is registered twice")
         d = OpDef(name, schema, kind, impl, reference, meta or reference,
                   (impl.__doc__ or "").strip().split("\n")[0], tuple(dtypes), args,
-                  tuple(epilogues), tuple(implements), tile)
+                  tuple(epilogues), tuple(implements), tile, fast)
         d.eager = eager_function(d)
         _REGISTRY[name] = d
         return d.eager

@@ -35,6 +35,8 @@ __all__ = ["Compiler", "Module", "compile_c", "compile_extension", "compiler", "
 
 _BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno",
                "-Werror=implicit-function-declaration", "-Werror=return-type")
+# C++ (the eager ops' fast path, against torch's headers).
+_CXX_FLAGS = ("-O2", "-fPIC", "-shared", "-x", "c++", "-std=c++17", "-Werror=return-type")
 # Portable ISA flags used when the compiler does not understand -march=native.
 _ISA_FLAGS = {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c", "avx512f": "-mavx512f",
               "avx512bw": "-mavx512bw", "avx512vl": "-mavx512vl"}
@@ -69,24 +71,28 @@ def _probe_compiler(command: tuple[str, ...]) -> Compiler | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _find_compiler(cc_env: str | None) -> Compiler:
-    if cc_env:
-        found = _probe_compiler(tuple(shlex.split(cc_env)))
+def _find_compiler(env: str | None, cxx: bool = False) -> Compiler:
+    var, lang = ("CXX", "C++") if cxx else ("CC", "C")
+    if env:
+        found = _probe_compiler(tuple(shlex.split(env)))
         if found is None:
-            raise ToolchainError(f"the C compiler named by $CC ({cc_env!r}) does not run",
-                                 hint="point CC at a working gcc or clang, or unset it")
+            raise ToolchainError(f"the {lang} compiler named by ${var} ({env!r}) does not run",
+                                 hint=f"point {var} at a working gcc or clang, or unset it")
         return found
-    for name in ("gcc", "clang", "cc"):
+    names = ("g++", "clang++", "c++") if cxx else ("gcc", "clang", "cc")
+    for name in names:
         found = _probe_compiler((name,))
         if found is not None:
             return found
-    raise ToolchainError("no C compiler found (tried $CC, gcc, clang, cc)",
-                         hint="install one, e.g. `apt-get install gcc`, or set CC")
+    raise ToolchainError(f"no {lang} compiler found (tried ${var}, {', '.join(names)})",
+                         hint=f"install one, e.g. `apt-get install {'g++' if cxx else 'gcc'}`,"
+                              f" or set {var}")
 
 
-def compiler() -> Compiler:
-    """The compiler Tessera uses: `$CC` if set, else the first of gcc, clang, cc."""
-    return _find_compiler(os.environ.get("CC") or None)
+def compiler(cxx: bool = False) -> Compiler:
+    """The compiler Tessera uses: `$CC` if set, else the first of gcc, clang, cc (for C++:
+    `$CXX`, else g++, clang++, c++)."""
+    return _find_compiler(os.environ.get("CXX" if cxx else "CC") or None, cxx)
 
 
 def _native_flags() -> list[str]:
@@ -166,25 +172,28 @@ _loaded_lock = threading.Lock()
 
 
 def compile_c(source: str, *, name: str = "kernel", openmp: bool = False,
-              flags: Sequence[str] = (), where: str | None = None) -> Module:
-    """Compile C `source` into a shared library (once per machine) and load it.
+              flags: Sequence[str] = (), where: str | None = None,
+              cxx: bool = False) -> Module:
+    """Compile C (or, with `cxx`, C++17) `source` into a shared library (once per machine)
+    and load it.
 
     The cache key covers the source, all flags, the compiler's identity and the CPU's
     features. `where` names the user's code the source came from, for error messages.
     """
-    cc = compiler()
+    cc = compiler(cxx)
     extra = [*flags, *shlex.split(os.environ.get("TESSERA_CFLAGS", ""))]
     if openmp:
         extra += openmp_flags(cc)
+    base = _CXX_FLAGS if cxx else _BASE_FLAGS
     key = hashlib.sha256("\0".join(
-        ["tessera-c-module-1", source, cc.identity, " ".join(_BASE_FLAGS), " ".join(extra),
+        ["tessera-c-module-1", source, cc.identity, " ".join(base), " ".join(extra),
          " ".join(sorted(cpu_features()))]).encode()).hexdigest()
     module = _loaded.get(key)
     if module is not None:
         return module
 
     def build(tmp: Path) -> dict[str, Any]:
-        return _build(cc, source, extra, tmp, name, key, where)
+        return _build(cc, source, base, extra, tmp, name, key, where)
 
     # Builds of one key are serialized by the cache's file lock (across threads too), so
     # different kernels compile in parallel; the dict lock only keeps one Module per key.
@@ -194,15 +203,16 @@ def compile_c(source: str, *, name: str = "kernel", openmp: bool = False,
         return _loaded.setdefault(key, Module(name, key, entry, built, flags_used))
 
 
-def compile_extension(source: str, name: str) -> ModuleType:
-    """Compile C `source` into the CPython extension module `name` (it defines
+def compile_extension(source: str, name: str, *, cxx: bool = False,
+                      flags: Sequence[str] = ()) -> ModuleType:
+    """Compile C (or C++) `source` into the CPython extension module `name` (it defines
     `PyInit_<name>`) through the compile cache, and import it.
 
-    For native code whose call cost matters (microsecond collectives): an extension takes
-    buffers through the buffer protocol with no ctypes marshalling.
+    For native code whose call cost matters (microsecond collectives, eager ops): an
+    extension takes buffers through the buffer protocol with no ctypes marshalling.
     """
     include = sysconfig.get_paths()["include"]
-    module = compile_c(source, name=name, flags=[f"-I{include}"])
+    module = compile_c(source, name=name, flags=[f"-I{include}", *flags], cxx=cxx)
     loaded = sys.modules.get(f"tessera._ext.{name}.{module.key[:16]}")
     if loaded is not None:
         return loaded
@@ -216,14 +226,14 @@ def compile_extension(source: str, name: str) -> ModuleType:
     return ext
 
 
-def _build(cc: Compiler, source: str, extra: list[str], tmp: Path, name: str, key: str,
-           where: str | None) -> dict[str, Any]:
+def _build(cc: Compiler, source: str, base: Sequence[str], extra: list[str], tmp: Path,
+           name: str, key: str, where: str | None) -> dict[str, Any]:
     """Compile into `tmp`, with native ISA flags, or explicit ones if those are refused."""
     src = tmp / "source.c"
     src.write_text(source)
-    cmd, ok, output = _run_cc(cc, [*_BASE_FLAGS, *_native_flags(), *extra], src)
+    cmd, ok, output = _run_cc(cc, [*base, *_native_flags(), *extra], src)
     if not ok and "native" in output and ("unrecognized" in output or "unknown" in output):
-        cmd, ok, output = _run_cc(cc, [*_BASE_FLAGS, *_portable_flags(), *extra], src)
+        cmd, ok, output = _run_cc(cc, [*base, *_portable_flags(), *extra], src)
     if not ok:
         saved = str(_save_failed_source(source, name, key))
         raise CompileError(f"C compilation of {name!r} failed",
@@ -231,13 +241,16 @@ def _build(cc: Compiler, source: str, extra: list[str], tmp: Path, name: str, ke
                            command=shlex.join(cmd).replace(str(src), saved), where=where,
                            hint="the generated source is saved at the path above; if it came "
                                 "from Tessera itself, please report it with that file")
-    flags = cmd[len(cc.command):-4]
+    skip = {str(src), "-o", str(src.with_name("module.so")), "-lm"}
+    flags = [a for a in cmd[len(cc.command):] if a not in skip]
     return {"name": name, "flags": flags, "compiler": cc.version.splitlines()[0]}
 
 
 def _run_cc(cc: Compiler, flags: list[str], src: Path) -> tuple[list[str], bool, str]:
     """Run the compiler once: (command, success, its output)."""
-    cmd = [*cc.command, *flags, str(src), "-o", str(src.with_name("module.so")), "-lm"]
+    libs = [f for f in flags if f.startswith("-l")]  # after the source: --as-needed drops
+    opts = [f for f in flags if not f.startswith("-l")]  # libraries named before their user
+    cmd = [*cc.command, *opts, str(src), "-o", str(src.with_name("module.so")), *libs, "-lm"]
     timeout = float(os.environ.get("TESSERA_COMPILE_TIMEOUT", 600))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
