@@ -44,8 +44,8 @@ ALL = tuple(KERNEL_DTYPES)
 _ALL_NAMES = tuple(str(d).removeprefix("torch.") for d in ALL)
 INDEX = (torch.int32, torch.int64)
 _WIDTHS = (1, 16, 128, 1024)  # inner tile widths: a short menu, so sizes never recompile
-_ROW_TILE = 2048  # elements per program of a row kernel (rows x width)
-_ELEMS = 1024  # elements per program of an element kernel
+_ADD_WIDTHS = _WIDTHS[:-1]  # index_add walks every index per program: narrower tiles
+_ELEMS = 1024  # elements per program (at most: rows and columns stop at the tensor's end)
 
 
 # -- kernels ---------------------------------------------------------------------------------
@@ -64,11 +64,16 @@ def select_kernel(x, index, out, flag, BR: tl.constexpr, BN: tl.constexpr):
     r0 = tl.program_id(1) * BR
     o = tl.program_id(2)
     n = x.shape[1]
-    bad = False
-    for r in tl.range(r0, r0 + BR):
-        i = index[r]
-        bad = bad | (i < 0) | (i >= n)
-        out[o, r, j:j + BN] = x[o, i, j:j + BN]
+    if BR == 1:  # no loop: the launch's work estimate stays true, small ones stay serial
+        i = index[r0]
+        out[o, r0, j:j + BN] = x[o, i, j:j + BN]
+        bad = (i < 0) | (i >= n)
+    else:
+        bad = False
+        for r in tl.range(r0, min(r0 + BR, index.shape[0])):
+            i = index[r]
+            bad = bad | (i < 0) | (i >= n)
+            out[o, r, j:j + BN] = x[o, i, j:j + BN]
     _flag(flag, bad)
 
 
@@ -80,8 +85,8 @@ def gather_kernel(x, index, out, flag, BR: tl.constexpr, BN: tl.constexpr):
     o = tl.program_id(2)
     n = x.shape[1]
     bad = False
-    for r in tl.range(r0, r0 + BR):
-        for c in tl.range(j, j + BN):
+    for r in tl.range(r0, min(r0 + BR, index.shape[1])):
+        for c in tl.range(j, min(j + BN, index.shape[2])):
             i = index[o, r, c]
             bad = bad | (i < 0) | (i >= n)
             out[o, r, c] = x[o, i, c]
@@ -112,7 +117,7 @@ def scatter_add_kernel(out, index, src, flag, BN: tl.constexpr):
     n = out.shape[1]
     bad = False
     for r in tl.range(0, index.shape[1]):
-        for c in tl.range(j, j + BN):
+        for c in tl.range(j, min(j + BN, index.shape[2])):
             i = index[o, r, c]
             bad = bad | (i < 0) | (i >= n)
             out[o, i, c] += src[o, r, c]
@@ -172,12 +177,21 @@ def _around(shape: Sequence[int], d: int, tensors: Sequence[torch.Tensor]
     """(outer, inner, each tensor's (outer, d, inner) strides) for tensors that agree
     with `shape` outside dim d, or None if the dims on one side do not coalesce."""
     strides = [t.stride() for t in tensors]
-    outer, so = coalesce(shape[:d], [s[:d] for s in strides])
-    inner, si = coalesce(shape[d + 1:], [s[d + 1:] for s in strides])
-    if len(outer) > 1 or len(inner) > 1:
+    outer, so = _side(shape[:d], [s[:d] for s in strides])
+    inner, si = _side(shape[d + 1:], [s[d + 1:] for s in strides])
+    if outer is None or inner is None:
         return None
-    return outer[0], inner[0], [(a[0], s[d], b[0])
-                                for a, s, b in zip(so, strides, si, strict=True)]
+    return outer, inner, [(a, s[d], b) for a, s, b in zip(so, strides, si, strict=True)]
+
+
+def _side(sizes: Sequence[int], strides: list[Sequence[int]]
+          ) -> tuple[int | None, list[int]]:
+    """The dims on one side of the indexed one as one (size, strides), if they coalesce
+    (size None if not); no dims at all are one of size 1."""
+    if len(sizes) <= 1:  # the common case, without coalesce's loops
+        return (sizes[0], [s[0] for s in strides]) if sizes else (1, [1] * len(strides))
+    n, st = coalesce(sizes, strides)
+    return (n[0], [s[0] for s in st]) if len(n) == 1 else (None, [])
 
 
 def _leading(d: int, fn: Any, tensors: Sequence[torch.Tensor], *rest: Any) -> None:
@@ -187,8 +201,8 @@ def _leading(d: int, fn: Any, tensors: Sequence[torch.Tensor], *rest: Any) -> No
         fn(*(t.select(k, i) for t in tensors), d - (k < d), *rest)
 
 
-def _width(n: int) -> int:
-    return next((w for w in _WIDTHS if w >= n), _WIDTHS[-1])
+def _width(n: int, widths: Sequence[int] = _WIDTHS) -> int:
+    return next((w for w in widths if w >= n), widths[-1])
 
 
 def _t3(t: torch.Tensor, o: int, n: int, i: int, st: tuple[int, int, int]) -> list[Any]:
@@ -217,12 +231,11 @@ def _select(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, d: int, nam
         return
     o, inner, (sx, so) = v
     bn = _width(inner)
-    br = max(1, min(_ROW_TILE // bn, length))
-    br = 1 << (br - 1).bit_length()  # powers of two only: few specializations
-    ux, uo = sx[2] == 1, so[2] == 1
-    key = ("select", x.dtype, index.dtype, bn, br, ux, uo)
+    br = _ELEMS // bn
+    ux, ui, uo = sx[2] == 1, index.stride(0) == 1, so[2] == 1
+    key = ("select", x.dtype, index.dtype, bn, br, ux, ui, uo)
     s = compiled(key, select_kernel, lambda: spec(x.dtype, 3, ux),
-                 lambda: spec(index.dtype, 1), lambda: spec(out.dtype, 3, uo),
+                 lambda: spec(index.dtype, 1, ui), lambda: spec(out.dtype, 3, uo),
                  lambda: spec(torch.bool, 1), BR=br, BN=bn)
     grid = (-(-inner // bn), -(-length // br), o)
     args = [*_t3(x, o, n, inner, sx), index.data_ptr(), length, index.stride(0),
@@ -252,7 +265,7 @@ def embedding(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
                          f"{tuple(weight.shape)}")
     out = empty((*indices.shape, weight.shape[1]), weight.dtype)
     flat = indices.view(-1) if indices.is_contiguous() else _flat(indices)
-    return _select_op(weight, 0, flat, out.view(-1, weight.shape[1]), "embedding",
+    return _select_op(weight, 0, flat, out.view(flat.numel(), weight.shape[1]), "embedding",
                       "indices", "the rows of 'weight'").view(out.shape)
 
 
@@ -339,12 +352,12 @@ def _index_add(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, d: int
         return
     o, inner, (so, ss) = v
     n, length = out.shape[d], index.shape[0]
-    bn = _width(inner)
-    uo, us = so[2] == 1, ss[2] == 1
+    bn = _width(inner, _ADD_WIDTHS)
+    uo, ui, us = so[2] == 1, index.stride(0) == 1, ss[2] == 1
     a = 0 if scale is None else scale
-    key = ("index_add", out.dtype, index.dtype, bn, uo, us, type(scale))
+    key = ("index_add", out.dtype, index.dtype, bn, uo, ui, us, type(scale))
     s = compiled(key, index_add_kernel, lambda: spec(out.dtype, 3, uo),
-                 lambda: spec(index.dtype, 1), lambda: spec(src.dtype, 3, us), a,
+                 lambda: spec(index.dtype, 1, ui), lambda: spec(src.dtype, 3, us), a,
                  lambda: spec(torch.bool, 1), ALPHA=scale is not None, BN=bn)
     grid = (-(-inner // bn), o, 1)
     args = [*_t3(out, o, n, inner, so), index.data_ptr(), length, index.stride(0),
@@ -402,7 +415,7 @@ def _gather(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, d: int) -> 
     o, inner, (sx, si, so) = v
     n, length = x.shape[d], index.shape[d]
     bn = _width(inner)
-    br = min(max(1, _ELEMS // bn), 1 << (length - 1).bit_length())
+    br = _ELEMS // bn
     key = ("gather", x.dtype, index.dtype, bn, br)
     s = compiled(key, gather_kernel, lambda: spec(x.dtype, 3, False),
                  lambda: spec(index.dtype, 3, False), lambda: spec(out.dtype, 3, False),

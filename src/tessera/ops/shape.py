@@ -246,14 +246,15 @@ def _split_sizes(x: torch.Tensor, split_sizes: Any, d: int) -> list[int]:
     return sizes
 
 
-def _split_meta(x: torch.Tensor, split_sizes: Sequence[int], dim: int = 0
-                ) -> list[torch.Tensor]:
+def _split_reference(x: torch.Tensor, split_sizes: Sequence[int] | int, dim: int = 0
+                     ) -> list[torch.Tensor]:
+    sizes = split_sizes if isinstance(split_sizes, int) else list(split_sizes)
     return [t.clone(memory_format=torch.contiguous_format)
-            for t in torch.split(x, list(split_sizes), dim)]
+            for t in torch.split(x, sizes, dim)]
 
 
 @op("split(Tensor x, int[] split_sizes, int dim=0) -> Tensor[]", kind="shape",
-    reference=_split_meta, dtypes=_ALL_NAMES,
+    reference=_split_reference, dtypes=_ALL_NAMES,
     implements=(torch.ops.aten.split_with_sizes.default, torch.ops.aten.split.Tensor))
 def split(x: torch.Tensor, split_sizes: Sequence[int] | int, dim: int = 0
           ) -> list[torch.Tensor]:
