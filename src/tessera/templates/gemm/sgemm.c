@@ -165,6 +165,16 @@ static inline float b_at(const tsr_b *b, int64_t p, int64_t j) {
 #endif
 }
 
+/* Operand A: element (i, p) at p[i * rs + p * cs]; or, gathered (ro set), at
+   p[ro[i] + co[p]]: a matrix of offsets that separate into a row and a column part, as an
+   implicit im2col (row i an output pixel, column p an input channel and kernel tap, of a
+   zero-padded image), so a convolution runs as a GEMM without materializing the matrix. */
+typedef struct { const a_t *p; int64_t rs, cs; const int64_t *ro, *co; } tsr_a;
+
+static inline float a_at(const tsr_a *a, int64_t i, int64_t p) {
+    return A_IN(a->ro ? a->p[a->ro[i] + a->co[p]] : a->p[i * a->rs + p * a->cs]);
+}
+
 
 /* ---- epilogue --------------------------------------------------------------------------- */
 /* What the builder fuses into the final store of each element of C (bias, activation,
@@ -225,6 +235,38 @@ static void store_final(const tsr_out *o, float tile[MR][NR], int64_t i0, int64_
         store_rows(o, tile, i0, j0, m, n, o->csc);
 }
 
+/* The rest of micro_kernel (below) for a C stored by columns (rsc = 1): each column of
+   the tile is contiguous there, so the loops run down the columns (an m x n corner; a
+   whole tile with constant bounds). */
+static inline __attribute__((always_inline)) void column_loop(
+        const tsr_out *o, float tile[MR][NR], int64_t i0, int64_t j0, const int64_t m,
+        const int64_t n, int first, int last) {
+    const float beta = first ? o->beta : 1.0f;
+    for (int64_t j = 0; j < n; j++) {
+        c_t *c = o->c + (j0 + j) * o->csc + i0;
+        float *w = DIRECT ? (float *)c : o->w + i0 * o->rsw + j0 + j;
+        const int64_t ws = DIRECT ? 1 : o->rsw;
+        float x[MR];
+        for (int64_t r = 0; r < m; r++) x[r] = tile[r][j];
+        if (!first)
+            for (int64_t r = 0; r < m; r++) x[r] += w[r * ws];
+        else if (beta != 0.0f)
+            for (int64_t r = 0; r < m; r++) x[r] += beta * C_IN(c[r]);
+        if (last)
+            for (int64_t r = 0; r < m; r++) c[r] = C_OUT(EPILOGUE(x[r], i0 + r, j0 + j, o->ep));
+        else
+            for (int64_t r = 0; r < m; r++) w[r * ws] = x[r];
+    }
+}
+
+static void columns(const tsr_out *o, float tile[MR][NR], int64_t i0, int64_t j0, int64_t m,
+                    int64_t n, int first, int last) {
+    if (m == MR && n == NR)
+        column_loop(o, tile, i0, j0, MR, NR, first, last);
+    else
+        column_loop(o, tile, i0, j0, m, n, first, last);
+}
+
 /* ---- tile ------------------------------------------------------------------------------- */
 /* Prefetches of C: GCC turns any write prefetch into PREFETCHW, which goes to L1 whatever
    the locality, so the early one (to L2) is a read prefetch. */
@@ -237,29 +279,53 @@ static void store_final(const tsr_out *o, float tile[MR][NR], int64_t i0, int64_
         for (int l_ = 0; l_ < NR; l_ += 16) PF((cp) + r_ * (rs) + l_);              \
         PF((cp) + r_ * (rs) + NR - 1);                                              \
     }
+/* the same for a tile of a C stored by columns, `cols` columns cs apart */
+#define PF_COLUMNS(PF, cp, cs, cols)                                               \
+    for (int64_t j_ = 0; j_ < (cols); j_++) {                                      \
+        PF((cp) + j_ * (cs));                                                       \
+        PF((cp) + j_ * (cs) + MR - 1);                                              \
+    }
 
 /* acc = A_sliver (k x MR, p-major) * B_sliver (k x NR, rows ldb apart), added to the tile at
    (i0, j0) of the output: the m x n corner inside it (the slivers are zero-padded).
+   A float32 gathered A may be read in place instead (ga set: rows i0.., columns pc..):
+   each step broadcasts its MR elements through the column's offset, no packing.
    first: the first KC step (beta applies); last: the final one (epilogue, conversion);
    next: whether the tile below is computed next (its C is prefetched to L2 now, a whole
    tile ahead; this tile's C, prefetched then, comes into L1 KPF steps before the end). */
-static void micro_kernel(int64_t k, const float *restrict a, const float *restrict b,
-                         int64_t ldb, const tsr_out *o, int64_t i0, int64_t j0, int64_t m,
-                         int64_t n, int first, int last, int next) {
+static void micro_kernel(int64_t k, const float *restrict a, const tsr_a *ga, int64_t pc,
+                         const float *restrict b, int64_t ldb, const tsr_out *o, int64_t i0,
+                         int64_t j0, int64_t m, int64_t n, int first, int last, int next) {
     tsr_fv acc[MR][NV];
     for (int r = 0; r < MR; r++)
         for (int v = 0; v < NV; v++) acc[r][v] = (tsr_fv){0};
     float *w = o->w + i0 * o->rsw + j0;
     const int prefetch = DIRECT && o->csc == 1;
+    const int by_columns = !SWIGLU && o->rsc == 1 && o->csc != 1;  /* see columns() */
+    c_t *cols = o->c + j0 * o->csc + i0;
     if (prefetch && next) PF_TILE(PF_L2, w + MR * o->rsw, o->rsw, MR)
+    if (by_columns && next) PF_COLUMNS(PF_L2, cols + MR, o->csc, NR)
     const int64_t k1 = k > KPF ? k - KPF : 0;
     int64_t p = 0;
-    #define A_AT(r) a[p * MR + (r)]
-    #pragma GCC unroll 4
-    for (; p < k1; p++) TSR_TILE_STEP(acc, MR, NV, A_AT, b + p * ldb);
-    if (prefetch) PF_TILE(PF_L1W, w, o->rsw, m)
-    for (; p < k; p++) TSR_TILE_STEP(acc, MR, NV, A_AT, b + p * ldb);
-    #undef A_AT
+    #define K_LOOP                                                                  \
+        _Pragma("GCC unroll 4")                                                     \
+        for (; p < k1; p++) TSR_TILE_STEP(acc, MR, NV, A_AT, b + p * ldb);          \
+        if (prefetch) PF_TILE(PF_L1W, w, o->rsw, m)                                 \
+        if (by_columns) PF_COLUMNS(PF_L1W, cols, o->csc, n)                         \
+        for (; p < k; p++) TSR_TILE_STEP(acc, MR, NV, A_AT, b + p * ldb);
+    if (A_FMT == TSR_F32 && ga) {
+        const float *src[MR];  /* rows past m repeat row 0: computed, never stored */
+        for (int r = 0; r < MR; r++) src[r] = (const float *)ga->p + ga->ro[i0 + (r < m ? r : 0)];
+        const int64_t *col = ga->co + pc;
+        #define A_AT(r) src[r][col[p]]
+        K_LOOP
+        #undef A_AT
+    } else {
+        #define A_AT(r) a[p * MR + (r)]
+        K_LOOP
+        #undef A_AT
+    }
+    #undef K_LOOP
     const float alpha = o->alpha, beta = first ? o->beta : 1.0f;
     float tile[MR][NR];
     if (DIRECT && m == MR && n == NR && o->csc == 1) {  /* a whole tile, rows contiguous */
@@ -276,6 +342,10 @@ static void micro_kernel(int64_t k, const float *restrict a, const float *restri
     }
     for (int r = 0; r < MR; r++)
         for (int v = 0; v < NV; v++) tsr_vstore(&tile[r][v * VL], alpha * acc[r][v]);
+    if (by_columns) {  /* C by columns (NCHW convolution outputs) */
+        columns(o, tile, i0, j0, m, n, first, last);
+        return;
+    }
     for (int64_t r = 0; r < m; r++) {  /* add what came before: beta C, or partial sums */
         const c_t *c = o->c + (i0 + r) * o->rsc;
         const float *w = o->w + (i0 + r) * o->rsw;
@@ -313,9 +383,39 @@ static inline __attribute__((always_inline)) void pack_sliver(
     }
 }
 
+/* A gathered A[ic:ic+mc, pc:pc+kc] as MR-row slivers. Rows at consecutive addresses (the
+   pixels of an image row, stride 1) copy MR contiguous elements per column. */
+static void pack_a_gathered(const tsr_a *a, int64_t ic, int64_t pc, int64_t mc,
+                            int64_t kc, float *restrict dst) {
+    const int64_t *co = a->co + pc;
+    for (int64_t i = 0; i < mc; i += MR, dst += MR * kc) {
+        const int64_t rows = mc - i < MR ? mc - i : MR, *ro = a->ro + ic + i;
+        int run = rows == MR;
+        for (int r = 1; r < MR && run; r++) run = ro[r] == ro[0] + r;
+        if (run) {
+            const a_t *src = a->p + ro[0];
+            for (int64_t p = 0; p < kc; p++)
+                for (int r = 0; r < MR; r++) dst[p * MR + r] = A_IN(src[co[p] + r]);
+            continue;
+        }
+        int64_t off[MR];
+        for (int r = 0; r < MR; r++) off[r] = ro[r < rows ? r : 0];
+        for (int64_t p = 0; p < kc; p++) {
+            const a_t *src = a->p + co[p];
+            for (int r = 0; r < MR; r++) dst[p * MR + r] = r < rows ? A_IN(src[off[r]]) : 0.0f;
+        }
+    }
+}
+
 /* A[ic:ic+mc, pc:pc+kc] as MR-row slivers, each kc x MR (zero rows past mc). */
-static void pack_a(int64_t mc, int64_t kc, const a_t *a, int64_t rsa, int64_t csa,
+static void pack_a(const tsr_a *op, int64_t ic, int64_t pc, int64_t mc, int64_t kc,
                    float *restrict dst) {
+    if (op->ro) {
+        pack_a_gathered(op, ic, pc, mc, kc, dst);
+        return;
+    }
+    const int64_t rsa = op->rs, csa = op->cs;
+    const a_t *a = op->p + ic * rsa + pc * csa;
     for (int64_t i = 0; i < mc; i += MR, dst += MR * kc) {
         const int64_t rows = mc - i < MR ? mc - i : MR;
 #if A_FMT == TSR_F32
@@ -576,11 +676,10 @@ static void skinny(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa,
 }
 
 /* ---- kernel ----------------------------------------------------------------------------- */
-/* C[m, n] = alpha A[m, k] B[k, n] + beta C (SwiGLU: n outputs of a 2n-column B), element
-   (i, j) of X at x + i * rsx + j * csx. Returns 0, or -1 if memory runs out. */
-int tsr_gemm(int64_t m, int64_t n, int64_t k, float alpha, const a_t *a, int64_t rsa,
-             int64_t csa, const tsr_b *b, float beta, c_t *c, int64_t rsc, int64_t csc,
-             const tsr_ep *ep) {
+/* C[m, n] = alpha A[m, k] B[k, n] + beta C for any operand A (see tsr_a). */
+static int gemm_run(int64_t m, int64_t n, int64_t k, float alpha, const tsr_a *a,
+                    const tsr_b *b, float beta, c_t *c, int64_t rsc, int64_t csc,
+                    const tsr_ep *ep) {
     if (m <= 0 || n <= 0) return 0;
     tsr_out o = {c, rsc, csc, (float *)c, rsc, n, alpha, beta, ep};
     if (k <= 0 || alpha == 0.0f) {  /* C = beta C, then the epilogue */
@@ -596,12 +695,12 @@ int tsr_gemm(int64_t m, int64_t n, int64_t k, float alpha, const a_t *a, int64_t
                          : b->rs == 1 && m <= DOT_ROWS;
     if (!PACKED_B && skinny_b) {
         float *rows = NULL;  /* A as float32 rows for the dot products */
-        if (A_FMT != TSR_F32 || csa != 1) {
+        if (A_FMT != TSR_F32 || a->cs != 1 || a->ro) {
             if (!(rows = malloc((size_t)(m * k) * sizeof(float)))) return -1;
             for (int64_t i = 0; i < m; i++)
-                for (int64_t p = 0; p < k; p++) rows[i * k + p] = A_IN(a[i * rsa + p * csa]);
+                for (int64_t p = 0; p < k; p++) rows[i * k + p] = a_at(a, i, p);
         }
-        skinny(m, n, k, rows ? rows : (const float *)a, rows ? k : rsa, b, &o);
+        skinny(m, n, k, rows ? rows : (const float *)a->p, rows ? k : a->rs, b, &o);
         free(rows);
         return 0;
     }
@@ -623,6 +722,12 @@ int tsr_gemm(int64_t m, int64_t n, int64_t k, float alpha, const a_t *a, int64_t
     const int direct_b = !PACKED_B && B_FMT == TSR_F32 && !SWIGLU && b->cs == 1 &&
                          m <= DIRECT_B_ROWS && b->rs <= 1024;
     #define IN_PLACE(j) (direct_b && jc + (j) + NR <= n)
+    /* a float32 gathered A (a convolution's image) is read in place: packing it would
+       cost about a quarter of a product with 64 columns */
+#ifndef GATHER_N
+#define GATHER_N 64
+#endif
+    const tsr_a *a_direct = A_FMT == TSR_F32 && a->ro && n <= GATHER_N ? a : NULL;
     const int64_t work = m * n * k;
     #pragma omp parallel if(work > 64 * 64 * 64) num_threads(threads)
     {
@@ -643,7 +748,8 @@ int tsr_gemm(int64_t m, int64_t n, int64_t k, float alpha, const a_t *a, int64_t
                     panel = bp;
                 }
                 /* the micro-tile (i, j) of the (ic, jc) block, A packed at `packed` */
-                #define TILE(packed) micro_kernel(kc, (packed) + i * kc, IN_PLACE(j) ? \
+                #define TILE(packed) micro_kernel(kc, (packed) + i * kc, a_direct, pc, \
+                    IN_PLACE(j) ? \
                     (const float *)b->p + pc * b->rs + jc + j : panel + j * kc, \
                     IN_PLACE(j) ? b->rs : NR, &o, \
                     ic + i, jc + j, mc - i < MR ? mc - i : MR, \
@@ -659,7 +765,7 @@ int tsr_gemm(int64_t m, int64_t n, int64_t k, float alpha, const a_t *a, int64_t
                     #pragma omp for schedule(static)
                     for (int64_t ib = 0; ib < blocks; ib++) {
                         const int64_t ic = ib * mb, mc = m - ic < mb ? m - ic : mb;
-                        pack_a(mc, kc, a + ic * rsa + pc * csa, rsa, csa, my_a);
+                        if (!a_direct) pack_a(a, ic, pc, mc, kc, my_a);
                         for (int64_t j = 0; j < nc; j += NR)
                             for (int64_t i = 0; i < mc; i += MR)
                                 TILE(my_a);
@@ -668,7 +774,7 @@ int tsr_gemm(int64_t m, int64_t n, int64_t k, float alpha, const a_t *a, int64_t
                     for (int64_t ic = 0; ic < m; ic += MC) {
                         const int64_t mc = m - ic < MC ? m - ic : MC;
                         #pragma omp single
-                        pack_a(mc, kc, a + ic * rsa + pc * csa, rsa, csa, ap);
+                        if (!a_direct) pack_a(a, ic, pc, mc, kc, ap);
                         #pragma omp for schedule(static) collapse(2)
                         for (int64_t j = 0; j < nc; j += NR)
                             for (int64_t i = 0; i < mc; i += MR)
@@ -680,6 +786,15 @@ int tsr_gemm(int64_t m, int64_t n, int64_t k, float alpha, const a_t *a, int64_t
     }
     if (o.w != (float *)c) free(o.w);
     return 0;
+}
+
+/* C[m, n] = alpha A[m, k] B[k, n] + beta C (SwiGLU: n outputs of a 2n-column B), element
+   (i, j) of X at x + i * rsx + j * csx. Returns 0, or -1 if memory runs out. */
+int tsr_gemm(int64_t m, int64_t n, int64_t k, float alpha, const a_t *a, int64_t rsa,
+             int64_t csa, const tsr_b *b, float beta, c_t *c, int64_t rsc, int64_t csc,
+             const tsr_ep *ep) {
+    const tsr_a op = {a, rsa, csa, NULL, NULL};
+    return gemm_run(m, n, k, alpha, &op, b, beta, c, rsc, csc, ep);
 }
 
 /* group g of a grouped call (rows starts[g] .. starts[g + 1] of A and C) */
@@ -739,4 +854,52 @@ int tsr_gemm_batched(int64_t batch, int64_t m, int64_t n, int64_t k,
                            c + i * bsc, rsc, csc, ep);
     }
     return failed ? -1 : 0;
+}
+
+/* ---- launch: everything above behind the kernel language's launch ABI ------------------ */
+/* The arguments of one call, each in an 8-byte slot as runtime/cpu/launch.c passes them
+   (pointers and integers as int64, floats as double), so that Python calls the template
+   for the cost of a method call instead of ctypes marshalling. `batch` problems: problem
+   i reads A at a + i * bsa (gathered through ro/co if ro is set), B shifted by
+   b_problem(i), bias at bias + i * bias_gs, the residual at res + i * res_gs, and writes C
+   at c + i * bsc; threads take whole problems when there are many. *status is 0, or -1 if
+   memory ran out. */
+typedef struct {
+    int64_t batch, m, n, k;
+    double alpha, beta;
+    const a_t *a;
+    int64_t bsa, rsa, csa;
+    const int64_t *ro, *co;
+    tsr_b b;
+    c_t *c;
+    int64_t bsc, rsc, csc;
+    const float *bias;
+    int64_t bias_gs;
+    const float *res;
+    int64_t res_gs, rsr, csr;
+    int64_t *status;
+} tsr_call;
+
+static int call_problem(const tsr_call *s, int64_t i) {
+    const tsr_a a = {s->a + i * s->bsa, s->rsa, s->csa, s->ro, s->co};
+    const tsr_b b = b_problem(&s->b, i);
+    const tsr_ep ep = {s->bias ? s->bias + i * s->bias_gs : NULL,
+                       s->res ? s->res + i * s->res_gs : NULL, s->rsr, s->csr};
+    return gemm_run(s->m, s->n, s->k, (float)s->alpha, &a, &b, (float)s->beta,
+                    s->c + i * s->bsc, s->rsc, s->csc, &ep);
+}
+
+void tsr_gemm_launch(int64_t grid0, int64_t grid1, int64_t grid2, const char *slots) {
+    (void)grid0, (void)grid1, (void)grid2;
+    tsr_call s;
+    memcpy(&s, slots, sizeof s);
+    int failed = 0;
+    if (s.batch == 1) {  /* no parallel region of one thread around it: ~1 us */
+        failed = call_problem(&s, 0);
+    } else {
+        #pragma omp parallel for schedule(static) if(s.batch >= 2 * omp_get_max_threads()) \
+            reduction(|:failed)
+        for (int64_t i = 0; i < s.batch; i++) failed |= call_problem(&s, i);
+    }
+    *s.status = failed ? -1 : 0;
 }

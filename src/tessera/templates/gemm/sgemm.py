@@ -5,6 +5,7 @@ the compile cache) and launch it on numpy, torch or tessera matrices of any stri
 from __future__ import annotations
 
 import ctypes
+import threading
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -16,13 +17,14 @@ from tessera.errors import ShapeError, TesseraError
 from tessera.lang.codegen import MATH_HEADER, TILE_HEADER
 from tessera.runtime import dtype as dt
 from tessera.runtime.cpu.device import cache_sizes
+from tessera.runtime.cpu.launch import launcher as _launcher
 from tessera.runtime.tensor import Tensor, as_tensor, empty
 from tessera.runtime.toolchain import compile_c
 from tessera.templates.gemm.quant import QuantizedMatrix
 from tessera.templates.gemm.tuning import tuned_record, vector_lanes
 
 __all__ = ["ACTIVATIONS", "Blocking", "PackedMatrix", "batched_gemm", "blocking", "gemm",
-           "grouped_gemm", "pack"]
+           "grouped_gemm", "launch", "launch_entry", "pack"]
 
 _SOURCE = Path(__file__).with_name("sgemm.c")
 
@@ -141,6 +143,44 @@ _SIGNATURES = {
 def _kernel(variant: _Variant, entry: str = "tsr_gemm") -> Any:
     module = compile_c(variant.source(), name="gemm", openmp=True)
     return module.function(entry, *_SIGNATURES[entry])
+
+
+def launch_entry(a: dt.dtype, b: dt.dtype, c: dt.dtype, *, packed: bool = False,
+                 bias: bool = False, activation: str | None = None, residual: bool = False,
+                 config: Blocking | None = None) -> int:
+    """The address of `tsr_gemm_launch` in the variant for float operands of dtypes a, b
+    and c (b float32 if `packed`) with that epilogue: for callers that launch the template
+    through `tessera.runtime.cpu.launch` with precomputed arguments (the slots of
+    `tsr_call` in sgemm.c), at a fraction of `gemm`'s per-call cost."""
+    if activation is not None and activation not in ACTIVATIONS:
+        raise TesseraError(f"gemm: unknown activation {activation!r}",
+                           hint=f"one of {', '.join(ACTIVATIONS)}")
+    return _address(_Variant(config or blocking(), _FORMATS[a], _FORMATS[b], _FORMATS[c],
+                             packed=packed, bias=bias, activation=activation,
+                             residual=residual))
+
+
+@cache
+def _address(variant: _Variant) -> int:
+    fn = compile_c(variant.source(), name="gemm", openmp=True).function("tsr_gemm_launch")
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+_STATUS = threading.local()
+
+
+def launch(address: int, *slots: int | float) -> None:
+    """Run the variant at `address` (from `launch_entry`) on the fields of `tsr_call` in
+    sgemm.c up to its status, which this supplies and checks."""
+    mine = getattr(_STATUS, "slot", None)  # per thread: calls may run concurrently
+    if mine is None:
+        array = np.zeros(1, np.int64)
+        mine = _STATUS.slot = (array, array.ctypes.data)
+    status, address_of_status = mine
+    _launcher()(address, 1, 1, 1, *slots, address_of_status)
+    if status[0]:
+        raise TesseraError(f"gemm: out of memory for the buffers of a {slots[1]}x{slots[2]}x"
+                           f"{slots[3]} product")
 
 
 def _matrix(x: Any, name: str, ndim: int | tuple[int, ...] = 2, who: str = "gemm"
