@@ -44,6 +44,9 @@ __all__ = ["fused_moe", "grouped_matmul", "moe_permute", "moe_route", "moe_unper
 _IDS = (torch.int64, torch.int32)
 _TOPK_DTYPES = (*FLOATS, torch.int32, torch.int8, torch.uint8)
 _SCORINGS = ("softmax", "sigmoid")
+_EXPERT_TILES = (64, 256, 1024, 4096, 1 << 16)  # a token's logits are one tile
+_MAX_EXPERTS = _EXPERT_TILES[-1]
+_ROW_TILES = (128, 1024)  # columns of a row per program of gather and combine
 
 
 # -- kernels ---------------------------------------------------------------------------------
@@ -212,8 +215,10 @@ def _run(kernel: tl.Kernel, grid: tuple[int, int, int], tensors: list[torch.Tens
     launch(s, grid, *flat, *scalars)
 
 
-def _pow2(n: int, cap: int) -> int:
-    return min(cap, 1 << max(n - 1, 0).bit_length())
+def _width(n: int, menu: tuple[int, ...]) -> int:
+    """The first tile width of `menu` that holds n elements, else the last: a short menu,
+    so sizes rarely compile a new specialization."""
+    return next((w for w in menu if w >= n), menu[-1])
 
 
 # -- topk ----------------------------------------------------------------------------------
@@ -272,6 +277,9 @@ def _check_routing(router_logits: torch.Tensor, top_k: int, scoring: str,
     if router_logits.dim() < 1:
         raise ShapeError(f"{op}: argument 'router_logits' must be [..., E], got a scalar")
     e = router_logits.shape[-1]
+    if e > _MAX_EXPERTS:
+        raise ShapeError(f"{op}: argument 'router_logits' has {e} experts; routing takes at "
+                         f"most {_MAX_EXPERTS}")
     if not isinstance(top_k, int) or not 1 <= top_k <= e:
         raise ArgumentError(f"{op}: top_k={top_k!r} is out of range for {e} experts",
                             hint=f"use 1 <= top_k <= {e}")
@@ -299,10 +307,12 @@ def _route(logits: torch.Tensor, top_k: int, renormalize: bool, scoring: str,
     if t:
         bias = logits if correction_bias is None else correction_bias
         _run(route_kernel, (t, 1, 1), [logits, bias, weights, ids, bad],
-             (float(routed_scaling),), BE=_pow2(e, 1 << 16), SIGMOID=scoring == "sigmoid",
-             BIAS=correction_bias is not None, RENORM=bool(renormalize))
-        if bad.any():
-            row = int(bad.nonzero()[0, 0])
+             (float(routed_scaling),), BE=_width(e, _EXPERT_TILES),
+             SIGMOID=scoring == "sigmoid", BIAS=correction_bias is not None,
+             RENORM=bool(renormalize))
+        flags = bad.numpy()
+        if flags.any():
+            row = int(flags.nonzero()[0][0])
             raise ArgumentError(f"{op}: argument 'router_logits' has NaN or infinity in row "
                                 f"{row}; routing it would pick an arbitrary expert",
                                 hint="the router's input or weights are broken upstream")
@@ -334,7 +344,7 @@ def _sort(topk_ids: torch.Tensor, num_experts: int, op: str
     row_map = torch.empty(topk_ids.shape, dtype=torch.int64)
     bad = torch.empty(1, dtype=torch.int64)
     _run(sort_kernel, (1, 1, 1), [topk_ids, counts, torch.empty_like(counts), row_map, bad])
-    if bad[0]:
+    if bad.numpy()[0]:
         ids = topk_ids.flatten()
         e = int(ids[(ids < 0) | (ids >= num_experts)][0])
         raise ArgumentError(f"{op}: argument 'topk_ids' holds expert {e}, out of range for "
@@ -347,7 +357,7 @@ def _gather(x: torch.Tensor, row_map: torch.Tensor) -> torch.Tensor:
     t, h = x.shape
     rows = torch.empty((row_map.numel(), h), dtype=x.dtype)
     if rows.numel():
-        bh = _pow2(h, 1024)
+        bh = _width(h, _ROW_TILES)
         _run(gather_kernel, (-(-h // bh), t, 1), [x, row_map, rows], BH=bh)
     return rows
 
@@ -358,7 +368,7 @@ def _combine(y: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor,
     t, h = row_map.shape[0], y.shape[1]
     out = torch.empty((t, h), dtype=dtype)
     if out.numel():
-        bh = _pow2(h, 1024)
+        bh = _width(h, _ROW_TILES)
         _run(combine_kernel, (-(-h // bh), t, 1), [y, row_map, weights, out], BH=bh)
     return out
 

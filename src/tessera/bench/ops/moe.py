@@ -30,8 +30,12 @@ def cases(quick: bool) -> list[Case]:
     out = []
     for experts, top_k, hidden, inter in CONFIGS:
         gen = torch.Generator().manual_seed(experts)
-        w_gate_up = torch.randn(experts, hidden, 2 * inter, generator=gen) / hidden ** 0.5
-        w_down = torch.randn(experts, inter, hidden, generator=gen) / inter ** 0.5
+        # stored as a checkpoint stores them, stacked nn.Linear weights [E, out, in];
+        # fused_moe takes them as [E, in, out] views
+        w_gate_up = (torch.randn(experts, 2 * inter, hidden, generator=gen)
+                     / hidden ** 0.5).transpose(1, 2)
+        w_down = (torch.randn(experts, hidden, inter, generator=gen)
+                  / inter ** 0.5).transpose(1, 2)
         for fmt in FORMATS:
             weights = _weights(fmt, w_gate_up, w_down)
             eager = _eager_moe(weights["fp32"][0], weights["fp32"][1], top_k)
