@@ -28,17 +28,22 @@ _BLOCK = 2048  # rotary: elements per program
 
 # -- rotary position embedding --------------------------------------------------------------
 @tl.kernel
-def _rotary(a, b, ca, cb, sa, sb, oa, ob, xr, outr, BS: tl.constexpr, HALF: tl.constexpr,
+def _rotary(a, b, ca, cb, sa, sb, oa, ob, xr, outr, BS: tl.constexpr, W: tl.constexpr,
             REST: tl.constexpr):
     """BS positions of one (batch, head): each rotated pair (a, b) becomes
-    (a cos_a - b sin_a, b cos_b + a sin_b); features past the rotary ones are copied."""
+    (a cos_a - b sin_a, b cos_b + a sin_b); features past the rotary ones are copied. W and
+    REST are powers of two covering the pairs and the copied features (edges masked)."""
     n, h, s = tl.program_id(2), tl.program_id(1), tl.program_id(0) * BS
-    x1 = a[n, h, s:s + BS, 0:HALF].to(tl.float32)
-    x2 = b[n, h, s:s + BS, 0:HALF].to(tl.float32)
-    oa[n, h, s:s + BS, 0:HALF] = x1 * ca[n, h, s:s + BS, 0:HALF] - x2 * sa[n, h, s:s + BS, 0:HALF]
-    ob[n, h, s:s + BS, 0:HALF] = x2 * cb[n, h, s:s + BS, 0:HALF] + x1 * sb[n, h, s:s + BS, 0:HALF]
+    x1 = a[n, h, s:s + BS, 0:W].to(tl.float32)
+    x2 = b[n, h, s:s + BS, 0:W].to(tl.float32)
+    oa[n, h, s:s + BS, 0:W] = x1 * ca[n, h, s:s + BS, 0:W] - x2 * sa[n, h, s:s + BS, 0:W]
+    ob[n, h, s:s + BS, 0:W] = x2 * cb[n, h, s:s + BS, 0:W] + x1 * sb[n, h, s:s + BS, 0:W]
     if REST > 0:
         outr[n, h, s:s + BS, 0:REST] = xr[n, h, s:s + BS, 0:REST]
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def _rotary_tables(t: torch.Tensor, x: torch.Tensor, name: str, arg: str) -> torch.Tensor:
@@ -99,10 +104,11 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
     views = [t[..., p] for t in (x, c, s, out) for p in pick]
     rest = (x[..., r:], out[..., r:]) if r < d else (x[..., :1], out[..., :1])
     args = [*views[:2], views[2], views[3], views[4], views[5], views[6], views[7], *rest]
-    bs = max(1, _BLOCK // (1 << (half - 1).bit_length()))
-    key = ("rotary", bs, half, d - r, *((t.dtype, t.stride(-1) == 1) for t in args))
+    w, rest = _pow2(half), _pow2(d - r) if d > r else 0
+    bs = max(1, _BLOCK // w)
+    key = ("rotary", bs, w, rest, *((t.dtype, t.stride(-1) == 1) for t in args))
     k = compiled(key, _rotary, *(spec(t.dtype, 4, t.stride(-1) == 1) for t in args), BS=bs,
-                 HALF=half, REST=d - r)
+                 W=w, REST=rest)
     flat = [v for t in args for v in (t.data_ptr(), *t.shape, *t.stride())]
     launch(k, (-(-x.shape[2] // bs), x.shape[1], x.shape[0]), *flat)
     return out
@@ -161,6 +167,11 @@ def _mask(mask: torch.Tensor, q: torch.Tensor, sk: int, name: str) -> torch.Tens
 def _sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                     scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    if attn_mask is not None and is_causal:  # both apply, as in torch's CPU flash kernel
+        seen = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+        attn_mask = attn_mask & seen if attn_mask.dtype == torch.bool else \
+            attn_mask.masked_fill(~seen, -float("inf"))
+        is_causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                           scale=scale, enable_gqa=enable_gqa)
 

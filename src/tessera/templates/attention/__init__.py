@@ -1,7 +1,7 @@
 """Attention template: FlashAttention forward and split-KV decoding in C (attention.c) on the
-GEMM template's micro-kernel step. This module builds a variant per input format, mask
-kind and vector width (once per machine, through the compile cache) and launches it on
-CPU torch tensors through the kernel launcher (no ctypes marshalling per call).
+GEMM template's micro-kernel step. One build per blocking serves every dtype and mask kind
+(run-time arguments); it is compiled once per machine through the compile cache and
+launched on CPU torch tensors through the kernel launcher (no ctypes marshalling).
 
 Callers check shapes and dtypes (tessera.ops.attention does); these functions only map
 tensors to the template's arguments.
@@ -42,16 +42,16 @@ class Blocking:
 
 @cache
 def blocking() -> Blocking:
-    """This CPU's blocking: 3 x 8 rows by 4 keys (12 accumulators of AVX2's 16 registers),
-    or 3 x 16 by 8 with AVX-512's 32."""
+    """This CPU's blocking: groups of 2 x 8 rows by 6 keys or features (12 accumulators of
+    AVX2's 16 registers; 2 x 16 by 8 with AVX-512's 32), 96 keys per block, 4 groups
+    sharing each block."""
     vl = vector_lanes()
     return Blocking(vl, 2, 8 if vl == 16 else 6, 96, 4)
 
 
 @cache
-def _entry(b: Blocking, fmt: int, mask: int, name: str) -> int:
-    defines = {"VL": b.vl, "RV": b.rv, "MR": b.mr, "BN": b.bn, "NG": b.ng, "IN_FMT": fmt,
-               "MASK_FMT": mask, "TSR_VL": b.vl}
+def _entry(b: Blocking, name: str) -> int:
+    defines = {"VL": b.vl, "RV": b.rv, "MR": b.mr, "BN": b.bn, "NG": b.ng, "TSR_VL": b.vl}
     source = ("".join(f"#define {k} {v}\n" for k, v in defines.items())
               + "#include <stdint.h>\n#include <stdbool.h>\n#include <string.h>\n"
                 "#include <math.h>\n"
@@ -72,14 +72,13 @@ def _launch(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             out: torch.Tensor, mask: torch.Tensor | None, lse: torch.Tensor | None,
             lens: torch.Tensor | None, ws: torch.Tensor | None, causal: bool, chunk: int,
             scale: float, config: Blocking | None) -> None:
-    b = config or blocking()
-    entry = _entry(b, _FORMATS[q.dtype], _FORMATS[mask.dtype] if mask is not None else _NONE,
-                   name)
+    entry = _entry(config or blocking(), name)
     batch, hq, sq, d = q.shape
     hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
     launcher()(entry, 1, 1, 1, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                _ptr(mask), _ptr(lse), _ptr(lens), _ptr(ws), *q.stride(), *k.stride(),
                *v.stride(), *out.stride(), *_strides(mask), batch, hq, hkv, sq, sk, d, dv,
+               _FORMATS[q.dtype], _FORMATS[mask.dtype] if mask is not None else _NONE,
                int(causal), chunk, float(scale))
 
 

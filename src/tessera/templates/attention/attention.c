@@ -11,69 +11,81 @@
  * threads (flash-decoding): each chunk leaves a partial max, sum and output per query row,
  * and a second phase combines them.
  *
- * The builder prepends VL (floats per vector), RV, MR, BN, IN_FMT (q, k, v and out),
- * MASK_FMT (NONE, BOOL or a float format), TSR_VL, tessera_tile.h and tessera_math.h.
+ * One build per machine serves every dtype and mask kind (they are run-time arguments:
+ * conversions happen where rows are copied, never in the inner loops). The builder
+ * prepends VL (floats per vector), RV, MR (at most 16), BN, NG, TSR_VL, tessera_tile.h and
+ * tessera_math.h.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
+/* element formats of q, k, v, the output and the mask */
 #define TSR_F32 0
 #define TSR_BF16 1
 #define TSR_F16 2
 #define TSR_BOOL 3
-#define TSR_NONE 4
+#define TSR_NONE 4  /* no mask */
 
 #define RN (RV * VL)  /* query rows per group: the lanes of RV vectors */
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
-#if IN_FMT == TSR_BF16
-typedef uint16_t in_t;
-#define IN(x) tsr_bf16_to_f32(x)
-#define OUT(x) tsr_f32_to_bf16(x)
-#elif IN_FMT == TSR_F16
-typedef uint16_t in_t;
-#define IN(x) tsr_f16_to_f32(x)
-#define OUT(x) tsr_f32_to_f16(x)
-#else
-typedef float in_t;
-#define IN(x) (x)
-#define OUT(x) (x)
-#endif
-
-/* A mask element applied to a score in log2 units: booleans keep or drop it, floats add. */
-#if MASK_FMT == TSR_BOOL
-typedef uint8_t mask_t;
-#define MASKED(s, x) tsr__sel((x) != 0, (s), -INFINITY)
-#elif MASK_FMT == TSR_BF16
-typedef uint16_t mask_t;
-#define MASKED(s, x) ((s) + LOG2E * tsr_bf16_to_f32(x))
-#elif MASK_FMT == TSR_F16
-typedef uint16_t mask_t;
-#define MASKED(s, x) ((s) + LOG2E * tsr_f16_to_f32(x))
-#else
-typedef float mask_t;
-#define MASKED(s, x) ((s) + LOG2E * (x))
-#endif
-
-/* The launch arguments, one 8-byte slot each in this order (templates/attention/build.py).
-   Strides are in elements, in the order (batch, head, position, feature). */
+/* The launch arguments, one 8-byte slot each in this order (templates/attention). Strides
+   are in elements, in the order (batch, head, position, feature). */
 typedef struct {
-    const in_t *q, *k, *v;
-    in_t *o;
-    const mask_t *mask;     /* [B, H, Sq, Sk] by strides (0 where broadcast), or NULL */
+    const void *q, *k, *v;
+    void *o;
+    const void *mask;       /* [B, Hq, Sq, Sk] by strides (0 where broadcast), or NULL */
     float *lse;             /* [B, Hq, Sq] natural-log logsumexp, or NULL */
     const int64_t *lens;    /* decode: valid keys of each batch row */
     float *ws;              /* decode: the chunks' partial results */
     int64_t qs[4], ks[4], vs[4], os[4], ms[4];
     int64_t batch, hq, hkv, sq, sk, d, dv;
+    int64_t fmt, mfmt;      /* format of q, k, v and out; of the mask */
     int64_t causal;         /* prefill: top-left aligned; decode: bottom-right (the last
                                query is the last valid key) */
     int64_t chunk;          /* decode: keys per chunk */
     double scale;
 } tsr_args;
+
+/* element i of a tensor of format fmt */
+static inline const void *elem(const void *p, int64_t fmt, int64_t i) {
+    return (const char *)p + i * (fmt == TSR_F32 ? 4 : fmt == TSR_BOOL ? 1 : 2);
+}
+
+static inline float f32_in(float x) { return x; }
+static inline float f32_out(float x) { return x; }
+
+/* dst[e * ds] = scale * src[e * cs] for e < n, from format fmt */
+static void load_f32(const void *src, int64_t cs, int64_t fmt, int64_t n, float scale,
+                     float *restrict dst, int64_t ds) {
+#define LOAD(T, IN) {                                                                     \
+        const T *x = src;                                                                 \
+        if (cs == 1 && ds == 1) {                                                         \
+            _Pragma("omp simd")                                                           \
+            for (int64_t e = 0; e < n; e++) dst[e] = IN(x[e]) * scale;                    \
+        } else {                                                                          \
+            for (int64_t e = 0; e < n; e++) dst[e * ds] = IN(x[e * cs]) * scale;          \
+        } }
+    if (fmt == TSR_BF16) LOAD(uint16_t, tsr_bf16_to_f32)
+    else if (fmt == TSR_F16) LOAD(uint16_t, tsr_f16_to_f32)
+    else LOAD(float, f32_in)
+#undef LOAD
+}
+
+/* dst[e * cs] = scale * src[e * ss] for e < n, to format fmt */
+static void store_f32(const float *src, int64_t ss, float scale, int64_t n, void *dst,
+                      int64_t cs, int64_t fmt) {
+#define STORE(T, OUT) {                                                                   \
+        T *x = dst;                                                                       \
+        for (int64_t e = 0; e < n; e++) x[e * cs] = OUT(src[e * ss] * scale); }
+    if (fmt == TSR_BF16) STORE(uint16_t, tsr_f32_to_bf16)
+    else if (fmt == TSR_F16) STORE(uint16_t, tsr_f32_to_f16)
+    else STORE(float, f32_out)
+#undef STORE
+}
 
 /* Scratch buffers, kept per thread and grown as needed (fresh ones per call would cost
    their page faults every time). */
@@ -115,19 +127,12 @@ static inline tsr_fv vmax(tsr_fv a, tsr_fv b) {
 }
 
 /* ---- float32 copies of K and V rows ------------------------------------------------------ */
-/* Rows [from, to) of one head of k (d features) into dst (rows ld floats apart). */
-static void convert_rows(const in_t *src, int64_t rs, int64_t cs, int64_t from, int64_t to,
-                         int64_t n, float *restrict dst, int64_t ld) {
-    for (int64_t r = from; r < to; r++) {
-        const in_t *row = src + r * rs;
-        float *out = dst + r * ld;
-        if (cs == 1) {
-            #pragma omp simd
-            for (int64_t e = 0; e < n; e++) out[e] = IN(row[e]);
-        } else {
-            for (int64_t e = 0; e < n; e++) out[e] = IN(row[e * cs]);
-        }
-    }
+/* Rows [from, to) of one head (rows rs apart, features cs apart, n of them) as float32
+   rows ld apart. */
+static void convert_rows(const void *src, int64_t fmt, int64_t rs, int64_t cs, int64_t from,
+                         int64_t to, int64_t n, float *restrict dst, int64_t ld) {
+    for (int64_t r = from; r < to; r++) load_f32(elem(src, fmt, r * rs), cs, fmt, n, 1.0f,
+                                                 dst + r * ld, 1);
 }
 
 /* A head's keys and values as float32 rows: in place when they already are (float32,
@@ -139,9 +144,9 @@ typedef struct {
 } tsr_kv;
 
 static void kv_rows(const tsr_args *a, tsr_kv *kv, int64_t b, int64_t h, int64_t upto) {
-    const in_t *k = a->k + b * a->ks[0] + h * a->ks[1];
-    const in_t *v = a->v + b * a->vs[0] + h * a->vs[1];
-    if (IN_FMT == TSR_F32 && a->ks[3] == 1 && a->vs[3] == 1) {
+    const void *k = elem(a->k, a->fmt, b * a->ks[0] + h * a->ks[1]);
+    const void *v = elem(a->v, a->fmt, b * a->vs[0] + h * a->vs[1]);
+    if (a->fmt == TSR_F32 && a->ks[3] == 1 && a->vs[3] == 1) {
         kv->k = (const float *)k, kv->v = (const float *)v;
         kv->ldk = a->ks[2], kv->ldv = a->vs[2];
         return;
@@ -154,8 +159,9 @@ static void kv_rows(const tsr_args *a, tsr_kv *kv, int64_t b, int64_t h, int64_t
         kv->v = buffer(1, a->sk * a->dv);
     }
     if (upto > kv->done) {
-        convert_rows(k, a->ks[2], a->ks[3], kv->done, upto, a->d, (float *)kv->k, a->d);
-        convert_rows(v, a->vs[2], a->vs[3], kv->done, upto, a->dv, (float *)kv->v, a->dv);
+        convert_rows(k, a->fmt, a->ks[2], a->ks[3], kv->done, upto, a->d, (float *)kv->k, a->d);
+        convert_rows(v, a->fmt, a->vs[2], a->vs[3], kv->done, upto, a->dv, (float *)kv->v,
+                     a->dv);
         kv->done = upto;
     }
 }
@@ -281,14 +287,11 @@ typedef struct {
 } tsr_group;
 
 static void group_start(const tsr_args *a, tsr_group *g, int64_t b, int64_t h) {
-    const int64_t d = a->d, rows = g->rows;
-    const in_t *q = a->q + b * a->qs[0] + h * a->qs[1] + g->r0 * a->qs[2];
+    const int64_t q = b * a->qs[0] + h * a->qs[1] + g->r0 * a->qs[2];
     const float qscale = (float)(a->scale * 1.4426950408889634);
-    for (int64_t e = 0; e < d; e++) {
-        for (int64_t j = 0; j < rows; j++)
-            g->qt[e * RN + j] = IN(q[j * a->qs[2] + e * a->qs[3]]) * qscale;
-        for (int64_t j = rows; j < RN; j++) g->qt[e * RN + j] = 0.0f;
-    }
+    if (g->rows < RN) memset(g->qt, 0, sizeof(float) * a->d * RN);
+    for (int64_t j = 0; j < g->rows; j++)
+        load_f32(elem(a->q, a->fmt, q + j * a->qs[2]), a->qs[3], a->fmt, a->d, qscale, g->qt + j, RN);
     memset(g->ot, 0, sizeof(float) * a->dv * RN);
     for (int j = 0; j < RN; j++) g->m[j] = -INFINITY, g->l[j] = 0.0f;
 }
@@ -299,15 +302,21 @@ static void group_keys(const tsr_args *a, const tsr_kv *kv, tsr_group *g, int64_
     const int64_t r0 = g->r0;
     float top[RN];
     scores(kv->k + kb * kv->ldk, kv->ldk, g->qt, a->d, nk, st, top);
-#if MASK_FMT != TSR_NONE
-    const mask_t *mask = a->mask + b * a->ms[0] + h * a->ms[1] + r0 * a->ms[2] + kb * a->ms[3];
-    for (int64_t j = 0; j < g->rows; j++) {
-        const mask_t *row = mask + j * a->ms[2];
-        for (int64_t c = 0; c < nk; c++) st[c * RN + j] = MASKED(st[c * RN + j], row[c * a->ms[3]]);
+    if (a->mfmt != TSR_NONE) {  /* booleans keep or drop a score, floats add to it */
+        const int64_t m = b * a->ms[0] + h * a->ms[1] + r0 * a->ms[2] + kb * a->ms[3];
+        for (int64_t j = 0; j < g->rows; j++) {
+            const void *row = elem(a->mask, a->mfmt, m + j * a->ms[2]);
+            if (a->mfmt == TSR_BOOL) {
+                const uint8_t *keep = row;
+                for (int64_t c = 0; c < nk; c++)
+                    st[c * RN + j] = tsr__sel(keep[c * a->ms[3]] != 0, st[c * RN + j], -INFINITY);
+            } else {
+                float add[BN];
+                load_f32(row, a->ms[3], a->mfmt, nk, LOG2E, add, 1);
+                for (int64_t c = 0; c < nk; c++) st[c * RN + j] += add[c];
+            }
+        }
     }
-#else
-    (void)b, (void)h;
-#endif
     const int diagonal = a->causal && kb + nk > r0 + 1;
     if (diagonal)  /* key c is seen by rows >= c */
         for (int64_t c = kb > r0 + 1 ? kb : r0 + 1; c < kb + nk; c++) {
@@ -315,18 +324,16 @@ static void group_keys(const tsr_args *a, const tsr_kv *kv, tsr_group *g, int64_
             for (int j = 0; j < RN; j++)
                 st[(c - kb) * RN + j] = tsr__sel(r0 + j < c, -INFINITY, st[(c - kb) * RN + j]);
         }
-    if (diagonal || MASK_FMT != TSR_NONE) block_max(st, nk, top);
+    if (diagonal || a->mfmt != TSR_NONE) block_max(st, nk, top);
     softmax_block(st, nk, top, g->m, g->l, g->alpha);
     values(kv->v + kb * kv->ldv, kv->ldv, st, nk, a->dv, g->ot, g->alpha);
 }
 
 static void group_finish(const tsr_args *a, const tsr_group *g, int64_t b, int64_t h) {
-    in_t *o = a->o + b * a->os[0] + h * a->os[1] + g->r0 * a->os[2];
-    for (int64_t j = 0; j < g->rows; j++) {  /* rows with no key get 0, as torch */
-        const float inv = g->l[j] > 0.0f ? 1.0f / g->l[j] : 0.0f;
-        for (int64_t e = 0; e < a->dv; e++)
-            o[j * a->os[2] + e * a->os[3]] = OUT(g->ot[e * RN + j] * inv);
-    }
+    const int64_t o = b * a->os[0] + h * a->os[1] + g->r0 * a->os[2];
+    for (int64_t j = 0; j < g->rows; j++)  /* rows with no key get 0, as torch */
+        store_f32(g->ot + j, RN, g->l[j] > 0.0f ? 1.0f / g->l[j] : 0.0f, a->dv,
+                  (void *)elem(a->o, a->fmt, o + j * a->os[2]), a->os[3], a->fmt);
     if (a->lse) {
         float *lse = a->lse + (b * a->hq + h) * a->sq + g->r0;
         for (int64_t j = 0; j < g->rows; j++)
@@ -406,6 +413,14 @@ void tsr_attention(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
 
 /* ---- decode: a few query rows per kv head, keys split into chunks -------------------- */
 #define KB 8  /* keys per step: independent dot products in flight */
+#define AHEAD 4  /* steps ahead that K and V rows are prefetched */
+
+/* every cache line of a row of n elements (stride cs) */
+static inline void prefetch_row(const void *p, int64_t n, int64_t cs, int64_t fmt) {
+    const char *c = p, *end = elem(p, fmt, (n - 1) * cs);
+    for (; c <= end; c += 64) __builtin_prefetch(c, 0, 0);
+    __builtin_prefetch(end, 0, 0);
+}
 
 /* s[j] = q . k[j] for j < KB (k[j] rows of n floats). */
 static inline void dots(const float *restrict q, const float *const k[KB], int64_t n,
@@ -433,9 +448,9 @@ static void decode_chunk(const tsr_args *a, int64_t b, int64_t h, int64_t c0, in
                          const float *qf, const int64_t *limit, int64_t rows, float *res,
                          float *kbuf, float *vbuf) {
     const int64_t d = a->d, dv = a->dv, stride = 2 + dv;
-    const in_t *k = a->k + b * a->ks[0] + h * a->ks[1];
-    const in_t *v = a->v + b * a->vs[0] + h * a->vs[1];
-    const int direct = IN_FMT == TSR_F32 && a->ks[3] == 1 && a->vs[3] == 1;
+    const void *k = elem(a->k, a->fmt, b * a->ks[0] + h * a->ks[1]);
+    const void *v = elem(a->v, a->fmt, b * a->vs[0] + h * a->vs[1]);
+    const int direct = a->fmt == TSR_F32 && a->ks[3] == 1 && a->vs[3] == 1;
     for (int64_t r = 0; r < rows; r++) {
         res[r * stride] = -INFINITY, res[r * stride + 1] = 0.0f;
         memset(res + r * stride + 2, 0, sizeof(float) * dv);
@@ -443,9 +458,16 @@ static void decode_chunk(const tsr_args *a, int64_t b, int64_t h, int64_t c0, in
     for (int64_t kb = c0; kb < c1; kb += KB) {
         const int64_t nk = c1 - kb < KB ? c1 - kb : KB;
         const float *kr[KB], *vr[KB];
+        if (kb + AHEAD * KB < c1)  /* the cache streams from memory once: ask for it early */
+            for (int j = 0; j < KB; j++) {
+                prefetch_row(elem(k, a->fmt, (kb + AHEAD * KB + j) * a->ks[2]), d, a->ks[3], a->fmt);
+                prefetch_row(elem(v, a->fmt, (kb + AHEAD * KB + j) * a->vs[2]), dv, a->vs[3], a->fmt);
+            }
         if (!direct) {
-            convert_rows(k + kb * a->ks[2], a->ks[2], a->ks[3], 0, nk, d, kbuf, d);
-            convert_rows(v + kb * a->vs[2], a->vs[2], a->vs[3], 0, nk, dv, vbuf, dv);
+            convert_rows(elem(k, a->fmt, kb * a->ks[2]), a->fmt, a->ks[2], a->ks[3], 0, nk, d,
+                         kbuf, d);
+            convert_rows(elem(v, a->fmt, kb * a->vs[2]), a->fmt, a->vs[2], a->vs[3], 0, nk, dv,
+                         vbuf, dv);
         }
         for (int j = 0; j < KB; j++) {  /* past the chunk: repeat its first key, unused */
             const int64_t c = j < nk ? j : 0;
@@ -500,9 +522,8 @@ void tsr_decode(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
             }
             for (int64_t r = 0; r < rows; r++) {  /* row r: query r % sq of head r / sq */
                 const int64_t i = r % a.sq;
-                const in_t *q = a.q + b * a.qs[0] + (h * per_head + r / a.sq) * a.qs[1] +
-                                i * a.qs[2];
-                for (int64_t e = 0; e < a.d; e++) qf[r * a.d + e] = IN(q[e * a.qs[3]]) * qscale;
+                const int64_t q = b * a.qs[0] + (h * per_head + r / a.sq) * a.qs[1] + i * a.qs[2];
+                load_f32(elem(a.q, a.fmt, q), a.qs[3], a.fmt, a.d, qscale, qf + r * a.d, 1);
                 limit[r] = a.causal ? len - a.sq + 1 + i : len;
             }
             for (int64_t c = 0; c * a.chunk < len && at < hi; c++) {
@@ -515,7 +536,7 @@ void tsr_decode(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
         }
         #pragma omp barrier
         /* combine the chunks of every query row */
-        float *weight = buffer(1, chunks);
+        float *weight = buffer(1, chunks), *row = buffer(3, a.dv);
         #pragma omp for schedule(static)
         for (int64_t x = 0; x < a.batch * a.hkv * rows; x++) {
             const int64_t bh = x / rows, r = x % rows, b = bh / a.hkv, h = bh % a.hkv;
@@ -529,13 +550,14 @@ void tsr_decode(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
                 sum += part[c * step + 1] * weight[c];
             }
             const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  /* no key: 0, as torch */
-            in_t *o = a.o + b * a.os[0] + (h * per_head + r / a.sq) * a.os[1] +
-                      (r % a.sq) * a.os[2];
             for (int64_t e = 0; e < a.dv; e++) {
                 float y = 0.0f;
                 for (int64_t c = 0; c < n; c++) y += part[c * step + 2 + e] * weight[c];
-                o[e * a.os[3]] = OUT(y * inv);
+                row[e] = y;
             }
+            const int64_t o = b * a.os[0] + (h * per_head + r / a.sq) * a.os[1] +
+                              (r % a.sq) * a.os[2];
+            store_f32(row, 1, inv, a.dv, (void *)elem(a.o, a.fmt, o), a.os[3], a.fmt);
         }
     }
 }
