@@ -62,10 +62,10 @@ def _worse(a, ia, b, ib, LARGEST: tl.constexpr):
 
 
 @tl.kernel
-def _sift(values, indices, a, b, hole, size, LARGEST: tl.constexpr):
-    """Sift the entry at `hole` of the heap values[a, :size, b] (worst at the root) down."""
-    v = values[a, hole, b]
-    iv = indices[a, hole, b]
+def _sift(values, indices, a, b, v, iv, size, LARGEST: tl.constexpr):
+    """Put (v, iv) at the root of the heap values/indices[a, :size, b] (worst at the root)
+    and sift it down to its place."""
+    hole = 0
     going = True
     while going:
         c = 2 * hole + 1
@@ -89,32 +89,33 @@ def _sift(values, indices, a, b, hole, size, LARGEST: tl.constexpr):
 
 
 @tl.kernel
-def topk_kernel(x, values, indices, LARGEST: tl.constexpr, SORTED: tl.constexpr):
-    """Top-k of the row x[a, :, b] of this program into values/indices[a, :k, b]: a heap of
-    the best k seen (worst at the root) over one pass, then heap-sorted best first."""
+def topk_kernel(x, values, indices, worst, LARGEST: tl.constexpr, SORTED: tl.constexpr):
+    """Top-k of the row x[a, :, b] into values/indices[a, :k, b]: a heap of the best k
+    (worst at the root), filled with stand-ins (`worst` at index n) that every element
+    beats; one pass over the row replaces the root by each better element; then
+    heap-sorted best first (each step moves the root to the end of a shrinking heap)."""
     b = tl.program_id(0)
     a = tl.program_id(1)
+    n = x.shape[1]
     k = values.shape[1]
-    for i in range(k):
-        values[a, i, b] = x[a, i, b]
-        indices[a, i, b] = i
-    for s in range(k // 2 - 1, -1, -1):
-        _sift(values, indices, a, b, s, k, LARGEST)
-    for i in range(k, x.shape[1]):
-        v = x[a, i, b]
-        if _worse(values[a, 0, b], indices[a, 0, b], v, i, LARGEST):
-            values[a, 0, b] = v
-            indices[a, 0, b] = i
-            _sift(values, indices, a, b, 0, k, LARGEST)
-    if SORTED:
-        for end in range(k - 1, 0, -1):
-            v = values[a, 0, b]
-            iv = indices[a, 0, b]
-            values[a, 0, b] = values[a, end, b]
-            indices[a, 0, b] = indices[a, end, b]
-            values[a, end, b] = v
-            indices[a, end, b] = iv
-            _sift(values, indices, a, b, 0, end, LARGEST)
+    for j in range(k):
+        values[a, j, b] = worst
+        indices[a, j, b] = n
+    for s in range(n + k - 1 if SORTED else n):
+        size = k
+        if s < n:
+            v = x[a, s, b]
+            iv = s
+            go = _worse(values[a, 0, b], indices[a, 0, b], v, iv, LARGEST)
+        else:
+            size = n + k - 1 - s
+            v = values[a, size, b]
+            iv = indices[a, size, b]
+            values[a, size, b] = values[a, 0, b]
+            indices[a, size, b] = indices[a, 0, b]
+            go = True
+        if go:
+            _sift(values, indices, a, b, v, iv, size, LARGEST)
 
 
 @tl.kernel
@@ -222,6 +223,15 @@ def _width(n: int, menu: tuple[int, ...]) -> int:
 
 
 # -- topk ----------------------------------------------------------------------------------
+def _worst(dtype: torch.dtype, largest: bool) -> float | int:
+    """A value of `dtype` that ranks at or below every element (ties go to the lower
+    index, so a stand-in at index n loses to any element)."""
+    if dtype.is_floating_point:
+        return -float("inf") if largest else float("nan")
+    info = torch.iinfo(dtype)
+    return info.min if largest else info.max
+
+
 @op("topk(Tensor x, int k, int dim=-1, bool largest=True, bool sorted=True) -> "
     "(Tensor values, Tensor indices)", kind="index", reference=torch.topk,
     dtypes=tuple(str(d).removeprefix("torch.") for d in _TOPK_DTYPES),
@@ -249,7 +259,8 @@ def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: b
     if k and outer and inner:
         _run(topk_kernel, (inner, outer, 1),
              [x.reshape(outer, n, inner), values.view(outer, k, inner),
-              indices.view(outer, k, inner)], LARGEST=bool(largest), SORTED=bool(sorted))
+              indices.view(outer, k, inner)], (_worst(x.dtype, bool(largest)),),
+             LARGEST=bool(largest), SORTED=bool(sorted))
     if not x.dim():
         return values.view(()), indices.view(())
     return values, indices
