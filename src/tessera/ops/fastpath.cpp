@@ -154,9 +154,8 @@ PyObject *rows(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     const at::Tensor *w, *b;
     if (!vector_arg(args[2], n, w) || !vector_arg(args[3], n, b)) Py_RETURN_NONE;
     double eps;
-    if (args[4] == Py_None) {  // rms_norm's default: the dtype's epsilon
-        eps = x.scalar_type() == at::kFloat ? 1.1920928955078125e-07
-            : x.scalar_type() == at::kBFloat16 ? 0.0078125 : 0.0009765625;
+    if (args[4] == Py_None) {  // rms_norm's default: float32's epsilon (torch's opmath)
+        eps = 1.1920928955078125e-07;
     } else if (PyFloat_CheckExact(args[4])) {
         eps = PyFloat_AS_DOUBLE(args[4]);
         if (!(eps >= 0)) Py_RETURN_NONE;

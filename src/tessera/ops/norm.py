@@ -106,8 +106,7 @@ def _norm(x: torch.Tensor, shape: Sequence[int], w: torch.Tensor | None,
     shape = [shape] if isinstance(shape, int) else list(shape)
     x2, m, n = _rows(x, shape, name)
     wv, bv = _vector(w, n, shape, name, "weight"), _vector(b, n, shape, name, "bias")
-    if not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ArgumentError(f"{name}: eps={eps!r} must be a non-negative number")
+    _check_eps(eps, name)
     out = torch.empty(x.shape, dtype=x.dtype)
     if m == 0 or n == 0:
         return out
@@ -127,6 +126,12 @@ def _norm(x: torch.Tensor, shape: Sequence[int], w: torch.Tensor | None,
     launch(s, (-(-m // bm), 1, 1), x2.data_ptr(), m, n, n, 1, *_flat(wt), *_flat(bt),
            out.data_ptr(), m, n, n, 1, n, float(eps))
     return out
+
+
+def _check_eps(eps: object, name: str) -> None:
+    """eps must be a number (a negative one gives NaN, as in torch)."""
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        raise ArgumentError(f"{name}: eps={eps!r} must be a number")
 
 
 def _flat(t: torch.Tensor) -> tuple[int, ...]:
@@ -157,10 +162,10 @@ def layer_norm(x: torch.Tensor, normalized_shape: Sequence[int],
 def rms_norm(x: torch.Tensor, normalized_shape: Sequence[int],
              weight: torch.Tensor | None = None, eps: float | None = None) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the trailing normalized_shape (Llama's
-    RMSNorm); eps defaults to the dtype's machine epsilon, as torch's."""
-    if eps is None:
-        check_tensor(x, "rms_norm", "x", FLOATS)
-        eps = torch.finfo(x.dtype).eps
+    RMSNorm); eps defaults to float32's machine epsilon (torch's: that of the compute
+    type, also for half inputs)."""
+    if eps is None:  # torch's: the epsilon of the type it computes in, float32
+        eps = torch.finfo(torch.float32).eps
     return _norm(x, normalized_shape, weight, None, eps, True, "rms_norm")
 
 
@@ -217,8 +222,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
             check_tensor(v, name, arg, FLOATS)
             if tuple(v.shape) != (c,):
                 raise ShapeError(f"{name}: {arg} has shape {tuple(v.shape)}; it must be ({c},)")
-    if not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ArgumentError(f"{name}: eps={eps!r} must be a non-negative number")
+    _check_eps(eps, name)
     out = torch.empty(x.shape, dtype=x.dtype)
     if x.numel() == 0:
         return out
@@ -252,9 +256,9 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.T
     multiply-add, x * scale + shift, scale = weight / sqrt(var + eps)."""
     name = "batch_norm"
     check_tensor(x, name, "x", FLOATS)
-    if x.dim() < 2:
+    if x.dim() < 2 and x.numel():
         raise ShapeError(f"{name}: x must be [N, C, *], got shape {tuple(x.shape)}")
-    c = x.shape[1]
+    c = x.shape[1] if x.dim() > 1 else 0
     stats = {"running_mean": running_mean, "running_var": running_var, "weight": weight,
              "bias": bias}
     for arg, v in stats.items():
@@ -262,8 +266,7 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.T
             check_tensor(v, name, arg, FLOATS)
             if tuple(v.shape) != (c,):
                 raise ShapeError(f"{name}: {arg} has shape {tuple(v.shape)}; it must be ({c},)")
-    if not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ArgumentError(f"{name}: eps={eps!r} must be a non-negative number")
+    _check_eps(eps, name)
     scale = torch.rsqrt(running_var.float() + eps)
     if weight is not None:
         scale = scale * weight.float()

@@ -362,8 +362,8 @@ def var(x: torch.Tensor, dim: Sequence[int] | None = None, *, correction: int = 
     """Variance over dims (all if None) with Bessel's `correction` (two passes: mean, then
     squared deviations, in float32)."""
     check_tensor(x, "var", "x", FLOATS)
-    if not isinstance(correction, int) or correction < 0:
-        raise ArgumentError(f"var: correction={correction!r} must be a non-negative int")
+    if not isinstance(correction, int) or isinstance(correction, bool):
+        raise ArgumentError(f"var: correction={correction!r} must be an int")
     return _reduction(x, dim, keepdim, "var", "var", x.dtype, tl.float32, correction)[0]
 
 

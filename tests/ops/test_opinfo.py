@@ -1,0 +1,116 @@
+"""Every op that has a PyTorch OpInfo, driven by OpInfo's own sample inputs
+(`torch.testing._internal.common_methods_invocations.op_db`, float32): our result against
+the OpInfo's op on each sample. Samples that use what an op's schema does not take (an
+output dtype, training-mode batch norm, ...) are counted, not run (clamp's OpInfo samples
+all pass tensor bounds, which `clamp` does not take, so it is tested in test_pointwise);
+the covered ops and counts are printed at the end of the session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from opcheck import close
+
+import tessera.ops as O
+from tessera.errors import TesseraError
+
+OUTSIDE = None  # an adapter's answer for a sample outside the op's schema
+Adapter = Callable[[Any], "tuple[tuple, dict] | None"]
+
+
+def _plain(allowed: tuple[str, ...] = ()) -> Adapter:
+    """The sample as it is: (input, *args) and the kwargs, if they are all in `allowed`."""
+    def adapt(s: Any) -> tuple[tuple, dict] | None:
+        if set(s.kwargs) - set(allowed):
+            return OUTSIDE
+        return (s.input, *s.args), dict(s.kwargs)
+    return adapt
+
+
+def _where(s: Any) -> tuple[tuple, dict] | None:
+    return (s.args[0], s.input, s.args[1]), {}
+
+
+def _var(s: Any) -> tuple[tuple, dict] | None:
+    kw = dict(s.kwargs)
+    if "unbiased" in kw:
+        kw["correction"] = int(kw.pop("unbiased"))
+    args = list(s.args)
+    if len(args) == 1 and isinstance(args[0], bool):  # var(x, unbiased)
+        kw["correction"] = int(args.pop())
+    if args:  # var(x, dim, unbiased, keepdim) positionally
+        return OUTSIDE
+    if set(kw) - {"correction", "keepdim", "dim"} or not isinstance(kw.get("correction", 1),
+                                                                   int):
+        return OUTSIDE
+    return (s.input, *args), kw
+
+
+def _batch_norm(s: Any) -> tuple[tuple, dict] | None:
+    kw = dict(s.kwargs)
+    if kw.pop("training", False) or s.args[0] is None or s.args[1] is None:
+        return OUTSIDE
+    kw.pop("momentum", None)
+    return (s.input, *s.args[:4]), kw
+
+
+# (OpInfo name, variant) -> (our op, adapter)
+COVERED: dict[tuple[str, str], tuple[str, Adapter]] = {
+    **{(n, ""): (n, _plain(("alpha",))) for n in ("add", "sub")},
+    **{(n, ""): (n, _plain()) for n in (
+        "mul", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge", "logical_and",
+        "logical_or", "logical_xor", "logical_not", "neg", "abs", "exp", "log", "sqrt", "rsqrt",
+        "tanh", "sigmoid", "erf", "sin", "cos", "contiguous")},
+    **{(n, ""): (n, _plain(("dim", "keepdim"))) for n in ("argmax", "argmin")},
+    ("div", "no_rounding_mode"): ("div", _plain()),
+    ("nn.functional.relu", ""): ("relu", _plain()),
+    ("nn.functional.gelu", ""): ("gelu", _plain(("approximate",))),
+    ("nn.functional.silu", ""): ("silu", _plain()),
+    ("where", ""): ("where", _where),
+    **{(n, ""): (n, _plain(("dim", "keepdim"))) for n in ("sum", "mean", "amax", "amin")},
+    ("max", "reduction_with_dim"): ("max", _plain(("keepdim",))),
+    ("min", "reduction_with_dim"): ("min", _plain(("keepdim",))),
+    ("max", "reduction_no_dim"): ("amax", _plain()),
+    ("min", "reduction_no_dim"): ("amin", _plain()),
+    ("max", "binary"): ("maximum", _plain()),
+    ("min", "binary"): ("minimum", _plain()),
+    ("var", ""): ("var", _var),
+    ("var", "unbiased"): ("var", _var),
+    ("softmax", ""): ("softmax", _plain()),
+    ("log_softmax", ""): ("log_softmax", _plain()),
+    ("nn.functional.layer_norm", ""): ("layer_norm", _plain(("eps", "weight", "bias"))),
+    ("nn.functional.rms_norm", ""): ("rms_norm", _plain(("eps", "weight"))),
+    ("nn.functional.group_norm", ""): ("group_norm", _plain(("eps", "weight", "bias"))),
+    ("nn.functional.batch_norm", ""): ("batch_norm", _batch_norm),
+}
+
+def _opinfos() -> list[Any]:
+    from torch.testing._internal.common_methods_invocations import op_db
+    return [o for o in op_db if (o.name, o.variant_test_name) in COVERED]
+
+
+@pytest.mark.parametrize("info", _opinfos(), ids=lambda o: ".".join(
+    filter(None, (o.name, o.variant_test_name))))
+def test_opinfo_samples(info: Any, record_property: Callable[[str, object], None]) -> None:
+    name, adapt = COVERED[(info.name, info.variant_test_name)]
+    counts = {"op": name, "compared": 0, "outside": 0}
+    record_property("opinfo", (f"{info.name} {info.variant_test_name}".strip(), counts))
+    for i, sample in enumerate(info.sample_inputs("cpu", torch.float32)):
+        call = adapt(sample)
+        if call is OUTSIDE:
+            counts["outside"] += 1
+            continue
+        args, kwargs = call
+        want = info.op(sample.input, *sample.args, **sample.kwargs)
+        if isinstance(want, tuple):  # torch's namedtuples (max/min with dim)
+            want = tuple(want)
+        try:
+            got = getattr(O, name)(*args, **kwargs)
+        except TesseraError as e:
+            raise AssertionError(f"{name} refused OpInfo sample {i} ({sample}): {e}") from e
+        close(got, want, atol=1e-4, rtol=1e-4, what=f"{name} sample {i}")
+        counts["compared"] += 1
+    assert counts["compared"] > 0, f"no OpInfo sample of {info.name} reached {name}"
