@@ -165,6 +165,15 @@ def test_sdpa_views_layouts_and_options() -> None:
     check(SDPA, q[:, :, :0], k, v)  # no queries
 
 
+def test_sdpa_scores_growing_along_the_keys() -> None:
+    # later keys score far above the running max of earlier blocks (> 2^64 apart): the
+    # lazily kept max must be raised mid-sequence
+    q, v = _randn(1, 2, 40, 64), _randn(1, 2, 500, 64)
+    k = _randn(1, 2, 500, 64) * torch.linspace(0.05, 30, 500)[:, None]
+    for causal in (False, True):
+        check(SDPA, q, k, v, None, causal, None, False, atol=1e-4, rtol=1e-3)
+
+
 def test_sdpa_nan_propagates() -> None:
     q, k, v = _randn(1, 1, 4, 64), _randn(1, 1, 9, 64), _randn(1, 1, 9, 64)
     q[0, 0, 2, 5] = float("nan")

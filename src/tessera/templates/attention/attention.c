@@ -167,11 +167,31 @@ static void kv_rows(const tsr_args *a, tsr_kv *kv, int64_t b, int64_t h, int64_t
 }
 
 /* ---- prefill: one group of RN query rows --------------------------------------------- */
-/* S^T rows for keys k[0 .. mr): st[i][j] = k[i] . q[j] (q^T in qt: d rows of RN); top
-   takes the lane-wise max. */
-static inline __attribute__((always_inline)) void scores_tile(
+/* 2^x lane-wise, as exp2_neg, for x <= LAZY */
+static inline tsr_fv vexp2(tsr_fv x) {
+    const tsr_iv low = x < -127.0f;
+    x = (tsr_fv)((low & (tsr_iv)((tsr_fv){0} - 127.0f)) | (~low & (tsr_iv)x));
+    const tsr_fv s = x + TSR__RND32, r = x - (s - TSR__RND32);
+    tsr_fv p = r * 1.3276469e-3f + 9.6755419e-3f;
+    p = p * r + 5.5507131e-2f;
+    p = p * r + 2.4022120e-1f;
+    p = p * r + 6.9314694e-1f;
+    p = p * r + 1.0f;
+    return p * (tsr_fv)(((tsr_iv)s - 0x4B400000 + 127) << 23);
+}
+
+/* Scores above a row's running max by at most LAZY (log2 units) are exponentiated
+   against that max as they are: weights up to 2^LAZY cannot overflow a float32 sum, so
+   the max need not be exact, and a block rarely needs its own max first. */
+#define LAZY 64.0f
+
+/* S^T rows for keys k[0 .. mr): s[i][j] = k[i] . q[j] (q^T in qt: d rows of RN), into st.
+   Raw (base NULL): stored as they are, and red takes their lane-wise max. Fused: stored
+   as p = 2^(s - base) and red takes their lane-wise sum, unless some s exceeds its base
+   by more than LAZY: then nothing is stored and 0 is returned. */
+static inline __attribute__((always_inline)) int scores_tile(
         const int mr, const float *k, int64_t ldk, const float *restrict qt, int64_t d,
-        float *restrict st, tsr_fv top[RV]) {
+        float *restrict st, const tsr_fv *base, tsr_fv red[RV]) {
     tsr_fv acc[MR][RV];
     const float *kr[MR];
     for (int i = 0; i < mr; i++) {
@@ -179,34 +199,58 @@ static inline __attribute__((always_inline)) void scores_tile(
         for (int v = 0; v < RV; v++) acc[i][v] = (tsr_fv){0};
     }
     #define K_AT(i) kr[i][e]
+    #pragma GCC unroll 4
     for (int64_t e = 0; e < d; e++) TSR_TILE_STEP(acc, mr, RV, K_AT, qt + e * RN);
     #undef K_AT
+    if (!base) {
+        for (int i = 0; i < mr; i++)
+            for (int v = 0; v < RV; v++) {
+                tsr_vstore(st + i * RN + v * VL, acc[i][v]);
+                red[v] = vmax(red[v], acc[i][v]);
+            }
+        return 1;
+    }
+    tsr_iv over = {0};
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < RV; v++) over |= acc[i][v] > base[v] + LAZY;
+    for (int l = 0; l < VL; l++)
+        if (over[l]) return 0;
     for (int i = 0; i < mr; i++)
         for (int v = 0; v < RV; v++) {
-            tsr_vstore(st + i * RN + v * VL, acc[i][v]);
-            top[v] = vmax(top[v], acc[i][v]);
+            const tsr_fv p = vexp2(acc[i][v] - base[v]);
+            tsr_vstore(st + i * RN + v * VL, p);
+            red[v] += p;
         }
+    return 1;
 }
 
-/* S^T for keys k[0 .. nk) into st, and its lane-wise max into top. */
-static void scores(const float *k, int64_t ldk, const float *qt, int64_t d, int64_t nk,
-                   float *st, float *top) {
-    tsr_fv t[RV];
-    for (int v = 0; v < RV; v++) t[v] = (tsr_fv){0} - INFINITY;
+/* S^T for keys k[0 .. nk) into st: raw, with their lane-wise max in out (base NULL), or
+   exponentiated against base with their lane-wise sums in out; 0 if some score was too far
+   above its base (st is then incomplete). */
+static int scores(const float *k, int64_t ldk, const float *qt, int64_t d, int64_t nk,
+                  float *st, const float *base, float *out) {
+    tsr_fv b[RV], red[RV];
+    for (int v = 0; v < RV; v++) {
+        red[v] = (tsr_fv){0} - (base ? 0.0f : INFINITY);
+        if (base) b[v] = tsr_vload(base + v * VL);
+    }
+    const tsr_fv *bp = base ? b : NULL;
+    int ok = 1;
     int64_t i = 0;
-    for (; i + MR <= nk; i += MR) scores_tile(MR, k + i * ldk, ldk, qt, d, st + i * RN, t);
+    for (; ok && i + MR <= nk; i += MR) ok = scores_tile(MR, k + i * ldk, ldk, qt, d, st + i * RN, bp, red);
     /* the last keys: the same tile with fewer of them (8, 4, 2, 1 as needed) */
 #if MR > 8
-    if (nk - i >= 8) scores_tile(8, k + i * ldk, ldk, qt, d, st + i * RN, t), i += 8;
+    if (ok && nk - i >= 8) ok = scores_tile(8, k + i * ldk, ldk, qt, d, st + i * RN, bp, red), i += 8;
 #endif
 #if MR > 4
-    if (nk - i >= 4) scores_tile(4, k + i * ldk, ldk, qt, d, st + i * RN, t), i += 4;
+    if (ok && nk - i >= 4) ok = scores_tile(4, k + i * ldk, ldk, qt, d, st + i * RN, bp, red), i += 4;
 #endif
 #if MR > 2
-    if (nk - i >= 2) scores_tile(2, k + i * ldk, ldk, qt, d, st + i * RN, t), i += 2;
+    if (ok && nk - i >= 2) ok = scores_tile(2, k + i * ldk, ldk, qt, d, st + i * RN, bp, red), i += 2;
 #endif
-    if (nk - i >= 1) scores_tile(1, k + i * ldk, ldk, qt, d, st + i * RN, t);
-    for (int v = 0; v < RV; v++) tsr_vstore(top + v * VL, t[v]);
+    if (ok && nk - i >= 1) ok = scores_tile(1, k + i * ldk, ldk, qt, d, st + i * RN, bp, red);
+    for (int v = 0; v < RV; v++) tsr_vstore(out + v * VL, red[v]);
+    return ok;
 }
 
 /* O^T rows for features v[.][0 .. mr): ot[i][j] = alpha[j] ot[i][j] + sum_c v[c][i] p[c][j]
@@ -220,6 +264,7 @@ static inline __attribute__((always_inline)) void values_tile(
         for (int w = 0; w < RV; w++) acc[i][w] = tsr_vload(ot + i * RN + w * VL) * scale[w];
     const float *vr = v;
     #define V_AT(i) vr[i]
+    #pragma GCC unroll 4
     for (int64_t c = 0; c < nk; c++, vr += ldv) TSR_TILE_STEP(acc, mr, RV, V_AT, st + c * RN);
     #undef V_AT
     for (int i = 0; i < mr; i++)
@@ -284,6 +329,7 @@ typedef struct {
     float *qt, *ot;
     float m[RN], l[RN], alpha[RN];
     int64_t r0, rows, end;
+    int seen;  /* every row has seen a key: the blocks without masks may use its max */
 } tsr_group;
 
 static void group_start(const tsr_args *a, tsr_group *g, int64_t b, int64_t h) {
@@ -294,14 +340,24 @@ static void group_start(const tsr_args *a, tsr_group *g, int64_t b, int64_t h) {
         load_f32(elem(a->q, a->fmt, q + j * a->qs[2]), a->qs[3], a->fmt, a->d, qscale, g->qt + j, RN);
     memset(g->ot, 0, sizeof(float) * a->dv * RN);
     for (int j = 0; j < RN; j++) g->m[j] = -INFINITY, g->l[j] = 0.0f;
+    g->seen = 0;
 }
 
 /* Keys kb .. kb + nk for one group: scores, masks, online softmax, output update. */
 static void group_keys(const tsr_args *a, const tsr_kv *kv, tsr_group *g, int64_t b,
                        int64_t h, int64_t kb, int64_t nk, float *restrict st) {
     const int64_t r0 = g->r0;
+    const float *k = kv->k + kb * kv->ldk, *v = kv->v + kb * kv->ldv;
+    const int diagonal = a->causal && kb + nk > r0 + 1;
     float top[RN];
-    scores(kv->k + kb * kv->ldk, kv->ldk, g->qt, a->d, nk, st, top);
+    if (!diagonal && a->mfmt == TSR_NONE && g->seen) {  /* every row has a finite max */
+        if (scores(k, kv->ldk, g->qt, a->d, nk, st, g->m, top)) {
+            for (int j = 0; j < RN; j++) g->l[j] += top[j], g->alpha[j] = 1.0f;
+            values(v, kv->ldv, st, nk, a->dv, g->ot, g->alpha);
+            return;
+        }
+    }
+    scores(k, kv->ldk, g->qt, a->d, nk, st, NULL, top);
     if (a->mfmt != TSR_NONE) {  /* booleans keep or drop a score, floats add to it */
         const int64_t m = b * a->ms[0] + h * a->ms[1] + r0 * a->ms[2] + kb * a->ms[3];
         for (int64_t j = 0; j < g->rows; j++) {
@@ -317,7 +373,6 @@ static void group_keys(const tsr_args *a, const tsr_kv *kv, tsr_group *g, int64_
             }
         }
     }
-    const int diagonal = a->causal && kb + nk > r0 + 1;
     if (diagonal)  /* key c is seen by rows >= c */
         for (int64_t c = kb > r0 + 1 ? kb : r0 + 1; c < kb + nk; c++) {
             #pragma omp simd
@@ -326,7 +381,9 @@ static void group_keys(const tsr_args *a, const tsr_kv *kv, tsr_group *g, int64_
         }
     if (diagonal || a->mfmt != TSR_NONE) block_max(st, nk, top);
     softmax_block(st, nk, top, g->m, g->l, g->alpha);
-    values(kv->v + kb * kv->ldv, kv->ldv, st, nk, a->dv, g->ot, g->alpha);
+    g->seen = 1;
+    for (int j = 0; j < RN; j++) g->seen &= g->m[j] != -INFINITY;
+    values(v, kv->ldv, st, nk, a->dv, g->ot, g->alpha);
 }
 
 static void group_finish(const tsr_args *a, const tsr_group *g, int64_t b, int64_t h) {
