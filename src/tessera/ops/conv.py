@@ -61,11 +61,12 @@ def _channels_last(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _out_size(name: str, size: int, k: int, s: int, p: int, d: int, ceil: bool = False
-              ) -> int:
-    """Output length along one dim, as torch computes it (ceil_mode: a last window may
-    start in the right padding only if it starts inside the input or left padding)."""
-    span = size + 2 * p - d * (k - 1) - 1
+def _out_size(name: str, size: int, k: int, s: int, p: int, d: int, ceil: bool = False,
+              after: int | None = None) -> int:
+    """Output length along one dim, as torch computes it, for padding p before the input
+    and `after` (default p) after it (ceil_mode: a last window may start in the right
+    padding only if it starts inside the input or left padding)."""
+    span = size + p + (p if after is None else after) - d * (k - 1) - 1
     n = (span + (s - 1 if ceil else 0)) // s + 1
     if ceil and (n - 1) * s >= size + p:
         n -= 1
@@ -74,6 +75,24 @@ def _out_size(name: str, size: int, k: int, s: int, p: int, d: int, ceil: bool =
                          f"{size} with padding {p}: the output would be empty",
                          hint="use a smaller kernel, more padding or a larger input")
     return n
+
+
+def _conv_padding(name: str, padding: Any, s: tuple[int, int], d: tuple[int, int],
+                  k: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(before, after) padding per spatial dim: numbers, or torch's 'valid' (none) and
+    'same' (stride 1; an odd total puts the extra row and column after)."""
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if padding == "same":
+        if s != (1, 1):
+            raise ArgumentError(f"{name}: padding='same' needs stride 1, got {list(s)}")
+        return tuple((d[i] * (k[i] - 1) // 2, d[i] * (k[i] - 1) - d[i] * (k[i] - 1) // 2)
+                     for i in range(2))  # type: ignore[return-value]
+    if isinstance(padding, str):
+        raise ArgumentError(f"{name}: padding={padding!r}; it takes numbers, 'valid' or "
+                            "'same'")
+    p = _pair(padding, name, "padding", 0)
+    return (p[0], p[0]), (p[1], p[1])
 
 
 # -- windowed kernel: depthwise conv2d, max and average pooling ------------------------------
@@ -199,7 +218,8 @@ def _tables(key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               s: tuple[int, int], p: tuple[int, int], d: tuple[int, int], groups: int,
+               s: tuple[int, int], p: tuple[tuple[int, int], tuple[int, int]],
+               d: tuple[int, int], groups: int,
                out_hw: tuple[int, int], activation: str | None,
                residual: torch.Tensor | None) -> torch.Tensor:
     """conv2d as an implicit GEMM per image and group (see the module's docstring)."""
@@ -212,7 +232,7 @@ def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       memory_format=torch.channels_last if last else torch.contiguous_format)
     if out.numel() == 0:
         return out
-    xp = _padded(x, h + 2 * p[0], w + 2 * p[1], p[0], p[1], 0.0)
+    xp = _padded(x, h + sum(p[0]), w + sum(p[1]), p[0][0], p[1][0], 0.0)
     # channels-last: one product over the pixels of all images (rows of C contiguous);
     # else one per image, C [pixels, channels] stored by columns into the NCHW planes
     images = n if last else 1
@@ -274,7 +294,6 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ShapeError(f"{name}: weight must be [out_channels, in_channels / groups, kH, "
                          f"kW], got shape {tuple(weight.shape)}")
     s = _pair(stride, name, "stride", 1)
-    p = _pair(padding, name, "padding", 0)
     d = _pair(dilation, name, "dilation", 1)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ArgumentError(f"{name}: groups={groups!r} must be a positive int")
@@ -287,8 +306,9 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ShapeError(f"{name}: weight of shape {tuple(weight.shape)} does not fit x with "
                          f"{c} channels in {groups} groups",
                          hint=f"expected [k * {groups}, {c // groups}, kH, kW], k >= 1")
-    ho = _out_size(name, h, kh, s[0], p[0], d[0])
-    wo = _out_size(name, w, kw, s[1], p[1], d[1])
+    ph, pw = _conv_padding(name, padding, s, d, (kh, kw))
+    ho = _out_size(name, h, kh, s[0], ph[0], d[0], after=ph[1])
+    wo = _out_size(name, w, kw, s[1], pw[0], d[1], after=pw[1])
     if activation is not None and activation not in ACTIVATIONS:
         raise ArgumentError(f"{name}: unknown activation {activation!r}",
                             hint=f"one of {', '.join(ACTIVATIONS)}")
@@ -310,10 +330,12 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if cg == 1 and groups > 1:  # depthwise: a windowed kernel, not a one-column GEMM
         res = None if residual is None else \
             residual.to(torch.float32).expand(shape).contiguous()
-        out = _window("conv", name, x4, (kh, kw), s, p, d, (ho, wo), w=weight.contiguous(),
+        out = _window("conv", name, x4, (kh, kw), s, (ph[0], pw[0]), d, (ho, wo),
+                      w=weight.contiguous(),
                       bias=bias, activation=activation, residual=res, cout=cout)
     else:
-        out = _conv_gemm(x4, weight, bias, s, p, d, groups, (ho, wo), activation, residual)
+        out = _conv_gemm(x4, weight, bias, s, (ph, pw), d, groups, (ho, wo), activation,
+                         residual)
     return out[0] if unbatched else out
 
 
@@ -324,8 +346,8 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1
            ) -> torch.Tensor:
-    """2-D convolution (cross-correlation) as torch's, with stride, padding, dilation and
-    groups (depthwise included)."""
+    """2-D convolution (cross-correlation) as torch's, with stride, padding (also 'valid'
+    and 'same' eagerly), dilation and groups (depthwise included)."""
     return fused_conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
@@ -429,8 +451,11 @@ def adaptive_avg_pool2d(x: torch.Tensor, output_size: Any) -> torch.Tensor:
     if 0 in x4.shape[1:]:
         raise ShapeError(f"{name}: x of shape {tuple(x.shape)} has an empty channel or "
                          "spatial dim")
-    ho, wo = _pair(output_size, name, "output_size", 0)
     n, c, h, w = x4.shape
+    if isinstance(output_size, (list, tuple)) and None in output_size:  # None: keep that dim
+        output_size = [v if v is not None else x4.shape[2 + i]
+                       for i, v in enumerate(output_size)]
+    ho, wo = _pair(output_size, name, "output_size", 0)
     out = empty((n, c, ho, wo), x4.dtype)
     if out.numel() == 0:
         return out[0] if unbatched else out
