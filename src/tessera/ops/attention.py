@@ -24,22 +24,25 @@ from tessera.ops.registry import op
 from tessera.templates import attention as template
 
 _BLOCK = 2048  # rotary: elements per program
+_DECODE_ROWS = 8  # SDPA with at most this many query rows per kv head runs as decoding
 
 
 # -- rotary position embedding --------------------------------------------------------------
 @tl.kernel
-def _rotary(a, b, ca, cb, sa, sb, oa, ob, xr, outr, BS: tl.constexpr, W: tl.constexpr,
-            REST: tl.constexpr):
-    """BS positions of one (batch, head): each rotated pair (a, b) becomes
+def _rotary(a, b, ca, cb, sa, sb, oa, ob, xr, outr, BH: tl.constexpr, BS: tl.constexpr,
+            W: tl.constexpr, REST: tl.constexpr):
+    """BH heads x BS positions of one batch row: each rotated pair (a, b) becomes
     (a cos_a - b sin_a, b cos_b + a sin_b); features past the rotary ones are copied. W and
     REST are powers of two covering the pairs and the copied features (edges masked)."""
-    n, h, s = tl.program_id(2), tl.program_id(1), tl.program_id(0) * BS
-    x1 = a[n, h, s:s + BS, 0:W].to(tl.float32)
-    x2 = b[n, h, s:s + BS, 0:W].to(tl.float32)
-    oa[n, h, s:s + BS, 0:W] = x1 * ca[n, h, s:s + BS, 0:W] - x2 * sa[n, h, s:s + BS, 0:W]
-    ob[n, h, s:s + BS, 0:W] = x2 * cb[n, h, s:s + BS, 0:W] + x1 * sb[n, h, s:s + BS, 0:W]
+    n, h, s = tl.program_id(2), tl.program_id(1) * BH, tl.program_id(0) * BS
+    x1 = a[n, h:h + BH, s:s + BS, 0:W].to(tl.float32)
+    x2 = b[n, h:h + BH, s:s + BS, 0:W].to(tl.float32)
+    c1, c2 = ca[n, h:h + BH, s:s + BS, 0:W], cb[n, h:h + BH, s:s + BS, 0:W]
+    s1, s2 = sa[n, h:h + BH, s:s + BS, 0:W], sb[n, h:h + BH, s:s + BS, 0:W]
+    oa[n, h:h + BH, s:s + BS, 0:W] = x1 * c1 - x2 * s1
+    ob[n, h:h + BH, s:s + BS, 0:W] = x2 * c2 + x1 * s2
     if REST > 0:
-        outr[n, h, s:s + BS, 0:REST] = xr[n, h, s:s + BS, 0:REST]
+        outr[n, h:h + BH, s:s + BS, 0:REST] = xr[n, h:h + BH, s:s + BS, 0:REST]
 
 
 def _pow2(n: int) -> int:
@@ -105,12 +108,13 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
     rest = (x[..., r:], out[..., r:]) if r < d else (x[..., :1], out[..., :1])
     args = [*views[:2], views[2], views[3], views[4], views[5], views[6], views[7], *rest]
     w, rest = _pow2(half), _pow2(d - r) if d > r else 0
-    bs = max(1, _BLOCK // w)
-    key = ("rotary", bs, w, rest, *((t.dtype, t.stride(-1) == 1) for t in args))
-    k = compiled(key, _rotary, *(spec(t.dtype, 4, t.stride(-1) == 1) for t in args), BS=bs,
-                 W=w, REST=rest)
+    bs = min(_pow2(x.shape[2]), max(1, _BLOCK // w))  # positions, then heads, per tile
+    bh = min(_pow2(x.shape[1]), max(1, _BLOCK // (w * bs)))
+    key = ("rotary", bh, bs, w, rest, *((t.dtype, t.stride(-1) == 1) for t in args))
+    k = compiled(key, _rotary, *(spec(t.dtype, 4, t.stride(-1) == 1) for t in args), BH=bh,
+                 BS=bs, W=w, REST=rest)
     flat = [v for t in args for v in (t.data_ptr(), *t.shape, *t.stride())]
-    launch(k, (-(-x.shape[2] // bs), x.shape[1], x.shape[0]), *flat)
+    launch(k, (-(-x.shape[2] // bs), -(-x.shape[1] // bh), x.shape[0]), *flat)
     return out
 
 
@@ -201,7 +205,15 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         q, k, v = q[None], k[None], v[None]
         mask = mask[None] if mask is not None else None
     out = _like_q(q, dv)
-    if out.numel():
+    rows = q.shape[2] * (q.shape[1] // max(k.shape[1], 1))  # query rows per kv head
+    if not out.numel():
+        pass
+    elif mask is None and not is_causal and rows <= _DECODE_ROWS and sk:
+        # a few queries: split the keys across the threads instead of the query rows
+        lens = torch.full((q.shape[0],), sk, dtype=torch.int64)
+        template.decode(q, k, v, lens, out, scale=scale,
+                        chunk=_chunk(sk, q.shape[0] * k.shape[1]))
+    else:
         template.attention(q, k, v, out, scale=scale, causal=bool(is_causal), mask=mask)
     return out[0] if one else out
 
