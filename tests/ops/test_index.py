@@ -33,18 +33,24 @@ def idx(n: int, shape: tuple[int, ...], dtype: torch.dtype = torch.int64) -> tor
     return torch.randint(0, max(n, 1), shape, dtype=dtype)
 
 
-# -- embedding -------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", slow_after(3, DTYPES))
-@pytest.mark.parametrize("itype", INDEX)
-def test_embedding_dtypes(dtype: torch.dtype, itype: torch.dtype) -> None:
-    w = data((50, 24), dtype)
-    check("embedding", w, idx(50, (3, 4), itype))
-    check("embedding", w, torch.tensor([49, 0, 49, 7], dtype=itype))  # duplicates, ends
+def test_every_op_every_dtype(dtype: torch.dtype) -> None:
+    """One call of each op per data dtype (the layouts are swept in float32 below)."""
+    x = data((6, 40), dtype)
+    check("embedding", x, torch.tensor([[5, 0], [5, 3]]))  # duplicates, both ends
+    check("index_select", x, 1, torch.tensor([39, 0, 7, 7]))
+    check("gather", x, 0, idx(6, (9, 40)))
+    check("index_add", x, 0, torch.tensor([0, 5, 0, 0, 3, 5, 1]), data((7, 40), dtype))
+    alpha = True if dtype == torch.bool else 3 if not dtype.is_floating_point else 0.5
+    check("index_add", x, 0, torch.tensor([5, 5]), data((2, 40), dtype), alpha=alpha)
+    check("scatter_add", x, 0, idx(2, (9, 40)), data((9, 40), dtype))  # many duplicates
 
 
+# -- embedding -------------------------------------------------------------------------------
 @pytest.mark.parametrize("ishape", [(), (1,), (7,), (2, 3), (0,), (2, 0), (1, 1, 5)])
-def test_embedding_index_shapes(ishape: tuple[int, ...]) -> None:
-    check("embedding", data((40, 16)), idx(40, ishape))
+@pytest.mark.parametrize("itype", INDEX)
+def test_embedding_index_shapes(ishape: tuple[int, ...], itype: torch.dtype) -> None:
+    check("embedding", data((40, 16)), idx(40, ishape, itype))
 
 
 def test_embedding_layouts_and_widths() -> None:
@@ -74,14 +80,13 @@ def test_index_select_every_dim(shape: tuple[int, ...]) -> None:
         check("index_select", x, d, idx(n, (0,)))
 
 
-@pytest.mark.parametrize("dtype", slow_after(3, DTYPES))
-def test_index_select_dtypes_and_views(dtype: torch.dtype) -> None:
-    x = data((5, 6, 7), dtype)
+def test_index_select_views() -> None:
+    x = data((5, 6, 7))
     check("index_select", x.permute(2, 0, 1), 1, idx(5, (4,)))  # dims that do not coalesce
     check("index_select", x.transpose(0, 2), 2, idx(5, (8,), torch.int32))
     check("index_select", x[:, ::2], 0, idx(5, (3,)))
     check("index_select", x, 2, torch.arange(6, dtype=torch.int64)[::2])  # a strided index
-    x4 = data((2, 3, 4, 5), dtype).permute(0, 2, 1, 3)  # neither side of a dim coalesces
+    x4 = data((2, 3, 4, 5)).permute(0, 2, 1, 3)  # neither side of a dim coalesces
     check("index_select", x4, 3, idx(5, (6,)))
     check("index_select", x4, 0, idx(2, (3,)))
 
@@ -105,14 +110,13 @@ def test_gather_every_dim(xshape: tuple[int, ...], ishape: tuple[int, ...]) -> N
         check("gather", x, d - len(xshape), idx(xshape[d], shape, torch.int32))
 
 
-@pytest.mark.parametrize("dtype", slow_after(3, DTYPES))
-def test_gather_dtypes_and_views(dtype: torch.dtype) -> None:
-    x = data((6, 7, 8), dtype)
+def test_gather_views() -> None:
+    x = data((6, 7, 8))
     check("gather", x.transpose(0, 2), 1, idx(7, (8, 3, 6)))
     check("gather", x.permute(1, 0, 2), 2, idx(8, (7, 6, 8), torch.int32).transpose(0, 1)
           .contiguous().transpose(0, 1))
     check("gather", x[:, ::3], 0, idx(6, (4, 1, 8)).expand(4, 3, 8)[:, :2])
-    x4 = data((2, 3, 4, 5), dtype).permute(0, 2, 1, 3)
+    x4 = data((2, 3, 4, 5)).permute(0, 2, 1, 3)
     check("gather", x4, 3, idx(5, (2, 4, 3, 5)))
 
 
@@ -135,17 +139,6 @@ def test_index_add_every_dim_duplicates(shape: tuple[int, ...]) -> None:
         check("index_add", x, d, index, src)
         check("index_add", x, d - len(shape), index.int(), src, alpha=-2.5)
         check("index_add", x, d, index[:0], src.narrow(d, 0, 0))
-
-
-@pytest.mark.parametrize("dtype", slow_after(3, DTYPES))
-def test_index_add_dtypes(dtype: torch.dtype) -> None:
-    x = data((6, 40), dtype)
-    index = torch.tensor([0, 5, 0, 0, 3, 5, 1])
-    src = data((7, 40), dtype)
-    check("index_add", x, 0, index, src)
-    check("index_add", x.t(), 1, index.int(), src.t())
-    alpha = 3 if not dtype.is_floating_point else 0.5
-    check("index_add", x, 0, index, src, alpha=True if dtype == torch.bool else alpha)
 
 
 def test_index_add_views_and_0dim() -> None:
@@ -171,17 +164,18 @@ def test_scatter_add_every_dim_duplicates(xshape: tuple[int, ...], ishape: tuple
               atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", slow_after(3, DTYPES))
-def test_scatter_add_dtypes_and_views(dtype: torch.dtype) -> None:
-    x = data((5, 6, 7), dtype)
+def test_scatter_add_views_and_0dim() -> None:
+    x = data((5, 6, 7))
     index = idx(5, (4, 6, 7))
-    src = data((7, 6, 4), dtype)
+    src = data((7, 6, 4))
     check("scatter_add", x, 0, index, src.transpose(0, 2))
     check("scatter_add", x.transpose(1, 2), 2, idx(6, (5, 7, 9), torch.int32)[:, :, ::2],
-          data((5, 7, 5), dtype))
+          data((5, 7, 5)))
     check("scatter_add", x, 1, index[:0], src)
-    one = torch.ones((), dtype=dtype)
+    one = torch.ones(())
     check("scatter_add", one, 0, torch.tensor(0), one)
+    check("index_add", x.transpose(0, 2), 1, torch.tensor([0, 4, 4]),
+          data((5, 3, 7)).transpose(0, 2))
 
 
 def test_accumulation_is_deterministic_and_in_order() -> None:

@@ -17,14 +17,16 @@ naming the op, the argument and the value (found by one torch pass, only then).
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 import tessera.lang as tl
 from tessera.errors import ShapeError
+from tessera.lang.jit import Specialization
 from tessera.ops._launch import (
     KERNEL_DTYPES,
     ArgumentError,
@@ -32,11 +34,18 @@ from tessera.ops._launch import (
     check_tensor,
     coalesce,
     compiled,
-    launch,
     spec,
 )
 from tessera.ops.registry import op
-from tessera.ops.shape import copy_into, empty
+from tessera.ops.shape import (
+    CopyLaunch,
+    Plans,
+    call,
+    contiguous_strides,
+    copy_launches,
+    empty,
+    run_copy,
+)
 
 __all__ = ["embedding", "gather", "index_add", "index_select", "scatter_add"]
 
@@ -130,26 +139,20 @@ class _Flags(threading.local):
     so nothing needs clearing)."""
 
     def __init__(self) -> None:
-        self.buf = bytearray()
-        self.address = 0
+        self.size = 0
+        self.take(4096)
 
     def take(self, programs: int) -> int:
-        if programs > len(self.buf):
-            self.buf = bytearray(max(programs, 4096))
-            self._pin = (ctypes.c_char * len(self.buf)).from_buffer(self.buf)
+        """The buffer's address, grown to hold `programs` flags if it does not."""
+        if programs > self.size:
+            self.size = max(programs, 4096)
+            self.buf = bytearray(self.size)
+            self._pin = (ctypes.c_char * self.size).from_buffer(self.buf)
             self.address = ctypes.addressof(self._pin)
         return self.address
 
-    def set(self, programs: int) -> bool:
-        return self.buf.find(1, 0, programs) >= 0
-
 
 _FLAGS = _Flags()
-
-
-def _index_tensor(index: Any, name: str, arg: str = "index") -> torch.Tensor:
-    check_tensor(index, name, arg, INDEX)
-    return index
 
 
 def _out_of_range(index: torch.Tensor, n: int, name: str, arg: str, what: str) -> None:
@@ -162,21 +165,68 @@ def _out_of_range(index: torch.Tensor, n: int, name: str, arg: str, what: str) -
                                  "indices)")
 
 
-def _run(s: Any, grid: tuple[int, int, int], args: list[Any], index: torch.Tensor, n: int,
-         name: str, arg: str, what: str) -> None:
-    """Launch with the flag buffer as the last argument; raise if a program saw a bad index."""
-    programs = grid[0] * grid[1] * grid[2]
-    launch(s, grid, *args, _FLAGS.take(programs), programs, 1)
-    if _FLAGS.set(programs):
-        _out_of_range(index, n, name, arg, what)
+# -- plans -------------------------------------------------------------------------------------
+Layout = tuple[tuple[int, ...], tuple[int, ...], int]  # shape, strides, byte offset
 
 
-# -- views around the indexed dim ---------------------------------------------------------------
-def _around(shape: Sequence[int], d: int, tensors: Sequence[torch.Tensor]
+class Launch(NamedTuple):
+    """One kernel launch (entry point, grid): the three tensor operands' byte offsets from
+    their data pointers and the sizes and strides each is passed with; scalars and the
+    flag buffer follow them."""
+
+    address: int
+    grid: tuple[int, int, int]
+    programs: int
+    offsets: tuple[int, int, int]
+    tails: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+class Plan(NamedTuple):
+    """Everything a call of one layout does, but for its data pointers."""
+
+    shape: tuple[int, ...]  # the result's
+    dtype: torch.dtype
+    n: int  # the indexed dim's size, and what it is (for errors)
+    what: str
+    launches: list[Launch]
+    check: bool = False  # the indices are not all seen by a launch: check them in torch
+    clone: Sequence[CopyLaunch] = ()  # x copied into the result first (accumulating ops)
+    prep: Sequence[CopyLaunch] = ()  # the index copied to a contiguous vector first
+
+
+def _layout(t: torch.Tensor) -> Layout:
+    """t's layout; a 0-dim tensor as 1-dim of size 1, as torch treats it in index ops."""
+    return (tuple(t.shape), t.stride(), 0) if t.dim() else ((1,), (1,), 0)
+
+
+def _narrow(lay: Layout, shape: Sequence[int]) -> Layout:
+    return tuple(shape), lay[1], lay[2]
+
+
+def _fresh(shape: Sequence[int]) -> Layout:
+    return tuple(shape), contiguous_strides(shape), 0
+
+
+def _go(plan: Plan, p0: int, p1: int, p2: int, scalars: tuple[Any, ...],
+        index: torch.Tensor, name: str, arg: str) -> None:
+    """Run a plan's index launches on operands at data pointers p0, p1, p2; raise on a
+    bad index."""
+    flags = _FLAGS
+    for lc in plan.launches:
+        (o0, o1, o2), (t0, t1, t2), programs = lc.offsets, lc.tails, lc.programs
+        flag = flags.address if programs <= flags.size else flags.take(programs)
+        call(lc.address, *lc.grid, p0 + o0, *t0, p1 + o1, *t1, p2 + o2, *t2, *scalars, flag,
+             programs, 1)
+        if flags.buf.find(1, 0, programs) >= 0:
+            _out_of_range(index, plan.n, name, arg, plan.what)
+    if plan.check:
+        _out_of_range(index, plan.n, name, arg, plan.what)
+
+
+def _around(shape: Sequence[int], d: int, strides: Sequence[Sequence[int]]
             ) -> tuple[int, int, list[tuple[int, int, int]]] | None:
-    """(outer, inner, each tensor's (outer, d, inner) strides) for tensors that agree
+    """(outer, inner, each operand's (outer, d, inner) strides) for operands that agree
     with `shape` outside dim d, or None if the dims on one side do not coalesce."""
-    strides = [t.stride() for t in tensors]
     outer, so = _side(shape[:d], [s[:d] for s in strides])
     inner, si = _side(shape[d + 1:], [s[d + 1:] for s in strides])
     if outer is None or inner is None:
@@ -188,68 +238,76 @@ def _side(sizes: Sequence[int], strides: list[Sequence[int]]
           ) -> tuple[int | None, list[int]]:
     """The dims on one side of the indexed one as one (size, strides), if they coalesce
     (size None if not); no dims at all are one of size 1."""
-    if len(sizes) <= 1:  # the common case, without coalesce's loops
+    if len(sizes) <= 1:
         return (sizes[0], [s[0] for s in strides]) if sizes else (1, [1] * len(strides))
     n, st = coalesce(sizes, strides)
     return (n[0], [s[0] for s in st]) if len(n) == 1 else (None, [])
 
 
-def _leading(d: int, fn: Any, tensors: Sequence[torch.Tensor], *rest: Any) -> None:
-    """fn once per index of the first dim that is not d (operands that do not coalesce)."""
+def _leading(d: int, lays: Sequence[Layout], items: Sequence[int]
+             ) -> tuple[int, list[list[Layout]]]:
+    """For operands whose dims around d do not coalesce: d renumbered, and the operands
+    at each index of the first dim that is not d, with that dim dropped."""
     k = 1 if d == 0 else 0
-    for i in range(tensors[0].shape[k]):
-        fn(*(t.select(k, i) for t in tensors), d - (k < d), *rest)
+    subs = [[(s[:k] + s[k + 1:], st[:k] + st[k + 1:], off + i * st[k] * b)
+             for (s, st, off), b in zip(lays, items, strict=True)]
+            for i in range(lays[0][0][k])]
+    return d - (k < d), subs
 
 
 def _width(n: int, widths: Sequence[int] = _WIDTHS) -> int:
     return next((w for w in widths if w >= n), widths[-1])
 
 
-def _t3(t: torch.Tensor, o: int, n: int, i: int, st: tuple[int, int, int]) -> list[Any]:
-    return [t.data_ptr(), o, n, i, *st]
+def _columns(inner: int) -> int:
+    """Columns per program of an element kernel (its loops stop at the tensor's end, so
+    two widths serve every size): one when the indexed dim is innermost, else 32."""
+    return 1 if inner == 1 else 32
 
 
-def _rank0(*ts: torch.Tensor) -> list[torch.Tensor]:
-    """0-dim tensors as 1-dim of size 1, as torch treats them in index ops."""
-    return [t.reshape(1) if t.dim() == 0 else t for t in ts]
+def _t3(lay: Layout, o: int, n: int, inner: int, st: Sequence[int]
+        ) -> tuple[int, tuple[int, ...]]:
+    """An operand viewed as [o, n, inner] with strides st: (byte offset, sizes + strides)."""
+    return lay[2], (o, n, inner, *st)
 
 
-def _index_dim(index: torch.Tensor, name: str, arg: str = "index") -> None:
+def _launch(s: Specialization, grid: tuple[int, int, int], *args: tuple[int, tuple[int, ...]]
+            ) -> Launch:
+    offsets, tails = zip(*args, strict=True)
+    return Launch(s.address, grid, grid[0] * grid[1] * grid[2], offsets, tails)
+
+
+def _index_tensor(index: Any, name: str, arg: str = "index") -> None:
+    check_tensor(index, name, arg, INDEX)
+
+
+def _vector(index: torch.Tensor, name: str) -> None:
     if index.dim() > 1:
-        raise ShapeError(f"{name}: argument {arg!r} must be a vector, got shape "
+        raise ShapeError(f"{name}: argument 'index' must be a vector, got shape "
                          f"{tuple(index.shape)}", hint="flatten it, or use gather")
 
 
 # -- row ops: embedding, index_select, index_add -------------------------------------------------
-def _select(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, d: int, name: str,
-            arg: str, what: str) -> None:
-    """out = x.index_select(d, index) into `out` (index 1-dim; out any strides)."""
-    n, length = x.shape[d], index.shape[0]
-    v = _around(x.shape, d, [x, out])
+def _select_launches(x: Layout, index: Layout, out: Layout, d: int, dx: torch.dtype,
+                     di: torch.dtype) -> list[Launch]:
+    """out = x.index_select(d, index) (index 1-dim, operands 0, 1, 2)."""
+    v = _around(x[0], d, [x[1], out[1]])
     if v is None:
-        _leading(d, lambda a, b, dd: _select(a, index, b, dd, name, arg, what), [x, out])
-        return
+        dd, subs = _leading(d, [x, out], [dx.itemsize, dx.itemsize])
+        return [lc for sx, so in subs for lc in _select_launches(sx, index, so, dd, dx, di)]
     o, inner, (sx, so) = v
+    n, length, istride = x[0][d], index[0][0], index[1][0]
     bn = _width(inner)
-    br = _ELEMS // bn
-    ux, ui, uo = sx[2] == 1, index.stride(0) == 1, so[2] == 1
-    key = ("select", x.dtype, index.dtype, bn, br, ux, ui, uo)
-    s = compiled(key, select_kernel, lambda: spec(x.dtype, 3, ux),
-                 lambda: spec(index.dtype, 1, ui), lambda: spec(out.dtype, 3, uo),
-                 lambda: spec(torch.bool, 1), BR=br, BN=bn)
-    grid = (-(-inner // bn), -(-length // br), o)
-    args = [*_t3(x, o, n, inner, sx), index.data_ptr(), length, index.stride(0),
-            *_t3(out, o, length, inner, so)]
-    _run(s, grid, args, index, n, name, arg, what)
+    ux, ui, uo = sx[2] == 1, istride == 1, so[2] == 1
+    s = compiled(("select", dx, di, bn, ux, ui, uo), select_kernel, spec(dx, 3, ux),
+                 spec(di, 1, ui), spec(dx, 3, uo), spec(torch.bool, 1), BR=_ELEMS // bn,
+                 BN=bn)
+    grid = (-(-inner // bn), -(-length // (_ELEMS // bn)), o)
+    return [_launch(s, grid, _t3(x, o, n, inner, sx), (index[2], (length, istride)),
+                    _t3(out, o, length, inner, so))]
 
 
-def _select_op(x: torch.Tensor, d: int, index: torch.Tensor, out: torch.Tensor, name: str,
-               arg: str, what: str) -> torch.Tensor:
-    if out.numel():
-        _select(x, index, out, d, name, arg, what)
-    elif index.numel():
-        _out_of_range(index, x.shape[d], name, arg, what)
-    return out
+_EMBEDDING = Plans()
 
 
 @op("embedding(Tensor weight, Tensor indices) -> Tensor", kind="index",
@@ -258,25 +316,41 @@ def _select_op(x: torch.Tensor, d: int, index: torch.Tensor, out: torch.Tensor, 
 def embedding(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Rows of `weight` [V, D] at `indices` (any shape, int32 or int64): a tensor of shape
     indices.shape + [D], as torch.nn.functional.embedding(indices, weight)."""
+    key = (weight.shape, weight.stride(), weight.dtype, weight.is_cpu, indices.shape,
+           indices.stride(), indices.dtype, indices.is_cpu)
+    p = _EMBEDDING.get(key) or _EMBEDDING.put(key, _embedding_plan(weight, indices))
+    if p.prep:
+        flat = torch.empty(indices.shape, dtype=indices.dtype)
+        run_copy(p.prep, indices.data_ptr(), flat.data_ptr())
+        indices = flat
+    out = empty(p.shape, p.dtype)
+    _go(p, weight.data_ptr(), indices.data_ptr(), out.data_ptr(), (), indices, "embedding",
+        "indices")
+    return out
+
+
+def _embedding_plan(weight: torch.Tensor, indices: torch.Tensor) -> Plan:
     check_tensor(weight, "embedding", "weight", ALL)
     _index_tensor(indices, "embedding", "indices")
     if weight.dim() != 2:
         raise ShapeError(f"embedding: argument 'weight' must be 2-dim [rows, dim], got shape "
                          f"{tuple(weight.shape)}")
-    out = empty((*indices.shape, weight.shape[1]), weight.dtype)
-    flat = indices.view(-1) if indices.is_contiguous() else _flat(indices)
-    return _select_op(weight, 0, flat, out.view(flat.numel(), weight.shape[1]), "embedding",
-                      "indices", "the rows of 'weight'").view(out.shape)
+    (rows, dim), length = weight.shape, indices.numel()
+    prep: Sequence[CopyLaunch] = ()
+    sizes, (st,) = coalesce(indices.shape, [indices.stride()])
+    stride = st[-1]
+    if len(sizes) > 1:  # no 1-dim view: copy to a contiguous vector first
+        prep = copy_launches(indices.shape, indices.stride(), indices.dtype,
+                             contiguous_strides(indices.shape), indices.dtype)
+        stride = 1
+    launches = _select_launches(_layout(weight), ((length,), (stride,), 0),
+                                _fresh((length, dim)), 0, weight.dtype, indices.dtype) \
+        if length * dim else []
+    return Plan((*indices.shape, dim), weight.dtype, rows, "the rows of 'weight'", launches,
+                check=length > 0 and not launches, prep=prep)
 
 
-def _flat(index: torch.Tensor) -> torch.Tensor:
-    """A 1-dim view of a strided index tensor, or a contiguous copy if it has none."""
-    sizes, (st,) = coalesce(index.shape, [index.stride()])
-    if len(sizes) == 1:
-        return index.as_strided((index.numel(),), (st[0],))
-    flat = torch.empty(index.numel(), dtype=index.dtype)
-    copy_into(flat.view(index.shape), index)
-    return flat
+_INDEX_SELECT = Plans()
 
 
 @op("index_select(Tensor x, int dim, Tensor index) -> Tensor", kind="index",
@@ -284,19 +358,34 @@ def _flat(index: torch.Tensor) -> torch.Tensor:
     implements=(torch.ops.aten.index_select.default,))
 def index_select(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """The slices of x along `dim` at `index` (a vector of int32/int64), in that order."""
+    key = (dim, x.shape, x.stride(), x.dtype, x.is_cpu, index.shape, index.stride(),
+           index.dtype, index.is_cpu)
+    p = _INDEX_SELECT.get(key) or _INDEX_SELECT.put(key, _index_select_plan(x, dim, index))
+    out = empty(p.shape, p.dtype)
+    _go(p, x.data_ptr(), index.data_ptr(), out.data_ptr(), (), index, "index_select",
+        "index")
+    return out
+
+
+def _index_select_plan(x: torch.Tensor, dim: int, index: torch.Tensor) -> Plan:
     check_tensor(x, "index_select", "x", ALL)
     _index_tensor(index, "index_select")
-    _index_dim(index, "index_select")
+    _vector(index, "index_select")
     d = check_dim(dim, x.dim(), "index_select")
-    (x1, index) = _rank0(x, index)
-    if x.dim() == 0 and index.numel() != 1:
+    length = index.numel()
+    if x.dim() == 0 and length != 1:
         raise ShapeError(f"index_select: x is 0-dim, so 'index' must hold one value, got "
-                         f"{index.numel()}")
-    shape = list(x1.shape)
-    shape[d] = index.numel()
-    out = empty(shape, x.dtype)
-    _select_op(x1, d, index, out, "index_select", "index", f"dim {d}")
-    return out.view(x.shape) if x.dim() == 0 else out
+                         f"{length}")
+    xl = _layout(x)
+    shape = list(xl[0])
+    shape[d] = length
+    launches = _select_launches(xl, _layout(index), _fresh(shape), d, x.dtype, index.dtype) \
+        if math.prod(shape) else []
+    return Plan(tuple(shape) if x.dim() else (), x.dtype, xl[0][d], f"dim {d}", launches,
+                check=length > 0 and not launches)
+
+
+_INDEX_ADD = Plans()
 
 
 @op("index_add(Tensor x, int dim, Tensor index, Tensor source, *, Scalar alpha=1) -> "
@@ -308,84 +397,91 @@ def index_add(x: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tens
               alpha: Any = 1) -> torch.Tensor:
     """A copy of x with alpha * source[.., r, ..] added to the slice index[r] along `dim`,
     for every r in order (duplicates accumulate, deterministically)."""
+    key = (dim, x.shape, x.stride(), x.dtype, x.is_cpu, index.shape, index.stride(),
+           index.dtype, index.is_cpu, source.shape, source.stride(), source.dtype,
+           source.is_cpu, type(alpha), alpha == 1)
+    p = _INDEX_ADD.get(key) or _INDEX_ADD.put(key, _index_add_plan(x, dim, index, source,
+                                                                   alpha))
+    out = empty(p.shape, p.dtype)
+    run_copy(p.clone, x.data_ptr(), out.data_ptr())
+    a = 0 if alpha == 1 else float(alpha) if p.dtype.is_floating_point else int(alpha)
+    _go(p, out.data_ptr(), index.data_ptr(), source.data_ptr(), (a,), index, "index_add",
+        "index")
+    return out
+
+
+def _alpha(alpha: Any, dtype: torch.dtype) -> None:
+    if not isinstance(alpha, (bool, int, float)):
+        raise ArgumentError(f"index_add: alpha={alpha!r} must be a number")
+    if isinstance(alpha, float) and not dtype.is_floating_point:
+        raise ArgumentError(f"index_add: alpha={alpha!r} is a float, but x is "
+                            f"{str(dtype).removeprefix('torch.')}",
+                            hint="use an int alpha for integer and bool tensors")
+
+
+def _index_add_plan(x: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tensor,
+                    alpha: Any) -> Plan:
     name = "index_add"
     check_tensor(x, name, "x", ALL)
     _index_tensor(index, name)
     check_tensor(source, name, "source", (x.dtype,))
-    _index_dim(index, name)
+    _vector(index, name)
     d = check_dim(dim, x.dim(), name)
-    scale = _alpha(alpha, x.dtype, name)
-    x1, index, src = _rank0(x, index, source)
-    if source.dim() != x.dim() or any(
-            a != b for k, (a, b) in enumerate(zip(src.shape, x1.shape, strict=True)) if k != d) \
-            or src.shape[d] != index.numel():
+    _alpha(alpha, x.dtype)
+    xl, il, sl = _layout(x), _layout(index), _layout(source)
+    length = index.numel()
+    if source.dim() != x.dim() or sl[0][d] != length or \
+            sl[0][:d] + sl[0][d + 1:] != xl[0][:d] + xl[0][d + 1:]:
         raise ShapeError(f"{name}: 'source' has shape {tuple(source.shape)}; it must be "
-                         f"x's {tuple(x.shape)} with dim {d} of size len(index) = "
-                         f"{index.numel()}")
-    out = empty(x1.shape, x.dtype)
-    copy_into(out, x1)
-    if src.numel():
-        _index_add(out, index, src, d, scale)
-    elif index.numel():
-        _out_of_range(index, x1.shape[d], name, "index", f"dim {d}")
-    return out.view(x.shape)
+                         f"x's {tuple(x.shape)} with dim {d} of size len(index) = {length}")
+    out = _fresh(xl[0])
+    launches = _index_add_launches(out, il, sl, d, x.dtype, index.dtype, alpha != 1) \
+        if math.prod(sl[0]) else []
+    return Plan(tuple(x.shape), x.dtype, xl[0][d], f"dim {d}", launches,
+                check=length > 0 and not launches,
+                clone=copy_launches(xl[0], xl[1], x.dtype, out[1], x.dtype))
 
 
-def _alpha(alpha: Any, dtype: torch.dtype, name: str) -> int | float | None:
-    """alpha as the kernel's scalar (None when it is 1: no multiply)."""
-    if not isinstance(alpha, (bool, int, float)):
-        raise ArgumentError(f"{name}: alpha={alpha!r} must be a number")
-    if isinstance(alpha, float) and not dtype.is_floating_point:
-        raise ArgumentError(f"{name}: alpha={alpha!r} is a float, but x is "
-                            f"{str(dtype).removeprefix('torch.')}",
-                            hint="use an int alpha for integer and bool tensors")
-    if alpha == 1:
-        return None
-    return float(alpha) if dtype.is_floating_point else int(alpha)
-
-
-def _index_add(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, d: int,
-               scale: int | float | None) -> None:
-    v = _around(out.shape, d, [out, src])
+def _index_add_launches(out: Layout, index: Layout, src: Layout, d: int, dt: torch.dtype,
+                        di: torch.dtype, scaled: bool) -> list[Launch]:
+    """out[.., index[r], ..] += alpha * src[.., r, ..] (operands 0, 1, 2)."""
+    v = _around(out[0], d, [out[1], src[1]])
     if v is None:
-        _leading(d, lambda a, b, dd: _index_add(a, index, b, dd, scale), [out, src])
-        return
+        dd, subs = _leading(d, [out, src], [dt.itemsize, dt.itemsize])
+        return [lc for so, ss in subs
+                for lc in _index_add_launches(so, index, ss, dd, dt, di, scaled)]
     o, inner, (so, ss) = v
-    n, length = out.shape[d], index.shape[0]
+    n, length, istride = out[0][d], index[0][0], index[1][0]
     bn = _width(inner, _ADD_WIDTHS)
-    uo, ui, us = so[2] == 1, index.stride(0) == 1, ss[2] == 1
-    a = 0 if scale is None else scale
-    key = ("index_add", out.dtype, index.dtype, bn, uo, ui, us, type(scale))
-    s = compiled(key, index_add_kernel, lambda: spec(out.dtype, 3, uo),
-                 lambda: spec(index.dtype, 1, ui), lambda: spec(src.dtype, 3, us), a,
-                 lambda: spec(torch.bool, 1), ALPHA=scale is not None, BN=bn)
-    grid = (-(-inner // bn), o, 1)
-    args = [*_t3(out, o, n, inner, so), index.data_ptr(), length, index.stride(0),
-            *_t3(src, o, length, inner, ss), a]
-    _run(s, grid, args, index, n, "index_add", "index", f"dim {d}")
+    uo, ui, us = so[2] == 1, istride == 1, ss[2] == 1
+    alpha = (0.0 if dt.is_floating_point else 0) if scaled else 0
+    s = compiled(("index_add", dt, di, bn, uo, ui, us, type(alpha), scaled), index_add_kernel,
+                 spec(dt, 3, uo), spec(di, 1, ui), spec(dt, 3, us), alpha,
+                 spec(torch.bool, 1), ALPHA=scaled, BN=bn)
+    return [_launch(s, (-(-inner // bn), o, 1), _t3(out, o, n, inner, so),
+                    (index[2], (length, istride)), _t3(src, o, length, inner, ss))]
 
 
 # -- element ops: gather, scatter_add --------------------------------------------------------------
-def _same_rank(x: torch.Tensor, index: torch.Tensor, name: str) -> None:
-    if max(index.dim(), 1) != max(x.dim(), 1):
-        raise ShapeError(f"{name}: 'index' has {index.dim()} dims and x has {x.dim()}; they "
-                         "must have the same number")
+def _same_rank(index: torch.Tensor, t: torch.Tensor, name: str, arg: str) -> None:
+    if max(index.dim(), 1) != max(t.dim(), 1):
+        raise ShapeError(f"{name}: 'index' has {index.dim()} dims and {arg} has {t.dim()}; "
+                         "they must have the same number")
 
 
-def _no_larger(index: torch.Tensor, t: torch.Tensor, skip: int | None, name: str,
+def _no_larger(index: Sequence[int], t: Sequence[int], skip: int | None, name: str,
                arg: str) -> None:
-    if any(a > b for k, (a, b) in enumerate(zip(index.shape, t.shape, strict=True)) if k != skip):
-        raise ShapeError(f"{name}: 'index' has shape {tuple(index.shape)}, larger than "
-                         f"{arg!r} {tuple(t.shape)}" +
-                         (f" outside dim {skip}" if skip is not None else ""))
+    if any(a > b for k, (a, b) in enumerate(zip(index, t, strict=True)) if k != skip):
+        raise ShapeError(f"{name}: 'index' has shape {tuple(index)}, larger than {arg!r} "
+                         f"{tuple(t)}" + (f" outside dim {skip}" if skip is not None else ""))
 
 
-def _narrow(t: torch.Tensor, shape: Sequence[int], skip: int | None) -> torch.Tensor:
-    """t cut to `shape` in every dim but `skip` (a view)."""
-    for k, n in enumerate(shape):
-        if k != skip and t.shape[k] != n:
-            t = t.narrow(k, 0, n)
-    return t
+def _cut(lay: Layout, shape: Sequence[int], skip: int | None) -> Layout:
+    """lay cut to `shape` in every dim but `skip`."""
+    return _narrow(lay, [n if k == skip else shape[k] for k, n in enumerate(lay[0])])
+
+
+_GATHER = Plans()
 
 
 @op("gather(Tensor x, int dim, Tensor index) -> Tensor", kind="index",
@@ -393,37 +489,47 @@ def _narrow(t: torch.Tensor, shape: Sequence[int], skip: int | None) -> torch.Te
 def gather(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """out[..., r, ...] = x[..., index[..., r, ...], ...] along `dim`: a tensor of
     index's shape (index no larger than x outside `dim`), as torch.gather."""
+    key = (dim, x.shape, x.stride(), x.dtype, x.is_cpu, index.shape, index.stride(),
+           index.dtype, index.is_cpu)
+    p = _GATHER.get(key) or _GATHER.put(key, _gather_plan(x, dim, index))
+    out = empty(p.shape, p.dtype)
+    _go(p, x.data_ptr(), index.data_ptr(), out.data_ptr(), (), index, "gather", "index")
+    return out
+
+
+def _gather_plan(x: torch.Tensor, dim: int, index: torch.Tensor) -> Plan:
     name = "gather"
     check_tensor(x, name, "x", ALL)
     _index_tensor(index, name)
     d = check_dim(dim, x.dim(), name)
-    out = empty(index.shape, x.dtype)
-    if index.numel() == 0:
-        return out
-    _same_rank(x, index, name)
-    x1, index1, out1 = _rank0(x, index, out)
-    _no_larger(index1, x1, d, name, "x")
-    _gather(_narrow(x1, index1.shape, d), index1, out1, d)
-    return out
+    xl, il = _layout(x), _layout(index)
+    launches = []
+    if index.numel():  # as torch: an empty index is not checked against x
+        _same_rank(index, x, name, "x")
+        _no_larger(il[0], xl[0], d, name, "x")
+        launches = _gather_launches(_cut(xl, il[0], d), il, _fresh(il[0]), d, x.dtype,
+                                    index.dtype)
+    return Plan(tuple(index.shape), x.dtype, xl[0][d], f"dim {d}", launches)
 
 
-def _gather(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, d: int) -> None:
-    v = _around(index.shape, d, [x, index, out])
+def _gather_launches(x: Layout, index: Layout, out: Layout, d: int, dx: torch.dtype,
+                     di: torch.dtype) -> list[Launch]:
+    v = _around(index[0], d, [x[1], index[1], out[1]])
     if v is None:
-        _leading(d, _gather, [x, index, out])
-        return
+        dd, subs = _leading(d, [x, index, out], [dx.itemsize, di.itemsize, dx.itemsize])
+        return [lc for a, b, c in subs for lc in _gather_launches(a, b, c, dd, dx, di)]
     o, inner, (sx, si, so) = v
-    n, length = x.shape[d], index.shape[d]
-    bn = _width(inner)
-    br = _ELEMS // bn
-    key = ("gather", x.dtype, index.dtype, bn, br)
-    s = compiled(key, gather_kernel, lambda: spec(x.dtype, 3, False),
-                 lambda: spec(index.dtype, 3, False), lambda: spec(out.dtype, 3, False),
-                 lambda: spec(torch.bool, 1), BR=br, BN=bn)
-    grid = (-(-inner // bn), -(-length // br), o)
-    args = [*_t3(x, o, n, inner, sx), *_t3(index, o, length, inner, si),
-            *_t3(out, o, length, inner, so)]
-    _run(s, grid, args, index, n, "gather", "index", f"dim {d}")
+    n, length = x[0][d], index[0][d]
+    bn = _columns(inner)
+    s = compiled(("gather", dx, di, bn), gather_kernel, spec(dx, 3, False),
+                 spec(di, 3, False), spec(dx, 3, False), spec(torch.bool, 1),
+                 BR=_ELEMS // bn, BN=bn)
+    grid = (-(-inner // bn), -(-length // (_ELEMS // bn)), o)
+    return [_launch(s, grid, _t3(x, o, n, inner, sx), _t3(index, o, length, inner, si),
+                    _t3(out, o, length, inner, so))]
+
+
+_SCATTER_ADD = Plans()
 
 
 @op("scatter_add(Tensor x, int dim, Tensor index, Tensor src) -> Tensor", kind="index",
@@ -434,38 +540,47 @@ def scatter_add(x: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tenso
     """A copy of x with src[..., r, ...] added at x[..., index[..., r, ...], ...] along
     `dim` for every element of index, in order (duplicates accumulate, deterministically),
     as torch.scatter_add."""
+    key = (dim, x.shape, x.stride(), x.dtype, x.is_cpu, index.shape, index.stride(),
+           index.dtype, index.is_cpu, src.shape, src.stride(), src.dtype, src.is_cpu)
+    p = _SCATTER_ADD.get(key) or _SCATTER_ADD.put(key, _scatter_add_plan(x, dim, index, src))
+    out = empty(p.shape, p.dtype)
+    run_copy(p.clone, x.data_ptr(), out.data_ptr())
+    _go(p, out.data_ptr(), index.data_ptr(), src.data_ptr(), (), index, "scatter_add",
+        "index")
+    return out
+
+
+def _scatter_add_plan(x: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor
+                      ) -> Plan:
     name = "scatter_add"
     check_tensor(x, name, "x", ALL)
     _index_tensor(index, name)
     check_tensor(src, name, "src", (x.dtype,))
     d = check_dim(dim, x.dim(), name)
-    x1, index1, src1 = _rank0(x, index, src)
-    out = empty(x1.shape, x.dtype)
-    copy_into(out, x1)
+    xl, il, sl = _layout(x), _layout(index), _layout(src)
+    out = _fresh(xl[0])
+    launches = []
     if index.numel():
-        _same_rank(x, index, name)
-        _same_rank(src, index, name)
-        _no_larger(index1, x1, d, name, "x")
-        _no_larger(index1, src1, None, name, "src")
-        _scatter_add(_narrow(out, index1.shape, d), index1, _narrow(src1, index1.shape, None),
-                     d)
-    return out.view(x.shape)
+        _same_rank(index, x, name, "x")
+        _same_rank(index, src, name, "src")
+        _no_larger(il[0], xl[0], d, name, "x")
+        _no_larger(il[0], sl[0], None, name, "src")
+        launches = _scatter_add_launches(_cut(out, il[0], d), il, _cut(sl, il[0], None), d,
+                                         x.dtype, index.dtype)
+    return Plan(tuple(x.shape), x.dtype, xl[0][d], f"dim {d}", launches,
+                clone=copy_launches(xl[0], xl[1], x.dtype, out[1], x.dtype))
 
 
-def _scatter_add(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, d: int) -> None:
-    v = _around(index.shape, d, [out, index, src])
+def _scatter_add_launches(out: Layout, index: Layout, src: Layout, d: int, dt: torch.dtype,
+                          di: torch.dtype) -> list[Launch]:
+    v = _around(index[0], d, [out[1], index[1], src[1]])
     if v is None:
-        _leading(d, _scatter_add, [out, index, src])
-        return
+        dd, subs = _leading(d, [out, index, src], [dt.itemsize, di.itemsize, dt.itemsize])
+        return [lc for a, b, c in subs for lc in _scatter_add_launches(a, b, c, dd, dt, di)]
     o, inner, (so, si, ss) = v
-    n, length = out.shape[d], index.shape[d]
-    bn = _width(inner)
-    key = ("scatter_add", out.dtype, index.dtype, bn)
-    s = compiled(key, scatter_add_kernel, lambda: spec(out.dtype, 3, False),
-                 lambda: spec(index.dtype, 3, False), lambda: spec(src.dtype, 3, False),
-                 lambda: spec(torch.bool, 1), BN=bn)
-    grid = (-(-inner // bn), o, 1)
-    args = [*_t3(out, o, n, inner, so), *_t3(index, o, length, inner, si),
-            *_t3(src, o, length, inner, ss)]
-    _run(s, grid, args, index, n, "scatter_add", "index", f"dim {d}")
-
+    n, length = out[0][d], index[0][d]
+    bn = _columns(inner)
+    s = compiled(("scatter_add", dt, di, bn), scatter_add_kernel, spec(dt, 3, False),
+                 spec(di, 3, False), spec(dt, 3, False), spec(torch.bool, 1), BN=bn)
+    return [_launch(s, (-(-inner // bn), o, 1), _t3(out, o, n, inner, so),
+                    _t3(index, o, length, inner, si), _t3(src, o, length, inner, ss))]

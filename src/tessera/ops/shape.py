@@ -1,19 +1,24 @@
 """Concatenation, splitting and layout copies: cat, split, permute, transpose.
 
-All four are one strided copy (`copy_into`): operands' dims are coalesced, and the copy
-walks tiles of the last two dims (dims before those on grid axis 2). When the source's
+All four are one strided copy kernel: operands' dims are coalesced, and the copy walks
+tiles of the last two dims (dims before those on grid axis 2). When the source's
 unit-stride dim is not the destination's last one the copy is a transpose: the tile is
-read along the source's rows and written transposed, so both sides stream whole cache
-lines instead of one element per line. Results are new contiguous tensors, converted to
-the result dtype on the store (cat's type promotion).
+read along the source's rows into a buffer and written transposed, so both sides stream
+whole cache lines instead of one element per line. Results are new contiguous tensors,
+converted to the result dtype on the store (cat's type promotion).
+
+A call's launches depend only on its layout (shapes, strides, dtypes, attributes), so
+they are planned once per layout (`Plans`) and a repeated call only allocates, adds data
+pointers and launches: the per-call cost that matters inside decode loops.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,21 +32,38 @@ from tessera.ops._launch import (
     check_tensor,
     coalesce,
     compiled,
-    launch,
     spec,
 )
 from tessera.ops.pointwise import result_type
 from tessera.ops.registry import op
+from tessera.runtime.cpu.launch import launcher
 
-__all__ = ["cat", "copy_into", "empty", "permute", "split", "strided_copy", "transpose"]
+__all__ = ["Plans", "call", "cat", "contiguous_strides", "copy_into", "copy_launches", "empty",
+           "permute", "run_copy", "split", "transpose"]
 
 ALL = tuple(KERNEL_DTYPES)
 _ALL_NAMES = tuple(str(d).removeprefix("torch.") for d in ALL)
 _WIDTHS = (16, 128, 1024)  # straight tiles' widths: a short menu, so sizes never recompile
 _TILE = 4096  # elements per straight tile
-_SQUARE = 64  # transposed tiles are _SQUARE x _SQUARE
+_SQUARE = 64  # transposed tiles are at most _SQUARE x _SQUARE
 _HUGE = 1 << 21  # a transparent huge page
 _ADVISE = 4 * _HUGE  # outputs from this size are advised onto huge pages
+_MADV_HUGEPAGE = 14
+call = launcher()  # call(address, grid0, grid1, grid2, *args): a compiled entry point
+
+
+class Plans(dict):
+    """Launch plans by call layout (`plans.get(key) or plans.put(key, plan(...))`).
+    Bounded: cleared when full, so a loop whose shapes change every call (a growing
+    cache) cannot grow it without limit."""
+
+    LIMIT = 2048
+
+    def put(self, key: Any, plan: Any) -> Any:
+        if len(self) >= self.LIMIT:
+            self.clear()
+        self[key] = plan
+        return plan
 
 
 def _madvise() -> Any:
@@ -53,7 +75,6 @@ def _madvise() -> Any:
 
 
 _MADVISE = _madvise()
-_MADV_HUGEPAGE = 14
 
 
 def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -61,7 +82,7 @@ def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     (as torch's THP_MEM_ALLOC_ENABLE does): a fresh 64 MB output then takes 32 page
     faults instead of 16384, which on a VM cost more than writing it (75 -> 24 ms)."""
     out = torch.empty(shape, dtype=dtype)
-    nbytes = out.numel() * out.element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes >= _ADVISE and _MADVISE is not None:
         p = out.data_ptr()
         lo, hi = (p + _HUGE - 1) & -_HUGE, (p + nbytes) & -_HUGE
@@ -69,6 +90,7 @@ def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+# -- the copy kernel -------------------------------------------------------------------------
 @tl.kernel
 def _tile(x, b, c, i, j, RANK: tl.constexpr, TRANS: tl.constexpr, BM: tl.constexpr,
           BN: tl.constexpr):
@@ -117,39 +139,48 @@ def copy_kernel(x, out, RANK: tl.constexpr, TRANS: tl.constexpr, BM: tl.constexp
             _put(out, t, b, c, i, j, RANK, BM, BN)
 
 
+class CopyLaunch(NamedTuple):
+    """One launch of copy_kernel (its entry point and grid): byte offsets from the source's
+    and destination's data pointers, and the sizes and strides each is passed with."""
+
+    address: int
+    grid: tuple[int, int, int]
+    src_offset: int
+    src: tuple[int, ...]
+    dst_offset: int
+    dst: tuple[int, ...]
+
+
 def _width(n: int) -> int:
     return next((w for w in _WIDTHS if w >= n), _WIDTHS[-1])
 
 
-def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst[...] = src (same shapes, any strides, src converted to dst's dtype), as one
-    launch for up to 4 coalesced dims."""
-    if dst.numel() == 0:
-        return
-    if src.is_contiguous() and dst.is_contiguous():
-        sizes, (ss, ds) = [dst.numel()], ([1], [1])
-    else:
-        sizes, (ss, ds) = coalesce(dst.shape, [src.stride(), dst.stride()])
-        if len(sizes) > 4:  # rare: one launch per index of the first dim
-            for i in range(dst.shape[0]):
-                copy_into(dst[i], src[i])
-            return
-    strided_copy(src.data_ptr(), src.dtype, ss, dst.data_ptr(), dst.dtype, ds, sizes)
+def copy_launches(shape: Sequence[int], ss: Sequence[int], sdtype: torch.dtype,
+                  ds: Sequence[int], ddtype: torch.dtype, soff: int = 0, doff: int = 0
+                  ) -> list[CopyLaunch]:
+    """The launches copying a tensor of `shape` from source strides `ss` to destination
+    strides `ds` (in elements; byte offsets soff, doff), converting sdtype to ddtype: one
+    for up to 4 coalesced dims, one per index of the first dim beyond."""
+    if 0 in shape:
+        return []
+    sizes, (cs, cd) = coalesce(shape, [ss, ds])
+    if len(sizes) > 4:
+        sb, db = sdtype.itemsize, ddtype.itemsize
+        return [c for i in range(sizes[0])
+                for c in copy_launches(sizes[1:], cs[1:], sdtype, cd[1:], ddtype,
+                                       soff + i * cs[0] * sb, doff + i * cd[0] * db)]
+    return [_copy_launch(sizes, cs, sdtype, cd, ddtype, soff, doff)]
 
 
-def strided_copy(src: int, sdtype: torch.dtype, ss: Sequence[int], dst: int,
-                 ddtype: torch.dtype, ds: Sequence[int], sizes: Sequence[int]) -> None:
-    """Copy `sizes` elements (1 to 4 dims, coalesced) from address `src` (strides `ss`, in
-    elements) to `dst` (strides `ds`), converting sdtype to ddtype."""
+def _copy_launch(sizes: list[int], ss: list[int], sdtype: torch.dtype, ds: list[int],
+                 ddtype: torch.dtype, soff: int, doff: int) -> CopyLaunch:
     rank = len(sizes)
     trans = rank > 1 and ds[-1] == 1 and ss[-1] != 1 and 1 in ss
     if trans:  # the source's unit dim becomes the second to last; pass x transposed
         a = ss.index(1)
         order = [d for d in range(rank) if d != a]
         order.insert(rank - 2, a)
-        sizes = [sizes[d] for d in order]
-        ds = [ds[d] for d in order]
-        ss = [ss[d] for d in order]
+        sizes, ds, ss = ([v[d] for d in order] for v in (sizes, ds, ss))
         xs, xst = [*sizes[:-2], sizes[-1], sizes[-2]], [*ss[:-2], ss[-1], ss[-2]]
         bm, bn = (min(_SQUARE, _width(n)) for n in sizes[-2:])
     else:
@@ -164,28 +195,63 @@ def strided_copy(src: int, sdtype: torch.dtype, ss: Sequence[int], dst: int,
     for n in sizes[:-2]:
         lead *= n
     grid = (-(-sizes[-1] // bn), -(-sizes[-2] // bm) if rank > 1 else 1, lead)
-    launch(s, grid, src, *xs, *xst, dst, *sizes, *ds)
+    return CopyLaunch(s.address, grid, soff, (*xs, *xst), doff, (*sizes, *ds))
 
 
-def _kernel_tensor(x: Any, name: str, arg: str) -> torch.Tensor:
+def run_copy(launches: Sequence[CopyLaunch], src: int, dst: int) -> None:
+    """Run copy launches from data pointer `src` to `dst`."""
+    for c in launches:
+        call(c.address, *c.grid, src + c.src_offset, *c.src, dst + c.dst_offset, *c.dst)
+
+
+_INTO = Plans()
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[...] = src: same shapes, any strides (src may be broadcast, stride 0), src
+    converted to dst's dtype."""
+    key = (dst.shape, src.stride(), src.dtype, dst.stride(), dst.dtype)
+    launches = _INTO.get(key) or _INTO.put(key, copy_launches(
+        dst.shape, src.stride(), src.dtype, dst.stride(), dst.dtype))
+    run_copy(launches, src.data_ptr(), dst.data_ptr())
+
+
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _kernel_tensor(x: Any, name: str, arg: str) -> None:
     check_tensor(x, name, arg, ALL)
-    return x
 
 
 # -- cat -----------------------------------------------------------------------------------
-def _cat_meta(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    return torch.cat(tensors, dim)
+_CAT = Plans()
 
 
 @op("cat(Tensor[] tensors, int dim=0) -> Tensor", kind="shape", reference=torch.cat,
-    meta=_cat_meta, dtypes=_ALL_NAMES,
-    implements=(torch.ops.aten.cat.default, torch.ops.aten.concat.default))
+    dtypes=_ALL_NAMES, implements=(torch.ops.aten.cat.default, torch.ops.aten.concat.default))
 def cat(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
     """Concatenation along `dim` with torch's type promotion; 1-dim empty tensors are
     skipped, as torch skips them."""
     if not isinstance(tensors, (list, tuple)) or not tensors:
         raise TesseraError("cat: argument 'tensors' must be a non-empty list of tensors",
                            hint="pass at least one tensor")
+    key = (dim, *[(t.shape, t.stride(), t.dtype, t.is_cpu) for t in tensors])
+    shape, dtype, parts = _CAT.get(key) or _CAT.put(key, _cat_plan(tensors, dim))
+    out = empty(shape, dtype)
+    ptr = out.data_ptr()
+    for k, launches in parts:
+        run_copy(launches, tensors[k].data_ptr(), ptr)
+    return out
+
+
+def _cat_plan(tensors: Sequence[Any], dim: int
+              ) -> tuple[list[int], torch.dtype, list[tuple[int, list[CopyLaunch]]]]:
+    """(out shape, dtype, each copied tensor's index and copy launches)."""
     for k, t in enumerate(tensors):
         _kernel_tensor(t, "cat", f"tensors[{k}]")
         if t.dim() == 0:
@@ -193,49 +259,43 @@ def cat(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
                              hint="give it a dim first, e.g. t.reshape(1)")
     dtype = result_type(*tensors)
     check_dtype(dtype, "cat", "tensors", ALL)
-    parts = [(k, t) for k, t in enumerate(tensors) if t.shape != (0,)]
-    if not parts:
-        return torch.empty(0, dtype=dtype)
-    first = parts[0][1]
+    used = [(k, t) for k, t in enumerate(tensors) if t.shape != (0,)]
+    if not used:
+        return [0], dtype, []
+    first = used[0][1]
     d = check_dim(dim, first.dim(), "cat")
     shape = list(first.shape)
     shape[d] = 0
-    for k, t in parts:
+    for k, t in used:
         if t.dim() != first.dim() or t.shape[:d] != first.shape[:d] or \
                 t.shape[d + 1:] != first.shape[d + 1:]:
             raise ShapeError(f"cat: tensors[{k}] has shape {tuple(t.shape)}, which does not "
                              f"match {tuple(first.shape)} outside dim {d}",
                              hint="all sizes must agree except along the cat dim")
         shape[d] += t.shape[d]
-    out = empty(shape, dtype)
-    if out.numel() == 0:
-        return out
-    outer = first.shape[:d].numel()
-    inner = first.shape[d + 1:].numel()
-    row = shape[d] * inner  # elements of out per outer index
-    base, size = out.data_ptr(), out.element_size()
-    offset = 0
-    for _, t in parts:
-        n = t.shape[d] * inner
-        if n == 0:
-            continue
-        if t.is_contiguous():  # [outer, n] into out's [outer, row] at column offset
-            sizes, ss, ds = ([n], [1], [1]) if outer == 1 else ([outer, n], [n, 1], [row, 1])
-            strided_copy(t.data_ptr(), t.dtype, ss, base + offset * size, dtype, ds, sizes)
-        else:
-            copy_into(out.narrow(d, offset // inner, t.shape[d]), t)
-        offset += n
-    return out
+    strides = contiguous_strides(shape)
+    step = strides[d] * dtype.itemsize
+    parts, offset = [], 0
+    for k, t in used:
+        launches = copy_launches(t.shape, t.stride(), t.dtype, strides, dtype, 0,
+                                 offset * step)
+        if launches:
+            parts.append((k, launches))
+        offset += t.shape[d]
+    return shape, dtype, parts
 
 
 # -- split ---------------------------------------------------------------------------------
+_SPLIT = Plans()
+
+
 def _split_sizes(x: torch.Tensor, split_sizes: Any, d: int) -> list[int]:
     """The piece sizes: a list summing to x.shape[d], or an int chunk (as torch.split)."""
-    n = x.shape[d] if x.dim() else 1
+    n = x.shape[d]
     if isinstance(split_sizes, int) and not isinstance(split_sizes, bool):
         if split_sizes <= 0 and n:
             raise ArgumentError(f"split: split_sizes={split_sizes} must be positive")
-        step = split_sizes if split_sizes > 0 else 1
+        step = max(split_sizes, 1)
         return [min(step, n - i) for i in range(0, n, step)] or [0]
     sizes = list(split_sizes)
     if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in sizes):
@@ -263,26 +323,53 @@ def split(x: torch.Tensor, split_sizes: Sequence[int] | int, dim: int = 0
     schema declares no aliasing, so torch.compile and the graph compiler may treat each
     piece as a fresh buffer and hand it to kernels that want unit strides; a graph
     that only slices keeps aten's views and never calls this."""
-    x = _kernel_tensor(x, "split", "x")
+    sizes = split_sizes if isinstance(split_sizes, int) else tuple(split_sizes)
+    key = (x.shape, x.stride(), x.dtype, x.is_cpu, sizes, dim)
+    pieces = _SPLIT.get(key) or _SPLIT.put(key, _split_plan(x, split_sizes, dim))
+    ptr = x.data_ptr()
+    outs = []
+    for shape, launches in pieces:
+        out = empty(shape, x.dtype)
+        run_copy(launches, ptr, out.data_ptr())
+        outs.append(out)
+    return outs
+
+
+def _split_plan(x: torch.Tensor, split_sizes: Any, dim: int
+                ) -> list[tuple[list[int], list[CopyLaunch]]]:
+    """Each piece's shape and copy launches."""
+    _kernel_tensor(x, "split", "x")
     d = check_dim(dim, x.dim(), "split")
-    sizes = _split_sizes(x, split_sizes, d)
     if x.dim() == 0:
         raise ShapeError("split: x is 0-dim and has no dim to split",
                          hint="give it a dim first, e.g. x.reshape(1)")
     pieces, start = [], 0
-    for n in sizes:
-        part = x.narrow(d, start, n)
-        out = empty(part.shape, x.dtype)
-        copy_into(out, part)
-        pieces.append(out)
+    for n in _split_sizes(x, split_sizes, d):
+        shape = list(x.shape)
+        shape[d] = n
+        pieces.append((shape, copy_launches(shape, x.stride(), x.dtype,
+                                            contiguous_strides(shape), x.dtype,
+                                            start * x.stride(d) * x.element_size())))
         start += n
     return pieces
 
 
 # -- permute, transpose ----------------------------------------------------------------------
-def _layout_copy(x: torch.Tensor) -> torch.Tensor:
-    out = empty(x.shape, x.dtype)
-    copy_into(out, x)
+_LAYOUT = Plans()
+
+
+def _layout_plan(x: torch.Tensor, order: Sequence[int]
+                 ) -> tuple[list[int], list[CopyLaunch]]:
+    """(shape, launches) of x.permute(order) copied into a new contiguous tensor."""
+    shape = [x.shape[d] for d in order]
+    return shape, copy_launches(shape, [x.stride(d) for d in order], x.dtype,
+                                contiguous_strides(shape), x.dtype)
+
+
+def _layout_copy(x: torch.Tensor, plan: tuple[list[int], list[CopyLaunch]]) -> torch.Tensor:
+    shape, launches = plan
+    out = empty(shape, x.dtype)
+    run_copy(launches, x.data_ptr(), out.data_ptr())
     return out
 
 
@@ -292,16 +379,21 @@ def _layout_copy(x: torch.Tensor) -> torch.Tensor:
 def permute(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     """x.permute(dims) as a new contiguous tensor (the layout copy a graph needs), a
     tiled transpose when the dims that move include the innermost one."""
-    x = _kernel_tensor(x, "permute", "x")
+    key = ("permute", x.shape, x.stride(), x.dtype, x.is_cpu, tuple(dims))
+    return _layout_copy(x, _LAYOUT.get(key) or _LAYOUT.put(key, _permute_plan(x, dims)))
+
+
+def _permute_plan(x: torch.Tensor, dims: Sequence[int]) -> tuple[list[int], list[CopyLaunch]]:
+    _kernel_tensor(x, "permute", "x")
     dims = list(dims)
     if len(dims) != x.dim():
         raise ShapeError(f"permute: dims={dims} has {len(dims)} entries for a {x.dim()}-dim "
                          "tensor", hint="give one entry per dim")
-    norm = [check_dim(d, x.dim(), "permute", "dims") for d in dims]
-    if len(set(norm)) != len(norm):
+    order = [check_dim(d, x.dim(), "permute", "dims") for d in dims]
+    if len(set(order)) != len(order):
         raise ArgumentError(f"permute: dims={dims} repeats a dim",
                             hint="dims must be a permutation of range(x.dim())")
-    return _layout_copy(x.permute(norm))
+    return _layout_plan(x, order)
 
 
 @op("transpose(Tensor x, int dim0, int dim1) -> Tensor", kind="shape",
@@ -311,7 +403,20 @@ def permute(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
 def transpose(x: torch.Tensor, dim0: int, dim1: int) -> torch.Tensor:
     """x.transpose(dim0, dim1) as a new contiguous tensor, by a tiled transpose (reads
     and writes stream whole cache lines: bandwidth-bound)."""
-    x = _kernel_tensor(x, "transpose", "x")
-    d0 = check_dim(dim0, x.dim(), "transpose", "dim0")
-    d1 = check_dim(dim1, x.dim(), "transpose", "dim1")
-    return _layout_copy(x.transpose(d0, d1) if x.dim() else x)
+    key = ("transpose", x.shape, x.stride(), x.dtype, x.is_cpu, dim0, dim1)
+    plan = _LAYOUT.get(key) or _LAYOUT.put(key, _transpose_plan(x, dim0, dim1))
+    return _layout_copy(x, plan)
+
+
+def _transpose_plan(x: torch.Tensor, dim0: int, dim1: int
+                    ) -> tuple[list[int], list[CopyLaunch]]:
+    _kernel_tensor(x, "transpose", "x")
+    order = list(range(x.dim()))
+    if x.dim():
+        d0 = check_dim(dim0, x.dim(), "transpose", "dim0")
+        d1 = check_dim(dim1, x.dim(), "transpose", "dim1")
+        order[d0], order[d1] = d1, d0
+    else:
+        check_dim(dim0, 0, "transpose", "dim0")
+        check_dim(dim1, 0, "transpose", "dim1")
+    return _layout_plan(x, order)
