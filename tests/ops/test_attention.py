@@ -177,8 +177,9 @@ def test_sdpa_scores_growing_along_the_keys() -> None:
 def test_sdpa_nan_propagates() -> None:
     q, k, v = _randn(1, 1, 4, 64), _randn(1, 1, 9, 64), _randn(1, 1, 9, 64)
     q[0, 0, 2, 5] = float("nan")
-    got = check(SDPA, q, k, v)
-    assert got[0, 0, 2].isnan().all() and not got[0, 0, 1].isnan().any()
+    for causal in (False, True):  # the decoding and the prefill kernel
+        got = check(SDPA, q, k, v, None, causal)
+        assert got[0, 0, 2].isnan().all() and not got[0, 0, 1].isnan().any()
 
 
 def test_sdpa_bad_inputs() -> None:

@@ -537,7 +537,7 @@ static void decode_chunk(const tsr_args *a, int64_t b, int64_t h, int64_t c0, in
             float top = m[0];
             for (int j = 0; j < KB; j++) {
                 s[j] = j < nk && kb + j < limit[r] ? s[j] : -INFINITY;
-                top = s[j] > top ? s[j] : top;
+                top = s[j] > top || s[j] != s[j] ? s[j] : top;  /* NaN wins */
             }
             if (top == -INFINITY) continue;  /* nothing seen yet */
             const float alpha = exp2_neg(m[0] - top);
