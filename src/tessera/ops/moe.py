@@ -19,19 +19,18 @@ tensor, [gate | up] along N. Quantized experts are the (data, scales) pairs of
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
 
 import tessera.lang as tl
 from tessera.errors import DtypeError, ShapeError
+from tessera.lang.jit import Specialization
 from tessera.ops._launch import (
     FLOATS,
     ArgumentError,
     check_dim,
     check_tensor,
-    compiled,
     launch,
     spec,
 )
@@ -207,13 +206,19 @@ def _run(kernel: tl.Kernel, grid: tuple[int, int, int], tensors: list[torch.Tens
          scalars: tuple[Any, ...] = (), **const: Any) -> None:
     """Launch `kernel` on these tensors (any strides) and scalars, compiling the
     specialization on first use."""
-    layout = tuple((t.dtype, t.dim(), t.stride(-1) == 1) for t in tensors)
-    key = (kernel, layout, tuple(map(type, scalars)), tuple(const.items()))
-    s = compiled(key, kernel, *(partial(spec, *lay) for lay in layout), *scalars, **const)
+    layout = tuple([(t.dtype, t.dim(), t.stride(-1) == 1) for t in tensors])
+    key = (kernel, layout, tuple(map(type, scalars)), *const.items())
+    s = _SPECS.get(key)
+    if s is None:
+        s = _SPECS[key] = kernel.specialize(*(spec(*lay) for lay in layout), *scalars,
+                                            **const)
     flat: list[Any] = []
     for t in tensors:
         flat += (t.data_ptr(), *t.shape, *t.stride())
     launch(s, grid, *flat, *scalars)
+
+
+_SPECS: dict[tuple, Specialization] = {}
 
 
 def _width(n: int, menu: tuple[int, ...]) -> int:
@@ -239,6 +244,7 @@ def _worst(dtype: torch.dtype, largest: bool) -> float | int:
 def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest (or smallest) elements along `dim` and their indices, as torch.topk.
+
     NaN ranks above every number (first when largest, last when smallest); equal values
     come lowest index first (torch leaves their order unspecified). One pass per row
     keeping a heap of k: O(n log k)."""
@@ -336,10 +342,12 @@ def _route(logits: torch.Tensor, top_k: int, renormalize: bool, scoring: str,
 def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True, *,
               scoring: str = "softmax", correction_bias: torch.Tensor | None = None,
               routed_scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's top_k experts and their weights from router logits [..., E]: softmax
-    (or sigmoid) scores, the best top_k (by score + correction_bias, if given; ties to the
-    lower expert), weights = their scores, renormalized to sum to 1 if asked, times
-    routed_scaling. Weights float32, ids int64; NaN or infinite logits raise."""
+    """Each token's top_k experts and routing weights from router logits [..., E].
+
+    Softmax (or sigmoid) scores, the best top_k by score (+ correction_bias, if given;
+    ties to the lower expert), weights = their scores, renormalized to sum to 1 if asked,
+    times routed_scaling. Softmax-then-top-k with renormalization equals top-k-then-softmax
+    (Mixtral either way). Weights float32, ids int64; NaN or infinite logits raise."""
     e = _check_routing(router_logits, top_k, scoring, correction_bias, "moe_route")
     lead = router_logits.shape[:-1]
     weights, ids = _route(router_logits.reshape(-1, e), top_k, renormalize, scoring,
@@ -420,9 +428,11 @@ def _check_rows(x: torch.Tensor, op: str, arg: str) -> None:
     reference=_permute_reference, meta=_permute_meta)
 def moe_permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token rows x [T, H] copied once per expert choice into rows [T * k, H] grouped by
-    expert (expert 0's first; within an expert, in token order), the rows per expert
-    counts [E] (int64), and row_map [T, k]: the row holding each token's j-th choice."""
+    """Token rows copied once per expert choice, grouped by expert, and the map back.
+
+    Rows x [T, H] become rows [T * k, H] grouped by expert (expert 0's first; within an
+    expert, in token order); also the rows per expert, counts [E] (int64), and row_map
+    [T, k]: the row holding each token's j-th choice."""
     _check_rows(x, "moe_permute", "x")
     _check_choices(topk_ids, x.shape[0], "moe_permute")
     if not isinstance(num_experts, int) or num_experts < 1:
@@ -442,9 +452,10 @@ def _unpermute_reference(y: torch.Tensor, row_map: torch.Tensor, topk_weights: t
     meta=lambda y, row_map, topk_weights: y.new_empty((row_map.shape[0], y.shape[-1])))
 def moe_unpermute(y: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor
                   ) -> torch.Tensor:
-    """Expert outputs y [T * k, H] (rows grouped as moe_permute left them) combined back
-    into token order: out[t] = sum_j topk_weights[t, j] * y[row_map[t, j]], accumulated in
-    float32, in y's dtype."""
+    """Expert outputs combined back into token order by the routing weights.
+
+    y [T * k, H] has its rows grouped as moe_permute left them; out[t] = sum over j of
+    topk_weights[t, j] * y[row_map[t, j]], accumulated in float32, in y's dtype."""
     _check_rows(y, "moe_unpermute", "y")
     check_tensor(row_map, "moe_unpermute", "row_map", _IDS)
     check_tensor(topk_weights, "moe_unpermute", "topk_weights")
@@ -520,9 +531,11 @@ def _grouped_meta(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
                    scales: torch.Tensor | None = None, *, swiglu: bool = False
                    ) -> torch.Tensor:
-    """Expert GEMMs in one call: rows x [T, K] come in groups of counts[e] rows (tokens
-    sorted by expert), group e times w[e] ([E, K, N] float, or int8/int4 data with its
-    scales from tessera.ops.quantize); experts without rows are skipped. swiglu=True takes
+    """Expert GEMMs in one call on rows grouped by expert (float or int8/int4 experts).
+
+    Rows x [T, K] come in groups of counts[e] rows (tokens sorted by expert); group e is
+    multiplied by w[e] ([E, K, N] float, or int8/int4 data with its scales from
+    tessera.ops.quantize); experts without rows are skipped. swiglu=True takes
     w = [gate | up] and gives silu(x @ gate) * (x @ up) [T, N / 2]."""
     _check_rows(x, "grouped_matmul", "x")
     operand, n = _experts(w, scales, None, x.shape[1], "grouped_matmul", "w", "scales")
@@ -581,11 +594,14 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
               down_scales: torch.Tensor | None = None, scoring: str = "softmax",
               correction_bias: torch.Tensor | None = None, routed_scaling: float = 1.0
               ) -> torch.Tensor:
-    """A whole MoE layer on x [..., H]: route with moe_route's rules, run each token
-    through its top_k experts' SwiGLU MLPs (silu(x @ gate) * (x @ up)) @ down, with
-    w_gate_up [E, H, 2I] = [gate | up] and w_down [E, I, H], float or int8/int4 from
-    tessera.ops.quantize (with gate_up_scales / down_scales), and sum the outputs by the
-    routing weights. Only the experts some token picked are read. Result in x's dtype."""
+    """A whole MoE layer in one op: routing, SwiGLU experts and the weighted combine.
+
+    On x [..., H]: route with moe_route's rules, run each token through its top_k
+    experts' SwiGLU MLPs (silu(x @ gate) * (x @ up)) @ down, with w_gate_up [E, H, 2I] =
+    [gate | up] and w_down [E, I, H], float or int8/int4 from tessera.ops.quantize (with
+    gate_up_scales / down_scales), and sum the outputs by the routing weights in float32.
+    Only the experts some token picked are read. Result in x's dtype. Decode streams the
+    weights fastest stored as nn.Linear stores them ([E, out, in], passed transposed)."""
     check_tensor(x, "fused_moe", "x")
     if x.dim() < 1:
         raise ShapeError("fused_moe: argument 'x' must be [..., hidden], got a scalar")

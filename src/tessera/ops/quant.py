@@ -70,9 +70,11 @@ def _quantize_meta(w: torch.Tensor, bits: int = 8, group_size: int = 128
     kind="quantization", reference=_quantize_reference, meta=_quantize_meta)
 def quantize(w: torch.Tensor, bits: int = 8, group_size: int = 128
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight-only symmetric quantization of w [K, N] or [E, K, N] to int8 or int4 with one
-    float32 scale per `group_size` rows of K per column (scale = max|w| / 127 or / 7,
-    round half to even): (data, scales) in the GEMM templates' format."""
+    """Weight-only symmetric int8/int4 quantization with group scales: (data, scales).
+
+    w [K, N] or [E, K, N] gets one float32 scale per `group_size` rows of K per column
+    (scale = max|w| / 127 or / 7, round half to even); data and scales are in the GEMM
+    templates' format (see the module docstring)."""
     _check_quantize_args(w, bits, group_size)
     q = _template_quantize(w, bits, group_size)
     return torch.from_numpy(q.data), torch.from_numpy(q.scales)
@@ -126,8 +128,10 @@ def _dequantize_meta(data: torch.Tensor, scales: torch.Tensor, k: int) -> torch.
 @op("dequantize(Tensor data, Tensor scales, int k) -> Tensor", kind="quantization",
     reference=dequantize_reference, meta=_dequantize_meta, dtypes=("int8", "uint8"))
 def dequantize(data: torch.Tensor, scales: torch.Tensor, k: int) -> torch.Tensor:
-    """The float32 [..., K, N] matrix that quantized (data, scales) stand for (int8 data:
-    8 bits, uint8: packed int4); `k` is the K of the weights that were quantized."""
+    """The float32 [..., K, N] matrix that quantized (data, scales) stand for.
+
+    int8 data is 8 bits, uint8 packed int4; `k` is the K of the weights that were
+    quantized."""
     if not isinstance(k, int) or k < 0:
         raise ArgumentError(f"dequantize: k={k!r} must be a non-negative int")
     q = quantized_matrix(data, scales, k, "dequantize", "data", "scales")
