@@ -165,6 +165,30 @@ def test_sdpa_views_layouts_and_options() -> None:
     check(SDPA, q[:, :, :0], k, v)  # no queries
 
 
+def test_sdpa_broadcasts_as_torch() -> None:
+    q, k, v = _randn(4, 3, 8), _randn(4, 4, 6, 8), _randn(4, 4, 6, 8)
+    check(SDPA, q, k, v)  # q's batch dims broadcast against k's
+    check(SDPA, _randn(2, 1, 5, 8), k[:2], v[:2], None, True)  # one query head for all
+    check(SDPA, _randn(2, 4, 5, 8), k[:2, :1], v[:2, :1])  # one kv head for all
+    check(SDPA, _randn(5, 8), _randn(6, 8), _randn(6, 3))  # 2-D: no heads
+    check(SDPA, _randn(2, 3, 2, 5, 8), _randn(3, 2, 6, 8), _randn(3, 2, 6, 8),
+          torch.rand(5, 6) > 0.2)  # 5-D
+
+
+def test_sdpa_opinfo_samples() -> None:
+    from torch.testing._internal.common_methods_invocations import op_db
+    info = next(o for o in op_db if o.name == "nn.functional.scaled_dot_product_attention")
+    compared = 0
+    for s in info.sample_inputs("cpu", torch.float32):
+        kw = dict(s.kwargs)
+        if kw.pop("dropout_p", 0.0):
+            continue  # inference only
+        check(SDPA, s.input, *s.args, kw.get("attn_mask"), kw.get("is_causal", False),
+              kw.get("scale"), kw.get("enable_gqa", False))
+        compared += 1
+    assert compared >= 8
+
+
 def test_sdpa_scores_growing_along_the_keys() -> None:
     # later keys score far above the running max of earlier blocks (> 2^64 apart): the
     # lazily kept max must be raised mid-sequence
@@ -194,15 +218,18 @@ def test_sdpa_bad_inputs() -> None:
         O.scaled_dot_product_attention(q, q[..., :32], q)
     with pytest.raises(ShapeError, match="do not fit"):
         O.scaled_dot_product_attention(q, q, q[:, :, :5])
-    with pytest.raises(ShapeError, match="q must be 3-D or 4-D"):
-        O.scaled_dot_product_attention(q[0, 0], q[0, 0], q[0, 0])
+    with pytest.raises(ShapeError, match="q must have at least 2 dims"):
+        O.scaled_dot_product_attention(q[0, 0, 0], q[0, 0], q[0, 0])
+    with pytest.raises(ShapeError, match="batch dims of q"):
+        O.scaled_dot_product_attention(torch.randn(3, 4, 8, 64), torch.randn(2, 4, 8, 64),
+                                       torch.randn(2, 4, 8, 64))
     with pytest.raises(ShapeError, match="attn_mask of shape"):
         O.scaled_dot_product_attention(q, q, q, torch.ones(3, 8, dtype=torch.bool))
     with pytest.raises(DtypeError, match="argument 'attn_mask'"):
         O.scaled_dot_product_attention(q, q, q, torch.ones(8, 8, dtype=torch.int32))
     with pytest.raises(DtypeError, match="argument 'attn_mask'"):
         O.scaled_dot_product_attention(q, q, q, torch.ones(8, 8, dtype=torch.float16))
-    with pytest.raises(DtypeError, match="one dtype"):
+    with pytest.raises(DtypeError, match="q, k, v must have one dtype"):
         O.scaled_dot_product_attention(q, q.half(), q)
     with pytest.raises(DtypeError, match="argument 'v'"):
         O.scaled_dot_product_attention(q, q, q.double())
@@ -251,5 +278,7 @@ def test_decode_bad_inputs() -> None:
                            torch.tensor([3, 2]))
     with pytest.raises(ShapeError, match="do not fit"):
         O.decode_attention(q, k, k[:, :, :5], torch.tensor([3, 2]))
-    with pytest.raises(ShapeError, match="decode_attention: q must be 4-D"):
+    with pytest.raises(ShapeError, match="decode_attention: q must have at least 4 dims"):
         O.decode_attention(q[0], k[0], k[0], torch.tensor([3]))
+    with pytest.raises(ShapeError, match="must be \\[B, Hq, Sq, D\\]"):
+        O.decode_attention(q, k[:1], k[:1], torch.tensor([3, 2]))

@@ -119,33 +119,59 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
 
 
 # -- scaled dot-product attention -----------------------------------------------------------
-def _qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str, dims: tuple[int, ...]
-         ) -> None:
-    for t, arg in ((q, "q"), (k, "k"), (v, "v")):
+def _floats(ts: dict[str, torch.Tensor], name: str, least: int) -> None:
+    """Tensors of at least `least` dims and one float dtype."""
+    for arg, t in ts.items():
         check_tensor(t, name, arg, FLOATS)
-        if t.dim() not in dims:
-            raise ShapeError(f"{name}: {arg} must be {' or '.join(f'{n}-D' for n in dims)} "
-                             "([B, H, S, D])", hint="a [B, S, H, D] tensor goes in as "
-                                                    "t.transpose(1, 2)")
-    if not q.dtype == k.dtype == v.dtype:
-        raise DtypeError(f"{name}: q, k and v must have one dtype, got {str(q.dtype)[6:]}, "
-                         f"{str(k.dtype)[6:]} and {str(v.dtype)[6:]}")
-    if not q.dim() == k.dim() == v.dim():
-        raise ShapeError(f"{name}: q, k and v must have the same rank, got shapes "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape[:-1] != v.shape[:-1] or k.shape[-1] != q.shape[-1] or \
-            q.shape[:-3] != k.shape[:-3]:
+        if t.dim() < least:
+            raise ShapeError(f"{name}: {arg} must have at least {least} dims, got shape "
+                             f"{tuple(t.shape)}")
+    if len({t.dtype for t in ts.values()}) > 1:
+        raise DtypeError(f"{name}: {', '.join(ts)} must have one dtype, got "
+                         + ", ".join(str(t.dtype)[6:] for t in ts.values()))
+
+
+def _fit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str) -> None:
+    if k.shape[-1] != q.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise ShapeError(f"{name}: q {tuple(q.shape)}, k {tuple(k.shape)} and v "
                          f"{tuple(v.shape)} do not fit", hint="q [B, Hq, Sq, D], k [B, Hkv, "
                                                              "Sk, D], v [B, Hkv, Sk, Dv]")
 
 
 def _heads(hq: int, hkv: int, gqa: bool, name: str, arg: str = "k") -> None:
-    if hq != hkv and not (gqa and hkv > 0 and hq % hkv == 0):
+    if hq != hkv and hkv != 1 and not (gqa and hkv > 0 and hq % hkv == 0):
         raise ShapeError(f"{name}: q has {hq} heads and {arg} has {hkv}; "
                          + ("q's heads must be a multiple of them" if gqa else
                             "they must match (or pass enable_gqa=True for grouped-query "
                             "attention)"))
+
+
+def _sdpa_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool, name: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """q, k, v as 4-D [B, H, S, D] views, as torch broadcasts them: batch dims broadcast
+    (several flattened into one), a single head serves all, Hkv divides Hq under GQA.
+    Returns them and the output's shape without its last two dims."""
+    _floats({"q": q, "k": k, "v": v}, name, 2)
+    _fit(q, k, v, name)
+    q3, k3, v3 = (t if t.dim() >= 3 else t[None] for t in (q, k, v))
+    hk, hv = k3.shape[-3], v3.shape[-3]
+    if hk != hv and 1 not in (hk, hv):
+        raise ShapeError(f"{name}: k has {hk} heads and v has {hv}")
+    hkv, hq = max(hk, hv), q3.shape[-3]
+    if hq == 1 and hkv > 1 and not gqa:
+        hq = hkv  # one query head broadcast to every kv head
+    _heads(hq, hkv, gqa, name)
+    try:
+        lead = tuple(torch.broadcast_shapes(q3.shape[:-3], k3.shape[:-3], v3.shape[:-3]))
+    except RuntimeError:
+        raise ShapeError(f"{name}: the batch dims of q {tuple(q.shape)}, k {tuple(k.shape)} "
+                         f"and v {tuple(v.shape)} do not broadcast") from None
+
+    def four(t: torch.Tensor, h: int) -> torch.Tensor:
+        t = t.expand(*lead, h, *t.shape[-2:])
+        return t.reshape(-1, *t.shape[-3:]) if len(lead) != 1 else t
+    head = (hq,) if max(q.dim(), k.dim(), v.dim()) > 2 else ()
+    return four(q3, hq), four(k3, hkv), four(v3, hkv), (*lead, *head)
 
 
 def _like_q(q: torch.Tensor, dv: int) -> torch.Tensor:
@@ -157,15 +183,18 @@ def _like_q(q: torch.Tensor, dv: int) -> torch.Tensor:
     return torch.empty(b, h, s, dv, dtype=q.dtype)
 
 
-def _mask(mask: torch.Tensor, q: torch.Tensor, sk: int, name: str) -> torch.Tensor:
-    """attn_mask checked and broadcast (by strides) to [..., Hq, Sq, Sk]."""
+def _mask(mask: torch.Tensor, q: torch.Tensor, lead: tuple[int, ...], sk: int, name: str
+          ) -> torch.Tensor:
+    """attn_mask checked and broadcast (by strides) to the scores [B, Hq, Sq, Sk]."""
     check_tensor(mask, name, "attn_mask", (torch.bool, torch.float32, q.dtype))
+    scores = (*lead, q.shape[2], sk)
     try:
-        return mask.expand(*q.shape[:-1], sk)
+        full = mask.expand(scores)
     except RuntimeError:
         raise ShapeError(f"{name}: attn_mask of shape {tuple(mask.shape)} does not broadcast "
-                         f"to the scores {(*q.shape[:-1], sk)}",
+                         f"to the scores {scores}",
                          hint="dims must match or be 1, aligned from the right") from None
+    return full.reshape(*q.shape[:3], sk) if full.dim() != 4 else full
 
 
 def _sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -195,16 +224,11 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     (False drops) or float (added), broadcast to [B, Hq, Sq, Sk]; both may be given.
     enable_gqa lets Hkv divide Hq. Rows left with no key give 0, as torch."""
     name = "scaled_dot_product_attention"
-    _qkv(q, k, v, name, (3, 4))
-    _heads(q.shape[-3], k.shape[-3], enable_gqa, name)
-    sk, dv = k.shape[-2], v.shape[-1]
-    mask = _mask(attn_mask, q, sk, name) if attn_mask is not None else None
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    one = q.dim() == 3  # [H, S, D]: one batch row
-    if one:
-        q, k, v = q[None], k[None], v[None]
-        mask = mask[None] if mask is not None else None
-    out = _like_q(q, dv)
+    q, k, v, lead = _sdpa_operands(q, k, v, enable_gqa, name)
+    sk, dv = k.shape[2], v.shape[3]
+    mask = _mask(attn_mask, q, lead, sk, name) if attn_mask is not None else None
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    out = _like_q(q, dv) if len(lead) == 2 else torch.empty(*q.shape[:3], dv, dtype=q.dtype)
     rows = q.shape[2] * (q.shape[1] // max(k.shape[1], 1))  # query rows per kv head
     if not out.numel():
         pass
@@ -215,7 +239,7 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                         chunk=_chunk(sk, q.shape[0] * k.shape[1]))
     else:
         template.attention(q, k, v, out, scale=scale, causal=bool(is_causal), mask=mask)
-    return out[0] if one else out
+    return out.view(*lead, *out.shape[2:]) if len(lead) != 2 else out
 
 
 # -- decode attention over a KV cache -------------------------------------------------------
@@ -251,7 +275,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     for speculative or chunked decoding. Flash-decoding: each sequence's keys are split
     into chunks across the threads, then combined. A query with no valid key gives 0."""
     name = "decode_attention"
-    _qkv(q, k_cache, v_cache, name, (4,))
+    _floats({"q": q, "k_cache": k_cache, "v_cache": v_cache}, name, 4)
+    _fit(q, k_cache, v_cache, name)
+    if not q.dim() == k_cache.dim() == v_cache.dim() == 4 or k_cache.shape[:3] != \
+            v_cache.shape[:3] or q.shape[0] != k_cache.shape[0]:
+        raise ShapeError(f"{name}: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)} and "
+                         f"v_cache {tuple(v_cache.shape)} must be [B, Hq, Sq, D], "
+                         "[B, Hkv, S, D] and [B, Hkv, S, Dv]")
     _heads(q.shape[1], k_cache.shape[1], True, name, "k_cache")
     check_tensor(cache_lens, name, "cache_lens", (torch.int32, torch.int64))
     b, s = q.shape[0], k_cache.shape[2]
