@@ -263,6 +263,18 @@ def test_decode_dtypes_and_cache_layouts(dtype: torch.dtype) -> None:
     check("decode_attention", q, k, v, lens, 0.2)
 
 
+def test_fake_tensors_give_the_shapes() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():  # what torch.compile and torch.export trace through
+        q, k, v = torch.empty(2, 8, 5, 64), torch.empty(2, 2, 30, 64), torch.empty(2, 2, 30, 48)
+        lens, cos = torch.empty(2, dtype=torch.int64), torch.empty(5, 64)
+        t = torch.ops.tessera
+        assert t.scaled_dot_product_attention(q, k, v, None, True, None, True).shape == \
+            (2, 8, 5, 48)
+        assert t.decode_attention(q, k, v, lens).shape == (2, 8, 5, 48)
+        assert t.rotary_embedding(q, cos, cos).shape == q.shape
+
+
 def test_decode_bad_inputs() -> None:
     q, k = torch.randn(2, 4, 1, 64), torch.randn(2, 2, 10, 64)
     with pytest.raises(ArgumentError, match=r"decode_attention: cache_lens must be in \[0, 10\]"):
