@@ -28,7 +28,7 @@ from tessera.ops._launch import ArgumentError, check_tensor, compiled, launch, s
 from tessera.ops.matmul import EPILOGUES, _floats, _same, gemm_entry, product
 from tessera.ops.pointwise import UNARY, _aten
 from tessera.ops.registry import op
-from tessera.ops.shape import copy_into, empty
+from tessera.ops.shape import empty
 from tessera.templates.gemm import ACTIVATIONS, pack
 from tessera.templates.gemm.sgemm import launch as launch_gemm
 
@@ -132,18 +132,48 @@ def window_kernel(x, w, b, res, dh, dw, out, C, COUT, MULT, MODE: tl.constexpr,
     out[q, oh:oh + BH, ow:ow + BW] = acc
 
 
+@tl.kernel
+def place_kernel(x, out, top, left, BH: tl.constexpr, BW: tl.constexpr):
+    """out[q, top + i, left + j] = x[q, i, j] for BH rows of plane q, in [BH, BW] pieces;
+    the last piece of a row (and the last block of rows) ends at x's edge, overlapping the
+    one before, so every piece is whole and copied without masks (needs H >= BH,
+    W >= BW)."""
+    q = tl.program_id(1)
+    h = x.shape[1]
+    w = x.shape[2]
+    i = tl.minimum(tl.program_id(0) * BH, h - BH)
+    for j in range(0, w - BW, BW):
+        out[q, top + i:top + i + BH, left + j:left + j + BW] = x[q, i:i + BH, j:j + BW]
+    out[q, top + i:top + i + BH, left + w - BW:left + w] = x[q, i:i + BH, w - BW:w]
+
+
 def _padded(x: torch.Tensor, rows: int, cols: int, ph: int, pw: int, fill: float
             ) -> torch.Tensor:
-    """x [N, C, H, W] placed at (ph, pw) in a [N, C, rows, cols] tensor of `fill`, cropped
-    to it; x itself (a view) when that changes nothing."""
+    """x [N, C, H, W] placed at (ph, pw) in a [N, C, rows, cols] tensor of `fill` (in x's
+    layout, NCHW or channels-last), cropped to it; x itself (a view) when that changes
+    nothing."""
     n, c, h, w = x.shape
     if (ph, pw) == (0, 0) and rows <= h and cols <= w:
         return x[:, :, :rows, :cols]
-    layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
-    buf = torch.full((n, c, rows, cols), fill, dtype=x.dtype).contiguous(
-        memory_format=layout)
-    h1, w1 = min(h, rows - ph), min(w, cols - pw)
-    copy_into(buf[:, :, ph:ph + h1, pw:pw + w1], x[:, :, :h1, :w1])
+    last = _channels_last(x)
+    buf = torch.empty((n, c, rows, cols), dtype=x.dtype, memory_format=torch.channels_last
+                      if last else torch.contiguous_format).fill_(fill)
+    if x.numel() == 0:
+        return buf
+    if last:  # planes are images, rows hold (column, channel) pairs
+        src, dst = x.permute(0, 2, 3, 1).reshape(n, h, w * c), \
+            buf.permute(0, 2, 3, 1).view(n, rows, cols * c)
+        left = pw * c
+    else:
+        src, dst, left = x.reshape(n * c, h, w), buf.view(n * c, rows, cols), pw
+    hh, ww = min(h, rows - ph), min(src.shape[2], dst.shape[2] - left)  # cropped
+    bw = next(b for b in (64, 16, 4, 1) if b <= ww)
+    bh = next(b for b in (8, 1) if b <= hh)
+    unit = src.stride(2) == 1
+    sp = compiled(("place", bh, bw, x.dtype, unit), place_kernel, spec(x.dtype, 3, unit),
+                  spec(x.dtype, 3), 0, 0, BH=bh, BW=bw)
+    launch(sp, (-(-hh // bh), src.shape[0], 1), src.data_ptr(), src.shape[0], hh, ww,
+           *src.stride(), dst.data_ptr(), *dst.shape, *dst.stride(), ph, left)
     return buf
 
 

@@ -252,10 +252,12 @@ static inline __attribute__((always_inline)) void column_loop(
             for (int64_t r = 0; r < m; r++) x[r] += w[r * ws];
         else if (beta != 0.0f)
             for (int64_t r = 0; r < m; r++) x[r] += beta * C_IN(c[r]);
-        if (last)
-            for (int64_t r = 0; r < m; r++) c[r] = C_OUT(EPILOGUE(x[r], i0 + r, j0 + j, o->ep));
-        else
+        if (last) {  /* the epilogue's reads first: no store to C comes between them */
+            for (int64_t r = 0; r < m; r++) x[r] = EPILOGUE(x[r], i0 + r, j0 + j, o->ep);
+            for (int64_t r = 0; r < m; r++) c[r] = C_OUT(x[r]);
+        } else {
             for (int64_t r = 0; r < m; r++) w[r * ws] = x[r];
+        }
     }
 }
 
