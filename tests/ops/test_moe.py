@@ -140,6 +140,16 @@ def test_moe_route_sigmoid_bias_scaling_and_dtypes() -> None:
     check("moe_route", distinct.to(torch.float16)[:, ::2], 3)  # and a strided view
 
 
+def test_moe_route_group_limited() -> None:
+    """DeepSeek-V3 (sigmoid, bias, groups scored by their two best) and V2 (softmax,
+    groups scored by their best)."""
+    check("moe_route", torch.randn(9, 256), 8, True, scoring="sigmoid",
+          correction_bias=torch.randn(256) * 0.1, routed_scaling=2.5, n_group=8,
+          topk_group=4)
+    check("moe_route", torch.randn(9, 64), 6, False, n_group=8, topk_group=3)
+    check("moe_route", torch.randn(3, 16), 4, n_group=4, topk_group=1)  # one group
+
+
 def test_moe_route_refuses_nan_and_inf() -> None:
     logits = torch.randn(5, 8)
     for bad in (NAN, INF, -INF):
@@ -166,6 +176,12 @@ def test_moe_route_bad_input() -> None:
         O.moe_route(logits, 2, correction_bias=torch.zeros(7))
     with pytest.raises(DtypeError, match="'router_logits' has dtype int64"):
         O.moe_route(torch.ones(4, 8, dtype=torch.int64), 2)
+    with pytest.raises(ArgumentError, match="n_group=3 must divide the 8 experts"):
+        O.moe_route(logits, 2, n_group=3)
+    for topk_group, top_k in ((5, 2), (0, 2), (1, 3)):
+        with pytest.raises(ArgumentError, match=f"topk_group={topk_group} of 4 groups of 2 "
+                                                f"experts cannot supply top_k={top_k}"):
+            O.moe_route(logits, top_k, n_group=4, topk_group=topk_group)
     with pytest.raises(ShapeError, match="65537 experts; routing takes at most 65536"):
         O.moe_route(torch.zeros(1, 65537), 2)
 
@@ -306,7 +322,8 @@ def test_fused_moe_layouts_and_routing_options() -> None:
     xs = torch.randn(10, 128)[:, ::2]
     check("fused_moe", xs, logits.view(10, 8), linear_gu, linear_d, 2, atol=1e-5, rtol=1e-4)
     check("fused_moe", xs, logits.view(10, 8), w_gate_up, w_down, 3, False, scoring="sigmoid",
-          correction_bias=torch.randn(8) * 0.1, routed_scaling=2.0, atol=1e-5, rtol=1e-4)
+          correction_bias=torch.randn(8) * 0.1, routed_scaling=2.0, n_group=4, topk_group=2,
+          atol=1e-5, rtol=1e-4)
 
 
 def test_fused_moe_bad_input() -> None:

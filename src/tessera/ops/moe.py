@@ -118,11 +118,35 @@ def topk_kernel(x, values, indices, worst, LARGEST: tl.constexpr, SORTED: tl.con
 
 
 @tl.kernel
-def route_kernel(logits, bias, weights, ids, bad, scale, BE: tl.constexpr,
-                 SIGMOID: tl.constexpr, BIAS: tl.constexpr, RENORM: tl.constexpr):
+def _group_mask(sel, pos, valid, size, n_group, topk_group, TOP2: tl.constexpr):
+    """The experts of the topk_group best groups of `size` consecutive experts
+    (DeepSeek's group-limited routing): a group scores its best selection score, or with
+    TOP2 the sum of its two best; ties go to the lower group."""
+    group = pos // size
+    gscore = tl.zeros(pos.shape) - float("inf")
+    for g in range(n_group):
+        seg = tl.where(valid & (group == g), sel, -float("inf"))
+        best = tl.max(seg)
+        if TOP2:
+            first = tl.min(tl.where(seg == best, pos, pos.shape[0]))
+            best = best + tl.max(tl.where(pos == first, -float("inf"), seg))
+        gscore = tl.where(group == g, best, gscore)
+    allowed = pos < 0
+    for _c in range(topk_group):
+        m = tl.max(tl.where(allowed | ~valid, -float("inf"), gscore))
+        i = tl.min(tl.where(~allowed & valid & (gscore == m), pos, pos.shape[0]))
+        allowed = allowed | (group == i // size)
+    return allowed
+
+
+@tl.kernel
+def route_kernel(logits, bias, weights, ids, bad, scale, group_size, n_group, topk_group,
+                 BE: tl.constexpr, SIGMOID: tl.constexpr, BIAS: tl.constexpr,
+                 GROUPED: tl.constexpr, RENORM: tl.constexpr):
     """Token t's experts: scores (softmax or sigmoid of its logits), the k best by score
-    (+ bias) with ties to the lower expert, their scores as weights (renormalized to sum
-    to 1), times `scale`. bad[t] counts the row's NaN and infinite logits."""
+    (+ bias; GROUPED: within the best groups) with ties to the lower expert, their scores
+    as weights (renormalized to sum to 1), times `scale`. bad[t] counts the row's NaN and
+    infinite logits."""
     t = tl.program_id(0)
     pos = tl.arange(0, BE)
     valid = pos < logits.shape[1]
@@ -136,6 +160,8 @@ def route_kernel(logits, bias, weights, ids, bad, scale, BE: tl.constexpr,
         p = ez / tl.sum(ez)
     sel = p + bias[0:BE] if BIAS else p
     taken = ~valid
+    if GROUPED:
+        taken = taken | ~_group_mask(sel, pos, valid, group_size, n_group, topk_group, BIAS)
     total = 0.0
     for j in range(ids.shape[1]):
         m = tl.max(tl.where(taken, -float("inf"), sel))
@@ -275,10 +301,20 @@ def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: b
 # -- routing ---------------------------------------------------------------------------------
 def _route_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool = True, *,
                      scoring: str = "softmax", correction_bias: torch.Tensor | None = None,
-                     routed_scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     routed_scaling: float = 1.0, n_group: int = 1, topk_group: int = 1
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's Gate.forward (which reduces to Mixtral's routing for softmax scores
+    without bias or groups)."""
     z = router_logits.float()
     scores = torch.sigmoid(z) if scoring == "sigmoid" else torch.softmax(z, dim=-1)
     choice = scores if correction_bias is None else scores + correction_bias.float()
+    if n_group > 1:
+        grouped = choice.unflatten(-1, (n_group, -1))
+        group_scores = grouped.amax(-1) if correction_bias is None else \
+            grouped.topk(2, dim=-1).values.sum(-1)
+        best = group_scores.topk(topk_group, dim=-1).indices
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(-1, best, False)
+        choice = grouped.masked_fill(dropped.unsqueeze(-1), -float("inf")).flatten(-2)
     ids = torch.topk(choice, top_k, dim=-1).indices
     weights = scores.gather(-1, ids)
     if renormalize:
@@ -288,7 +324,8 @@ def _route_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool 
 
 
 def _check_routing(router_logits: torch.Tensor, top_k: int, scoring: str,
-                   correction_bias: torch.Tensor | None, op: str) -> int:
+                   correction_bias: torch.Tensor | None, n_group: int, topk_group: int,
+                   op: str) -> int:
     """Checked routing arguments; returns the number of experts."""
     check_tensor(router_logits, op, "router_logits")
     if router_logits.dim() < 1:
@@ -310,12 +347,23 @@ def _check_routing(router_logits: torch.Tensor, top_k: int, scoring: str,
                              f"{tuple(correction_bias.shape)}")
         if not torch.isfinite(correction_bias).all():
             raise ArgumentError(f"{op}: argument 'correction_bias' has NaN or infinity")
+    if not isinstance(n_group, int) or n_group < 1 or e % n_group:
+        raise ArgumentError(f"{op}: n_group={n_group!r} must divide the {e} experts into "
+                            "equal groups")
+    size = e // n_group
+    if n_group > 1 and (not isinstance(topk_group, int) or not 1 <= topk_group <= n_group
+                        or top_k > topk_group * size
+                        or (correction_bias is not None and size < 2)):
+        raise ArgumentError(f"{op}: topk_group={topk_group!r} of {n_group} groups of {size} "
+                            f"experts cannot supply top_k={top_k}",
+                            hint="1 <= topk_group <= n_group, top_k <= topk_group * E / "
+                                 "n_group (and groups of 2 or more with correction_bias)")
     return e
 
 
 def _route(logits: torch.Tensor, top_k: int, renormalize: bool, scoring: str,
-           correction_bias: torch.Tensor | None, routed_scaling: float, op: str
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+           correction_bias: torch.Tensor | None, routed_scaling: float, n_group: int,
+           topk_group: int, op: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing of 2-D logits [T, E] (checked): (weights, ids), raising on NaN/inf rows."""
     t, e = logits.shape
     weights = torch.empty((t, top_k), dtype=torch.float32)
@@ -324,8 +372,9 @@ def _route(logits: torch.Tensor, top_k: int, renormalize: bool, scoring: str,
     if t:
         bias = logits if correction_bias is None else correction_bias
         _run(route_kernel, (t, 1, 1), [logits, bias, weights, ids, bad],
-             (float(routed_scaling),), BE=_width(e, _EXPERT_TILES),
-             SIGMOID=scoring == "sigmoid", BIAS=correction_bias is not None,
+             (float(routed_scaling), e // n_group, n_group, topk_group),
+             BE=_width(e, _EXPERT_TILES), SIGMOID=scoring == "sigmoid",
+             BIAS=correction_bias is not None, GROUPED=n_group > 1,
              RENORM=bool(renormalize))
         flags = bad.numpy()
         if flags.any():
@@ -337,21 +386,26 @@ def _route(logits: torch.Tensor, top_k: int, renormalize: bool, scoring: str,
 
 
 @op("moe_route(Tensor router_logits, int top_k, bool renormalize=True, *, "
-    "str scoring='softmax', Tensor? correction_bias=None, float routed_scaling=1.0) -> "
-    "(Tensor topk_weights, Tensor topk_ids)", kind="moe", reference=_route_reference)
+    "str scoring='softmax', Tensor? correction_bias=None, float routed_scaling=1.0, "
+    "int n_group=1, int topk_group=1) -> (Tensor topk_weights, Tensor topk_ids)",
+    kind="moe", reference=_route_reference)
 def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True, *,
               scoring: str = "softmax", correction_bias: torch.Tensor | None = None,
-              routed_scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+              routed_scaling: float = 1.0, n_group: int = 1, topk_group: int = 1
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's top_k experts and routing weights from router logits [..., E].
 
     Softmax (or sigmoid) scores, the best top_k by score (+ correction_bias, if given;
     ties to the lower expert), weights = their scores, renormalized to sum to 1 if asked,
     times routed_scaling. Softmax-then-top-k with renormalization equals top-k-then-softmax
-    (Mixtral either way). Weights float32, ids int64; NaN or infinite logits raise."""
-    e = _check_routing(router_logits, top_k, scoring, correction_bias, "moe_route")
+    (Mixtral either way). n_group > 1: only experts of the topk_group best groups compete
+    (DeepSeek's group-limited routing; a group scores its best expert, or its two best
+    with correction_bias). Weights float32, ids int64; NaN or infinite logits raise."""
+    e = _check_routing(router_logits, top_k, scoring, correction_bias, n_group, topk_group,
+                       "moe_route")
     lead = router_logits.shape[:-1]
     weights, ids = _route(router_logits.reshape(-1, e), top_k, renormalize, scoring,
-                          correction_bias, routed_scaling, "moe_route")
+                          correction_bias, routed_scaling, n_group, topk_group, "moe_route")
     return weights.view(*lead, top_k), ids.view(*lead, top_k)
 
 
@@ -561,14 +615,16 @@ def _fused_reference(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: to
                      gate_up_scales: torch.Tensor | None = None,
                      down_scales: torch.Tensor | None = None, scoring: str = "softmax",
                      correction_bias: torch.Tensor | None = None,
-                     routed_scaling: float = 1.0) -> torch.Tensor:
+                     routed_scaling: float = 1.0, n_group: int = 1, topk_group: int = 1
+                     ) -> torch.Tensor:
     """Route, then each expert's SwiGLU MLP on the tokens that chose it (float32)."""
     h = x.shape[-1]
     xs = x.reshape(-1, h).float()
     weights, ids = _route_reference(router_logits.reshape(xs.shape[0], -1), top_k,
                                     renormalize, scoring=scoring,
                                     correction_bias=correction_bias,
-                                    routed_scaling=routed_scaling)
+                                    routed_scaling=routed_scaling, n_group=n_group,
+                                    topk_group=topk_group)
     if gate_up_scales is not None:
         w_gate_up = dequantize_reference(w_gate_up, gate_up_scales, h)
     inter = w_gate_up.shape[-1] // 2
@@ -585,15 +641,15 @@ def _fused_reference(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: to
 
 @op("fused_moe(Tensor x, Tensor router_logits, Tensor w_gate_up, Tensor w_down, int top_k, "
     "bool renormalize=True, *, Tensor? gate_up_scales=None, Tensor? down_scales=None, "
-    "str scoring='softmax', Tensor? correction_bias=None, float routed_scaling=1.0) -> "
-    "Tensor", kind="moe", reference=_fused_reference,
+    "str scoring='softmax', Tensor? correction_bias=None, float routed_scaling=1.0, "
+    "int n_group=1, int topk_group=1) -> Tensor", kind="moe", reference=_fused_reference,
     meta=lambda x, *args, **kwargs: x.new_empty(x.shape))
 def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor,
               w_down: torch.Tensor, top_k: int, renormalize: bool = True, *,
               gate_up_scales: torch.Tensor | None = None,
               down_scales: torch.Tensor | None = None, scoring: str = "softmax",
-              correction_bias: torch.Tensor | None = None, routed_scaling: float = 1.0
-              ) -> torch.Tensor:
+              correction_bias: torch.Tensor | None = None, routed_scaling: float = 1.0,
+              n_group: int = 1, topk_group: int = 1) -> torch.Tensor:
     """A whole MoE layer in one op: routing, SwiGLU experts and the weighted combine.
 
     On x [..., H]: route with moe_route's rules, run each token through its top_k
@@ -605,7 +661,8 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
     check_tensor(x, "fused_moe", "x")
     if x.dim() < 1:
         raise ShapeError("fused_moe: argument 'x' must be [..., hidden], got a scalar")
-    e = _check_routing(router_logits, top_k, scoring, correction_bias, "fused_moe")
+    e = _check_routing(router_logits, top_k, scoring, correction_bias, n_group, topk_group,
+                       "fused_moe")
     h = x.shape[-1]
     xs = x.reshape(-1, h)
     logits = router_logits.reshape(-1, e)
@@ -622,7 +679,7 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
     if not xs.shape[0]:
         return x.new_empty(x.shape)
     weights, ids = _route(logits, top_k, renormalize, scoring, correction_bias,
-                          routed_scaling, "fused_moe")
+                          routed_scaling, n_group, topk_group, "fused_moe")
     counts, row_map = _sort(ids, e, "fused_moe")
     sizes = counts.numpy()
     rows = _gather(xs, row_map)
