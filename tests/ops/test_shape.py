@@ -150,6 +150,17 @@ def test_split_pieces_are_fresh_and_edge_cases() -> None:
     check("split", data((5,)), 10, 0)
 
 
+def test_copies_keep_bits_and_big_outputs() -> None:
+    bits = torch.tensor([0x7F81, -0x3D, 0x7FC0, 1, -1], dtype=torch.int16)  # sNaN, payloads
+    for dtype in (torch.bfloat16, torch.float16):
+        x = bits.view(dtype)[None].expand(3, 5).contiguous()
+        got = O.cat([x, x[:1]], 0)
+        assert torch.equal(got.view(torch.int16), torch.cat([x, x[:1]]).view(torch.int16))
+        assert torch.equal(O.split(x, [1, 4], 1)[1].view(torch.int16), x[:, 1:].view(torch.int16))
+    big = data((1100, 2000))  # an 8.8 MB result: advised onto huge pages
+    check("transpose", big, 0, 1)
+
+
 # -- bad input and interop ------------------------------------------------------------------
 def test_bad_inputs_name_the_op_and_argument() -> None:
     x = data((3, 4))
