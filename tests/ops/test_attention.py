@@ -189,6 +189,29 @@ def test_sdpa_opinfo_samples() -> None:
     assert compared >= 8
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sdpa_with_logsumexp(dtype: torch.dtype) -> None:
+    q, k, v = _randn(2, 4, 37, 64, dtype=dtype), _randn(2, 2, 50, 64, dtype=dtype), \
+        _randn(2, 2, 50, 64, dtype=dtype)
+    name = "scaled_dot_product_attention_lse"
+    drop = torch.rand(37, 50) > 0.4
+    drop[3] = False  # a row that sees no key: output 0, logsumexp 0, as torch
+    for mask, causal in ((None, True), (drop, False), (torch.randn(2, 1, 37, 50).to(dtype), True)):
+        args = (q, k, v, mask, causal, None, True)
+        (out, sums), (want, want_sums) = getattr(O, name)(*args), O.get(name).reference(*args)
+        close(out, want)
+        # the half-precision inputs' scores are rounded differently by torch's kernel
+        close(sums, want_sums, atol=None if dtype == torch.float32 else 2e-4, rtol=2e-3)
+        if mask is drop:
+            assert out[:, :, 3].eq(0).all() and sums[:, :, 3].eq(0).all()
+    out, sums = O.scaled_dot_product_attention_lse(q, k[:, :, :0], v[:, :, :0], None, False,
+                                                   None, True)  # no keys at all
+    assert out.eq(0).all() and sums.eq(0).all()  # (torch's kernel divides by zero here)
+    with pytest.raises(ShapeError, match="scaled_dot_product_attention_lse: q, k and v must "
+                                         "be 4-D"):
+        O.scaled_dot_product_attention_lse(q[None], k[None], v[None])
+
+
 def test_sdpa_scores_growing_along_the_keys() -> None:
     # later keys score far above the running max of earlier blocks (> 2^64 apart): the
     # lazily kept max must be raised mid-sequence

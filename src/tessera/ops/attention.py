@@ -13,6 +13,7 @@ Everything accumulates in float32; results are in the inputs' dtype.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -212,8 +213,7 @@ def _sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @op("scaled_dot_product_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, "
     "bool is_causal=False, float? scale=None, bool enable_gqa=False) -> Tensor",
     kind="attention", reference=_sdpa_reference,
-    implements=(torch.ops.aten.scaled_dot_product_attention.default,
-                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default))
+    implements=(torch.ops.aten.scaled_dot_product_attention.default,))
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None,
                                  is_causal: bool = False, scale: float | None = None,
@@ -223,22 +223,64 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     is_causal masks keys after the query's position (top-left aligned); attn_mask is bool
     (False drops) or float (added), broadcast to [B, Hq, Sq, Sk]; both may be given.
     enable_gqa lets Hkv divide Hq. Rows left with no key give 0, as torch."""
-    name = "scaled_dot_product_attention"
-    q, k, v, lead = _sdpa_operands(q, k, v, enable_gqa, name)
+    return _sdpa(q, k, v, attn_mask, is_causal, scale, enable_gqa, False)
+
+
+def _sdpa_lse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                        scale: float | None = None, enable_gqa: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    if attn_mask is not None:  # the aten op takes an additive mask of q's dtype
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype).masked_fill(
+            ~attn_mask, -float("inf")) if attn_mask.dtype == torch.bool else \
+            attn_mask.to(q.dtype)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, is_causal=is_causal, attn_mask=attn_mask, scale=scale)
+
+
+@op("scaled_dot_product_attention_lse(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, "
+    "bool is_causal=False, float? scale=None, bool enable_gqa=False) -> (Tensor, Tensor)",
+    kind="attention", reference=_sdpa_lse_reference,
+    implements=(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,))
+def scaled_dot_product_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                     attn_mask: torch.Tensor | None = None,
+                                     is_causal: bool = False, scale: float | None = None,
+                                     enable_gqa: bool = False
+                                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """scaled_dot_product_attention of 4-D inputs and the logsumexp of each row's scaled,
+    masked scores [B, Hq, Sq] (float32; 0 for a row that sees no key), as
+    aten._scaled_dot_product_flash_attention_for_cpu returns them."""
+    name = "scaled_dot_product_attention_lse"
+    _floats({"q": q, "k": k, "v": v}, name, 4)
+    if not q.dim() == k.dim() == v.dim() == 4:
+        raise ShapeError(f"{name}: q, k and v must be 4-D [B, H, S, D], got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    return _sdpa(q, k, v, attn_mask, is_causal, scale, enable_gqa, True)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+          is_causal: bool, scale: float | None, gqa: bool, lse: bool) -> Any:
+    """Both SDPA ops: the output (and the logsumexp, if `lse`)."""
+    name = "scaled_dot_product_attention" + ("_lse" if lse else "")
+    q, k, v, lead = _sdpa_operands(q, k, v, gqa, name)
     sk, dv = k.shape[2], v.shape[3]
     mask = _mask(attn_mask, q, lead, sk, name) if attn_mask is not None else None
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     out = _like_q(q, dv) if len(lead) == 2 else torch.empty(*q.shape[:3], dv, dtype=q.dtype)
+    sums = torch.empty(q.shape[:3], dtype=torch.float32) if lse else None
     rows = q.shape[2] * (q.shape[1] // max(k.shape[1], 1))  # query rows per kv head
-    if not out.numel():
+    if not (out.numel() or (lse and sums.numel())):
         pass
-    elif mask is None and not is_causal and rows <= _DECODE_ROWS and sk:
+    elif mask is None and not is_causal and rows <= _DECODE_ROWS and sk and not lse:
         # a few queries: split the keys across the threads instead of the query rows
         lens = torch.full((q.shape[0],), sk, dtype=torch.int64)
         template.decode(q, k, v, lens, out, scale=scale,
                         chunk=_chunk(sk, q.shape[0] * k.shape[1]))
     else:
-        template.attention(q, k, v, out, scale=scale, causal=bool(is_causal), mask=mask)
+        template.attention(q, k, v, out, scale=scale, causal=bool(is_causal), mask=mask,
+                           lse=sums)
+    if lse:
+        return out, sums
     return out.view(*lead, *out.shape[2:]) if len(lead) != 2 else out
 
 

@@ -90,7 +90,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     out [B, Hq, Sq, Dv], all of one float dtype and any strides. `causal`: query i sees keys
     <= i (top-left aligned). `mask` [B, Hq, Sq, Sk] by strides (0 to broadcast): bool
     (False drops the key) or float (added). `lse` [B, Hq, Sq] float32, contiguous, gets
-    each row's natural-log logsumexp. Rows that see no key get zeros (lse -inf)."""
+    each row's natural-log logsumexp. Rows that see no key get zeros (lse 0, as torch)."""
     _launch("tsr_attention", q, k, v, out, mask, lse, None, None, causal, 0, scale, config)
 
 

@@ -38,7 +38,7 @@ typedef struct {
     const void *q, *k, *v;
     void *o;
     const void *mask;       /* [B, Hq, Sq, Sk] by strides (0 where broadcast), or NULL */
-    float *lse;             /* [B, Hq, Sq] natural-log logsumexp, or NULL */
+    float *lse;             /* [B, Hq, Sq] natural-log logsumexp (0 where no key), or NULL */
     const int64_t *lens;    /* decode: valid keys of each batch row */
     float *ws;              /* decode: the chunks' partial results */
     int64_t qs[4], ks[4], vs[4], os[4], ms[4];
@@ -394,7 +394,7 @@ static void group_finish(const tsr_args *a, const tsr_group *g, int64_t b, int64
     if (a->lse) {
         float *lse = a->lse + (b * a->hq + h) * a->sq + g->r0;
         for (int64_t j = 0; j < g->rows; j++)
-            lse[j] = g->l[j] > 0.0f ? (g->m[j] + log2f(g->l[j])) * LN2 : -INFINITY;
+            lse[j] = g->l[j] > 0.0f ? (g->m[j] + log2f(g->l[j])) * LN2 : 0.0f;
     }
 }
 
