@@ -103,20 +103,17 @@ static float *buffer(int which, int64_t floats) {
     return buffers[which];
 }
 
-/* 2^x for the x <= 0 of a softmax (score minus running max), to 2.4e-7 relative: k + r
-   with |r| <= 1/2, a degree-5 fit of 2^r, 2^k in the exponent field. Below -126.5 it is
-   exactly 0 (k = -127 gives a zero scale), which a weight relative to the row's largest
-   never feels in float32; NaN stays NaN. */
+/* 2^r for |r| <= 1/2, floats or vectors: a degree-5 fit, 2.4e-7 relative */
+#define EXP2_POLY(r) (((((1.3276469e-3f * (r) + 9.6755419e-3f) * (r) + 5.5507131e-2f) * (r) + \
+                        2.4022120e-1f) * (r) + 6.9314694e-1f) * (r) + 1.0f)
+
+/* 2^x for the x <= 0 of a softmax (score minus running max): k + r with |r| <= 1/2,
+   2^k in the exponent field. Below -126.5 it is exactly 0 (k = -127 gives a zero scale),
+   which a weight relative to the row's largest never feels in float32; NaN stays NaN. */
 static inline float exp2_neg(float x) {
     x = tsr__sel(x < -127.0f, -127.0f, x);
     const float s = x + TSR__RND32, r = x - (s - TSR__RND32);
-    float p = 1.3276469e-3f;
-    p = tsr__fma(p, r, 9.6755419e-3f);
-    p = tsr__fma(p, r, 5.5507131e-2f);
-    p = tsr__fma(p, r, 2.4022120e-1f);
-    p = tsr__fma(p, r, 6.9314694e-1f);
-    p = tsr__fma(p, r, 1.0f);
-    return p * tsr__u2f((tsr__f2u(s) - 0x4B400000u + 127u) << 23);
+    return EXP2_POLY(r) * tsr__u2f((tsr__f2u(s) - 0x4B400000u + 127u) << 23);
 }
 
 typedef int32_t tsr_iv __attribute__((vector_size(VL * 4)));
@@ -172,12 +169,7 @@ static inline tsr_fv vexp2(tsr_fv x) {
     const tsr_iv low = x < -127.0f;
     x = (tsr_fv)((low & (tsr_iv)((tsr_fv){0} - 127.0f)) | (~low & (tsr_iv)x));
     const tsr_fv s = x + TSR__RND32, r = x - (s - TSR__RND32);
-    tsr_fv p = r * 1.3276469e-3f + 9.6755419e-3f;
-    p = p * r + 5.5507131e-2f;
-    p = p * r + 2.4022120e-1f;
-    p = p * r + 6.9314694e-1f;
-    p = p * r + 1.0f;
-    return p * (tsr_fv)(((tsr_iv)s - 0x4B400000 + 127) << 23);
+    return EXP2_POLY(r) * (tsr_fv)(((tsr_iv)s - 0x4B400000 + 127) << 23);
 }
 
 /* Scores above a row's running max by at most LAZY (log2 units) are exponentiated
