@@ -283,16 +283,18 @@ def test_fused_moe_vs_mixtral_loop(tokens: int, experts: int, top_k: int) -> Non
 
 
 @pytest.mark.parametrize("tokens", slow_after(2, [1, 13, 64]))
-def test_fused_moe_bfloat16(tokens: int) -> None:
-    w_gate_up, w_down = _experts(8, 64, 48, torch.bfloat16)
-    x, logits = torch.randn(tokens, 64).bfloat16(), torch.randn(tokens, 8)
+@pytest.mark.parametrize("dtype", slow_after(1, [torch.bfloat16, torch.float16]))
+def test_fused_moe_16bit(dtype: torch.dtype, tokens: int) -> None:
+    w_gate_up, w_down = _experts(8, 64, 48, dtype)
+    x, logits = torch.randn(tokens, 64).to(dtype), torch.randn(tokens, 8)
     got = O.fused_moe(x, logits, w_gate_up, w_down, 2)
-    assert got.dtype == torch.bfloat16
-    # float32 products of the bf16 values, rounded once: within one bf16 step
+    assert got.dtype == dtype
+    # float32 products of the 16-bit values, rounded once: within one step of the dtype
     exact = hf_moe(x.float(), logits, w_gate_up.float(), w_down.float(), 2)
-    close(got, exact.bfloat16())
-    # Mixtral's bf16 loop rounds every intermediate: further off, by a few bf16 steps
-    close(got, hf_moe(x, logits, w_gate_up, w_down, 2), atol=6e-2, rtol=6e-2)
+    close(got, exact.to(dtype))
+    # Mixtral's 16-bit loop rounds every intermediate: further off, by a few steps
+    loose = 6e-2 if dtype == torch.bfloat16 else 1e-2
+    close(got, hf_moe(x, logits, w_gate_up, w_down, 2), atol=loose, rtol=loose)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
