@@ -418,44 +418,27 @@ static void row_block(const tsr_args *a, tsr_kv *kv, int64_t b, int64_t h, int64
     for (int64_t i = 0; i < n; i++) group_finish(a, groups + i, b, h);
 }
 
-/* Work of a block of rows starting at r0: the keys its groups see, plus a fixed part. */
-static inline int64_t block_cost(const tsr_args *a, int64_t r0) {
-    int64_t cost = 0;
-    for (int64_t i = 0; i < NG && r0 + i * RN < a->sq; i++) cost += group_end(a, r0 + i * RN) + 16;
-    return cost;
-}
-
 void tsr_attention(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
     (void)g0, (void)g1, (void)g2;
     tsr_args a;
     memcpy(&a, raw, sizeof a);
-    const int64_t blocks = (a.sq + NG * RN - 1) / (NG * RN);
-    int64_t head_cost = 0;
-    for (int64_t i = 0; i < blocks; i++) head_cost += block_cost(&a, i * NG * RN);
-    const int64_t total = head_cost * a.batch * a.hq;
-    #pragma omp parallel if((double)total * RN * (a.d + a.dv) > 4e6)
+    const int64_t blocks = (a.sq + NG * RN - 1) / (NG * RN), items = a.batch * a.hq * blocks;
+    const double work = (double)a.batch * a.hq * a.sq * a.sk * (a.d + a.dv) / (a.causal + 1);
+    #pragma omp parallel if(work > 4e6)
     {
-        /* equal shares of the work, each a run of blocks in (batch, kv head, query head,
-           block) order: a thread converts each kv head it meets once */
-        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t lo = total * t / nt, hi = total * (t + 1) / nt;
         tsr_group groups[NG];
         float *qt = buffer(2, NG * a.d * RN), *ot = buffer(3, NG * a.dv * RN);
         float *st = buffer(4, BN * RN);
         for (int i = 0; i < NG; i++) groups[i].qt = qt + i * a.d * RN, groups[i].ot = ot + i * a.dv * RN;
         tsr_kv kv = {0};
         kv.head = -1;
-        int64_t at = 0;
-        for (int64_t bh = 0; bh < a.batch * a.hq && at < hi; bh++) {
-            if (at + head_cost <= lo) {
-                at += head_cost;
-                continue;
-            }
-            for (int64_t i = 0; i < blocks && at < hi; i++) {
-                const int64_t r0 = i * NG * RN;
-                if (at >= lo) row_block(&a, &kv, bh / a.hq, bh % a.hq, r0, groups, st);
-                at += block_cost(&a, r0);
-            }
+        /* blocks handed out as threads come free (a thread the machine delays takes fewer),
+           head by head, each head's from the last (the largest when causal) to the first,
+           so the last ones out are small */
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            const int64_t bh = it / blocks, i = blocks - 1 - it % blocks;
+            row_block(&a, &kv, bh / a.hq, bh % a.hq, i * NG * RN, groups, st);
         }
     }
 }
@@ -556,37 +539,28 @@ void tsr_decode(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
     for (int64_t b = 0; b < a.batch; b++) total += a.lens[b] * a.hkv;
     #pragma omp parallel if(total * rows * (a.d + a.dv) > 1 << 20)
     {
-        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t lo = total * t / nt, hi = total * (t + 1) / nt;
         float *qf = buffer(2, rows * a.d), *kbuf = buffer(3, KB * a.d);
         float *vbuf = buffer(4, KB * a.dv);
         int64_t *limit = (int64_t *)buffer(0, rows * 2);
         const float qscale = (float)(a.scale * 1.4426950408889634);
-        int64_t at = 0;
-        for (int64_t bh = 0; bh < a.batch * a.hkv && at < hi; bh++) {
-            const int64_t b = bh / a.hkv, h = bh % a.hkv, len = a.lens[b];
-            if (at + len <= lo) {
-                at += len;
-                continue;
-            }
+        /* (batch row, kv head, chunk) items handed out as threads come free */
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < a.batch * a.hkv * chunks; it++) {
+            const int64_t bh = it / chunks, c = it % chunks, b = bh / a.hkv, h = bh % a.hkv;
+            const int64_t len = a.lens[b], c0 = c * a.chunk;
+            if (c0 >= len) continue;  /* past this sequence's keys */
             for (int64_t r = 0; r < rows; r++) {  /* row r: query r % sq of head r / sq */
                 const int64_t i = r % a.sq;
                 const int64_t q = b * a.qs[0] + (h * per_head + r / a.sq) * a.qs[1] + i * a.qs[2];
                 load_f32(elem(a.q, a.fmt, q), a.qs[3], a.fmt, a.d, qscale, qf + r * a.d, 1);
                 limit[r] = a.causal ? len - a.sq + 1 + i : len;
             }
-            for (int64_t c = 0; c * a.chunk < len && at < hi; c++) {
-                const int64_t c0 = c * a.chunk, c1 = c0 + a.chunk < len ? c0 + a.chunk : len;
-                if (at >= lo)
-                    decode_chunk(&a, b, h, c0, c1, qf, limit, rows,
-                                 a.ws + (bh * chunks + c) * rows * stride, kbuf, vbuf);
-                at += c1 - c0;
-            }
+            decode_chunk(&a, b, h, c0, c0 + a.chunk < len ? c0 + a.chunk : len, qf, limit, rows,
+                         a.ws + it * rows * stride, kbuf, vbuf);
         }
-        #pragma omp barrier
         /* combine the chunks of every query row */
         float *weight = buffer(1, chunks), *row = buffer(3, a.dv);
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, 16)
         for (int64_t x = 0; x < a.batch * a.hkv * rows; x++) {
             const int64_t bh = x / rows, r = x % rows, b = bh / a.hkv, h = bh % a.hkv;
             const int64_t n = (a.lens[b] + a.chunk - 1) / a.chunk, step = rows * stride;
