@@ -12,7 +12,7 @@ from opcheck import check, close
 
 import tessera.ops as O
 from marks import slow_after
-from tessera.errors import DtypeError, ShapeError
+from tessera.errors import DtypeError, OutOfMemoryError, ShapeError
 from tessera.ops import ArgumentError
 
 DTYPES = slow_after(1, [torch.float32, torch.bfloat16, torch.float16])
@@ -227,6 +227,14 @@ def test_sdpa_nan_propagates() -> None:
     for causal in (False, True):  # the decoding and the prefill kernel
         got = check(SDPA, q, k, v, None, causal)
         assert got[0, 0, 2].isnan().all() and not got[0, 0, 1].isnan().any()
+
+
+def test_sdpa_out_of_memory_is_an_error() -> None:
+    # bfloat16 keys are copied to float32 per thread: 2^40 of them (a stride-0 view) cannot be
+    k = torch.zeros(1, 1, 1, 128, dtype=torch.bfloat16).expand(1, 1, 1 << 40, 128)
+    q = torch.zeros(1, 1, 4, 128, dtype=torch.bfloat16)
+    with pytest.raises(OutOfMemoryError, match="scaled_dot_product_attention: out of memory"):
+        O.scaled_dot_product_attention(q, k, k, is_causal=True)
 
 
 def test_sdpa_bad_inputs() -> None:

@@ -275,10 +275,10 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
         # a few queries: split the keys across the threads instead of the query rows
         lens = torch.full((q.shape[0],), sk, dtype=torch.int64)
         template.decode(q, k, v, lens, out, scale=scale,
-                        chunk=_chunk(sk, q.shape[0] * k.shape[1]))
+                        chunk=_chunk(sk, q.shape[0] * k.shape[1]), who=name)
     else:
         template.attention(q, k, v, out, scale=scale, causal=bool(is_causal), mask=mask,
-                           lse=sums)
+                           lse=sums, who=name)
     if lse:
         return out, sums
     return out.view(*lead, *out.shape[2:]) if len(lead) != 2 else out
@@ -339,5 +339,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = _like_q(q, v_cache.shape[-1])
     if out.numel():
         template.decode(q, k_cache, v_cache, lens, out, scale=scale, causal=bool(is_causal),
-                        chunk=_chunk(max(longest, 1), b * k_cache.shape[1]))
+                        chunk=_chunk(max(longest, 1), b * k_cache.shape[1]), who=name)
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tessera.errors import OutOfMemoryError
 from tessera.lang.codegen import MATH_HEADER, TILE_HEADER
 from tessera.runtime.cpu.launch import launcher
 from tessera.runtime.toolchain import compile_c
@@ -71,32 +72,43 @@ def _ptr(t: torch.Tensor | None) -> int:
 def _launch(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             out: torch.Tensor, mask: torch.Tensor | None, lse: torch.Tensor | None,
             lens: torch.Tensor | None, ws: torch.Tensor | None, causal: bool, chunk: int,
-            scale: float, config: Blocking | None) -> None:
+            scale: float, config: Blocking | None, who: str) -> None:
     entry = _entry(config or blocking(), name)
     batch, hq, sq, d = q.shape
     hkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+    status = torch.zeros(1, dtype=torch.int64)
     launcher()(entry, 1, 1, 1, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-               _ptr(mask), _ptr(lse), _ptr(lens), _ptr(ws), *q.stride(), *k.stride(),
-               *v.stride(), *out.stride(), *_strides(mask), batch, hq, hkv, sq, sk, d, dv,
+               _ptr(mask), _ptr(lse), _ptr(lens), _ptr(ws), status.data_ptr(), *q.stride(),
+               *k.stride(), *v.stride(), *out.stride(), *_strides(mask), batch, hq, hkv, sq,
+               sk, d, dv,
                _FORMATS[q.dtype], _FORMATS[mask.dtype] if mask is not None else _NONE,
                int(causal), chunk, float(scale))
+    if status.item():
+        raise OutOfMemoryError(f"{who}: out of memory for the scratch buffers (per "
+                               f"thread, float32 copies of up to {sk} keys and values of "
+                               f"{d} + {dv} features)",
+                               hint="pass float32 keys and values with unit feature "
+                                    "stride (read in place), or fewer keys")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *,
               scale: float, causal: bool = False, mask: torch.Tensor | None = None,
-              lse: torch.Tensor | None = None, config: Blocking | None = None) -> None:
+              lse: torch.Tensor | None = None, config: Blocking | None = None,
+              who: str = "attention") -> None:
     """out = softmax(q k^T * scale + mask) v for q [B, Hq, Sq, D], k [B, Hkv, Sk, D],
     v [B, Hkv, Sk, Dv] (Hq a multiple of Hkv; query head h uses kv head h // (Hq / Hkv)),
     out [B, Hq, Sq, Dv], all of one float dtype and any strides. `causal`: query i sees keys
     <= i (top-left aligned). `mask` [B, Hq, Sq, Sk] by strides (0 to broadcast): bool
     (False drops the key) or float (added). `lse` [B, Hq, Sq] float32, contiguous, gets
-    each row's natural-log logsumexp. Rows that see no key get zeros (lse 0, as torch)."""
-    _launch("tsr_attention", q, k, v, out, mask, lse, None, None, causal, 0, scale, config)
+    each row's natural-log logsumexp. Rows that see no key get zeros (lse 0, as torch).
+    Raises OutOfMemoryError (naming `who`) if its scratch buffers cannot be had."""
+    _launch("tsr_attention", q, k, v, out, mask, lse, None, None, causal, 0, scale, config,
+            who)
 
 
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
            out: torch.Tensor, *, scale: float, causal: bool = False, chunk: int = 256,
-           config: Blocking | None = None) -> None:
+           config: Blocking | None = None, who: str = "decode") -> None:
     """Attention of a few queries per sequence over a KV cache, flash-decoding style:
     q [B, Hq, Sq, D] against the first lens[b] (int64, contiguous, each <= S) positions of
     k [B, Hkv, S, D] and v [B, Hkv, S, Dv]; the keys of each (batch row, kv head) are split
@@ -106,4 +118,5 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     rows = q.shape[1] // hkv * q.shape[2]
     chunks = -(-s // chunk)
     ws = torch.empty(batch * hkv * chunks * rows * (2 + v.shape[3]), dtype=torch.float32)
-    _launch("tsr_decode", q, k, v, out, None, None, lens, ws, causal, chunk, scale, config)
+    _launch("tsr_decode", q, k, v, out, None, None, lens, ws, causal, chunk, scale, config,
+            who)

@@ -41,6 +41,7 @@ typedef struct {
     float *lse;             /* [B, Hq, Sq] natural-log logsumexp (0 where no key), or NULL */
     const int64_t *lens;    /* decode: valid keys of each batch row */
     float *ws;              /* decode: the chunks' partial results */
+    int64_t *status;        /* set to 1 if a scratch buffer could not be allocated */
     int64_t qs[4], ks[4], vs[4], os[4], ms[4];
     int64_t batch, hq, hkv, sq, sk, d, dv;
     int64_t fmt, mfmt;      /* format of q, k, v and out; of the mask */
@@ -140,13 +141,13 @@ typedef struct {
     int64_t head, done;  /* the (batch, kv head) converted, and how many of its rows */
 } tsr_kv;
 
-static void kv_rows(const tsr_args *a, tsr_kv *kv, int64_t b, int64_t h, int64_t upto) {
+static int kv_rows(const tsr_args *a, tsr_kv *kv, int64_t b, int64_t h, int64_t upto) {
     const void *k = elem(a->k, a->fmt, b * a->ks[0] + h * a->ks[1]);
     const void *v = elem(a->v, a->fmt, b * a->vs[0] + h * a->vs[1]);
     if (a->fmt == TSR_F32 && a->ks[3] == 1 && a->vs[3] == 1) {
         kv->k = (const float *)k, kv->v = (const float *)v;
         kv->ldk = a->ks[2], kv->ldv = a->vs[2];
-        return;
+        return 1;
     }
     const int64_t head = b * a->hkv + h;
     if (kv->head != head) {
@@ -154,6 +155,10 @@ static void kv_rows(const tsr_args *a, tsr_kv *kv, int64_t b, int64_t h, int64_t
         kv->ldk = a->d, kv->ldv = a->dv;
         kv->k = buffer(0, a->sk * a->d);
         kv->v = buffer(1, a->sk * a->dv);
+        if (!kv->k || !kv->v) {
+            kv->head = -1;
+            return 0;
+        }
     }
     if (upto > kv->done) {
         convert_rows(k, a->fmt, a->ks[2], a->ks[3], kv->done, upto, a->d, (float *)kv->k, a->d);
@@ -161,6 +166,7 @@ static void kv_rows(const tsr_args *a, tsr_kv *kv, int64_t b, int64_t h, int64_t
                      a->dv);
         kv->done = upto;
     }
+    return 1;
 }
 
 /* ---- prefill: one group of RN query rows --------------------------------------------- */
@@ -396,8 +402,8 @@ static inline int64_t group_end(const tsr_args *a, int64_t r0) {
 }
 
 /* Rows r0 .. r0 + NG * RN of query head h (kv head h / (hq / hkv)) of batch row b, as NG
-   groups that take each block of keys in turn while it is in L1. */
-static void row_block(const tsr_args *a, tsr_kv *kv, int64_t b, int64_t h, int64_t r0,
+   groups that take each block of keys in turn while it is in L1; 0 if out of memory. */
+static int row_block(const tsr_args *a, tsr_kv *kv, int64_t b, int64_t h, int64_t r0,
                       tsr_group *groups, float *st) {
     int64_t n = 0, end = 0;
     for (; n < NG && r0 + n * RN < a->sq; n++) {
@@ -408,7 +414,7 @@ static void row_block(const tsr_args *a, tsr_kv *kv, int64_t b, int64_t h, int64
         end = g->end > end ? g->end : end;
         group_start(a, g, b, h);
     }
-    kv_rows(a, kv, b, h / (a->hq / a->hkv), end);
+    if (!kv_rows(a, kv, b, h / (a->hq / a->hkv), end)) return 0;
     for (int64_t kb = 0; kb < end; kb += BN)
         for (int64_t i = 0; i < n; i++)
             if (kb < groups[i].end) {
@@ -416,6 +422,7 @@ static void row_block(const tsr_args *a, tsr_kv *kv, int64_t b, int64_t h, int64
                 group_keys(a, kv, groups + i, b, h, kb, left < BN ? left : BN, st);
             }
     for (int64_t i = 0; i < n; i++) group_finish(a, groups + i, b, h);
+    return 1;
 }
 
 void tsr_attention(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
@@ -424,12 +431,15 @@ void tsr_attention(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
     memcpy(&a, raw, sizeof a);
     const int64_t blocks = (a.sq + NG * RN - 1) / (NG * RN), items = a.batch * a.hq * blocks;
     const double work = (double)a.batch * a.hq * a.sq * a.sk * (a.d + a.dv) / (a.causal + 1);
-    #pragma omp parallel if(work > 4e6)
+    int failed = 0;
+    #pragma omp parallel if(work > 4e6) reduction(|:failed)
     {
         tsr_group groups[NG];
         float *qt = buffer(2, NG * a.d * RN), *ot = buffer(3, NG * a.dv * RN);
         float *st = buffer(4, BN * RN);
-        for (int i = 0; i < NG; i++) groups[i].qt = qt + i * a.d * RN, groups[i].ot = ot + i * a.dv * RN;
+        failed = !qt || !ot || !st;
+        for (int i = 0; i < NG && !failed; i++)
+            groups[i].qt = qt + i * a.d * RN, groups[i].ot = ot + i * a.dv * RN;
         tsr_kv kv = {0};
         kv.head = -1;
         /* blocks handed out as threads come free (a thread the machine delays takes fewer),
@@ -438,9 +448,10 @@ void tsr_attention(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
         #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; it++) {
             const int64_t bh = it / blocks, i = blocks - 1 - it % blocks;
-            row_block(&a, &kv, bh / a.hq, bh % a.hq, i * NG * RN, groups, st);
+            if (!failed) failed = !row_block(&a, &kv, bh / a.hq, bh % a.hq, i * NG * RN, groups, st);
         }
     }
+    *a.status = failed;
 }
 
 /* ---- decode: a few query rows per kv head, keys split into chunks -------------------- */
@@ -537,18 +548,20 @@ void tsr_decode(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
     const int64_t chunks = (a.sk + a.chunk - 1) / a.chunk;  /* per sequence, at most */
     int64_t total = 0;
     for (int64_t b = 0; b < a.batch; b++) total += a.lens[b] * a.hkv;
-    #pragma omp parallel if(total * rows * (a.d + a.dv) > 1 << 20)
+    int failed = 0;
+    #pragma omp parallel if(total * rows * (a.d + a.dv) > 1 << 20) reduction(|:failed)
     {
         float *qf = buffer(2, rows * a.d), *kbuf = buffer(3, KB * a.d);
-        float *vbuf = buffer(4, KB * a.dv);
+        float *vbuf = buffer(4, KB * a.dv), *weight = buffer(1, chunks);
         int64_t *limit = (int64_t *)buffer(0, rows * 2);
+        failed = !qf || !kbuf || !vbuf || !weight || !limit;
         const float qscale = (float)(a.scale * 1.4426950408889634);
         /* (batch row, kv head, chunk) items handed out as threads come free */
         #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < a.batch * a.hkv * chunks; it++) {
             const int64_t bh = it / chunks, c = it % chunks, b = bh / a.hkv, h = bh % a.hkv;
             const int64_t len = a.lens[b], c0 = c * a.chunk;
-            if (c0 >= len) continue;  /* past this sequence's keys */
+            if (c0 >= len || failed) continue;  /* past this sequence's keys */
             for (int64_t r = 0; r < rows; r++) {  /* row r: query r % sq of head r / sq */
                 const int64_t i = r % a.sq;
                 const int64_t q = b * a.qs[0] + (h * per_head + r / a.sq) * a.qs[1] + i * a.qs[2];
@@ -558,10 +571,12 @@ void tsr_decode(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
             decode_chunk(&a, b, h, c0, c0 + a.chunk < len ? c0 + a.chunk : len, qf, limit, rows,
                          a.ws + it * rows * stride, kbuf, vbuf);
         }
-        /* combine the chunks of every query row */
-        float *weight = buffer(1, chunks), *row = buffer(3, a.dv);
+        /* combine the chunks of every query row (kbuf, done with, holds one) */
+        float *row = buffer(3, a.dv);
+        failed |= !row;
         #pragma omp for schedule(dynamic, 16)
         for (int64_t x = 0; x < a.batch * a.hkv * rows; x++) {
+            if (failed) continue;
             const int64_t bh = x / rows, r = x % rows, b = bh / a.hkv, h = bh % a.hkv;
             const int64_t n = (a.lens[b] + a.chunk - 1) / a.chunk, step = rows * stride;
             const float *part = a.ws + bh * chunks * step + r * stride;
@@ -583,4 +598,5 @@ void tsr_decode(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
             store_f32(row, 1, inv, a.dv, (void *)elem(a.o, a.fmt, o), a.os[3], a.fmt);
         }
     }
+    *a.status = failed;
 }
