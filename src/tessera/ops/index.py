@@ -12,6 +12,9 @@ Indices are checked in the kernels: each program sets its byte of a per-thread f
 buffer if it met an index outside [0, n) (the kernel language masks that access, so
 nothing out of bounds is read or written), and a set flag becomes an ArgumentError
 naming the op, the argument and the value (found by one torch pass, only then).
+
+As in shape.py, a call's launches are planned once per layout (shapes, strides, dtypes,
+dim): a repeated call allocates its result, adds data pointers and launches.
 """
 
 from __future__ import annotations
@@ -67,21 +70,31 @@ def _flag(flag, bad):
 
 
 @tl.kernel
+def _outside(i, n):
+    """Whether index i is outside [0, n)."""
+    return (i < 0) | (i >= n)
+
+
+@tl.kernel
+def _corner(BR: tl.constexpr, BN: tl.constexpr):
+    """This program's first inner column, first row and outer index."""
+    return tl.program_id(0) * BN, tl.program_id(1) * BR, tl.program_id(2)
+
+
+@tl.kernel
 def select_kernel(x, index, out, flag, BR: tl.constexpr, BN: tl.constexpr):
     """out[o, r, :] = x[o, index[r], :] for BR rows r and BN inner columns."""
-    j = tl.program_id(0) * BN
-    r0 = tl.program_id(1) * BR
-    o = tl.program_id(2)
+    j, r0, o = _corner(BR, BN)
     n = x.shape[1]
     if BR == 1:  # no loop: the launch's work estimate stays true, small ones stay serial
         i = index[r0]
         out[o, r0, j:j + BN] = x[o, i, j:j + BN]
-        bad = (i < 0) | (i >= n)
+        bad = _outside(i, n)
     else:
         bad = False
         for r in tl.range(r0, min(r0 + BR, index.shape[0])):
             i = index[r]
-            bad = bad | (i < 0) | (i >= n)
+            bad = bad | _outside(i, n)
             out[o, r, j:j + BN] = x[o, i, j:j + BN]
     _flag(flag, bad)
 
@@ -89,15 +102,13 @@ def select_kernel(x, index, out, flag, BR: tl.constexpr, BN: tl.constexpr):
 @tl.kernel
 def gather_kernel(x, index, out, flag, BR: tl.constexpr, BN: tl.constexpr):
     """out[o, r, c] = x[o, index[o, r, c], c] over BR x BN elements."""
-    j = tl.program_id(0) * BN
-    r0 = tl.program_id(1) * BR
-    o = tl.program_id(2)
+    j, r0, o = _corner(BR, BN)
     n = x.shape[1]
     bad = False
     for r in tl.range(r0, min(r0 + BR, index.shape[1])):
         for c in tl.range(j, min(j + BN, index.shape[2])):
             i = index[o, r, c]
-            bad = bad | (i < 0) | (i >= n)
+            bad = bad | _outside(i, n)
             out[o, r, c] = x[o, i, c]
     _flag(flag, bad)
 
@@ -112,7 +123,7 @@ def index_add_kernel(out, index, source, alpha, flag, ALPHA: tl.constexpr,
     bad = False
     for r in tl.range(0, index.shape[0]):
         i = index[r]
-        bad = bad | (i < 0) | (i >= n)
+        bad = bad | _outside(i, n)
         v = source[o, r, j:j + BN]
         out[o, i, j:j + BN] += v * alpha if ALPHA else v
     _flag(flag, bad)
@@ -128,7 +139,7 @@ def scatter_add_kernel(out, index, src, flag, BN: tl.constexpr):
     for r in tl.range(0, index.shape[1]):
         for c in tl.range(j, min(j + BN, index.shape[2])):
             i = index[o, r, c]
-            bad = bad | (i < 0) | (i >= n)
+            bad = bad | _outside(i, n)
             out[o, i, c] += src[o, r, c]
     _flag(flag, bad)
 
@@ -288,23 +299,34 @@ def _vector(index: torch.Tensor, name: str) -> None:
 
 
 # -- row ops: embedding, index_select, index_add -------------------------------------------------
-def _select_launches(x: Layout, index: Layout, out: Layout, d: int, dx: torch.dtype,
-                     di: torch.dtype) -> list[Launch]:
-    """out = x.index_select(d, index) (index 1-dim, operands 0, 1, 2)."""
-    v = _around(x[0], d, [x[1], out[1]])
+def _row_launches(kind: str, a: Layout, index: Layout, b: Layout, d: int, dt: torch.dtype,
+                  di: torch.dtype, scaled: bool = False) -> list[Launch]:
+    """Launches of a row kernel ("select", "index_add"): operand a has n slices along d
+    (select reads them, index_add adds into them), b one slice per entry of the 1-dim
+    index (select writes them, index_add reads them)."""
+    v = _around(a[0], d, [a[1], b[1]])
     if v is None:
-        dd, subs = _leading(d, [x, out], [dx.itemsize, dx.itemsize])
-        return [lc for sx, so in subs for lc in _select_launches(sx, index, so, dd, dx, di)]
-    o, inner, (sx, so) = v
-    n, length, istride = x[0][d], index[0][0], index[1][0]
-    bn = _width(inner)
-    ux, ui, uo = sx[2] == 1, istride == 1, so[2] == 1
-    s = compiled(("select", dx, di, bn, ux, ui, uo), select_kernel, spec(dx, 3, ux),
-                 spec(di, 1, ui), spec(dx, 3, uo), spec(torch.bool, 1), BR=_ELEMS // bn,
-                 BN=bn)
-    grid = (-(-inner // bn), -(-length // (_ELEMS // bn)), o)
-    return [_launch(s, grid, _t3(x, o, n, inner, sx), (index[2], (length, istride)),
-                    _t3(out, o, length, inner, so))]
+        dd, subs = _leading(d, [a, b], [dt.itemsize, dt.itemsize])
+        return [lc for sa, sb in subs
+                for lc in _row_launches(kind, sa, index, sb, dd, dt, di, scaled)]
+    o, inner, (sa, sb) = v
+    n, length, istride = a[0][d], index[0][0], index[1][0]
+    units = (sa[2] == 1, istride == 1, sb[2] == 1)
+    specs = (spec(dt, 3, units[0]), spec(di, 1, units[1]), spec(dt, 3, units[2]))
+    if kind == "select":
+        bn = _width(inner)
+        br = _ELEMS // bn
+        s = compiled((kind, dt, di, bn, units), select_kernel, *specs, spec(torch.bool, 1),
+                     BR=br, BN=bn)
+        grid = (-(-inner // bn), -(-length // br), o)
+    else:
+        bn = _width(inner, _ADD_WIDTHS)
+        alpha = 0.0 if scaled and dt.is_floating_point else 0
+        s = compiled((kind, dt, di, bn, units, scaled), index_add_kernel, *specs, alpha,
+                     spec(torch.bool, 1), ALPHA=scaled, BN=bn)
+        grid = (-(-inner // bn), o, 1)
+    return [_launch(s, grid, _t3(a, o, n, inner, sa), (index[2], (length, istride)),
+                    _t3(b, o, length, inner, sb))]
 
 
 _EMBEDDING = Plans()
@@ -343,7 +365,7 @@ def _embedding_plan(weight: torch.Tensor, indices: torch.Tensor) -> Plan:
         prep = copy_launches(indices.shape, indices.stride(), indices.dtype,
                              contiguous_strides(indices.shape), indices.dtype)
         stride = 1
-    launches = _select_launches(_layout(weight), ((length,), (stride,), 0),
+    launches = _row_launches("select", _layout(weight), ((length,), (stride,), 0),
                                 _fresh((length, dim)), 0, weight.dtype, indices.dtype) \
         if length * dim else []
     return Plan((*indices.shape, dim), weight.dtype, rows, "the rows of 'weight'", launches,
@@ -379,8 +401,8 @@ def _index_select_plan(x: torch.Tensor, dim: int, index: torch.Tensor) -> Plan:
     xl = _layout(x)
     shape = list(xl[0])
     shape[d] = length
-    launches = _select_launches(xl, _layout(index), _fresh(shape), d, x.dtype, index.dtype) \
-        if math.prod(shape) else []
+    launches = _row_launches("select", xl, _layout(index), _fresh(shape), d, x.dtype,
+                             index.dtype) if math.prod(shape) else []
     return Plan(tuple(shape) if x.dim() else (), x.dtype, xl[0][d], f"dim {d}", launches,
                 check=length > 0 and not launches)
 
@@ -435,31 +457,11 @@ def _index_add_plan(x: torch.Tensor, dim: int, index: torch.Tensor, source: torc
         raise ShapeError(f"{name}: 'source' has shape {tuple(source.shape)}; it must be "
                          f"x's {tuple(x.shape)} with dim {d} of size len(index) = {length}")
     out = _fresh(xl[0])
-    launches = _index_add_launches(out, il, sl, d, x.dtype, index.dtype, alpha != 1) \
-        if math.prod(sl[0]) else []
+    launches = _row_launches("index_add", out, il, sl, d, x.dtype, index.dtype,
+                             alpha != 1) if math.prod(sl[0]) else []
     return Plan(tuple(x.shape), x.dtype, xl[0][d], f"dim {d}", launches,
                 check=length > 0 and not launches,
                 clone=copy_launches(xl[0], xl[1], x.dtype, out[1], x.dtype))
-
-
-def _index_add_launches(out: Layout, index: Layout, src: Layout, d: int, dt: torch.dtype,
-                        di: torch.dtype, scaled: bool) -> list[Launch]:
-    """out[.., index[r], ..] += alpha * src[.., r, ..] (operands 0, 1, 2)."""
-    v = _around(out[0], d, [out[1], src[1]])
-    if v is None:
-        dd, subs = _leading(d, [out, src], [dt.itemsize, dt.itemsize])
-        return [lc for so, ss in subs
-                for lc in _index_add_launches(so, index, ss, dd, dt, di, scaled)]
-    o, inner, (so, ss) = v
-    n, length, istride = out[0][d], index[0][0], index[1][0]
-    bn = _width(inner, _ADD_WIDTHS)
-    uo, ui, us = so[2] == 1, istride == 1, ss[2] == 1
-    alpha = (0.0 if dt.is_floating_point else 0) if scaled else 0
-    s = compiled(("index_add", dt, di, bn, uo, ui, us, type(alpha), scaled), index_add_kernel,
-                 spec(dt, 3, uo), spec(di, 1, ui), spec(dt, 3, us), alpha,
-                 spec(torch.bool, 1), ALPHA=scaled, BN=bn)
-    return [_launch(s, (-(-inner // bn), o, 1), _t3(out, o, n, inner, so),
-                    (index[2], (length, istride)), _t3(src, o, length, inner, ss))]
 
 
 # -- element ops: gather, scatter_add --------------------------------------------------------------
@@ -479,6 +481,31 @@ def _no_larger(index: Sequence[int], t: Sequence[int], skip: int | None, name: s
 def _cut(lay: Layout, shape: Sequence[int], skip: int | None) -> Layout:
     """lay cut to `shape` in every dim but `skip`."""
     return _narrow(lay, [n if k == skip else shape[k] for k, n in enumerate(lay[0])])
+
+
+def _element_launches(kind: str, a: Layout, index: Layout, b: Layout, d: int,
+                      dt: torch.dtype, di: torch.dtype) -> list[Launch]:
+    """Launches of an element kernel ("gather", "scatter_add"): operand a has n entries
+    along d (gather reads them, scatter_add adds into them); index and b agree (gather
+    writes b, scatter_add reads it)."""
+    v = _around(index[0], d, [a[1], index[1], b[1]])
+    if v is None:
+        dd, subs = _leading(d, [a, index, b], [dt.itemsize, di.itemsize, dt.itemsize])
+        return [lc for sa, si, sb in subs
+                for lc in _element_launches(kind, sa, si, sb, dd, dt, di)]
+    o, inner, (sa, si, sb) = v
+    n, length = a[0][d], index[0][d]
+    bn = _columns(inner)
+    specs = (spec(dt, 3, False), spec(di, 3, False), spec(dt, 3, False), spec(torch.bool, 1))
+    if kind == "gather":
+        br = _ELEMS // bn
+        s = compiled((kind, dt, di, bn), gather_kernel, *specs, BR=br, BN=bn)
+        grid = (-(-inner // bn), -(-length // br), o)
+    else:
+        s = compiled((kind, dt, di, bn), scatter_add_kernel, *specs, BN=bn)
+        grid = (-(-inner // bn), o, 1)
+    return [_launch(s, grid, _t3(a, o, n, inner, sa), _t3(index, o, length, inner, si),
+                    _t3(b, o, length, inner, sb))]
 
 
 _GATHER = Plans()
@@ -507,27 +534,9 @@ def _gather_plan(x: torch.Tensor, dim: int, index: torch.Tensor) -> Plan:
     if index.numel():  # as torch: an empty index is not checked against x
         _same_rank(index, x, name, "x")
         _no_larger(il[0], xl[0], d, name, "x")
-        launches = _gather_launches(_cut(xl, il[0], d), il, _fresh(il[0]), d, x.dtype,
-                                    index.dtype)
+        launches = _element_launches("gather", _cut(xl, il[0], d), il, _fresh(il[0]), d,
+                                     x.dtype, index.dtype)
     return Plan(tuple(index.shape), x.dtype, xl[0][d], f"dim {d}", launches)
-
-
-def _gather_launches(x: Layout, index: Layout, out: Layout, d: int, dx: torch.dtype,
-                     di: torch.dtype) -> list[Launch]:
-    v = _around(index[0], d, [x[1], index[1], out[1]])
-    if v is None:
-        dd, subs = _leading(d, [x, index, out], [dx.itemsize, di.itemsize, dx.itemsize])
-        return [lc for a, b, c in subs for lc in _gather_launches(a, b, c, dd, dx, di)]
-    o, inner, (sx, si, so) = v
-    n, length = x[0][d], index[0][d]
-    bn = _columns(inner)
-    s = compiled(("gather", dx, di, bn), gather_kernel, spec(dx, 3, False),
-                 spec(di, 3, False), spec(dx, 3, False), spec(torch.bool, 1),
-                 BR=_ELEMS // bn, BN=bn)
-    grid = (-(-inner // bn), -(-length // (_ELEMS // bn)), o)
-    return [_launch(s, grid, _t3(x, o, n, inner, sx), _t3(index, o, length, inner, si),
-                    _t3(out, o, length, inner, so))]
-
 
 _SCATTER_ADD = Plans()
 
@@ -565,22 +574,7 @@ def _scatter_add_plan(x: torch.Tensor, dim: int, index: torch.Tensor, src: torch
         _same_rank(index, src, name, "src")
         _no_larger(il[0], xl[0], d, name, "x")
         _no_larger(il[0], sl[0], None, name, "src")
-        launches = _scatter_add_launches(_cut(out, il[0], d), il, _cut(sl, il[0], None), d,
-                                         x.dtype, index.dtype)
+        launches = _element_launches("scatter_add", _cut(out, il[0], d), il,
+                                     _cut(sl, il[0], None), d, x.dtype, index.dtype)
     return Plan(tuple(x.shape), x.dtype, xl[0][d], f"dim {d}", launches,
                 clone=copy_launches(xl[0], xl[1], x.dtype, out[1], x.dtype))
-
-
-def _scatter_add_launches(out: Layout, index: Layout, src: Layout, d: int, dt: torch.dtype,
-                          di: torch.dtype) -> list[Launch]:
-    v = _around(index[0], d, [out[1], index[1], src[1]])
-    if v is None:
-        dd, subs = _leading(d, [out, index, src], [dt.itemsize, di.itemsize, dt.itemsize])
-        return [lc for a, b, c in subs for lc in _scatter_add_launches(a, b, c, dd, dt, di)]
-    o, inner, (so, si, ss) = v
-    n, length = out[0][d], index[0][d]
-    bn = _columns(inner)
-    s = compiled(("scatter_add", dt, di, bn), scatter_add_kernel, spec(dt, 3, False),
-                 spec(di, 3, False), spec(dt, 3, False), spec(torch.bool, 1), BN=bn)
-    return [_launch(s, (-(-inner // bn), o, 1), _t3(out, o, n, inner, so),
-                    _t3(index, o, length, inner, si), _t3(src, o, length, inner, ss))]

@@ -221,8 +221,8 @@ _INTO = Plans()
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst[...] = src: same shapes, any strides (src may be broadcast, stride 0), src
-    converted to dst's dtype."""
+    """dst[...] = src for CPU tensors of one shape and any strides (src may be broadcast,
+    stride 0; dst's elements must not share memory), src converted to dst's dtype."""
     key = (dst.shape, src.stride(), src.dtype, dst.stride(), dst.dtype)
     launches = _INTO.get(key) or _INTO.put(key, copy_launches(
         dst.shape, src.stride(), src.dtype, dst.stride(), dst.dtype))
@@ -235,10 +235,6 @@ def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
         strides.append(step)
         step *= max(n, 1)
     return tuple(reversed(strides))
-
-
-def _kernel_tensor(x: Any, name: str, arg: str) -> None:
-    check_tensor(x, name, arg, ALL)
 
 
 # -- cat -----------------------------------------------------------------------------------
@@ -266,7 +262,7 @@ def _cat_plan(tensors: Sequence[Any], dim: int
               ) -> tuple[list[int], torch.dtype, list[tuple[int, list[CopyLaunch]]]]:
     """(out shape, dtype, each copied tensor's index and copy launches)."""
     for k, t in enumerate(tensors):
-        _kernel_tensor(t, "cat", f"tensors[{k}]")
+        check_tensor(t, "cat", f"tensors[{k}]", ALL)
         if t.dim() == 0:
             raise ShapeError(f"cat: tensors[{k}] is 0-dim and cannot be concatenated",
                              hint="give it a dim first, e.g. t.reshape(1)")
@@ -351,7 +347,7 @@ def split(x: torch.Tensor, split_sizes: Sequence[int] | int, dim: int = 0
 def _split_plan(x: torch.Tensor, split_sizes: Any, dim: int
                 ) -> list[tuple[list[int], list[CopyLaunch]]]:
     """Each piece's shape and copy launches."""
-    _kernel_tensor(x, "split", "x")
+    check_tensor(x, "split", "x", ALL)
     d = check_dim(dim, x.dim(), "split")
     if x.dim() == 0:
         raise ShapeError("split: x is 0-dim and has no dim to split",
@@ -397,7 +393,7 @@ def permute(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
 
 
 def _permute_plan(x: torch.Tensor, dims: Sequence[int]) -> tuple[list[int], list[CopyLaunch]]:
-    _kernel_tensor(x, "permute", "x")
+    check_tensor(x, "permute", "x", ALL)
     dims = list(dims)
     if len(dims) != x.dim():
         raise ShapeError(f"permute: dims={dims} has {len(dims)} entries for a {x.dim()}-dim "
@@ -423,7 +419,7 @@ def transpose(x: torch.Tensor, dim0: int, dim1: int) -> torch.Tensor:
 
 def _transpose_plan(x: torch.Tensor, dim0: int, dim1: int
                     ) -> tuple[list[int], list[CopyLaunch]]:
-    _kernel_tensor(x, "transpose", "x")
+    check_tensor(x, "transpose", "x", ALL)
     order = list(range(x.dim()))
     if x.dim():
         d0 = check_dim(dim0, x.dim(), "transpose", "dim0")
