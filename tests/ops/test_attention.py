@@ -163,6 +163,7 @@ def test_sdpa_views_layouts_and_options() -> None:
     # peaked softmax: scores of ~300 carry ~3e-5 absolute float32 error into the weights
     check(SDPA, q * 40, k, v, atol=1e-4, rtol=1e-3)
     check(SDPA, q[:, :, :0], k, v)  # no queries
+    check(SDPA, q[..., :0], k[..., :0], v, None, True)  # no features: uniform weights
 
 
 def test_sdpa_broadcasts_as_torch() -> None:

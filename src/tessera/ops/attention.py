@@ -175,6 +175,11 @@ def _sdpa_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool,
     return four(q3, hq), four(k3, hkv), four(v3, hkv), (*lead, *head)
 
 
+def _scale(scale: float | None, d: int) -> float:
+    """The scores' factor: torch's default 1/sqrt(D) (any, for D = 0: the scores are 0)."""
+    return float(scale) if scale is not None else 1.0 / math.sqrt(d) if d else 1.0
+
+
 def _like_q(q: torch.Tensor, dv: int) -> torch.Tensor:
     """The output [B, H, Sq, Dv] in q's layout, as torch's: [B, S, H, D] memory if q is a
     transposed [B, S, H, D] projection, else contiguous."""
@@ -265,7 +270,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
     q, k, v, lead = _sdpa_operands(q, k, v, gqa, name)
     sk, dv = k.shape[2], v.shape[3]
     mask = _mask(attn_mask, q, lead, sk, name) if attn_mask is not None else None
-    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    scale = _scale(scale, q.shape[3])
     out = _like_q(q, dv) if len(lead) == 2 else torch.empty(*q.shape[:3], dv, dtype=q.dtype)
     sums = torch.empty(q.shape[:3], dtype=torch.float32) if lse else None
     rows = q.shape[2] * (q.shape[1] // max(k.shape[1], 1))  # query rows per kv head
@@ -335,7 +340,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if b and (int(lens.min()) < 0 or longest > s):
         raise ArgumentError(f"{name}: cache_lens must be in [0, {s}] (the cache's length), "
                             f"got values in [{int(lens.min())}, {longest}]")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _scale(scale, q.shape[-1])
     out = _like_q(q, v_cache.shape[-1])
     if out.numel():
         template.decode(q, k_cache, v_cache, lens, out, scale=scale, causal=bool(is_causal),
