@@ -45,7 +45,7 @@ test-quick:
 bench:
 	scripts/sysdeps.sh cc mpi
 	$(MAKE) --no-print-directory venv
-	for suite in runtime lang gemm comm; do \
+	for suite in runtime lang gemm ops comm; do \
 	    OPENBLAS_THREAD_TIMEOUT=20 $(VENV)/bin/tessera bench $$suite --json bench-$$suite.json; \
 	done
 
