@@ -5,8 +5,9 @@ Attention runs on the attention template (templates/attention): FlashAttention f
 prefill (the S x S scores never exist; the rows of a group sit in vector lanes, so the
 online softmax needs no horizontal reductions) and flash-decoding for a few queries over
 a long cache (each sequence's keys split into chunks across the threads, then combined).
-Layout is torch's: q [B, H, S, D] (3-D [H, S, D] too); a [B, S, H, D] projection is
-passed as its transpose (`x.transpose(1, 2)`, no copy), since every stride is honored.
+Layout is torch's: q [B, H, S, D] (SDPA broadcasts other ranks as torch does); a
+[B, S, H, D] projection is passed as its transpose (`x.transpose(1, 2)`, no copy), since
+every stride is honored.
 Everything accumulates in float32; results are in the inputs' dtype.
 """
 
@@ -50,16 +51,20 @@ def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _four_dims(t: torch.Tensor) -> torch.Tensor:
+    """A cos or sin table as 4-D: [S, R] serves every batch row and head, [B, S, R] every
+    head (as Hugging Face's cos[:, None])."""
+    return t[None, None] if t.dim() == 2 else t[:, None] if t.dim() == 3 else t
+
+
 def _rotary_tables(t: torch.Tensor, x: torch.Tensor, name: str, arg: str) -> torch.Tensor:
-    """cos or sin as [B, H, S, R] by broadcasting: [S, R] serves every batch row and head,
-    [B, S, R] every head (as Hugging Face's cos[:, None]), 4-D broadcasts as is."""
+    """cos or sin checked and broadcast (by strides) to [B, H, S, R]."""
     check_tensor(t, name, arg, FLOATS)
     if t.dim() not in (2, 3, 4):
         raise ShapeError(f"{name}: {arg} must be [S, R], [B, S, R] or [B, H, S, R], got "
                          f"shape {tuple(t.shape)}")
-    full = t[None, None] if t.dim() == 2 else t[:, None] if t.dim() == 3 else t
     try:
-        return full.expand(*x.shape[:3], t.shape[-1])
+        return _four_dims(t).expand(*x.shape[:3], t.shape[-1])
     except RuntimeError:
         raise ShapeError(f"{name}: {arg} of shape {tuple(t.shape)} does not broadcast to x "
                          f"{tuple(x.shape)} (as [B, H, S, rotary dims])",
@@ -68,9 +73,7 @@ def _rotary_tables(t: torch.Tensor, x: torch.Tensor, name: str, arg: str) -> tor
 
 def _rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                       interleaved: bool = False) -> torch.Tensor:
-    r = cos.shape[-1]
-    c = (cos[None, None] if cos.dim() == 2 else cos[:, None] if cos.dim() == 3 else cos)
-    s = (sin[None, None] if sin.dim() == 2 else sin[:, None] if sin.dim() == 3 else sin)
+    r, c, s = cos.shape[-1], _four_dims(cos), _four_dims(sin)
     xf = x.float()
     xr = xf[..., :r]
     if interleaved:
@@ -105,9 +108,9 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
     half = r // 2
     pick = (slice(0, r, 2), slice(1, r, 2)) if interleaved else \
         (slice(0, half), slice(half, r))
-    views = [t[..., p] for t in (x, c, s, out) for p in pick]
-    rest = (x[..., r:], out[..., r:]) if r < d else (x[..., :1], out[..., :1])
-    args = [*views[:2], views[2], views[3], views[4], views[5], views[6], views[7], *rest]
+    pairs = [t[..., p] for t in (x, c, s, out) for p in pick]  # a, b, ca, cb, sa, sb, oa, ob
+    copied = (x[..., r:], out[..., r:]) if r < d else (x[..., :1], out[..., :1])  # unused
+    args = [*pairs, *copied]
     w, rest = _pow2(half), _pow2(d - r) if d > r else 0
     bs = min(_pow2(x.shape[2]), max(1, _BLOCK // w))  # positions, then heads, per tile
     bh = min(_pow2(x.shape[1]), max(1, _BLOCK // (w * bs)))
