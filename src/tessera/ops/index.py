@@ -41,12 +41,13 @@ from tessera.ops._launch import (
 )
 from tessera.ops.registry import op
 from tessera.ops.shape import (
+    Alloc,
     CopyLaunch,
     Plans,
+    allocator,
     call,
     contiguous_strides,
     copy_launches,
-    empty,
     run_copy,
 )
 
@@ -195,7 +196,7 @@ class Launch(NamedTuple):
 class Plan(NamedTuple):
     """Everything a call of one layout does, but for its data pointers."""
 
-    shape: tuple[int, ...]  # the result's
+    alloc: Alloc  # the result's allocation
     dtype: torch.dtype
     n: int  # the indexed dim's size, and what it is (for errors)
     what: str
@@ -345,7 +346,7 @@ def embedding(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         flat = torch.empty(indices.shape, dtype=indices.dtype)
         run_copy(p.prep, indices.data_ptr(), flat.data_ptr())
         indices = flat
-    out = empty(p.shape, p.dtype)
+    out = p.alloc()
     _go(p, weight.data_ptr(), indices.data_ptr(), out.data_ptr(), (), indices, "embedding",
         "indices")
     return out
@@ -368,8 +369,9 @@ def _embedding_plan(weight: torch.Tensor, indices: torch.Tensor) -> Plan:
     launches = _row_launches("select", _layout(weight), ((length,), (stride,), 0),
                                 _fresh((length, dim)), 0, weight.dtype, indices.dtype) \
         if length * dim else []
-    return Plan((*indices.shape, dim), weight.dtype, rows, "the rows of 'weight'", launches,
-                check=length > 0 and not launches, prep=prep)
+    return Plan(allocator((*indices.shape, dim), weight.dtype), weight.dtype, rows,
+                "the rows of 'weight'", launches, check=length > 0 and not launches,
+                prep=prep)
 
 
 _INDEX_SELECT = Plans()
@@ -383,7 +385,7 @@ def index_select(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor
     key = (dim, x.shape, x.stride(), x.dtype, x.is_cpu, index.shape, index.stride(),
            index.dtype, index.is_cpu)
     p = _INDEX_SELECT.get(key) or _INDEX_SELECT.put(key, _index_select_plan(x, dim, index))
-    out = empty(p.shape, p.dtype)
+    out = p.alloc()
     _go(p, x.data_ptr(), index.data_ptr(), out.data_ptr(), (), index, "index_select",
         "index")
     return out
@@ -403,8 +405,8 @@ def _index_select_plan(x: torch.Tensor, dim: int, index: torch.Tensor) -> Plan:
     shape[d] = length
     launches = _row_launches("select", xl, _layout(index), _fresh(shape), d, x.dtype,
                              index.dtype) if math.prod(shape) else []
-    return Plan(tuple(shape) if x.dim() else (), x.dtype, xl[0][d], f"dim {d}", launches,
-                check=length > 0 and not launches)
+    return Plan(allocator(shape if x.dim() else (), x.dtype), x.dtype, xl[0][d],
+                f"dim {d}", launches, check=length > 0 and not launches)
 
 
 _INDEX_ADD = Plans()
@@ -424,7 +426,7 @@ def index_add(x: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tens
            source.is_cpu, type(alpha), alpha == 1)
     p = _INDEX_ADD.get(key) or _INDEX_ADD.put(key, _index_add_plan(x, dim, index, source,
                                                                    alpha))
-    out = empty(p.shape, p.dtype)
+    out = p.alloc()
     run_copy(p.clone, x.data_ptr(), out.data_ptr())
     a = 0 if alpha == 1 else float(alpha) if p.dtype.is_floating_point else int(alpha)
     _go(p, out.data_ptr(), index.data_ptr(), source.data_ptr(), (a,), index, "index_add",
@@ -459,7 +461,7 @@ def _index_add_plan(x: torch.Tensor, dim: int, index: torch.Tensor, source: torc
     out = _fresh(xl[0])
     launches = _row_launches("index_add", out, il, sl, d, x.dtype, index.dtype,
                              alpha != 1) if math.prod(sl[0]) else []
-    return Plan(tuple(x.shape), x.dtype, xl[0][d], f"dim {d}", launches,
+    return Plan(allocator(x.shape, x.dtype), x.dtype, xl[0][d], f"dim {d}", launches,
                 check=length > 0 and not launches,
                 clone=copy_launches(xl[0], xl[1], x.dtype, out[1], x.dtype))
 
@@ -519,7 +521,7 @@ def gather(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     key = (dim, x.shape, x.stride(), x.dtype, x.is_cpu, index.shape, index.stride(),
            index.dtype, index.is_cpu)
     p = _GATHER.get(key) or _GATHER.put(key, _gather_plan(x, dim, index))
-    out = empty(p.shape, p.dtype)
+    out = p.alloc()
     _go(p, x.data_ptr(), index.data_ptr(), out.data_ptr(), (), index, "gather", "index")
     return out
 
@@ -536,7 +538,7 @@ def _gather_plan(x: torch.Tensor, dim: int, index: torch.Tensor) -> Plan:
         _no_larger(il[0], xl[0], d, name, "x")
         launches = _element_launches("gather", _cut(xl, il[0], d), il, _fresh(il[0]), d,
                                      x.dtype, index.dtype)
-    return Plan(tuple(index.shape), x.dtype, xl[0][d], f"dim {d}", launches)
+    return Plan(allocator(index.shape, x.dtype), x.dtype, xl[0][d], f"dim {d}", launches)
 
 _SCATTER_ADD = Plans()
 
@@ -552,7 +554,7 @@ def scatter_add(x: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tenso
     key = (dim, x.shape, x.stride(), x.dtype, x.is_cpu, index.shape, index.stride(),
            index.dtype, index.is_cpu, src.shape, src.stride(), src.dtype, src.is_cpu)
     p = _SCATTER_ADD.get(key) or _SCATTER_ADD.put(key, _scatter_add_plan(x, dim, index, src))
-    out = empty(p.shape, p.dtype)
+    out = p.alloc()
     run_copy(p.clone, x.data_ptr(), out.data_ptr())
     _go(p, out.data_ptr(), index.data_ptr(), src.data_ptr(), (), index, "scatter_add",
         "index")
@@ -576,5 +578,5 @@ def _scatter_add_plan(x: torch.Tensor, dim: int, index: torch.Tensor, src: torch
         _no_larger(il[0], sl[0], None, name, "src")
         launches = _element_launches("scatter_add", _cut(out, il[0], d), il,
                                      _cut(sl, il[0], None), d, x.dtype, index.dtype)
-    return Plan(tuple(x.shape), x.dtype, xl[0][d], f"dim {d}", launches,
+    return Plan(allocator(x.shape, x.dtype), x.dtype, xl[0][d], f"dim {d}", launches,
                 clone=copy_launches(xl[0], xl[1], x.dtype, out[1], x.dtype))

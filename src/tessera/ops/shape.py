@@ -17,7 +17,8 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -38,8 +39,8 @@ from tessera.ops.pointwise import result_type
 from tessera.ops.registry import op
 from tessera.runtime.cpu.launch import launcher
 
-__all__ = ["Plans", "call", "cat", "contiguous_strides", "copy_into", "copy_launches", "empty",
-           "permute", "run_copy", "split", "transpose"]
+__all__ = ["Alloc", "Plans", "allocator", "call", "cat", "contiguous_strides", "copy_into",
+           "copy_launches", "empty", "permute", "run_copy", "split", "transpose"]
 
 ALL = tuple(KERNEL_DTYPES)
 _ALL_NAMES = tuple(str(d).removeprefix("torch.") for d in ALL)
@@ -94,6 +95,18 @@ def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         lo, hi = (p + _HUGE - 1) & -_HUGE, (p + nbytes) & -_HUGE
         _MADVISE(lo, hi - lo, _MADV_HUGEPAGE)  # advice only: a refusal changes nothing
     return out
+
+
+Alloc = Callable[[], torch.Tensor]
+
+
+def allocator(shape: Sequence[int], dtype: torch.dtype) -> Alloc:
+    """A function returning empty(shape, dtype), with everything about the call decided
+    now (a plan's allocation: ~0.6 us less per call than empty)."""
+    like = _LIKE.get(dtype)
+    if like is None or not shape or math.prod(shape) * dtype.itemsize >= _ADVISE:
+        return partial(empty, tuple(shape), dtype)
+    return partial(like.new_empty, *shape)
 
 
 # -- the copy kernel -------------------------------------------------------------------------
@@ -250,8 +263,8 @@ def cat(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
         raise TesseraError("cat: argument 'tensors' must be a non-empty list of tensors",
                            hint="pass at least one tensor")
     key = (dim, *[(t.shape, t.stride(), t.dtype, t.is_cpu) for t in tensors])
-    shape, dtype, parts = _CAT.get(key) or _CAT.put(key, _cat_plan(tensors, dim))
-    out = empty(shape, dtype)
+    alloc, parts = _CAT.get(key) or _CAT.put(key, _cat_plan(tensors, dim))
+    out = alloc()
     ptr = out.data_ptr()
     for k, launches in parts:
         run_copy(launches, tensors[k].data_ptr(), ptr)
@@ -259,8 +272,8 @@ def cat(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
 
 
 def _cat_plan(tensors: Sequence[Any], dim: int
-              ) -> tuple[list[int], torch.dtype, list[tuple[int, list[CopyLaunch]]]]:
-    """(out shape, dtype, each copied tensor's index and copy launches)."""
+              ) -> tuple[Alloc, list[tuple[int, list[CopyLaunch]]]]:
+    """(the result's allocation, each copied tensor's index and copy launches)."""
     for k, t in enumerate(tensors):
         check_tensor(t, "cat", f"tensors[{k}]", ALL)
         if t.dim() == 0:
@@ -270,7 +283,7 @@ def _cat_plan(tensors: Sequence[Any], dim: int
     check_dtype(dtype, "cat", "tensors", ALL)
     used = [(k, t) for k, t in enumerate(tensors) if t.shape != (0,)]
     if not used:
-        return [0], dtype, []
+        return allocator([0], dtype), []
     first = used[0][1]
     d = check_dim(dim, first.dim(), "cat")
     shape = list(first.shape)
@@ -291,7 +304,7 @@ def _cat_plan(tensors: Sequence[Any], dim: int
         if launches:
             parts.append((k, launches))
         offset += t.shape[d]
-    return shape, dtype, parts
+    return allocator(shape, dtype), parts
 
 
 # -- split ---------------------------------------------------------------------------------
@@ -337,16 +350,16 @@ def split(x: torch.Tensor, split_sizes: Sequence[int] | int, dim: int = 0
     pieces = _SPLIT.get(key) or _SPLIT.put(key, _split_plan(x, split_sizes, dim))
     ptr = x.data_ptr()
     outs = []
-    for shape, launches in pieces:
-        out = empty(shape, x.dtype)
+    for alloc, launches in pieces:
+        out = alloc()
         run_copy(launches, ptr, out.data_ptr())
         outs.append(out)
     return outs
 
 
 def _split_plan(x: torch.Tensor, split_sizes: Any, dim: int
-                ) -> list[tuple[list[int], list[CopyLaunch]]]:
-    """Each piece's shape and copy launches."""
+                ) -> list[tuple[Alloc, list[CopyLaunch]]]:
+    """Each piece's allocation and copy launches."""
     check_tensor(x, "split", "x", ALL)
     d = check_dim(dim, x.dim(), "split")
     if x.dim() == 0:
@@ -356,7 +369,7 @@ def _split_plan(x: torch.Tensor, split_sizes: Any, dim: int
     for n in _split_sizes(x, split_sizes, d):
         shape = list(x.shape)
         shape[d] = n
-        pieces.append((shape, copy_launches(shape, x.stride(), x.dtype,
+        pieces.append((allocator(shape, x.dtype), copy_launches(shape, x.stride(), x.dtype,
                                             contiguous_strides(shape), x.dtype,
                                             start * x.stride(d) * x.element_size())))
         start += n
@@ -367,17 +380,16 @@ def _split_plan(x: torch.Tensor, split_sizes: Any, dim: int
 _LAYOUT = Plans()
 
 
-def _layout_plan(x: torch.Tensor, order: Sequence[int]
-                 ) -> tuple[list[int], list[CopyLaunch]]:
-    """(shape, launches) of x.permute(order) copied into a new contiguous tensor."""
+def _layout_plan(x: torch.Tensor, order: Sequence[int]) -> tuple[Alloc, list[CopyLaunch]]:
+    """(allocation, launches) of x.permute(order) copied into a new contiguous tensor."""
     shape = [x.shape[d] for d in order]
-    return shape, copy_launches(shape, [x.stride(d) for d in order], x.dtype,
+    return allocator(shape, x.dtype), copy_launches(shape, [x.stride(d) for d in order], x.dtype,
                                 contiguous_strides(shape), x.dtype)
 
 
-def _layout_copy(x: torch.Tensor, plan: tuple[list[int], list[CopyLaunch]]) -> torch.Tensor:
-    shape, launches = plan
-    out = empty(shape, x.dtype)
+def _layout_copy(x: torch.Tensor, plan: tuple[Alloc, list[CopyLaunch]]) -> torch.Tensor:
+    alloc, launches = plan
+    out = alloc()
     run_copy(launches, x.data_ptr(), out.data_ptr())
     return out
 
@@ -392,7 +404,7 @@ def permute(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     return _layout_copy(x, _LAYOUT.get(key) or _LAYOUT.put(key, _permute_plan(x, dims)))
 
 
-def _permute_plan(x: torch.Tensor, dims: Sequence[int]) -> tuple[list[int], list[CopyLaunch]]:
+def _permute_plan(x: torch.Tensor, dims: Sequence[int]) -> tuple[Alloc, list[CopyLaunch]]:
     check_tensor(x, "permute", "x", ALL)
     dims = list(dims)
     if len(dims) != x.dim():
@@ -418,7 +430,7 @@ def transpose(x: torch.Tensor, dim0: int, dim1: int) -> torch.Tensor:
 
 
 def _transpose_plan(x: torch.Tensor, dim0: int, dim1: int
-                    ) -> tuple[list[int], list[CopyLaunch]]:
+                    ) -> tuple[Alloc, list[CopyLaunch]]:
     check_tensor(x, "transpose", "x", ALL)
     order = list(range(x.dim()))
     if x.dim():
