@@ -139,6 +139,15 @@ def test_sdpa_masks(causal: bool) -> None:
         check(SDPA, q, k, v, mask, causal)
 
 
+def test_sdpa_masks_of_a_few_queries() -> None:  # the split-KV path, as in generation
+    b, hq, hkv, sk, d = 2, 8, 2, 300, 64
+    for sq in (1, 3):
+        q, k, v = _randn(b, hq, sq, d), _randn(b, hkv, sk, d), _randn(b, hkv, sk, d)
+        pad = torch.arange(sk) < torch.tensor([[sk], [170]])  # right-padded batch rows
+        check(SDPA, q, k, v, pad[:, None, None], False, None, True)
+        check(SDPA, q, k, v, torch.randn(b, hq, sq, sk), False, None, True)
+
+
 def test_sdpa_fully_masked_rows_give_zero() -> None:
     q, k, v = _randn(1, 2, 5, 64), _randn(1, 2, 7, 64), _randn(1, 2, 7, 64)
     drop = torch.ones(5, 7, dtype=torch.bool)

@@ -279,10 +279,10 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
     rows = q.shape[2] * (q.shape[1] // max(k.shape[1], 1))  # query rows per kv head
     if not (out.numel() or (lse and sums.numel())):
         pass
-    elif mask is None and not is_causal and rows <= _DECODE_ROWS and sk and not lse:
+    elif not is_causal and rows <= _DECODE_ROWS and sk and not lse:
         # a few queries: split the keys across the threads instead of the query rows
         lens = torch.full((q.shape[0],), sk, dtype=torch.int64)
-        template.decode(q, k, v, lens, out, scale=scale,
+        template.decode(q, k, v, lens, out, scale=scale, mask=mask,
                         chunk=_chunk(sk, q.shape[0] * k.shape[1]), who=name)
     else:
         template.attention(q, k, v, out, scale=scale, causal=bool(is_causal), mask=mask,

@@ -107,16 +107,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
 
 
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
-           out: torch.Tensor, *, scale: float, causal: bool = False, chunk: int = 256,
-           config: Blocking | None = None, who: str = "decode") -> None:
+           out: torch.Tensor, *, scale: float, causal: bool = False,
+           mask: torch.Tensor | None = None, chunk: int = 256, config: Blocking | None = None,
+           who: str = "decode") -> None:
     """Attention of a few queries per sequence over a KV cache, flash-decoding style:
     q [B, Hq, Sq, D] against the first lens[b] (int64, contiguous, each <= S) positions of
     k [B, Hkv, S, D] and v [B, Hkv, S, Dv]; the keys of each (batch row, kv head) are split
     into chunks of `chunk` spread over the threads, then combined. `causal`: query i sees
-    keys < lens[b] - Sq + 1 + i (the queries are the last Sq positions)."""
+    keys < lens[b] - Sq + 1 + i (the queries are the last Sq positions). `mask` as in
+    `attention`, [B, Hq, Sq, S] by strides."""
     batch, hkv, s = k.shape[:3]
     rows = q.shape[1] // hkv * q.shape[2]
     chunks = -(-s // chunk)
     ws = torch.empty(batch * hkv * chunks * rows * (2 + v.shape[3]), dtype=torch.float32)
-    _launch("tsr_decode", q, k, v, out, None, None, lens, ws, causal, chunk, scale, config,
+    _launch("tsr_decode", q, k, v, out, mask, None, lens, ws, causal, chunk, scale, config,
             who)

@@ -484,12 +484,26 @@ static inline void dots(const float *restrict q, const float *const k[KB], int64
     }
 }
 
+/* A mask applied to the scores s[0 .. n) of one query row (log2 units), from its row of
+   the mask at element m: booleans keep or drop, floats add. */
+static void mask_scores(const tsr_args *a, int64_t m, int64_t n, float *restrict s) {
+    const void *row = elem(a->mask, a->mfmt, m);
+    if (a->mfmt == TSR_BOOL) {
+        const uint8_t *keep = row;
+        for (int64_t c = 0; c < n; c++) s[c] = tsr__sel(keep[c * a->ms[3]] != 0, s[c], -INFINITY);
+    } else {
+        float add[KB];
+        load_f32(row, a->ms[3], a->mfmt, n, LOG2E, add, 1);
+        for (int64_t c = 0; c < n; c++) s[c] += add[c];
+    }
+}
+
 /* Keys [c0, c1) of kv head h of batch row b for `rows` query rows (qf: their scaled
-   float32 queries, limit: how many keys each sees); res gets each row's max, sum and
-   unnormalized output (2 + dv floats). */
+   float32 queries, limit: how many keys each sees, moff: where its row of the mask
+   starts); res gets each row's max, sum and unnormalized output (2 + dv floats). */
 static void decode_chunk(const tsr_args *a, int64_t b, int64_t h, int64_t c0, int64_t c1,
-                         const float *qf, const int64_t *limit, int64_t rows, float *res,
-                         float *kbuf, float *vbuf) {
+                         const float *qf, const int64_t *limit, const int64_t *moff,
+                         int64_t rows, float *res, float *kbuf, float *vbuf) {
     const int64_t d = a->d, dv = a->dv, stride = 2 + dv;
     const void *k = elem(a->k, a->fmt, b * a->ks[0] + h * a->ks[1]);
     const void *v = elem(a->v, a->fmt, b * a->vs[0] + h * a->vs[1]);
@@ -520,6 +534,7 @@ static void decode_chunk(const tsr_args *a, int64_t b, int64_t h, int64_t c0, in
         for (int64_t r = 0; r < rows; r++) {
             float s[KB], *m = res + r * stride, *o = m + 2;
             dots(qf + r * d, kr, d, s);
+            if (a->mfmt != TSR_NONE) mask_scores(a, moff[r] + kb * a->ms[3], nk, s);
             float top = m[0];
             for (int j = 0; j < KB; j++) {
                 s[j] = j < nk && kb + j < limit[r] ? s[j] : -INFINITY;
@@ -553,7 +568,7 @@ void tsr_decode(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
     {
         float *qf = buffer(2, rows * a.d), *kbuf = buffer(3, KB * a.d);
         float *vbuf = buffer(4, KB * a.dv), *weight = buffer(1, chunks);
-        int64_t *limit = (int64_t *)buffer(0, rows * 2);
+        int64_t *limit = (int64_t *)buffer(0, rows * 4), *moff = limit + rows;
         failed = !qf || !kbuf || !vbuf || !weight || !limit;
         const float qscale = (float)(a.scale * 1.4426950408889634);
         /* (batch row, kv head, chunk) items handed out as threads come free */
@@ -567,9 +582,10 @@ void tsr_decode(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
                 const int64_t q = b * a.qs[0] + (h * per_head + r / a.sq) * a.qs[1] + i * a.qs[2];
                 load_f32(elem(a.q, a.fmt, q), a.qs[3], a.fmt, a.d, qscale, qf + r * a.d, 1);
                 limit[r] = a.causal ? len - a.sq + 1 + i : len;
+                moff[r] = b * a.ms[0] + (h * per_head + r / a.sq) * a.ms[1] + i * a.ms[2];
             }
-            decode_chunk(&a, b, h, c0, c0 + a.chunk < len ? c0 + a.chunk : len, qf, limit, rows,
-                         a.ws + it * rows * stride, kbuf, vbuf);
+            decode_chunk(&a, b, h, c0, c0 + a.chunk < len ? c0 + a.chunk : len, qf, limit, moff,
+                         rows, a.ws + it * rows * stride, kbuf, vbuf);
         }
         /* combine the chunks of every query row (kbuf, done with, holds one) */
         float *row = buffer(3, a.dv);
