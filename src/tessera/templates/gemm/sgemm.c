@@ -237,17 +237,17 @@ static void store_final(const tsr_out *o, float tile[MR][NR], int64_t i0, int64_
 
 /* The rest of micro_kernel (below) for a C stored by columns (rsc = 1): each column of
    the tile is contiguous there, so the loops run down the columns (an m x n corner; a
-   whole tile with constant bounds). */
+   whole tile with constant bounds). Element (r, j) of the tile is at v[r * rs + j * cs]. */
 static inline __attribute__((always_inline)) void column_loop(
-        const tsr_out *o, float tile[MR][NR], int64_t i0, int64_t j0, const int64_t m,
-        const int64_t n, int first, int last) {
+        const tsr_out *o, const float *v, const int rs, const int cs, int64_t i0, int64_t j0,
+        const int64_t m, const int64_t n, int first, int last) {
     const float beta = first ? o->beta : 1.0f;
     for (int64_t j = 0; j < n; j++) {
         c_t *c = o->c + (j0 + j) * o->csc + i0;
         float *w = DIRECT ? (float *)c : o->w + i0 * o->rsw + j0 + j;
         const int64_t ws = DIRECT ? 1 : o->rsw;
         float x[MR];
-        for (int64_t r = 0; r < m; r++) x[r] = tile[r][j];
+        for (int64_t r = 0; r < m; r++) x[r] = v[r * rs + j * cs];
         if (!first)
             for (int64_t r = 0; r < m; r++) x[r] += w[r * ws];
         else if (beta != 0.0f)
@@ -264,10 +264,36 @@ static inline __attribute__((always_inline)) void column_loop(
 static void columns(const tsr_out *o, float tile[MR][NR], int64_t i0, int64_t j0, int64_t m,
                     int64_t n, int first, int last) {
     if (m == MR && n == NR)
-        column_loop(o, tile, i0, j0, MR, NR, first, last);
+        column_loop(o, &tile[0][0], NR, 1, i0, j0, MR, NR, first, last);
     else
-        column_loop(o, tile, i0, j0, m, n, first, last);
+        column_loop(o, &tile[0][0], NR, 1, i0, j0, m, n, first, last);
 }
+
+#if defined(__AVX2__) && VL == 8 && MR <= 8
+#define TRANSPOSED 8  /* whole tiles go down the columns from the transposed tile */
+/* alpha * acc transposed in 8 x 8 blocks (rows past MR zero): t[j][r] = element (r, j) */
+static inline __attribute__((always_inline)) void transpose_tile(
+        tsr_fv acc[MR][NV], float alpha, float t[NR][8]) {
+    for (int v = 0; v < NV; v++) {
+        __m256 r[8], u[8], s[8];
+        for (int i = 0; i < 8; i++) r[i] = i < MR ? (__m256)(alpha * acc[i][v]) : _mm256_setzero_ps();
+        for (int i = 0; i < 8; i += 2) {  /* pairs of rows interleaved */
+            u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+            u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 8; i += 4) {  /* then pairs of pairs: 4 rows of a column */
+            s[i] = _mm256_shuffle_ps(u[i], u[i + 2], 0x44);
+            s[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], 0xee);
+            s[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0x44);
+            s[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0xee);
+        }
+        for (int i = 0; i < 4; i++) {  /* then the 128-bit halves */
+            _mm256_storeu_ps(t[v * 8 + i], _mm256_permute2f128_ps(s[i], s[i + 4], 0x20));
+            _mm256_storeu_ps(t[v * 8 + i + 4], _mm256_permute2f128_ps(s[i], s[i + 4], 0x31));
+        }
+    }
+}
+#endif
 
 /* ---- tile ------------------------------------------------------------------------------- */
 /* Prefetches of C: GCC turns any write prefetch into PREFETCHW, which goes to L1 whatever
@@ -342,6 +368,14 @@ static void micro_kernel(int64_t k, const float *restrict a, const tsr_a *ga, in
         if (epilogue) store_final(o, tile, i0, j0, m, n);
         return;
     }
+#ifdef TRANSPOSED
+    if (by_columns && m == MR && n == NR) {
+        float t[NR][TRANSPOSED];
+        transpose_tile(acc, alpha, t);
+        column_loop(o, &t[0][0], 1, TRANSPOSED, i0, j0, MR, NR, first, last);
+        return;
+    }
+#endif
     for (int r = 0; r < MR; r++)
         for (int v = 0; v < NV; v++) tsr_vstore(&tile[r][v * VL], alpha * acc[r][v]);
     if (by_columns) {  /* C by columns (NCHW convolution outputs) */
@@ -706,15 +740,26 @@ static int gemm_run(int64_t m, int64_t n, int64_t k, float alpha, const tsr_a *a
         free(rows);
         return 0;
     }
+    /* a float32 gathered A (a convolution's image) is read in place: packing it would
+       cost about a quarter of a product with 64 columns. Its tiles stay in L1 while B's
+       slivers stream from L2 (see below), so B's panel may be deeper than L1: up to
+       KC_DIRECT rows, which spares a 3x3 convolution of 64 channels a second KC step. */
+#ifndef GATHER_N
+#define GATHER_N 128
+#endif
+#define KC_DIRECT (65536 / NR)  /* floats of B's panel: 256 KiB */
+    const tsr_a *a_direct = A_FMT == TSR_F32 && a->ro && n <= GATHER_N ? a : NULL;
+    const int64_t kc_direct = KC_DIRECT * NR / ((n + NR - 1) / NR * NR);
+    const int64_t kcb = a_direct && !PACKED_B && kc_direct > KC ? kc_direct : KC;
     const int64_t np = packed_columns(n);
     const int64_t nc_max = np < NC ? (np + NR - 1) / NR * NR : NC;
-    const int64_t kc_max = k < KC ? k : KC;
+    const int64_t kc_max = k < kcb ? k : kcb;
     const int threads = omp_get_max_threads();
     const int64_t mc_max = m < MC ? (m + MR - 1) / MR * MR : MC;
     float *bp = PACKED_B ? NULL : buffer(0, nc_max * kc_max);
     float *ap = buffer(1, threads * mc_max * kc_max);
     if ((!PACKED_B && !bp) || !ap) return -1;
-    if (!DIRECT && k > KC) {  /* partial sums between KC steps need float32 room */
+    if (!DIRECT && k > kcb) {  /* partial sums between KC steps need float32 room */
         if (!(o.w = malloc((size_t)(m * np) * sizeof(float)))) return -1;
         o.rsw = np;
     }
@@ -724,12 +769,6 @@ static int gemm_run(int64_t m, int64_t n, int64_t k, float alpha, const tsr_a *a
     const int direct_b = !PACKED_B && B_FMT == TSR_F32 && !SWIGLU && b->cs == 1 &&
                          m <= DIRECT_B_ROWS && b->rs <= 1024;
     #define IN_PLACE(j) (direct_b && jc + (j) + NR <= n)
-    /* a float32 gathered A (a convolution's image) is read in place: packing it would
-       cost about a quarter of a product with 64 columns */
-#ifndef GATHER_N
-#define GATHER_N 64
-#endif
-    const tsr_a *a_direct = A_FMT == TSR_F32 && a->ro && n <= GATHER_N ? a : NULL;
     const int64_t work = m * n * k;
     #pragma omp parallel if(work > 64 * 64 * 64) num_threads(threads)
     {
@@ -737,8 +776,8 @@ static int gemm_run(int64_t m, int64_t n, int64_t k, float alpha, const tsr_a *a
         const int nt = omp_get_num_threads();
         for (int64_t jc = 0; jc < np; jc += NC) {
             const int64_t nc = np - jc < NC ? np - jc : NC;
-            for (int64_t pc = 0; pc < k; pc += KC) {
-                const int64_t kc = k - pc < KC ? k - pc : KC;
+            for (int64_t pc = 0; pc < k; pc += kcb) {
+                const int64_t kc = k - pc < kcb ? k - pc : kcb;
                 const int first = pc == 0, last = pc + kc >= k;
                 const float *panel;
                 if (PACKED_B) {
@@ -763,11 +802,23 @@ static int gemm_run(int64_t m, int64_t n, int64_t k, float alpha, const tsr_a *a
                 blocks = (blocks + nt - 1) / nt * nt;
                 const int64_t mb = ((m + blocks - 1) / blocks + MR - 1) / MR * MR;
                 blocks = (m + mb - 1) / mb;
-                if (blocks >= nt && mb * 2 >= MC) {
+                /* micro-tiles of the busiest thread with rows split, against all of them
+                   (49 rows: 5 of 9, so 2 threads would take 10 tiles' time for 9) */
+                const int64_t busiest = (blocks + nt - 1) / nt * (mb / MR);
+                const int64_t tiles = (blocks - 1) * (mb / MR) +
+                                      (m - (blocks - 1) * mb + MR - 1) / MR;
+                if (blocks >= nt && mb * 2 >= MC && busiest * nt * 20 <= tiles * 21) {
                     #pragma omp for schedule(static)
                     for (int64_t ib = 0; ib < blocks; ib++) {
                         const int64_t ic = ib * mb, mc = m - ic < mb ? m - ic : mb;
-                        if (!a_direct) pack_a(a, ic, pc, mc, kc, my_a);
+                        if (a_direct) {  /* an A tile read in place stays in L1 across
+                                            the slivers of B, which stream from L2 */
+                            for (int64_t i = 0; i < mc; i += MR)
+                                for (int64_t j = 0; j < nc; j += NR)
+                                    TILE(my_a);
+                            continue;
+                        }
+                        pack_a(a, ic, pc, mc, kc, my_a);
                         for (int64_t j = 0; j < nc; j += NR)
                             for (int64_t i = 0; i < mc; i += MR)
                                 TILE(my_a);
@@ -775,8 +826,12 @@ static int gemm_run(int64_t m, int64_t n, int64_t k, float alpha, const tsr_a *a
                 } else {
                     for (int64_t ic = 0; ic < m; ic += MC) {
                         const int64_t mc = m - ic < MC ? m - ic : MC;
-                        #pragma omp single
-                        if (!a_direct) pack_a(a, ic, pc, mc, kc, ap);
+                        if (!a_direct) {
+                            #pragma omp for schedule(static)
+                            for (int64_t i = 0; i < mc; i += MR)
+                                pack_a(a, ic + i, pc, mc - i < MR ? mc - i : MR, kc,
+                                       ap + i * kc);
+                        }
                         #pragma omp for schedule(static) collapse(2)
                         for (int64_t j = 0; j < nc; j += NR)
                             for (int64_t i = 0; i < mc; i += MR)
