@@ -25,7 +25,7 @@ import torch
 import tessera.lang as tl
 from tessera.errors import ShapeError
 from tessera.ops._launch import ArgumentError, check_tensor, compiled, launch, spec
-from tessera.ops.matmul import EPILOGUES, _floats, _same, gemm_entry, product
+from tessera.ops.matmul import EPILOGUES, _floats, _same, broadcasts, gemm_entry, product
 from tessera.ops.pointwise import UNARY, _aten
 from tessera.ops.registry import op
 from tessera.ops.shape import empty
@@ -350,13 +350,8 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     shape = (n, cout, ho, wo)
     if residual is not None:
         _same(name, "residual", residual, dtype)
-        want = shape[1:] if unbatched else shape
-        try:
-            if torch.broadcast_shapes(residual.shape, want) != want:
-                raise RuntimeError
-        except RuntimeError:
-            raise ShapeError(f"{name}: residual of shape {tuple(residual.shape)} does not "
-                             f"broadcast to the result's shape {want}") from None
+        broadcasts(name, "residual", residual, shape[1:] if unbatched else shape,
+                   "the result's")
     if cg == 1 and groups > 1:  # depthwise: a windowed kernel, not a one-column GEMM
         res = None if residual is None else \
             residual.to(torch.float32).expand(shape).contiguous()

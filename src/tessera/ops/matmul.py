@@ -19,15 +19,25 @@ from typing import Any
 
 import torch
 
+import tessera.lang as tl
 from tessera.errors import DtypeError, ShapeError
-from tessera.ops._launch import ArgumentError, check_tensor, coalesce, ldtype
+from tessera.ops._launch import (
+    ArgumentError,
+    check_tensor,
+    coalesce,
+    compiled,
+    launch,
+    ldtype,
+    spec,
+)
 from tessera.ops.pointwise import _aten
 from tessera.ops.registry import op
-from tessera.ops.shape import copy_into, empty
+from tessera.ops.shape import empty
 from tessera.templates.gemm import ACTIVATIONS
-from tessera.templates.gemm.sgemm import launch, launch_entry
+from tessera.templates.gemm.sgemm import launch as launch_gemm
+from tessera.templates.gemm.sgemm import launch_entry
 
-__all__ = ["EPILOGUES", "fused_linear", "fused_matmul", "gemm_entry", "product"]
+__all__ = ["EPILOGUES", "broadcasts", "fused_linear", "fused_matmul", "gemm_entry", "product"]
 
 EPILOGUES = ("bias", "activation", "residual")
 
@@ -72,7 +82,7 @@ def product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float
         last = [st[-1] for st in strides]
         (ra, ca), (rb, cb), (rc, cc) = (t.stride()[-2:] for t in ops[:3])
         res = (at[3], last[3], *ops[3].stride()[-2:]) if residual is not None else (0,) * 4
-        launch(entry, sizes[-1], m, n, k, float(alpha), float(beta),
+        launch_gemm(entry, sizes[-1], m, n, k, float(alpha), float(beta),
                at[0], last[0], ra, ca, 0, 0,
                at[1], 0, rb, cb, 0, last[1], 0,
                at[2], last[2], rc, cc,
@@ -124,14 +134,21 @@ def _epilogue(name: str, dtype: torch.dtype, shape: tuple[int, ...], bias: Any,
         bias = bias.reshape(-1).to(torch.float32).expand(shape[-1]).contiguous()
     if residual is not None:
         _same(name, "residual", residual, dtype)
-        try:
-            if torch.broadcast_shapes(residual.shape, shape) != shape:
-                raise RuntimeError
-        except RuntimeError:
-            raise ShapeError(f"{name}: residual of shape {tuple(residual.shape)} does not "
-                             f"broadcast to the result's shape {shape}") from None
+        broadcasts(name, "residual", residual, shape, "the result's")
         residual = residual.to(torch.float32).expand(shape)
     return bias, residual
+
+
+def broadcasts(name: str, arg: str, t: torch.Tensor, shape: tuple[int, ...], what: str
+               ) -> None:
+    """Check that `t` broadcasts to `shape` (`what`'s shape) without growing it."""
+    try:
+        if torch.broadcast_shapes(t.shape, shape) == shape:
+            return
+    except RuntimeError:
+        pass
+    raise ShapeError(f"{name}: {arg} of shape {tuple(t.shape)} does not broadcast to "
+                     f"{what} shape {shape}")
 
 
 def fused_matmul(x: torch.Tensor, other: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -265,17 +282,32 @@ def _scaled(name: str, input: torch.Tensor, a: torch.Tensor, b: torch.Tensor, be
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ArgumentError(f"{name}: {arg}={v!r} must be a number")
     shape = (*a.shape[:-1], b.shape[-1])
-    try:
-        if torch.broadcast_shapes(input.shape, shape) != shape:
-            raise RuntimeError
-    except RuntimeError:
-        raise ShapeError(f"{name}: input of shape {tuple(input.shape)} does not broadcast "
-                         f"to the product's shape {shape}") from None
+    broadcasts(name, "input", input, shape, "the product's")
     out = empty(shape, dtype)
-    if beta != 0:
-        copy_into(out, input.expand(shape))
+    if beta != 0 and out.numel():
+        _broadcast_into(out, input.expand(shape))
     product(a, b, out, alpha=alpha, beta=beta)
     return out
+
+
+@tl.kernel
+def broadcast_kernel(x, out, BM: tl.constexpr, BN: tl.constexpr):
+    """out[q] = x[q] over a [BM, BN] tile (x expanded: strides of 0 repeat it)."""
+    q = tl.program_id(2)
+    i = tl.program_id(1) * BM
+    j = tl.program_id(0) * BN
+    out[q, i:i + BM, j:j + BN] = x[q, i:i + BM, j:j + BN]
+
+
+def _broadcast_into(out: torch.Tensor, x: torch.Tensor) -> None:
+    """out (contiguous, 2-D or 3-D) = x, an expanded view of the same shape."""
+    o3, x3 = (out[None], x[None]) if out.dim() == 2 else (out, x)
+    unit = x3.stride(2) == 1
+    sp = compiled(("broadcast", x.dtype, unit), broadcast_kernel, spec(x.dtype, 3, unit),
+                  spec(x.dtype, 3), BM=8, BN=64)
+    q, m, n = o3.shape
+    launch(sp, (-(-n // 64), -(-m // 8), q), x3.data_ptr(), *x3.shape, *x3.stride(),
+           o3.data_ptr(), *o3.shape, *o3.stride())
 
 
 @op("baddbmm(Tensor input, Tensor batch1, Tensor batch2, *, Scalar beta=1, Scalar alpha=1)"
