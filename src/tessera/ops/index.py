@@ -48,7 +48,9 @@ from tessera.ops.shape import (
     call,
     contiguous_strides,
     copy_launches,
+    fit,
     run_copy,
+    segments,
 )
 
 __all__ = ["embedding", "gather", "index_add", "index_select", "scatter_add"]
@@ -56,7 +58,7 @@ __all__ = ["embedding", "gather", "index_add", "index_select", "scatter_add"]
 ALL = tuple(KERNEL_DTYPES)
 _ALL_NAMES = tuple(str(d).removeprefix("torch.") for d in ALL)
 INDEX = (torch.int32, torch.int64)
-_WIDTHS = (1, 16, 128, 1024)  # inner tile widths: a short menu, so sizes never recompile
+_WIDTHS = (1, 16, 128, 1024)  # row tiles' widths (shape.fit: full tiles but the last)
 _ADD_WIDTHS = _WIDTHS[:-1]  # index_add walks every index per program: narrower tiles
 _ELEMS = 1024  # elements per program (at most: rows and columns stop at the tensor's end)
 
@@ -267,20 +269,17 @@ def _leading(d: int, lays: Sequence[Layout], items: Sequence[int]
     return d - (k < d), subs
 
 
-def _width(n: int, widths: Sequence[int] = _WIDTHS) -> int:
-    return next((w for w in widths if w >= n), widths[-1])
-
-
 def _columns(inner: int) -> int:
     """Columns per program of an element kernel (its loops stop at the tensor's end, so
     two widths serve every size): one when the indexed dim is innermost, else 32."""
     return 1 if inner == 1 else 32
 
 
-def _t3(lay: Layout, o: int, n: int, inner: int, st: Sequence[int]
+def _t3(lay: Layout, o: int, n: int, inner: int, st: Sequence[int], skip: int = 0
         ) -> tuple[int, tuple[int, ...]]:
-    """An operand viewed as [o, n, inner] with strides st: (byte offset, sizes + strides)."""
-    return lay[2], (o, n, inner, *st)
+    """An operand viewed as [o, n, inner] with strides st, `skip` bytes in: (byte offset,
+    sizes + strides)."""
+    return lay[2] + skip, (o, n, inner, *st)
 
 
 def _launch(s: Specialization, grid: tuple[int, int, int], *args: tuple[int, tuple[int, ...]]
@@ -314,20 +313,24 @@ def _row_launches(kind: str, a: Layout, index: Layout, b: Layout, d: int, dt: to
     n, length, istride = a[0][d], index[0][0], index[1][0]
     units = (sa[2] == 1, istride == 1, sb[2] == 1)
     specs = (spec(dt, 3, units[0]), spec(di, 1, units[1]), spec(dt, 3, units[2]))
-    if kind == "select":
-        bn = _width(inner)
-        br = _ELEMS // bn
-        s = compiled((kind, dt, di, bn, units), select_kernel, *specs, spec(torch.bool, 1),
-                     BR=br, BN=bn)
-        grid = (-(-inner // bn), -(-length // br), o)
-    else:
-        bn = _width(inner, _ADD_WIDTHS)
-        alpha = 0.0 if scaled and dt.is_floating_point else 0
-        s = compiled((kind, dt, di, bn, units, scaled), index_add_kernel, *specs, alpha,
-                     spec(torch.bool, 1), ALPHA=scaled, BN=bn)
-        grid = (-(-inner // bn), o, 1)
-    return [_launch(s, grid, _t3(a, o, n, inner, sa), (index[2], (length, istride)),
-                    _t3(b, o, length, inner, sb))]
+    menu = _WIDTHS if kind == "select" else _ADD_WIDTHS
+    out = []
+    for c0, nc, bn in segments(inner, fit(inner, menu), menu):
+        if kind == "select":
+            br = _ELEMS // bn
+            s = compiled((kind, dt, di, bn, units), select_kernel, *specs,
+                         spec(torch.bool, 1), BR=br, BN=bn)
+            grid = (-(-nc // bn), -(-length // br), o)
+        else:
+            alpha = 0.0 if scaled and dt.is_floating_point else 0
+            s = compiled((kind, dt, di, bn, units, scaled), index_add_kernel, *specs, alpha,
+                         spec(torch.bool, 1), ALPHA=scaled, BN=bn)
+            grid = (-(-nc // bn), o, 1)
+        skip = c0 * dt.itemsize
+        out.append(_launch(s, grid, _t3(a, o, n, nc, sa, skip * sa[2]),
+                           (index[2], (length, istride)), _t3(b, o, length, nc, sb,
+                                                               skip * sb[2])))
+    return out
 
 
 _EMBEDDING = Plans()

@@ -40,13 +40,18 @@ from tessera.ops.registry import op
 from tessera.runtime.cpu.launch import launcher
 
 __all__ = ["Alloc", "Plans", "allocator", "call", "cat", "contiguous_strides", "copy_into",
-           "copy_launches", "empty", "permute", "run_copy", "split", "transpose"]
+           "copy_launches", "empty", "fit", "permute", "run_copy", "segments", "split",
+           "transpose"]
 
 ALL = tuple(KERNEL_DTYPES)
 _ALL_NAMES = tuple(str(d).removeprefix("torch.") for d in ALL)
-_WIDTHS = (16, 128, 1024)  # straight tiles' widths: a short menu, so sizes never recompile
-_TILE = 4096  # elements per straight tile
-_SQUARE = 64  # transposed tiles are at most _SQUARE x _SQUARE
+# Tile sizes come from short menus (sizes never recompile), each the largest entry that
+# fits the dim, so only the last tile of a dim is partial: a partial tile runs the kernel
+# language's masked loop, several times slower than a full one.
+_WIDTHS = (16, 128, 1024)  # straight tiles' widths
+_HEIGHTS = (1, 4, 16, 64, 256)  # straight tiles' heights
+_TILE = 4096  # elements per straight tile, at most
+_SQUARES = (16, 64)  # transposed tiles' sides
 _HUGE = 1 << 21  # a transparent huge page
 _ADVISE = 4 * _HUGE  # outputs from this size are advised onto huge pages
 _MADV_HUGEPAGE = 14
@@ -170,8 +175,9 @@ class CopyLaunch(NamedTuple):
     dst: tuple[int, ...]
 
 
-def _width(n: int) -> int:
-    return next((w for w in _WIDTHS if w >= n), _WIDTHS[-1])
+def fit(n: int, menu: Sequence[int]) -> int:
+    """The largest menu entry not above n (the smallest if all are)."""
+    return next((m for m in reversed(menu) if m <= n), menu[0])
 
 
 def copy_launches(shape: Sequence[int], ss: Sequence[int], sdtype: torch.dtype,
@@ -195,11 +201,23 @@ def copy_launches(shape: Sequence[int], ss: Sequence[int], sdtype: torch.dtype,
         cs = [*(2 * v for v in cs[:-1]), 1]
         cd = [*(2 * v for v in cd[:-1]), 1]
         sdtype = ddtype = torch.uint8
-    return [_copy_launch(sizes, cs, sdtype, cd, ddtype, soff, doff)]
+    return _copy_launch(sizes, cs, sdtype, cd, ddtype, soff, doff)
+
+
+def segments(n: int, tile: int, menu: Sequence[int]) -> list[tuple[int, int, int]]:
+    """[(start, size, tile)] covering [0, n): a run of whole tiles, then the rest with the
+    menu's largest tile that fits it (partial only if the rest is below the smallest)."""
+    main = n // tile * tile
+    segs = [(0, main, tile)] if main else []
+    if n > main:
+        segs.append((main, n - main, fit(n - main, menu)))
+    return segs
 
 
 def _copy_launch(sizes: list[int], ss: list[int], sdtype: torch.dtype, ds: list[int],
-                 ddtype: torch.dtype, soff: int, doff: int) -> CopyLaunch:
+                 ddtype: torch.dtype, soff: int, doff: int) -> list[CopyLaunch]:
+    """The launches of one copy of up to 4 coalesced dims: one per segment of the last
+    two dims, so every launch but the last along a dim has whole tiles."""
     rank = len(sizes)
     trans = rank > 1 and ds[-1] == 1 and ss[-1] != 1 and 1 in ss
     if trans:  # the source's unit dim becomes the second to last; pass x transposed
@@ -207,21 +225,30 @@ def _copy_launch(sizes: list[int], ss: list[int], sdtype: torch.dtype, ds: list[
         order = [d for d in range(rank) if d != a]
         order.insert(rank - 2, a)
         sizes, ds, ss = ([v[d] for d in order] for v in (sizes, ds, ss))
-        xs, xst = [*sizes[:-2], sizes[-1], sizes[-2]], [*ss[:-2], ss[-1], ss[-2]]
-        bm, bn = (min(_SQUARE, _width(n)) for n in sizes[-2:])
-    else:
-        xs, xst = sizes, ss
-        bn = _width(sizes[-1])
-        bm = 1 if rank == 1 else min(_TILE // bn, _width(sizes[-2]))
-    su, du = xst[-1] == 1, ds[-1] == 1
-    key = ("copy", rank, trans, bm, bn, su, du, sdtype, ddtype)
-    s = compiled(key, copy_kernel, lambda: spec(sdtype, rank, su),
-                 lambda: spec(ddtype, rank, du), RANK=rank, TRANS=trans, BM=bm, BN=bn)
-    lead = 1
-    for n in sizes[:-2]:
-        lead *= n
-    grid = (-(-sizes[-1] // bn), -(-sizes[-2] // bm) if rank > 1 else 1, lead)
-    return CopyLaunch(s.address, grid, soff, (*xs, *xst), doff, (*sizes, *ds))
+    su = (ss[-2] if trans else ss[-1]) == 1
+    du = ds[-1] == 1
+    sb, db = sdtype.itemsize, ddtype.itemsize
+    rows = sizes[-2] if rank > 1 else 1
+    lead = math.prod(sizes[:-2])
+    out = []
+    width = fit(sizes[-1], _SQUARES if trans else _WIDTHS)
+    for c0, nc, bn in segments(sizes[-1], width, _SQUARES if trans else _WIDTHS):
+        menu = _SQUARES if trans else _HEIGHTS
+        height = fit(rows if trans else min(rows, _TILE // bn), menu) if rank > 1 else 1
+        for r0, nr, bm in segments(rows, height, menu):
+            key = ("copy", rank, trans, bm, bn, su, du, sdtype, ddtype)
+            s = compiled(key, copy_kernel, lambda: spec(sdtype, rank, su),
+                         lambda: spec(ddtype, rank, du), RANK=rank, TRANS=trans, BM=bm,
+                         BN=bn)
+            part = [*sizes[:-2], nr, nc][-rank:]
+            xs = [*part[:-2], nc, nr] if trans else part
+            xst = [*ss[:-2], ss[-1], ss[-2]] if trans else ss
+            skip = r0 * (ss[-2] if rank > 1 else 0) + c0 * ss[-1]
+            dskip = r0 * (ds[-2] if rank > 1 else 0) + c0 * ds[-1]
+            grid = (-(-nc // bn), -(-nr // bm), lead)
+            out.append(CopyLaunch(s.address, grid, soff + skip * sb, (*xs, *xst),
+                                  doff + dskip * db, (*part, *ds)))
+    return out
 
 
 def run_copy(launches: Sequence[CopyLaunch], src: int, dst: int) -> None:
