@@ -63,30 +63,34 @@ def product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float
     """out = activation(alpha * a @ b + beta * out + bias) + residual over the batch dims
     of out: a [..., M, K] and b [..., K, N] broadcast to them, bias a contiguous float32
     [N], residual float32 broadcastable to out."""
-    *batch, m, n = out.shape
     if out.numel() == 0:
         return
+    entry = gemm_entry(a.dtype, b.dtype, out.dtype, bias=bias is not None,
+                       activation=activation, residual=residual is not None)
     k = a.shape[-1]
+    bias_slots = (0 if bias is None else bias.data_ptr(), 0)
+    if out.dim() == 2 and a.dim() == 2 and b.dim() == 2:  # one product: nothing to walk
+        res = (0,) * 4 if residual is None else \
+            (residual.data_ptr(), 0, *residual.expand(out.shape).stride())
+        launch_gemm(entry, 1, *out.shape, k, float(alpha), float(beta),
+                    a.data_ptr(), 0, *a.stride(), 0, 0, b.data_ptr(), 0, *b.stride(), 0, 0, 0,
+                    out.data_ptr(), 0, *out.stride(), *bias_slots, *res)
+        return
+    *batch, m, n = out.shape
     ops = [a.expand(*batch, m, k), b.expand(*batch, k, n), out]
     if residual is not None:
         ops.append(residual.expand(out.shape))
     sizes, strides = coalesce(batch, [t.stride()[:-2] for t in ops])
-    entry = gemm_entry(a.dtype, b.dtype, out.dtype, bias=bias is not None,
-                       activation=activation, residual=residual is not None)
-    bias_ptr = 0 if bias is None else bias.data_ptr()
     sizes_of = [t.element_size() for t in ops]
-    ranges = [range(s) for s in sizes[:-1]]
-    for index in itertools.product(*ranges):  # one pass unless batch dims do not fold
+    last = [st[-1] for st in strides]
+    (ra, ca), (rb, cb), (rc, cc) = (t.stride()[-2:] for t in ops[:3])
+    for index in itertools.product(*(range(s) for s in sizes[:-1])):  # batch dims that
         at = [t.data_ptr() + size * sum(i * s for i, s in zip(index, st, strict=False))
-              for t, size, st in zip(ops, sizes_of, strides, strict=True)]
-        last = [st[-1] for st in strides]
-        (ra, ca), (rb, cb), (rc, cc) = (t.stride()[-2:] for t in ops[:3])
+              for t, size, st in zip(ops, sizes_of, strides, strict=True)]  # do not fold
         res = (at[3], last[3], *ops[3].stride()[-2:]) if residual is not None else (0,) * 4
         launch_gemm(entry, sizes[-1], m, n, k, float(alpha), float(beta),
-               at[0], last[0], ra, ca, 0, 0,
-               at[1], 0, rb, cb, 0, last[1], 0,
-               at[2], last[2], rc, cc,
-               bias_ptr, 0, *res)
+                    at[0], last[0], ra, ca, 0, 0, at[1], 0, rb, cb, 0, last[1], 0,
+                    at[2], last[2], rc, cc, *bias_slots, *res)
 
 
 def _floats(name: str, **tensors: Any) -> torch.dtype:
@@ -131,7 +135,8 @@ def _epilogue(name: str, dtype: torch.dtype, shape: tuple[int, ...], bias: Any,
             raise ShapeError(f"{name}: bias of shape {tuple(bias.shape)} does not fit a "
                              f"result of shape {shape}",
                              hint="a bias has one value per output feature (the last dim)")
-        bias = bias.reshape(-1).to(torch.float32).expand(shape[-1]).contiguous()
+        if bias.dtype != torch.float32 or bias.shape != shape[-1:] or bias.stride() != (1,):
+            bias = bias.reshape(-1).to(torch.float32).expand(shape[-1]).contiguous()
     if residual is not None:
         _same(name, "residual", residual, dtype)
         broadcasts(name, "residual", residual, shape, "the result's")
@@ -178,8 +183,9 @@ def fused_matmul(x: torch.Tensor, other: torch.Tensor, bias: torch.Tensor | None
         product(other[None], rows.t(), out, activation=activation, residual=res)
         return out.view(shape)
     a = x if x.dim() > 1 else x[None]
-    try:
-        batch = torch.broadcast_shapes(a.shape[:-2], other.shape[:-2])
+    try:  # torch.broadcast_shapes costs ~10 us: only when both have batch dims
+        batch = a.shape[:-2] if other.dim() == 2 else other.shape[:-2] if a.dim() == 2 \
+            else torch.broadcast_shapes(a.shape[:-2], other.shape[:-2])
     except RuntimeError:
         raise ShapeError(f"{name}: batch dims of {tuple(x.shape)} and {tuple(other.shape)} "
                          "do not broadcast") from None
