@@ -367,8 +367,9 @@ def _split_reference(x: torch.Tensor, split_sizes: Sequence[int] | int, dim: int
     implements=(torch.ops.aten.split_with_sizes.default, torch.ops.aten.split.Tensor))
 def split(x: torch.Tensor, split_sizes: Sequence[int] | int, dim: int = 0
           ) -> list[torch.Tensor]:
-    """x cut along `dim` into pieces of `split_sizes` (an int: equal chunks, the last
-    smaller, as torch.split). The pieces are new contiguous tensors, not views: the
+    """x cut along `dim` into pieces of `split_sizes` (the eager call also takes an int:
+    equal chunks, the last smaller, as aten.split.Tensor). The pieces are new contiguous
+    tensors, not views: the
     schema declares no aliasing, so torch.compile and the graph compiler may treat each
     piece as a fresh buffer and hand it to kernels that want unit strides; a graph
     that only slices keeps aten's views and never calls this."""
