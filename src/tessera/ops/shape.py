@@ -369,10 +369,9 @@ def split(x: torch.Tensor, split_sizes: Sequence[int] | int, dim: int = 0
           ) -> list[torch.Tensor]:
     """x cut along `dim` into pieces of `split_sizes` (the eager call also takes an int:
     equal chunks, the last smaller, as aten.split.Tensor). The pieces are new contiguous
-    tensors, not views: the
-    schema declares no aliasing, so torch.compile and the graph compiler may treat each
-    piece as a fresh buffer and hand it to kernels that want unit strides; a graph
-    that only slices keeps aten's views and never calls this."""
+    tensors, not views: the schema declares no aliasing, so torch.compile and the graph
+    compiler may treat each piece as a fresh buffer and hand it to kernels that want unit
+    strides; a graph that only slices keeps aten's views and never calls this."""
     sizes = split_sizes if isinstance(split_sizes, int) else tuple(split_sizes)
     key = (x.shape, x.stride(), x.dtype, x.is_cpu, sizes, dim)
     pieces = _SPLIT.get(key) or _SPLIT.put(key, _split_plan(x, split_sizes, dim))
