@@ -57,10 +57,12 @@ def _weights(fmt: str, w_gate_up: Any, w_down: Any) -> dict[str, Any]:
     gu, gu_scales = O.quantize(w_gate_up, bits)
     d, d_scales = O.quantize(w_down, bits)
     per_expert = sum(t[0].numel() * t.element_size() for t in (gu, gu_scales, d, d_scales))
+    # the eager loop's weights: the dequantized values, stored as the fp32 ones are
+    fp32 = tuple(O.dequantize(q, scales, w.shape[1]).transpose(1, 2).contiguous()
+                 .transpose(1, 2) for q, scales, w in ((gu, gu_scales, w_gate_up),
+                                                       (d, d_scales, w_down)))
     return {"args": (gu, d), "kwargs": {"gate_up_scales": gu_scales, "down_scales": d_scales},
-            "fp32": (O.dequantize(gu, gu_scales, w_gate_up.shape[1]),
-                     O.dequantize(d, d_scales, w_down.shape[1])),
-            "bytes_per_expert": per_expert}
+            "fp32": fp32, "bytes_per_expert": per_expert}
 
 
 def _case(fmt: str, experts: int, top_k: int, tokens: int, weights: dict[str, Any],
