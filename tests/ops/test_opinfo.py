@@ -57,6 +57,36 @@ def _batch_norm(s: Any) -> tuple[tuple, dict] | None:
     return (s.input, *s.args[:4]), kw
 
 
+def _embedding(s: Any) -> tuple[tuple, dict] | None:
+    kw = dict(s.kwargs)
+    kw.pop("padding_idx", None)  # affects gradients only
+    if kw:
+        return OUTSIDE
+    return (s.input, s.args[0]), {}  # OpInfo's op is (weight, indices), as ours
+
+
+def _gather(s: Any) -> tuple[tuple, dict] | None:
+    if s.args[1].dtype not in (torch.int32, torch.int64):  # an empty uint8 index: torch only
+        return OUTSIDE
+    return _plain()(s)
+
+
+def _max_pool(s: Any) -> tuple[tuple, dict] | None:
+    kw = dict(s.kwargs)
+    if kw.pop("return_indices", False):
+        return OUTSIDE
+    return (s.input, *s.args), kw
+
+
+def _split(s: Any) -> tuple[tuple, dict] | None:
+    sizes, *rest = s.args
+    if isinstance(sizes, int):  # chunks of `sizes` rows, the last one shorter
+        dim = (rest or [s.kwargs.get("dim", 0)])[0]
+        n = s.input.shape[dim]
+        sizes = [min(sizes, n - i) for i in range(0, n, sizes)] or [0]
+    return (s.input, list(sizes), *rest), {k: v for k, v in s.kwargs.items() if k == "dim"}
+
+
 # (OpInfo name, variant) -> (our op, adapter)
 COVERED: dict[tuple[str, str], tuple[str, Adapter]] = {
     **{(n, ""): (n, _plain(("alpha",))) for n in ("add", "sub")},
@@ -85,6 +115,25 @@ COVERED: dict[tuple[str, str], tuple[str, Adapter]] = {
     ("nn.functional.rms_norm", ""): ("rms_norm", _plain(("eps", "weight"))),
     ("nn.functional.group_norm", ""): ("group_norm", _plain(("eps", "weight", "bias"))),
     ("nn.functional.batch_norm", ""): ("batch_norm", _batch_norm),
+    ("gather", ""): ("gather", _gather),
+    **{(n, ""): (n, _plain()) for n in ("matmul", "bmm", "index_select",
+                                        "scatter_add", "transpose", "permute")},
+    **{(n, ""): (n, _plain(("beta", "alpha"))) for n in ("baddbmm", "addmm")},
+    ("nn.functional.linear", ""): ("linear", _plain(("bias",))),
+    ("nn.functional.conv2d", ""): ("conv2d", _plain(("stride", "padding", "dilation",
+                                                     "groups", "bias"))),
+    ("nn.functional.max_pool2d", ""): ("max_pool2d", _max_pool),
+    ("nn.functional.avg_pool2d", ""): ("avg_pool2d", _plain((
+        "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+        "divisor_override"))),
+    ("nn.functional.adaptive_avg_pool2d", ""): ("adaptive_avg_pool2d", _plain()),
+    ("nn.functional.embedding", ""): ("embedding", _embedding),
+    ("index_add", ""): ("index_add", _plain(("alpha",))),
+    ("cat", ""): ("cat", _plain(("dim",))),
+    ("split", ""): ("split", _split),
+    ("split", "list_args"): ("split", _split),
+    ("split_with_sizes", ""): ("split", _plain(("dim",))),
+    ("topk", ""): ("topk", _plain(("dim", "largest", "sorted"))),
 }
 
 def _opinfos() -> list[Any]:
