@@ -823,15 +823,19 @@ static int gemm_run(int64_t m, int64_t n, int64_t k, float alpha, const tsr_a *a
                             for (int64_t i = 0; i < mc; i += MR)
                                 TILE(my_a);
                     }
+                } else if (a_direct) {  /* nothing to pack: one loop, one barrier */
+                    const int64_t ic = 0, mc = m;
+                    #pragma omp for schedule(static) collapse(2)
+                    for (int64_t j = 0; j < nc; j += NR)
+                        for (int64_t i = 0; i < mc; i += MR)
+                            TILE(ap);
                 } else {
                     for (int64_t ic = 0; ic < m; ic += MC) {
                         const int64_t mc = m - ic < MC ? m - ic : MC;
-                        if (!a_direct) {
-                            #pragma omp for schedule(static)
-                            for (int64_t i = 0; i < mc; i += MR)
-                                pack_a(a, ic + i, pc, mc - i < MR ? mc - i : MR, kc,
-                                       ap + i * kc);
-                        }
+                        #pragma omp for schedule(static)
+                        for (int64_t i = 0; i < mc; i += MR)
+                            pack_a(a, ic + i, pc, mc - i < MR ? mc - i : MR, kc,
+                                   ap + i * kc);
                         #pragma omp for schedule(static) collapse(2)
                         for (int64_t j = 0; j < nc; j += NR)
                             for (int64_t i = 0; i < mc; i += MR)
