@@ -41,7 +41,8 @@ typedef struct {
     float *lse;             /* [B, Hq, Sq] natural-log logsumexp (0 where no key), or NULL */
     const int64_t *lens;    /* decode: valid keys of each batch row */
     float *ws;              /* decode: the chunks' partial results */
-    int64_t *status;        /* set to 1 if a scratch buffer could not be allocated */
+    int64_t *status;        /* [0]: set to 1 if a scratch buffer could not be allocated;
+                               decode: [1 + b * hkv + h], zeros, count finished chunks */
     int64_t qs[4], ks[4], vs[4], os[4], ms[4];
     int64_t batch, hq, hkv, sq, sk, d, dv;
     int64_t fmt, mfmt;      /* format of q, k, v and out; of the mask */
@@ -445,7 +446,7 @@ void tsr_attention(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
         /* blocks handed out as threads come free (a thread the machine delays takes fewer),
            head by head, each head's from the last (the largest when causal) to the first,
            so the last ones out are small */
-        #pragma omp for schedule(dynamic, 1)
+        #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t it = 0; it < items; it++) {
             const int64_t bh = it / blocks, i = blocks - 1 - it % blocks;
             if (!failed) failed = !row_block(&a, &kv, bh / a.hq, bh % a.hq, i * NG * RN, groups, st);
@@ -555,6 +556,31 @@ static void decode_chunk(const tsr_args *a, int64_t b, int64_t h, int64_t c0, in
     }
 }
 
+/* The output rows of (batch row b, kv head h) from the partial results of its n chunks. */
+static void combine(const tsr_args *a, int64_t b, int64_t h, int64_t n, int64_t chunks,
+                    int64_t rows, float *restrict weight, float *restrict row) {
+    const int64_t stride = 2 + a->dv, step = rows * stride, per_head = a->hq / a->hkv;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *part = a->ws + (b * a->hkv + h) * chunks * step + r * stride;
+        float top = -INFINITY, sum = 0.0f;
+        for (int64_t c = 0; c < n; c++) top = part[c * step] > top ? part[c * step] : top;
+        for (int64_t c = 0; c < n; c++) {
+            const float mc = part[c * step];
+            weight[c] = mc == -INFINITY ? 0.0f : exp2_neg(mc - top);
+            sum += part[c * step + 1] * weight[c];
+        }
+        for (int64_t e = 0; e < a->dv; e++) {
+            float y = 0.0f;
+            for (int64_t c = 0; c < n; c++) y += part[c * step + 2 + e] * weight[c];
+            row[e] = y;
+        }
+        const int64_t o = b * a->os[0] + (h * per_head + r / a->sq) * a->os[1] +
+                          (r % a->sq) * a->os[2];
+        store_f32(row, 1, sum > 0.0f ? 1.0f / sum : 0.0f,  /* no key: 0, as torch */
+                  a->dv, (void *)elem(a->o, a->fmt, o), a->os[3], a->fmt);
+    }
+}
+
 void tsr_decode(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
     (void)g0, (void)g1, (void)g2;
     tsr_args a;
@@ -567,52 +593,34 @@ void tsr_decode(int64_t g0, int64_t g1, int64_t g2, const char *raw) {
     #pragma omp parallel if(total * rows * (a.d + a.dv) > 1 << 20) reduction(|:failed)
     {
         float *qf = buffer(2, rows * a.d), *kbuf = buffer(3, KB * a.d);
-        float *vbuf = buffer(4, KB * a.dv), *weight = buffer(1, chunks);
+        float *vbuf = buffer(4, KB * a.dv), *weight = buffer(1, chunks + a.dv);
         int64_t *limit = (int64_t *)buffer(0, rows * 4), *moff = limit + rows;
         failed = !qf || !kbuf || !vbuf || !weight || !limit;
         const float qscale = (float)(a.scale * 1.4426950408889634);
-        /* (batch row, kv head, chunk) items handed out as threads come free */
-        #pragma omp for schedule(dynamic, 1)
+        /* (batch row, kv head, chunk) items handed out as threads come free; the thread
+           that finishes a sequence's last chunk combines them (no barrier to wait at) */
+        #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t it = 0; it < a.batch * a.hkv * chunks; it++) {
             const int64_t bh = it / chunks, c = it % chunks, b = bh / a.hkv, h = bh % a.hkv;
-            const int64_t len = a.lens[b], c0 = c * a.chunk;
-            if (c0 >= len || failed) continue;  /* past this sequence's keys */
-            for (int64_t r = 0; r < rows; r++) {  /* row r: query r % sq of head r / sq */
-                const int64_t i = r % a.sq;
-                const int64_t q = b * a.qs[0] + (h * per_head + r / a.sq) * a.qs[1] + i * a.qs[2];
-                load_f32(elem(a.q, a.fmt, q), a.qs[3], a.fmt, a.d, qscale, qf + r * a.d, 1);
-                limit[r] = a.causal ? len - a.sq + 1 + i : len;
-                moff[r] = b * a.ms[0] + (h * per_head + r / a.sq) * a.ms[1] + i * a.ms[2];
+            const int64_t len = a.lens[b], c0 = c * a.chunk, n = (len + a.chunk - 1) / a.chunk;
+            if (failed || c >= (n ? n : 1)) continue;  /* past this sequence's keys */
+            if (n) {
+                for (int64_t r = 0; r < rows; r++) {  /* row r: query r % sq of head r / sq */
+                    const int64_t i = r % a.sq;
+                    const int64_t q = b * a.qs[0] + (h * per_head + r / a.sq) * a.qs[1] +
+                                      i * a.qs[2];
+                    load_f32(elem(a.q, a.fmt, q), a.qs[3], a.fmt, a.d, qscale, qf + r * a.d, 1);
+                    limit[r] = a.causal ? len - a.sq + 1 + i : len;
+                    moff[r] = b * a.ms[0] + (h * per_head + r / a.sq) * a.ms[1] + i * a.ms[2];
+                }
+                decode_chunk(&a, b, h, c0, c0 + a.chunk < len ? c0 + a.chunk : len, qf, limit,
+                             moff, rows, a.ws + it * rows * stride, kbuf, vbuf);
             }
-            decode_chunk(&a, b, h, c0, c0 + a.chunk < len ? c0 + a.chunk : len, qf, limit, moff,
-                         rows, a.ws + it * rows * stride, kbuf, vbuf);
-        }
-        /* combine the chunks of every query row (kbuf, done with, holds one) */
-        float *row = buffer(3, a.dv);
-        failed |= !row;
-        #pragma omp for schedule(dynamic, 16)
-        for (int64_t x = 0; x < a.batch * a.hkv * rows; x++) {
-            if (failed) continue;
-            const int64_t bh = x / rows, r = x % rows, b = bh / a.hkv, h = bh % a.hkv;
-            const int64_t n = (a.lens[b] + a.chunk - 1) / a.chunk, step = rows * stride;
-            const float *part = a.ws + bh * chunks * step + r * stride;
-            float top = -INFINITY, sum = 0.0f;
-            for (int64_t c = 0; c < n; c++) top = part[c * step] > top ? part[c * step] : top;
-            for (int64_t c = 0; c < n; c++) {
-                const float mc = part[c * step];
-                weight[c] = mc == -INFINITY ? 0.0f : exp2_neg(mc - top);
-                sum += part[c * step + 1] * weight[c];
-            }
-            const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  /* no key: 0, as torch */
-            for (int64_t e = 0; e < a.dv; e++) {
-                float y = 0.0f;
-                for (int64_t c = 0; c < n; c++) y += part[c * step + 2 + e] * weight[c];
-                row[e] = y;
-            }
-            const int64_t o = b * a.os[0] + (h * per_head + r / a.sq) * a.os[1] +
-                              (r % a.sq) * a.os[2];
-            store_f32(row, 1, inv, a.dv, (void *)elem(a.o, a.fmt, o), a.os[3], a.fmt);
+            /* chunks done of this sequence: the release publishes this chunk's results,
+               the acquire of the last one sees every other's */
+            if (!n || __atomic_add_fetch(a.status + 1 + bh, 1, __ATOMIC_ACQ_REL) == n)
+                combine(&a, b, h, n, chunks, rows, weight, weight + chunks);
         }
     }
-    *a.status = failed;
+    a.status[0] = failed;
 }
