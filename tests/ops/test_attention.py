@@ -293,6 +293,18 @@ def test_decode(case: tuple[tuple[int, ...], list[int]], causal: bool) -> None:
         assert got[lens.index(0)].eq(0).all()
 
 
+def test_decode_combines_chunks() -> None:
+    # the template directly, with small chunks: sequences of 0, 1, 64 and 300 keys in 0 to
+    # 5 chunks, whatever the thread count
+    from tessera.templates.attention import decode
+    q, k, v = _randn(4, 4, 2, 32), _randn(4, 2, 300, 32), _randn(4, 2, 300, 32)
+    lens = torch.tensor([0, 1, 64, 300])
+    for causal in (False, True):
+        out = torch.empty(4, 4, 2, 32)
+        decode(q, k, v, lens, out, scale=0.3, causal=causal, chunk=64)
+        close(out, O.get("decode_attention").reference(q, k, v, lens, 0.3, causal))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_dtypes_and_cache_layouts(dtype: torch.dtype) -> None:
     b, s, hkv, d = 2, 200, 2, 64
