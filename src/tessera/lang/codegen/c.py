@@ -100,8 +100,8 @@ class CPrinter(CStylePrinter):
             "",
             f"static void tsr_run({', '.join(head)}) {{",
             "    const int64_t tsr_n = tsr_grid0 * tsr_grid1 * tsr_grid2;",
-            f"    if (tsr_n * {self.work()} < {PARALLEL_GRAIN}) {{  /* no OpenMP region at all: "
-            "even a one-thread one costs ~0.7 us */",
+            f"    if (tsr_n < 2 || tsr_n * {self.work()} < {PARALLEL_GRAIN}) {{  /* no OpenMP "
+            "region at all: even a one-thread one costs ~0.7 us */",
             f"        {loop}",
             "        return;",
             "    }",
