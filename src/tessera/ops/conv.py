@@ -16,6 +16,7 @@ The GEMM's fused epilogues (bias, activation, residual) serve conv2d too:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -37,6 +38,11 @@ __all__ = ["fused_conv2d"]
 
 def _pair(v: Any, name: str, arg: str, low: int) -> tuple[int, int]:
     """An int or a list of one or two ints, each at least `low`, as a pair."""
+    if type(v) is int and v >= low:  # the common cases, quickly
+        return v, v
+    if type(v) in (list, tuple) and len(v) == 2 and type(v[0]) is type(v[1]) is int \
+            and min(v) >= low:
+        return v[0], v[1]
     vals = [v] if isinstance(v, int) else list(v) if isinstance(v, (list, tuple)) else None
     if vals is not None and len(vals) == 1:
         vals = vals * 2
@@ -170,8 +176,8 @@ def _padded(x: torch.Tensor, rows: int, cols: int, ph: int, pw: int, fill: float
     bw = next(b for b in (64, 16, 4, 1) if b <= ww)
     bh = next(b for b in (8, 1) if b <= hh)
     unit = src.stride(2) == 1
-    sp = compiled(("place", bh, bw, x.dtype, unit), place_kernel, spec(x.dtype, 3, unit),
-                  spec(x.dtype, 3), 0, 0, BH=bh, BW=bw)
+    sp = compiled(("place", bh, bw, x.dtype, unit), place_kernel,
+                  lambda: spec(x.dtype, 3, unit), lambda: spec(x.dtype, 3), 0, 0, BH=bh, BW=bw)
     launch(sp, (-(-hh // bh), src.shape[0], 1), src.data_ptr(), src.shape[0], hh, ww,
            *src.stride(), dst.data_ptr(), *dst.shape, *dst.stride(), ph, left)
     return buf
@@ -196,7 +202,6 @@ def _window(mode: str, name: str, x: torch.Tensor, k: tuple[int, int], s: tuple[
         xp = xp.contiguous()
     xv = xp.view(n * c, qh, s[0], qw, s[1])
     bh, bw = _tile(ho, wo)
-    f32 = torch.float32
     wt = w.reshape(cout, k[0], k[1]) if w is not None else xv
     dh, dw = divisors if divisors is not None else (xv, xv)
     b = bias if bias is not None else xv
@@ -204,15 +209,13 @@ def _window(mode: str, name: str, x: torch.Tensor, k: tuple[int, int], s: tuple[
     o = out.view(n * cout, ho, wo)
     key = ("window", mode, k, s, d, bias is not None, activation, residual is not None,
            bh, bw, x.dtype, wt.dtype)
-    sp = compiled(key, window_kernel, spec(x.dtype, 5), spec(wt.dtype, wt.dim()),
-                  spec(b.dtype, b.dim()), spec(f32 if residual is not None else res.dtype,
-                                               res.dim()),
-                  spec(dh.dtype, dh.dim()), spec(dw.dtype, dw.dim()), spec(x.dtype, 3),
+    tensors = (xv, wt, b, res, dh, dw, o)
+    sp = compiled(key, window_kernel, *(lambda t=t: spec(t.dtype, t.dim()) for t in tensors),
                   0, 0, 0, MODE=mode, KH=k[0], KW=k[1], SH=s[0], SW=s[1], DH=d[0], DW=d[1],
                   BIAS=bias is not None, ACT=activation, RES=residual is not None,
                   BH=bh, BW=bw)
     args: list[Any] = []
-    for t in (xv, wt, b, res, dh, dw, o):
+    for t in tensors:
         args += (t.data_ptr(), *t.shape, *t.stride())
     launch(sp, (-(-wo // bw), -(-ho // bh), n * cout), *args, c, cout, cout // c or 1)
     return out
@@ -414,10 +417,11 @@ def max_pool2d(x: torch.Tensor, kernel_size: Any, stride: Any = (), padding: Any
     return out[0] if unbatched else out
 
 
+@functools.lru_cache(maxsize=256)
 def _divisors(size: int, out: int, k: int, s: int, p: int, include_pad: bool
               ) -> torch.Tensor:
     """Window lengths along one dim of an average pool, as torch divides by them: clipped
-    to the padded input (include_pad), or to the input."""
+    to the padded input (include_pad), or to the input (cached: never written)."""
     start = np.arange(out) * s - p
     end = np.minimum(start + k, size + p)
     if not include_pad:
