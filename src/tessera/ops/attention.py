@@ -37,12 +37,11 @@ def _rotary(a, b, ca, cb, sa, sb, oa, ob, xr, outr, BH: tl.constexpr, BS: tl.con
     (a cos_a - b sin_a, b cos_b + a sin_b); features past the rotary ones are copied. W and
     REST are powers of two covering the pairs and the copied features (edges masked)."""
     n, h, s = tl.program_id(2), tl.program_id(1) * BH, tl.program_id(0) * BS
-    x1 = a[n, h:h + BH, s:s + BS, 0:W].to(tl.float32)
-    x2 = b[n, h:h + BH, s:s + BS, 0:W].to(tl.float32)
-    c1, c2 = ca[n, h:h + BH, s:s + BS, 0:W], cb[n, h:h + BH, s:s + BS, 0:W]
-    s1, s2 = sa[n, h:h + BH, s:s + BS, 0:W], sb[n, h:h + BH, s:s + BS, 0:W]
-    oa[n, h:h + BH, s:s + BS, 0:W] = x1 * c1 - x2 * s1
-    ob[n, h:h + BH, s:s + BS, 0:W] = x2 * c2 + x1 * s2
+    x1, x2 = a[n, h:h + BH, s:s + BS, 0:W], b[n, h:h + BH, s:s + BS, 0:W]  # (float32 math)
+    oa[n, h:h + BH, s:s + BS, 0:W] = x1 * ca[n, h:h + BH, s:s + BS, 0:W] - \
+        x2 * sa[n, h:h + BH, s:s + BS, 0:W]
+    ob[n, h:h + BH, s:s + BS, 0:W] = x2 * cb[n, h:h + BH, s:s + BS, 0:W] + \
+        x1 * sb[n, h:h + BH, s:s + BS, 0:W]
     if REST > 0:
         outr[n, h:h + BH, s:s + BS, 0:REST] = xr[n, h:h + BH, s:s + BS, 0:REST]
 
