@@ -27,7 +27,8 @@ CONVS = [(1, 3, 9, 11, 5, 3, 1, 1, 1, 1),
          (1, 4, 9, 13, 8, (3, 1), (1, 2), (1, 0), (2, 1), 4),  # depthwise x2, uneven
          (1, 6, 8, 8, 12, (2, 3), (2, 1), (0, 2), 1, 3),
          (1, 1, 5, 5, 3, 5, 1, 0, 1, 1),  # one input channel, a 1x1 output
-         (1, 96, 6, 6, 80, 3, 1, 1, 1, 1)]  # more than 64 output channels: A packed
+         (1, 96, 6, 6, 80, 3, 1, 1, 1, 1),  # more than 64 output channels: A packed
+         (2, 16, 12, 12, 24, 1, 1, 0, 1, 1)]  # 1x1 over 144 pixels: W @ x per image
 
 
 def _conv_args(case: tuple, dtype: torch.dtype = torch.float32) -> tuple:
@@ -86,6 +87,10 @@ def test_fused_conv2d() -> None:
               F.relu(want[1:]) + r[-1:])
         close(fused_conv2d(last, w, b, s, p, d, g, activation="relu", residual=r),
               F.relu(want) + r)
+    pw = torch.randn(16, 8, 1, 1)  # 1x1: rows of C are output planes, the bias by rows
+    for r in (torch.randn(2, 16, 10, 10), torch.randn(16, 10, 1).transpose(1, 2)):
+        close(fused_conv2d(x, pw, b, activation="relu", residual=r),
+              F.relu(F.conv2d(x, pw, b)) + r)
     dw, r = torch.randn(16, 1, 3, 3), torch.randn(2, 16, 5, 5)
     close(fused_conv2d(x, dw, b, 2, 1, 1, 8, activation="relu", residual=r),
           F.relu(F.conv2d(x, dw, b, 2, 1, 1, 8)) + r)

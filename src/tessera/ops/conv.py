@@ -361,10 +361,36 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         out = _window("conv", name, x4, (kh, kw), s, (ph[0], pw[0]), d, (ho, wo),
                       w=weight.contiguous(),
                       bias=bias, activation=activation, residual=res, cout=cout)
+    elif (kh, kw, s, ph, pw, groups) == (1, 1, (1, 1), (0, 0), (0, 0), 1) and \
+            ho * wo >= _PLANE_ROWS and not _channels_last(x4) and \
+            (ho == 1 or x4.stride(2) == wo * x4.stride(3)):
+        out = _pointwise_conv(x4, weight, bias, activation, residual)
     else:
         out = _conv_gemm(x4, weight, bias, s, (ph, pw), d, groups, (ho, wo), activation,
                          residual)
     return out[0] if unbatched else out
+
+
+# A 1x1 convolution of NCHW planes of at least this many pixels is W [out, in] @ x [in,
+# pixels] per image: C's rows are the output planes (no stores by columns, no gathering);
+# smaller planes would leave the micro-tile's columns idle.
+_PLANE_ROWS = 128
+
+
+def _pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1, stride-1, unpadded, ungrouped conv2d of NCHW x as per-image products."""
+    n, c, h, w = x.shape
+    cout = weight.shape[0]
+    out = torch.empty((n, cout, h, w), dtype=x.dtype)
+    res = None
+    if residual is not None:
+        r = _flat_pixels(residual, out, False)
+        res = r.as_strided((n, cout, h * w), (r.stride(0), r.stride(1), r.stride(3)))
+    planes = x.as_strided((n, c, h * w), (x.stride(0), x.stride(1), x.stride(3)))
+    product(weight.reshape(cout, c), planes, out.view(n, cout, h * w), bias=bias,
+            activation=activation, residual=res, bias_rows=True)
+    return out
 
 
 @op("conv2d(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "

@@ -45,28 +45,30 @@ _ENTRIES: dict[tuple, int] = {}
 
 
 def gemm_entry(a: torch.dtype, b: torch.dtype, c: torch.dtype, *, packed: bool = False,
-               bias: bool = False, activation: str | None = None, residual: bool = False
-               ) -> int:
+               bias: bool = False, activation: str | None = None, residual: bool = False,
+               bias_rows: bool = False) -> int:
     """The template's launch entry for these operand dtypes and epilogue (cached)."""
-    key = (a, b, c, packed, bias, activation, residual)
+    key = (a, b, c, packed, bias, activation, residual, bias_rows)
     address = _ENTRIES.get(key)
     if address is None:
         address = _ENTRIES[key] = launch_entry(
             ldtype(a), ldtype(b), ldtype(c), packed=packed, bias=bias, activation=activation,
-            residual=residual)
+            residual=residual, bias_rows=bias_rows)
     return address
 
 
 def product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float = 1.0,
             beta: float = 0.0, bias: torch.Tensor | None = None,
-            activation: str | None = None, residual: torch.Tensor | None = None) -> None:
+            activation: str | None = None, residual: torch.Tensor | None = None,
+            bias_rows: bool = False) -> None:
     """out = activation(alpha * a @ b + beta * out + bias) + residual over the batch dims
     of out: a [..., M, K] and b [..., K, N] broadcast to them, bias a contiguous float32
-    [N], residual float32 broadcastable to out."""
+    [N] (`bias_rows`: [M]), residual float32 broadcastable to out."""
     if out.numel() == 0:
         return
     entry = gemm_entry(a.dtype, b.dtype, out.dtype, bias=bias is not None,
-                       activation=activation, residual=residual is not None)
+                       activation=activation, residual=residual is not None,
+                       bias_rows=bias_rows)
     k = a.shape[-1]
     bias_slots = (0 if bias is None else bias.data_ptr(), 0)
     if out.dim() == 2 and a.dim() == 2 and b.dim() == 2:  # one product: nothing to walk
