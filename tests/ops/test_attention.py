@@ -185,6 +185,7 @@ def test_sdpa_broadcasts_as_torch() -> None:
           torch.rand(5, 6) > 0.2)  # 5-D
 
 
+@pytest.mark.slow  # importing torch's OpInfo database takes seconds
 def test_sdpa_opinfo_samples() -> None:
     from torch.testing._internal.common_methods_invocations import op_db
     info = next(o for o in op_db if o.name == "nn.functional.scaled_dot_product_attention")
