@@ -2,13 +2,14 @@
 and out, as torch; channels-last inputs give channels-last outputs).
 
 conv2d is an implicit GEMM on the templates: output pixels are the rows of A, (input
-channel, kernel tap) pairs its columns, and A is never built: the template reads it
-through two offset tables (a row's pixel, a column's channel and tap) from the input (a
-zero-padded copy if there is padding), so the product is C [pixels, out channels] =
-A @ W.T, stored straight into NCHW (C by columns). Groups are a batch of products;
-depthwise convolutions (one input channel per group), where a GEMM would have one
-column, and the pools run on one windowed kernel in the kernel language instead.
-adaptive_avg_pool2d is two small products with averaging matrices.
+channel, kernel tap) pairs its columns, and A is never built: the template reads it in
+place through two offset tables (a row's pixel, a column's channel and tap) from the
+input (a zero-padded copy if there is padding), so the product is C [pixels, out
+channels] = A @ W.T, stored straight into NCHW (C by columns). Groups are a batch of
+products. A 1x1 convolution of large NCHW planes is simply W @ x per image (C's rows
+are the output planes). Depthwise convolutions (one input channel per group), where a
+GEMM would have one column, and the pools run on one windowed kernel in the kernel
+language instead. adaptive_avg_pool2d is two small products with averaging matrices.
 
 The GEMM's fused epilogues (bias, activation, residual) serve conv2d too:
 `fused_conv2d` is how the graph compiler asks for them.
