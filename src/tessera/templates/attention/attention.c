@@ -119,6 +119,19 @@ static inline float exp2_neg(float x) {
 }
 
 typedef int32_t tsr_iv __attribute__((vector_size(VL * 4)));
+#if defined(__AVX__) && VL == 8
+#include <immintrin.h>
+#endif
+/* whether any lane of a comparison result is true */
+static inline int any_lane(tsr_iv m) {
+#if defined(__AVX__) && VL == 8
+    return !_mm256_testz_si256((__m256i)m, (__m256i)m);  /* one vptest */
+#else
+    int any = 0;
+    for (int l = 0; l < VL; l++) any |= m[l] != 0;
+    return any;
+#endif
+}
 /* lane-wise max; a NaN in b is kept (it reaches the softmax's exp and the output) */
 static inline tsr_fv vmax(tsr_fv a, tsr_fv b) {
     const tsr_iv keep = a > b;
@@ -212,8 +225,7 @@ static inline __attribute__((always_inline)) int scores_tile(
     tsr_iv over = {0};
     for (int i = 0; i < mr; i++)
         for (int v = 0; v < RV; v++) over |= acc[i][v] > base[v] + LAZY;
-    for (int l = 0; l < VL; l++)
-        if (over[l]) return 0;
+    if (any_lane(over)) return 0;
     for (int i = 0; i < mr; i++)
         for (int v = 0; v < RV; v++) {
             const tsr_fv p = vexp2(acc[i][v] - base[v]);
