@@ -317,6 +317,23 @@ def test_decode_dtypes_and_cache_layouts(dtype: torch.dtype) -> None:
     check("decode_attention", q, k, v, lens, 0.2)
 
 
+def test_the_avx512_blocking_runs_here_too() -> None:
+    # 16-lane vectors (GCC's generic vectors split them on AVX2): the blocking an AVX-512
+    # machine gets, checked on any machine
+    from tessera.templates.attention import Blocking, attention, decode
+    wide = Blocking(vl=16, rv=2, mr=8, bn=96, ng=4)
+    q, k, v = _randn(2, 4, 70, 80), _randn(2, 2, 130, 80), _randn(2, 2, 130, 48)
+    mask = torch.randn(2, 1, 70, 130).expand(2, 4, 70, 130)
+    for causal, m in ((True, None), (False, mask)):
+        out = torch.empty(2, 4, 70, 48)
+        attention(q, k, v, out, scale=0.1, causal=causal, mask=m, config=wide)
+        close(out, F.scaled_dot_product_attention(q, k, v, m, is_causal=causal, scale=0.1,
+                                                  enable_gqa=True))
+    lens, out = torch.tensor([130, 37]), torch.empty(2, 4, 70, 48)
+    decode(q, k, v, lens, out, scale=0.1, chunk=32, config=wide)
+    close(out, O.get("decode_attention").reference(q, k, v, lens, 0.1))
+
+
 def test_fake_tensors_give_the_shapes() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():  # what torch.compile and torch.export trace through
