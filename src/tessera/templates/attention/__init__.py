@@ -80,9 +80,9 @@ def _launch(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     launcher()(entry, 1, 1, 1, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                _ptr(mask), _ptr(lse), _ptr(lens), _ptr(ws), status.data_ptr(), *q.stride(),
                *k.stride(), *v.stride(), *out.stride(), *_strides(mask), batch, hq, hkv, sq,
-               sk, d, dv,
-               _FORMATS[q.dtype], _FORMATS[mask.dtype] if mask is not None else _NONE,
-               int(causal), chunk, float(scale))
+               sk, d, dv, _FORMATS[q.dtype],
+               _FORMATS[mask.dtype] if mask is not None else _NONE, int(causal), chunk,
+               float(scale))
     if status[0].item():
         raise OutOfMemoryError(f"{who}: out of memory for the scratch buffers (per "
                                f"thread, float32 copies of up to {sk} keys and values of "
