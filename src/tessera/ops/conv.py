@@ -165,6 +165,7 @@ def _padded(x: torch.Tensor, rows: int, cols: int, ph: int, pw: int, fill: float
     last = _channels_last(x)
     buf = torch.empty((n, c, rows, cols), dtype=x.dtype, memory_format=torch.channels_last
                       if last else torch.contiguous_format).fill_(fill)
+    hh, ww = min(h, rows - ph), min(w, cols - pw)  # what of x fits (cropped)
     if x.numel() == 0:
         return buf
     if last:  # planes are images, rows hold (column, channel) pairs
@@ -173,7 +174,7 @@ def _padded(x: torch.Tensor, rows: int, cols: int, ph: int, pw: int, fill: float
         left = pw * c
     else:
         src, dst, left = x.reshape(n * c, h, w), buf.view(n * c, rows, cols), pw
-    hh, ww = min(h, rows - ph), min(src.shape[2], dst.shape[2] - left)  # cropped
+    ww *= c if last else 1
     bw = next(b for b in (64, 16, 4, 1) if b <= ww)
     bh = next(b for b in (8, 1) if b <= hh)
     unit = src.stride(2) == 1

@@ -747,15 +747,19 @@ static int gemm_run(int64_t m, int64_t n, int64_t k, float alpha, const tsr_a *a
     }
     /* a float32 gathered A (a convolution's image) is read in place: packing it would
        cost about a quarter of a product with 64 columns. Its tiles stay in L1 while B's
-       slivers stream from L2 (see below), so B's panel may be deeper than L1: up to
-       KC_DIRECT rows, which spares a 3x3 convolution of 64 channels a second KC step. */
+       slivers stream from L2 (see below), so B's panel may be deeper than L1, up to
+       PANEL_DIRECT floats in steps of even depth: a 3x3 convolution of 64 channels
+       (K = 576) takes one step, one of 128 channels two, not three. */
 #ifndef GATHER_N
 #define GATHER_N 128
 #endif
-#define KC_DIRECT (65536 / NR)  /* floats of B's panel: 256 KiB */
+#define PANEL_DIRECT 98304  /* floats of B's panel: 384 KiB of L2 */
     const tsr_a *a_direct = A_FMT == TSR_F32 && a->ro && n <= GATHER_N ? a : NULL;
-    const int64_t kc_direct = KC_DIRECT * NR / ((n + NR - 1) / NR * NR);
-    const int64_t kcb = a_direct && !PACKED_B && kc_direct > KC ? kc_direct : KC;
+    int64_t kcb = KC;
+    if (a_direct && !PACKED_B && PANEL_DIRECT / ((n + NR - 1) / NR * NR) > KC) {
+        kcb = PANEL_DIRECT / ((n + NR - 1) / NR * NR);
+        kcb = (k + (k + kcb - 1) / kcb - 1) / ((k + kcb - 1) / kcb);  /* even steps */
+    }
     const int64_t np = packed_columns(n);
     const int64_t nc_max = np < NC ? (np + NR - 1) / NR * NR : NC;
     const int64_t kc_max = k < kcb ? k : kcb;
