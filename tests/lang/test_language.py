@@ -473,3 +473,16 @@ def test_row_reductions_fused_into_materialization() -> None:
     torch.testing.assert_close(out, t - m, equal_nan=True)
     torch.testing.assert_close(mx, m + torch.exp(t - m).sum(1, keepdim=True), equal_nan=True)
     assert "reduction(max:" in centered_rows.source(x, out, mx, BM=8, BN=64)
+
+
+def test_reduction_of_a_dot_whose_operand_is_read_in_place() -> None:
+    """The operand's edge copy is not where the dot's row reduction can run (the dot has no
+    value yet there); it once was, and the C did not compile."""
+    @tl.kernel
+    def dot_max(a, b, out, N: tl.constexpr):
+        s = tl.dot(a[0:N, 0:N], b[0:N, 0:N])
+        out[0:N] = tl.max(s, axis=1)
+
+    a, b, out = torch.randn(16, 16), torch.randn(16, 16), torch.empty(16)
+    dot_max[(1,)](a, b, out, N=16)
+    torch.testing.assert_close(out, (a @ b).amax(1), atol=1e-5, rtol=1e-5)

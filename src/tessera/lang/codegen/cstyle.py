@@ -59,6 +59,7 @@ class CStylePrinter(ABC):
         self.user_block: dict[int, Block] = {}
         self.inline: set[int] = set()
         self.emitted: set[int] = set()  # ops whose C value is declared by now
+        self.computing: set[int] = set()  # ops being printed (their operands come first)
         self.direct: set[int] = set()  # dot operands read in place (see op_dot)
         self.block_of: dict[int, Block] = {}
         self._plan(fn.body)
@@ -322,6 +323,7 @@ class CStylePrinter(ABC):
                 op.kind in ("param", "blockarg", "result"):
             return  # inlined, read in place, computed already (a fused reduction), or named
         self.emitted.add(op.id)
+        self.computing.add(op.id)  # emitted, but its value does not exist yet
         handler = getattr(self, f"op_{op.kind}", None)
         if handler is not None:
             handler(op)
@@ -329,6 +331,7 @@ class CStylePrinter(ABC):
             self.line(f"const {self.ctype(op)} {self.name(op)} = {self.expr_root(op, [])};")
         else:
             self.materialize(op)
+        self.computing.discard(op.id)
 
     def expr_root(self, op: Op, idx: list[str], masked: bool = True,
                   loads: list[Op] | None = None) -> str:
@@ -397,7 +400,7 @@ class CStylePrinter(ABC):
         if e is op or e.kind in _ALWAYS_INLINE or e.kind in ("param", "blockarg"):
             return True
         if e.id not in self.inline:
-            return e.id in self.emitted  # an array or scalar computed before op
+            return e.id in self.emitted and e.id not in self.computing  # computed before op
         return e.kind != "load" and all(self.available(o, op) for o in e.operands)
 
     def op_store(self, op: Op) -> None:
