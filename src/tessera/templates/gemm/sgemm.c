@@ -494,6 +494,24 @@ static void pack_b_sliver(const tsr_b *b, int64_t n, int64_t pc, int64_t kc, int
 #endif
 }
 
+/* B[pc:pc+kc, jp .. jp + count * NR] as `count` slivers at dst, dst + kc * NR, ... A
+   row-major float32 B of whole slivers is copied row by row across all of them: each
+   row is then one contiguous read, where sliver by sliver every 64 bytes would come from
+   another row (and, for long rows, another page). */
+#define GROUP_SLIVERS 8
+static void pack_b_slivers(const tsr_b *b, int64_t n, int64_t pc, int64_t kc, int64_t jp,
+                           int count, float *restrict dst) {
+    if (B_FMT == TSR_F32 && !SWIGLU && b->cs == 1 && jp + count * NR <= n) {
+        const float *src = (const float *)b->p + pc * b->rs + jp;
+        for (int64_t p = 0; p < kc; p++)
+            for (int s = 0; s < count; s++)
+                memcpy(dst + s * kc * NR + p * NR, src + p * b->rs + s * NR,
+                       NR * sizeof(float));
+        return;
+    }
+    for (int s = 0; s < count; s++) pack_b_sliver(b, n, pc, kc, jp + s * NR, dst + s * kc * NR);
+}
+
 /* Packing buffers, kept per calling thread and grown as needed: fresh multi-MB buffers
    per call would cost their page faults every time. */
 static _Thread_local float *buffers[2];
@@ -793,8 +811,18 @@ static int gemm_run(int64_t m, int64_t n, int64_t k, float alpha, const tsr_a *a
                     panel = (const float *)b->p + panel_offset(jc, pc, k, nc);
                 } else {
                     #pragma omp for schedule(static)
-                    for (int64_t j = 0; j < nc; j += NR)
-                        if (!IN_PLACE(j)) pack_b_sliver(b, n, pc, kc, jc + j, bp + j * kc);
+                    for (int64_t j = 0; j < nc; j += GROUP_SLIVERS * NR) {
+                        const int64_t w = nc - j < GROUP_SLIVERS * NR ? nc - j
+                                                                      : GROUP_SLIVERS * NR;
+                        if (direct_b) {  /* those read in place are not packed */
+                            for (int64_t jj = j; jj < j + w; jj += NR)
+                                if (!IN_PLACE(jj))
+                                    pack_b_sliver(b, n, pc, kc, jc + jj, bp + jj * kc);
+                        } else {
+                            pack_b_slivers(b, n, pc, kc, jc + j, (int)((w + NR - 1) / NR),
+                                           bp + j * kc);
+                        }
+                    }
                     panel = bp;
                 }
                 /* the micro-tile (i, j) of the (ic, jc) block, A packed at `packed` */
