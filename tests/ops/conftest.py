@@ -9,11 +9,32 @@ from typing import Any
 import pytest
 import torch
 
+from tessera.ops import _fastpath
+
 
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     """Random inputs, the same on every run."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["native", "python"])
+def entry_path(request: pytest.FixtureRequest) -> Any:
+    """Run the test through the native fast path (waiting for its build) and again with
+    every op entry point bound to the Python path: the two must agree, bad input
+    included, whenever the build finishes."""
+    assert _fastpath.wait(timeout=600), "the native fast path did not build"
+    if request.param == "native":
+        yield request.param
+        return
+    saved = [(env, env["_pw"], env["_rows"]) for env in _fastpath._ENVS]
+    for env, _, _ in saved:
+        env["_pw"] = env["_rows"] = _fastpath._none
+    try:
+        yield request.param
+    finally:
+        for env, pw, rows in saved:
+            env["_pw"], env["_rows"] = pw, rows
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

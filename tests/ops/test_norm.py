@@ -50,7 +50,7 @@ def test_group_and_batch_norm(shape: tuple[int, ...], groups: int, dtype: torch.
     check("batch_norm", x, mean, var, None, None, 1e-3)
 
 
-def test_bad_inputs() -> None:
+def test_bad_inputs(entry_path: str) -> None:
     x = torch.randn(4, 6)
     with pytest.raises(ShapeError, match="layer_norm: normalized_shape"):
         O.layer_norm(x, [5])

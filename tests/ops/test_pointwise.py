@@ -126,7 +126,7 @@ def test_caller_kinds_round_trip() -> None:
     assert isinstance(mixed, torch.Tensor)
 
 
-def test_bad_inputs_name_the_op_and_argument() -> None:
+def test_bad_inputs_name_the_op_and_argument(entry_path: str) -> None:
     x = torch.randn(3, 4)
     with pytest.raises(ShapeError, match="add: shapes"):
         O.add(x, torch.randn(5))

@@ -82,7 +82,7 @@ def test_empty_and_degenerate() -> None:
         O.amax(e, 0)
 
 
-def test_bad_inputs() -> None:
+def test_bad_inputs(entry_path: str) -> None:
     x = torch.randn(3, 4)
     with pytest.raises(ShapeError, match="sum: dim=2 is out of range"):
         O.sum(x, 2)

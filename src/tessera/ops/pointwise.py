@@ -487,7 +487,8 @@ for _name, _ref, _result, _doc in [
     reference=lambda x, *, approximate="none": torch.nn.functional.gelu(
         x, approximate=approximate), dtypes=("float32", "bfloat16", "float16"),
     tile=UNARY["gelu"], implements=_aten("gelu", "default"),
-    fast="_pw(@gelu, x) if approximate == 'none' else _pw(@gelu_tanh, x)")
+    fast="_pw(@gelu, x) if approximate == 'none' else "
+         "_pw(@gelu_tanh, x) if approximate == 'tanh' else None")
 def gelu(x: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
     """GELU, exact (erf) or approximate='tanh', as torch.nn.functional.gelu."""
     if approximate not in ("none", "tanh"):
