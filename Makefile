@@ -32,13 +32,13 @@ demo:
 test:
 	scripts/sysdeps.sh cc mpi opencl
 	$(MAKE) --no-print-directory venv
-	$(PY) -m pytest -n $(JOBS)
+	$(PY) -m pytest -n $(JOBS) --dist worksteal
 
 # Keeps its compile cache in .venv between runs: the first run builds every kernel.
 test-quick:
 	scripts/sysdeps.sh cc
 	$(MAKE) --no-print-directory venv
-	TESSERA_TEST_CACHE=$(VENV)/test-cache $(PY) -m pytest -n $(JOBS) -m "$(QUICK)"
+	TESSERA_TEST_CACHE=$(VENV)/test-cache $(PY) -m pytest -n $(JOBS) --dist worksteal -m "$(QUICK)"
 
 # OpenBLAS (numpy's) spins ~0.1 s after each call by default, starving the next impl's
 # threads in interleaved timing; 2^20 cycles (~0.4 ms) keeps its back-to-back calls hot.

@@ -249,8 +249,9 @@ def test_sin_near_multiples_of_pi():
     assert ulp <= SWEEPS["sin"][1]
 
 
-# every 3rd float in [-16, -0.25]: where the float32 activations have their largest errors
-DENSE_NEG = -np.arange(np.float32(0.25).view(np.uint32), np.float32(16).view(np.uint32), 3,
+# every 11th float in [-16, -0.25] (4.6M of them): where the float32 activations have their
+# largest errors
+DENSE_NEG = -np.arange(np.float32(0.25).view(np.uint32), np.float32(16).view(np.uint32), 11,
                        dtype=np.uint32).view(np.float32)
 
 

@@ -5,7 +5,7 @@ allreduce bandwidth at 1..64 MB (goal at 16 MB: >= 1.5x Open MPI's), alltoall at
 Sizes are bytes per rank; GB/s is that size over the time (algorithm bandwidth).
 
 Ranks are processes, so this suite launches `mpirun -np RANKS` workers
-(tessera.bench.comm_worker) and gets finished rows back. `--quick` skips 64 MB.
+(tessera.bench.comm_worker) and gets finished rows back. `--quick` skips 16 MB and up.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ KB, MB = 1 << 10, 1 << 20
 LATENCY = {"8B": 8, "256B": 256, "4KB": 4 * KB, "64KB": 64 * KB}
 BANDWIDTH = {"1MB": MB, "16MB": 16 * MB, "64MB": 64 * MB}
 ALLTOALL = {"4KB": 4 * KB, "1MB": MB, "16MB": 16 * MB}
-QUICK_SKIP = 64 * MB
+QUICK_SKIP = 16 * MB  # --quick: sizes below this only (a check, not a measurement)
 
 
 class SyncedClock:
@@ -136,7 +136,8 @@ def cases(quick: bool, tcomm: tdist.Communicator, mcomm: Any) -> Iterator[Case]:
         if not (quick and nbytes >= QUICK_SKIP):
             yield _allreduce_case(f"allreduce_{label}", nbytes, tcomm, mcomm, latency=False)
     for label, nbytes in ALLTOALL.items():
-        yield _alltoall_case(f"alltoall_{label}", nbytes, tcomm, mcomm)
+        if not (quick and nbytes >= QUICK_SKIP):
+            yield _alltoall_case(f"alltoall_{label}", nbytes, tcomm, mcomm)
 
 
 def main(argv: list[str] | None = None) -> None:
