@@ -26,15 +26,9 @@ def entry_path(request: pytest.FixtureRequest) -> Any:
     assert _fastpath.wait(timeout=600), "the native fast path did not build"
     if request.param == "native":
         yield request.param
-        return
-    saved = [(env, env["_pw"], env["_rows"]) for env in _fastpath._ENVS]
-    for env, _, _ in saved:
-        env["_pw"] = env["_rows"] = _fastpath._none
-    try:
-        yield request.param
-    finally:
-        for env, pw, rows in saved:
-            env["_pw"], env["_rows"] = pw, rows
+    else:
+        with _fastpath.suspended():
+            yield request.param
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -12,10 +12,12 @@ the Python path; `wait()` blocks until the native path is ready (benchmarks, tes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch
 
 from tessera.errors import TesseraError
 
-__all__ = ["add_plan", "bind", "enabled", "start", "table", "wait"]
+__all__ = ["add_plan", "bind", "enabled", "start", "suspended", "table", "wait"]
 
 _TABLES: dict[str, int] = {}
 _PLANS: dict[tuple, None] = {}  # every plan registered (in order), replayed on load
@@ -32,6 +34,7 @@ _native: Any = None
 _lock = threading.Lock()
 _ready = threading.Event()
 _thread: threading.Thread | None = None
+_suspended = 0  # depth of `suspended()` blocks: entry points take the Python path
 
 
 def _none(*args: Any) -> None:
@@ -54,8 +57,7 @@ def bind(env: dict[str, Any]) -> None:
     loaded, `_none` until then."""
     with _lock:
         _ENVS.append(env)
-        env["_pw"] = _native.pointwise if _native is not None else _none
-        env["_rows"] = _native.rows if _native is not None else _none
+        _bind_one(env, _native if not _suspended else None)
 
 
 def add_plan(name: str, address: int, ins: tuple[torch.dtype, ...], out: torch.dtype,
@@ -84,8 +86,7 @@ def _build() -> None:
         for plan in _PLANS:
             native.add_plan(*plan)
         _native = native
-        for env in _ENVS:
-            env["_pw"], env["_rows"] = native.pointwise, native.rows
+        _rebind()
     _ready.set()
 
 
@@ -119,3 +120,31 @@ def wait(timeout: float | None = None) -> bool:
     start()
     _ready.wait(timeout)
     return _native is not None
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Every op entry point takes the Python path inside: for callers that must see each
+    launch go through the launcher (the graph compiler's recorder), and for tests."""
+    global _suspended
+    with _lock:
+        _suspended += 1
+        _rebind()
+    try:
+        yield
+    finally:
+        with _lock:
+            _suspended -= 1
+            _rebind()
+
+
+def _rebind() -> None:
+    """Point every entry point at the native functions, or at `_none` (call with _lock)."""
+    native = _native if not _suspended else None
+    for env in _ENVS:
+        _bind_one(env, native)
+
+
+def _bind_one(env: dict[str, Any], native: Any) -> None:
+    env["_pw"] = native.pointwise if native is not None else _none
+    env["_rows"] = native.rows if native is not None else _none

@@ -338,7 +338,7 @@ _EMBEDDING = Plans()
 
 @op("embedding(Tensor weight, Tensor indices) -> Tensor", kind="index",
     reference=lambda weight, indices: torch.nn.functional.embedding(indices, weight),
-    dtypes=_ALL_NAMES, implements=(torch.ops.aten.embedding.default,))
+    dtypes=_ALL_NAMES, implements=(torch.ops.aten.embedding.default,), host_reads=True)
 def embedding(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Rows of `weight` [V, D] at `indices` (any shape, int32 or int64): a tensor of shape
     indices.shape + [D], as torch.nn.functional.embedding(indices, weight)."""
@@ -382,7 +382,7 @@ _INDEX_SELECT = Plans()
 
 @op("index_select(Tensor x, int dim, Tensor index) -> Tensor", kind="index",
     reference=torch.index_select, dtypes=_ALL_NAMES,
-    implements=(torch.ops.aten.index_select.default,))
+    implements=(torch.ops.aten.index_select.default,), host_reads=True)
 def index_select(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """The slices of x along `dim` at `index` (a vector of int32/int64), in that order."""
     key = (dim, x.shape, x.stride(), x.dtype, x.is_cpu, index.shape, index.stride(),
@@ -419,7 +419,7 @@ _INDEX_ADD = Plans()
     "Tensor", kind="index",
     reference=lambda x, dim, index, source, *, alpha=1: torch.index_add(
         x, dim, index, source, alpha=alpha),
-    dtypes=_ALL_NAMES, implements=(torch.ops.aten.index_add.default,))
+    dtypes=_ALL_NAMES, implements=(torch.ops.aten.index_add.default,), host_reads=True)
 def index_add(x: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tensor, *,
               alpha: Any = 1) -> torch.Tensor:
     """A copy of x with alpha * source[.., r, ..] added to the slice index[r] along `dim`,
@@ -517,7 +517,8 @@ _GATHER = Plans()
 
 
 @op("gather(Tensor x, int dim, Tensor index) -> Tensor", kind="index",
-    reference=torch.gather, dtypes=_ALL_NAMES, implements=(torch.ops.aten.gather.default,))
+    reference=torch.gather, dtypes=_ALL_NAMES, implements=(torch.ops.aten.gather.default,),
+    host_reads=True)
 def gather(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """out[..., r, ...] = x[..., index[..., r, ...], ...] along `dim`: a tensor of
     index's shape (index no larger than x outside `dim`), as torch.gather."""
@@ -548,7 +549,7 @@ _SCATTER_ADD = Plans()
 
 @op("scatter_add(Tensor x, int dim, Tensor index, Tensor src) -> Tensor", kind="index",
     reference=torch.scatter_add, dtypes=_ALL_NAMES,
-    implements=(torch.ops.aten.scatter_add.default,))
+    implements=(torch.ops.aten.scatter_add.default,), host_reads=True)
 def scatter_add(x: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor
                 ) -> torch.Tensor:
     """A copy of x with src[..., r, ...] added at x[..., index[..., r, ...], ...] along

@@ -388,7 +388,7 @@ def _route(logits: torch.Tensor, top_k: int, renormalize: bool, scoring: str,
 @op("moe_route(Tensor router_logits, int top_k, bool renormalize=True, *, "
     "str scoring='softmax', Tensor? correction_bias=None, float routed_scaling=1.0, "
     "int n_group=1, int topk_group=1) -> (Tensor topk_weights, Tensor topk_ids)",
-    kind="moe", reference=_route_reference)
+    kind="moe", reference=_route_reference, host_reads=True)
 def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True, *,
               scoring: str = "softmax", correction_bias: torch.Tensor | None = None,
               routed_scaling: float = 1.0, n_group: int = 1, topk_group: int = 1
@@ -479,7 +479,7 @@ def _check_rows(x: torch.Tensor, op: str, arg: str) -> None:
 
 @op("moe_permute(Tensor x, Tensor topk_ids, int num_experts) -> "
     "(Tensor rows, Tensor counts, Tensor row_map)", kind="moe",
-    reference=_permute_reference, meta=_permute_meta)
+    reference=_permute_reference, meta=_permute_meta, host_reads=True)
 def moe_permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token rows copied once per expert choice, grouped by expert, and the map back.
@@ -503,7 +503,8 @@ def _unpermute_reference(y: torch.Tensor, row_map: torch.Tensor, topk_weights: t
 
 @op("moe_unpermute(Tensor y, Tensor row_map, Tensor topk_weights) -> Tensor", kind="moe",
     reference=_unpermute_reference,
-    meta=lambda y, row_map, topk_weights: y.new_empty((row_map.shape[0], y.shape[-1])))
+    meta=lambda y, row_map, topk_weights: y.new_empty((row_map.shape[0], y.shape[-1])),
+    host_reads=True)
 def moe_unpermute(y: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor
                   ) -> torch.Tensor:
     """Expert outputs combined back into token order by the routing weights.
@@ -581,7 +582,7 @@ def _grouped_meta(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
 
 @op("grouped_matmul(Tensor x, Tensor w, Tensor counts, Tensor? scales=None, *, "
     "bool swiglu=False) -> Tensor", kind="moe", reference=_grouped_reference,
-    meta=_grouped_meta)
+    meta=_grouped_meta, host_reads=True)
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
                    scales: torch.Tensor | None = None, *, swiglu: bool = False
                    ) -> torch.Tensor:
@@ -643,7 +644,7 @@ def _fused_reference(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: to
     "bool renormalize=True, *, Tensor? gate_up_scales=None, Tensor? down_scales=None, "
     "str scoring='softmax', Tensor? correction_bias=None, float routed_scaling=1.0, "
     "int n_group=1, int topk_group=1) -> Tensor", kind="moe", reference=_fused_reference,
-    meta=lambda x, *args, **kwargs: x.new_empty(x.shape))
+    meta=lambda x, *args, **kwargs: x.new_empty(x.shape), host_reads=True)
 def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor,
               w_down: torch.Tensor, top_k: int, renormalize: bool = True, *,
               gate_up_scales: torch.Tensor | None = None,

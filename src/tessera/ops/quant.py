@@ -67,7 +67,8 @@ def _quantize_meta(w: torch.Tensor, bits: int = 8, group_size: int = 128
 
 
 @op("quantize(Tensor w, int bits=8, int group_size=128) -> (Tensor data, Tensor scales)",
-    kind="quantization", reference=_quantize_reference, meta=_quantize_meta)
+    kind="quantization", reference=_quantize_reference, meta=_quantize_meta,
+    host_reads=True)
 def quantize(w: torch.Tensor, bits: int = 8, group_size: int = 128
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight-only symmetric int8/int4 quantization with group scales: (data, scales).
@@ -126,7 +127,8 @@ def _dequantize_meta(data: torch.Tensor, scales: torch.Tensor, k: int) -> torch.
 
 
 @op("dequantize(Tensor data, Tensor scales, int k) -> Tensor", kind="quantization",
-    reference=dequantize_reference, meta=_dequantize_meta, dtypes=("int8", "uint8"))
+    reference=dequantize_reference, meta=_dequantize_meta, dtypes=("int8", "uint8"),
+    host_reads=True)
 def dequantize(data: torch.Tensor, scales: torch.Tensor, k: int) -> torch.Tensor:
     """The float32 [..., K, N] matrix that quantized (data, scales) stand for.
 

@@ -64,11 +64,18 @@ class OpDef:
     implements: tuple[Any, ...] = ()  # torch callables / aten overloads this op computes
     tile: Any = None  # pointwise: a tessera.lang function of tiles, for fused kernels
     fast: str | None = None  # the native fast path's call, see `op`
+    host_reads: bool = False  # reads tensor data on the host (checks, sizes): see `op`
     eager: Callable[..., Any] = field(default=None, repr=False)  # type: ignore[assignment]
 
     @property
     def tensor_args(self) -> list[str]:
         return [a.name for a in self.args if a.is_tensor]
+
+    @property
+    def num_outputs(self) -> int:
+        """How many tensors the op returns (a tuple of them if more than one)."""
+        import torch
+        return len(torch._C.parse_schema(f"tessera::{self.schema}").returns)
 
 
 _REGISTRY: dict[str, OpDef] = {}
@@ -78,7 +85,7 @@ def op(schema: str, *, kind: str, reference: Callable[..., Any],
        meta: Callable[..., Any] | None = None,
        dtypes: Sequence[str] = ("float32", "bfloat16", "float16"),
        epilogues: Sequence[str] = (), implements: Sequence[Any] = (),
-       tile: Any = None, fast: str | None = None
+       tile: Any = None, fast: str | None = None, host_reads: bool = False
        ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare the decorated function (the eager implementation on CPU torch tensors) as
     the operator `schema` and return its public eager form, which also takes numpy arrays
@@ -86,7 +93,10 @@ def op(schema: str, *, kind: str, reference: Callable[..., Any],
     `reference` on fake tensors (fine wherever torch's own ops can infer the shapes).
     `fast` is a Python expression over the op's parameters tried first when every tensor
     argument is a torch tensor: a call of the native fast path, `_pw(@table, ...)` or
-    `_rows(@table, ...)` (see _fastpath.py), that gives the result or None."""
+    `_rows(@table, ...)` (see _fastpath.py), that gives the result or None. `host_reads`:
+    the implementation reads tensor data back on the host (index range checks, expert
+    counts), so the kernels it launches depend on data, not only on shapes: the graph
+    compiler then runs it from Python at every call rather than replaying its launches."""
     if kind not in KINDS:
         raise ValueError(f"unknown op kind {kind!r}; one of {sorted(KINDS)}")
 
@@ -97,7 +107,7 @@ def op(schema: str, *, kind: str, reference: Callable[..., Any],
             raise ValueError(f"op {name!r} is registered twice")
         d = OpDef(name, schema, kind, impl, reference, meta or reference,
                   (impl.__doc__ or "").strip().split("\n")[0], tuple(dtypes), args,
-                  tuple(epilogues), tuple(implements), tile, fast)
+                  tuple(epilogues), tuple(implements), tile, fast, host_reads)
         d.eager = eager_function(d)
         _REGISTRY[name] = d
         return d.eager

@@ -4,7 +4,8 @@
  *     void entry(int64_t grid0, int64_t grid1, int64_t grid2, const char *args)
  * with each argument in an 8-byte slot: pointers and integers as int64, floats as double.
  * call(address, grid0, grid1, grid2, *args) packs Python ints and floats into those slots
- * on the stack and calls the entry point without the GIL. */
+ * on the stack and calls the entry point without the GIL. set_hook(fn) makes every later
+ * call also pass its arguments to fn (the graph compiler records launch sequences so). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -13,6 +14,8 @@
 #define MAX_SLOTS 256
 
 typedef void (*entry_fn)(int64_t, int64_t, int64_t, const char *);
+
+static PyObject *hook = NULL;  /* called with each launch's arguments, or NULL */
 
 static int slot(PyObject *v, char *dst) {
     if (PyLong_CheckExact(v) || PyBool_Check(v)) {
@@ -71,12 +74,30 @@ static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         fn(head[1], head[2], head[3], buf);
         Py_END_ALLOW_THREADS
     }
+    if (hook != NULL) {
+        PyObject *r = PyObject_Vectorcall(hook, args, (size_t)nargs, NULL);
+        if (r == NULL) return NULL;
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *set_hook(PyObject *self, PyObject *fn) {
+    (void)self;
+    if (fn != Py_None && !PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "set_hook takes a callable or None");
+        return NULL;
+    }
+    Py_XDECREF(hook);
+    hook = fn == Py_None ? NULL : fn;
+    Py_XINCREF(hook);
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL,
      "call(address, grid0, grid1, grid2, *args): run a compiled kernel entry point"},
+    {"set_hook", set_hook, METH_O, "set_hook(fn or None): pass every call's arguments to fn"},
     {NULL, NULL, 0, NULL},
 };
 

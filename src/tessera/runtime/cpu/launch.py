@@ -1,22 +1,52 @@
 """The native launcher: `call(address, grid0, grid1, grid2, *args)` runs a compiled kernel
 entry point (the ABI of lang/codegen/c.py: the grid, then 8-byte argument slots) for
 about the cost of a Python method call. ctypes took ~2 us per launch to marshal the same.
+
+A recorder (the graph compiler's) may watch every launch and every status check, to
+replay the sequence later without Python.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tessera.runtime.toolchain import compile_extension
 
-__all__ = ["launcher"]
+__all__ = ["Recorder", "check", "launcher", "set_recorder"]
+
+
+class Recorder(Protocol):
+    def launched(self, address: int, g0: int, g1: int, g2: int, *slots: Any) -> None: ...
+    def checked(self, address: int, error: Callable[[], Exception]) -> None: ...
+
+
+_recorder: Recorder | None = None
 
 
 @cache
+def _extension() -> Any:
+    return compile_extension(Path(__file__).with_name("launch.c").read_text(), "_tsr_launch")
+
+
 def launcher() -> Callable[..., None]:
     """The extension's `call` (built once per machine, then loaded from the cache)."""
-    ext: Any = compile_extension(Path(__file__).with_name("launch.c").read_text(), "_tsr_launch")
-    return ext.call
+    return _extension().call
+
+
+def set_recorder(recorder: Recorder | None) -> None:
+    """Pass every launch and status check to `recorder` (None: stop)."""
+    global _recorder
+    _recorder = recorder
+    _extension().set_hook(recorder.launched if recorder is not None else None)
+
+
+def check(address: int, error: Callable[[], Exception]) -> None:
+    """Raise `error()` if the int64 status word a kernel wrote at `address` is non-zero."""
+    if _recorder is not None:
+        _recorder.checked(address, error)
+    if ctypes.c_int64.from_address(address).value:
+        raise error()

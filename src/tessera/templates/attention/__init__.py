@@ -18,7 +18,7 @@ import torch
 
 from tessera.errors import OutOfMemoryError
 from tessera.lang.codegen import MATH_HEADER, TILE_HEADER
-from tessera.runtime.cpu.launch import launcher
+from tessera.runtime.cpu.launch import check, launcher
 from tessera.runtime.toolchain import compile_c
 from tessera.templates.gemm.tuning import vector_lanes
 
@@ -83,12 +83,11 @@ def _launch(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                sk, d, dv, _FORMATS[q.dtype],
                _FORMATS[mask.dtype] if mask is not None else _NONE, int(causal), chunk,
                float(scale))
-    if status[0].item():
-        raise OutOfMemoryError(f"{who}: out of memory for the scratch buffers (per "
-                               f"thread, float32 copies of up to {sk} keys and values of "
-                               f"{d} + {dv} features)",
-                               hint="pass float32 keys and values with unit feature "
-                                    "stride (read in place), or fewer keys")
+    check(status.data_ptr(), lambda: OutOfMemoryError(
+        f"{who}: out of memory for the scratch buffers (per thread, float32 copies of up to "
+        f"{sk} keys and values of {d} + {dv} features)",
+        hint="pass float32 keys and values with unit feature stride (read in place), or "
+             "fewer keys"))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *,

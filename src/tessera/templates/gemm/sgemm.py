@@ -17,6 +17,7 @@ from tessera.errors import ShapeError, TesseraError
 from tessera.lang.codegen import MATH_HEADER, TILE_HEADER
 from tessera.runtime import dtype as dt
 from tessera.runtime.cpu.device import cache_sizes
+from tessera.runtime.cpu.launch import check
 from tessera.runtime.cpu.launch import launcher as _launcher
 from tessera.runtime.tensor import Tensor, as_tensor, empty
 from tessera.runtime.toolchain import compile_c
@@ -174,15 +175,13 @@ _STATUS = threading.local()
 def launch(address: int, *slots: int | float) -> None:
     """Run the variant at `address` (from `launch_entry`) on the fields of `tsr_call` in
     sgemm.c up to its status, which this supplies and checks."""
-    mine = getattr(_STATUS, "slot", None)  # per thread: calls may run concurrently
-    if mine is None:
-        array = np.zeros(1, np.int64)
-        mine = _STATUS.slot = (array, array.ctypes.data)
-    status, address_of_status = mine
+    address_of_status = getattr(_STATUS, "address", None)  # per thread: calls may overlap
+    if address_of_status is None:
+        _STATUS.word = np.zeros(1, np.int64)
+        address_of_status = _STATUS.address = _STATUS.word.ctypes.data
     _launcher()(address, 1, 1, 1, *slots, address_of_status)
-    if status[0]:
-        raise TesseraError(f"gemm: out of memory for the buffers of a {slots[1]}x{slots[2]}x"
-                           f"{slots[3]} product")
+    check(address_of_status, lambda: TesseraError(
+        f"gemm: out of memory for the buffers of a {slots[1]}x{slots[2]}x{slots[3]} product"))
 
 
 def _matrix(x: Any, name: str, ndim: int | tuple[int, ...] = 2, who: str = "gemm"

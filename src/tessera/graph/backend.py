@@ -1,0 +1,71 @@
+"""The torch.compile backend "tessera" (registered through the `torch_dynamo_backends`
+entry point, so `torch.compile(model, backend="tessera")` works with no import).
+
+Dynamo hands over a torch-level graph; AOTAutograd turns it into an aten graph
+(functional: in-place ops rewritten, inference only) and tells which inputs are the
+module's parameters and buffers. Those are frozen as constants; the rest of the inputs
+are the compiled function's arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tessera.graph.compiler import compile_graph
+from tessera.graph.frontend import from_fx
+
+__all__ = ["tessera"]
+
+
+def tessera(gm: torch.fx.GraphModule, example_inputs: list[Any],
+            options: dict[str, Any] | None = None) -> Callable[..., Any]:
+    """Dynamo backend: compile `gm` for inference with Tessera."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    opts = dict(options or {})
+
+    def forward(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]) -> Callable[..., Any]:
+        from torch.utils._python_dispatch import _disable_current_modes
+        with _disable_current_modes():  # AOTAutograd calls this under its fake mode
+            return _compile(aten_gm, aten_inputs)
+
+    def _compile(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]) -> Callable[..., Any]:
+        from torch._guards import TracingContext
+        ctx = TracingContext.try_get()
+        frozen: dict[int, torch.Tensor] = {}
+        # parameters and buffers: AOTAutograd's static inputs, which (no input mutations,
+        # no tensor subclasses) keep their position among dynamo's real example inputs
+        if ctx is not None and ctx.fw_metadata is not None and \
+                len(aten_inputs) == len(example_inputs):
+            for i in ctx.fw_metadata.static_input_indices:
+                real, fake = example_inputs[i], aten_inputs[i]
+                if isinstance(real, torch.Tensor) and real.shape == fake.shape and \
+                        real.dtype == fake.dtype:
+                    frozen[i] = real.detach()
+        graph = from_fx(aten_gm, frozen)
+        run = compile_graph(graph, opts)
+        keep = [i for i in range(len(aten_inputs)) if i not in frozen]
+
+        def compiled(*args: Any) -> Any:
+            return run(*(args[i] for i in keep))
+        compiled.graph = graph  # type: ignore[attr-defined]
+        return compiled
+
+    return aot_autograd(fw_compiler=forward, decompositions=decompositions(),
+                        keep_inference_input_mutations=True)(gm, example_inputs)
+
+
+def decompositions() -> dict[Any, Callable[..., Any]]:
+    """aten ops rewritten into ones the registry has, before lowering."""
+    from torch._decomp import get_decompositions
+    aten = torch.ops.aten
+    return get_decompositions([
+        aten.linear, aten.silu_, aten.gelu_, aten.relu_, aten.addcmul, aten.addcdiv,
+        aten.native_dropout, aten.dropout, aten.hardtanh, aten.leaky_relu, aten.elu,
+        aten.hardswish, aten.hardsigmoid, aten.mish, aten.softplus, aten.logsumexp,
+        aten.std, aten.var_mean, aten.rsub, aten.squeeze, aten.new_zeros, aten.new_ones,
+        aten.zeros_like, aten.ones_like, aten.full_like, aten.masked_fill, aten.lerp,
+        aten.native_layer_norm_backward, aten.tril, aten.triu,
+    ])

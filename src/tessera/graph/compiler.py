@@ -1,0 +1,44 @@
+"""Graph -> executable: passes, then the native executor (one call per forward) or, with
+`TESSERA_EXECUTOR=python` or `options={"executor": "python"}`, the node-by-node Python
+interpreter."""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any
+
+from tessera.errors import TesseraError
+from tessera.graph import passes
+from tessera.graph.executable import Executable
+from tessera.graph.ir import Graph
+
+__all__ = ["OPTIONS", "compile_graph", "compiled"]
+
+OPTIONS = {"executor": "native or python (default: $TESSERA_EXECUTOR, else native)"}
+
+
+def compile_graph(graph: Graph, options: dict[str, Any] | None = None) -> Executable:
+    """An optimized callable computing `graph`'s outputs (a tuple) from its inputs."""
+    options = dict(options or {})
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise TesseraError(f"unknown graph compiler option(s) {sorted(unknown)}",
+                           hint="options: " + "; ".join(f"{k}: {v}"
+                                                        for k, v in OPTIONS.items()))
+    executor = options.get("executor", os.environ.get("TESSERA_EXECUTOR", "native"))
+    if executor not in ("native", "python"):
+        raise TesseraError(f"executor={executor!r}; it is 'native' or 'python'")
+    graph = passes.run(graph)
+    ex = Executable(graph, native=executor == "native")
+    _COMPILED.append(weakref.ref(ex))
+    return ex
+
+
+_COMPILED: list[weakref.ref[Executable]] = []
+
+
+def compiled() -> list[Executable]:
+    """The Executables compiled in this process that are still alive, oldest first."""
+    _COMPILED[:] = [r for r in _COMPILED if r() is not None]
+    return [ex for r in _COMPILED if (ex := r()) is not None]

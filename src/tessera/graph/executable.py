@@ -1,0 +1,433 @@
+"""The native executable of a graph: one native call per forward.
+
+The first call with a new input signature (shapes, strides, dtypes) runs the graph node by
+node under the recorder (record.py), which sees every kernel launch and every buffer the
+ops allocate. From that comes a plan: intermediates get offsets in one arena (memplan.py),
+buffers that hold graph outputs become fresh per call, and each pointer in a launch's
+argument slots becomes a relocation against the arena, an input, an output buffer or a
+value computed in Python. Later calls with that signature fill a small table of base
+addresses and replay the launches in C (replay.c) without the GIL and without Python per
+op. Nodes that cannot be replayed — torch fallbacks that compute, ops that read data back
+on the host (`host_reads`) — run in Python between native segments.
+
+Every new plan is checked once against the recorded run before it is used; a plan that
+disagrees is dropped (with a warning) and that signature runs on the interpreter.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import struct
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tessera.errors import TesseraError
+from tessera.graph import memplan
+from tessera.graph.interpreter import call_node, check_inputs, interpret, node_function
+from tessera.graph.ir import Graph, Node, Value
+from tessera.graph.record import Alloc, Recorder
+from tessera.graph.replay import native
+from tessera.ops import _fastpath, registry
+
+__all__ = ["Executable", "PlanError"]
+
+
+class PlanError(TesseraError):
+    """A recording that cannot be turned into a replayable plan (the graph then runs on
+    the interpreter for that input signature)."""
+
+
+def signature(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What a plan depends on: every input's dtype, shape, strides and storage offset (and
+    the value of int inputs)."""
+    return tuple((x.dtype, x.shape, x.stride(), x.storage_offset())
+                 if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+# where a tensor lives: base kind ("arena", "out", "input", "ext", "const"), base id,
+# byte offset from the base's address, shape, strides, dtype
+Location = tuple[str, Any, int, tuple[int, ...], tuple[int, ...], torch.dtype]
+
+
+@dataclass
+class _Step:
+    """A native segment (launches [first, last)) or one node run from Python."""
+
+    first: int = 0
+    last: int = 0
+    checks: list[tuple[int, int]] = field(default_factory=list)  # (base, byte offset)
+    errors: list[Callable[[], Exception]] = field(default_factory=list)
+    node: Node | None = None
+    fn: Callable[[dict[str, Any]], Any] | None = None
+    reads: list[tuple[Value, Location]] = field(default_factory=list)
+    exts: list[tuple[Value, int]] = field(default_factory=list)  # outputs -> their base
+
+
+class _Plan:
+    """The replayable form of one recording."""
+
+    def __init__(self, graph: Graph, rec: Recorder, env: dict[Value, Any],
+                 inputs: tuple[Any, ...], plan_steps: list[tuple[Node, Any]]) -> None:
+        self.graph = graph
+        replayable = [r.why is None and not _host_reads(n)
+                      for (n, _), r in zip(plan_steps, rec.records, strict=True)]
+        # bases: 0 arena, 1 status words, then inputs, output buffers, Python-made values
+        self.n_inputs = len(inputs)
+        arena_allocs = [a for a in rec.allocs if replayable[a.node]]
+        exts: dict[Value, int] = {}
+        python_made = [v for i, (n, _) in enumerate(plan_steps) if not replayable[i]
+                       for v in n.outputs]
+        ranges = _Ranges()
+        for a in arena_allocs:
+            ranges.add(a.start, a.start + a.nbytes, ("alloc", a))
+        for k, x in enumerate(inputs):
+            if isinstance(x, torch.Tensor):
+                start = x.untyped_storage().data_ptr()
+                ranges.add(start, start + x.untyped_storage().nbytes(), ("input", k))
+        for v in python_made:
+            t = env.get(v)
+            if isinstance(t, torch.Tensor):
+                exts[v] = len(exts)
+                ranges.add(t.data_ptr(), t.data_ptr() + _extent(t), ("ext", v))
+        constants = {v.data.untyped_storage().data_ptr() for v in graph.constants}
+        status_words: dict[int, int] = {}
+
+        # every event (a launch, or a node run in Python) gets a position; allocs a lifetime
+        first_use: dict[Alloc, int] = {}
+        last_use: dict[Alloc, int] = {}
+
+        def use(a: Alloc, pos: int) -> None:
+            first_use[a] = min(first_use.get(a, pos), pos)
+            last_use[a] = max(last_use.get(a, pos), pos)
+
+        launches: list[tuple[int, tuple[int, int, int], list[int], list[tuple[int, Any, int]]]] = []
+        self.steps: list[_Step] = []
+        pos = 0
+        for i, (node, fn) in enumerate(plan_steps):
+            r = rec.records[i]
+            if replayable[i]:
+                if not self.steps or self.steps[-1].node is not None:
+                    self.steps.append(_Step(first=len(launches), last=len(launches)))
+                seg = self.steps[-1]
+                for lc in r.launches:
+                    slots, relocs = [], []
+                    for s, value in enumerate(lc.slots):
+                        slots.append(_bits(value))
+                        if not isinstance(value, int) or isinstance(value, bool):
+                            continue
+                        hit = ranges.find(value)
+                        if hit is None:
+                            continue
+                        (kind, what), start = hit
+                        if kind == "alloc":
+                            use(what, pos)
+                        relocs.append((s, (kind, what), value - start))
+                    launches.append((lc.address, lc.grid, slots, relocs))
+                    pos += 1
+                for address, error in r.checks:
+                    hit = ranges.find(address)
+                    if hit is None:  # a word of the op's own (thread-local): one of ours
+                        word = status_words.setdefault(address, len(status_words))
+                        seg.checks.append((("status", word), 0))
+                        _redirect(launches, seg.first, address, ("status", word))
+                    else:
+                        (kind, what), start = hit
+                        if kind == "alloc":
+                            use(what, pos - 1)
+                        seg.checks.append(((kind, what), address - start))
+                    seg.errors.append(error)
+                seg.last = len(launches)
+            else:
+                step = _Step(node=node, fn=fn)
+                for v in node.inputs():
+                    t = env.get(v)
+                    if v.kind == "input" or v in exts:
+                        continue  # in the call's env already
+                    loc = self._locate(t, ranges, constants) if isinstance(t, torch.Tensor) \
+                        else ("const", t, 0, (), (), None)  # constants, and ints of shapes
+                    if loc[0] == "alloc":
+                        use(loc[1], pos)
+                    step.reads.append((v, loc))
+                step.exts = [(v, exts[v]) for v in node.outputs if v in exts]
+                self.steps.append(step)
+                pos += 1
+        # graph outputs: the buffers holding them are fresh per call
+        self.outputs: list[tuple[Value, Location]] = []
+        out_allocs: dict[Alloc, int] = {}
+        for v in graph.outputs:
+            t = env[v]
+            loc = ("value", v, 0, (), (), None) if v.kind == "input" or v in exts else \
+                self._locate(t, ranges, constants) if isinstance(t, torch.Tensor) else \
+                ("const", t, 0, (), (), None)
+            if loc[0] == "alloc":
+                out_allocs.setdefault(loc[1], len(out_allocs))
+            self.outputs.append((v, loc))
+        arena_list = [a for a in arena_allocs if a in first_use and a not in out_allocs]
+        self.memory = memplan.plan([memplan.Buffer(a.nbytes, first_use[a], last_use[a])
+                                    for a in arena_list])
+        offsets = dict(zip(arena_list, self.memory.offsets, strict=True))
+        self.out_sizes = [a.nbytes for a in out_allocs]
+
+        # base table: [arena, status words, inputs..., output buffers..., Python values...]
+        self.base_out = 2 + self.n_inputs
+        self.base_ext = self.base_out + len(out_allocs)
+        self.bases = np.zeros(self.base_ext + len(exts), np.int64)
+
+        def base(key: tuple[str, Any]) -> tuple[int, int]:
+            """(base index, byte offset of the range's start from that base)."""
+            kind, what = key
+            if kind == "alloc":
+                return (self.base_out + out_allocs[what], 0) if what in out_allocs \
+                    else (0, offsets[what])
+            if kind == "status":
+                return 1, 8 * what
+            return (2 + what, 0) if kind == "input" else (self.base_ext + exts[what], 0)
+
+        steps_arr: list[list[int]] = []
+        slots_arr: list[int] = []
+        relocs_arr: list[list[int]] = []
+        for address, grid, slots, relocs in launches:
+            steps_arr.append([address, *grid, len(slots_arr), len(slots), len(relocs_arr),
+                              len(relocs)])
+            for s, key, off in relocs:
+                b, at = base(key)
+                relocs_arr.append([s, b, at + off])
+            slots_arr += slots
+        self.steps_arr = np.array(steps_arr or [[0] * 8], np.int64).reshape(-1, 8)
+        self.slots_arr = np.array(slots_arr or [0], np.int64)
+        self.relocs_arr = np.array(relocs_arr or [[0, 0, 0]], np.int64).reshape(-1, 3)
+        for step in self.steps:
+            if step.node is None:
+                step.check_arr = np.array([[base(k)[0], base(k)[1] + off]
+                                           for k, off in step.checks] or [[0, 0]],
+                                          np.int64).reshape(-1, 2)
+            else:
+                step.reads = [(v, _rebase(loc, base)) for v, loc in step.reads]
+                step.exts = [(v, self.base_ext + k) for v, k in step.exts]
+        self.outputs = [(v, _rebase(loc, base)) for v, loc in self.outputs]
+        self.arena = torch.empty(max(self.memory.arena_bytes, memplan.ALIGN), dtype=torch.uint8)
+        self.status = np.zeros(max(len(status_words), 1), np.int64)
+        self.bases[0] = self.arena.data_ptr()
+        self.bases[1] = self.status.ctypes.data
+        self.lock = threading.Lock()
+        self._prepare()
+
+    @staticmethod
+    def _locate(t: torch.Tensor, ranges: _Ranges, constants: set[int]) -> Location:
+        if t.untyped_storage().data_ptr() in constants or t.numel() == 0:
+            return ("const", t, 0, (), (), t.dtype)
+        hit = ranges.find(t.data_ptr())
+        if hit is None:
+            return ("const", t, 0, (), (), t.dtype)  # memory that outlives the plan
+        (kind, what), start = hit
+        return (kind, what, t.data_ptr() - start, tuple(t.shape), tuple(t.stride()), t.dtype)
+
+    @staticmethod
+    def tensor(loc: Location, holders: list[torch.Tensor | None], env: dict[Value, Any]
+               ) -> Any:
+        """The tensor at `loc` in this call's buffers (`holders`: per base, a tensor whose
+        first element is at the base address)."""
+        kind, what, off, shape, stride, dtype = loc
+        if kind == "const":
+            return what
+        if kind == "value":
+            return env[what]
+        holder = holders[what]
+        assert holder is not None
+        if holder.dtype != dtype:
+            holder = holder.view(torch.uint8).view(dtype)
+        return torch.as_strided(holder, shape, stride,
+                                holder.storage_offset() + off // holder.element_size())
+
+    # -- running -------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Precompute what each call needs: raw addresses, which buffers Python must see,
+        and output buffers that are exactly one contiguous output (allocated as it)."""
+        self.addresses = (self.steps_arr.ctypes.data, self.slots_arr.ctypes.data,
+                          self.relocs_arr.ctypes.data, self.bases.ctypes.data)
+        for step in self.steps:
+            if step.node is None:
+                step.call = (step.first, step.last, step.check_arr.ctypes.data,
+                             len(step.checks))
+        locs = [loc for _, loc in self.outputs] + [loc for st in self.steps
+                                                   for _, loc in st.reads]
+        self.holder_inputs = sorted({loc[1] - 2 for loc in locs if loc[0] == "base" and
+                                     2 <= loc[1] < self.base_out})
+        self.direct: list[tuple[Any, ...] | None] = []
+        for k, nbytes in enumerate(self.out_sizes):
+            users = [loc for loc in locs if loc[0] == "base" and loc[1] == self.base_out + k]
+            loc = users[0] if users else None
+            contiguous = loc is not None and loc[2] == 0 and \
+                torch.empty(loc[3], dtype=loc[5]).stride() == loc[4] and \
+                math.prod(loc[3]) * loc[5].itemsize == nbytes
+            self.direct.append((loc[3], loc[5]) if contiguous and all(u == loc for u in users)
+                               else None)
+
+    def run(self, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        with self.lock:
+            bases = self.bases
+            holders: list[Any] = [None] * len(bases)
+            holders[0] = self.arena
+            for k, x in enumerate(inputs):
+                if isinstance(x, torch.Tensor):
+                    bases[2 + k] = x.untyped_storage().data_ptr()
+            for k in self.holder_inputs:
+                holders[2 + k] = _flat(inputs[k])
+            for k, direct in enumerate(self.direct):
+                if direct is not None:
+                    buf = torch.empty(direct[0], dtype=direct[1])
+                else:
+                    buf = torch.empty(-(-max(self.out_sizes[k], 1) // memplan.ALIGN)
+                                      * memplan.ALIGN, dtype=torch.uint8)
+                bases[self.base_out + k] = buf.data_ptr()
+                holders[self.base_out + k] = buf
+            env: dict[Value, Any] = dict(zip(self.graph.inputs, inputs, strict=True))
+            run = native().run
+            steps, slots, relocs, base_table = self.addresses
+            for step in self.steps:
+                if step.node is None:
+                    first, last, checks, nchecks = step.call
+                    failed = run(steps, first, last, slots, relocs, base_table, checks, nchecks)
+                    if failed >= 0:
+                        raise step.errors[failed]()
+                    continue
+                for v, loc in step.reads:
+                    env[v] = self.tensor(loc, holders, env)
+                call_node(step.node, env, step.fn)
+                for v, b in step.exts:
+                    t = env[v]
+                    bases[b] = t.data_ptr()
+                    holders[b] = t
+            return tuple(self._output(loc, holders, env) for _, loc in self.outputs)
+
+    def _output(self, loc: Location, holders: list[Any], env: dict[Value, Any]) -> Any:
+        if loc[0] == "base" and loc[1] >= self.base_out and loc[1] < self.base_ext and \
+                self.direct[loc[1] - self.base_out] is not None:
+            return holders[loc[1]]
+        return self.tensor(loc, holders, env)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor over all of t's storage (for as_strided views at any offset)."""
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0,
+                                              (t.untyped_storage().nbytes() // t.element_size(),))
+
+
+def _data_ptr(x: torch.Tensor) -> int:
+    return x.untyped_storage().data_ptr()
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Bytes from t's first element to just past its last."""
+    if t.numel() == 0:
+        return 0
+    return (sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) + 1) \
+        * t.element_size()
+
+
+def _rebase(loc: Location, base: Callable[[tuple[str, Any]], tuple[int, int]]) -> Location:
+    """A location against the base table: ("base", index, byte offset, ...)."""
+    kind, what, off, shape, stride, dtype = loc
+    if kind in ("const", "value"):
+        return loc
+    b, at = base((kind, what))
+    return ("base", b, at + off, shape, stride, dtype)
+
+
+def _bits(value: Any) -> int:
+    if isinstance(value, float):
+        return struct.unpack("<q", struct.pack("<d", value))[0]
+    return int(value)
+
+
+def _host_reads(node: Node) -> bool:
+    return node.kind == "op" and registry.get(node.op).host_reads
+
+
+def _redirect(launches: list[Any], first: int, address: int, key: tuple[str, Any]) -> None:
+    """Slots of launches[first:] holding `address` become relocations against `key`."""
+    for _, _, slots, relocs in launches[first:]:
+        for s, bits in enumerate(slots):
+            if bits == address and not any(r[0] == s for r in relocs):
+                relocs.append((s, key, 0))
+
+
+class _Ranges:
+    """Address ranges [start, end] -> what lives there; lookups by bisection."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, int, Any]] = []
+        self.sorted = True
+
+    def add(self, start: int, end: int, what: Any) -> None:
+        self.items.append((start, end, what))
+        self.sorted = False
+
+    def find(self, address: int) -> tuple[Any, int] | None:
+        """(what, its start) of the innermost range holding address (the one starting
+        last: a view inside a buffer wins over the buffer)."""
+        if not self.sorted:
+            self.items.sort(key=lambda r: r[0])
+            self.starts = [r[0] for r in self.items]
+            self.sorted = True
+        for j in range(bisect.bisect_right(self.starts, address) - 1, -1, -1):
+            start, end, what = self.items[j]
+            if address <= end:
+                return what, start
+        return None
+
+
+class Executable:
+    """A compiled graph: call it with the graph's inputs, get its outputs (a tuple).
+    `native=False`: every call runs node by node in Python (for debugging)."""
+
+    def __init__(self, graph: Graph, native: bool = True) -> None:
+        self.graph = graph
+        self.native = native
+        self.plan_steps = [(n, node_function(n)) for n in graph.nodes]
+        self.plans: dict[tuple[Any, ...], _Plan | None] = {}
+        self.recordings = 0  # input signatures seen (each recorded once)
+
+    def __call__(self, *inputs: Any) -> tuple[Any, ...]:
+        if not self.native:
+            check_inputs(self.graph, list(inputs))
+            return tuple(interpret(self.graph, list(inputs), self.plan_steps))
+        key = signature(inputs)
+        plan = self.plans.get(key, False)
+        if plan is False:
+            return self._record(inputs, key)
+        if plan is None:
+            return tuple(interpret(self.graph, list(inputs), self.plan_steps))
+        return plan.run(inputs)
+
+    def _record(self, inputs: tuple[Any, ...], key: tuple[Any, ...]) -> tuple[Any, ...]:
+        check_inputs(self.graph, list(inputs))
+        self.recordings += 1
+        rec = Recorder()
+        env: dict[Value, Any] = {v: v.data for v in self.graph.constants}
+        env.update(zip(self.graph.inputs, inputs, strict=True))
+        with _fastpath.suspended(), rec:
+            for i, (node, fn) in enumerate(self.plan_steps):
+                with rec.node(i):
+                    call_node(node, env, fn)
+        outputs = tuple(env[v] for v in self.graph.outputs)
+        try:
+            plan = _Plan(self.graph, rec, env, inputs, self.plan_steps)
+            again = plan.run(inputs)
+            for want, got in zip(outputs, again, strict=True):
+                if isinstance(want, torch.Tensor):
+                    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        except (PlanError, AssertionError) as e:
+            warnings.warn(f"tessera: the native plan of this graph for inputs {key} did not "
+                          f"reproduce the recorded run, so it runs node by node: {e}",
+                          stacklevel=3)
+            plan = None
+        self.plans[key] = plan
+        return outputs

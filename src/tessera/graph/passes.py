@@ -1,0 +1,77 @@
+"""Graph passes: dead-code elimination and common-subexpression elimination, run to a
+fixed point by `run`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tessera.graph.ir import Graph, Node, Value
+
+__all__ = ["cse", "dce", "run"]
+
+
+def dce(g: Graph) -> bool:
+    """Drop nodes none of whose outputs is used (every node is free of side effects: the
+    frontend's graphs are functional). Whether anything changed."""
+    live: set[Value] = set(g.outputs)
+    kept: list[Node] = []
+    for n in reversed(g.nodes):
+        if any(v in live for v in n.outputs):
+            kept.append(n)
+            live.update(n.inputs())
+    changed = len(kept) != len(g.nodes)
+    g.nodes = kept[::-1]
+    return changed
+
+
+def _key(a: Any) -> Any:
+    if isinstance(a, Value):
+        return ("v", id(a))
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, tuple(_key(x) for x in a))
+    if isinstance(a, dict):
+        return ("d", tuple((k, _key(v)) for k, v in a.items()))
+    return ("c", type(a).__name__, repr(a))
+
+
+def cse(g: Graph) -> bool:
+    """Replace a node by an earlier one with the same op and arguments."""
+    seen: dict[Any, Node] = {}
+    rename: dict[Value, Value] = {}
+    kept: list[Node] = []
+    for n in g.nodes:
+        n.args = _substitute(n.args, rename)
+        key = (n.op, id(n.fn), _key(n.args))
+        if torch.Tag.nondeterministic_seeded in getattr(n.fn, "tags", ()):
+            kept.append(n)  # two random draws are two values
+            continue
+        first = seen.get(key)
+        if first is not None and len(first.outputs) == len(n.outputs):
+            rename.update(zip(n.outputs, first.outputs, strict=True))
+            continue
+        seen[key] = n
+        kept.append(n)
+    g.outputs = [rename.get(v, v) for v in g.outputs]
+    changed = len(kept) != len(g.nodes)
+    g.nodes = kept
+    return changed
+
+
+def _substitute(a: Any, rename: dict[Value, Value]) -> Any:
+    if isinstance(a, Value):
+        return rename.get(a, a)
+    if isinstance(a, (list, tuple)):
+        return type(a)(_substitute(x, rename) for x in a)
+    if isinstance(a, dict):
+        return {k: _substitute(v, rename) for k, v in a.items()}
+    return a
+
+
+def run(g: Graph) -> Graph:
+    """The default pipeline, in place; the graph is verified after it."""
+    while cse(g) | dce(g):
+        pass
+    g.verify()
+    return g

@@ -1,0 +1,143 @@
+"""torch.compile(model, backend="tessera"): results match eager, the native executable
+replays a recorded launch sequence once per input signature, fallbacks warn and work."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tessera.errors import TesseraError
+from tessera.graph import memplan
+from tessera.graph.compiler import compile_graph
+from tessera.graph import compiled
+from tessera.graph.executable import Executable
+
+
+class Block(torch.nn.Module):
+    """Linear, LayerNorm, GELU, a residual and a softmax: every node a registry op."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(d, d)
+        self.norm = torch.nn.LayerNorm(d)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.norm(self.fc(x))) * self.scale + x
+        return torch.softmax(h, dim=-1)
+
+
+_BEFORE: set[int] = set()
+
+
+def _compiled(model: torch.nn.Module, **options: object) -> torch.nn.Module:
+    torch._dynamo.reset()
+    _BEFORE.clear()
+    _BEFORE.update(id(e) for e in compiled())
+    return torch.compile(model, backend="tessera", dynamic=False,
+                         options=options or None)
+
+
+def _executables(fn: torch.nn.Module) -> list[Executable]:
+    """The Executables compiled since the last _compiled()."""
+    return [e for e in compiled() if id(e) not in _BEFORE]
+
+
+@pytest.mark.parametrize("executor", ["native", "python"])
+def test_block_matches_eager(executor: str) -> None:
+    model = Block().eval()
+    x = torch.randn(4, 7, 32)
+    with torch.no_grad():
+        got = _compiled(model, executor=executor)(x)
+        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_one_recording_per_input_signature() -> None:
+    model = Block().eval()
+    f = _compiled(model)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(2, 5, 32)
+            torch.testing.assert_close(f(x), model(x), rtol=1e-5, atol=1e-6)
+    (ex,) = _executables(f)
+    assert ex.recordings == 1 and len(ex.plans) == 1
+    plan = next(iter(ex.plans.values()))
+    assert plan is not None, "the plan fell back to the interpreter"
+    assert all(step.node is None for step in plan.steps), "a node ran from Python"
+    assert plan.memory.arena_bytes <= plan.memory.total_bytes
+
+
+def test_outputs_are_fresh_each_call() -> None:
+    model = Block().eval()
+    f = _compiled(model)
+    with torch.no_grad():
+        a = f(torch.randn(2, 3, 32))
+        kept = a.clone()
+        f(torch.randn(2, 3, 32))
+    torch.testing.assert_close(a, kept, rtol=0, atol=0)
+
+
+class WithFallback(torch.nn.Module):
+    """cumsum has no Tessera lowering: it runs through torch between native segments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x))
+        return torch.cumsum(h, dim=-1).sigmoid() + h.sum(-1, keepdim=True)
+
+
+def test_fallback_warns_once_and_runs_between_native_segments() -> None:
+    model = WithFallback().eval()
+    x = torch.randn(3, 16)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        f = _compiled(model)
+        for _ in range(2):
+            torch.testing.assert_close(f(x), model(x), rtol=1e-5, atol=1e-5)
+    messages = [str(w.message) for w in caught if "no lowering" in str(w.message)]
+    assert len(messages) == 1 and "cumsum" in messages[0]
+    (ex,) = _executables(f)
+    plan = next(iter(ex.plans.values()))
+    kinds = ["python" if s.node is not None else "native" for s in plan.steps]
+    assert kinds == ["native", "python", "native"]
+
+
+class Embedder(torch.nn.Module):
+    """embedding reads its indices on the host (range checks): a Python step each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.fc = torch.nn.Linear(16, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(ids)).tanh()
+
+
+def test_host_reading_ops_check_their_input_every_call() -> None:
+    model = Embedder().eval()
+    f = _compiled(model)
+    with torch.no_grad():
+        ids = torch.randint(0, 50, (2, 6))
+        torch.testing.assert_close(f(ids), model(ids), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(f(ids.flip(0)), model(ids.flip(0)), rtol=1e-5, atol=1e-6)
+        with pytest.raises(TesseraError, match="embedding.*out of range"):
+            f(torch.full((2, 6), 50))
+
+
+def test_unknown_option_is_an_error() -> None:
+    from tessera.graph.ir import Graph
+    with pytest.raises(TesseraError, match="unknown graph compiler option"):
+        compile_graph(Graph(), {"fuse_everything": True})
+    with pytest.raises(TesseraError, match="executor='fast'"):
+        compile_graph(Graph(), {"executor": "fast"})
+
+
+def test_arena_alignment_constant() -> None:
+    assert memplan.ALIGN == 64
