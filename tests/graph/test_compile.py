@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from tessera.errors import TesseraError
-from tessera.graph import memplan
+from tessera.graph import compiled, memplan
 from tessera.graph.compiler import compile_graph
-from tessera.graph import compiled
 from tessera.graph.executable import Executable
 
 
@@ -127,7 +126,7 @@ def test_host_reading_ops_check_their_input_every_call() -> None:
         ids = torch.randint(0, 50, (2, 6))
         torch.testing.assert_close(f(ids), model(ids), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(f(ids.flip(0)), model(ids.flip(0)), rtol=1e-5, atol=1e-6)
-        with pytest.raises(TesseraError, match="embedding.*out of range"):
+        with pytest.raises(TesseraError, match=r"embedding.*out of range"):
             f(torch.full((2, 6), 50))
 
 
