@@ -66,11 +66,17 @@ PyObject *run(const Plan &p, int64_t grid0, const char *buf, int64_t work, at::T
     return THPVariable_Wrap(std::move(out));
 }
 
-// The tile width menu of reduce.py's _width: 16, 64, 256, ... covering n, at most cap.
+// reduce.py's _width: n rounded up to 16, at most cap.
 inline int64_t width(int64_t n, int64_t cap) {
-    int64_t w = 16;
-    while (w < n && w < cap) w *= 4;
+    const int64_t w = (n + 15) / 16 * 16;
     return w < cap ? w : cap;
+}
+
+// reduce.py's _row_tile rows: the largest power of two at most 4096 / bn (at least 1).
+inline int64_t tile_rows(int64_t bn) {
+    int64_t bm = 1;
+    while (bm * 2 <= 4096 / bn) bm *= 2;
+    return bm;
 }
 
 bool table_arg(PyObject *o, size_t &table) {
@@ -163,9 +169,9 @@ PyObject *rows(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
         Py_RETURN_NONE;
     }
     const bool one = n <= 4096;
-    const int64_t bn = width(n, one ? 4096 : 1024), bm = bn >= 4096 ? 1 : 4096 / bn;
+    const int64_t bn = width(n, one ? 4096 : 1024), bm = tile_rows(bn);
     for (const Plan &p : tables[table]) {
-        if (p.in[0] != x.scalar_type() || p.bn != bn || p.one != one ||
+        if (p.in[0] != x.scalar_type() || p.bn != bn || p.bm != bm || p.one != one ||
             p.has_w != (w != nullptr) || p.has_b != (b != nullptr) ||
             (w && w->scalar_type() != p.wdt) || (b && b->scalar_type() != p.bdt))
             continue;

@@ -24,10 +24,9 @@ from tessera.ops._launch import (
     spec,
 )
 from tessera.ops.pointwise import run
-from tessera.ops.reduce import _width
+from tessera.ops.reduce import _row_tile, _width
 from tessera.ops.registry import op
 
-_ROWS = 4096  # elements per program
 _ONE_ROW = 4096  # rows up to this long are one tile
 
 
@@ -111,8 +110,7 @@ def _norm(x: torch.Tensor, shape: Sequence[int], w: torch.Tensor | None,
     if m == 0 or n == 0:
         return out
     one = n <= _ONE_ROW
-    bn = _width(n, _ONE_ROW if one else 1024)
-    bm = max(1, _ROWS // bn)
+    bm, bn = _row_tile(n, _ONE_ROW if one else 1024)
     wt = wv if wv is not None else x2
     bt = bv if bv is not None else x2
     key = ("norm_rows", rms, wv is not None, bv is not None, bm, bn, one, x.dtype,
