@@ -36,6 +36,7 @@ struct Plan {
     c10::ScalarType wdt = c10::ScalarType::Float, bdt = c10::ScalarType::Float;
     int64_t bm = 0, bn = 0;
     bool one = false;
+    bool exact = false;                          // rows: only for rows exactly bn long
 };
 
 std::vector<std::vector<Plan>> tables;
@@ -172,6 +173,7 @@ PyObject *rows(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     const int64_t bn = width(n, one ? 4096 : 1024), bm = tile_rows(bn);
     for (const Plan &p : tables[table]) {
         if (p.in[0] != x.scalar_type() || p.bn != bn || p.bm != bm || p.one != one ||
+            p.exact != (n == bn) ||
             p.has_w != (w != nullptr) || p.has_b != (b != nullptr) ||
             (w && w->scalar_type() != p.wdt) || (b && b->scalar_type() != p.bdt))
             continue;
@@ -218,7 +220,7 @@ bool scalar_type(PyObject *o, c10::ScalarType &out) {
 
 // add_plan(table, address, in_dtypes, out_dtype, block, scalars, rows)
 //   pointwise: scalars is a tuple of up to 2 ints/floats (8-byte slots), rows is None;
-//   rows: rows = (has_w, has_b, w_dtype, b_dtype, bm, bn, one), in_dtypes = (x dtype,)
+//   rows: rows = (has_w, has_b, w_dtype, b_dtype, bm, bn, one, exact), in_dtypes = (x dtype,)
 //   and block unused; a norm plan has 3 "operands" (x, w, b), softmax 1.
 PyObject *add_plan(PyObject *, PyObject *args) {
     long long table, address, block;
@@ -256,15 +258,16 @@ PyObject *add_plan(PyObject *, PyObject *args) {
         }
     }
     if (rowspec != Py_None) {
-        int hw, hb, one;
+        int hw, hb, one, exact;
         long long bm, bn;
         PyObject *wd, *bd;
-        if (!PyArg_ParseTuple(rowspec, "ppOOLLp", &hw, &hb, &wd, &bd, &bm, &bn, &one) ||
+        if (!PyArg_ParseTuple(rowspec, "ppOOLLpp", &hw, &hb, &wd, &bd, &bm, &bn, &one,
+                              &exact) ||
             !scalar_type(wd, p.wdt) || !scalar_type(bd, p.bdt)) {
             PyErr_SetString(PyExc_ValueError, "bad rows plan");
             return nullptr;
         }
-        p.has_w = hw, p.has_b = hb, p.bm = bm, p.bn = bn, p.one = one;
+        p.has_w = hw, p.has_b = hb, p.bm = bm, p.bn = bn, p.one = one, p.exact = exact;
     }
     if (PyErr_Occurred()) return nullptr;
     if (static_cast<size_t>(table) >= tables.size()) tables.resize(table + 1);

@@ -46,11 +46,12 @@ def _normalize(t, n, eps, RMS: tl.constexpr, MASK: tl.constexpr):
 
 @tl.kernel
 def norm_rows(x, w, b, out, N, eps, RMS: tl.constexpr, W: tl.constexpr, B: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, ONE: tl.constexpr):
-    """LayerNorm (or RMSNorm) of BM rows per program, with optional weight and bias."""
+              BM: tl.constexpr, BN: tl.constexpr, ONE: tl.constexpr, EXACT: tl.constexpr):
+    """LayerNorm (or RMSNorm) of BM rows per program, with optional weight and bias.
+    EXACT: rows are exactly BN long (no padding columns to mask out of the variance)."""
     i = tl.program_id(0) * BM
     if ONE:
-        y = _normalize(x[i:i + BM, 0:BN].to(tl.float32), N, eps, RMS, True)
+        y = _normalize(x[i:i + BM, 0:BN].to(tl.float32), N, eps, RMS, not EXACT)
         if W:
             y = y * w[0:BN][None, :]
         if B:
@@ -111,16 +112,17 @@ def _norm(x: torch.Tensor, shape: Sequence[int], w: torch.Tensor | None,
         return out
     one = n <= _ONE_ROW
     bm, bn = _row_tile(n, _ONE_ROW if one else 1024)
+    exact = one and n == bn
     wt = wv if wv is not None else x2
     bt = bv if bv is not None else x2
-    key = ("norm_rows", rms, wv is not None, bv is not None, bm, bn, one, x.dtype,
+    key = ("norm_rows", rms, wv is not None, bv is not None, bm, bn, one, exact, x.dtype,
            wt.dtype, bt.dtype, wt.dim(), bt.dim())
     s = compiled(key, norm_rows, spec(x.dtype, 2), spec(wt.dtype, wt.dim()),
                  spec(bt.dtype, bt.dim()), spec(x.dtype, 2), n, float(eps), RMS=rms,
-                 W=wv is not None, B=bv is not None, BM=bm, BN=bn, ONE=one)
+                 W=wv is not None, B=bv is not None, BM=bm, BN=bn, ONE=one, EXACT=exact)
     if x.is_contiguous():
         _fastpath.add_plan(name, s.address, (x.dtype, wt.dtype, bt.dtype), x.dtype, rows=(
-            wv is not None, bv is not None, wt.dtype, bt.dtype, bm, bn, one))
+            wv is not None, bv is not None, wt.dtype, bt.dtype, bm, bn, one, exact))
     launch(s, (-(-m // bm), 1, 1), x2.data_ptr(), m, n, n, 1, *_flat(wt), *_flat(bt),
            out.data_ptr(), m, n, n, 1, n, float(eps))
     return out

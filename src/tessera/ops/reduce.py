@@ -446,7 +446,7 @@ def _softmax(x: torch.Tensor, dim: int, log: bool, name: str) -> torch.Tensor:
                         spec(x.dtype, 2), red, LOG=log, BM=bm, BN=bn, ONE=one)
         if st[1] == 1:
             _fastpath.add_plan(name, s.address, (x.dtype,), x.dtype,
-                               rows=(False, False, x.dtype, x.dtype, bm, bn, one))
+                               rows=(False, False, x.dtype, x.dtype, bm, bn, one, red == bn))
         launch(s, (-(-outer // bm), 1, 1), v.data_ptr(), outer, red, st[0], st[1],
                ov.data_ptr(), outer, red, red, 1, red)
         return out
