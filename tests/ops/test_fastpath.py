@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tessera.ops as O
 from tessera.ops import _fastpath
@@ -109,3 +110,13 @@ def test_can_be_turned_off() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "TESSERA_OPS_FASTPATH": "0"}, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_row_plans_for_exact_rows_are_not_used_on_shorter_rows() -> None:
+    """384 and 380 columns share a 384-wide tile; only 380 needs the padding masked."""
+    assert _fastpath.wait(timeout=600)
+    for n in (384, 380, 384, 380):
+        x, w, b = torch.randn(5, n), torch.randn(n), torch.randn(n)
+        for _ in range(2):  # the second call takes the native path
+            torch.testing.assert_close(O.layer_norm(x, [n], w, b),
+                                       F.layer_norm(x, [n], w, b), rtol=1e-5, atol=1e-5)
