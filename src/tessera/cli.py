@@ -239,12 +239,16 @@ def bench(
     json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")] = None,
     ranks: Annotated[int, typer.Option(help="Processes to launch; only the comm suite uses "
                                             "it (the others run in this process).")] = 2,
+    only: Annotated[str | None, typer.Option(help="Only the cases matching these "
+                                                  "comma-separated patterns, e.g. "
+                                                  "'softmax_*,gelu_*'.")] = None,
 ) -> None:
     """Time Tessera against its baselines, interleaved in one process (comm: in each of its
     ranks); medians and ratios."""
     from tessera import bench as runner
 
-    runner.run(suite, quick=quick, ranks=ranks, json_path=json_path, console=console)
+    runner.run(suite, quick=quick, ranks=ranks, json_path=json_path, console=console,
+               only=only)
 
 
 def main() -> None:

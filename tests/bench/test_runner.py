@@ -94,6 +94,13 @@ def test_disagreeing_implementations_are_refused(fake_suite):
         bench.run("fake", quick=True)
 
 
+def test_only_selects_cases_by_pattern(fake_suite):
+    assert [r["case"] for r in bench.run("fake", quick=True, only="ti*, other")] == \
+        ["tiny", "tiny"]
+    with pytest.raises(BenchError, match=r"no case of suite 'fake' matches 'big_\*'"):
+        bench.run("fake", quick=True, only="big_*")
+
+
 def test_unknown_suite():
     with pytest.raises(BenchError, match="unknown benchmark suite") as info:
         bench.run("nope")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import gc
 import importlib
 import json
@@ -197,23 +198,33 @@ def _in_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run(suite: str, *, quick: bool = False, ranks: int = 2, json_path: str | None = None,
-        console: Console | None = None) -> list[dict[str, Any]]:
+        console: Console | None = None, only: str | None = None) -> list[dict[str, Any]]:
     """Run one suite, print its table, optionally write the JSON; returns the rows.
 
     `speedup` is baseline median / Tessera median: above 1 means Tessera is faster.
     `ranks` is the number of processes a suite that launches its own (comm) starts.
+    `only`: comma-separated name patterns (fnmatch, e.g. "softmax_*,gelu_32x384"); the
+    cases matching none are skipped.
     """
     if suite not in SUITES:
         raise BenchError(f"unknown benchmark suite {suite!r}",
                          hint=f"available suites: {', '.join(available())}")
     console = console or Console()
     module = importlib.import_module(SUITES[suite])
+    patterns = [p.strip() for p in only.split(",") if p.strip()] if only else []
+
+    def wanted(name: str) -> bool:
+        return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
     if hasattr(module, "rows"):  # timed in processes of its own, which return finished rows
-        rows = module.rows(quick, ranks)
+        rows = [r for r in module.rows(quick, ranks) if wanted(r["case"])]
     else:
-        rows = [row for case in module.cases(quick)
+        rows = [row for case in module.cases(quick) if wanted(case.name)
                 for row in run_case(suite, case, rounds=7 if quick else 21,
                                     min_sample_s=0.002 if quick else 0.005)]
+    if not rows:
+        raise BenchError(f"no case of suite {suite!r} matches {only!r}",
+                         hint="--only takes comma-separated patterns such as 'softmax_*'")
     rows = _in_order(rows)
     console.print(_table(suite, rows))
     rows = [{k: v for k, v in r.items() if k != "_meta"} for r in rows]
