@@ -76,6 +76,7 @@ class _Plan:
     def __init__(self, graph: Graph, rec: Recorder, env: dict[Value, Any],
                  inputs: tuple[Any, ...], plan_steps: list[tuple[Node, Any]]) -> None:
         self.graph = graph
+        self.kept = rec.kept  # constants ops made while recording: launches point into them
         replayable = [r.why is None and not _host_reads(n)
                       for (n, _), r in zip(plan_steps, rec.records, strict=True)]
         # bases: 0 arena, 1 status words, then inputs, output buffers, Python-made values
@@ -110,6 +111,7 @@ class _Plan:
         launches: list[tuple[int, tuple[int, int, int], list[int], list[tuple[int, Any, int]]]] = []
         self.steps: list[_Step] = []
         pos = 0
+        checked: list[Alloc] = []  # status words in the arena: read when the segment ends
         for i, (node, fn) in enumerate(plan_steps):
             r = rec.records[i]
             if replayable[i]:
@@ -140,11 +142,14 @@ class _Plan:
                     else:
                         (kind, what), start = hit
                         if kind == "alloc":
-                            use(what, pos - 1)
+                            checked.append(what)
                         seg.checks.append(((kind, what), address - start))
                     seg.errors.append(error)
                 seg.last = len(launches)
             else:
+                for a in checked:
+                    use(a, pos - 1)
+                checked.clear()
                 step = _Step(node=node, fn=fn)
                 for v in node.inputs():
                     t = env.get(v)
@@ -158,6 +163,8 @@ class _Plan:
                 step.exts = [(v, exts[v]) for v in node.outputs if v in exts]
                 self.steps.append(step)
                 pos += 1
+        for a in checked:
+            use(a, pos - 1)
         # graph outputs: the buffers holding them are fresh per call
         self.outputs: list[tuple[Value, Location]] = []
         out_allocs: dict[Alloc, int] = {}

@@ -75,6 +75,7 @@ class Recorder(TorchDispatchMode):
         super().__init__()
         self.records: list[NodeRecord] = []
         self.allocs: list[Alloc] = []
+        self.kept: list[torch.Tensor] = []  # tensors ops made from Python data (constants)
         self.current: NodeRecord | None = None
         self.index = -1
 
@@ -106,6 +107,9 @@ class Recorder(TorchDispatchMode):
             out = func(*args, **kwargs)
             self._memset(args[0])
             return out
+        if func is aten.lift_fresh.default:  # torch.tensor(...): launches may point into it
+            self.kept.append(args[0])
+            return func(*args, **kwargs)
         if func in _FREE or func.is_view:
             return func(*args, **kwargs)
         if r.why is None:
