@@ -15,7 +15,9 @@ from tessera.graph.ir import Graph
 
 __all__ = ["OPTIONS", "compile_graph", "compiled"]
 
-OPTIONS = {"executor": "native or python (default: $TESSERA_EXECUTOR, else native)"}
+OPTIONS = {"executor": "native or python (default: $TESSERA_EXECUTOR, else native)",
+           "fusion": "True (default) or False: pointwise and row-op chains as generated "
+                     "kernels"}
 
 
 def compile_graph(graph: Graph, options: dict[str, Any] | None = None) -> Executable:
@@ -29,7 +31,9 @@ def compile_graph(graph: Graph, options: dict[str, Any] | None = None) -> Execut
     executor = options.get("executor", os.environ.get("TESSERA_EXECUTOR", "native"))
     if executor not in ("native", "python"):
         raise TesseraError(f"executor={executor!r}; it is 'native' or 'python'")
-    graph = passes.run(graph)
+    if not isinstance(options.get("fusion", True), bool):
+        raise TesseraError(f"fusion={options['fusion']!r}; it is True or False")
+    graph = passes.run(graph, options)
     ex = Executable(graph, native=executor == "native")
     _COMPILED.append(weakref.ref(ex))
     return ex

@@ -46,10 +46,10 @@ class Value:
 @dataclass(eq=False)
 class Node:
     """One operator call. `op` is a registry op name, "view:<name>" for a torch view (no
-    data moves) or "torch:<name>" for a fallback; those two call `fn` with `args` =
-    {"args": [...], "kwargs": {...}}. For registry ops `args` maps the schema's arguments
-    to Values (tensors, lists of them) or Python constants (attributes). `outputs` are
-    the results in order."""
+    data moves), "torch:<name>" for a fallback or "fused:<name>" for a generated kernel
+    (fusion.py); those three call `fn` with `args` = {"args": [...], "kwargs": {...}}.
+    For registry ops `args` maps the schema's arguments to Values (tensors, lists of
+    them) or Python constants (attributes). `outputs` are the results in order."""
 
     op: str
     args: dict[str, Any]
@@ -60,9 +60,9 @@ class Node:
 
     @property
     def kind(self) -> str:
-        """"op" (a registry op), "view" or "torch" (a fallback)."""
+        """"op" (a registry op), "view", "torch" (a fallback) or "fused"."""
         prefix = self.op.partition(":")[0]
-        return prefix if prefix in ("view", "torch") else "op"
+        return prefix if prefix in ("view", "torch", "fused") else "op"
 
     def inputs(self) -> Iterator[Value]:
         """The Values the node reads, in argument order."""
@@ -156,7 +156,7 @@ class Graph:
                     raise GraphError(f"{where} reads %{v.name} before it is defined")
             if n.kind != "op":
                 if n.fn is None or set(n.args) != {"args", "kwargs"}:
-                    raise GraphError(f"{where} is a torch call without a callable or "
+                    raise GraphError(f"{where} is a {n.kind} call without a callable or "
                                      "without args and kwargs")
             else:
                 d = registry.get(n.op)

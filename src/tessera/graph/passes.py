@@ -1,5 +1,5 @@
 """Graph passes: dead-code elimination and common-subexpression elimination, run to a
-fixed point by `run`."""
+fixed point by `run`, then autofusion (fusion.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from tessera.graph import fusion
 from tessera.graph.ir import Graph, Node, Value
 
 __all__ = ["cse", "dce", "run"]
@@ -69,9 +70,12 @@ def _substitute(a: Any, rename: dict[Value, Value]) -> Any:
     return a
 
 
-def run(g: Graph) -> Graph:
-    """The default pipeline, in place; the graph is verified after it."""
+def run(g: Graph, options: dict[str, Any] | None = None) -> Graph:
+    """The default pipeline, in place; the graph is verified after it. `options`: the
+    compiler's (`fusion`: False leaves pointwise and row ops unfused)."""
     while cse(g) | dce(g):
         pass
+    if (options or {}).get("fusion", True):
+        fusion.fuse(g)
     g.verify()
     return g
