@@ -73,6 +73,8 @@ def test_outputs_are_fresh_each_call() -> None:
     model = Block().eval()
     f = _compiled(model)
     with torch.no_grad():
+        f(torch.randn(2, 3, 32))  # interpreted, then recorded: the next calls replay
+        f(torch.randn(2, 3, 32))
         a = f(torch.randn(2, 3, 32))
         kept = a.clone()
         f(torch.randn(2, 3, 32))
@@ -97,7 +99,7 @@ def test_fallback_warns_once_and_runs_between_native_segments() -> None:
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         f = _compiled(model)
-        for _ in range(2):
+        for _ in range(3):
             torch.testing.assert_close(f(x), model(x), rtol=1e-5, atol=1e-5)
     messages = [str(w.message) for w in caught if "no lowering" in str(w.message)]
     assert len(messages) == 1 and "cumsum" in messages[0]
@@ -124,7 +126,8 @@ def test_host_reading_ops_check_their_input_every_call() -> None:
     f = _compiled(model)
     with torch.no_grad():
         ids = torch.randint(0, 50, (2, 6))
-        torch.testing.assert_close(f(ids), model(ids), rtol=1e-5, atol=1e-6)
+        for _ in range(3):  # interpreted, recorded, replayed
+            torch.testing.assert_close(f(ids), model(ids), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(f(ids.flip(0)), model(ids.flip(0)), rtol=1e-5, atol=1e-6)
         with pytest.raises(TesseraError, match=r"embedding.*out of range"):
             f(torch.full((2, 6), 50))
@@ -140,3 +143,20 @@ def test_unknown_option_is_an_error() -> None:
 
 def test_arena_alignment_constant() -> None:
     assert memplan.ALIGN == 64
+
+
+def test_dynamic_shapes_compile_once_and_record_repeated_signatures() -> None:
+    """Sequence length symbolic: one graph for every length; a length seen once runs on the
+    interpreter (a growing KV cache's never repeat, and recording costs two runs), a
+    length seen again is recorded and then replayed."""
+    model = Block().eval()
+    torch._dynamo.reset()
+    before = {id(e) for e in compiled()}
+    f = torch.compile(model, backend="tessera", dynamic=True)
+    with torch.no_grad():
+        for n in (3, 4, 5, 6, 6, 6):
+            x = torch.randn(1, n, 32)
+            torch.testing.assert_close(f(x), model(x), rtol=1e-5, atol=1e-6)
+    (ex,) = [e for e in compiled() if id(e) not in before]
+    assert any(v.symbolic for v in ex.graph.inputs)
+    assert ex.recordings == 1 and len(ex.plans) == 1

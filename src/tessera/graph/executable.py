@@ -17,6 +17,7 @@ disagrees is dropped (with a warning) and that signature runs on the interpreter
 from __future__ import annotations
 
 import bisect
+import collections
 import math
 import struct
 import threading
@@ -395,24 +396,32 @@ class Executable:
     """A compiled graph: call it with the graph's inputs, get its outputs (a tuple).
     `native=False`: every call runs node by node in Python (for debugging)."""
 
+    RECORD_AT = 2  # the call of a signature that records it: shapes seen once (a growing
+    # KV cache's) run on the interpreter, which costs about eager's time; recording costs two
+    MAX_PLANS = 64  # per executable, least recently used dropped first
+
     def __init__(self, graph: Graph, native: bool = True) -> None:
         self.graph = graph
         self.native = native
         self.plan_steps = [(n, node_function(n)) for n in graph.nodes]
-        self.plans: dict[tuple[Any, ...], _Plan | None] = {}
-        self.recordings = 0  # input signatures seen (each recorded once)
+        self.plans: collections.OrderedDict[tuple[Any, ...], _Plan | None] = \
+            collections.OrderedDict()
+        self.seen: collections.Counter[tuple[Any, ...]] = collections.Counter()
+        self.recordings = 0  # input signatures recorded
 
     def __call__(self, *inputs: Any) -> tuple[Any, ...]:
-        if not self.native:
-            check_inputs(self.graph, list(inputs))
-            return tuple(interpret(self.graph, list(inputs), self.plan_steps))
-        key = signature(inputs)
-        plan = self.plans.get(key, False)
-        if plan is False:
-            return self._record(inputs, key)
-        if plan is None:
-            return tuple(interpret(self.graph, list(inputs), self.plan_steps))
-        return plan.run(inputs)
+        key = signature(inputs) if self.native else None
+        plan = self.plans.get(key, False) if key is not None else None
+        if plan:
+            self.plans.move_to_end(key)
+            return plan.run(inputs)
+        if plan is False and key is not None:
+            self.seen[key] += 1
+            if self.seen[key] >= self.RECORD_AT:
+                del self.seen[key]
+                return self._record(inputs, key)
+        check_inputs(self.graph, list(inputs))
+        return tuple(interpret(self.graph, list(inputs), self.plan_steps))
 
     def _record(self, inputs: tuple[Any, ...], key: tuple[Any, ...]) -> tuple[Any, ...]:
         check_inputs(self.graph, list(inputs))
@@ -437,4 +446,6 @@ class Executable:
                           stacklevel=3)
             plan = None
         self.plans[key] = plan
+        if len(self.plans) > self.MAX_PLANS:
+            self.plans.popitem(last=False)
         return outputs
