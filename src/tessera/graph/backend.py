@@ -45,11 +45,20 @@ def tessera(gm: torch.fx.GraphModule, example_inputs: list[Any],
                         real.dtype == fake.dtype:
                     frozen[i] = real.detach()
         graph = from_fx(aten_gm, frozen)
-        run = compile_graph(graph, opts)
         keep = [i for i in range(len(aten_inputs)) if i not in frozen]
+        # Dynamo passes an inlined module's parameters as inputs without guarding on which
+        # tensors they are: code it compiled once (an expert's forward after a graph break)
+        # runs again for another instance. One executable per set of frozen tensors.
+        runs = {tuple(id(example_inputs[i]) for i in frozen):
+                (compile_graph(graph, opts), [example_inputs[i] for i in frozen])}
 
         def compiled(*args: Any) -> Any:
-            return run(*(args[i] for i in keep))
+            key = tuple(id(args[i]) for i in frozen)
+            hit = runs.get(key)
+            if hit is None:
+                again = from_fx(aten_gm, {i: args[i].detach() for i in frozen})
+                hit = runs[key] = (compile_graph(again, opts), [args[i] for i in frozen])
+            return hit[0](*(args[i] for i in keep))
         compiled.graph = graph  # type: ignore[attr-defined]
         return compiled
 
