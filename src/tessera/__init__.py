@@ -46,6 +46,9 @@ _LAZY: dict[str, str] = {
     "stream": "tessera.runtime.stream",
     "current_stream": "tessera.runtime.stream",
     "synchronize": "tessera.runtime.stream",
+    # the graph compiler
+    "compile": "tessera.graph.api",
+    "load": "tessera.graph.api",
 }
 
 __all__ = [*_error_names, *_LAZY, "__version__"]

@@ -1,0 +1,127 @@
+"""Graphs to and from plain data (for `CompiledModel.save` / `tessera.load`): only
+strings, numbers, lists, dicts and tensors, so a file loads with
+`torch.load(weights_only=True)` and never runs code from it. Callables of view and
+fallback nodes are stored by name and resolved only inside torch's namespaces."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+from tessera.graph.ir import Graph, GraphError, Node, Value
+
+__all__ = ["FORMAT", "from_data", "to_data"]
+
+FORMAT = 1
+_MODULES = ("torch", "operator", "math")  # where stored callables may be looked up
+_TAGGED = {torch.dtype: "dtype", torch.memory_format: "memory_format",
+           torch.layout: "layout", torch.device: "device"}
+
+
+def _callable_name(fn: Any) -> str:
+    if isinstance(fn, torch._ops.OpOverload):
+        return f"torch.ops.{fn.namespace}.{fn._opname}.{fn._overloadname}"
+    module = getattr(fn, "__module__", None) or ""
+    if module == "_operator":
+        module = "operator"
+    if module.split(".")[0] not in _MODULES:
+        raise GraphError(f"cannot save a graph that calls {fn!r} (from module {module!r})")
+    return f"{module}.{fn.__qualname__}"
+
+
+def _resolve(name: str) -> Any:
+    root = name.split(".")[0]
+    if root not in _MODULES:
+        raise GraphError(f"saved graph names {name!r}, outside {', '.join(_MODULES)}")
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise GraphError(f"saved graph names {name!r}, which does not exist here")
+
+
+def _encode(a: Any, node: str) -> Any:
+    if isinstance(a, Value):
+        return {"value": a.name}
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return a
+    if isinstance(a, (list, tuple)):
+        return {"list" if isinstance(a, list) else "tuple": [_encode(x, node) for x in a]}
+    if isinstance(a, dict):
+        return {"dict": {k: _encode(v, node) for k, v in a.items()}}
+    for kind, tag in _TAGGED.items():
+        if isinstance(a, kind):
+            return {tag: str(a).removeprefix("torch.")}
+    raise GraphError(f"cannot save attribute {a!r} ({type(a).__name__}) of node {node}")
+
+
+def _decode(a: Any, values: dict[str, Value]) -> Any:
+    if not isinstance(a, dict):
+        return a
+    (tag, x), = a.items()
+    if tag == "value":
+        return values[x]
+    if tag in ("list", "tuple"):
+        items = [_decode(i, values) for i in x]
+        return items if tag == "list" else tuple(items)
+    if tag == "dict":
+        return {k: _decode(v, values) for k, v in x.items()}
+    if tag == "device":
+        return torch.device(x)
+    return getattr(torch, x)  # dtype, memory_format, layout
+
+
+def _value(v: Value) -> dict[str, Any]:
+    return {"name": v.name, "dtype": str(v.dtype).removeprefix("torch."),
+            "shape": list(v.shape), "kind": v.kind}
+
+
+def to_data(g: Graph) -> dict[str, Any]:
+    """The graph as plain data; constants' tensors under "constants"."""
+    return {
+        "format": FORMAT,
+        "inputs": [_value(v) for v in g.inputs],
+        "constants": {v.name: v.data for v in g.constants},
+        "constant_values": [_value(v) for v in g.constants],
+        "nodes": [{"op": n.op, "fn": _callable_name(n.fn) if n.fn is not None else None,
+                   "args": _encode(n.args, n.op), "outputs": [_value(v) for v in n.outputs],
+                   "returns": n.meta.get("returns", [0]), "source": n.source}
+                  for n in g.nodes],
+        "outputs": [v.name for v in g.outputs],
+    }
+
+
+def from_data(data: dict[str, Any]) -> Graph:
+    """The Graph `to_data` described (verified)."""
+    if data.get("format") != FORMAT:
+        raise GraphError(f"saved graph has format {data.get('format')!r}; this Tessera "
+                         f"reads format {FORMAT}", hint="compile and save it again")
+    g = Graph()
+    values: dict[str, Value] = {}
+
+    def make(d: dict[str, Any], data_: torch.Tensor | None = None) -> Value:
+        v = g.value(d["name"], getattr(torch, d["dtype"]), tuple(d["shape"]), d["kind"], data_)
+        values[d["name"]] = v
+        return v
+
+    for d in data["inputs"]:
+        make(d)
+    for d in data["constant_values"]:
+        make(d, data["constants"][d["name"]])
+    for nd in data["nodes"]:
+        outs = [make(d) for d in nd["outputs"]]
+        fn = _resolve(nd["fn"]) if nd["fn"] is not None else None
+        node = Node(nd["op"], _decode(nd["args"], values), outs, fn, nd["source"])
+        node.meta["returns"] = nd["returns"]
+        g.add(node)
+    g.outputs = [values[name] for name in data["outputs"]]
+    g.verify()
+    return g
+
