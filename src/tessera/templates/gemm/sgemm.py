@@ -149,18 +149,20 @@ def _kernel(variant: _Variant, entry: str = "tsr_gemm") -> Any:
 
 def launch_entry(a: dt.dtype, b: dt.dtype, c: dt.dtype, *, packed: bool = False,
                  bias: bool = False, activation: str | None = None, residual: bool = False,
-                 bias_rows: bool = False, config: Blocking | None = None) -> int:
+                 bias_rows: bool = False, swiglu: bool = False,
+                 config: Blocking | None = None) -> int:
     """The address of `tsr_gemm_launch` in the variant for float operands of dtypes a, b
     and c (b float32 if `packed`) with that epilogue (`bias_rows`: a bias per row of C
-    rather than per column): for callers that launch the template through
-    `tessera.runtime.cpu.launch` with precomputed arguments (the slots of `tsr_call` in
-    sgemm.c), at a fraction of `gemm`'s per-call cost."""
+    rather than per column; `swiglu`: b = [gate | up], as in `gemm`): for callers that
+    launch the template through `tessera.runtime.cpu.launch` with precomputed arguments
+    (the slots of `tsr_call` in sgemm.c), at a fraction of `gemm`'s per-call cost."""
     if activation is not None and activation not in ACTIVATIONS:
         raise TesseraError(f"gemm: unknown activation {activation!r}",
                            hint=f"one of {', '.join(ACTIVATIONS)}")
     return _address(_Variant(config or blocking(), _FORMATS[a], _FORMATS[b], _FORMATS[c],
-                             packed=packed, bias=bias, activation=activation,
-                             residual=residual, bias_rows=bias and bias_rows))
+                             swiglu=swiglu, packed=packed, bias=bias,
+                             activation=activation, residual=residual,
+                             bias_rows=bias and bias_rows))
 
 
 @cache
