@@ -17,7 +17,10 @@ __all__ = ["OPTIONS", "compile_graph", "compiled"]
 
 OPTIONS = {"executor": "native or python (default: $TESSERA_EXECUTOR, else native)",
            "fusion": "True (default) or False: pointwise and row-op chains as generated "
-                     "kernels"}
+                     "kernels",
+           "patterns": "True (default) or False: the pattern rewrites (attention, norms, "
+                       "GEMM epilogues, SwiGLU; tessera.graph.rewrites) and the user's "
+                       "(@tessera.graph.pattern)"}
 
 
 def compile_graph(graph: Graph, options: dict[str, Any] | None = None) -> Executable:
@@ -31,8 +34,9 @@ def compile_graph(graph: Graph, options: dict[str, Any] | None = None) -> Execut
     executor = options.get("executor", os.environ.get("TESSERA_EXECUTOR", "native"))
     if executor not in ("native", "python"):
         raise TesseraError(f"executor={executor!r}; it is 'native' or 'python'")
-    if not isinstance(options.get("fusion", True), bool):
-        raise TesseraError(f"fusion={options['fusion']!r}; it is True or False")
+    for flag in ("fusion", "patterns"):
+        if not isinstance(options.get(flag, True), bool):
+            raise TesseraError(f"{flag}={options[flag]!r}; it is True or False")
     graph = passes.run(graph, options)
     ex = Executable(graph, native=executor == "native")
     _COMPILED.append(weakref.ref(ex))

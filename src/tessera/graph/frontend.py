@@ -58,7 +58,7 @@ def lowering() -> dict[Any, registry.OpDef]:
     """aten overload -> the op that implements it."""
     table = {}
     for d in registry.definitions():
-        for target in d.implements:
+        for target in (*d.implements, getattr(torch.ops.tessera, d.name).default):
             table.setdefault(target, d)
     return table
 

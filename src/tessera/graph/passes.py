@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from tessera.graph import fusion
+from tessera.graph import fusion, rewrites
 from tessera.graph.ir import Graph, Node, Value
 
 __all__ = ["cse", "dce", "run"]
@@ -72,9 +72,13 @@ def _substitute(a: Any, rename: dict[Value, Value]) -> Any:
 
 def run(g: Graph, options: dict[str, Any] | None = None) -> Graph:
     """The default pipeline, in place; the graph is verified after it. `options`: the
-    compiler's (`fusion`: False leaves pointwise and row ops unfused)."""
+    compiler's (`fusion`: False leaves pointwise and row ops unfused; `patterns`: False
+    skips the pattern rewrites)."""
     while cse(g) | dce(g):
         pass
+    if (options or {}).get("patterns", True):
+        rewrites.run(g)  # attention, norms, GEMM epilogues (rewrites.py) and the user's
+        dce(g)
     if (options or {}).get("fusion", True):
         fusion.fuse(g)
     g.verify()

@@ -229,6 +229,7 @@ class _Template:
 
     graph: Graph
     params: dict[Value, str]  # graph inputs -> parameter names
+    broadcast: frozenset[Value]  # inputs a match may broadcast
     scalars: dict[float, str]  # traced sentinel -> float parameter name
     scale: dict[int, int]  # prime -> the example size it scales
     anchor: Node  # computes the output
@@ -244,13 +245,16 @@ class Pattern:
     `torch.ops.tessera.<op>`), traced on each match's shapes. `build(match)`: emits the
     replacement's nodes through `match.emit` and returns its output Value. `check(match)`:
     whether to rewrite this match. `ops`: {node name in fn's graph: registry ops it may
-    also be}, compared by tensor arguments only (the match's node tells which it was)."""
+    also be}, compared by tensor arguments only (the match's node tells which it was).
+    `broadcast`: tensor parameters (given at full size) that a match may pass with dims of
+    1 or fewer dims, as broadcasting allows (attention masks)."""
 
     def __init__(self, fn: Callable[..., Any], examples: Sequence[Any], *,
                  replace: Callable[..., Any] | None = None,
                  build: Callable[[Match], Value] | None = None,
                  check: Callable[[Match], bool] | None = None, name: str | None = None,
-                 ops: dict[str, Sequence[str]] | None = None) -> None:
+                 ops: dict[str, Sequence[str]] | None = None,
+                 broadcast: Sequence[str] = ()) -> None:
         self.name = name or getattr(fn, "__name__", "pattern")
         if (replace is None) == (build is None):
             raise PatternError(f"pattern {self.name}: give exactly one of replace= and "
@@ -259,6 +263,11 @@ class Pattern:
         self.replace, self.build, self.check = replace, build, check
         self.ops = {k: frozenset(v) for k, v in (ops or {}).items()}
         self.params = _parameters(fn, len(self.examples), self.name)
+        self.broadcast = frozenset(broadcast)
+        if self.broadcast - set(self.params):
+            raise PatternError(f"pattern {self.name}: broadcast= names "
+                               f"{sorted(self.broadcast - set(self.params))}, which are not "
+                               "parameters")
         self._template: _Template | None = None
         self._replacements: dict[Any, Graph | None] = {}
 
@@ -317,7 +326,8 @@ class Pattern:
             raise PatternError(f"pattern {self.name}: ops= names {missing}, which are not "
                                f"nodes of its graph ({', '.join(sorted(by_name))})")
         scale = {p: d for d, p in prime_of.items()}
-        return _Template(g, params, scalars, scale, out.producer,
+        broadcast = frozenset(v for v, n in params.items() if n in self.broadcast)
+        return _Template(g, params, broadcast, scalars, scale, out.producer,
                          {by_name[k]: v for k, v in self.ops.items()})
 
     # -- matching and rewriting ---------------------------------------------------------
@@ -519,7 +529,7 @@ class _State:
     nodes: dict[Node, Node] = field(default_factory=dict)
     crossed: list[Node] = field(default_factory=list)
     sizes: dict[int, Any] = field(default_factory=dict)
-    checks: list[tuple[int, Any]] = field(default_factory=list)
+    checks: list[tuple[int, Any, bool]] = field(default_factory=list)  # (.., broadcast)
     dtypes: dict[torch.dtype, torch.dtype] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
 
@@ -538,7 +548,7 @@ class _Matcher:
 
     def match(self, node: Node) -> Match | None:
         anchor = self.t.anchor
-        if not self._same_op(anchor, node):
+        if not _same_op(self.t, anchor, node):
             return None
         pv = self.t.graph.outputs[0]
         tv = node.outputs[anchor.outputs.index(pv)]
@@ -584,20 +594,11 @@ class _Matcher:
             if st.nodes[pn] is tn:
                 yield st
             return
-        if tn in st.nodes.values() or not self._same_op(pn, tn):
+        if tn in st.nodes.values() or not _same_op(self.t, pn, tn):
             return
         st.nodes[pn] = tn
         for pairs in self._arguments(pn, tn):
             yield from self._pairs(pairs, st)
-
-    def _same_op(self, pn: Node, tn: Node) -> bool:
-        if len(pn.outputs) != len(tn.outputs):
-            return False
-        if pn.op == tn.op:
-            return True
-        if pn.op in _RESHAPES and tn.op in _RESHAPES:
-            return True
-        return tn.op in self.t.alternatives.get(pn, ())
 
     def _arguments(self, pn: Node, tn: Node) -> Iterator[list[tuple[Any, Any]]]:
         """The (pattern, graph) argument pairs to match, one list per way to pair them."""
@@ -662,7 +663,7 @@ class _Matcher:
         if size is not None:
             if isinstance(ta, int) and not isinstance(ta, bool):
                 st = st.copy()
-                st.checks.append((pa, ta))
+                st.checks.append((pa, ta, False))
                 yield st
             return
         if _same_constant(pa, ta):
@@ -670,14 +671,22 @@ class _Matcher:
 
     def _meta(self, pv: Value, tv: Value, st: _State) -> bool:
         """dtype and rank fit; input sizes are bound, the other dims kept to check."""
-        if not self._dtype(pv.dtype, tv.dtype, st) or len(pv.shape) != len(tv.shape):
+        if not self._dtype(pv.dtype, tv.dtype, st):
+            return False
+        if pv in self.t.broadcast:
+            if len(tv.shape) > len(pv.shape):
+                return False
+            st.checks += [(pd, td, True) for pd, td in
+                          zip(pv.shape[len(pv.shape) - len(tv.shape):], tv.shape, strict=True)]
+            return True
+        if len(pv.shape) != len(tv.shape):
             return False
         for pd, td in zip(pv.shape, tv.shape, strict=True):
             size = _factor(pd, self.t.scale)
             if size is not None and size.bare is not None and size.bare not in st.sizes:
                 st.sizes[size.bare] = _dim(td)
             else:
-                st.checks.append((pd, td))
+                st.checks.append((pd, td, False))
         return True
 
     @staticmethod
@@ -695,7 +704,9 @@ class _Matcher:
 
     # -- the whole match ---------------------------------------------------------------
     def _finish(self, st: _State, out: Value) -> Match | None:
-        for pd, td in st.checks:
+        for pd, td, broadcast in st.checks:
+            if broadcast and td == 1:
+                continue
             size = _factor(pd, self.t.scale)
             want = pd if size is None else _evaluate(size, st.sizes)
             if want is None or not _equal(want, _dim(td)):
@@ -721,11 +732,22 @@ class _Matcher:
 
 
 
+def _same_op(t: _Template, pn: Node, tn: Node) -> bool:
+    """Whether graph node tn may match pattern node pn (by op alone)."""
+    if len(pn.outputs) != len(tn.outputs):
+        return False
+    if pn.op == tn.op or (pn.op in _RESHAPES and tn.op in _RESHAPES):
+        return True
+    return tn.op in t.alternatives.get(pn, ())
+
+
 def _keep(n: Node, covered: set[Node]) -> bool:
-    """Whether a covered node read outside the match can stay: a view whose inputs are
-    computed outside the match (or by such views): views cost nothing to keep."""
-    return n.kind == "view" and all(v.producer not in covered or _keep(v.producer, covered)
-                                    for v in n.inputs())
+    """Whether a covered node read outside the match can stay: one that reads no tensor
+    (a constant CSE shared between layers) or a view of values computed outside the match
+    (or by such nodes): those cost nothing to keep."""
+    inputs = list(n.inputs())
+    return not inputs or (n.kind == "view" and all(
+        v.producer not in covered or _keep(v.producer, covered) for v in inputs))
 
 
 def _rank(n: Node) -> int:
@@ -773,11 +795,12 @@ def rewrite(graph: Graph, patterns: Sequence[Pattern]) -> dict[str, int]:
     while changed:
         changed = False
         for p, t in templates:
-            live = set(graph.nodes)
+            live, users = set(graph.nodes), None
             for node in list(graph.nodes):
-                if node not in live or not _Matcher(p, t, graph, {})._same_op(t.anchor, node):
+                if node not in live or not _same_op(t, t.anchor, node):
                     continue
-                m = _Matcher(p, t, graph, _users(graph)).match(node)
+                users = users or _users(graph)
+                m = _Matcher(p, t, graph, users).match(node)
                 if m is None or not _apply(m):
                     continue
                 counts[p.name] = counts.get(p.name, 0) + 1
@@ -788,7 +811,7 @@ def rewrite(graph: Graph, patterns: Sequence[Pattern]) -> dict[str, int]:
                         "pattern rewrites do not reach a fixed point: "
                         + ", ".join(f"{k} fired {v} times" for k, v in counts.items()),
                         hint="a replacement must not recreate its own pattern")
-                live = set(graph.nodes)
+                live, users = set(graph.nodes), None
     if counts:
         used = {v for n in graph.nodes for v in n.inputs()} | set(graph.outputs)
         graph.constants = [c for c in graph.constants if c in used]
@@ -830,14 +853,14 @@ _REGISTERED: list[Pattern] = []
 def pattern(*examples: Any, replace: Callable[..., Any] | None = None,
             build: Callable[[Match], Value] | None = None,
             check: Callable[[Match], bool] | None = None, name: str | None = None,
-            ops: dict[str, Sequence[str]] | None = None, register: bool = True
-            ) -> Callable[[Callable[..., Any]], Pattern]:
+            ops: dict[str, Sequence[str]] | None = None, broadcast: Sequence[str] = (),
+            register: bool = True) -> Callable[[Callable[..., Any]], Pattern]:
     """Decorator: the function is a pattern traced on `examples` (see `Pattern`), checked
     now, and (with `register`) applied by the graph compiler to every graph it compiles,
     before the built-in rewrites."""
     def decorate(fn: Callable[..., Any]) -> Pattern:
         p = Pattern(fn, examples, replace=replace, build=build, check=check, name=name,
-                    ops=ops)
+                    ops=ops, broadcast=broadcast)
         p.compile()
         if register:
             _REGISTERED.append(p)

@@ -1,0 +1,342 @@
+"""The built-in pattern rewrites (patterns.py), applied by the graph compiler after CSE
+and DCE and before fusion, each written the way models write it:
+
+- attention: softmax(q @ k^T * scale [+ mask | masked_fill]) @ v (BERT, GPT-2, Llama, as
+  their eager code writes it) -> scaled_dot_product_attention (the flash template: the
+  scores never exist); aten's flash attention with its logsumexp unused -> the same op;
+- RMSNorm and LayerNorm written out -> rms_norm / layer_norm; GELU written out -> gelu;
+- gate/up projections, SiLU and the product -> one SwiGLU GEMM ([gate | up] weights
+  folded into one constant, the pairing done in the GEMM's final store);
+- a linear (addmm / mm, as AOTAutograd writes nn.Linear and GPT-2's Conv1D) followed by
+  an activation and/or a residual add -> one GEMM with those fused into its epilogue; a
+  bias alone too (one pass instead of a broadcast then the product).
+
+Patterns are traced on first use (about a second for all of them) and kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tessera.graph.ir import Graph, Node, Value
+from tessera.graph.patterns import Match, Pattern, registered, rewrite
+
+__all__ = ["builtins", "run", "swiglu_matmul"]
+
+_tessera = torch.ops.tessera
+
+
+def run(graph: Graph) -> dict[str, int]:
+    """The user's patterns, then the built-in ones, to a fixed point in place; how many
+    times each fired."""
+    return rewrite(graph, [*registered(), *builtins()])
+
+
+@cache
+def builtins() -> list[Pattern]:
+    """The built-in rewrites, in the order they are tried."""
+    return [*_attention_patterns(), *_norm_patterns(), *_gelu_patterns(),
+            *_swiglu_patterns(), *_linear_patterns()]
+
+
+def _empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def _same_dtype(*names: str) -> Callable[[Match], bool]:
+    """A check: the named tensors share the first one's dtype (the replacement's result
+    then has the dtype the pattern computed)."""
+    return lambda m: all(m[n].dtype == m[names[0]].dtype for n in names if n in m.values)
+
+
+# -- attention ------------------------------------------------------------------------------
+_B, _H, _SQ, _SK, _D, _DV = 2, 3, 5, 7, 8, 4
+
+
+def _attention(scale: str, mask: str, half: bool = False) -> Pattern:
+    """softmax(q @ k^T <scale> <mask>) @ v. scale: "mul", "div" or "none"; mask: "none",
+    "add" (a float mask added) or "fill" (masked_fill(mask, -inf): True drops); half:
+    softmax in float32 between casts (Llama in half precision)."""
+    def scores(q: Any, k: Any, s: Any, m: Any) -> Any:
+        x = torch.matmul(q, k.transpose(-2, -1))
+        x = x * s if scale == "mul" else x / s if scale == "div" else x
+        if mask == "add":
+            x = x + m
+        elif mask == "fill":
+            x = x.masked_fill(m, float("-inf"))
+        p = F.softmax(x, dim=-1, dtype=torch.float32).to(q.dtype) if half else \
+            F.softmax(x, dim=-1)
+        return p
+
+    def sdpa(q: Any, k: Any, v: Any, s: Any, m: Any) -> Any:
+        factor = s if scale == "mul" else 1.0 / s if scale == "div" else 1.0
+        keep = None if mask == "none" else m if mask == "add" else torch.logical_not(m)
+        return _tessera.scaled_dot_product_attention(q, k, v, keep, False, factor)
+
+    dtype = torch.bfloat16 if half else torch.float32
+    qkv = [_empty(_B, _H, _SQ, _D, dtype=dtype), _empty(_B, _H, _SK, _D, dtype=dtype),
+           _empty(_B, _H, _SK, _DV, dtype=dtype)]
+    mask_example = _empty(_B, _H, _SQ, _SK, dtype=torch.bool if mask == "fill" else dtype)
+    name = f"attention_{scale}_{mask}" + ("_half" if half else "")
+    if scale == "none" and mask == "none":
+        return Pattern(lambda q, k, v: torch.matmul(scores(q, k, None, None), v), qkv,
+                       replace=lambda q, k, v: sdpa(q, k, v, None, None), name=name)
+    if scale == "none":
+        return Pattern(lambda q, k, v, mask: torch.matmul(scores(q, k, None, mask), v),
+                       [*qkv, mask_example], broadcast=("mask",), name=name,
+                       replace=lambda q, k, v, mask: sdpa(q, k, v, None, mask))
+    if mask == "none":
+        return Pattern(lambda q, k, v, scale: torch.matmul(scores(q, k, scale, None), v),
+                       [*qkv, 0.125], name=name,
+                       replace=lambda q, k, v, scale: sdpa(q, k, v, scale, None))
+    return Pattern(lambda q, k, v, mask, scale: torch.matmul(scores(q, k, scale, mask), v),
+                   [*qkv, mask_example, 0.125], broadcast=("mask",), name=name,
+                   replace=lambda q, k, v, mask, scale: sdpa(q, k, v, scale, mask))
+
+
+def _drop_lse(masked: bool) -> Pattern:
+    """aten's CPU flash attention (scaled_dot_product_attention_lse) whose logsumexp
+    nothing reads -> scaled_dot_product_attention, which may then take the decode path;
+    grouped-query attention (fewer k/v heads, which aten's op accepts) is kept as such."""
+    def build(m: Match) -> Value:
+        node = m.node("scaled_dot_product_attention_lse_0")
+        args = dict(node.args)
+        args["enable_gqa"] = bool(args["enable_gqa"]) or \
+            node.args["q"].shape[1] != node.args["k"].shape[1]
+        return m.emit("scaled_dot_product_attention", args, like=m.output)
+
+    qkv = [_empty(_B, 6, _SQ, _D), _empty(_B, _H, _SK, _D), _empty(_B, _H, _SK, _DV)]
+    ops = {"scaled_dot_product_attention_lse_0": ["scaled_dot_product_attention_lse"]}
+    if masked:
+        return Pattern(lambda q, k, v, mask:
+                       _tessera.scaled_dot_product_attention_lse(q, k, v, mask, False, None,
+                                                                 True)[0],
+                       [*qkv, _empty(_B, 6, _SQ, _SK)], build=build, ops=ops,
+                       broadcast=("mask",), name="flash_attention_lse_masked")
+    return Pattern(lambda q, k, v:
+                   _tessera.scaled_dot_product_attention_lse(q, k, v, None, False, None,
+                                                             True)[0],
+                   qkv, build=build, ops=ops, name="flash_attention_lse")
+
+
+def _attention_patterns() -> list[Pattern]:
+    return [*(_attention(s, m) for s in ("mul", "div", "none")
+              for m in ("add", "fill", "none")),
+            _attention("mul", "add", half=True), _drop_lse(True), _drop_lse(False)]
+
+
+# -- normalizations -----------------------------------------------------------------------
+def _rms(x: Any, w: Any, eps: float) -> Any:
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rms_sqrt(x: Any, w: Any, eps: float) -> Any:
+    return w * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rms_half(x: Any, w: Any, eps: float) -> Any:
+    """Hugging Face's LlamaRMSNorm: statistics in float32, weight applied after the cast
+    back."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def _rms_plain(x: Any, eps: float) -> Any:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _layer_norm(x: Any, w: Any, b: Any, eps: float) -> Any:
+    """The original BERT / GPT-2 LayerNorm modules."""
+    u = x.mean(-1, keepdim=True)
+    s = (x - u).pow(2).mean(-1, keepdim=True)
+    return w * ((x - u) / torch.sqrt(s + eps)) + b
+
+
+def _layer_norm_var(x: Any, w: Any, b: Any, eps: float) -> Any:
+    u = x.mean(-1, keepdim=True)
+    return (x - u) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + eps) * w + b
+
+
+def _layer_norm_rsqrt(x: Any, w: Any, b: Any, eps: float) -> Any:
+    u = x.mean(-1, keepdim=True)
+    return (x - u) * torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + eps) * w + b
+
+
+def _norm_patterns() -> list[Pattern]:
+    found = []  # LayerNorm first: it is an RMSNorm of x - mean
+    for rows in ((6,), (2, 3)):
+        x = _empty(*rows, 16)
+        found += [
+            Pattern(fn, [x, _empty(16), _empty(16), 1e-5],
+                    name=f"{fn.__name__[1:]}_{len(rows) + 1}d",
+                    check=_same_dtype("x", "w", "b"),
+                    replace=lambda x, w, b, eps: _tessera.layer_norm(x, [x.shape[-1]], w, b,
+                                                                     eps))
+            for fn in (_layer_norm, _layer_norm_var, _layer_norm_rsqrt)]
+        found += [
+            Pattern(fn, [x, _empty(16), 1e-6], name=f"{fn.__name__[1:]}_{len(rows) + 1}d",
+                    check=_same_dtype("x", "w"),
+                    replace=lambda x, w, eps: _tessera.rms_norm(x, [x.shape[-1]], w, eps))
+            for fn in (_rms, _rms_sqrt)]
+        found.append(Pattern(_rms_half, [x.bfloat16(), _empty(16).bfloat16(), 1e-6],
+                             name=f"rms_half_{len(rows) + 1}d", check=_same_dtype("x", "w"),
+                             replace=lambda x, w, eps: _tessera.rms_norm(
+                                 x, [x.shape[-1]], w, eps)))
+        found.append(Pattern(_rms_plain, [x, 1e-6], name=f"rms_plain_{len(rows) + 1}d",
+                             replace=lambda x, eps: _tessera.rms_norm(x, [x.shape[-1]],
+                                                                      None, eps)))
+    return found
+
+
+# -- GELU written out -------------------------------------------------------------------------
+def _gelu_tanh(x: Any) -> Any:
+    """GPT-2's (Hugging Face's NewGELUActivation)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) *
+                                       (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _gelu_erf(x: Any) -> Any:
+    """The original BERT's."""
+    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _gelu_patterns() -> list[Pattern]:
+    found = []
+    for shape in ((6, 16), (2, 3, 16)):
+        found.append(Pattern(_gelu_tanh, [_empty(*shape)], name=f"gelu_tanh_{len(shape)}d",
+                             replace=lambda x: F.gelu(x, approximate="tanh")))
+        found.append(Pattern(_gelu_erf, [_empty(*shape)], name=f"gelu_erf_{len(shape)}d",
+                             replace=F.gelu))
+    return found
+
+
+# -- GEMMs with epilogues ----------------------------------------------------------------------
+_M, _S, _K, _N = 6, 3, 5, 7  # 2-D rows M; 3-D [2, S, K]
+
+
+def swiglu_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """silu(x @ w[:, :N]) * (x @ w[:, N:]) for w = [gate | up] ([K, 2N], any strides) in
+    one GEMM whose final store pairs the halves (x [..., K]; the intermediate [.., 2N]
+    never exists)."""
+    from tessera.ops._launch import ldtype
+    from tessera.ops.matmul import _floats
+    from tessera.ops.shape import empty
+    from tessera.templates.gemm.sgemm import launch, launch_entry
+
+    dtype = _floats("swiglu_matmul", x=x, w=w)
+    rows = x.reshape(-1, x.shape[-1])
+    (k, n2), m = w.shape, rows.shape[0]
+    n = n2 // 2
+    out = empty((m, n), dtype)
+    if out.numel():
+        entry = launch_entry(ldtype(dtype), ldtype(dtype), ldtype(dtype), swiglu=True)
+        launch(entry, 1, m, n, k, 1.0, 0.0, rows.data_ptr(), 0, *rows.stride(), 0, 0,
+               w.data_ptr(), 0, *w.stride(), 0, 0, 0, out.data_ptr(), 0, *out.stride(),
+               0, 0, 0, 0, 0, 0)
+    return out.view(*x.shape[:-1], n)
+
+
+def _constant_data(v: Value) -> torch.Tensor | None:
+    """The data of a constant, or of views of one (a weight's transpose), else None."""
+    if v.kind == "const":
+        return v.data
+    n = v.producer
+    if n is None or n.kind != "view" or len(n.outputs) != 1:
+        return None
+    inputs = {u: _constant_data(u) for u in n.inputs()}
+    if any(d is None for d in inputs.values()):
+        return None
+    from tessera.graph.interpreter import node_function
+    from tessera.graph.passes import _substitute
+    return node_function(n)(_substitute(n.args, inputs))
+
+
+def _swiglu_build(m: Match) -> Value:
+    gate, up = _constant_data(m["wg"]), _constant_data(m["wu"])
+    assert gate is not None and up is not None  # _swiglu_check
+    # [gate | up] as [K, 2N] stored by columns (as nn.Linear's weights, which the
+    # template's skinny path reads best)
+    both = torch.cat([gate.t(), up.t()], 0).contiguous().t()
+    return m.emit("fused:swiglu", {"args": [m["x"], m.constant(both, "gate_up")],
+                                   "kwargs": {}}, fn=swiglu_matmul, like=m.output)
+
+
+def _swiglu_check(m: Match) -> bool:
+    return _same_dtype("x", "wg", "wu")(m) and _constant_data(m["wg"]) is not None and \
+        _constant_data(m["wu"]) is not None
+
+
+def _swiglu_patterns() -> list[Pattern]:
+    def flat(x: Any, wg: Any, wu: Any) -> Any:
+        return F.silu(torch.mm(x, wg)) * torch.mm(x, wu)
+
+    def rows(x: Any, wg: Any, wu: Any) -> Any:
+        x2 = x.reshape(-1, x.shape[-1])
+        lead = x.shape[:-1]
+        return F.silu(torch.mm(x2, wg).view(*lead, -1)) * torch.mm(x2, wu).view(*lead, -1)
+
+    w = _empty(_K, _N)
+    return [Pattern(flat, [_empty(_M, _K), w, w], name="swiglu_2d", build=_swiglu_build,
+                    check=_swiglu_check),
+            Pattern(rows, [_empty(2, _S, _K), w, w], name="swiglu_3d", build=_swiglu_build,
+                    check=_swiglu_check)]
+
+
+def _activation(n: Node) -> str:
+    """The GEMM epilogue's name for an activation node."""
+    if n.op == "gelu":
+        return "gelu" if n.args.get("approximate", "none") == "none" else "gelu_tanh"
+    return n.op
+
+
+def _linear_build(m: Match) -> Value:
+    from tessera.ops.matmul import fused_matmul
+    act = _activation(m.node("relu")) if "relu" in m.by_name else None
+    return m.emit("fused:linear", {"args": [m["x"], m["w"], m.values.get("b")],
+                                   "kwargs": {"activation": act,
+                                              "residual": m.values.get("r")}},
+                  fn=fused_matmul, like=m.output)
+
+
+def _linear(form: str, act: bool, res: bool) -> Pattern:
+    """A linear as AOTAutograd writes it — addmm(b, x, w) or mm(x, w) on x [M, K], or on
+    x [.., K] viewed as rows and the result viewed back — then an activation (any the GEMM
+    fuses) and/or a residual added."""
+    bias = form.startswith("addmm")
+
+    def product(x: Any, w: Any, b: Any) -> Any:
+        x2 = x if form.endswith("2d") else x.reshape(-1, x.shape[-1])
+        y = torch.addmm(b, x2, w) if bias else torch.mm(x2, w)
+        y = y if form.endswith("2d") else y.view(*x.shape[:-1], -1)
+        return F.relu(y) if act else y
+
+    x = _empty(_M, _K) if form.endswith("2d") else _empty(2, _S, _K)
+    out = (*x.shape[:-1], _N)
+    if bias and res:
+        fn, examples = (lambda x, w, b, r: product(x, w, b) + r), \
+            [x, _empty(_K, _N), _empty(_N), _empty(*out)]
+    elif bias:
+        fn, examples = (lambda x, w, b: product(x, w, b)), [x, _empty(_K, _N), _empty(_N)]
+    elif res:
+        fn, examples = (lambda x, w, r: product(x, w, None) + r), \
+            [x, _empty(_K, _N), _empty(*out)]
+    else:
+        fn, examples = (lambda x, w: product(x, w, None)), [x, _empty(_K, _N)]
+    name = f"linear_{form}" + ("_act" if act else "") + ("_residual" if res else "")
+    return Pattern(fn, examples, build=_linear_build, name=name,
+                   check=_same_dtype("x", "w", "b", "r"), broadcast=("r",) if res else (),
+                   ops={"relu": ["gelu", "silu", "sigmoid", "tanh"]} if act else None)
+
+
+def _linear_patterns() -> list[Pattern]:
+    forms = ("addmm_3d", "mm_3d", "addmm_2d", "mm_2d")
+    return [*(_linear(f, act, res) for act, res in ((True, True), (True, False),
+                                                    (False, True)) for f in forms),
+            _linear("addmm_3d", False, False), _linear("addmm_2d", False, False)]
