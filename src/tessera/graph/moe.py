@@ -8,8 +8,9 @@ per expert. Here such a block never reaches dynamo as a loop:
 
 1. Classes whose `forward` looks like an MoE block (it reads `self.experts`, or it calls
    `topk` and routes with `where`/`nonzero`/`one_hot`/`index_add_`) get a dispatching
-   `forward` (`install`). Classes are scanned when the tessera backend is first looked up,
-   at the start of every dynamo compile and at every tessera compile.
+   `forward`: every nn.Module subclass when this module is imported (with the tessera
+   backend), and from then on the class of every module built (a global module
+   registration hook: an MoE block registers its router and experts in __init__).
 2. The dispatcher calls the class's own forward, except while dynamo traces for the tessera
    backend (never in eager, never for other backends). There it asks `plan` for a plan of
    this instance, which dynamo evaluates at trace time (`assume_constant_result`).
@@ -21,9 +22,10 @@ per expert. Here such a block never reaches dynamo as a loop:
    logits if returned, no buffer changed). Hyper-parameters structure cannot show
    (renormalization, which Linear is the gate, whether the shared expert is gated) are
    chosen by that check. No plan: the original forward runs (and graph-breaks as before).
-4. With a plan, dynamo traces `forward`: router logits, one `torch.ops.tessera.fused_moe`
-   call, the shared expert — no loop, no data-dependent shape. Expert weights stacked from
-   per-expert Linears are folded into constants at compile time (`fold_expert_weights`).
+4. With a plan, dynamo traces `fused_forward`: router logits, one
+   `torch.ops.tessera.fused_moe` call, the shared expert — no loop, no data-dependent
+   shape. Expert weights stacked from per-expert Linears are folded into constants at
+   compile time (`fold_expert_weights`).
 
 Options: `torch.compile(m, backend="tessera", options={"moe": False})` keeps blocks as
 written.
