@@ -102,23 +102,7 @@ def _trace(fn: Callable[..., Any], args: Sequence[Any], what: str) -> Graph:
     if len(g.outputs) != 1:
         raise PatternError(f"{what} returns {len(g.outputs)} tensors; a pattern and its "
                            "replacement return one")
-    _own_ops(g)
     return g
-
-
-def _own_ops(g: Graph) -> None:
-    """Calls of `torch.ops.tessera.<op>` (torch fallbacks to the frontend) become nodes of
-    the registry op: replacements name Tessera's ops that way."""
-    from tessera.graph.frontend import _bind
-    from tessera.ops import registry
-
-    for n in g.nodes:
-        fn = n.fn
-        if n.kind == "torch" and isinstance(fn, torch._ops.OpOverload) and \
-                fn.namespace == "tessera":
-            d = registry.get(fn._schema.name.split("::", 1)[1])
-            n.op, n.fn = d.name, None
-            n.args = _bind(fn, n.args["args"], n.args["kwargs"])
 
 
 def _simplify(g: Graph) -> None:
