@@ -9,15 +9,21 @@ import weakref
 from typing import Any
 
 from tessera.errors import TesseraError
-from tessera.graph import passes
+from tessera.graph import passes, quantize
 from tessera.graph.executable import Executable
 from tessera.graph.ir import Graph
+from tessera.graph.serialize import from_data, to_data
 
 __all__ = ["OPTIONS", "compile_graph", "compiled"]
 
 OPTIONS = {"executor": "native or python (default: $TESSERA_EXECUTOR, else native)",
            "fusion": "True (default) or False: pointwise and row-op chains as generated "
                      "kernels",
+           "quantize": "None (default), 'int8' or 'int4': weight-only quantized linear "
+                       "layers and MoE experts, with the accuracy change against float "
+                       "reported on the first call (Executable.quantization)",
+           "moe": "True (default) or False: MoE blocks traced as one fused_moe op "
+                  "(tessera.graph.moe)",
            "patterns": "True (default) or False: the pattern rewrites (attention, norms, "
                        "GEMM epilogues, SwiGLU; tessera.graph.rewrites) and the user's "
                        "(@tessera.graph.pattern)"}
@@ -37,8 +43,15 @@ def compile_graph(graph: Graph, options: dict[str, Any] | None = None) -> Execut
     for flag in ("fusion", "patterns"):
         if not isinstance(options.get(flag, True), bool):
             raise TesseraError(f"{flag}={options[flag]!r}; it is True or False")
+    if options.get("quantize") not in (None, *quantize.BITS):
+        raise TesseraError(f"quantize={options['quantize']!r}; it is None, "
+                           f"{' or '.join(map(repr, quantize.BITS))}")
+    reference = None
+    if options.get("quantize") is not None:
+        float_options = {k: v for k, v in options.items() if k != "quantize"}
+        reference = compile_graph(from_data(to_data(graph)), float_options)
     graph = passes.run(graph, options)
-    ex = Executable(graph, native=executor == "native")
+    ex = Executable(graph, native=executor == "native", reference=reference)
     _COMPILED.append(weakref.ref(ex))
     return ex
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import logging
 import math
 import struct
 import threading
@@ -400,9 +401,12 @@ class Executable:
     # KV cache's) run on the interpreter, which costs about eager's time; recording costs two
     MAX_PLANS = 64  # per executable, least recently used dropped first
 
-    def __init__(self, graph: Graph, native: bool = True) -> None:
+    def __init__(self, graph: Graph, native: bool = True,
+                 reference: Executable | None = None) -> None:
         self.graph = graph
         self.native = native
+        self.reference = reference  # the float graph of a quantized one, until compared
+        self.quantization: dict[str, float] | None = None
         self.plan_steps = [(n, node_function(n)) for n in graph.nodes]
         self.plans: collections.OrderedDict[tuple[Any, ...], _Plan | None] = \
             collections.OrderedDict()
@@ -410,6 +414,8 @@ class Executable:
         self.recordings = 0  # input signatures recorded
 
     def __call__(self, *inputs: Any) -> tuple[Any, ...]:
+        if self.reference is not None:
+            return self._compare(inputs)
         key = signature(inputs) if self.native else None
         plan = self.plans.get(key, False) if key is not None else None
         if plan:
@@ -422,6 +428,25 @@ class Executable:
                 return self._record(inputs, key)
         check_inputs(self.graph, list(inputs))
         return tuple(interpret(self.graph, list(inputs), self.plan_steps))
+
+    def _compare(self, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The first call of a quantized graph: its outputs against the float graph's,
+        reported in `quantization` and logged."""
+        reference, self.reference = self.reference, None
+        want, got = reference(*inputs), self(*inputs)
+        pairs = [(w.double().flatten(), g.double().flatten())
+                 for w, g in zip(want, got, strict=True)
+                 if isinstance(w, torch.Tensor) and w.is_floating_point() and w.numel()]
+        if pairs:
+            w, g = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+            self.quantization = {
+                "max_abs_error": float((w - g).abs().max()),
+                "rel_error": float((w - g).norm() / w.norm().clamp_min(1e-30)),
+                "cosine": float(torch.nn.functional.cosine_similarity(w, g, dim=0))}
+            logging.getLogger("tessera.graph").info(
+                "quantized graph against float: %s", ", ".join(
+                    f"{k} {v:.3g}" for k, v in self.quantization.items()))
+        return got
 
     def _record(self, inputs: tuple[Any, ...], key: tuple[Any, ...]) -> tuple[Any, ...]:
         check_inputs(self.graph, list(inputs))

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from tessera.graph import fusion, rewrites
+from tessera.graph import fusion, moe, quantize, rewrites
 from tessera.graph.ir import Graph, Node, Value
 
 __all__ = ["cse", "dce", "run"]
@@ -74,8 +74,12 @@ def run(g: Graph, options: dict[str, Any] | None = None) -> Graph:
     """The default pipeline, in place; the graph is verified after it. `options`: the
     compiler's (`fusion`: False leaves pointwise and row ops unfused; `patterns`: False
     skips the pattern rewrites)."""
+    moe.fold_expert_weights(g)
     while cse(g) | dce(g):
         pass
+    if (options or {}).get("quantize") is not None:
+        quantize.quantize(g, options["quantize"])
+        dce(g)  # the float weights' transposes
     if (options or {}).get("patterns", True):
         rewrites.run(g)  # attention, norms, GEMM epilogues (rewrites.py) and the user's
         dce(g)

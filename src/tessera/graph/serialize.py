@@ -26,9 +26,14 @@ def _callable_name(fn: Any) -> str:
     module = getattr(fn, "__module__", None) or ""
     if module == "_operator":
         module = "operator"
-    if module.split(".")[0] not in _MODULES:
-        raise GraphError(f"cannot save a graph that calls {fn!r} (from module {module!r})")
-    return f"{module}.{fn.__qualname__}"
+    if module.split(".")[0] in _MODULES:
+        for name in (f"{module}.{fn.__name__}", f"{module}.{fn.__qualname__}"):
+            try:
+                if _resolve(name) is fn:  # e.g. torch.reshape, whose qualname is private
+                    return name
+            except (GraphError, AttributeError):
+                continue
+    raise GraphError(f"cannot save a graph that calls {fn!r} (from module {module!r})")
 
 
 def _resolve(name: str) -> Any:

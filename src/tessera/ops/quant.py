@@ -17,10 +17,11 @@ import torch
 from tessera.errors import ShapeError
 from tessera.ops._launch import ArgumentError, check_tensor
 from tessera.ops.registry import op
-from tessera.templates.gemm import GROUP_SIZES, QuantizedMatrix
+from tessera.templates.gemm import GROUP_SIZES, QuantizedMatrix, gemm
 from tessera.templates.gemm import quantize as _template_quantize
 
-__all__ = ["dequantize", "dequantize_reference", "quantize", "quantized_matrix"]
+__all__ = ["dequantize", "dequantize_reference", "quantize", "quantized_linear",
+           "quantized_matrix"]
 
 _BITS = {torch.int8: 8, torch.uint8: 4}
 _BLOCK = 32  # int4 rows per 16-byte block
@@ -139,3 +140,34 @@ def dequantize(data: torch.Tensor, scales: torch.Tensor, k: int) -> torch.Tensor
     q = quantized_matrix(data, scales, k, "dequantize", "data", "scales")
     return torch.from_numpy(q.dequantize())
 
+
+
+def _quantized_linear_reference(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor,
+                                bias: torch.Tensor | None = None) -> torch.Tensor:
+    w = dequantize_reference(data, scales, x.shape[-1])
+    out = x.float() @ w + (bias.float() if bias is not None else 0.0)
+    return out.to(x.dtype)
+
+
+@op("quantized_linear(Tensor x, Tensor data, Tensor scales, Tensor? bias=None) -> Tensor",
+    kind="contraction", reference=_quantized_linear_reference,
+    meta=lambda x, data, scales, bias=None: x.new_empty((*x.shape[:-1], data.shape[-2])))
+def quantized_linear(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W + bias with W [K, N] weight-only quantized ((data, scales) from
+    `quantize`): the int8/int4 GEMM template, dequantizing in the kernel."""
+    check_tensor(x, "quantized_linear", "x")
+    if data.dim() != 2:
+        raise ShapeError(f"quantized_linear: data must be [N, Kp] (one matrix), got shape "
+                         f"{tuple(data.shape)}")
+    k = x.shape[-1]
+    q = quantized_matrix(data, scales, k, "quantized_linear", "data", "scales")
+    n = q.shape[-1]
+    if bias is not None:
+        check_tensor(bias, "quantized_linear", "bias")
+        if tuple(bias.shape) != (n,):
+            raise ShapeError(f"quantized_linear: bias has shape {tuple(bias.shape)}; it must "
+                             f"be ({n},)")
+    rows = x.reshape(-1, k)
+    out = gemm(rows, q, bias=bias) if rows.shape[0] else x.new_empty((0, n))
+    return out.reshape(*x.shape[:-1], n)
