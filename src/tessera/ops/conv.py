@@ -31,6 +31,7 @@ from tessera.ops.matmul import EPILOGUES, _floats, _same, broadcasts, gemm_entry
 from tessera.ops.pointwise import UNARY, _aten
 from tessera.ops.registry import op
 from tessera.ops.shape import empty
+from tessera.runtime.cpu import launch as cpu_launch
 from tessera.templates.gemm import ACTIVATIONS, pack
 from tessera.templates.gemm.sgemm import launch as launch_gemm
 
@@ -273,8 +274,10 @@ def _conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     images = n if last else 1
     ro, co = _tables((images, ho, wo, cg, (kh, kw), s, d, xp.stride()))
     wt = weight.contiguous()
-    # the weights are packed once per call when several products share them
-    packed = _pack(wt, groups, og, k) if not last and n > 1 else None
+    # the weights are packed once per call when several products share them; not while
+    # the graph compiler records launches: packing is host work a replay would not redo
+    packed = _pack(wt, groups, og, k) if not last and n > 1 and \
+        cpu_launch._recorder is None else None
     entry = gemm_entry(x.dtype, torch.float32 if packed is not None else x.dtype, x.dtype,
                        packed=packed is not None, bias=bias is not None,
                        activation=activation, residual=residual is not None)
