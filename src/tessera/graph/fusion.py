@@ -49,7 +49,7 @@ MAX_ROW = 4096  # longest last dim a group with row ops handles (one tile per ro
 # A program is a tuple of steps; each appends one value to `vals` (after the inputs' tiles).
 # An operand reference is ("v", index into vals) or ("c", number, its dtype: a weak scalar).
 #   ("pw", tile_fn, refs, cts, scalars, OUT)    a pointwise op: refs cast to cts
-#   ("reduce", FN, ref, CT, OUT)                sum/mean/max/min over the row, kept as [BM, 1]
+#   ("reduce", FN, ref, CT, IDENTITY, OUT)      sum/mean/max/min over the row, kept as [BM, 1]
 #   ("softmax", LOG, ref, OUT)
 #   ("norm", RMS, ref, weight ref | None, bias ref | None, eps, OUT)
 
@@ -82,10 +82,10 @@ def _row(vals, step, R: tl.constexpr, BN: tl.constexpr):
     """A row op over tiles [BM, BN] whose rows hold R valid columns."""
     cols = tl.arange(0, BN)[None, :]
     if step[0] == "reduce":
-        fn, ct = step[1], step[3]
-        t = _operand(vals, step[2], ct)
-        if BN != R:
-            t = tl.where(cols < R, t, reduce._fill(fn, ct))
+        fn = step[1]
+        t = _operand(vals, step[2], step[3])
+        if BN != R:  # (the identity as a number: a tl.full here could be declared after
+            t = tl.where(cols < R, t, step[4])  # the loop that reads it, lang bug)
         r = reduce._finish(t, 1, fn)[:, None]
         if fn == "mean":
             r = r / R
@@ -342,8 +342,11 @@ def _pointwise_member(n: Node) -> _Member | None:
         fn = "gelu" if approximate == "none" else "gelu_tanh"
     elif name == "clamp":
         lo, hi = a.get("min"), a.get("max")
-        if (lo is None and hi is None) or out == torch.bool or any(
-                _scalar_dtype(b) is None for b in (lo, hi) if b is not None):
+        bounds = [b for b in (lo, hi) if b is not None]
+        if not bounds or out == torch.bool or any(_scalar_dtype(b) is None for b in bounds):
+            return None
+        if not out.is_floating_point and any(  # (torch wraps such a bound, eager does not)
+                not torch.iinfo(out).min <= b <= torch.iinfo(out).max for b in bounds):
             return None
         kind = float if out.is_floating_point else int
         scalars = (kind(lo) if lo is not None else kind(0), kind(hi) if hi is not None
@@ -388,6 +391,14 @@ def _last_dim(dim: Any, ndim: int) -> bool:
     return len(ds) == 1 and isinstance(ds[0], int) and ds[0] in (-1, ndim - 1)
 
 
+def _identity(fn: str, ct: Any) -> float | int:
+    """What masked columns hold for reduction `fn` computed in `ct`."""
+    if fn in ("sum", "mean"):
+        return 0
+    big = math.inf if ct == tl.float32 else 2**63 - 1 if ct == tl.int64 else 2**31 - 1
+    return big if fn == "min" else -big - (0 if ct == tl.float32 else 1)
+
+
 def _row_member(n: Node) -> _Member | None:
     """The step of a row op over the last dim of its input, or None."""
     a, out = n.args, n.outputs[0].dtype
@@ -404,8 +415,8 @@ def _row_member(n: Node) -> _Member | None:
         keep = bool(a.get("keepdim", False))
         acc = tl.float32 if fn == "mean" else reduce._accumulator(
             out if fn == "sum" else x.dtype)
-        return _Member(n, (x,), lambda ref: ("reduce", fn, ref(x), acc, ldtype(out)), x,
-                       keep)
+        return _Member(n, (x,), lambda ref: ("reduce", fn, ref(x), acc, _identity(fn, acc),
+                                             ldtype(out)), x, keep)
     if x.dtype not in FLOATS:
         return None
     if n.op in ("softmax", "log_softmax"):
@@ -541,8 +552,8 @@ class _Grouper:
                 continue
             for v in n.inputs():
                 other = self.group.get(v.producer) if v.producer is not None else None
-                if other is None or other is current:
-                    continue
+                if other is None or other.members[0] in current.members:
+                    continue  # not fusable, or merged already
                 merged = self.check([*current.members, *other.members])
                 if merged is not None and not self.cyclic(merged.members):
                     current = merged
