@@ -160,3 +160,34 @@ def test_dynamic_shapes_compile_once_and_record_repeated_signatures() -> None:
     (ex,) = [e for e in compiled() if id(e) not in before]
     assert any(v.symbolic for v in ex.graph.inputs)
     assert ex.recordings == 1 and len(ex.plans) == 1
+
+
+def _scratch_outside_torch(x: torch.Tensor) -> torch.Tensor:
+    """Zeroes a numpy scratch buffer through the launcher: memory a replay would find
+    freed, so no plan may point into it."""
+    import numpy as np
+
+    from tessera.graph.replay import builtins
+    from tessera.runtime.cpu.launch import launcher
+    scratch = np.ones(1024, np.float32)
+    launcher()(builtins()["memset"], 1, 1, 1, scratch.ctypes.data, scratch.nbytes)
+    assert not scratch.any()
+    return x
+
+
+def test_a_launch_into_memory_outside_torch_is_never_replayed() -> None:
+    from tessera.graph.ir import Graph, Node
+    g = Graph()
+    x = g.value("x", torch.float32, (4,), "input")
+    y = g.value("y", torch.float32, (4,))
+    g.add(Node("torch:scratch", {"args": [x], "kwargs": {}}, [y], _scratch_outside_torch))
+    z = g.value("z", torch.float32, (4,))
+    g.add(Node("exp", {"x": y}, [z]))
+    g.outputs = [z]
+    ex = compile_graph(g)
+    t = torch.randn(4)
+    with pytest.warns(UserWarning, match="no buffer the plan knows"):
+        for _ in range(3):
+            torch.testing.assert_close(ex(t)[0], t.exp())
+    assert list(ex.plans.values()) == [None]
+    torch.testing.assert_close(ex(t)[0], t.exp())  # on the interpreter from then on

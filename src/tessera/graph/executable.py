@@ -37,8 +37,14 @@ from tessera.graph.ir import Graph, Node, Value
 from tessera.graph.record import Alloc, Recorder
 from tessera.graph.replay import native
 from tessera.ops import _fastpath, registry
+from tessera.runtime.cpu import launch as cpu_launch
 
 __all__ = ["Executable", "PlanError"]
+
+
+# Slot values in this range are taken for addresses (user space above 4 GiB): sizes and
+# strides never get there, and an address below it is refused nowhere worse than here.
+_POINTER_LO, _POINTER_HI = 1 << 32, 1 << 47
 
 
 class PlanError(TesseraError):
@@ -100,6 +106,12 @@ class _Plan:
                 exts[v] = len(exts)
                 ranges.add(t.data_ptr(), t.data_ptr() + _extent(t), ("ext", v))
         constants = {v.data.untyped_storage().data_ptr() for v in graph.constants}
+        lasting = _Ranges()  # memory that outlives the plan: constants, lifted tensors
+        for t in [*(v.data for v in graph.constants), *rec.kept]:
+            start = t.untyped_storage().data_ptr()
+            lasting.add(start, start + t.untyped_storage().nbytes(), None)
+        for start, nbytes in cpu_launch.lasting_buffers():
+            lasting.add(start, start + nbytes, None)
         status_words: dict[int, int] = {}
 
         # every event (a launch, or a node run in Python) gets a position; allocs a lifetime
@@ -120,6 +132,7 @@ class _Plan:
                 if not self.steps or self.steps[-1].node is not None:
                     self.steps.append(_Step(first=len(launches), last=len(launches)))
                 seg = self.steps[-1]
+                own_words = {a for a, _ in r.checks if ranges.find(a) is None}
                 for lc in r.launches:
                     slots, relocs = [], []
                     for s, value in enumerate(lc.slots):
@@ -128,6 +141,12 @@ class _Plan:
                             continue
                         hit = ranges.find(value)
                         if hit is None:
+                            if _POINTER_LO <= value < _POINTER_HI and value not in own_words \
+                                    and lasting.find(value) is None:
+                                raise PlanError(
+                                    f"node {node!r} gave a kernel an address ({value:#x}) in "
+                                    "no buffer the plan knows: memory the op allocated "
+                                    "outside torch, which a replay could find freed")
                             continue
                         (kind, what), start = hit
                         if kind == "alloc":
@@ -373,6 +392,7 @@ class _Ranges:
 
     def __init__(self) -> None:
         self.items: list[tuple[int, int, Any]] = []
+        self.starts: list[int] = []
         self.sorted = True
 
     def add(self, start: int, end: int, what: Any) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from tessera.runtime.toolchain import compile_extension
 
-__all__ = ["Recorder", "check", "launcher", "set_recorder"]
+__all__ = ["Recorder", "check", "lasting", "lasting_buffers", "launcher", "set_recorder"]
 
 
 class Recorder(Protocol):
@@ -25,6 +25,7 @@ class Recorder(Protocol):
 
 
 _recorder: Recorder | None = None
+_LASTING: dict[int, int] = {}  # address -> bytes of buffers kernels use for the process
 
 
 @cache
@@ -50,3 +51,13 @@ def check(address: int, error: Callable[[], Exception]) -> None:
         _recorder.checked(address, error)
     if ctypes.c_int64.from_address(address).value:
         raise error()
+
+
+def lasting(address: int, nbytes: int) -> None:
+    """Declare a buffer that kernels are given and that lives as long as the process (a
+    table, a cache of packed weights): a recorded launch may keep pointing into it."""
+    _LASTING[address] = nbytes
+
+
+def lasting_buffers() -> list[tuple[int, int]]:
+    return list(_LASTING.items())
