@@ -160,12 +160,15 @@ def plan(block: torch.nn.Module, original: Callable[..., Any], ndim: int,
          dtype: torch.dtype) -> Plan | None:
     """The verified plan of `block` for inputs of this rank and dtype, or None. Runs at
     trace time (dynamo bakes the result in); None unless dynamo traces for the tessera
-    backend with the "moe" option on."""
+    backend with the "moe" option on, and None where autograd would need fused_moe's
+    gradient (it has none: inference only)."""
     options = _tessera_options()
     if options is None or not options.get("moe", True):
         return None
+    if torch.is_grad_enabled() and any(p.requires_grad for p in block.parameters()):
+        return None
     cache = _PLANS.setdefault(block, {})
-    key = (original, ndim, dtype)
+    key = (original, ndim, dtype, tuple(map(id, block.modules())))  # children replaced: anew
     if key not in cache:
         cache[key] = _verified(block, original, ndim, dtype)
     return cache[key]
@@ -178,8 +181,10 @@ def _tessera_options() -> dict[str, Any] | None:
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
     from tessera.graph.backend import tessera
-    tx = InstructionTranslator.current_tx()
-    fn = getattr(getattr(tx, "output", None), "compiler_fn", None)
+    try:
+        fn = InstructionTranslator.current_tx().output.compiler_fn
+    except AttributeError:  # not under dynamo (torch.export's non-strict tracing)
+        return None
     options: dict[str, Any] = {}
     for _ in range(8):
         if fn is tessera:
@@ -203,13 +208,13 @@ def candidates(block: torch.nn.Module) -> list[Plan]:
     e, h = layouts[0][0], layouts[0][1]
     routers = [(name, isinstance(m, torch.nn.Linear)) for name, m in block.named_children()
                if name != "experts" and _is_router(m, e, h)]
-    tops = sorted({k for m in (block, *(getattr(block, r) for r, _ in routers))
+    owners = (block, getattr(block, "config", None), *(getattr(block, r) for r, _ in routers))
+    tops = sorted({k for m in owners
                    for k in (getattr(m, n, None) for n in _TOP_K_NAMES)
                    if isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= e})
-    norm = getattr(block, "norm_topk_prob", None)
-    norm = norm if isinstance(norm, bool) else getattr(
-        getattr(block, routers[0][0], None) if routers else None, "norm_topk_prob", None)
-    renorms = [norm] if isinstance(norm, bool) else [True, False]
+    hint = next((v for m in owners if isinstance(v := getattr(m, "norm_topk_prob", None),
+                                                 bool)), True)
+    renorms = [hint, not hint]  # the probe decides; the block's own flag is tried first
     shared = next((n for n in _SHARED_NAMES if isinstance(getattr(block, n, None),
                                                           torch.nn.Module)), None)
     gate = getattr(block, f"{shared}_gate", None) if shared else None
