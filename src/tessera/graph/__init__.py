@@ -7,5 +7,6 @@ from __future__ import annotations
 from tessera.graph.backend import tessera as backend
 from tessera.graph.compiler import compiled
 from tessera.graph.ir import Graph, GraphError, Node, Value
+from tessera.graph.patterns import pattern
 
-__all__ = ["Graph", "GraphError", "Node", "Value", "backend", "compiled"]
+__all__ = ["Graph", "GraphError", "Node", "Value", "backend", "compiled", "pattern"]

@@ -365,7 +365,11 @@ class Pattern:
 
 
 def _parameters(fn: Callable[..., Any], count: int, name: str) -> list[str]:
-    params = list(inspect.signature(fn).parameters.values())
+    """The names of fn's parameters (arg0, arg1, ... for a builtin without a signature)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except ValueError:
+        return [f"arg{i}" for i in range(count)]
     if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params):
         raise PatternError(f"pattern {name}: its parameters must be plain positional ones")
     if len(params) != count:
@@ -586,8 +590,10 @@ class _Matcher:
 
     def _arguments(self, pn: Node, tn: Node) -> Iterator[list[tuple[Any, Any]]]:
         """The (pattern, graph) argument pairs to match, one list per way to pair them."""
-        if pn.op in _SIZED_VIEWS or pn in self.t.alternatives:
-            # sizes follow from the output shape (checked); alternatives: tensors only
+        if pn.op in _SIZED_VIEWS:  # the sizes follow from the output shape (checked)
+            yield [(pn.args["args"][0], tn.args["args"][0])]
+            return
+        if pn in self.t.alternatives:  # tensors only
             pi, ti = list(pn.inputs()), list(tn.inputs())
             if len(pi) == len(ti):
                 yield list(zip(pi, ti, strict=True))
