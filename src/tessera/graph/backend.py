@@ -70,11 +70,40 @@ def decompositions() -> dict[Any, Callable[..., Any]]:
     """aten ops rewritten into ones the registry has, before lowering."""
     from torch._decomp import get_decompositions
     aten = torch.ops.aten
-    return get_decompositions([
+    table = get_decompositions([
         aten.linear, aten.silu_, aten.gelu_, aten.relu_, aten.addcmul, aten.addcdiv,
         aten.native_dropout, aten.dropout, aten.hardtanh, aten.leaky_relu, aten.elu,
         aten.hardswish, aten.hardsigmoid, aten.mish, aten.softplus, aten.logsumexp,
         aten.std, aten.var_mean, aten.rsub, aten.squeeze, aten.new_zeros, aten.new_ones,
         aten.zeros_like, aten.ones_like, aten.full_like, aten.masked_fill, aten.lerp,
-        aten.native_layer_norm_backward, aten.tril, aten.triu,
+        aten.native_layer_norm_backward, aten.tril, aten.triu, aten.stack,
     ])
+    table[aten.pow.Tensor_Scalar] = _pow_scalar
+    table[aten._to_copy.default] = _to_bool
+    return table
+
+
+def _to_bool(x: torch.Tensor, **kwargs: Any) -> Any:
+    """x.to(torch.bool) is x != 0 (an attention mask's int -> bool); other casts stay."""
+    if kwargs.pop("dtype", None) is not torch.bool or x.dtype == torch.bool or \
+            any(v not in (None, False, x.device, x.layout, torch.preserve_format)
+                for v in kwargs.values()):
+        return NotImplemented
+    return torch.ops.aten.ne.Scalar(x, 0)
+
+
+def _pow_scalar(x: torch.Tensor, exponent: Any) -> Any:
+    """x ** exponent for the exponents models write (RMSNorm's x.pow(2), GELU-tanh's
+    x ** 3, 1/sqrt): products and roots, as exact as torch's; other powers stay."""
+    aten = torch.ops.aten
+    if not x.is_floating_point() or isinstance(exponent, bool):
+        return NotImplemented
+    if exponent == 2:
+        return aten.mul.Tensor(x, x)
+    if exponent == 3:
+        return aten.mul.Tensor(aten.mul.Tensor(x, x), x)
+    if exponent == 0.5:
+        return aten.sqrt.default(x)
+    if exponent == -0.5:
+        return aten.rsqrt.default(x)
+    return NotImplemented

@@ -36,7 +36,29 @@ _IGNORABLE: dict[str, Callable[[Any], bool]] = {
     "scale_grad_by_freq": lambda v: True, "sparse": lambda v: v is False,
     "memory_format": lambda v: v in (None, torch.contiguous_format, torch.preserve_format),
     "half_to_float": lambda v: v is False, "dtype": lambda v: v is None,
-    "dropout_p": lambda v: v == 0.0,
+    "dropout_p": lambda v: v == 0.0, "sparse_grad": lambda v: v is False,
+    "transposed": lambda v: v is False, "output_padding": lambda v: not any(v),
+}
+
+
+def _bools(*names: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda b: all(isinstance(b[n], Value) and b[n].dtype == torch.bool for n in names)
+
+
+# aten overloads an op computes though its `implements` does not list them (what
+# AOTAutograd's graphs hold), when the condition on aten's bound arguments holds
+_ALSO: dict[Any, tuple[str, Callable[[dict[str, Any]], bool]]] = {
+    aten.convolution.default: ("conv2d", lambda b: len(b["stride"]) == 2
+                               and isinstance(b["input"], Value) and len(b["input"].shape) == 4),
+    aten.max_pool2d_with_indices.default: ("max_pool2d", lambda b: True),
+    aten.bitwise_and.Tensor: ("logical_and", _bools("self", "other")),
+    aten.bitwise_or.Tensor: ("logical_or", _bools("self", "other")),
+    aten.bitwise_xor.Tensor: ("logical_xor", _bools("self", "other")),
+}
+# the op's arguments an aten overload implies without spelling them: aten's CPU flash
+# attention takes grouped-query keys and values as they are
+_IMPLIED: dict[Any, dict[str, Any]] = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default: {"enable_gqa": True},
 }
 # view and metadata ops: no data moves, no kernel runs (reshape may copy: torch does it)
 VIEWS = {aten.view.default: torch.reshape, aten._unsafe_view.default: torch.reshape,
@@ -60,6 +82,8 @@ def lowering() -> dict[Any, registry.OpDef]:
     for d in registry.definitions():
         for target in (*d.implements, getattr(torch.ops.tessera, d.name).default):
             table.setdefault(target, d)
+    for target, (name, _) in _ALSO.items():
+        table.setdefault(target, registry.get(name))
     return table
 
 
@@ -80,8 +104,11 @@ def map_arguments(d: registry.OpDef, target: Any, args: Sequence[Any],
                   kwargs: dict[str, Any]) -> dict[str, Any] | None:
     """The op's arguments for this aten call, or None if the op cannot compute it."""
     bound = _bind(target, args, kwargs)
+    also = _ALSO.get(target)
+    if also is not None and not also[1](bound):
+        return None
     names = {a.name for a in d.args}
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = dict(_IMPLIED.get(target, {}))
     for name, v in bound.items():
         dest = name if name in names else next(
             (n for n in _ALIASES.get(name, ()) if n in names and n not in out), None)
