@@ -1,83 +1,122 @@
-"""Tessera demo: a fused operator written once in Python, compiled to C for this CPU,
-checked against PyTorch and timed beside it.
+"""Tessera demo: hand PyTorch models to `torch.compile(model, backend="tessera")`, check them
+against eager, and time them beside eager PyTorch and TorchInductor in one process.
 
-    make demo        (or: .venv/bin/python examples/demo.py)
+    make demo        (or: .venv/bin/python examples/demo.py [--size tiny|small])
 
-Grows with the project; today it shows the runtime and the kernel language.
+Models (random weights, built in code): an MoE decoder LM written the way Mixtral and
+Qwen-MoE are (a Python loop over experts with data-dependent routing) and a BERT encoder
+with a padding mask.
 """
 
 from __future__ import annotations
 
-import statistics
+import argparse
 import time
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
-from rich.syntax import Syntax
+from rich.table import Table
 
 import tessera
-import tessera.lang as tl
-from tessera.kernels import flash_attention
+from tessera.bench.runner import Case, run_case
+from tessera.bench.zoo import build
+from tessera.graph import compiled
 
-console = Console()
-
-
-@tl.kernel
-def bias_gelu(x, bias, out, BM: tl.constexpr, BN: tl.constexpr):
-    """out = gelu(x + bias): one pass over memory, no intermediate tensor."""
-    i = tl.program_id(0) * BM
-    j = tl.program_id(1) * BN
-    out[i:i + BM, j:j + BN] = tl.gelu(x[i:i + BM, j:j + BN] + bias[j:j + BN][None, :])
+console = Console(width=150)
+NOTES: list[str] = []  # what the compilers warned about, printed under the table
 
 
-def _median_ms(fn: Callable[[], object], repeat: int = 15) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def _leaves(x: Any) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]
+
+
+def _max_error(got: Any, want: Any) -> float:
+    return max(float((g.float() - w.float()).abs().max()) for g, w in
+               zip(_leaves(got), _leaves(want), strict=True))
+
+
+def _compile(model: torch.nn.Module, backend: str, args: tuple[Any, ...],
+             options: dict[str, Any] | None = None) -> tuple[Callable[..., Any], float]:
+    """The compiled model and its cold compile time (the first three calls: Tessera
+    interprets the first, records the second, replays from the third)."""
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend=backend, options=options)
+    start = time.perf_counter()
+    with console.status(f"compiling {type(model).__name__} with {backend}..."), \
+            torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            fn(*args)
+    NOTES.extend(f"{type(model).__name__} ({backend}): {w.message}" for w in caught
+                 if "tessera" in str(w.message) and str(w.message) not in NOTES)
+    return fn, time.perf_counter() - start
+
+
+def _memory(before: set[int]) -> tuple[int, int]:
+    """(arena bytes, sum of the intermediates it holds) over the graphs compiled since."""
+    arena = total = 0
+    for ex in compiled():
+        if id(ex) in before:
+            continue
+        for plan in ex.plans.values():
+            if plan is not None:
+                arena += plan.memory.arena_bytes
+                total += plan.memory.total_bytes
+    return arena, total
+
+
+def demo(name: str, size: str, batch: int, seq: int, table: Table,
+         options: dict[str, Any] | None = None, label: str = "") -> None:
+    zoo = build(name, size)
+    args = zoo.inputs(batch, seq)
+    model = zoo.model
+    with torch.no_grad():
+        want = model(*args)
+    before = {id(e) for e in compiled()}
+    ours, ours_s = _compile(model, "tessera", args, options)
+    arena, total = _memory(before)
+    inductor, inductor_s = _compile(model, "inductor", args)
+    with torch.no_grad():
+        err = _max_error(ours(*args), want)
+        if err > (5e-2 if options else 2e-3) * max(1.0, max(float(w.abs().max())
+                                                           for w in _leaves(want))):
+            raise AssertionError(f"{name}: tessera's output differs from eager by {err:.3g}")
+        rows = run_case("demo", Case(name, {"tessera": lambda: ours(*args),
+                                            "torch_eager": lambda: model(*args),
+                                            "torch_inductor": lambda: inductor(*args)}),
+                        rounds=9, min_sample_s=0.02)
+    t = {r["impl"]: r["median_s"] for r in rows}
+    table.add_row(f"{name}{label} {batch}x{seq}", f"{err:.1e}",
+                  f"{t['tessera'] * 1e3:.2f} ms",
+                  f"{t['torch_eager'] / t['tessera']:.2f}x",
+                  f"{t['torch_inductor'] / t['tessera']:.2f}x",
+                  f"{ours_s:.1f} s / {inductor_s:.1f} s",
+                  f"{arena / 2**20:.2f} / {total / 2**20:.2f} MiB")
 
 
 def main() -> None:
-    props = tessera.device("cpu").properties()
-    console.rule("[bold]1. the device")
-    console.print(f"{props['model']}: {props['cores']} cores, ISA {' '.join(props['isa'])}; "
-                  f"measured {props['peak_gflops_fp32']:.0f} GFLOPS fp32, "
-                  f"{props['copy_bandwidth_gbs']:.1f} GB/s copy")
-
-    console.rule("[bold]2. a fused kernel in Python, compiled to C")
-    m, n = 4096, 4096
-    x, bias, out = torch.randn(m, n), torch.randn(n), torch.empty(m, n)
-    grid = (tl.cdiv(m, 8), tl.cdiv(n, 512))
-    t0 = time.perf_counter()
-    bias_gelu[grid](x, bias, out, BM=8, BN=512)
-    console.print(f"first launch (trace, generate C, compile or load from cache): "
-                  f"{1e3 * (time.perf_counter() - t0):.0f} ms")
-    source = bias_gelu.source(x, bias, out, BM=8, BN=512)
-    body = source[source.index("static void tsr_run"):source.index("/* Launch ABI")]
-    console.print(Syntax("\n".join(body.splitlines()[:16]) + "\n    ...", "c"))
-
-    console.rule("[bold]3. checked against PyTorch, timed beside it")
-    want = F.gelu(x + bias)
-    err = (out - want).abs().max().item()
-    ours = _median_ms(lambda: bias_gelu[grid](x, bias, out, BM=8, BN=512))
-    theirs = _median_ms(lambda: F.gelu(x + bias))
-    console.print(f"bias+GELU {m}x{n}: max |error| vs torch {err:.1e}; tessera {ours:.2f} ms, "
-                  f"torch eager {theirs:.2f} ms ({theirs / ours:.2f}x)")
-
-    q, k, v = (torch.randn(1, 8, 512, 64) for _ in range(3))
-    got = flash_attention(q, k, v, causal=True)
-    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    err_attn = (got - want).abs().max().item()
-    console.print(f"FlashAttention (causal, 8 heads, 512 tokens, 25 lines of tl): "
-                  f"max |error| vs torch SDPA {err_attn:.1e}")
-    console.print("tables from interleaved runs: [bold]tessera bench lang[/bold]")
-    if err > 1e-5 or err_attn > 1e-4:
-        raise SystemExit("results differ from torch")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="small", choices=["tiny", "small"])
+    args = parser.parse_args()
+    console.rule("[bold]Tessera: torch.compile(model, backend=\"tessera\")")
+    info = tessera.device("cpu")
+    console.print(f"{info}\n")
+    table = Table(title="latency: median of interleaved rounds; speedup = their time / ours")
+    for column in ("model (batch x seq)", "max |err| vs eager", "tessera", "vs eager",
+                   "vs inductor", "compile: tessera / inductor", "arena / intermediates"):
+        table.add_column(column, justify="right" if column != "model (batch x seq)" else "left")
+    demo("moe_lm", args.size, 1, 32, table)
+    demo("moe_lm", args.size, 1, 32, table, {"quantize": "int8"}, " int8")
+    demo("bert", args.size, 1, 32, table)
+    console.print(table)
+    for note in dict.fromkeys(NOTES):
+        console.print(f"[dim]note: {note}[/]")
+    console.print("Compile times include the first three calls (Tessera interprets the first, "
+                  "records the second, replays from the third). `tessera bench models` has "
+                  "the full comparison.")
 
 
 if __name__ == "__main__":
