@@ -33,11 +33,14 @@ class LoopMoE(torch.nn.Module):
     """Mixtral's block as its reference code (and many models) write it."""
 
     def __init__(self, act: str = "silu", logits: bool = False, track: bool = False,
-                 experts: int = E) -> None:
+                 experts: int = E, shared: bool = False) -> None:
         super().__init__()
         self.num_experts, self.top_k, self.logits, self.track = experts, K, logits, track
         self.gate = torch.nn.Linear(H, experts, bias=False)
         self.experts = torch.nn.ModuleList(Expert(act) for _ in range(experts))
+        if shared:  # a shared expert behind a sigmoid gate, as Qwen-MoE has
+            self.common = Expert()
+            self.common_gate = torch.nn.Linear(H, 1, bias=False)
         if track:  # expert-load statistics: state that fused_moe would not update
             self.register_buffer("load", torch.zeros(experts))
 
@@ -57,6 +60,8 @@ class LoopMoE(torch.nn.Module):
             idx, top_x = torch.where(mask[e])
             y = self.experts[e](x[top_x]) * weights[top_x, idx, None]
             out.index_add_(0, top_x, y.to(x.dtype))
+        if hasattr(self, "common"):
+            out = out + torch.sigmoid(self.common_gate(x)) * self.common(x)
         out = out.reshape(b, t, h)
         return (out, router_logits) if self.logits else out
 
@@ -113,8 +118,8 @@ def test_loop_block_is_one_fused_moe() -> None:
         assert not {"cat", "stack"} & {n.op for n in ex.graph.nodes}
 
 
-def test_block_returning_router_logits() -> None:
-    exes, breaks = _run(_init(LoopMoE(logits=True)), [torch.randn(2, 4, H)])
+def test_block_returning_router_logits_with_a_shared_expert() -> None:
+    exes, breaks = _run(_init(LoopMoE(logits=True, shared=True)), [torch.randn(2, 4, H)])
     assert breaks == 0 and _ops(exes).count("fused_moe") == 1
 
 

@@ -53,7 +53,6 @@ _GATE_NAMES = ("w1", "gate_proj", "gate", "wi_0")
 _UP_NAMES = ("w3", "up_proj", "up", "wi_1")
 _DOWN_NAMES = ("w2", "down_proj", "down", "wo")
 _TOP_K_NAMES = ("top_k", "num_experts_per_tok", "topk", "k", "num_selected")
-_SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
 _ROUTING_CALLS = frozenset(("where", "nonzero", "one_hot", "index_add_", "index_add"))
 _PROBE_TOKENS = 8
 _TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # else 5e-2 (half precisions)
@@ -108,8 +107,7 @@ def _on_register(module: torch.nn.Module, name: str, child: Any) -> None:
 
 def _looks_like_moe(cls: type) -> bool:
     fn = cls.__dict__.get("forward")
-    if not isinstance(fn, types.FunctionType) or cls.__module__.partition(".")[0] in (
-            "torch", "tessera"):
+    if not isinstance(fn, types.FunctionType) or cls.__module__.partition(".")[0] == "torch":
         return False
     names = set(_code_names(fn.__code__))
     return "experts" in names or ("topk" in names and bool(names & _ROUTING_CALLS))
@@ -215,13 +213,13 @@ def candidates(block: torch.nn.Module) -> list[Plan]:
     hint = next((v for m in owners if isinstance(v := getattr(m, "norm_topk_prob", None),
                                                  bool)), True)
     renorms = [hint, not hint]  # the probe decides; the block's own flag is tried first
-    shared = next((n for n in _SHARED_NAMES if isinstance(getattr(block, n, None),
-                                                          torch.nn.Module)), None)
-    gate = getattr(block, f"{shared}_gate", None) if shared else None
-    gated = f"{shared}_gate" if isinstance(gate, torch.nn.Linear) and \
-        tuple(gate.weight.shape) == (1, h) else None
-    shares = [(shared, gated), (shared, None), (None, None)] if gated else \
-        [(shared, None), (None, None)] if shared else [(None, None)]
+    # a shared expert: any other child with parameters; its gate: a Linear(H, 1)
+    others = [(n, m) for n, m in block.named_children()
+              if n != "experts" and n not in dict(routers)]
+    gates = [n for n, m in others if isinstance(m, torch.nn.Linear)
+             and tuple(m.weight.shape) == (1, h)]
+    shared = [n for n, m in others if n not in gates and next(m.parameters(), None) is not None]
+    shares = [(n, g) for n in shared for g in (*gates, None)] + [(None, None)]
     return [Plan(r, called, "experts", stacked, names, transposed, k, renorm, s, g, False)
             for (_, _, stacked, names, transposed), (r, called), k, renorm, (s, g)
             in itertools.product(layouts, routers, tops, renorms, shares)]
