@@ -40,7 +40,7 @@ def compile_graph(graph: Graph, options: dict[str, Any] | None = None) -> Execut
     executor = options.get("executor", os.environ.get("TESSERA_EXECUTOR", "native"))
     if executor not in ("native", "python"):
         raise TesseraError(f"executor={executor!r}; it is 'native' or 'python'")
-    for flag in ("fusion", "patterns"):
+    for flag in ("fusion", "patterns", "moe"):
         if not isinstance(options.get(flag, True), bool):
             raise TesseraError(f"{flag}={options[flag]!r}; it is True or False")
     if options.get("quantize") not in (None, *quantize.BITS):
