@@ -81,6 +81,9 @@ def _values(a: Any) -> Iterator[Value]:
     elif isinstance(a, (list, tuple)):
         for x in a:
             yield from _values(x)
+    elif isinstance(a, dict):  # the kwargs of torch, view and fused nodes
+        for x in a.values():
+            yield from _values(x)
 
 
 def _show(a: Any) -> str:
