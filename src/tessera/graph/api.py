@@ -12,6 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from tessera.errors import TesseraError
+from tessera.graph import moe
 from tessera.graph.backend import decompositions
 from tessera.graph.compiler import compile_graph
 from tessera.graph.frontend import from_fx
@@ -57,7 +58,7 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any], *,
     if not isinstance(model, torch.nn.Module):
         raise TesseraError(f"tessera.compile takes a torch.nn.Module, got {type(model).__name__}")
     try:
-        with torch.no_grad():
+        with torch.no_grad(), moe.exporting(model, options):
             ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic)
             ep = ep.run_decompositions(decompositions())
     except Exception as e:  # torch's own errors say what in the model did not export

@@ -33,6 +33,7 @@ written.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import types
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from tessera.graph.interpreter import call_node, node_function
 from tessera.graph.ir import Graph, Value
 
-__all__ = ["Plan", "candidates", "fold_expert_weights", "fused_forward", "plan"]
+__all__ = ["Plan", "candidates", "exporting", "fold_expert_weights", "fused_forward", "plan"]
 
 # names of Linears in an expert MLP: gate, up, down (Mixtral's w1/w3/w2, Llama's *_proj)
 _GATE_NAMES = ("w1", "gate_proj", "gate", "wi_0")
@@ -139,6 +140,7 @@ def _install(cls: type) -> None:
                     return fused_forward(self, p, x)
         return original(self, *args, **kwargs)
 
+    dispatch._tessera_moe = True  # type: ignore[attr-defined]
     cls.forward = dispatch
 
 
@@ -165,20 +167,61 @@ def plan(block: torch.nn.Module, original: Callable[..., Any], ndim: int,
         return None
     if torch.is_grad_enabled() and any(p.requires_grad for p in block.parameters()):
         return None
+    return _cached(block, original, ndim, dtype, verify=not torch.compiler.is_exporting())
+
+
+def _cached(block: torch.nn.Module, original: Callable[..., Any], ndim: int,
+            dtype: torch.dtype, verify: bool) -> Plan | None:
+    """The block's plan from the cache, verified first if it is not there and `verify`."""
     cache = _PLANS.setdefault(block, {})
     key = (original, ndim, dtype, tuple(map(id, block.modules())))  # children replaced: anew
     if key not in cache:
+        if not verify:
+            return None
         cache[key] = _verified(block, original, ndim, dtype)
     return cache[key]
 
 
+_EXPORTING: list[dict[str, Any]] = []  # options of the tessera.compile exporting now
+
+
+@contextlib.contextmanager
+def exporting(model: torch.nn.Module, options: dict[str, Any] | None) -> Iterator[None]:
+    """While torch.export traces `model` for tessera.compile (with these compiler
+    options), its MoE blocks are traced as fused_moe as under the tessera backend. Their
+    plans are found first, for 2-D and 3-D inputs of the router's dtype: the export traces
+    with fake weights, which no probe can check."""
+    options = dict(options or {})
+    _EXPORTING.append(options)
+    try:
+        if options.get("moe", True):
+            for block in model.modules():
+                plans = candidates(block) if _originals(type(block)) else []
+                for original in _originals(type(block)) if plans else ():
+                    dtype = getattr(block, plans[0].router).weight.dtype
+                    for ndim in (2, 3):
+                        _cached(block, original, ndim, dtype, verify=True)
+        yield
+    finally:
+        _EXPORTING.pop()
+
+
+def _originals(cls: type) -> list[Callable[..., Any]]:
+    """The forwards our dispatchers wrap along cls's MRO."""
+    return [f.__wrapped__ for c in cls.__mro__
+            if getattr(f := c.__dict__.get("forward"), "_tessera_moe", False)]
+
+
 def _tessera_options() -> dict[str, Any] | None:
-    """The options of the tessera backend dynamo is tracing for, or None when it traces
-    for another backend. The backend sits under torch.compile's wrappers (which keep the
-    options) in the compiling frame's output graph."""
+    """The options of the tessera backend dynamo is tracing for (or of the tessera.compile
+    exporting), or None when tracing for anything else. The backend sits under
+    torch.compile's wrappers (which keep the options) in the compiling frame's output
+    graph."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
     from tessera.graph.backend import tessera
+    if _EXPORTING and torch.compiler.is_exporting():
+        return _EXPORTING[-1]
     try:
         fn = InstructionTranslator.current_tx().output.compiler_fn
     except AttributeError:  # not under dynamo (torch.export's non-strict tracing)
