@@ -196,11 +196,11 @@ def exporting(model: torch.nn.Module, options: dict[str, Any] | None) -> Iterato
     try:
         if options.get("moe", True):
             for block in model.modules():
-                plans = candidates(block) if _originals(type(block)) else []
-                for original in _originals(type(block)) if plans else ():
+                originals = _originals(type(block))
+                plans = candidates(block) if originals else []
+                for original, ndim in itertools.product(originals if plans else (), (2, 3)):
                     dtype = getattr(block, plans[0].router).weight.dtype
-                    for ndim in (2, 3):
-                        _cached(block, original, ndim, dtype, verify=True)
+                    _cached(block, original, ndim, dtype, verify=True)
         yield
     finally:
         _EXPORTING.pop()
