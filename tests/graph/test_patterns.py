@@ -60,11 +60,11 @@ class GPT2Block(nn.Module):
         super().__init__()
         self.h = h
 
-        def p(*shape: int) -> nn.Parameter:
-            return nn.Parameter(torch.randn(*shape) * 0.1)
+        def p(*shape: int, mean: float = 0.0) -> nn.Parameter:
+            return nn.Parameter(torch.randn(*shape) * 0.1 + mean)
         self.w_attn, self.b_attn, self.w_proj, self.b_proj = p(d, 3 * d), p(3 * d), p(d, d), p(d)
         self.w_fc, self.b_fc, self.w_out, self.b_out = p(d, 4 * d), p(4 * d), p(4 * d, d), p(d)
-        self.g1, self.b1, self.g2, self.b2 = p(d) + 1, p(d), p(d) + 1, p(d)
+        self.g1, self.b1, self.g2, self.b2 = p(d, mean=1.0), p(d), p(d, mean=1.0), p(d)
         self.register_buffer("bias", torch.tril(torch.ones(n, n)).view(1, 1, n, n))
 
     @staticmethod

@@ -231,14 +231,16 @@ class Pattern:
     whether to rewrite this match. `ops`: {node name in fn's graph: registry ops it may
     also be}, compared by tensor arguments only (the match's node tells which it was).
     `broadcast`: tensor parameters (given at full size) that a match may pass with dims of
-    1 or fewer dims, as broadcasting allows (attention masks)."""
+    1 or fewer dims, as broadcasting allows (attention masks). `needs`: ops every match
+    holds; a graph without one of them is not searched (nor is the pattern traced for
+    it)."""
 
     def __init__(self, fn: Callable[..., Any], examples: Sequence[Any], *,
                  replace: Callable[..., Any] | None = None,
                  build: Callable[[Match], Value] | None = None,
                  check: Callable[[Match], bool] | None = None, name: str | None = None,
                  ops: dict[str, Sequence[str]] | None = None,
-                 broadcast: Sequence[str] = ()) -> None:
+                 broadcast: Sequence[str] = (), needs: Sequence[str] = ()) -> None:
         self.name = name or getattr(fn, "__name__", "pattern")
         if (replace is None) == (build is None):
             raise PatternError(f"pattern {self.name}: give exactly one of replace= and "
@@ -248,6 +250,7 @@ class Pattern:
         self.ops = {k: frozenset(v) for k, v in (ops or {}).items()}
         self.params = _parameters(fn, len(self.examples), self.name)
         self.broadcast = frozenset(broadcast)
+        self.needs = frozenset(needs)
         if self.broadcast - set(self.params):
             raise PatternError(f"pattern {self.name}: broadcast= names "
                                f"{sorted(self.broadcast - set(self.params))}, which are not "
@@ -309,6 +312,10 @@ class Pattern:
         if missing:
             raise PatternError(f"pattern {self.name}: ops= names {missing}, which are not "
                                f"nodes of its graph ({', '.join(sorted(by_name))})")
+        lacking = sorted(self.needs - {n.op for n in g.nodes})
+        if lacking:
+            raise PatternError(f"pattern {self.name}: needs= names {lacking}, which its "
+                               "graph does not hold")
         scale = {p: d for d, p in prime_of.items()}
         broadcast = frozenset(v for v, n in params.items() if n in self.broadcast)
         return _Template(g, params, broadcast, scalars, scale, out.producer,
@@ -582,8 +589,8 @@ class _Matcher:
             if st.nodes[pn] is tn:
                 yield st
             return
-        if tn in st.nodes.values() or not _same_op(self.t, pn, tn):
-            return
+        if not _same_op(self.t, pn, tn):  # (two pattern nodes may meet in one graph
+            return  # node: views of q and of v are one when q is v)
         st.nodes[pn] = tn
         for pairs in self._arguments(pn, tn):
             yield from self._pairs(pairs, st)
@@ -780,11 +787,13 @@ def rewrite(graph: Graph, patterns: Sequence[Pattern]) -> dict[str, int]:
     node); how many times each fired. Constants nothing reads any more are dropped."""
     counts: dict[str, int] = {}
     budget = 8 * len(graph.nodes) + 64
-    templates = [(p, p.compile()) for p in patterns]
     changed = True
     while changed:
         changed = False
-        for p, t in templates:
+        for p in patterns:
+            if not p.needs <= {n.op for n in graph.nodes}:
+                continue
+            t = p.compile()
             live, users = set(graph.nodes), None
             for node in list(graph.nodes):
                 if node not in live or not _same_op(t, t.anchor, node):
@@ -844,13 +853,14 @@ def pattern(*examples: Any, replace: Callable[..., Any] | None = None,
             build: Callable[[Match], Value] | None = None,
             check: Callable[[Match], bool] | None = None, name: str | None = None,
             ops: dict[str, Sequence[str]] | None = None, broadcast: Sequence[str] = (),
-            register: bool = True) -> Callable[[Callable[..., Any]], Pattern]:
+            needs: Sequence[str] = (), register: bool = True
+            ) -> Callable[[Callable[..., Any]], Pattern]:
     """Decorator: the function is a pattern traced on `examples` (see `Pattern`), checked
     now, and (with `register`) applied by the graph compiler to every graph it compiles,
     before the built-in rewrites."""
     def decorate(fn: Callable[..., Any]) -> Pattern:
         p = Pattern(fn, examples, replace=replace, build=build, check=check, name=name,
-                    ops=ops, broadcast=broadcast)
+                    ops=ops, broadcast=broadcast, needs=needs)
         p.compile()
         if register:
             _REGISTERED.append(p)

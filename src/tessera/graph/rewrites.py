@@ -84,19 +84,21 @@ def _attention(scale: str, mask: str, half: bool = False) -> Pattern:
            _empty(_B, _H, _SK, _DV, dtype=dtype)]
     mask_example = _empty(_B, _H, _SQ, _SK, dtype=torch.bool if mask == "fill" else dtype)
     name = f"attention_{scale}_{mask}" + ("_half" if half else "")
+    needs = ("bmm", "softmax")
     if scale == "none" and mask == "none":
         return Pattern(lambda q, k, v: torch.matmul(scores(q, k, None, None), v), qkv,
-                       replace=lambda q, k, v: sdpa(q, k, v, None, None), name=name)
+                       replace=lambda q, k, v: sdpa(q, k, v, None, None), name=name,
+                       needs=needs)
     if scale == "none":
         return Pattern(lambda q, k, v, mask: torch.matmul(scores(q, k, None, mask), v),
-                       [*qkv, mask_example], broadcast=("mask",), name=name,
+                       [*qkv, mask_example], broadcast=("mask",), name=name, needs=needs,
                        replace=lambda q, k, v, mask: sdpa(q, k, v, None, mask))
     if mask == "none":
         return Pattern(lambda q, k, v, scale: torch.matmul(scores(q, k, scale, None), v),
-                       [*qkv, 0.125], name=name,
+                       [*qkv, 0.125], name=name, needs=needs,
                        replace=lambda q, k, v, scale: sdpa(q, k, v, scale, None))
     return Pattern(lambda q, k, v, mask, scale: torch.matmul(scores(q, k, scale, mask), v),
-                   [*qkv, mask_example, 0.125], broadcast=("mask",), name=name,
+                   [*qkv, mask_example, 0.125], broadcast=("mask",), name=name, needs=needs,
                    replace=lambda q, k, v, mask, scale: sdpa(q, k, v, scale, mask))
 
 
@@ -113,16 +115,17 @@ def _drop_lse(masked: bool) -> Pattern:
 
     qkv = [_empty(_B, 6, _SQ, _D), _empty(_B, _H, _SK, _D), _empty(_B, _H, _SK, _DV)]
     ops = {"scaled_dot_product_attention_lse_0": ["scaled_dot_product_attention_lse"]}
+    needs = ("scaled_dot_product_attention_lse",)
     if masked:
         return Pattern(lambda q, k, v, mask:
                        _tessera.scaled_dot_product_attention_lse(q, k, v, mask, False, None,
                                                                  True)[0],
-                       [*qkv, _empty(_B, 6, _SQ, _SK)], build=build, ops=ops,
+                       [*qkv, _empty(_B, 6, _SQ, _SK)], build=build, ops=ops, needs=needs,
                        broadcast=("mask",), name="flash_attention_lse_masked")
     return Pattern(lambda q, k, v:
                    _tessera.scaled_dot_product_attention_lse(q, k, v, None, False, None,
                                                              True)[0],
-                   qkv, build=build, ops=ops, name="flash_attention_lse")
+                   qkv, build=build, ops=ops, needs=needs, name="flash_attention_lse")
 
 
 def _attention_patterns() -> list[Pattern]:
@@ -176,20 +179,23 @@ def _norm_patterns() -> list[Pattern]:
         found += [
             Pattern(fn, [x, _empty(16), _empty(16), 1e-5],
                     name=f"{fn.__name__[1:]}_{len(rows) + 1}d",
-                    check=_same_dtype("x", "w", "b"),
+                    check=_same_dtype("x", "w", "b"), needs=needs,
                     replace=lambda x, w, b, eps: _tessera.layer_norm(x, [x.shape[-1]], w, b,
                                                                      eps))
-            for fn in (_layer_norm, _layer_norm_var, _layer_norm_rsqrt)]
+            for fn, needs in ((_layer_norm, ("mean", "sqrt")), (_layer_norm_var, ("var", "sqrt")),
+                              (_layer_norm_rsqrt, ("var", "rsqrt")))]
         found += [
             Pattern(fn, [x, _empty(16), 1e-6], name=f"{fn.__name__[1:]}_{len(rows) + 1}d",
-                    check=_same_dtype("x", "w"),
+                    check=_same_dtype("x", "w"), needs=("mean", root),
                     replace=lambda x, w, eps: _tessera.rms_norm(x, [x.shape[-1]], w, eps))
-            for fn in (_rms, _rms_sqrt)]
+            for fn, root in ((_rms, "rsqrt"), (_rms_sqrt, "sqrt"))]
         found.append(Pattern(_rms_half, [x.bfloat16(), _empty(16).bfloat16(), 1e-6],
                              name=f"rms_half_{len(rows) + 1}d", check=_same_dtype("x", "w"),
+                             needs=("mean", "rsqrt"),
                              replace=lambda x, w, eps: _tessera.rms_norm(
                                  x, [x.shape[-1]], w, eps)))
         found.append(Pattern(_rms_plain, [x, 1e-6], name=f"rms_plain_{len(rows) + 1}d",
+                             needs=("mean", "rsqrt"),
                              replace=lambda x, eps: _tessera.rms_norm(x, [x.shape[-1]],
                                                                       None, eps)))
     return found
@@ -211,9 +217,9 @@ def _gelu_patterns() -> list[Pattern]:
     found = []
     for shape in ((6, 16), (2, 3, 16)):
         found.append(Pattern(_gelu_tanh, [_empty(*shape)], name=f"gelu_tanh_{len(shape)}d",
-                             replace=lambda x: F.gelu(x, approximate="tanh")))
+                             needs=("tanh",), replace=lambda x: F.gelu(x, approximate="tanh")))
         found.append(Pattern(_gelu_erf, [_empty(*shape)], name=f"gelu_erf_{len(shape)}d",
-                             replace=F.gelu))
+                             needs=("erf",), replace=F.gelu))
     return found
 
 
@@ -284,9 +290,9 @@ def _swiglu_patterns() -> list[Pattern]:
 
     w = _empty(_K, _N)
     return [Pattern(flat, [_empty(_M, _K), w, w], name="swiglu_2d", build=_swiglu_build,
-                    check=_swiglu_check),
+                    check=_swiglu_check, needs=("silu", "matmul")),
             Pattern(rows, [_empty(2, _S, _K), w, w], name="swiglu_3d", build=_swiglu_build,
-                    check=_swiglu_check)]
+                    check=_swiglu_check, needs=("silu", "matmul"))]
 
 
 def _activation(n: Node) -> str:
@@ -332,6 +338,7 @@ def _linear(form: str, act: bool, res: bool) -> Pattern:
     name = f"linear_{form}" + ("_act" if act else "") + ("_residual" if res else "")
     return Pattern(fn, examples, build=_linear_build, name=name,
                    check=_same_dtype("x", "w", "b", "r"), broadcast=("r",) if res else (),
+                   needs=("addmm" if bias else "matmul", *(("add",) if res else ())),
                    ops={"relu": ["gelu", "silu", "sigmoid", "tanh"]} if act else None)
 
 
