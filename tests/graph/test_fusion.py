@@ -353,13 +353,14 @@ def test_softmax_and_layer_norm_written_out_are_one_kernel_each() -> None:
 
 @pytest.mark.parametrize(("dtype", "n"), [(torch.float32, 256), (torch.bfloat16, 100)])
 def test_residual_add_then_norm_ops(dtype: torch.dtype, n: int) -> None:
-    """add + layer_norm, mul + rms_norm, add + softmax + log_softmax: row ops with a
-    pointwise prologue, rows exactly one tile wide (256) and not (100)."""
+    """add + layer_norm + a copy (BERT's embeddings), mul + rms_norm, add + softmax +
+    log_softmax: row ops with a pointwise prologue and epilogue, rows exactly one tile
+    wide (256) and not (100)."""
     b = Builder()
     x, y = b.input(torch.randn(9, n).to(dtype)), b.input(torch.randn(9, n).to(dtype))
     w = b.input(torch.randn(n).to(dtype), const=True)
-    ln = b.op("layer_norm", x=b.op("add", x=x, other=y), normalized_shape=[n], weight=w,
-              bias=w, eps=1e-5)
+    ln = b.op("contiguous", x=b.op("layer_norm", x=b.op("add", x=x, other=y),
+                                   normalized_shape=[n], weight=w, bias=w, eps=1e-5))
     rms = b.op("rms_norm", x=b.op("mul", x=x, other=y), normalized_shape=[n], weight=w)
     sm = b.op("log_softmax", x=b.op("softmax", x=b.op("add", x=x, other=y), dim=-1),
               dim=-1)

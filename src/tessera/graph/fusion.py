@@ -192,7 +192,7 @@ class FusedKernel:
             self.tile: tuple[int, int] | None = (bm, bn)
             self.widths = tuple(1 if row else bn for row in row_inputs)
             self.stores = tuple((i, bn if o.layout == "full" else 1) for i, o in outputs)
-        else:
+        else:  # (widths and store widths follow each launch's tile)
             self.tile, self.widths = None, (0,) * len(in_dtypes)
             self.stores = tuple((i, 0) for i, _ in outputs)
         self.key = (_key(program), self.stores, self.widths, tuple(self.dtypes), r)
@@ -230,10 +230,13 @@ class FusedKernel:
         rank = len(sizes)
         bm, bn = self.tile or pointwise._blocks(sizes)
         units = tuple(st[-1] == 1 for st in strides)
-        key = (self.key, rank, units, bm, bn)
+        # a pointwise group's inputs that are constant along the last dim (stride 0: a
+        # scalar, a per-row value) are 1-wide tiles: what uses only them runs per row
+        widths = self.widths if self.r else tuple(
+            1 if st[-1] == 0 else bn for st in strides[:len(self.widths)])
+        key = (self.key, rank, units, widths, bm, bn)
         s = _SPECS.get(key)
         if s is None:
-            widths = self.widths if self.r else (bn,) * len(self.widths)
             stores = self.stores if self.r else tuple((i, bn) for i, _ in self.stores)
             s = _SPECS[key] = _specialize(self.program, stores, widths, self.dtypes,
                                           len(self.widths), rank, units, bm, bn, self.r)
@@ -320,7 +323,7 @@ def _pointwise_member(n: Node) -> _Member | None:
     """The step of a pointwise node as the eager op would run it (pointwise.py: the
     table entry, its scalars, the compute dtype), or None where eager would refuse."""
     name, a, out = n.op, n.args, n.outputs[0].dtype
-    if name in ("gelu", "clamp") or name in pointwise.UNARY:
+    if name in ("gelu", "clamp", "contiguous") or name in pointwise.UNARY:
         operands: tuple[Any, ...] = (a.get("x"),)
     elif name in pointwise.BINARY:
         operands = (a.get("x"), a.get("other"))
@@ -335,7 +338,9 @@ def _pointwise_member(n: Node) -> _Member | None:
     x = operands[0]
     xd = x.dtype if isinstance(x, Value) else _scalar_dtype(x)
     fn, scalars, compute = name, (0.0, 0.0), out
-    if name == "gelu":
+    if name == "contiguous":  # a copy (of a view, or of a value another op stored)
+        fn = "copy"
+    elif name == "gelu":
         approximate = a.get("approximate", "none")
         if approximate not in ("none", "tanh") or xd not in FLOATS:
             return None
@@ -446,7 +451,7 @@ def _member(n: Node) -> _Member | None:
     if n.kind != "op" or len(n.outputs) != 1:
         return None
     kind = registry.get(n.op).kind
-    if kind == "pointwise":
+    if kind == "pointwise" or n.op == "contiguous":
         return _pointwise_member(n)
     if kind in ("reduction", "normalization"):
         return _row_member(n)
