@@ -214,6 +214,26 @@ def test_llama_block() -> None:
     assert all(e["residual"] is not None for e in _kwargs(g, "fused:linear"))
 
 
+def test_dynamic_shapes() -> None:
+    """With symbolic batch and sequence sizes (the graph's view sizes are then Values),
+    attention, SwiGLU and the GEMM epilogues still match, for every length."""
+    torch.manual_seed(0)
+    model = LlamaBlock().eval()
+    torch._dynamo.reset()
+    before = {id(e) for e in compiled()}
+    fn = torch.compile(model, backend="tessera", dynamic=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in (5, 9):
+            x = torch.randn(2, t, 32)
+            torch.testing.assert_close(fn(x), model(x), rtol=1e-5, atol=1e-5)
+    (ex,) = [e for e in compiled() if id(e) not in before]
+    assert any(isinstance(d, str) for v in ex.graph.inputs for d in v.shape)
+    ops = _ops(ex.graph)
+    assert ops["scaled_dot_product_attention"] == 1 and ops["fused:swiglu"] == 1
+    assert ops["fused:linear"] == 2
+
+
 def test_llama_block_bfloat16_graph() -> None:
     """Half-precision Llama casts around RMSNorm and softmax: the half variants match."""
     torch.manual_seed(0)
