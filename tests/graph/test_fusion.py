@@ -372,6 +372,29 @@ def test_residual_add_then_norm_ops(dtype: torch.dtype, n: int) -> None:
         close(g, b.ref[v], scale=4)
 
 
+def test_batch_norm_with_frozen_statistics_fuses() -> None:
+    """Inference batch norm is eager's x * scale + shift: with constant statistics it joins
+    the residual add and relu after it (eager runs it from Python: torch computes scale
+    and shift at every call); with statistics given at run time it stays as it is."""
+    b = Builder()
+    x = b.input(torch.randn(2, 3, 4, 5))
+    mean, var, w, c = (b.input(t, const=True) for t in (
+        torch.randn(3), torch.rand(3) + 0.5, torch.rand(3) + 0.5, torch.randn(3)))
+    bn = b.op("batch_norm", x=x, running_mean=mean, running_var=var, weight=w, bias=c,
+              eps=1e-5)
+    out = b.op("relu", x=b.op("add", x=bn, other=x))
+    ex, (got,) = b.run(out)
+    assert [n.op for n in ex.graph.nodes] == ["fused:batch_norm_add_relu"]
+    assert replayed(ex) == 1
+    close(got, b.ref[out])
+    b = Builder()
+    x, var = b.input(torch.randn(2, 3, 4)), b.input(torch.rand(3) + 0.5)
+    out = b.op("relu", x=b.op("batch_norm", x=x, running_mean=var, running_var=var))
+    ex, (got,) = b.run(out)
+    assert [n.op for n in ex.graph.nodes] == ["batch_norm", "relu"]
+    close(got, b.ref[out])
+
+
 def test_long_rows_stay_unfused() -> None:
     b = Builder()
     x = b.input(torch.randn(2, fusion.MAX_ROW + 16))

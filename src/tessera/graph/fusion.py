@@ -272,9 +272,10 @@ _REDUCTIONS = {"sum": "sum", "mean": "mean", "amax": "max", "amin": "min"}
 Ref = Callable[[Any], tuple]  # a Value or number -> its operand reference
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Member:
-    """A fusable node: `operands` (Values and numbers) in kernel order, `step(ref)` its
+    """A fusable node: `operands` (Values, numbers, and tensors: constants it derives,
+    which become graph constants if it is fused) in kernel order, `step(ref)` its
     program step; for row ops `x` (the rows' input) and whether the result keeps the
     reduced dim (a result without it can only be stored, never used in the group)."""
 
@@ -447,12 +448,40 @@ def _row_member(n: Node) -> _Member | None:
     return None
 
 
+def _batch_norm_member(n: Node) -> _Member | None:
+    """Inference batch norm with frozen statistics: the eager op's x * scale + shift
+    (`fma`), scale and shift computed here as it computes them at every call."""
+    a = n.args
+    x, eps = a.get("x"), a.get("eps", 1e-5)
+    stats = [a.get(k) for k in ("running_mean", "running_var", "weight", "bias")]
+    if not _tensor_ok(x) or x.dtype not in FLOATS or len(x.shape) < 2 or \
+            _scalar_dtype(eps) not in (torch.int64, torch.float32) or None in stats[:2] or \
+            any(v is not None and not (isinstance(v, Value) and v.kind == "const" and
+                                       v.dtype in FLOATS and v.shape == x.shape[1:2])
+                for v in stats):
+        return None
+    mean, var, w, b = (v.data if v is not None else None for v in stats)
+    scale = torch.rsqrt(var.float() + eps)
+    if w is not None:
+        scale = scale * w.float()
+    shift = -mean.float() * scale
+    if b is not None:
+        shift = shift + b.float()
+    view = [x.shape[1]] + [1] * (len(x.shape) - 2)
+    operands = (x, scale.view(view), shift.view(view))
+    ct, out = _compute(x.dtype), ldtype(n.outputs[0].dtype)
+    return _Member(n, operands, lambda ref: ("pw", pointwise.TERNARY["fma"],
+                                             tuple(map(ref, operands)), (ct,) * 3, (), out))
+
+
 def _member(n: Node) -> _Member | None:
     if n.kind != "op" or len(n.outputs) != 1:
         return None
     kind = registry.get(n.op).kind
     if kind == "pointwise" or n.op == "contiguous":
         return _pointwise_member(n)
+    if n.op == "batch_norm":
+        return _batch_norm_member(n)
     if kind in ("reduction", "normalization"):
         return _row_member(n)
     return None
@@ -574,7 +603,7 @@ def fuse(g: Graph) -> int:
     if not groups:
         return 0
     replaced = {m.node: grp for grp in groups for m in grp.members}
-    fused = {id(grp): _fused_node(grp) for grp in groups}
+    fused = {id(grp): _fused_node(g, grp) for grp in groups}
     # the condensed graph in topological order, each fused node where its last member was
     units: dict[int, Node] = {}
     unit_of: dict[Node, int] = {}
@@ -612,20 +641,30 @@ def fuse(g: Graph) -> int:
     return len(groups)
 
 
-def _fused_node(grp: _Group) -> Node:
-    """The node computing `grp`'s outputs with one FusedKernel."""
+def _fused_node(g: Graph, grp: _Group) -> Node:
+    """The node computing `grp`'s outputs with one FusedKernel (constants its members
+    derive are added to `g`)."""
     inputs: list[Value] = []
-    index: dict[Value, int] = {}
+    index: dict[Any, int] = {}  # Values, and id()s of derived constant tensors
     computed = {m.value for m in grp.members}
     for m in grp.members:
         for v in m.operands:
-            if isinstance(v, Value) and v not in computed and v not in index:
+            if isinstance(v, torch.Tensor) and id(v) not in index:
+                index[id(v)] = len(inputs)
+                inputs.append(g.value(f"{m.node.outputs[0].name}_c", v.dtype,
+                                      tuple(v.shape), "const", v))
+            elif isinstance(v, Value) and v not in computed and v not in index:
                 index[v] = len(inputs)
                 inputs.append(v)
+
+    def ref(v: Any) -> tuple:
+        if isinstance(v, (Value, torch.Tensor)):
+            return "v", index[v if isinstance(v, Value) else id(v)]
+        return "c", v, ldtype(_scalar_dtype(v))
+
     steps = []
     for m in grp.members:
-        steps.append(m.step(lambda v: ("v", index[v]) if isinstance(v, Value)
-                            else ("c", v, ldtype(_scalar_dtype(v)))))
+        steps.append(m.step(ref))
         index[m.value] = len(index)
     ops = list(dict.fromkeys(m.node.op for m in grp.members))
     name = "_".join(ops) if len(ops) <= 4 else "_".join(ops[:4]) + f"_{len(ops) - 4}more"
