@@ -191,3 +191,29 @@ def test_a_launch_into_memory_outside_torch_is_never_replayed() -> None:
             torch.testing.assert_close(ex(t)[0], t.exp())
     assert list(ex.plans.values()) == [None]
     torch.testing.assert_close(ex(t)[0], t.exp())  # on the interpreter from then on
+
+
+class Gather(torch.nn.Module):
+    """nonzero: sizes after it depend on the data, so nothing past it may replay stale."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = torch.nonzero(x > 0).squeeze(-1)
+        return torch.zeros(4).index_add(0, idx % 4, x[idx].exp())
+
+
+def test_data_dependent_sizes_are_never_replayed() -> None:
+    model = Gather()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nonzero and indexing fall back to torch
+        before = {id(e) for e in compiled()}
+        f = torch.compile(model, backend="tessera", dynamic=False)
+        with torch.no_grad():
+            for _ in range(6):  # different counts of positives under one input signature
+                x = torch.randn(8)
+                torch.testing.assert_close(f(x), model(x))
+    (ex,) = [e for e in compiled() if id(e) not in before]
+    (plan,) = ex.plans.values()
+    python = [s.node.op for s in plan.steps if s.node is not None]
+    assert "exp" in python and "index_add" in python

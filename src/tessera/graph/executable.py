@@ -85,7 +85,7 @@ class _Plan:
                  inputs: tuple[Any, ...], plan_steps: list[tuple[Node, Any]]) -> None:
         self.graph = graph
         self.kept = rec.kept  # constants ops made while recording: launches point into them
-        replayable = [r.why is None and not _host_reads(n)
+        replayable = [r.why is None and not _host_reads(n) and not _data_dependent(n)
                       for (n, _), r in zip(plan_steps, rec.records, strict=True)]
         # bases: 0 arena, 1 status words, then inputs, output buffers, Python-made values
         self.n_inputs = len(inputs)
@@ -373,6 +373,14 @@ def _bits(value: Any) -> int:
     if isinstance(value, float):
         return struct.unpack("<q", struct.pack("<d", value))[0]
     return int(value)
+
+
+def _data_dependent(node: Node) -> bool:
+    """Whether a value the node reads or makes has a size that depends on data (an
+    unbacked symbol, "u0", from nonzero or a one-argument where): its launches differ from
+    call to call even when the inputs' shapes do not."""
+    return any(isinstance(d, str) and d.lstrip("-").startswith("u")
+               for v in (*node.inputs(), *node.outputs) for d in v.shape)
 
 
 def _host_reads(node: Node) -> bool:
