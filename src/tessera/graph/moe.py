@@ -108,7 +108,8 @@ def _on_register(module: torch.nn.Module, name: str, child: Any) -> None:
 
 def _looks_like_moe(cls: type) -> bool:
     fn = cls.__dict__.get("forward")
-    if not isinstance(fn, types.FunctionType) or cls.__module__.partition(".")[0] == "torch":
+    module = getattr(cls, "__module__", None) or ""
+    if not isinstance(fn, types.FunctionType) or module.partition(".")[0] == "torch":
         return False
     names = set(_code_names(fn.__code__))
     return "experts" in names or ("topk" in names and bool(names & _ROUTING_CALLS))
