@@ -136,6 +136,19 @@ def test_block_returning_router_logits_with_a_shared_expert() -> None:
     assert breaks == 0 and _ops(exes).count("fused_moe") == 1
 
 
+def test_explain_with_the_tessera_backend_sees_one_graph() -> None:
+    from torch._dynamo.backends.debugging import ExplainWithBackend
+
+    torch._dynamo.reset()
+    explain = ExplainWithBackend("tessera")
+    model = _init(Layer(LoopMoE()))
+    with torch.no_grad():
+        torch.compile(model, backend=explain)(torch.randn(2, 5, H))
+    out = explain.output()
+    assert (out.graph_count, out.graph_break_count) == (1, 0), out.break_reasons
+    assert torch.ops.tessera.fused_moe in {n.target for n in out.graphs[0].graph.nodes}
+
+
 @pytest.mark.parametrize("block", ["gelu", "stateful"])
 def test_blocks_that_differ_keep_their_forward(block: str) -> None:
     """GELU experts (fused_moe is SwiGLU) or a forward with side effects: the probe

@@ -216,8 +216,8 @@ def _originals(cls: type) -> list[Callable[..., Any]]:
 def _tessera_options() -> dict[str, Any] | None:
     """The options of the tessera backend dynamo is tracing for (or of the tessera.compile
     exporting), or None when tracing for anything else. The backend sits under
-    torch.compile's wrappers (which keep the options) in the compiling frame's output
-    graph."""
+    torch.compile's wrappers (which keep the options; also under dynamo's
+    ExplainWithBackend) in the compiling frame's output graph."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
     from tessera.graph.backend import tessera
@@ -234,8 +234,8 @@ def _tessera_options() -> dict[str, Any] | None:
         kwargs = getattr(fn, "kwargs", None) or getattr(fn, "keywords", None)
         if isinstance(kwargs, dict) and isinstance(kwargs.get("options"), dict):
             options = kwargs["options"]
-        fn = getattr(fn, "compiler_fn", None) or getattr(fn, "func", None) or \
-            getattr(fn, "__wrapped__", None)
+        fn = next((w for a in ("compiler_fn", "backend", "func", "__wrapped__")
+                   if (w := getattr(fn, a, None)) is not None), None)
     return None
 
 
