@@ -165,7 +165,9 @@ def _padded(x: torch.Tensor, rows: int, cols: int, ph: int, pw: int, fill: float
         return x[:, :, :rows, :cols]
     last = _channels_last(x)
     buf = torch.empty((n, c, rows, cols), dtype=x.dtype, memory_format=torch.channels_last
-                      if last else torch.contiguous_format).fill_(fill)
+                      if last else torch.contiguous_format)
+    # zero_ of a dense buffer is what a recorded plan can replay (a memset); fill_ is not
+    buf = buf.zero_() if fill == 0.0 else buf.fill_(fill)
     hh, ww = min(h, rows - ph), min(w, cols - pw)  # what of x fits (cropped)
     if x.numel() == 0:
         return buf
@@ -246,10 +248,10 @@ def _tables(key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         rows = n * sn + oh * sh_ * sh + ow * sw_ * sw
         c, ky, kx = np.meshgrid(np.arange(cg), np.arange(kh), np.arange(kw), indexing="ij")
         cols = c * sc + ky * dh * sh + kx * dw * sw
-        if len(_TABLES) >= 256:
-            _TABLES.clear()
         t = _TABLES[key] = (torch.from_numpy(rows.reshape(-1).astype(np.int64)),
                             torch.from_numpy(cols.reshape(-1).astype(np.int64)))
+        for table in t:  # kept for the process: a recorded launch may point into them
+            cpu_launch.lasting(table.data_ptr(), table.numel() * 8)
     return t
 
 
