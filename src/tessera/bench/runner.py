@@ -29,6 +29,7 @@ SUITES: dict[str, str] = {
     "gemm": "tessera.bench.gemm",
     "comm": "tessera.bench.comm",
     "ops": "tessera.bench.ops",
+    "models": "tessera.bench.models",
 }
 BASELINE_ORDER = ("numpy", "torch_eager", "torch_inductor", "mpi", "gloo")
 
