@@ -416,8 +416,10 @@ def _close(got: Any, want: Any, dtype: torch.dtype) -> bool:
 # -- graph pass ------------------------------------------------------------------------------
 def fold_expert_weights(g: Graph) -> bool:
     """Compute at compile time the expert weights of fused_moe nodes that the graph
-    derives from constants only (per-expert Linears stacked by `forward`), instead of at
-    every call. Whether anything changed (the stacking nodes are then dead)."""
+    derives from constants only (per-expert Linears stacked by `fused_forward`, transposed
+    stacked parameters), instead of at every call; float weights end up as fused_moe reads
+    them fastest, as nn.Linear stores them ([E, N, K] memory, passed as [E, K, N]). Whether
+    anything changed (the nodes that built them are then dead)."""
     changed = False
     for n in g.nodes:
         if n.op != "fused_moe":
@@ -425,8 +427,11 @@ def fold_expert_weights(g: Graph) -> bool:
         for arg in ("w_gate_up", "w_down", "gate_up_scales", "down_scales"):
             v = n.args.get(arg)
             if isinstance(v, Value) and v.kind == "node" and _from_constants(v):
-                n.args[arg] = g.value(f"{v.name}_folded", v.dtype, v.shape, "const",
-                                      _evaluate(g, v))
+                data = _evaluate(g, v)
+                if arg.startswith("w_") and data.is_floating_point() and \
+                        not data.transpose(1, 2).is_contiguous():
+                    data = data.transpose(1, 2).contiguous().transpose(1, 2)
+                n.args[arg] = g.value(f"{v.name}_folded", v.dtype, v.shape, "const", data)
                 changed = True
     return changed
 
@@ -436,6 +441,13 @@ def _from_constants(v: Value) -> bool:
         return True
     return v.kind == "node" and v.producer is not None and \
         all(_from_constants(u) for u in v.producer.inputs())
+
+
+# transposes as torch views (the registry's ops copy): a transposed parameter stays a view
+_VIEWS: dict[str, Callable[[dict[str, Any]], torch.Tensor]] = {
+    "transpose": lambda a: a["x"].transpose(a["dim0"], a["dim1"]),
+    "permute": lambda a: a["x"].permute(a["dims"]),
+}
 
 
 def _evaluate(g: Graph, v: Value) -> torch.Tensor:
@@ -450,7 +462,7 @@ def _evaluate(g: Graph, v: Value) -> torch.Tensor:
     env: dict[Value, Any] = {c: c.data for c in g.constants}
     for n in g.nodes:
         if any(o in needed for o in n.outputs):
-            call_node(n, env, node_function(n))
+            call_node(n, env, _VIEWS.get(n.op) or node_function(n))
     return env[v]
 
 
