@@ -117,6 +117,9 @@ def test_loop_block_is_one_fused_moe() -> None:
     assert not any(op.startswith("torch:") for op in ops), ops  # no nonzero, no index_add
     for ex in exes:  # experts stacked at compile time: nothing stacks weights per call
         assert not {"cat", "stack"} & {n.op for n in ex.graph.nodes}
+        (node,) = [n for n in ex.graph.nodes if n.op == "fused_moe"]
+        for w in (node.args["w_gate_up"].data, node.args["w_down"].data):
+            assert w.transpose(1, 2).is_contiguous()  # nn.Linear order: fastest to stream
 
 
 def test_tessera_compile_exports_one_fused_moe() -> None:
@@ -220,3 +223,6 @@ def test_transformers_blocks(kind: str) -> None:
     exes, breaks = _run(Layer(block), [torch.randn(2, 5, H)])
     assert breaks == 0
     assert _ops(exes).count("fused_moe") == 1, _ops(exes)
+    (node,) = [n for ex in exes for n in ex.graph.nodes if n.op == "fused_moe"]
+    stored = block.experts.gate_up_proj  # used in place: no copy of the expert weights
+    assert node.args["w_gate_up"].data.data_ptr() == stored.data_ptr()
