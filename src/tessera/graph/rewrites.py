@@ -11,6 +11,9 @@ and DCE and before fusion, each written the way models write it:
   an activation and/or a residual add -> one GEMM with those fused into its epilogue; a
   bias alone too (one pass instead of a broadcast then the product).
 
+Epilogues (activations, residuals, SwiGLU's pairing) are fused only at sizes where that
+measured faster than separate kernels (`_epilogue_pays`); a bias always is.
+
 Patterns are traced on first use (about a second for all of them) and kept.
 """
 
@@ -226,6 +229,39 @@ def _gelu_patterns() -> list[Pattern]:
 # -- GEMMs with epilogues ----------------------------------------------------------------------
 _M, _S, _K, _N = 6, 3, 5, 7  # 2-D rows M; 3-D [2, S, K]
 
+# When an epilogue (activation, residual, SwiGLU's pairing) pays, measured on this machine
+# (AVX2, one thread, interleaved medians). A product of few rows runs on the template's
+# dot-product path (up to DOT_ROWS = 48 rows with an nn.Linear weight, up to STRIP_ROWS =
+# 4 with a row-major one; sgemm.c), which applies the epilogue element by element: there
+# a separate kernel is faster (32 x 256 -> 1024: gelu 884 us fused, 596 apart; SwiGLU
+# 2.27 ms fused, 1.54 ms apart), except on one row (SwiGLU 116 us fused, 153 apart). A
+# residual did not pay at any size (32 rows: 708 us fused, 470 apart; 1024 rows: equal,
+# and apart the add can join the next norm's kernel): it is fused only past the
+# dot-product path. A bias always pays (it replaces a broadcast pass: 848 -> 440 us).
+_DOT_ROWS, _STRIP_ROWS = 48, 4
+
+
+def _rows(x: Value) -> int | None:
+    """The rows of a product with left operand x (None if symbolic)."""
+    lead = x.shape[:-1]
+    return math.prod(lead) if all(isinstance(d, int) for d in lead) else None
+
+
+def _by_columns(w: Value) -> bool:
+    """Whether the weight is stored by columns (an nn.Linear weight's transpose); unknown
+    layouts count as such."""
+    data = _constant_data(w)
+    return data is None or data.dim() != 2 or data.stride(1) != 1
+
+
+def _epilogue_pays(x: Value, w: Value, residual: bool) -> bool:
+    rows = _rows(x)
+    if rows is None:
+        return False
+    if residual:
+        return rows > _DOT_ROWS
+    return rows == 1 or rows > (_DOT_ROWS if _by_columns(w) else _STRIP_ROWS)
+
 
 def swiglu_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """silu(x @ w[:, :N]) * (x @ w[:, N:]) for w = [gate | up] ([K, 2N], any strides) in
@@ -275,8 +311,10 @@ def _swiglu_build(m: Match) -> Value:
 
 
 def _swiglu_check(m: Match) -> bool:
+    """Constant weights of the input's dtype, and a size where the pairing pays (the
+    combined weight is stored by columns)."""
     return _same_dtype("x", "wg", "wu")(m) and _constant_data(m["wg"]) is not None and \
-        _constant_data(m["wu"]) is not None
+        _constant_data(m["wu"]) is not None and _epilogue_pays(m["x"], m["wg"], False)
 
 
 def _swiglu_patterns() -> list[Pattern]:
@@ -336,8 +374,13 @@ def _linear(form: str, act: bool, res: bool) -> Pattern:
     else:
         fn, examples = (lambda x, w: product(x, w, None)), [x, _empty(_K, _N)]
     name = f"linear_{form}" + ("_act" if act else "") + ("_residual" if res else "")
-    return Pattern(fn, examples, build=_linear_build, name=name,
-                   check=_same_dtype("x", "w", "b", "r"), broadcast=("r",) if res else (),
+    same = _same_dtype("x", "w", "b", "r")
+
+    def check(m: Match) -> bool:
+        return same(m) and (not (act or res) or _epilogue_pays(m["x"], m["w"], res))
+
+    return Pattern(fn, examples, build=_linear_build, name=name, check=check,
+                   broadcast=("r",) if res else (),
                    needs=("addmm" if bias else "matmul", *(("add",) if res else ())),
                    ops={"relu": ["gelu", "silu", "sigmoid", "tanh"]} if act else None)
 
