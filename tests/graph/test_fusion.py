@@ -47,7 +47,9 @@ class Builder:
     def op(self, name: str, **args: Any) -> Value:
         d = registry.get(name)
         real = {k: self.ref.get(a, a) if isinstance(a, Value) else a for k, a in args.items()}
-        out = d.reference(*(real[a.name] for a in d.args if not a.kwarg_only and a.name in real),
+        positional = [a for a in d.args if not a.kwarg_only]
+        given = [i for i, a in enumerate(positional) if a.name in real]
+        out = d.reference(*(real.get(a.name, a.default) for a in positional[:max(given) + 1]),
                           **{a.name: real[a.name] for a in d.args
                              if a.kwarg_only and a.name in real})
         if out.dtype not in DTYPES:
@@ -393,6 +395,42 @@ def test_batch_norm_with_frozen_statistics_fuses() -> None:
     ex, (got,) = b.run(out)
     assert [n.op for n in ex.graph.nodes] == ["batch_norm", "relu"]
     close(got, b.ref[out])
+
+
+def test_convolutions_take_batch_norm_activation_and_residual() -> None:
+    """conv -> bn -> relu -> + x (read by a convolution): one convolution (bn folded into
+    its weights and bias, relu and the residual in its epilogue); conv -> bn -> + bn'(x)
+    -> relu: the add stays with the relu (and the other batch norm) in a pointwise group;
+    a convolution whose weight is an input stays as it is."""
+    b = Builder()
+    x = b.input(torch.randn(2, 4, 6, 6))
+    stats = [b.input(t, const=True) for t in (torch.randn(4), torch.rand(4) + 0.5,
+                                              torch.rand(4) + 0.5, torch.randn(4))]
+
+    def conv_bn(h: Value, w: Value) -> Value:  # (depthwise: no GEMM template to compile)
+        c = b.op("conv2d", x=h, weight=w, bias=stats[3], padding=[1, 1], groups=4)
+        return b.op("batch_norm", x=c, running_mean=stats[0], running_var=stats[1],
+                    weight=stats[2], bias=stats[3])
+
+    w = b.input(torch.randn(4, 1, 3, 3) / 3, const=True)
+    h = b.op("add", x=b.op("relu", x=conv_bn(x, w)), other=x)
+    bn_x = b.op("batch_norm", x=x, running_mean=stats[0], running_var=stats[1])
+    out = b.op("relu", x=b.op("add", x=conv_bn(h, w), other=bn_x))
+    ex, (got,) = b.run(out)
+    assert [(n.op, n.args["kwargs"]["activation"], n.args["kwargs"]["residual"] is not None)
+            for n in ex.graph.nodes if n.op == "fused:conv2d"] == [
+        ("fused:conv2d", "relu", True), ("fused:conv2d", None, False)]
+    assert [n.op for n in ex.graph.nodes][-1] == "fused:batch_norm_add_relu"
+    replayed(ex)
+    close(got, b.ref[out], scale=10)
+    g = Graph()
+    x, w = (g.value(n, torch.float32, s, "input") for n, s in (("x", (1, 2, 3, 3)),
+                                                              ("w", (2, 2, 1, 1))))
+    c, r = g.value("c", torch.float32, (1, 2, 3, 3)), g.value("r", torch.float32, (1, 2, 3, 3))
+    g.add(Node("conv2d", {"x": x, "weight": w}, [c]))
+    g.add(Node("relu", {"x": c}, [r]))
+    g.outputs = [r]
+    assert fusion.fuse_epilogues(g) == 0 and [n.op for n in g.nodes] == ["conv2d", "relu"]
 
 
 def test_long_rows_stay_unfused() -> None:

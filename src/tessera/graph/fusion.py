@@ -40,7 +40,7 @@ from tessera.ops import norm, pointwise, reduce, registry
 from tessera.ops._launch import FLOATS, KERNEL_DTYPES, coalesce, launch, ldtype
 from tessera.runtime.toolchain import compile_c
 
-__all__ = ["MAX_ROW", "FusedKernel", "fuse"]
+__all__ = ["MAX_ROW", "FusedKernel", "fuse", "fuse_epilogues"]
 
 MAX_ROW = 4096  # longest last dim a group with row ops handles (one tile per row)
 
@@ -448,9 +448,9 @@ def _row_member(n: Node) -> _Member | None:
     return None
 
 
-def _batch_norm_member(n: Node) -> _Member | None:
-    """Inference batch norm with frozen statistics: the eager op's x * scale + shift
-    (`fma`), scale and shift computed here as it computes them at every call."""
+def _batch_norm_affine(n: Node) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scale, shift), float32 [C], of an inference batch norm with frozen statistics
+    (computed as the eager op computes them at every call), or None."""
     a = n.args
     x, eps = a.get("x"), a.get("eps", 1e-5)
     stats = [a.get(k) for k in ("running_mean", "running_var", "weight", "bias")]
@@ -467,8 +467,18 @@ def _batch_norm_member(n: Node) -> _Member | None:
     shift = -mean.float() * scale
     if b is not None:
         shift = shift + b.float()
+    return scale, shift
+
+
+def _batch_norm_member(n: Node) -> _Member | None:
+    """Inference batch norm with frozen statistics: the eager op's x * scale + shift
+    (`fma`) with scale and shift as constants."""
+    affine = _batch_norm_affine(n)
+    if affine is None:
+        return None
+    x = n.args["x"]
     view = [x.shape[1]] + [1] * (len(x.shape) - 2)
-    operands = (x, scale.view(view), shift.view(view))
+    operands = (x, affine[0].view(view), affine[1].view(view))
     ct, out = _compute(x.dtype), ldtype(n.outputs[0].dtype)
     return _Member(n, operands, lambda ref: ("pw", pointwise.TERNARY["fma"],
                                              tuple(map(ref, operands)), (ct,) * 3, (), out))
@@ -678,3 +688,91 @@ def _fused_node(g: Graph, grp: _Group) -> Node:
     node.meta["returns"] = list(range(len(values)))
     node.meta["members"] = [m.node for m in grp.members]
     return node
+
+
+# -- convolution epilogues ------------------------------------------------------------------
+_ACTIVATIONS = ("relu", "gelu", "silu", "sigmoid", "tanh")  # the GEMM epilogue's (sgemm.py)
+
+
+def fuse_epilogues(g: Graph) -> int:
+    """Fold pointwise consumers of float32 conv2d nodes with frozen weights into the
+    convolution, in place: a batch norm with frozen statistics into its weights and bias,
+    then an activation and a residual add into the GEMM template's epilogue — one
+    `fused_conv2d` computing act(conv(x, W * s) + (b * s + t)) + r. A residual add whose
+    result feeds a pointwise op (ResNet's relu) is left to `fuse`: the add and that op in
+    one kernel cost the same passes, and the other operand's own ops may join them. How
+    many convolutions took a consumer. (Linear layers get theirs from the pattern
+    rewrites.)"""
+    from tessera.ops.conv import fused_conv2d
+
+    users = g.users()
+    outputs = set(g.outputs)
+
+    def only_user(v: Value, ops: Sequence[str]) -> Node | None:
+        """The node reading v if it is the only one, is one of `ops`, belongs to no other
+        convolution's chain, and v is no output."""
+        us = users[v]
+        return us[0] if v not in outputs and len(us) == 1 and us[0].op in ops and \
+            us[0] not in replace else None
+
+    replace: dict[Node, Node | None] = {}  # chain nodes -> the fused conv (at the last)
+    for c in g.nodes:
+        if c.op != "conv2d" or not _frozen_float32(c.args.get("weight"), c.args.get("bias"),
+                                                    c.args.get("x")):
+            continue
+        chain, v = [c], c.outputs[0]
+        w, b = c.args["weight"], c.args.get("bias")
+        n = only_user(v, ("batch_norm",))
+        affine = _batch_norm_affine(n) if n is not None and n.args.get("x") is v else None
+        if affine is not None:
+            scale, shift = affine
+            data = c.args["weight"].data * scale.view(-1, 1, 1, 1)
+            w = g.value(f"{n.outputs[0].name}_weight", data.dtype, tuple(data.shape), "const",
+                        data)
+            data = shift if b is None else b.data * scale + shift
+            b = g.value(f"{n.outputs[0].name}_bias", data.dtype, tuple(data.shape), "const",
+                        data)
+            chain.append(n)
+            v = n.outputs[0]
+        activation = None
+        n = only_user(v, _ACTIVATIONS)
+        if n is not None and n.args.get("x") is v and n.args.get("approximate", "none") in (
+                "none", "tanh"):
+            activation = n.op if n.args.get("approximate", "none") == "none" else "gelu_tanh"
+            chain.append(n)
+            v = n.outputs[0]
+        residual = None
+        n = only_user(v, ("add",))
+        after = users[n.outputs[0]] if n is not None else []
+        if n is not None and n.args.get("alpha", 1) == 1 and not (
+                len(after) == 1 and _member(after[0]) is not None):  # (else: a group's)
+            r = n.args.get("other") if n.args.get("x") is v else n.args.get("x")
+            if isinstance(r, Value) and r is not v and r.dtype == torch.float32 and \
+                    _broadcast(r.shape, v.shape) == v.shape:
+                residual = r
+                chain.append(n)
+                v = n.outputs[0]
+        if len(chain) == 1:
+            continue
+        a = c.args
+        node = Node("fused:conv2d", {
+            "args": [a["x"], w, b, a.get("stride", 1), a.get("padding", 0),
+                     a.get("dilation", 1), a.get("groups", 1)],
+            "kwargs": {"activation": activation, "residual": residual}}, [v], fused_conv2d,
+            source="fused: " + "; ".join(repr(m) for m in chain))
+        replace.update(dict.fromkeys(chain[:-1]))
+        replace[chain[-1]] = node
+    if replace:
+        nodes, g.nodes = g.nodes, []
+        for n in nodes:
+            new = replace.get(n, n)
+            if new is not None:
+                g.add(new)
+    return sum(new is not None for new in replace.values())
+
+
+def _frozen_float32(w: Any, b: Any, x: Any) -> bool:
+    """A float32 convolution of x by a constant weight and (no or a constant) bias."""
+    return all(isinstance(v, Value) and v.dtype == torch.float32 for v in (w, x)) and \
+        w.kind == "const" and (b is None or (isinstance(b, Value) and b.kind == "const"
+                                             and b.dtype == torch.float32))
