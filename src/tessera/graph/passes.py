@@ -72,8 +72,8 @@ def _substitute(a: Any, rename: dict[Value, Value]) -> Any:
 
 def run(g: Graph, options: dict[str, Any] | None = None) -> Graph:
     """The default pipeline, in place; the graph is verified after it. `options`: the
-    compiler's (`fusion`: False leaves pointwise and row ops unfused; `patterns`: False
-    skips the pattern rewrites)."""
+    compiler's (`fusion`: False leaves pointwise and row ops, and convolutions'
+    consumers, unfused; `patterns`: False skips the pattern rewrites)."""
     moe.fold_expert_weights(g)
     while cse(g) | dce(g):
         pass
@@ -84,6 +84,7 @@ def run(g: Graph, options: dict[str, Any] | None = None) -> Graph:
         rewrites.run(g)  # attention, norms, GEMM epilogues (rewrites.py) and the user's
         dce(g)
     if (options or {}).get("fusion", True):
+        fusion.fuse_epilogues(g)  # convolutions take their consumers first
         fusion.fuse(g)
     g.verify()
     return g
