@@ -132,7 +132,10 @@ def _install(cls: type) -> None:
 
     @functools.wraps(original)
     def dispatch(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling() and not self.training:
+        # `plan` makes dynamo guard on the instance: only for the tessera backend, and only
+        # for blocks with experts
+        if torch.compiler.is_compiling() and not self.training and _fusing() and \
+                isinstance(getattr(self, "experts", None), torch.nn.Module):
             x = args[0] if len(args) == 1 and not kwargs else \
                 kwargs.get(first) if not args and len(kwargs) == 1 else None
             if isinstance(x, torch.Tensor):
@@ -157,14 +160,21 @@ _PLANS: weakref.WeakKeyDictionary[torch.nn.Module, dict[Any, Plan | None]] = \
 
 
 @torch._dynamo.assume_constant_result
+def _fusing() -> bool:
+    """Whether dynamo traces for the tessera backend with the "moe" option on (at trace
+    time: dynamo bakes the answer in)."""
+    options = _tessera_options()
+    return options is not None and bool(options.get("moe", True))
+
+
+@torch._dynamo.assume_constant_result
 def plan(block: torch.nn.Module, original: Callable[..., Any], ndim: int,
          dtype: torch.dtype) -> Plan | None:
     """The verified plan of `block` for inputs of this rank and dtype, or None. Runs at
     trace time (dynamo bakes the result in); None unless dynamo traces for the tessera
     backend with the "moe" option on, and None where autograd would need fused_moe's
     gradient (it has none: inference only)."""
-    options = _tessera_options()
-    if options is None or not options.get("moe", True):
+    if not _fusing():
         return None
     if torch.is_grad_enabled() and any(p.requires_grad for p in block.parameters()):
         return None
@@ -376,7 +386,7 @@ def _verified(block: torch.nn.Module, original: Callable[..., Any], ndim: int,
     lead = (1,) * (ndim - 3) + ((2, _PROBE_TOKENS // 2) if ndim > 2 else (_PROBE_TOKENS,))
     gen = torch.Generator().manual_seed(0)
     probe = torch.randn((*lead, h), generator=gen).to(dtype)
-    with _disable_current_modes(), torch.no_grad(), torch.random.fork_rng():
+    with _disable_current_modes(), torch.no_grad(), torch.random.fork_rng(devices=[]):
         buffers = {n: b.clone() for n, b in block.named_buffers()}
         try:
             want = original(block, probe)
