@@ -81,7 +81,8 @@ def run(g: Graph, options: dict[str, Any] | None = None) -> Graph:
         quantize.quantize(g, options["quantize"])
         dce(g)  # the float weights' transposes
     if (options or {}).get("patterns", True):
-        rewrites.run(g)  # attention, norms, GEMM epilogues (rewrites.py) and the user's
+        # attention, norms, GEMM epilogues (rewrites.py) and the user's
+        rewrites.run(g, fusion=(options or {}).get("fusion", True))
         dce(g)
     if (options or {}).get("fusion", True):
         fusion.fuse_epilogues(g)  # convolutions take their consumers first
