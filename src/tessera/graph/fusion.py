@@ -1,5 +1,6 @@
 """Autofusion: regions of pointwise ops (and row ops: reductions over the last dim,
-softmax, layer/RMS norm) become one generated kernel each.
+softmax, layer/RMS norm) become one generated kernel each (`fuse`); convolutions take
+their consumers into their epilogue (`fuse_epilogues`).
 
 A group is a connected region of fusable nodes over one iteration domain (the broadcast
 of its inputs). Values it computes stay in registers unless something outside the group
@@ -8,12 +9,14 @@ in tiles of coalesced dims, as the eager pointwise ops do; a group with row ops 
 whole rows (the last dim, at most `MAX_ROW` long, in one tile), so a reduction's result
 can feed pointwise ops on the same rows (softmax or LayerNorm written out in torch).
 
-The kernel is `fused_kernel`, written once in the kernel language: it interprets a
-compile-time program (a tuple of steps), inlining each op's tile function (`OpDef.tile`'s
-tables in ops/pointwise.py) with the same casts the eager ops make — each operand to the
-op's compute dtype, each result rounded to its dtype — so results match eager's. The
-fused node calls `FusedKernel`, which launches through the launcher: the native
-executable records and replays it like any op.
+Pointwise members are the pointwise ops, copies (`contiguous`) and inference batch norm
+with frozen statistics (eager's x * scale + shift). The kernel is `fused_kernel`, written
+once in the kernel language: it interprets a compile-time program (a tuple of steps),
+inlining each op's tile function (`OpDef.tile`'s tables in ops/pointwise.py) with the
+same casts the eager ops make — each operand to the op's compute dtype, each result
+rounded to its dtype — so results match eager's. The fused node calls `FusedKernel`,
+which launches through the launcher: the native executable records and replays it like
+any op.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 
 import tessera.lang as tl
 from tessera.errors import ShapeError
-from tessera.graph.ir import Dim, Graph, Node, Value
+from tessera.graph.ir import Dim, Graph, GraphError, Node, Value
 from tessera.lang.codegen.c import ENTRY, CPrinter
 from tessera.lang.frontend import _Frontend
 from tessera.lang.ir import Function, Loc, Op
@@ -512,6 +515,8 @@ def _broadcast(a: tuple[Dim, ...], b: tuple[Dim, ...]) -> tuple[Dim, ...] | None
 
 @dataclass(frozen=True)
 class _Group:
+    """Members that can be one kernel over `domain`, and the values it stores."""
+
     members: tuple[_Member, ...]  # in graph order
     domain: tuple[Dim, ...]
     r: int  # row length if the group has row ops, else 0
@@ -519,6 +524,9 @@ class _Group:
 
 
 class _Grouper:
+    """Grows groups in graph order: each fusable node joins the groups of its inputs'
+    producers where the union is still one kernel and no path leaves and re-enters it."""
+
     def __init__(self, g: Graph) -> None:
         self.g = g
         self.pos = {n: i for i, n in enumerate(g.nodes)}
@@ -644,7 +652,9 @@ def fuse(g: Graph) -> int:
             waiting[r] -= 1
             if waiting[r] == 0:
                 heapq.heappush(ready, (rank[r], r))
-    assert len(order) == len(units), "fusion made a cycle"
+    if len(order) != len(units):  # (the grouper's cycle check rules this out)
+        raise GraphError("fusion: the fused graph has a cycle", hint="compile with "
+                         "options={'fusion': False} and please report this graph")
     g.nodes = []
     for n in order:
         g.add(n)
