@@ -79,17 +79,25 @@ def decompositions() -> dict[Any, Callable[..., Any]]:
         aten.native_layer_norm_backward, aten.tril, aten.triu, aten.stack,
     ])
     table[aten.pow.Tensor_Scalar] = _pow_scalar
-    table[aten._to_copy.default] = _to_bool
+    table[aten._to_copy.default] = _cast
     return table
 
 
-def _to_bool(x: torch.Tensor, **kwargs: Any) -> Any:
-    """x.to(torch.bool) is x != 0 (an attention mask's int -> bool); other casts stay."""
-    if kwargs.pop("dtype", None) is not torch.bool or x.dtype == torch.bool or \
-            any(v not in (None, False, x.device, x.layout, torch.preserve_format)
-                for v in kwargs.values()):
+def _cast(x: torch.Tensor, **kwargs: Any) -> Any:
+    """Casts registry ops compute exactly: x.to(torch.bool) is x != 0 (an attention mask's
+    int -> bool), an integer x.to(default float) is x * 1.0 (rotary positions' .float(),
+    promoted as torch promotes); other casts stay."""
+    dtype = kwargs.pop("dtype", None)
+    if dtype is None or dtype == x.dtype or any(
+            v not in (None, False, x.device, x.layout, torch.preserve_format)
+            for v in kwargs.values()):
         return NotImplemented
-    return torch.ops.aten.ne.Scalar(x, 0)
+    if dtype == torch.bool:
+        return torch.ops.aten.ne.Scalar(x, 0)
+    if not x.is_floating_point() and not x.is_complex() and \
+            dtype == torch.get_default_dtype():
+        return torch.ops.aten.mul.Tensor(x, 1.0)
+    return NotImplemented
 
 
 def _pow_scalar(x: torch.Tensor, exponent: Any) -> Any:

@@ -3,7 +3,9 @@ produce) becomes a Graph of registry ops. Each aten call is lowered to the op th
 the overload in its `implements`, binding aten's arguments to the op's by name (with
 aten's aliases: self/input -> x, mat2 -> other, ...); aten arguments the op does not take
 must hold values that do not change the forward result (dtype=None, dropout_p=0, ...).
-Views stay torch views. Anything else becomes a torch fallback node, named in one warning.
+Views stay torch views; ops that create a tensor from constants alone (arange, full with
+static sizes) become constants. Anything else becomes a torch fallback node, named in one
+warning.
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ VIEWS = {aten.view.default: torch.reshape, aten._unsafe_view.default: torch.resh
          aten.unbind.int: torch.unbind, aten.split.Tensor: torch.split,
          aten.split_with_sizes.default: torch.split_with_sizes,
          aten.diagonal.default: torch.diagonal, aten.unfold.default: aten.unfold.default,
-         aten.lift_fresh_copy.default: torch.clone}
+         # a tensor literal of the model: its copy is never written (the graph is
+         # functional), so it is the literal itself, not a clone on every call
+         aten.lift_fresh_copy.default: aten.alias.default}
 
 
 @cache
@@ -128,6 +132,15 @@ def _meta(node: torch.fx.Node) -> list[Any]:
 
 def _dims(shape: Sequence[Any]) -> tuple[int | str, ...]:
     return tuple(d if isinstance(d, int) else str(d) for d in shape)
+
+
+def _constant_creation(target: Any, fx: torch.fx.Node) -> bool:
+    """A deterministic op making one tensor from constants alone (arange, full,
+    scalar_tensor with static sizes): its result is a constant of the graph."""
+    return isinstance(target, torch._ops.OpOverload) and not fx.all_input_nodes and \
+        isinstance(fx.meta.get("val"), torch.Tensor) and len(target._schema.returns) == 1 \
+        and torch.Tag.nondeterministic_seeded not in target.tags and \
+        not any("Tensor" in str(a.type) for a in target._schema.arguments)
 
 
 class _Builder:
@@ -205,6 +218,11 @@ class _Builder:
             self.emit(fx, "view:" + str(target).removeprefix("aten."),
                       {"args": self.arg(fx.args), "kwargs": self.arg(fx.kwargs)}, vals,
                       VIEWS[target])
+        elif _constant_creation(target, fx):
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+            with unset_fake_temporarily():  # a real constant, also when tracing patterns
+                t = target(*fx.args, **fx.kwargs)  # arange(32), full([], True): made once
+            self.env[fx] = self.graph.value(fx.name, t.dtype, tuple(t.shape), "const", t)
         else:
             if isinstance(target, torch._ops.OpOverload) and any(
                     isinstance(v, torch.Tensor) for v in vals):
