@@ -470,7 +470,7 @@ def _block(kind: str, d: int, h: int, rng: torch.Generator) -> Callable[[torch.T
     if kind == "gelu_tanh":
         return GPT2Block.gelu
     if kind == "swiglu":
-        return lambda x: F.linear(F.silu(F.linear(x, c)) * F.linear(x, e), c.t()) + x
+        return lambda x: F.linear(F.silu(F.linear(x, c)) * F.linear(x, e), c.t(), b) + x
     causal, div = kind.endswith("causal"), kind.startswith("attention_div")
 
     def attention(x: torch.Tensor) -> torch.Tensor:

@@ -87,11 +87,12 @@ def _trace(fn: Callable[..., Any], args: Sequence[Any], what: str) -> Graph:
     with mode:
         fakes = [torch.empty(a.shape, dtype=a.dtype) for a in (args[i] for i in at)]
     try:
-        with warnings.catch_warnings(), mode:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            gm = make_fx(traced, tracing_mode="fake", decomposition_table=decompositions())(
-                *fakes)
-            g = from_fx(gm)
+            with mode:
+                gm = make_fx(traced, tracing_mode="fake",
+                             decomposition_table=decompositions())(*fakes)
+            g = from_fx(gm)  # outside the fake mode: constants it folds hold real data
     except TesseraError:
         raise
     except Exception as e:
