@@ -560,10 +560,11 @@ class _Matcher:
             if st.values[pv] is tv:
                 yield st
             return
-        if pv.kind == "const":
-            if tv.kind == "const" and tv.dtype == pv.dtype and tv.shape == pv.shape and \
-                    torch.equal(tv.data, pv.data):
-                st = st.copy()
+        if pv.kind == "const":  # the same values, in the dtype the match maps it to
+            st = st.copy()
+            if tv.kind == "const" and tv.shape == pv.shape and \
+                    self._dtype(pv.dtype, tv.dtype, st) and \
+                    torch.equal(tv.data, pv.data.to(tv.dtype)):
                 st.values[pv] = tv
                 yield st
             return
