@@ -118,3 +118,13 @@ def test_zoo_rejects_bad_requests() -> None:
     resnet = zoo.build("resnet")
     with pytest.raises(zoo.ZooError, match="resnet is not a language model"):
         zoo.greedy_decode(resnet.model, resnet, torch.zeros(1, 1, dtype=torch.long), 1)
+
+
+def test_peak_activation_counts_live_outputs_only() -> None:
+    """The models suite's eager memory: op outputs while alive, not inputs or weights."""
+    from tessera.bench.models import peak_activation_bytes
+    x = torch.randn(1000)
+    # x + 1 and (x + 1) * 2 are alive together (4000 bytes each); the sum comes after the
+    # first is freed
+    assert peak_activation_bytes(lambda x: ((x + 1) * 2).sum(), (x,)) == 8000
+    assert peak_activation_bytes(torch.nn.Linear(1000, 10), (x[None],)) == 40
