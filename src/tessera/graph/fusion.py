@@ -463,14 +463,9 @@ def _batch_norm_affine(n: Node) -> tuple[torch.Tensor, torch.Tensor] | None:
                                        v.dtype in FLOATS and v.shape == x.shape[1:2])
                 for v in stats):
         return None
-    mean, var, w, b = (v.data if v is not None else None for v in stats)
-    scale = torch.rsqrt(var.float() + eps)
-    if w is not None:
-        scale = scale * w.float()
-    shift = -mean.float() * scale
-    if b is not None:
-        shift = shift + b.float()
-    return scale, shift
+    mean, var, w, b = (v.data.float() if v is not None else None for v in stats)
+    scale = torch.rsqrt(var + eps) * (w if w is not None else 1.0)  # (as eager's, exactly)
+    return scale, (b if b is not None else 0.0) - mean * scale
 
 
 def _batch_norm_member(n: Node) -> _Member | None:
