@@ -15,7 +15,8 @@ Shapes: the examples are traced with every size other than 1 scaled by its own p
 each number the trace derives from sizes (an output's dims, a split's sizes) is known as
 a product of the inputs' sizes and checked as one. A pattern is thus shape-generic, with
 two rules: sizes equal in the examples must be equal in a match (give dims that may
-differ different sizes), and a size of 1 stays 1 (a broadcast).
+differ different sizes), and a size of 1 stays 1 (a broadcast). Ranks are the
+examples'.
 Float parameters match whatever number the graph passes where the pattern passes them;
 other non-tensor parameters are fixed to their example values. The pattern's floating
 dtypes stand for any floating dtypes, consistently. A graph holds the same values in
