@@ -118,6 +118,15 @@ def test_zoo_rejects_bad_requests() -> None:
     resnet = zoo.build("resnet")
     with pytest.raises(zoo.ZooError, match="resnet is not a language model"):
         zoo.greedy_decode(resnet.model, resnet, torch.zeros(1, 1, dtype=torch.long), 1)
+    with pytest.raises(zoo.ZooError, match="resnet is not a language model"):
+        resnet.decode(1, 4)
+    with pytest.raises(zoo.ZooError, match="resnet: inputs for batch 0"):
+        resnet.inputs(0, 8)
+    gpt2 = zoo.build("gpt2")
+    with pytest.raises(zoo.ZooError, match="gpt2: decode for batch 1 and 513 tokens"):
+        gpt2.decode(1, 512)
+    with pytest.raises(zoo.ZooError, match="gpt2: greedy_decode for batch 1 and 513"):
+        zoo.greedy_decode(gpt2.model, gpt2, torch.zeros(1, 500, dtype=torch.long), 14)
 
 
 def test_peak_activation_counts_live_outputs_only() -> None:

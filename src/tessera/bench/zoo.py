@@ -2,7 +2,7 @@
 compiler's end-to-end tests and the `models` benchmark suite.
 
 Every entry is a `ZooModel`: the model in eval mode with gradients off, and builders of its
-example inputs for a batch x sequence (prefill, or one image of side `seq` for the CNN)
+example inputs for a batch x sequence (prefill; for the CNN, `batch` images of seq x seq)
 and, for language models, for a 1-token decode step against a KV cache of a given length.
 The language models share one calling convention, so `greedy_decode` drives them all:
 `model(input_ids, keys, values) -> (logits, keys, values)`, where keys and values are the
@@ -25,7 +25,7 @@ from torch import nn
 
 from tessera.errors import TesseraError
 
-__all__ = ["MODELS", "SIZES", "ZooError", "ZooModel", "build", "greedy_decode"]
+__all__ = ["MODELS", "SIZES", "ZooError", "ZooModel", "build", "greedy_decode", "param_count"]
 
 
 class ZooError(TesseraError):
@@ -51,18 +51,39 @@ SIZES = {"tiny": Size(hidden=64, layers=2, heads=4, kv_heads=2, experts=4, top_k
 
 @dataclass(frozen=True)
 class ZooModel:
-    """A model and its example inputs. `inputs(batch, seq)`: the arguments of a forward
-    (prefill for language models); `decode(batch, cache_len)`: the arguments of a 1-token
-    decode step (language models only, else None)."""
+    """A model and builders of its example inputs: `inputs(batch, seq)` gives the
+    arguments of a forward (prefill for language models); `decode(batch, cache_len)` those
+    of a 1-token decode step (language models only). `positions`: the tokens a language
+    model takes in all (prompt and cache)."""
 
     name: str
     model: nn.Module
-    inputs: Callable[[int, int], tuple[Any, ...]]
-    decode: Callable[[int, int], tuple[Any, ...]] | None = None
+    make_inputs: Callable[[int, int], tuple[Any, ...]]
+    make_decode: Callable[[int, int], tuple[Any, ...]] | None = None
+    positions: int = 0
 
     @property
     def is_lm(self) -> bool:
-        return self.decode is not None
+        return self.make_decode is not None
+
+    def inputs(self, batch: int, seq: int) -> tuple[Any, ...]:
+        # a language model's seq 0 is its empty cache (what a prefill starts from)
+        self._check("inputs", batch, seq, 0 if self.is_lm else 1)
+        return self.make_inputs(batch, seq)
+
+    def decode(self, batch: int, cache_len: int) -> tuple[Any, ...]:
+        if self.make_decode is None:
+            raise ZooError(f"zoo model {self.name} is not a language model: it does not "
+                           "decode")
+        self._check("decode", batch, cache_len + 1, 1)
+        return self.make_decode(batch, cache_len)
+
+    def _check(self, what: str, batch: int, seq: int, least: int) -> None:
+        limit = self.positions or None
+        if batch < 1 or seq < least or (limit is not None and seq > limit):
+            raise ZooError(f"zoo model {self.name}: {what} for batch {batch} and "
+                           f"{seq} tokens", hint=f"batch >= 1, {least} <= tokens"
+                           + (f" <= {limit}" if limit else ""))
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -101,13 +122,14 @@ def _bert(s: Size) -> ZooModel:
     model = _frozen(Bert(s))
 
     def inputs(batch: int, seq: int) -> tuple[Any, ...]:
-        # sequence b keeps its first seq - b * seq // (2 * batch) tokens: the last ones pad
+        # sequence b > 0 keeps its first seq - b * seq // (2 * batch) tokens, sequence 0
+        # all but one: the last ones pad
         lengths = torch.tensor([seq - b * seq // (2 * batch) - (b == 0 and seq > 1)
                                 for b in range(batch)])
         mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
         return _ids(s.vocab, batch, seq, seq), mask
 
-    return ZooModel("bert", model, inputs)
+    return ZooModel("bert", model, inputs, positions=s.max_positions)
 
 
 # -- language models: one calling convention ------------------------------------------------
@@ -125,7 +147,7 @@ def _lm(name: str, model: nn.Module, s: Size, kv_heads: int, head_dim: int) -> Z
     def decode(batch: int, cache_len: int) -> tuple[Any, ...]:
         return (_ids(s.vocab, batch, 1, cache_len), *cache(batch, cache_len, cache_len))
 
-    return ZooModel(name, model, inputs, decode)
+    return ZooModel(name, model, inputs, decode, s.max_positions)
 
 
 class HFCausalLM(nn.Module):
@@ -377,6 +399,7 @@ def greedy_decode(step: Callable[..., Any], zoo: ZooModel, prompt: torch.Tensor,
     if tokens < 1 or prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ZooError(f"greedy_decode takes a prompt [batch, >=1 tokens] and tokens >= 1; "
                        f"got prompt {list(prompt.shape)}, tokens={tokens}")
+    zoo._check("greedy_decode", prompt.shape[0], prompt.shape[1] + tokens - 1, 1)
     _, k, v = zoo.inputs(prompt.shape[0], 0)
     ids, out = prompt, []
     for _ in range(tokens):
