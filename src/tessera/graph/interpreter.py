@@ -48,8 +48,12 @@ def call_node(node: Node, env: dict[Value, Any], fn: Callable[[dict[str, Any]], 
     try:
         result = fn(_resolve(node.args, env))
     except TesseraError as e:
-        raise type(e)(f"{e.message} (in graph node {node!r}, from: {node.source})",
-                      hint=e.hint) from e
+        message = f"{e.message} (in graph node {node!r}, from: {node.source})"
+        try:  # the same error class, naming the node; a class with other arguments as is
+            raised = type(e)(message, hint=e.hint)
+        except TypeError:
+            raise e from None
+        raise raised from e
     returns = node.meta.get("returns", [0])
     if len(node.outputs) == 1 and returns == [0] and not isinstance(result, (tuple, list)):
         env[node.outputs[0]] = result
