@@ -145,21 +145,60 @@ def test_arena_alignment_constant() -> None:
     assert memplan.ALIGN == 64
 
 
-def test_dynamic_shapes_compile_once_and_record_repeated_signatures() -> None:
-    """Sequence length symbolic: one graph for every length; a length seen once runs on the
-    interpreter (a growing KV cache's never repeat, and recording costs two runs), a
-    length seen again is recorded and then replayed."""
-    model = Block().eval()
+class Pooled(torch.nn.Module):
+    """A per-token part whose sizes follow the sequence and a pooled part whose do not."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(d, d)
+        self.head = torch.nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.softmax(self.fc(x), dim=-1)
+        return h, F.gelu(self.head(h.mean(dim=1))).exp()
+
+
+def test_dynamic_shapes_compile_once_and_replay_new_lengths() -> None:
+    """Sequence length symbolic: one graph for every length. The first length runs on the
+    interpreter, the second records the generic plan (the nodes whose sizes follow the
+    length from Python, the rest native), new lengths after it replay it; a length seen
+    often gets its own plan. A batch the generic plan holds fixed runs on the interpreter."""
+    model = Pooled().eval()
     torch._dynamo.reset()
     before = {id(e) for e in compiled()}
     f = torch.compile(model, backend="tessera", dynamic=True)
     with torch.no_grad():
-        for n in (3, 4, 5, 6, 6, 6):
-            x = torch.randn(1, n, 32)
+        for n in (3, 4, 5, 6, 6, 6, 6, 6):
+            x = torch.randn(2, n, 32)
             torch.testing.assert_close(f(x), model(x), rtol=1e-5, atol=1e-6)
-    (ex,) = [e for e in compiled() if id(e) not in before]
-    assert any(v.symbolic for v in ex.graph.inputs)
-    assert ex.recordings == 1 and len(ex.plans) == 1
+        (ex,) = [e for e in compiled() if id(e) not in before]
+        assert any(v.symbolic for v in ex.graph.inputs)
+        assert ex.calls == {"interpreter": 1, "record": 2, "generic": 4, "plan": 1}
+        assert ex.generic is not None and len(ex.plans) == 1
+        native = sum(s.last - s.first for s in ex.generic.steps if s.node is None)
+        assert native > 0, "the generic plan replays nothing natively"
+        x = torch.randn(3, 5, 32)
+        torch.testing.assert_close(f(x), model(x), rtol=1e-5, atol=1e-6)
+    assert ex.calls["interpreter"] == 2 and ex.calls["generic"] == 4
+
+
+def test_generic_plan_turns_away_a_layout_it_did_not_record() -> None:
+    """A Python-run node makes a view whose strides follow the symbol though its shape
+    does not; the native launch reading it must not replay with the recorded strides."""
+    from tessera.graph.ir import Graph, Node
+    g = Graph()
+    x = g.value("x", torch.float32, (4, "s0"), "input")
+    y = g.value("y", torch.float32, (4, 1))
+    g.add(Node("torch:first_column", {"args": [x], "kwargs": {}}, [y], lambda t: t[:, :1]))
+    z = g.value("z", torch.float32, (4, 1))
+    g.add(Node("exp", {"x": y}, [z]))
+    g.outputs = [z]
+    ex = compile_graph(g)
+    for n in (3, 5, 6):
+        t = torch.randn(4, n)
+        torch.testing.assert_close(ex(t)[0], t[:, :1].exp())
+    assert ex.generic is not None and ex.misses == 1
+    assert ex.calls == {"interpreter": 2, "record": 1}
 
 
 def _scratch_outside_torch(x: torch.Tensor) -> torch.Tensor:

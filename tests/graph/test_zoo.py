@@ -30,7 +30,7 @@ FALLBACKS = {
     "mixtral": {"arange.default"},
 }
 RTOL, ATOL = 1e-4, 1e-4  # float32; bigger than one op's rounding: a model is many ops
-DECODE_STEPS = 4
+DECODE_STEPS = 5
 
 
 # transformers' models take dynamo the longest to trace: out of make test-quick
@@ -75,8 +75,8 @@ def _close(got: Any, want: Any) -> None:
 def test_matches_eager(model: zoo.ZooModel) -> None:
     """One compiled model per test (dynamo tracing dominates its time): a forward called
     twice (the second call records and replays a native plan); a language model decodes
-    greedily, each step checked against eager, then decodes again (replaying the plans of
-    the signatures it saw) to the same tokens."""
+    greedily, each step checked against eager, then decodes again (replaying the plans it
+    recorded) to the same tokens."""
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         f, before = _compile(model)
@@ -104,8 +104,9 @@ def test_matches_eager(model: zoo.ZooModel) -> None:
     if model.is_lm:
         # prefill, the first decode step, then one graph with a dynamic cache length
         assert graphs[-1] == graphs[2] <= 3, f"graphs after each step: {graphs}"
-        # the prefill and the decode steps the dynamic graph saw twice were recorded
-        assert sum(e.recordings for e in new) >= DECODE_STEPS - 1
+        # the dynamic graph's second length recorded its generic plan, which ran the
+        # lengths after it in both decodes
+        assert sum(e.calls["generic"] for e in new) >= DECODE_STEPS - 1
     else:
         assert sum(e.recordings for e in new) >= 1
 

@@ -12,6 +12,13 @@ on the host (`host_reads`) — run in Python between native segments.
 
 Every new plan is checked once against the recorded run before it is used; a plan that
 disagrees is dropped (with a warning) and that signature runs on the interpreter.
+
+A graph with symbolic sizes also gets one generic plan, recorded on the second distinct
+signature it sees: the nodes whose work depends on the sizes that changed (a growing KV
+cache's length) run from Python, everything else replays, so decode steps whose shapes
+never repeat still run natively. Guards on each call (the sizes that did not change, the
+layout of every tensor a native launch touches) send a call the plan does not fit to the
+interpreter.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import bisect
 import collections
 import logging
 import math
+import re
 import struct
 import threading
 import warnings
@@ -52,6 +60,11 @@ class PlanError(TesseraError):
     the interpreter for that input signature)."""
 
 
+class _Miss(Exception):
+    """A call a generic plan does not fit (a tensor a native launch reads has another
+    layout than when recorded): the call runs on the interpreter instead."""
+
+
 def signature(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     """What a plan depends on: every input's dtype, shape, strides and storage offset (and
     the value of int inputs)."""
@@ -82,17 +95,22 @@ class _Plan:
     """The replayable form of one recording."""
 
     def __init__(self, graph: Graph, rec: Recorder, env: dict[Value, Any],
-                 inputs: tuple[Any, ...], plan_steps: list[tuple[Node, Any]]) -> None:
+                 inputs: tuple[Any, ...], plan_steps: list[tuple[Node, Any]],
+                 varying: frozenset[str] | None = None) -> None:
+        """`varying`: for a generic plan, the symbols whose sizes change between calls."""
         self.graph = graph
         self.kept = rec.kept  # constants ops made while recording: launches point into them
+        variant = _variant(plan_steps, env, varying) if varying is not None else set()
         replayable = [r.why is None and not _host_reads(n) and not _data_dependent(n)
-                      for (n, _), r in zip(plan_steps, rec.records, strict=True)]
+                      and i not in variant
+                      for i, ((n, _), r) in enumerate(zip(plan_steps, rec.records,
+                                                          strict=True))]
         # bases: 0 arena, 1 status words, then inputs, output buffers, Python-made values
         self.n_inputs = len(inputs)
         arena_allocs = [a for a in rec.allocs if replayable[a.node]]
         exts: dict[Value, int] = {}
-        python_made = [v for i, (n, _) in enumerate(plan_steps) if not replayable[i]
-                       for v in n.outputs]
+        python_made = {v: None for i, (n, _) in enumerate(plan_steps) if not replayable[i]
+                       for v in n.outputs}
         ranges = _Ranges()
         for a in arena_allocs:
             ranges.add(a.start, a.start + a.nbytes, ("alloc", a))
@@ -174,7 +192,7 @@ class _Plan:
                 step = _Step(node=node, fn=fn)
                 for v in node.inputs():
                     t = env.get(v)
-                    if v.kind == "input" or v in exts:
+                    if v.kind == "input" or v in python_made:
                         continue  # in the call's env already
                     loc = self._locate(t, ranges, constants) if isinstance(t, torch.Tensor) \
                         else ("const", t, 0, (), (), None)  # constants, and ints of shapes
@@ -191,7 +209,7 @@ class _Plan:
         out_allocs: dict[Alloc, int] = {}
         for v in graph.outputs:
             t = env[v]
-            loc = ("value", v, 0, (), (), None) if v.kind == "input" or v in exts else \
+            loc = ("value", v, 0, (), (), None) if v.kind == "input" or v in python_made else \
                 self._locate(t, ranges, constants) if isinstance(t, torch.Tensor) else \
                 ("const", t, 0, (), (), None)
             if loc[0] == "alloc":
@@ -228,6 +246,14 @@ class _Plan:
                 b, at = base(key)
                 relocs_arr.append([s, b, at + off])
             slots_arr += slots
+        # a generic plan's guards: the layout of every tensor its launches point into
+        touched = {key for *_, relocs in launches for _, key, _ in relocs}
+        self.input_layouts = [(k, _layout(inputs[k])) for kind, k in sorted(
+            {key for key in touched if key[0] == "input"}, key=lambda key: key[1])]
+        self.ext_layouts = {self.base_ext + exts[v]: _layout(env[v])
+                            for kind, v in touched if kind == "ext"}
+        self.pins = _pins(graph, inputs, varying) if varying is not None else []
+        self.generic = varying is not None
         self.steps_arr = np.array(steps_arr or [[0] * 8], np.int64).reshape(-1, 8)
         self.slots_arr = np.array(slots_arr or [0], np.int64)
         self.relocs_arr = np.array(relocs_arr or [[0, 0, 0]], np.int64).reshape(-1, 3)
@@ -298,6 +324,12 @@ class _Plan:
             self.direct.append((loc[3], loc[5]) if contiguous and all(u == loc for u in users)
                                else None)
 
+    def fits(self, inputs: tuple[Any, ...]) -> bool:
+        """Whether a generic plan serves these inputs: the sizes it holds fixed and the
+        layouts of the inputs its launches read are the recorded ones."""
+        return all(_dim(inputs[k], d) == n for k, d, n in self.pins) and \
+            all(_layout(inputs[k]) == want for k, want in self.input_layouts)
+
     def run(self, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
         with self.lock:
             bases = self.bases
@@ -331,6 +363,9 @@ class _Plan:
                 call_node(step.node, env, step.fn)
                 for v, b in step.exts:
                     t = env[v]
+                    if self.generic and b in self.ext_layouts and \
+                            _layout(t) != self.ext_layouts[b]:
+                        raise _Miss(f"%{v.name} has layout {_layout(t)}")
                     bases[b] = t.data_ptr()
                     holders[b] = t
             return tuple(self._output(loc, holders, env) for _, loc in self.outputs)
@@ -340,6 +375,59 @@ class _Plan:
                 self.direct[loc[1] - self.base_out] is not None:
             return holders[loc[1]]
         return self.tensor(loc, holders, env)
+
+
+_SYMBOL = re.compile(r"[A-Za-z_]\w*")
+
+
+def _variant(plan_steps: list[tuple[Node, Any]], env: dict[Value, Any],
+             varying: frozenset[str]) -> set[int]:
+    """Indices of the nodes whose launches may change with the `varying` symbols: they
+    read or make a size (a Python int) or a tensor whose shape mentions one of them, or
+    read a view a variant node made (its strides may change too)."""
+    def varies(v: Value) -> bool:
+        return isinstance(env.get(v), int) or any(
+            isinstance(d, str) and not varying.isdisjoint(_SYMBOL.findall(d))
+            for d in v.shape)
+
+    out: set[int] = set()
+    tainted: set[Value] = set()
+    for i, (node, _) in enumerate(plan_steps):
+        if any(v in tainted or varies(v) for v in node.inputs()) or \
+                any(varies(v) for v in node.outputs):
+            out.add(i)
+            if node.kind == "view":
+                tainted.update(node.outputs)
+    return out
+
+
+def bindings(graph: Graph, inputs: tuple[Any, ...]) -> dict[str, int]:
+    """The size each plain symbol of the graph's input shapes ("s0") has in `inputs`."""
+    out: dict[str, int] = {}
+    for v, x in zip(graph.inputs, inputs, strict=True):
+        if isinstance(x, torch.Tensor):
+            out.update((d, n) for d, n in zip(v.shape, x.shape, strict=True)
+                       if isinstance(d, str) and d.isidentifier())
+    return out
+
+
+def _pins(graph: Graph, inputs: tuple[Any, ...], varying: frozenset[str]
+          ) -> list[tuple[int, int, int]]:
+    """(input, dim, size) of every symbolic input dim a generic plan holds fixed."""
+    return [(k, d, x.shape[d]) for k, (v, x) in enumerate(zip(graph.inputs, inputs,
+                                                             strict=True))
+            if isinstance(x, torch.Tensor)
+            for d, s in enumerate(v.shape)
+            if isinstance(s, str) and varying.isdisjoint(_SYMBOL.findall(s))]
+
+
+def _dim(x: Any, d: int) -> int | None:
+    return x.shape[d] if isinstance(x, torch.Tensor) and d < x.dim() else None
+
+
+def _layout(t: Any) -> tuple[Any, ...]:
+    return (t.dtype, tuple(t.shape), t.stride(), t.storage_offset()) \
+        if isinstance(t, torch.Tensor) else (type(t),)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -425,9 +513,12 @@ class Executable:
     """A compiled graph: call it with the graph's inputs, get its outputs (a tuple).
     `native=False`: every call runs node by node in Python (for debugging)."""
 
-    RECORD_AT = 2  # the call of a signature that records it: shapes seen once (a growing
-    # KV cache's) run on the interpreter, which costs about eager's time; recording costs two
+    RECORD_AT = 2  # the call of a signature that records its own plan (recording costs
+    # about two runs; shapes seen once, like a growing KV cache's, take the generic plan)
+    RECORD_OVER_GENERIC = 4  # ... once a generic plan serves it (each plan has an arena)
     MAX_PLANS = 64  # per executable, least recently used dropped first
+    MAX_SEEN = 1024  # signatures counted towards RECORD_AT, least recent forgotten first
+    MAX_MISSES = 8  # calls a generic plan may turn away before it is dropped
 
     def __init__(self, graph: Graph, native: bool = True,
                  reference: Executable | None = None) -> None:
@@ -438,8 +529,14 @@ class Executable:
         self.plan_steps = [(n, node_function(n)) for n in graph.nodes]
         self.plans: collections.OrderedDict[tuple[Any, ...], _Plan | None] = \
             collections.OrderedDict()
-        self.seen: collections.Counter[tuple[Any, ...]] = collections.Counter()
+        self.seen: collections.OrderedDict[tuple[Any, ...], int] = collections.OrderedDict()
         self.recordings = 0  # input signatures recorded
+        self.symbolic = any(v.symbolic for v in graph.inputs)
+        self.first: dict[str, int] | None = None  # the first call's sizes of the symbols
+        self.generic: _Plan | None = None
+        self.misses = 0  # calls the generic plan did not fit
+        # calls by how they ran: "plan", "generic", "record", "interpreter"
+        self.calls: collections.Counter[str] = collections.Counter()
 
     def __call__(self, *inputs: Any) -> tuple[Any, ...]:
         if self.reference is not None:
@@ -448,14 +545,47 @@ class Executable:
         plan = self.plans.get(key, False) if key is not None else None
         if plan:
             self.plans.move_to_end(key)
+            self.calls["plan"] += 1
             return plan.run(inputs)
         if plan is False and key is not None:
-            self.seen[key] += 1
-            if self.seen[key] >= self.RECORD_AT:
-                del self.seen[key]
+            seen = self.seen.pop(key, 0) + 1
+            if seen >= (self.RECORD_AT if self.generic is None else self.RECORD_OVER_GENERIC):
                 return self._record(inputs, key)
+            self.seen[key] = seen
+            if len(self.seen) > self.MAX_SEEN:
+                self.seen.popitem(last=False)
+            generic = self._generic(inputs, key)
+            if generic is not None:
+                return generic
         check_inputs(self.graph, list(inputs))
+        self.calls["interpreter"] += 1
         return tuple(interpret(self.graph, list(inputs), self.plan_steps))
+
+    def _generic(self, inputs: tuple[Any, ...], key: tuple[Any, ...]
+                 ) -> tuple[Any, ...] | None:
+        """The outputs from the generic plan, recording it on the second distinct
+        signature of a symbolic graph; None where it does not serve these inputs."""
+        if not self.symbolic or self.misses >= self.MAX_MISSES:
+            return None
+        if self.generic is None:
+            if self.first is None:
+                self.first = bindings(self.graph, inputs)
+                return None
+            now = bindings(self.graph, inputs)
+            symbols = {t for v in self.graph.inputs for d in v.shape if isinstance(d, str)
+                       for t in _SYMBOL.findall(d)}
+            varying = frozenset(t for t in symbols if now.get(t, -1) != self.first.get(t))
+            return self._record(inputs, key, varying)
+        if self.generic.fits(inputs):
+            check_inputs(self.graph, list(inputs))
+            try:
+                outputs = self.generic.run(inputs)
+                self.calls["generic"] += 1
+                return outputs
+            except _Miss:
+                pass
+        self.misses += 1
+        return None
 
     def _compare(self, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
         """The first call of a quantized graph: its outputs against the float graph's,
@@ -476,9 +606,13 @@ class Executable:
                     f"{k} {v:.3g}" for k, v in self.quantization.items()))
         return got
 
-    def _record(self, inputs: tuple[Any, ...], key: tuple[Any, ...]) -> tuple[Any, ...]:
+    def _record(self, inputs: tuple[Any, ...], key: tuple[Any, ...],
+                varying: frozenset[str] | None = None) -> tuple[Any, ...]:
+        """Run once under the recorder and plan: this signature's own plan, or with
+        `varying`, the generic plan."""
         check_inputs(self.graph, list(inputs))
         self.recordings += 1
+        self.calls["record"] += 1
         rec = Recorder()
         env: dict[Value, Any] = {v: v.data for v in self.graph.constants}
         env.update(zip(self.graph.inputs, inputs, strict=True))
@@ -488,16 +622,20 @@ class Executable:
                     call_node(node, env, fn)
         outputs = tuple(env[v] for v in self.graph.outputs)
         try:
-            plan = _Plan(self.graph, rec, env, inputs, self.plan_steps)
+            plan = _Plan(self.graph, rec, env, inputs, self.plan_steps, varying)
             again = plan.run(inputs)
             for want, got in zip(outputs, again, strict=True):
                 if isinstance(want, torch.Tensor):
                     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
-        except (PlanError, AssertionError) as e:
-            warnings.warn(f"tessera: the native plan of this graph for inputs {key} did not "
-                          f"reproduce the recorded run, so it runs node by node: {e}",
-                          stacklevel=3)
+        except (PlanError, AssertionError, _Miss) as e:
+            which = "generic plan" if varying is not None else f"plan for inputs {key}"
+            warnings.warn(f"tessera: the native {which} of this graph did not reproduce the "
+                          f"recorded run, so it runs node by node: {e}", stacklevel=4)
             plan = None
+        if varying is not None:
+            self.generic = plan
+            self.misses += plan is None and self.MAX_MISSES
+            return outputs
         self.plans[key] = plan
         if len(self.plans) > self.MAX_PLANS:
             self.plans.popitem(last=False)

@@ -280,7 +280,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
         pass
     elif not is_causal and rows <= _DECODE_ROWS and sk and not lse:
         # a few queries: split the keys across the threads instead of the query rows
-        lens = torch.full((q.shape[0],), sk, dtype=torch.int64)
+        lens = torch.tensor([sk] * q.shape[0], dtype=torch.int64)  # replayable: no fill
         template.decode(q, k, v, lens, out, scale=scale, mask=mask,
                         chunk=_chunk(sk, q.shape[0] * k.shape[1]), who=name)
     else:
