@@ -36,7 +36,7 @@ from tessera.ops._launch import (
 )
 from tessera.ops.quant import dequantize_reference, quantized_matrix
 from tessera.ops.registry import op
-from tessera.templates.gemm import QuantizedMatrix, grouped_gemm
+from tessera.templates.gemm import QuantizedMatrix, grouped_gemm, moe_decode, moe_decode_fits
 
 __all__ = ["fused_moe", "grouped_matmul", "moe_permute", "moe_route", "moe_unpermute", "topk"]
 
@@ -46,6 +46,7 @@ _SCORINGS = ("softmax", "sigmoid")
 _EXPERT_TILES = (64, 256, 1024, 4096, 1 << 16)  # a token's logits are one tile
 _MAX_EXPERTS = _EXPERT_TILES[-1]
 _ROW_TILES = (128, 1024)  # columns of a row per program of gather and combine
+_DECODE_TOKENS = 16  # up to this many tokens, the experts run in one unpacked launch
 
 
 # -- kernels ---------------------------------------------------------------------------------
@@ -681,6 +682,10 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
         return x.new_empty(x.shape)
     weights, ids = _route(logits, top_k, renormalize, scoring, correction_bias,
                           routed_scaling, n_group, topk_group, "fused_moe")
+    if xs.shape[0] <= _DECODE_TOKENS and moe_decode_fits(gate_up) and moe_decode_fits(down):
+        out = torch.empty((xs.shape[0], h), dtype=x.dtype)
+        moe_decode(xs, ids, weights, gate_up, down, out)
+        return out.view(x.shape)
     counts, row_map = _sort(ids, e, "fused_moe")
     sizes = counts.numpy()
     rows = _gather(xs, row_map)

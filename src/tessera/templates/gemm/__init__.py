@@ -10,8 +10,11 @@ from tessera.templates.gemm.sgemm import (
     blocking,
     gemm,
     grouped_gemm,
+    moe_decode,
+    moe_decode_fits,
     pack,
 )
 
 __all__ = ["ACTIVATIONS", "GROUP_SIZES", "Blocking", "PackedMatrix", "QuantizedMatrix",
-           "batched_gemm", "blocking", "gemm", "grouped_gemm", "pack", "quantize"]
+           "batched_gemm", "blocking", "gemm", "grouped_gemm", "moe_decode", "moe_decode_fits",
+           "pack", "quantize"]

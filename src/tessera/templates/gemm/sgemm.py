@@ -25,9 +25,10 @@ from tessera.templates.gemm.quant import QuantizedMatrix
 from tessera.templates.gemm.tuning import tuned_record, vector_lanes
 
 __all__ = ["ACTIVATIONS", "Blocking", "PackedMatrix", "batched_gemm", "blocking", "gemm",
-           "grouped_gemm", "launch", "launch_entry", "pack"]
+           "grouped_gemm", "launch", "launch_entry", "moe_decode", "moe_decode_fits", "pack"]
 
 _SOURCE = Path(__file__).with_name("sgemm.c")
+_MOE_SOURCE = Path(__file__).with_name("moe.c")
 
 
 @dataclass(frozen=True)
@@ -172,13 +173,19 @@ def _address(variant: _Variant) -> int:
 _STATUS = threading.local()
 
 
-def launch(address: int, *slots: int | float) -> None:
-    """Run the variant at `address` (from `launch_entry`) on the fields of `tsr_call` in
-    sgemm.c up to its status, which this supplies and checks."""
-    address_of_status = getattr(_STATUS, "address", None)  # per thread: calls may overlap
+def _status_word() -> int:
+    """The address of this thread's status word (calls on several threads may overlap)."""
+    address_of_status = getattr(_STATUS, "address", None)
     if address_of_status is None:
         _STATUS.word = np.zeros(1, np.int64)
         address_of_status = _STATUS.address = _STATUS.word.ctypes.data
+    return address_of_status
+
+
+def launch(address: int, *slots: int | float) -> None:
+    """Run the variant at `address` (from `launch_entry`) on the fields of `tsr_call` in
+    sgemm.c up to its status, which this supplies and checks."""
+    address_of_status = _status_word()
     _launcher()(address, 1, 1, 1, *slots, address_of_status)
     check(address_of_status, lambda: TesseraError(
         f"gemm: out of memory for the buffers of a {slots[1]}x{slots[2]}x{slots[3]} product"))
@@ -380,6 +387,65 @@ def grouped_gemm(a: Any, b: Any, sizes: Any, out: Any = None, *, bias: Any = Non
                                             *ta.strides, barg, tc.data_ptr(), *tc.strides, ep):
         raise TesseraError("grouped_gemm: out of memory for the packing buffers")
     return out
+
+
+def moe_decode_fits(b: Any) -> bool:
+    """Whether `moe_decode` takes expert weights b: quantized, or float with contiguous
+    columns (stacked nn.Linear weights, transposed) or rows."""
+    return isinstance(b, QuantizedMatrix) or 1 in b.stride()[1:]
+
+
+def moe_decode(x: Any, ids: Any, weights: Any, gate_up: Any, down: Any, out: Any) -> None:
+    """out = each token's top-k experts' SwiGLU MLPs, summed by weight (moe.c), in one
+    launch for a few tokens: x [T, H] and out [T, H] torch float tensors of one dtype,
+    ids [T, k] int64 and weights [T, k] float32 the routing, gate_up [E, H, 2I] =
+    [gate | up] and down [E, I, H] float torch tensors or QuantizedMatrix (see
+    `moe_decode_fits`). Every token's rows go to its experts unpacked: the weights of the
+    experts picked are streamed once, by all threads together."""
+    fmt = _torch_format(x.dtype)
+    up_fmt, up_group, up_slots = _expert_slots(gate_up)
+    down_fmt, down_group, down_slots = _expert_slots(down)
+    entry, down_phase = _moe_entries(fmt, up_fmt, up_group, down_fmt, down_group)
+    t, h = x.shape
+    address_of_status = _status_word()
+    _launcher()(entry, 1, 1, 1, t, ids.shape[1], gate_up.shape[0], h, down.shape[1],
+                x.data_ptr(), *x.stride(), ids.data_ptr(), *ids.stride(), weights.data_ptr(),
+                *weights.stride(), *up_slots, *down_slots, out.data_ptr(), *out.stride(),
+                down_phase, address_of_status)
+    check(address_of_status, lambda: TesseraError(
+        "moe_decode: an expert id is out of range" if ctypes.c_int64.from_address(
+            address_of_status).value == -2 else
+        f"moe_decode: out of memory for the buffers of {t} tokens"))
+
+
+def _expert_slots(b: Any) -> tuple[int, int, tuple[int, ...]]:
+    """Format, rows per scale and the tsr_b slots of expert weights [E, K, N]: a float
+    torch tensor or a QuantizedMatrix."""
+    if isinstance(b, QuantizedMatrix):
+        return (_Q8 if b.bits == 8 else _Q4, b.group_size,
+                (b.data.ctypes.data, b.scales.ctypes.data, 1, b.data.shape[-1],
+                 b.scales.shape[-1], b.data.strides[0], b.scales.strides[0] // 4))
+    gs, rs, cs = b.stride()
+    return _torch_format(b.dtype), 32, (b.data_ptr(), 0, rs, cs, 0, gs, 0)
+
+
+@cache
+def _torch_format(d: Any) -> int:
+    return _FORMATS[dt.as_dtype(d)]
+
+
+@cache
+def _moe_entries(fmt: int, up_fmt: int, up_group: int, down_fmt: int, down_group: int
+                 ) -> tuple[int, int]:
+    """The addresses of moe.c's launch entry in the build for x's format and gate_up's,
+    and of tsr_moe_down in the build for down's (the same build if the formats agree)."""
+    def address(b_fmt: int, group: int, symbol: str) -> int:
+        variant = _Variant(blocking(), fmt, b_fmt, fmt, group)
+        fn = compile_c(variant.source() + _MOE_SOURCE.read_text(), name="gemm_moe",
+                       openmp=True).function(symbol)
+        return ctypes.cast(fn, ctypes.c_void_p).value
+    return (address(up_fmt, up_group, "tsr_moe_launch"),
+            address(down_fmt, down_group, "tsr_moe_down"))
 
 
 def batched_gemm(a: Any, b: Any, out: Any = None, *, config: Blocking | None = None) -> Any:
