@@ -7,7 +7,7 @@
  * silu(x @ gate) * (x @ up) for every picked expert, then @ down and the weighted combine
  * of each token's choices. Threads split the columns of each product (the intermediate
  * columns, then the hidden ones) over all the picked experts, so every thread streams an
- * equal share of the weights however the tokens are spread; a barrier separates the two
+ * share of the weights however the tokens are spread; a barrier separates the two
  * products, nothing else does. The down product runs in the build of down's format (its
  * tsr_moe_down, called through a pointer inside the same parallel region).
  */
@@ -33,7 +33,7 @@ typedef struct {
     tsr_b gate_up, down;
     c_t *out;
     int64_t rso, cso;
-    void (*down_phase)(const moe_plan *, int, int);
+    int64_t (*down_phase)(const moe_plan *, int64_t, int);
     int64_t *status;
 } tsr_moe;
 
@@ -63,63 +63,58 @@ static void moe_block(int64_t m, int64_t k, const float *a, const tsr_b *b, int6
         skinny_block(m, k, a, k, b, j0 + j, nj - j < step ? nj - j : step, out + j, ldo);
 }
 
-/* The blocks [lo, hi) of nb that thread `thread` of `threads` takes. */
-static void moe_share(int64_t nb, int thread, int threads, int64_t *lo, int64_t *hi) {
-    *lo = nb * thread / threads;
-    *hi = nb * (thread + 1) / threads;
+/* Blocks of columns of a product with n columns. */
+static int64_t moe_blocks(int64_t n, const tsr_b *b) {
+    return (n + moe_width(b) - 1) / moe_width(b);
 }
 
-/* act = silu(a @ gate) * (a @ up) for every picked expert, this thread's columns. */
-static void moe_gate_up(const moe_plan *p, int thread, int threads) {
+/* act = silu(a @ gate) * (a @ up) for every picked expert, block `blk` of the columns of
+   act, with thread `thread`'s scratch. */
+static void moe_gate_up(const moe_plan *p, int64_t blk, int thread) {
     const tsr_moe *s = p->s;
     const int64_t h = s->hidden, n = s->inter, rows = s->tokens * s->topk;
     const int64_t width = moe_width(&s->gate_up);
+    const int64_t j0 = blk * width, nj = n - j0 < width ? n - j0 : width;
     float *gate = p->scratch + thread * 2 * rows * MOE_STRIP, *up = gate + rows * width;
-    int64_t lo, hi;
-    moe_share((n + width - 1) / width, thread, threads, &lo, &hi);
-    for (int64_t blk = lo; blk < hi; blk++) {
-        const int64_t j0 = blk * width, nj = n - j0 < width ? n - j0 : width;
-        for (int64_t e = 0; e < p->hit; e++) {
-            const tsr_b b = b_problem(&s->gate_up, p->expert[e]);
-            const int64_t m = p->count[e], r0 = p->first[e];
-            moe_block(m, h, p->a + r0 * h, &b, j0, nj, gate, width);
-            moe_block(m, h, p->a + r0 * h, &b, n + j0, nj, up, width);
-            for (int64_t i = 0; i < m; i++) {
-                float *dst = p->act + (r0 + i) * n + j0;
-                for (int64_t c = 0; c < nj; c++)
-                    dst[c] = tsr_silu(gate[i * width + c]) * up[i * width + c];
-            }
+    for (int64_t e = 0; e < p->hit; e++) {
+        const tsr_b b = b_problem(&s->gate_up, p->expert[e]);
+        const int64_t m = p->count[e], r0 = p->first[e];
+        moe_block(m, h, p->a + r0 * h, &b, j0, nj, gate, width);
+        moe_block(m, h, p->a + r0 * h, &b, n + j0, nj, up, width);
+        for (int64_t i = 0; i < m; i++) {
+            float *dst = p->act + (r0 + i) * n + j0;
+            for (int64_t c = 0; c < nj; c++)
+                dst[c] = tsr_silu(gate[i * width + c]) * up[i * width + c];
         }
     }
 }
 
 /* out[t] = sum over j of weights[t, j] * (act @ down)[row_of(t, j)], in float32 as
-   combine_kernel sums, for this thread's columns of out. */
-void tsr_moe_down(const moe_plan *p, int thread, int threads) {
+   combine_kernel sums, for block `blk` of the columns of out (blk < 0: the number of
+   blocks). */
+int64_t tsr_moe_down(const moe_plan *p, int64_t blk, int thread) {
     const tsr_moe *s = p->s;
     const int64_t h = s->hidden, n = s->inter, rows = s->tokens * s->topk;
+    if (blk < 0) return moe_blocks(h, &s->down);
     const int64_t width = moe_width(&s->down);
+    const int64_t j0 = blk * width, nj = h - j0 < width ? h - j0 : width;
     float *y = p->scratch + thread * 2 * rows * MOE_STRIP;
-    int64_t lo, hi;
-    moe_share((h + width - 1) / width, thread, threads, &lo, &hi);
-    for (int64_t blk = lo; blk < hi; blk++) {
-        const int64_t j0 = blk * width, nj = h - j0 < width ? h - j0 : width;
-        for (int64_t e = 0; e < p->hit; e++) {
-            const tsr_b b = b_problem(&s->down, p->expert[e]);
-            moe_block(p->count[e], n, p->act + p->first[e] * n, &b, j0, nj,
-                      y + p->first[e] * width, width);
-        }
-        for (int64_t t = 0; t < s->tokens; t++) {
-            c_t *dst = s->out + t * s->rso + j0 * s->cso;
-            for (int64_t c = 0; c < nj; c++) {
-                float acc = 0.0f;
-                for (int64_t j = 0; j < s->topk; j++)
-                    acc += s->weights[t * s->rsw + j * s->csw] *
-                           y[p->row_of[t * s->topk + j] * width + c];
-                dst[c * s->cso] = C_OUT(acc);
-            }
+    for (int64_t e = 0; e < p->hit; e++) {
+        const tsr_b b = b_problem(&s->down, p->expert[e]);
+        moe_block(p->count[e], n, p->act + p->first[e] * n, &b, j0, nj,
+                  y + p->first[e] * width, width);
+    }
+    for (int64_t t = 0; t < s->tokens; t++) {
+        c_t *dst = s->out + t * s->rso + j0 * s->cso;
+        for (int64_t c = 0; c < nj; c++) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < s->topk; j++)
+                acc += s->weights[t * s->rsw + j * s->csw] *
+                       y[p->row_of[t * s->topk + j] * width + c];
+            dst[c * s->cso] = C_OUT(acc);
         }
     }
+    return 0;
 }
 
 /* Sort the choices by expert (counting sort) and gather x's rows in that order, with
@@ -175,18 +170,18 @@ void tsr_moe_launch(int64_t grid0, int64_t grid1, int64_t grid2, const char *slo
     moe_plan p;
     int rc = moe_prepare(&s, &p, most);
     if (rc == 0) {
+        /* threads take blocks of columns as they free up: one that starts late (a busy
+           machine) leaves its share to the others instead of holding up the barrier */
+        const int64_t up_blocks = moe_blocks(s.inter, &s.gate_up);
+        const int64_t down_blocks = s.down_phase(&p, -1, 0);
         const int64_t work = p.hit * 3 * s.inter * s.hidden;
-        if (work > MOE_GRAIN && most > 1) {
-            #pragma omp parallel num_threads(most)
-            {
-                const int me = omp_get_thread_num(), all = omp_get_num_threads();
-                moe_gate_up(&p, me, all);
-                #pragma omp barrier
-                s.down_phase(&p, me, all);
-            }
-        } else {
-            moe_gate_up(&p, 0, 1);
-            s.down_phase(&p, 0, 1);
+        #pragma omp parallel num_threads(most) if(work > MOE_GRAIN && most > 1)
+        {
+            const int me = omp_get_thread_num();
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t blk = 0; blk < up_blocks; blk++) moe_gate_up(&p, blk, me);
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t blk = 0; blk < down_blocks; blk++) s.down_phase(&p, blk, me);
         }
     }
     free(p.row_of);
