@@ -3,13 +3,17 @@ produce) becomes a Graph of registry ops. Each aten call is lowered to the op th
 the overload in its `implements`, binding aten's arguments to the op's by name (with
 aten's aliases: self/input -> x, mat2 -> other, ...); aten arguments the op does not take
 must hold values that do not change the forward result (dtype=None, dropout_p=0, ...).
-Views stay torch views; ops that create a tensor from constants alone (arange, full with
-static sizes) become constants. Anything else becomes a torch fallback node, named in one
-warning.
+Views stay torch views, transposes and permutes too: the registry's ops read strided
+tensors, so a transpose costs nothing where its readers take it as it is; `place_copies`
+makes one a copy (the registry's transpose/permute) only where a reader needs the layout a
+copy gives (a reshape that cannot view it, an op that would copy it with torch). Ops that
+create a tensor from constants alone (arange, full with static sizes) become constants.
+Anything else becomes a torch fallback node, named in one warning.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from collections.abc import Callable, Sequence
@@ -22,7 +26,7 @@ import torch.fx
 from tessera.graph.ir import Graph, GraphError, Node, Value
 from tessera.ops import registry
 
-__all__ = ["from_fx", "lowering"]
+__all__ = ["from_fx", "lowering", "place_copies"]
 
 aten = torch.ops.aten
 
@@ -207,7 +211,7 @@ class _Builder:
             self.env[fx] = self.env[src][i]
             return
         vals = _meta(fx)
-        d = lowering().get(target)
+        d = lowering().get(target) if target not in _LAYOUT_VIEWS else None
         bound = map_arguments(d, target, self.arg(fx.args), self.arg(fx.kwargs)) \
             if d is not None else None
         ours = d.num_outputs if d is not None else 0
@@ -253,5 +257,322 @@ def from_fx(gm: torch.fx.GraphModule, constants: dict[int, torch.Tensor] | None 
     """The Graph of an aten-level FX graph; placeholders whose index is in `constants`
     become frozen constants holding those tensors."""
     g = _Builder(gm, constants or {}).build()
+    place_copies(g)
     g.verify()
     return g
+
+
+# -- layouts: where a transpose must be a copy ----------------------------------------------
+# aten's layout changes, lowered as views; the registry op each becomes where a copy is needed
+_LAYOUT_VIEWS = {aten.transpose.int: "transpose", aten.permute.default: "permute"}
+_AS_VIEW = {op: (f"view:{str(t).removeprefix('aten.')}", t) for t, op in _LAYOUT_VIEWS.items()}
+_AS_COPY = {view: (op, t) for op, (view, t) in _AS_VIEW.items()}
+_RESHAPES = {"view:view.default", "view:_unsafe_view.default", "view:reshape.default"}
+# registry ops whose kernels read any strides without torch copying them (tests/graph/
+# test_frontend_layouts.py runs each on transposed inputs under the recorder); pointwise
+# ops (and `contiguous`) read strides as long as they coalesce to 3 dims, other ops are
+# given contiguous inputs, as before transposes were views
+_STRIDED = frozenset({"matmul", "linear", "bmm", "addmm", "baddbmm", "cat", "embedding",
+                      "scaled_dot_product_attention", "scaled_dot_product_attention_lse",
+                      "rotary_embedding", "transpose", "permute"})
+_LIKE_INPUT = {"scaled_dot_product_attention": "q", "scaled_dot_product_attention_lse": "q",
+               "rotary_embedding": "x"}  # results allocated in that input's layout
+
+
+def view_form(n: Node) -> tuple[str, dict[str, Any]]:
+    """The node's op and arguments with a registry transpose/permute (a copy) written as
+    the view it copies: what pattern matching compares, layouts aside."""
+    if n.kind == "op" and n.op in _AS_VIEW:
+        names = [a.name for a in registry.get(n.op).args]
+        return _AS_VIEW[n.op][0], {"args": [n.args[k] for k in names], "kwargs": {}}
+    return n.op, n.args
+
+
+def place_copies(g: Graph) -> int:
+    """Make every transpose and permute a view, then a copy (the registry op) wherever a
+    reader needs a layout the view does not have, nearest to that reader, until none does;
+    drop `contiguous` copies of what is surely contiguous already. In place; how many
+    transposes are copies."""
+    for n in g.nodes:
+        if n.kind == "op" and n.op in _AS_VIEW:
+            n.op, n.args = view_form(n)
+            n.fn = VIEWS[_AS_COPY[n.op][1]]
+    copies: set[Node] = set()
+    while True:
+        layouts = _Layouts(g)
+        more = {s for v in layouts.needs if (s := layouts.source(v)) is not None} - copies
+        if not more:
+            break
+        for n in more:
+            op, target = _AS_COPY[n.op]
+            bound = _bind(target, n.args["args"], n.args["kwargs"])
+            n.op, n.fn = op, None
+            n.args = {("x" if k == "self" else k): v for k, v in bound.items()}
+        copies |= more
+    _drop_copies(g, layouts)
+    return len(copies)
+
+
+def _drop_copies(g: Graph, layouts: _Layouts) -> None:
+    """Readers of contiguous(x) read x where x is surely contiguous (the model's copy was
+    for eager's layout; the graph is functional, so the copy is never needed for itself).
+    Graph outputs keep their own buffer."""
+    from tessera.graph.passes import _substitute
+    rename: dict[Value, Value] = {}
+    kept = []
+    for n in g.nodes:
+        n.args = _substitute(n.args, rename)
+        x = n.args.get("x") if n.op == "contiguous" else None
+        if isinstance(x, Value) and x in layouts.known and layouts.contiguous(x) and \
+                n.outputs[0] not in g.outputs:
+            rename[n.outputs[0]] = x
+        else:
+            kept.append(n)
+    g.nodes = kept
+
+
+def _contiguous(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _view_strides(shape: Sequence[int], strides: Sequence[int], new: Sequence[int]
+                  ) -> tuple[int, ...] | None:
+    """The strides of a tensor of `shape` and `strides` viewed as `new`, or None if no
+    view can (torch's computeStride: reshape copies then)."""
+    if not shape or math.prod(shape) == 0:
+        return _contiguous(new)
+    out = [0] * len(new)
+    view_d, base, tensor_n, view_n = len(new) - 1, strides[-1], 1, 1
+    for d in range(len(shape) - 1, -1, -1):
+        tensor_n *= shape[d]
+        if d == 0 or (shape[d - 1] != 1 and strides[d - 1] != tensor_n * base):
+            while view_d >= 0 and (view_n < tensor_n or new[view_d] == 1):
+                out[view_d] = view_n * base
+                view_n *= new[view_d]
+                view_d -= 1
+            if view_n != tensor_n:
+                return None
+            if d > 0:
+                base, tensor_n, view_n = strides[d - 1], 1, 1
+    return tuple(out) if view_d == -1 else None
+
+
+def _dense(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether the strides lay the elements out without gaps or overlap in some dim
+    order (what empty_like keeps)."""
+    dims = sorted((s, n) for n, s in zip(shape, strides, strict=True) if n != 1)
+    step = 1
+    for s, n in dims:
+        if s != step:
+            return False
+        step *= n
+    return True
+
+
+class _Layouts:
+    """The strides every tensor of a graph will have at run time as far as the graph
+    tells: inputs and op results contiguous (except results allocated in an input's
+    layout), views by their rule; None where unknown. Symbolic dims count as distinct
+    large primes, so what holds here holds for sizes in general. `needs`: values some
+    reader needs contiguous."""
+
+    def __init__(self, g: Graph) -> None:
+        self.primes: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+        self.strides: dict[Value, tuple[int, ...] | None] = {}
+        self.needs: list[Value] = []
+        self.known: set[Value] = set(g.constants)  # layouts surely as computed
+        for v in g.inputs:  # (assumed: a strided input costs a copy at worst)
+            self.strides[v] = _contiguous(self.shape(v))
+        for v in g.constants:
+            self.strides[v] = tuple(v.data.stride()) if v.data is not None else None
+        live = _live(g)
+        for n in g.nodes:
+            if n.kind == "view":
+                outs = self._view(n)
+                first = next(n.inputs(), None)
+                sure = first in self.known
+            else:
+                if n in live:
+                    self._reads(n)
+                outs = [_contiguous(self.shape(o)) for o in n.outputs]
+                like = _LIKE_INPUT.get(n.op) if n.kind == "op" else None
+                sure = n.kind in ("op", "fused")
+                if like is not None:
+                    outs[0] = self._like(n, n.args[like]) or outs[0]
+                    sure = n.args[like] in self.known
+            self.strides.update(zip(n.outputs, outs, strict=True))
+            if sure:
+                self.known.update(o for o, st in zip(n.outputs, outs, strict=True)
+                                  if st is not None)
+
+    def size(self, d: int | str) -> int:
+        if isinstance(d, int):
+            return d
+        hit = self.sizes.get(d)
+        if hit is None:
+            import sympy
+            e = sympy.sympify(d)
+            for s in sorted(e.free_symbols, key=str):
+                self.primes.setdefault(s.name, int(sympy.nextprime(
+                    max(self.primes.values(), default=1 << 12))))
+            hit = self.sizes[d] = int(e.subs({s: self.primes[s.name] for s in e.free_symbols}))
+        return hit
+
+    def shape(self, v: Value) -> tuple[int, ...]:
+        return tuple(self.size(d) for d in v.shape)
+
+    def contiguous(self, v: Value) -> bool:
+        st = self.strides.get(v)
+        return st is not None and all(
+            n == 1 or a == b for n, a, b in zip(self.shape(v), st, _contiguous(self.shape(v)),
+                                              strict=True))
+
+    def need(self, v: Value) -> None:
+        if isinstance(v, Value) and v.shape and not self.contiguous(v):
+            self.needs.append(v)
+
+    def source(self, v: Value) -> Node | None:
+        """The nearest transpose/permute view above v (through views) that leaves its
+        result strided: the one to make a copy so v's reader gets contiguous data."""
+        while v.producer is not None and v.producer.kind == "view":
+            n = v.producer
+            if n.op in _AS_COPY and not self.contiguous(n.outputs[0]):
+                return n
+            first = next(n.inputs(), None)
+            if first is None:
+                return None
+            v = first
+        return None
+
+    # -- results --------------------------------------------------------------------------
+    def _like(self, n: Node, x: Value) -> tuple[int, ...] | None:
+        """The result's strides when the op allocates it in x's layout (attention.py's
+        _like_q: [B, S, H, D] memory for a transposed q; rotary's empty_like)."""
+        st, shape = self.strides.get(x), self.shape(x)
+        if st is None:
+            return None
+        if n.op == "rotary_embedding":
+            return st if _dense(shape, st) else None
+        if len(shape) != 4:
+            return None
+        _, h, s, _ = shape
+        dv = self.shape(n.outputs[0])[3]
+        if st[1] < st[2] and h > 1 and s > 1:
+            return (s * h * dv, dv, h * dv, 1)
+        return None
+
+    def _view(self, n: Node) -> list[tuple[int, ...] | None]:
+        args, kwargs = n.args["args"], n.args["kwargs"]
+        x = args[0] if args and isinstance(args[0], Value) else None
+        st = self.strides.get(x) if x is not None else None
+        unknown: list[tuple[int, ...] | None] = [None] * len(n.outputs)
+        if x is None:
+            return unknown
+        if n.op in _RESHAPES:
+            new = _view_strides(self.shape(x), st, self.shape(n.outputs[0])) \
+                if st is not None else None
+            if new is None:  # torch.reshape copies: the reader of a strided x
+                self.need(x)
+                return [_contiguous(self.shape(n.outputs[0]))]
+            return [new]
+        if n.op == "view:as_strided.default":  # reads x's storage as laid out: keep it
+            self.need(x)
+            return unknown
+        if st is None:
+            return unknown
+        if n.op in ("view:slice.Tensor", "view:select.int"):
+            return self._sliced(n, st)
+        if any(isinstance(a, Value) for a in (*_leaves(args[1:]), *_leaves(kwargs.values()))):
+            return unknown
+        if n.op == "view:expand.default":
+            shape, xs = self.shape(n.outputs[0]), self.shape(x)
+            pad = len(shape) - len(xs)
+            return [tuple(0 if i < pad or (xs[i - pad] == 1 and shape[i] != 1)
+                          else st[i - pad] for i in range(len(shape)))]
+        if n.op in ("view:split.Tensor", "view:split_with_sizes.default"):
+            return [st] * len(n.outputs)
+        try:
+            meta = torch.empty_strided(self.shape(x), st, dtype=x.dtype, device="meta")
+            out = n.fn(meta, *args[1:], **kwargs)  # type: ignore[misc]
+        except Exception:
+            return unknown
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        return [tuple(t.stride()) for t in outs]
+
+    def _sliced(self, n: Node, st: tuple[int, ...]) -> list[tuple[int, ...] | None]:
+        """slice and select, whose bounds or index may be symbolic: the strides do not
+        depend on them."""
+        args = n.args["args"]
+        dim = args[1] if len(args) > 1 else n.args["kwargs"].get("dim", 0)
+        step = args[4] if len(args) > 4 else n.args["kwargs"].get("step", 1)
+        if not isinstance(dim, int) or not isinstance(step, int) or not st:
+            return [None]
+        d = dim % len(st)
+        if n.op == "view:select.int":
+            return [st[:d] + st[d + 1:]]
+        return [(*st[:d], st[d] * step, *st[d + 1:])]
+
+    # -- readers ----------------------------------------------------------------------------
+    def _reads(self, n: Node) -> None:
+        """Note the inputs n cannot read strided."""
+        tensors = [v for v in n.inputs() if v.shape]
+        if n.kind == "op" and n.op in _STRIDED:
+            for v in tensors:
+                if not self._strided_ok(n, v):
+                    self.need(v)
+        elif n.kind == "op" and (n.op == "contiguous" or
+                                 registry.get(n.op).kind == "pointwise"):
+            if not self._coalesces(n, tensors):
+                for v in tensors:
+                    self.need(v)
+        elif not (n.kind == "fused" and n.op == "fused:linear"):  # (fused_matmul)
+            for v in tensors:
+                self.need(v)
+
+    def _strided_ok(self, n: Node, v: Value) -> bool:
+        if n.op.startswith("scaled_dot_product_attention"):
+            return len(v.shape) <= 4  # more dims are flattened by a reshape
+        if n.op == "matmul" and isinstance(n.args.get("other"), Value) and \
+                len(n.args["other"].shape) == 1 and v is n.args.get("x"):
+            st = self.strides.get(v)  # x's rows are viewed as one matrix
+            shape = self.shape(v)
+            return st is not None and _view_strides(
+                shape, st, (math.prod(shape[:-1]), shape[-1])) is not None
+        return True
+
+    def _coalesces(self, n: Node, tensors: list[Value]) -> bool:
+        """Whether the pointwise kernels index every operand in at most 3 dims (more are
+        walked with torch copies)."""
+        from tessera.ops._launch import coalesce
+        out = self.shape(n.outputs[0])
+        strides = []
+        for v in tensors:
+            st, shape = self.strides.get(v), self.shape(v)
+            if st is None:
+                return False
+            pad = len(out) - len(shape)
+            strides.append([0] * pad + [0 if d == 1 else s for d, s in zip(shape, st,
+                                                                          strict=True)])
+        sizes, _ = coalesce(out, [*strides, list(_contiguous(out))])
+        return len(sizes) <= 3
+
+
+def _live(g: Graph) -> set[Node]:
+    """The nodes some graph output depends on."""
+    needed, live = set(g.outputs), set()
+    for n in reversed(g.nodes):
+        if any(v in needed for v in n.outputs):
+            live.add(n)
+            needed.update(n.inputs())
+    return live
+
+
+def _leaves(a: Any) -> list[Any]:
+    if isinstance(a, (list, tuple)):
+        return [y for x in a for y in _leaves(x)]
+    return [a]

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from tessera.errors import TesseraError
+from tessera.graph.frontend import view_form
 from tessera.graph.ir import Graph, Node, Value
 
 __all__ = ["Match", "Pattern", "PatternError", "pattern", "registered", "rewrite",
@@ -56,6 +57,8 @@ _SIZED_VIEWS = _RESHAPES | {"view:expand.default"}  # sizes follow from the outp
 _COMMUTATIVE = {"add", "mul", "maximum", "minimum", "eq", "ne", "logical_and", "logical_or",
                 "logical_xor"}
 _DIM_ARGS = ("dim", "dim0", "dim1", "dims")
+_LAYOUT_VIEWS = ("view:transpose.int", "view:permute.default")
+_LAYOUT_COPIES = ("transpose", "permute")  # the registry's: those views' layouts copied
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,16 @@ def _transparent(n: Node) -> bool:
         src = _first_input(n)
         return src is not None and src.shape == n.outputs[0].shape
     return False
+
+
+def _underlying(v: Value) -> Value:
+    """v before the transparent nodes that produce it."""
+    while v.producer is not None and _transparent(v.producer):
+        first = _first_input(v.producer)
+        if first is None:
+            break
+        v = first
+    return v
 
 
 def _bypass(g: Graph) -> None:
@@ -557,6 +570,8 @@ class _Matcher:
 
     # -- structure ---------------------------------------------------------------------
     def _value(self, pv: Value, tv: Value, st: _State) -> Iterator[_State]:
+        if pv.kind == "input":  # the replacement reads the value before copies (any
+            tv = _underlying(tv)  # layout: a copy it needs is placed afterwards)
         if pv in st.values:
             if st.values[pv] is tv:
                 yield st
@@ -608,10 +623,13 @@ class _Matcher:
             if len(pi) == len(ti):
                 yield list(zip(pi, ti, strict=True))
             return
-        if pn.kind != "op":
-            pa, ta = pn.args, tn.args
+        op, pa = view_form(pn)
+        if op.startswith("view:") or pn.kind != "op":  # (a registry transpose is a view's
+            ta = view_form(tn)[1]  # layout copied: it matches the view)
             if len(pa["args"]) != len(ta["args"]) or set(pa["kwargs"]) != set(ta["kwargs"]):
                 return
+            if op in _LAYOUT_VIEWS:
+                pa, ta = _view_dims(pa, _rank(pn)), _view_dims(ta, _rank(tn))
             yield [*zip(pa["args"], ta["args"], strict=True),
                    *((pa["kwargs"][k], ta["kwargs"][k]) for k in pa["kwargs"])]
             return
@@ -619,8 +637,8 @@ class _Matcher:
         d = registry.get(pn.op)
         pa = {a.name: pn.args.get(a.name, a.default) for a in d.args}
         ta = {a.name: tn.args.get(a.name, a.default) for a in d.args}
-        _normalize_dims(pn.op, pa, _rank(pn))
-        _normalize_dims(tn.op, ta, _rank(tn))
+        _normalize_dims(pa, _rank(pn))
+        _normalize_dims(ta, _rank(tn))
         yield [(pa[k], ta[k]) for k in pa]
         if pn.op in _COMMUTATIVE and pa.get("alpha", 1) == 1 and "other" in pa:
             yield [(pa["x"], ta["other"]), (pa["other"], ta["x"]),
@@ -738,6 +756,8 @@ def _same_op(t: _Template, pn: Node, tn: Node) -> bool:
         return False
     if pn.op == tn.op or (pn.op in _RESHAPES and tn.op in _RESHAPES):
         return True
+    if pn.op in _LAYOUT_COPIES or tn.op in _LAYOUT_COPIES:
+        return view_form(pn)[0] == view_form(tn)[0]
     return tn.op in t.alternatives.get(pn, ())
 
 
@@ -755,20 +775,30 @@ def _rank(n: Node) -> int:
     return len(v.shape) if v is not None else 0
 
 
-def _normalize_dims(op: str, args: dict[str, Any], rank: int) -> None:
-    """Dim attributes modulo rank (dim=-1 is dim=3 of a 4-D tensor); a transpose's two
-    dims unordered."""
-    def norm(d: Any) -> Any:
-        if isinstance(d, int) and not isinstance(d, bool) and rank and -rank <= d < rank:
-            return d % rank
-        if isinstance(d, (list, tuple)):
-            return [norm(x) for x in d]
-        return d
+def _mod(d: Any, rank: int) -> Any:
+    """A dim (or dims) modulo rank: dim=-1 is dim=3 of a 4-D tensor."""
+    if isinstance(d, int) and not isinstance(d, bool) and rank and -rank <= d < rank:
+        return d % rank
+    if isinstance(d, (list, tuple)):
+        return [_mod(x, rank) for x in d]
+    return d
+
+
+def _normalize_dims(args: dict[str, Any], rank: int) -> None:
+    """Dim attributes modulo rank."""
     for k in _DIM_ARGS:
         if k in args:
-            args[k] = norm(args[k])
-    if op == "transpose":
-        args["dim0"], args["dim1"] = sorted((args["dim0"], args["dim1"]))
+            args[k] = _mod(args[k], rank)
+
+
+def _view_dims(args: dict[str, Any], rank: int) -> dict[str, Any]:
+    """A transpose's or permute's view arguments with dims modulo rank, a transpose's two
+    dims unordered."""
+    x, *dims = args["args"]
+    dims = [_mod(d, rank) for d in dims]
+    if len(dims) == 2 and all(isinstance(d, int) for d in dims):
+        dims = sorted(dims)
+    return {"args": [x, *dims], "kwargs": args["kwargs"]}
 
 
 def _same_constant(a: Any, b: Any) -> bool:

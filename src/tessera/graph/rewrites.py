@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tessera.graph.frontend import place_copies
 from tessera.graph.ir import Graph, Node, Value
 from tessera.graph.patterns import Match, Pattern, registered, rewrite
 
@@ -43,7 +44,10 @@ def run(graph: Graph, fusion: bool = True) -> dict[str, int]:
     """The user's patterns, then the built-in ones, to a fixed point in place; how many
     times each fired. `fusion`: chains are fused afterwards (norms and GELU written out
     are then left alone)."""
-    return rewrite(graph, [*registered(), *builtins(fusion)])
+    counts = rewrite(graph, [*registered(), *builtins(fusion)])
+    if counts:  # the readers changed: transposes a rewritten reader needed copied may
+        place_copies(graph)  # now stay views, as the replacement reads strided tensors
+    return counts
 
 
 def builtins(fusion: bool = True) -> list[Pattern]:
