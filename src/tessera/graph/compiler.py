@@ -1,6 +1,6 @@
-"""Graph -> executable: passes, then the native executor (one call per forward) or, with
-`TESSERA_EXECUTOR=python` or `options={"executor": "python"}`, the node-by-node Python
-interpreter."""
+"""Graph -> executable: passes (or their result from the compiled-graph cache, cache.py),
+then the native executor (one call per forward) or, with `TESSERA_EXECUTOR=python` or
+`options={"executor": "python"}`, the node-by-node Python interpreter."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import weakref
 from typing import Any
 
 from tessera.errors import TesseraError
-from tessera.graph import passes, quantize
+from tessera.graph import cache, passes, quantize
 from tessera.graph.executable import Executable
 from tessera.graph.ir import Graph
 from tessera.graph.serialize import from_data, to_data
@@ -50,7 +50,7 @@ def compile_graph(graph: Graph, options: dict[str, Any] | None = None) -> Execut
     if options.get("quantize") is not None:
         float_options = {k: v for k, v in options.items() if k != "quantize"}
         reference = compile_graph(from_data(to_data(graph)), float_options)
-    graph = passes.run(graph, options)
+    graph = cache.optimized(graph, options, lambda g: passes.run(g, options))
     ex = Executable(graph, native=executor == "native", reference=reference)
     _COMPILED.append(weakref.ref(ex))
     return ex

@@ -199,6 +199,12 @@ class FusedKernel:
             self.tile, self.widths = None, (0,) * len(in_dtypes)
             self.stores = tuple((i, 0) for i, _ in outputs)
         self.key = (_key(program), self.stores, self.widths, tuple(self.dtypes), r)
+        self._spec = {"name": name, "program": program, "outputs": outputs,
+                      "in_dtypes": in_dtypes, "row_inputs": row_inputs, "r": r}
+
+    def spec(self) -> dict[str, Any]:
+        """The arguments that make this kernel again (what a saved graph stores)."""
+        return self._spec
 
     def __repr__(self) -> str:
         return f"<fused kernel {self.name}>"

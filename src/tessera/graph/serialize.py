@@ -1,7 +1,8 @@
-"""Graphs to and from plain data (for `CompiledModel.save` / `tessera.load`): only
-strings, numbers, lists, dicts and tensors, so a file loads with
-`torch.load(weights_only=True)` and never runs code from it. Callables of view and
-fallback nodes are stored by name and resolved only inside torch's namespaces."""
+"""Graphs to and from plain data (for `CompiledModel.save` / `tessera.load` and the
+compiled-graph cache): only strings, numbers, lists, dicts and tensors, so a file loads
+with `torch.load(weights_only=True)` and never runs code from it. Callables of view,
+fallback and fused nodes are stored by name and resolved only inside torch's namespaces
+and Tessera's own; a fused node's generated kernel is stored as its program."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from typing import Any
 
 import torch
 
+from tessera.graph.fusion import FusedKernel, Output
 from tessera.graph.ir import Graph, GraphError, Node, Value
+from tessera.lang.jit import Kernel
+from tessera.runtime.dtype import as_dtype
+from tessera.runtime.dtype import dtype as ldtype
 
 __all__ = ["FORMAT", "from_data", "to_data"]
 
-FORMAT = 1
-_MODULES = ("torch", "operator", "math")  # where stored callables may be looked up
+FORMAT = 2
+_MODULES = ("torch", "operator", "math", "tessera")  # where stored callables may be found
 _TAGGED = {torch.dtype: "dtype", torch.memory_format: "memory_format",
            torch.layout: "layout", torch.device: "device"}
 
@@ -23,11 +28,12 @@ _TAGGED = {torch.dtype: "dtype", torch.memory_format: "memory_format",
 def _callable_name(fn: Any) -> str:
     if isinstance(fn, torch._ops.OpOverload):
         return f"torch.ops.{fn.namespace}.{fn._opname}.{fn._overloadname}"
-    module = getattr(fn, "__module__", None) or ""
+    named = fn.fn if isinstance(fn, Kernel) else fn  # a lang kernel: by its function
+    module = getattr(named, "__module__", None) or ""
     if module == "_operator":
         module = "operator"
     if module.split(".")[0] in _MODULES:
-        for name in (f"{module}.{fn.__name__}", f"{module}.{fn.__qualname__}"):
+        for name in (f"{module}.{named.__name__}", f"{module}.{named.__qualname__}"):
             try:
                 if _resolve(name) is fn:  # e.g. torch.reshape, whose qualname is private
                     return name
@@ -55,6 +61,14 @@ def _resolve(name: str) -> Any:
 def _encode(a: Any, node: str) -> Any:
     if isinstance(a, Value):
         return {"value": a.name}
+    if isinstance(a, ldtype):
+        return {"ldtype": a.name}
+    if isinstance(a, Kernel):
+        return {"kernel": _callable_name(a)}
+    if isinstance(a, Output):
+        return {"output": [_encode(a.dtype, node), a.layout]}
+    if isinstance(a, FusedKernel):
+        return {"fused": {k: _encode(v, node) for k, v in a.spec().items()}}
     if a is None or isinstance(a, (bool, int, float, str)):
         return a
     if isinstance(a, (list, tuple)):
@@ -80,6 +94,17 @@ def _decode(a: Any, values: dict[str, Value]) -> Any:
         return {k: _decode(v, values) for k, v in x.items()}
     if tag == "device":
         return torch.device(x)
+    if tag == "ldtype":
+        return as_dtype(x)
+    if tag == "kernel":
+        kernel = _resolve(x)
+        if not isinstance(kernel, Kernel):
+            raise GraphError(f"saved graph names {x!r} as a kernel; it is {kernel!r}")
+        return kernel
+    if tag == "output":
+        return Output(_decode(x[0], values), x[1])
+    if tag == "fused":
+        return FusedKernel(**{k: _decode(v, values) for k, v in x.items()})
     return getattr(torch, x)  # dtype, memory_format, layout
 
 
@@ -95,7 +120,8 @@ def to_data(g: Graph) -> dict[str, Any]:
         "inputs": [_value(v) for v in g.inputs],
         "constants": {v.name: v.data for v in g.constants},
         "constant_values": [_value(v) for v in g.constants],
-        "nodes": [{"op": n.op, "fn": _callable_name(n.fn) if n.fn is not None else None,
+        "nodes": [{"op": n.op, "fn": None if n.fn is None else _encode(n.fn, n.op)
+                   if isinstance(n.fn, FusedKernel) else _callable_name(n.fn),
                    "args": _encode(n.args, n.op), "outputs": [_value(v) for v in n.outputs],
                    "returns": n.meta.get("returns", [0]), "source": n.source}
                   for n in g.nodes],
@@ -122,7 +148,8 @@ def from_data(data: dict[str, Any]) -> Graph:
         make(d, data["constants"][d["name"]])
     for nd in data["nodes"]:
         outs = [make(d) for d in nd["outputs"]]
-        fn = _resolve(nd["fn"]) if nd["fn"] is not None else None
+        fn = nd["fn"] if nd["fn"] is None else _decode(nd["fn"], values) \
+            if isinstance(nd["fn"], dict) else _resolve(nd["fn"])
         node = Node(nd["op"], _decode(nd["args"], values), outs, fn, nd["source"])
         node.meta["returns"] = nd["returns"]
         g.add(node)
