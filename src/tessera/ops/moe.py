@@ -36,7 +36,13 @@ from tessera.ops._launch import (
 )
 from tessera.ops.quant import dequantize_reference, quantized_matrix
 from tessera.ops.registry import op
-from tessera.templates.gemm import QuantizedMatrix, grouped_gemm, moe_decode, moe_decode_fits
+from tessera.templates.gemm import (
+    MoeDecode,
+    QuantizedMatrix,
+    grouped_gemm,
+    moe_decode,
+    moe_decode_fits,
+)
 
 __all__ = ["fused_moe", "grouped_matmul", "moe_permute", "moe_route", "moe_unpermute", "topk"]
 
@@ -47,6 +53,7 @@ _EXPERT_TILES = (64, 256, 1024, 4096, 1 << 16)  # a token's logits are one tile
 _MAX_EXPERTS = _EXPERT_TILES[-1]
 _ROW_TILES = (128, 1024)  # columns of a row per program of gather and combine
 _DECODE_TOKENS = 16  # up to this many tokens, the experts run in one unpacked launch
+_MAX_DECODES = 256  # decode plans kept (a model has one per MoE layer and token count)
 
 
 # -- kernels ---------------------------------------------------------------------------------
@@ -233,16 +240,27 @@ def _run(kernel: tl.Kernel, grid: tuple[int, int, int], tensors: list[torch.Tens
          scalars: tuple[Any, ...] = (), **const: Any) -> None:
     """Launch `kernel` on these tensors (any strides) and scalars, compiling the
     specialization on first use."""
+    launch(_specialization(kernel, tensors, scalars, const), grid, *_flat(tensors), *scalars)
+
+
+def _specialization(kernel: tl.Kernel, tensors: list[torch.Tensor], scalars: tuple[Any, ...],
+                    const: dict[str, Any]) -> Specialization:
+    """`kernel` specialized for tensors of these dtypes, ranks and unit last strides."""
     layout = tuple([(t.dtype, t.dim(), t.stride(-1) == 1) for t in tensors])
     key = (kernel, layout, tuple(map(type, scalars)), *const.items())
     s = _SPECS.get(key)
     if s is None:
         s = _SPECS[key] = kernel.specialize(*(spec(*lay) for lay in layout), *scalars,
                                             **const)
+    return s
+
+
+def _flat(tensors: list[torch.Tensor]) -> list[Any]:
+    """The launch arguments of these tensors: each one's address, sizes and strides."""
     flat: list[Any] = []
     for t in tensors:
         flat += (t.data_ptr(), *t.shape, *t.stride())
-    launch(s, grid, *flat, *scalars)
+    return flat
 
 
 _SPECS: dict[tuple, Specialization] = {}
@@ -346,8 +364,7 @@ def _check_routing(router_logits: torch.Tensor, top_k: int, scoring: str,
         if tuple(correction_bias.shape) != (e,):
             raise ShapeError(f"{op}: argument 'correction_bias' must have shape ({e},), got "
                              f"{tuple(correction_bias.shape)}")
-        if not torch.isfinite(correction_bias).all():
-            raise ArgumentError(f"{op}: argument 'correction_bias' has NaN or infinity")
+        _check_finite_bias(correction_bias, op)
     if not isinstance(n_group, int) or n_group < 1 or e % n_group:
         raise ArgumentError(f"{op}: n_group={n_group!r} must divide the {e} experts into "
                             "equal groups")
@@ -362,28 +379,59 @@ def _check_routing(router_logits: torch.Tensor, top_k: int, scoring: str,
     return e
 
 
+def _check_finite_bias(correction_bias: torch.Tensor, op: str) -> None:
+    if not torch.isfinite(correction_bias).all():
+        raise ArgumentError(f"{op}: argument 'correction_bias' has NaN or infinity")
+
+
 def _route(logits: torch.Tensor, top_k: int, renormalize: bool, scoring: str,
            correction_bias: torch.Tensor | None, routed_scaling: float, n_group: int,
            topk_group: int, op: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing of 2-D logits [T, E] (checked): (weights, ids), raising on NaN/inf rows."""
-    t, e = logits.shape
-    weights = torch.empty((t, top_k), dtype=torch.float32)
-    ids = torch.empty((t, top_k), dtype=torch.int64)
-    bad = torch.empty(t, dtype=torch.int32)
+    t = logits.shape[0]
+    weights, ids, bad = _routing(t, top_k)
     if t:
-        bias = logits if correction_bias is None else correction_bias
-        _run(route_kernel, (t, 1, 1), [logits, bias, weights, ids, bad],
-             (float(routed_scaling), e // n_group, n_group, topk_group),
-             BE=_width(e, _EXPERT_TILES), SIGMOID=scoring == "sigmoid",
-             BIAS=correction_bias is not None, GROUPED=n_group > 1,
-             RENORM=bool(renormalize))
-        flags = bad.numpy()
-        if flags.any():
-            row = int(flags.nonzero()[0][0])
-            raise ArgumentError(f"{op}: argument 'router_logits' has NaN or infinity in row "
-                                f"{row}; routing it would pick an arbitrary expert",
-                                hint="the router's input or weights are broken upstream")
+        tensors = [logits, logits if correction_bias is None else correction_bias, weights,
+                   ids, bad]
+        s, scalars = _route_specialization(tensors, renormalize, scoring, routed_scaling,
+                                           n_group, topk_group)
+        launch(s, (t, 1, 1), *_flat(tensors), *scalars)
+        _refuse_bad_rows(bad, op)
     return weights, ids
+
+
+def _routing(tokens: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Buffers of the route kernel: weights, ids [T, k] and per-token flags [T]."""
+    return (torch.empty((tokens, top_k), dtype=torch.float32),
+            torch.empty((tokens, top_k), dtype=torch.int64),
+            torch.empty(tokens, dtype=torch.int32))
+
+
+def _route_specialization(tensors: list[torch.Tensor], renormalize: bool, scoring: str,
+                          routed_scaling: float, n_group: int, topk_group: int
+                          ) -> tuple[Specialization, tuple[Any, ...]]:
+    """route_kernel's specialization for (logits, bias or logits, weights, ids, flags) and
+    its scalar arguments."""
+    e = tensors[0].shape[1]
+    scalars = (float(routed_scaling), e // n_group, n_group, topk_group)
+    return _specialization(route_kernel, tensors, scalars, {
+        "BE": _width(e, _EXPERT_TILES), "SIGMOID": scoring == "sigmoid",
+        "BIAS": tensors[1] is not tensors[0], "GROUPED": n_group > 1,
+        "RENORM": bool(renormalize)}), scalars
+
+
+def _refuse_bad_rows(bad: torch.Tensor, op: str) -> None:
+    """Raise if the route kernel flagged a row of logits with NaN or infinity."""
+    if bad.numpy().any():
+        raise _bad_rows(bad, op)
+
+
+def _bad_rows(bad: torch.Tensor, op: str) -> ArgumentError:
+    """The error for the rows of logits the route kernel flagged (some are)."""
+    row = int(bad.numpy().nonzero()[0][0])
+    return ArgumentError(f"{op}: argument 'router_logits' has NaN or infinity in row {row}; "
+                         "routing it would pick an arbitrary expert",
+                         hint="the router's input or weights are broken upstream")
 
 
 @op("moe_route(Tensor router_logits, int top_k, bool renormalize=True, *, "
@@ -660,6 +708,14 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
     gate_up_scales / down_scales), and sum the outputs by the routing weights in float32.
     Only the experts some token picked are read. Result in x's dtype. Decode streams the
     weights fastest stored as nn.Linear stores them ([E, out, in], passed transposed)."""
+    options = (top_k, renormalize, scoring, routed_scaling, n_group, topk_group)
+    key = (_layout(x), _layout(router_logits), _placed(w_gate_up), _placed(gate_up_scales),
+           _placed(w_down), _placed(down_scales), _placed(correction_bias), *options)
+    plan = _DECODES.get(key)
+    if plan is not None:  # a decode signature seen before: checked then
+        if correction_bias is not None:
+            _check_finite_bias(correction_bias, "fused_moe")
+        return plan(x, router_logits)
     check_tensor(x, "fused_moe", "x")
     if x.dim() < 1:
         raise ShapeError("fused_moe: argument 'x' must be [..., hidden], got a scalar")
@@ -680,12 +736,19 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
                          f"hidden size {h}")
     if not xs.shape[0]:
         return x.new_empty(x.shape)
+    if xs.shape[0] <= _DECODE_TOKENS and moe_decode_fits(gate_up) and moe_decode_fits(down):
+        plan = _Decode(x, router_logits, correction_bias, options,
+                       moe_decode(x.dtype, gate_up, down))
+        if all(w is None or w.is_contiguous() for w in (gate_up_scales, down_scales)) and \
+                (gate_up_scales is None or w_gate_up.is_contiguous()) and \
+                (down_scales is None or w_down.is_contiguous()):
+            # the launch reads the caller's tensors (not copies): valid while the key holds
+            if len(_DECODES) >= _MAX_DECODES:
+                _DECODES.clear()
+            _DECODES[key] = plan
+        return plan(x, router_logits)
     weights, ids = _route(logits, top_k, renormalize, scoring, correction_bias,
                           routed_scaling, n_group, topk_group, "fused_moe")
-    if xs.shape[0] <= _DECODE_TOKENS and moe_decode_fits(gate_up) and moe_decode_fits(down):
-        out = torch.empty((xs.shape[0], h), dtype=x.dtype)
-        moe_decode(xs, ids, weights, gate_up, down, out)
-        return out.view(x.shape)
     counts, row_map = _sort(ids, e, "fused_moe")
     sizes = counts.numpy()
     rows = _gather(xs, row_map)
@@ -694,3 +757,63 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
     y = torch.empty((rows.shape[0], h), dtype=torch.float32)
     grouped_gemm(act, down, sizes, y)
     return _combine(y, row_map, weights, x.dtype).view(x.shape)
+
+
+def _layout(t: Any) -> Any:
+    """What fused_moe's checks of a tensor argument depend on (its type if not a tensor)."""
+    return (t.dtype, t.shape, t.stride(), t.is_cpu) if isinstance(t, torch.Tensor) else type(t)
+
+
+def _placed(t: Any) -> Any:
+    """The same and its address: a decode plan passes the address on."""
+    return (t.data_ptr(), *_layout(t)) if isinstance(t, torch.Tensor) else type(t)
+
+
+class _Decode:
+    """fused_moe for one signature of up to _DECODE_TOKENS tokens (checked), everything
+    it fixes computed once: the route kernel's specialization and the sizes and strides
+    of its arguments, and the experts' launch (moe.c). A call allocates the results and
+    runs two launches: no checks, no binding."""
+
+    def __init__(self, x: torch.Tensor, router_logits: torch.Tensor,
+                 correction_bias: torch.Tensor | None, options: tuple[Any, ...],
+                 experts: MoeDecode) -> None:
+        xs = x.reshape(-1, x.shape[-1])
+        logits = router_logits.reshape(-1, router_logits.shape[-1])
+        self.tokens, self.hidden = xs.shape
+        self.top_k = options[0]
+        self.experts = experts
+        # strides of x's and the logits' rows, if views of them (the key fixes whether)
+        self.x_rows = xs.stride() if xs.data_ptr() == x.data_ptr() else None
+        self.logits_rows = logits.stride() \
+            if logits.data_ptr() == router_logits.data_ptr() else None
+        weights, ids, bad = _routing(self.tokens, self.top_k)
+        tensors = [logits, logits if correction_bias is None else correction_bias, weights,
+                   ids, bad]
+        self.route, self.scalars = _route_specialization(tensors, *options[1:])
+        self.bias = None if correction_bias is None else \
+            (correction_bias.data_ptr(), *correction_bias.shape, *correction_bias.stride())
+        self.num_experts = logits.shape[1]
+
+    def __call__(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        t, k, e = self.tokens, self.top_k, self.num_experts
+        rows = x if self.x_rows is not None else x.reshape(t, self.hidden)  # a copy
+        rsx, csx = self.x_rows or rows.stride()
+        logits = router_logits if self.logits_rows is not None else \
+            router_logits.reshape(t, e)
+        rsl, csl = self.logits_rows or logits.stride()
+        lp = logits.data_ptr()
+        # the route kernel's results in one buffer: ids [T, k] int64, weights [T, k]
+        # float32, flags [T] int32
+        routing = torch.empty(3 * t * k + t, dtype=torch.int32)
+        ip = routing.data_ptr()
+        wp, fp = ip + 8 * t * k, ip + 12 * t * k
+        launch(self.route, (t, 1, 1), lp, t, e, rsl, csl, *(self.bias or (lp, t, e, rsl, csl)),
+               wp, t, k, k, 1, ip, t, k, k, 1, fp, t, 1, *self.scalars)
+        out = torch.empty(x.shape, dtype=x.dtype)
+        self.experts(t, k, rows.data_ptr(), rsx, csx, ip, wp, fp, out.data_ptr(),
+                     lambda: _bad_rows(routing[3 * t * k:], "fused_moe"))
+        return out
+
+
+_DECODES: dict[tuple, _Decode] = {}

@@ -5,6 +5,7 @@ from tessera.templates.gemm.quant import GROUP_SIZES, QuantizedMatrix, quantize
 from tessera.templates.gemm.sgemm import (
     ACTIVATIONS,
     Blocking,
+    MoeDecode,
     PackedMatrix,
     batched_gemm,
     blocking,
@@ -15,6 +16,6 @@ from tessera.templates.gemm.sgemm import (
     pack,
 )
 
-__all__ = ["ACTIVATIONS", "GROUP_SIZES", "Blocking", "PackedMatrix", "QuantizedMatrix",
-           "batched_gemm", "blocking", "gemm", "grouped_gemm", "moe_decode", "moe_decode_fits",
-           "pack", "quantize"]
+__all__ = ["ACTIVATIONS", "GROUP_SIZES", "Blocking", "MoeDecode", "PackedMatrix",
+           "QuantizedMatrix", "batched_gemm", "blocking", "gemm", "grouped_gemm", "moe_decode",
+           "moe_decode_fits", "pack", "quantize"]

@@ -19,8 +19,9 @@
    the choices ids/weights [T, topk] (int64, float32), gate_up [E, H, 2I] = [gate | up]
    in this build's B format, down [E, I, H] in the format of the build whose tsr_moe_down
    is down_phase, out [T, H] in the C format of both builds. B's columns are contiguous
-   (rs = 1, or quantized) or its rows are (cs = 1). *status: 0, -1 out of memory, -2 an id
-   outside [0, E). */
+   (rs = 1, or quantized) or its rows are (cs = 1). flags [T] (int32, or NULL): a token
+   whose flag is set refuses the whole launch (its routing is broken). *status: 0, -1 out
+   of memory, -2 an id outside [0, E), -3 a flag set. */
 typedef struct moe_plan moe_plan;
 typedef struct {
     int64_t tokens, topk, experts, hidden, inter;
@@ -30,6 +31,7 @@ typedef struct {
     int64_t rsi, csi;
     const float *weights;
     int64_t rsw, csw;
+    const int32_t *flags;
     tsr_b gate_up, down;
     c_t *out;
     int64_t rso, cso;
@@ -118,11 +120,13 @@ int64_t tsr_moe_down(const moe_plan *p, int64_t blk, int thread) {
 }
 
 /* Sort the choices by expert (counting sort) and gather x's rows in that order, with
-   buffers for `threads` threads. Returns 0, -1 (out of memory) or -2 (a bad id). */
+   buffers for `threads` threads. Returns 0 or the status of an error. */
 static int moe_prepare(const tsr_moe *s, moe_plan *p, int threads) {
     const int64_t t = s->tokens, k = s->topk, e = s->experts, rows = t * k;
     memset(p, 0, sizeof *p);
     p->s = s;
+    for (int64_t i = 0; s->flags && i < t; i++)
+        if (s->flags[i]) return -3;
     int64_t *ints = malloc((size_t)(e + 4 * rows) * sizeof(int64_t));
     float *floats = malloc((size_t)(rows * (s->hidden + s->inter)
                                     + threads * 2 * rows * MOE_STRIP) * sizeof(float));

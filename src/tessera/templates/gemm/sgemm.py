@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -24,8 +25,9 @@ from tessera.runtime.toolchain import compile_c
 from tessera.templates.gemm.quant import QuantizedMatrix
 from tessera.templates.gemm.tuning import tuned_record, vector_lanes
 
-__all__ = ["ACTIVATIONS", "Blocking", "PackedMatrix", "batched_gemm", "blocking", "gemm",
-           "grouped_gemm", "launch", "launch_entry", "moe_decode", "moe_decode_fits", "pack"]
+__all__ = ["ACTIVATIONS", "Blocking", "MoeDecode", "PackedMatrix", "batched_gemm", "blocking",
+           "gemm", "grouped_gemm", "launch", "launch_entry", "moe_decode", "moe_decode_fits",
+           "pack"]
 
 _SOURCE = Path(__file__).with_name("sgemm.c")
 _MOE_SOURCE = Path(__file__).with_name("moe.c")
@@ -395,27 +397,59 @@ def moe_decode_fits(b: Any) -> bool:
     return isinstance(b, QuantizedMatrix) or 1 in b.stride()[1:]
 
 
-def moe_decode(x: Any, ids: Any, weights: Any, gate_up: Any, down: Any, out: Any) -> None:
-    """out = each token's top-k experts' SwiGLU MLPs, summed by weight (moe.c), in one
-    launch for a few tokens: x [T, H] and out [T, H] torch float tensors of one dtype,
-    ids [T, k] int64 and weights [T, k] float32 the routing, gate_up [E, H, 2I] =
-    [gate | up] and down [E, I, H] float torch tensors or QuantizedMatrix (see
-    `moe_decode_fits`). Every token's rows go to its experts unpacked: the weights of the
-    experts picked are streamed once, by all threads together."""
-    fmt = _torch_format(x.dtype)
+@dataclass(frozen=True)
+class MoeDecode:
+    """A few tokens through their top-k experts' SwiGLU MLPs, summed by routing weight,
+    in one launch (moe.c) for one dtype of x and one pair of expert weights, whose
+    arguments are computed once: every picked expert's weights are streamed unpacked,
+    once, by all threads together. Call it with pointers, as `launch` takes slots."""
+
+    entry: int
+    down_phase: int  # tsr_moe_down in the build for down's format
+    shape: tuple[int, int, int]  # experts, hidden, intermediate
+    weight_slots: tuple[int, ...]  # tsr_b of gate_up, then of down
+
+    def __call__(self, tokens: int, topk: int, x: int, rsx: int, csx: int, ids: int,
+                 weights: int, flags: int, out: int, refused: Callable[[], Exception]
+                 ) -> None:
+        """out [T, H] (contiguous, x's dtype) from x [T, H] (rows rsx, columns csx
+        elements apart) and the routing: ids [T, topk] int64, weights [T, topk] float32,
+        both contiguous, and flags [T] int32 (or 0): if one is set, nothing is computed
+        and `refused()` is raised."""
+        address_of_status = _status_word()
+        _launcher()(self.entry, 1, 1, 1, tokens, topk, *self.shape, x, rsx, csx, ids,
+                    topk, 1, weights, topk, 1, flags, *self.weight_slots, out,
+                    self.shape[1], 1, self.down_phase, address_of_status)
+        check(address_of_status, lambda: _moe_error(address_of_status, tokens, refused))
+
+
+def _moe_error(address_of_status: int, tokens: int, refused: Callable[[], Exception]
+               ) -> Exception:
+    status = ctypes.c_int64.from_address(address_of_status).value
+    if status == -3:
+        return refused()
+    if status == -2:
+        return TesseraError("moe_decode: an expert id is out of range")
+    return TesseraError(f"moe_decode: out of memory for the buffers of {tokens} tokens")
+
+
+def moe_decode(dtype: Any, gate_up: Any, down: Any) -> MoeDecode:
+    """The decode launch for x of `dtype` (torch float) and expert weights gate_up
+    [E, H, 2I] = [gate | up] and down [E, I, H]: float torch tensors or QuantizedMatrix
+    (see `moe_decode_fits`), kept alive by the caller."""
+    fmt = _FORMATS[dt.as_dtype(dtype)]
     up_fmt, up_group, up_slots = _expert_slots(gate_up)
     down_fmt, down_group, down_slots = _expert_slots(down)
-    entry, down_phase = _moe_entries(fmt, up_fmt, up_group, down_fmt, down_group)
-    t, h = x.shape
-    address_of_status = _status_word()
-    _launcher()(entry, 1, 1, 1, t, ids.shape[1], gate_up.shape[0], h, down.shape[1],
-                x.data_ptr(), *x.stride(), ids.data_ptr(), *ids.stride(), weights.data_ptr(),
-                *weights.stride(), *up_slots, *down_slots, out.data_ptr(), *out.stride(),
-                down_phase, address_of_status)
-    check(address_of_status, lambda: TesseraError(
-        "moe_decode: an expert id is out of range" if ctypes.c_int64.from_address(
-            address_of_status).value == -2 else
-        f"moe_decode: out of memory for the buffers of {t} tokens"))
+
+    def address(b_fmt: int, group: int, symbol: str) -> int:
+        variant = _Variant(blocking(), fmt, b_fmt, fmt, group)
+        fn = compile_c(variant.source() + _MOE_SOURCE.read_text(), name="gemm_moe",
+                       openmp=True).function(symbol)
+        return ctypes.cast(fn, ctypes.c_void_p).value
+    return MoeDecode(address(up_fmt, up_group, "tsr_moe_launch"),
+                     address(down_fmt, down_group, "tsr_moe_down"),
+                     (gate_up.shape[0], gate_up.shape[1], down.shape[1]),
+                     up_slots + down_slots)
 
 
 def _expert_slots(b: Any) -> tuple[int, int, tuple[int, ...]]:
@@ -426,26 +460,7 @@ def _expert_slots(b: Any) -> tuple[int, int, tuple[int, ...]]:
                 (b.data.ctypes.data, b.scales.ctypes.data, 1, b.data.shape[-1],
                  b.scales.shape[-1], b.data.strides[0], b.scales.strides[0] // 4))
     gs, rs, cs = b.stride()
-    return _torch_format(b.dtype), 32, (b.data_ptr(), 0, rs, cs, 0, gs, 0)
-
-
-@cache
-def _torch_format(d: Any) -> int:
-    return _FORMATS[dt.as_dtype(d)]
-
-
-@cache
-def _moe_entries(fmt: int, up_fmt: int, up_group: int, down_fmt: int, down_group: int
-                 ) -> tuple[int, int]:
-    """The addresses of moe.c's launch entry in the build for x's format and gate_up's,
-    and of tsr_moe_down in the build for down's (the same build if the formats agree)."""
-    def address(b_fmt: int, group: int, symbol: str) -> int:
-        variant = _Variant(blocking(), fmt, b_fmt, fmt, group)
-        fn = compile_c(variant.source() + _MOE_SOURCE.read_text(), name="gemm_moe",
-                       openmp=True).function(symbol)
-        return ctypes.cast(fn, ctypes.c_void_p).value
-    return (address(up_fmt, up_group, "tsr_moe_launch"),
-            address(down_fmt, down_group, "tsr_moe_down"))
+    return _FORMATS[dt.as_dtype(b.dtype)], 32, (b.data_ptr(), 0, rs, cs, 0, gs, 0)
 
 
 def batched_gemm(a: Any, b: Any, out: Any = None, *, config: Blocking | None = None) -> Any:
