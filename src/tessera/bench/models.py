@@ -1,7 +1,9 @@
 """Suite `models`: the zoo's models (tessera.bench.zoo, "small" size) compiled with
 torch.compile(backend="tessera") against torch eager and Inductor, each at batch x seq
 1x32 and 8x128 (for the CNN: that many images of seq x seq pixels) and, for the language
-models, a 1-token decode step against a 256-token KV cache.
+models, a 1-token decode step against a 256-token KV cache, and a decode loop whose cache
+grows: each call one token against the next length of a cycle over 64..510 (shapes change
+every step, as in generation; dynamic shapes for both compilers).
 
 Besides latency (outputs checked to agree first), rows carry what a compiler costs and
 saves: on the 1x32 cases, the cold and warm compile time of Tessera and Inductor (each in
@@ -19,6 +21,7 @@ of the intermediates."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -37,6 +40,7 @@ __all__ = ["cases", "compile_seconds", "peak_activation_bytes"]
 SIZE = "small"
 SHAPES = ((1, 32), (8, 128))  # batch x seq
 CACHE_LEN = 256  # the decode step's KV cache
+GROW = range(64, 511)  # the decode loop's cache lengths, cycled
 TOL = 1e-3  # float32 through a few layers, against eager
 
 
@@ -52,7 +56,49 @@ def cases(quick: bool) -> list[Case]:
         if z.is_lm:
             out.append(_case(z, f"{name}_decode_c{CACHE_LEN}", z.decode(1, CACHE_LEN), quick,
                              None))
+            out.append(_growing(z, quick))
     return out
+
+
+def _growing(z: Any, quick: bool) -> Case:
+    """One decode step per call, each against the next cache length of GROW (views of
+    one buffer's prefix, contiguous), so no two nearby calls share shapes."""
+    import itertools
+
+    import torch
+
+    from tessera.bench.zoo import param_count
+
+    ids, keys, values = z.decode(1, GROW[-1])
+
+    def caches(n: int) -> tuple[Any, Any]:
+        shape = (*keys.shape[:3], n, keys.shape[4])
+        return tuple(t.reshape(-1)[:math.prod(shape)].view(shape) for t in (keys, values))
+
+    model = z.model
+    compiled = {"tessera": torch.compile(model, backend="tessera"), "torch_eager": model}
+    if not quick:
+        compiled["torch_inductor"] = torch.compile(model)
+    impls: dict[str, Callable[[], Any]] = {}
+    for name, fn in compiled.items():
+        lengths = itertools.cycle(GROW)
+        impls[name] = lambda fn=fn, lengths=lengths: fn(ids, *caches(next(lengths)))
+
+    def run(impl: Callable[[], Any]) -> Any:
+        with torch.no_grad():
+            return impl()
+
+    def check() -> None:
+        torch._dynamo.reset()
+        for _ in range(4):  # static, then dynamic: interpreted, recorded, replayed
+            outs = {k: _tensors(run(f)) for k, f in impls.items()}
+            for k, got in outs.items():
+                for g, w in zip(got, outs["torch_eager"], strict=True):
+                    torch.testing.assert_close(g, w, atol=TOL, rtol=TOL,
+                                               msg=lambda m, n=k: f"{n}: {m}")
+
+    return Case(f"{z.name}_decode_grow", {k: (lambda f=f: run(f)) for k, f in impls.items()},
+                check=check, meta={"params_m": round(param_count(model) / 1e6, 2)})
 
 
 def _case(z: Any, name: str, args: tuple[Any, ...], quick: bool,
