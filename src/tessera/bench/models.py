@@ -3,7 +3,8 @@ torch.compile(backend="tessera") against torch eager and Inductor, each at batch
 1x32 and 8x128 (for the CNN: that many images of seq x seq pixels) and, for the language
 models, a 1-token decode step against a 256-token KV cache, and a decode loop whose cache
 grows: each call one token against the next length of a cycle over 64..510 (shapes change
-every step, as in generation; dynamic shapes for both compilers).
+every step, as in generation; dynamic shapes for both compilers). The MoE LM's decode step
+also runs with int8 and int4 weights (options={"quantize": ...}) against float eager.
 
 Besides latency (outputs checked to agree first), rows carry what a compiler costs and
 saves: on the 1x32 cases, the cold and warm compile time of Tessera and Inductor (each in
@@ -15,8 +16,8 @@ the forward, counted until freed). `--quick`: Tessera and eager only, 1x32 and d
 compile time in-process (caches as they are).
 
 Goals (issue 13): 1.5x eager and 1.3x Inductor at 1x32; 1.1x eager at 8x128; MoE LM decode
-3x eager; cold compile at most 25% of Inductor's; warm start under 1 s; arena at most 50%
-of the intermediates."""
+3x eager (int4: 6x); cold compile at most 25% of Inductor's; warm start under 1 s; arena
+at most 50% of the intermediates."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ SHAPES = ((1, 32), (8, 128))  # batch x seq
 CACHE_LEN = 256  # the decode step's KV cache
 GROW = range(64, 511)  # the decode loop's cache lengths, cycled
 TOL = 1e-3  # float32 through a few layers, against eager
+QUANT_TOL = 0.15  # relative error of a weight-only int8/int4 model's outputs
 
 
 def cases(quick: bool) -> list[Case]:
@@ -57,6 +59,10 @@ def cases(quick: bool) -> list[Case]:
             out.append(_case(z, f"{name}_decode_c{CACHE_LEN}", z.decode(1, CACHE_LEN), quick,
                              None))
             out.append(_growing(z, quick))
+    moe = zoo.build("moe_lm", SIZE)
+    for bits in ("int8", "int4"):  # weight-only quantized, against float eager
+        out.append(_case(moe, f"moe_lm_{bits}_decode_c{CACHE_LEN}", moe.decode(1, CACHE_LEN),
+                         True, None, {"quantize": bits}))
     return out
 
 
@@ -102,14 +108,17 @@ def _growing(z: Any, quick: bool) -> Case:
 
 
 def _case(z: Any, name: str, args: tuple[Any, ...], quick: bool,
-          compile_shape: tuple[int, int] | None) -> Case:
+          compile_shape: tuple[int, int] | None, options: dict[str, Any] | None = None
+          ) -> Case:
+    """`options` (the compiler's): a quantized model is checked by its relative error
+    against float eager (at most QUANT_TOL) and against no other compiler."""
     import torch
 
     from tessera.bench.zoo import param_count
     from tessera.graph import compiled
 
     model = z.model
-    ours = torch.compile(model, backend="tessera", dynamic=False)
+    ours = torch.compile(model, backend="tessera", dynamic=False, options=options)
     impls: dict[str, Callable[[], Any]] = {
         "tessera": lambda: ours(*args), "torch_eager": lambda: model(*args)}
     if not quick:
@@ -134,6 +143,10 @@ def _case(z: Any, name: str, args: tuple[Any, ...], quick: bool,
         for impl_name, impl in impls.items():
             got = _tensors(got if impl_name == "tessera" else run(impl))
             for g, w in zip(got, want, strict=True):
+                if options and options.get("quantize"):
+                    error = float((g - w).norm() / w.norm())
+                    assert error <= QUANT_TOL, f"{impl_name}: relative error {error:.3g}"
+                    continue
                 torch.testing.assert_close(g, w, atol=TOL, rtol=TOL,
                                            msg=lambda m, n=impl_name: f"{n}: {m}")
         state["peak"] = peak_activation_bytes(model, args)
