@@ -104,6 +104,20 @@ def test_where_clamp_and_special_values() -> None:
     check("gelu", x, approximate="tanh")
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
+def test_clamp_integer_bounds_convert_as_torch(dtype: torch.dtype) -> None:
+    """Bounds outside an integer dtype: torch wraps an unsigned type's negatives (-1 is
+    255 in uint8) and refuses what does not fit; so do we."""
+    x = torch.arange(0, 120, 7).to(dtype)
+    for lo, hi in [(-3, 100), (-1, None), (None, -1), (-100, 50)]:
+        check("clamp", x, lo, hi)
+    for lo, hi in [(5, 300), (-300, 3)]:
+        with pytest.raises(RuntimeError):
+            torch.clamp(x, lo, hi)
+        with pytest.raises(ArgumentError, match="does not fit"):
+            O.clamp(x, lo, hi)
+
+
 def test_contiguous_copies_any_layout() -> None:
     x = torch.randn(4, 6, 8).permute(2, 0, 1)[:, ::2]
     y = O.contiguous(x)

@@ -360,7 +360,7 @@ def _pointwise_member(n: Node) -> _Member | None:
         bounds = [b for b in (lo, hi) if b is not None]
         if not bounds or out == torch.bool or any(_scalar_dtype(b) is None for b in bounds):
             return None
-        if not out.is_floating_point and any(  # (torch wraps such a bound, eager does not)
+        if not out.is_floating_point and any(  # (wrapped as torch does: by the op, unfused)
                 not torch.iinfo(out).min <= b <= torch.iinfo(out).max for b in bounds):
             return None
         kind = float if out.is_floating_point else int

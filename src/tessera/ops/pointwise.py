@@ -516,9 +516,22 @@ def clamp(x: torch.Tensor, min: Any = None, max: Any = None) -> torch.Tensor:
     kind = float if out.is_floating_point else int
     lo = kind(min) if min is not None else kind(0)
     hi = kind(max) if max is not None else kind(0)
+    if kind is int and out != torch.bool:
+        lo, hi = _int_bound(lo, out), _int_bound(hi, out)
     fn = "clamp" if min is not None and max is not None else \
         "clamp_min" if min is not None else "clamp_max"
     return run(fn, [x], out, (lo, hi), name="clamp")
+
+
+def _int_bound(b: int, dtype: torch.dtype) -> int:
+    """A clamp bound in an integer dtype as torch converts it: an unsigned type takes
+    -max..max (negatives wrap: -1 is 255 in uint8), a signed one its own range; beyond
+    that torch refuses the bound, and so do we."""
+    info = torch.iinfo(dtype)
+    if not (-info.max if info.min == 0 else info.min) <= b <= info.max:
+        raise ArgumentError(f"clamp: bound {b} does not fit in {dtype}",
+                            hint="use a bound in the tensor's range or convert the tensor")
+    return b % (info.max + 1) if info.min == 0 else b
 
 
 def _binary_op(name: str, ref: Any, doc: str, *, kind: str = "arith",
