@@ -267,7 +267,7 @@ def from_fx(gm: torch.fx.GraphModule, constants: dict[int, torch.Tensor] | None 
 _LAYOUT_VIEWS = {aten.transpose.int: "transpose", aten.permute.default: "permute"}
 _AS_VIEW = {op: (f"view:{str(t).removeprefix('aten.')}", t) for t, op in _LAYOUT_VIEWS.items()}
 _AS_COPY = {view: (op, t) for op, (view, t) in _AS_VIEW.items()}
-_RESHAPES = {"view:view.default", "view:_unsafe_view.default", "view:reshape.default"}
+RESHAPES = {"view:view.default", "view:_unsafe_view.default", "view:reshape.default"}
 # registry ops whose kernels read any strides without torch copying them (tests/graph/
 # test_frontend_layouts.py runs each on transposed inputs under the recorder); pointwise
 # ops (and `contiguous`) read strides as long as they coalesce to 3 dims, other ops are
@@ -473,7 +473,7 @@ class _Layouts:
         unknown: list[tuple[int, ...] | None] = [None] * len(n.outputs)
         if x is None:
             return unknown
-        if n.op in _RESHAPES:
+        if n.op in RESHAPES:
             new = _view_strides(self.shape(x), st, self.shape(n.outputs[0])) \
                 if st is not None else None
             if new is None:  # torch.reshape copies: the reader of a strided x

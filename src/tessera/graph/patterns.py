@@ -37,11 +37,11 @@ from typing import Any
 import torch
 
 from tessera.errors import TesseraError
-from tessera.graph.frontend import view_form
+from tessera.graph.frontend import RESHAPES, view_form
 from tessera.graph.ir import Graph, Node, Value
 
 __all__ = ["Match", "Pattern", "PatternError", "pattern", "registered", "rewrite",
-           "unregister"]
+           "underlying", "unregister"]
 
 
 class PatternError(TesseraError):
@@ -52,8 +52,7 @@ class PatternError(TesseraError):
 _PRIMES = (11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89,
            97, 101, 103, 107, 109, 113)
 _SENTINEL = 0.6180339887498949  # float parameters are traced as _SENTINEL + k / 1024
-_RESHAPES = {"view:view.default", "view:_unsafe_view.default", "view:reshape.default"}
-_SIZED_VIEWS = _RESHAPES | {"view:expand.default"}  # sizes follow from the output shape
+_SIZED_VIEWS = RESHAPES | {"view:expand.default"}  # sizes follow from the output shape
 _COMMUTATIVE = {"add", "mul", "maximum", "minimum", "eq", "ne", "logical_and", "logical_or",
                 "logical_xor"}
 _DIM_ARGS = ("dim", "dim0", "dim1", "dims")
@@ -124,16 +123,17 @@ def _first_input(n: Node) -> Value | None:
 
 def _transparent(n: Node) -> bool:
     """A node whose output holds its input's values in the input's shape: a contiguous
-    copy, an alias, a view or expand to the same shape."""
+    copy, an alias, a view, expand or slice to the same shape (x[:, :, None] slices every
+    dim whole)."""
     if n.op in ("contiguous", "view:alias.default", "view:detach.default"):
         return True
-    if n.op in _SIZED_VIEWS:
+    if n.op in _SIZED_VIEWS or n.op == "view:slice.Tensor":
         src = _first_input(n)
         return src is not None and src.shape == n.outputs[0].shape
     return False
 
 
-def _underlying(v: Value) -> Value:
+def underlying(v: Value) -> Value:
     """v before the transparent nodes that produce it."""
     while v.producer is not None and _transparent(v.producer):
         first = _first_input(v.producer)
@@ -571,7 +571,7 @@ class _Matcher:
     # -- structure ---------------------------------------------------------------------
     def _value(self, pv: Value, tv: Value, st: _State) -> Iterator[_State]:
         if pv.kind == "input":  # the replacement reads the value before copies (any
-            tv = _underlying(tv)  # layout: a copy it needs is placed afterwards)
+            tv = underlying(tv)  # layout: a copy it needs is placed afterwards)
         if pv in st.values:
             if st.values[pv] is tv:
                 yield st
@@ -754,7 +754,7 @@ def _same_op(t: _Template, pn: Node, tn: Node) -> bool:
     """Whether graph node tn may match pattern node pn (by op alone)."""
     if len(pn.outputs) != len(tn.outputs):
         return False
-    if pn.op == tn.op or (pn.op in _RESHAPES and tn.op in _RESHAPES):
+    if pn.op == tn.op or (pn.op in RESHAPES and tn.op in RESHAPES):
         return True
     if pn.op in _LAYOUT_COPIES or tn.op in _LAYOUT_COPIES:
         return view_form(pn)[0] == view_form(tn)[0]

@@ -31,9 +31,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tessera.graph.frontend import place_copies
+from tessera.graph.frontend import RESHAPES, place_copies
 from tessera.graph.ir import Graph, Node, Value
-from tessera.graph.patterns import Match, Pattern, registered, rewrite
+from tessera.graph.patterns import (
+    Match,
+    Pattern,
+    _dim,
+    _equal,
+    registered,
+    rewrite,
+    underlying,
+)
 
 __all__ = ["builtins", "run", "swiglu_matmul"]
 
@@ -45,6 +53,9 @@ def run(graph: Graph, fusion: bool = True) -> dict[str, int]:
     times each fired. `fusion`: chains are fused afterwards (norms and GELU written out
     are then left alone)."""
     counts = rewrite(graph, [*registered(), *builtins(fusion)])
+    grouped = _grouped_queries(graph)
+    if grouped:
+        counts["grouped_query_attention"] = grouped
     if counts:  # the readers changed: transposes a rewritten reader needed copied may
         place_copies(graph)  # now stay views, as the replacement reads strided tensors
     return counts
@@ -144,6 +155,51 @@ def _attention_patterns() -> list[Pattern]:
     return [*(_attention(s, m) for s in ("mul", "div", "none")
               for m in ("add", "fill", "none")),
             _attention("mul", "add", half=True), _drop_lse(True), _drop_lse(False)]
+
+
+def _grouped_queries(graph: Graph) -> int:
+    """Attention on keys and values repeated per query group (repeat_interleave(k, G, 1),
+    Hugging Face's repeat_kv: unsqueeze, expand, reshape) -> attention on the keys and
+    values as they are with enable_gqa (query head h reads kv head h // G, as repeated),
+    so the repeats are never materialized. In place; how many attention nodes changed."""
+    changed = 0
+    for n in graph.nodes:
+        if n.op not in _ATTENTION:
+            continue
+        k, v = _unrepeated(n.args["k"]), _unrepeated(n.args["v"])
+        if k is not None and v is not None and _equal(k.shape[1], v.shape[1]):
+            n.args.update(k=k, v=v, enable_gqa=True)
+            changed += 1
+    return changed
+
+
+_ATTENTION = ("scaled_dot_product_attention", "scaled_dot_product_attention_lse")
+
+
+def _unrepeated(r: Any) -> Value | None:
+    """x where r [B, H * G, S, D] is x [B, H, S, D] with each head repeated G times in
+    place (x.unsqueeze(2).expand(B, H, G, S, D) reshaped), else None."""
+    if not isinstance(r, Value) or len(r.shape) != 4 or r.producer is None or \
+            r.producer.op not in RESHAPES:
+        return None
+    e = underlying(r.producer.args["args"][0])
+    if e.producer is None or e.producer.op != "view:expand.default":
+        return None
+    u = underlying(e.producer.args["args"][0])
+    if u.producer is None or u.producer.op != "view:unsqueeze.default":
+        return None
+    x, dim = u.producer.args["args"][:2]
+    if not isinstance(x, Value) or len(x.shape) != 4 or dim not in (2, -3):
+        return None
+    b, h, s, d = x.shape
+    group = e.shape[2]
+    want = {0: b, 1: h, 3: s, 4: d}
+    if not all(_equal(e.shape[i], size) for i, size in want.items()):
+        return None
+    rows = _dim(h) * _dim(group)
+    if not all(_equal(a, w) for a, w in zip(r.shape, (b, rows, s, d), strict=True)):
+        return None
+    return x
 
 
 # -- normalizations -----------------------------------------------------------------------

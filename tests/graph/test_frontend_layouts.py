@@ -1,0 +1,248 @@
+"""Layouts in compiled graphs (tessera.graph.frontend.place_copies, rewrites'
+grouped-query attention): transposes stay views where their readers take strided tensors,
+a copy is placed only where a reader needs one, repeated k/v heads become enable_gqa;
+numerics against eager, and the plans run with no Python step for layouts."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tessera.graph import compiled
+from tessera.graph.executable import Executable
+from tessera.graph.frontend import _STRIDED, _view_strides
+from tessera.graph.record import Recorder
+from tessera.ops import registry
+
+COPIES = ("transpose", "permute", "contiguous")
+
+
+def _compile(fn: Any, *args: torch.Tensor, dynamic: bool = False, calls: int = 3
+             ) -> tuple[Any, Executable]:
+    """fn compiled with the tessera backend, called `calls` times on args (so a plan is
+    recorded); its output and its one executable."""
+    torch._dynamo.reset()
+    before = {id(e) for e in compiled()}
+    f = torch.compile(fn, backend="tessera", dynamic=dynamic)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(calls):
+            out = f(*args)
+    (ex,) = [e for e in compiled() if id(e) not in before]
+    return out, ex
+
+
+def _ops(ex: Executable) -> Counter[str]:
+    return Counter(n.op for n in ex.graph.nodes)
+
+
+def _python_steps(ex: Executable) -> list[str]:
+    return [s.node.op for p in ex.plans.values() if p for s in p.steps if s.node is not None]
+
+
+def _transposed(*shape: int) -> torch.Tensor:
+    """A [B, H, S, D] tensor as a [B, S, H, D] projection's transpose (no copy)."""
+    b, h, s, d = shape
+    return torch.randn(b, s, h, d).transpose(1, 2)
+
+
+# -- the ops a transpose may feed as a view ------------------------------------------------
+_SAMPLES: dict[str, Any] = {
+    "matmul": lambda: (_transposed(2, 3, 5, 4), torch.randn(4, 6)),
+    "linear": lambda: (_transposed(2, 3, 5, 4), torch.randn(6, 4), torch.randn(6)),
+    "bmm": lambda: (_transposed(1, 3, 5, 4)[0], _transposed(1, 3, 4, 6)[0]),
+    "addmm": lambda: (torch.randn(6), torch.randn(4, 5).t(), torch.randn(6, 4).t()),
+    "baddbmm": lambda: (torch.randn(5, 6), _transposed(1, 3, 5, 4)[0],
+                        _transposed(1, 3, 4, 6)[0]),
+    "cat": lambda: ([_transposed(2, 3, 5, 4), _transposed(2, 3, 5, 4)], 2),
+    "embedding": lambda: (torch.randn(10, 4), torch.randint(0, 10, (5, 3)).t()),
+    "scaled_dot_product_attention": lambda: (_transposed(2, 4, 6, 8), _transposed(2, 2, 6, 8),
+                                             _transposed(2, 2, 6, 8), None, True, None, True),
+    "scaled_dot_product_attention_lse": lambda: (_transposed(2, 4, 6, 8),
+                                                 _transposed(2, 4, 6, 8),
+                                                 _transposed(2, 4, 6, 8)),
+    "rotary_embedding": lambda: (_transposed(2, 3, 5, 8), torch.randn(5, 8),
+                                 torch.randn(5, 8)),
+    "transpose": lambda: (_transposed(2, 3, 5, 4), 1, 3),
+    "permute": lambda: (_transposed(2, 3, 5, 4), [3, 1, 0, 2]),
+}
+
+
+def test_every_strided_reader_has_a_sample() -> None:
+    assert set(_SAMPLES) == set(_STRIDED)
+
+
+@pytest.mark.parametrize("name", sorted(_STRIDED))
+def test_strided_readers_launch_without_torch(name: str) -> None:
+    """The ops place_copies lets read a transpose as a view compute eager's result from
+    transposed operands with kernel launches alone (the recorder sees no torch call that
+    would make the node a Python step)."""
+    torch.manual_seed(0)
+    d = registry.get(name)
+    args = _SAMPLES[name]()
+    rec = Recorder()
+    with rec, rec.node(0):
+        out = d.impl(*args)
+    assert rec.records[0].why is None
+    got, want = (o if isinstance(o, tuple) else (o,) for o in (out, d.reference(*args)))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_view_strides_are_torchs() -> None:
+    """_view_strides says whether (and how) torch views a strided tensor as a new shape."""
+    rng = random.Random(0)
+    for _ in range(300):
+        shape = [rng.choice((1, 2, 3, 4, 6)) for _ in range(rng.randint(1, 4))]
+        perm = list(range(len(shape)))
+        rng.shuffle(perm)
+        x = torch.empty(shape).permute(perm)
+        new = list(x.shape)
+        while len(new) > 1 and rng.random() < 0.5:  # merge some neighbours
+            i = rng.randrange(len(new) - 1)
+            new[i:i + 2] = [new[i] * new[i + 1]]
+        if rng.random() < 0.3:
+            new.insert(rng.randint(0, len(new)), 1)
+        try:
+            want = x.view(new).stride()
+        except RuntimeError:
+            want = None
+        got = _view_strides(tuple(x.shape), x.stride(), tuple(new))
+        assert (got is None) == (want is None), (x.shape, x.stride(), new)
+        if want is not None:
+            assert tuple(
+                g for g, n in zip(got, new, strict=True) if n != 1) == tuple(
+                w for w, n in zip(want, new, strict=True) if n != 1)
+
+
+# -- models --------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Grouped-query attention as Llama-style code writes it: projections viewed as heads
+    and transposed, keys and values repeated per query group (`repeat`: "interleave",
+    "hf" for Hugging Face's repeat_kv, "none": F.sdpa's own enable_gqa), attention, the
+    heads transposed back and reshaped into the output projection."""
+
+    def __init__(self, d: int = 32, heads: int = 4, kv_heads: int = 2, repeat: str = "interleave",
+                 explicit: bool = False) -> None:
+        super().__init__()
+        self.h, self.kv, self.repeat, self.explicit = heads, kv_heads, repeat, explicit
+        self.hd = d // heads
+        self.q = nn.Linear(d, d, bias=False)
+        self.k = nn.Linear(d, kv_heads * self.hd, bias=False)
+        self.v = nn.Linear(d, kv_heads * self.hd, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+
+    def _repeat(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.h // self.kv
+        if self.repeat == "interleave":
+            return x.repeat_interleave(g, dim=1)
+        if self.repeat == "hf":
+            b, kv, s, d = x.shape
+            return x[:, :, None, :, :].expand(b, kv, g, s, d).reshape(b, kv * g, s, d)
+        if self.repeat == "tile":  # heads in another order: not grouped-query attention
+            return x.repeat(1, g, 1, 1)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q = self.q(x).view(b, t, self.h, self.hd).transpose(1, 2)
+        k = self.k(x).view(b, t, self.kv, self.hd).transpose(1, 2)
+        v = self.v(x).view(b, t, self.kv, self.hd).transpose(1, 2)
+        k, v = self._repeat(k), self._repeat(v)
+        if self.explicit:
+            w = F.softmax(torch.matmul(q, k.transpose(2, 3)) / self.hd ** 0.5, dim=-1)
+            out = torch.matmul(w, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                 enable_gqa=self.repeat == "none")
+        return self.o(out.transpose(1, 2).reshape(b, t, c))
+
+
+@pytest.mark.parametrize("repeat,explicit", [("interleave", False), ("hf", False),
+                                             ("none", False), ("interleave", True)])
+def test_attention_copies_nothing(repeat: str, explicit: bool) -> None:
+    """q, k and v reach attention as transposed views, repeated keys and values as they
+    are (enable_gqa), the output goes back through views: no copy, no Python step."""
+    torch.manual_seed(0)
+    model = Attention(repeat=repeat, explicit=explicit).eval()
+    x = torch.randn(2, 8, 32)
+    out, ex = _compile(model, x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    ops = _ops(ex)
+    assert not any(ops[c] for c in COPIES), ops
+    (attn,) = [n for n in ex.graph.nodes if n.op == "scaled_dot_product_attention"]
+    assert attn.args["enable_gqa"] and attn.args["k"].shape[1] == 2
+    assert _python_steps(ex) == []
+
+
+def test_tiled_heads_are_not_grouped_queries() -> None:
+    """x.repeat(1, G, 1, 1) orders heads otherwise than grouped-query attention: left as
+    it is, and right."""
+    torch.manual_seed(0)
+    model = Attention(repeat="tile").eval()
+    x = torch.randn(2, 8, 32)
+    out, ex = _compile(model, x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    (attn,) = [n for n in ex.graph.nodes if n.op == "scaled_dot_product_attention"]
+    assert attn.args["k"].shape[1] == 4
+
+
+def test_symbolic_sizes() -> None:
+    """With symbolic batch and sequence, the same: views, no copies, eager's numerics for
+    every length."""
+    torch.manual_seed(0)
+    model = Attention(repeat="hf").eval()
+    torch._dynamo.reset()
+    before = {id(e) for e in compiled()}
+    f = torch.compile(model, backend="tessera", dynamic=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in (5, 9, 12):
+            x = torch.randn(3, t, 32)
+            torch.testing.assert_close(f(x), model(x), rtol=1e-5, atol=1e-5)
+    (ex,) = [e for e in compiled() if id(e) not in before]
+    assert any(isinstance(d, str) for v in ex.graph.inputs for d in v.shape)
+    ops = _ops(ex)
+    assert not any(ops[c] for c in COPIES), ops
+
+
+class Readers(nn.Module):
+    """A transposed projection read by a reshape that cannot view it, by pointwise ops in
+    3 coalesced dims (a view serves) and in 4 (a copy does), and by a matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b, t, _ = x.shape
+        y = self.p(x)
+        flat = y.transpose(1, 2).reshape(b, -1)  # [b, 16 * t]: no view of the transpose
+        three = torch.sigmoid(y.transpose(1, 2))  # [b, 16, t]
+        heads = y.view(b, t, 4, 4).transpose(1, 2)
+        four = torch.exp(heads)  # [b, 4, t, 4]: 4 dims
+        return flat, three, four, heads @ heads.transpose(2, 3)
+
+
+def test_a_copy_only_where_a_reader_needs_one() -> None:
+    torch.manual_seed(0)
+    model = Readers().eval()
+    x = torch.randn(2, 6, 16)
+    out, ex = _compile(model, x)
+    for got, want in zip(out, model(x), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # eager's reshapes copy (aten's clones) straight from the transposed views; the 4-dim
+    # exp reads a copy of the heads (which the product's reshape then views); the 3-dim
+    # sigmoid reads the view
+    ops = _ops(ex)
+    assert (ops["transpose"], ops["contiguous"], ops["view:transpose.int"]) == (1, 2, 2)
+    (copy,) = [n for n in ex.graph.nodes if n.op == "transpose"]
+    assert copy.outputs[0].shape == (2, 4, 6, 4)
+    assert _python_steps(ex) == []
