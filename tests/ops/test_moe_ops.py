@@ -394,3 +394,93 @@ def test_fused_moe_inside_torch_compile() -> None:
         x = torch.randn(tokens, 16)
         close(compiled(x, gate), x + hf_moe(x, x @ gate, w_gate_up, w_down, 2),
               atol=1e-5, rtol=1e-4)
+
+
+# -- decode: up to 16 tokens in one launch, a plan per call signature -----------------------
+@pytest.mark.parametrize("fmt", ["fp32", "int8", "int4"])
+def test_fused_moe_decode_matches_the_grouped_path(fmt: str) -> None:
+    """Up to 16 tokens take the decode launch, more the grouped GEMMs: the same tokens
+    agree either way. Experts big enough for the threads to split their columns, in
+    nn.Linear layout (float) and with int8/int4 data of both projections."""
+    g = torch.Generator().manual_seed(7)
+    w_gate_up = (torch.randn(8, 192, 256, generator=g) / 16).transpose(1, 2)
+    w_down = (torch.randn(8, 256, 96, generator=g) / 10).transpose(1, 2)
+    args: tuple = (w_gate_up, w_down)
+    kwargs: dict = {}
+    if fmt != "fp32":
+        bits = 8 if fmt == "int8" else 4
+        (gu, gu_scales), (d, d_scales) = (O.quantize(w, bits, 32) for w in (w_gate_up, w_down))
+        args, kwargs = (gu, d), {"gate_up_scales": gu_scales, "down_scales": d_scales}
+    x, logits = torch.randn(40, 256, generator=g), torch.randn(40, 8, generator=g)
+    grouped = O.fused_moe(x, logits, *args, 2, **kwargs)  # 40 tokens: the grouped path
+    for tokens in (1, 4, 16):
+        close(O.fused_moe(x[:tokens], logits[:tokens], *args, 2, **kwargs), grouped[:tokens],
+              atol=1e-5, rtol=1e-4, what=f"{tokens} tokens")
+
+
+def test_fused_moe_decode_plans_never_serve_stale_weights() -> None:
+    """A signature's plan is made once and reused; it reads the caller's weights, so
+    weights changed in place or new tensors count; quantized data that is not contiguous
+    (copied for the launch) gets no plan."""
+    from tessera.ops import moe
+
+    w_gate_up, w_down = _experts(8, 64, 48)
+    x, logits = torch.randn(3, 64), torch.randn(3, 8)
+    moe._DECODES.clear()
+    first = O.fused_moe(x, logits, w_gate_up, w_down, 2)
+    close(O.fused_moe(x, logits, w_gate_up, w_down, 2), first)
+    assert len(moe._DECODES) == 1
+    w_gate_up.mul_(2)  # in place: the same plan, new values
+    close(O.fused_moe(x, logits, w_gate_up, w_down, 2),
+          hf_moe(x, logits, w_gate_up, w_down, 2), atol=1e-5, rtol=1e-4)
+    other = torch.randn_like(w_down)  # another tensor: another plan
+    close(O.fused_moe(x, logits, w_gate_up, other, 2), hf_moe(x, logits, w_gate_up, other, 2),
+          atol=1e-5, rtol=1e-4)
+    assert len(moe._DECODES) == 2
+    data, scales = O.quantize(w_gate_up, 8, 32)
+    strided = torch.cat([data, data], dim=-1)[..., :data.shape[-1]]
+    for _ in range(2):
+        close(O.fused_moe(x, logits, strided, w_down, 2, gate_up_scales=scales),
+              hf_moe(x, logits, O.dequantize(data, scales, 64), w_down, 2),
+              atol=1e-5, rtol=1e-4)
+    assert len(moe._DECODES) == 2
+
+
+def test_fused_moe_decode_layouts_and_nan_on_a_planned_call() -> None:
+    """Rows of x and logits that are no view of them (copied each call); NaN logits and a
+    NaN correction bias are refused on calls that reuse a plan too."""
+    w_gate_up, w_down = _experts(8, 64, 48)
+    x = torch.randn(3, 2, 64).transpose(0, 1)  # [2, 3, 64]: its rows do not merge
+    logits = torch.randn(3, 2, 8).transpose(0, 1)
+    for _ in range(2):
+        close(O.fused_moe(x, logits, w_gate_up, w_down, 2),
+              hf_moe(x.contiguous(), logits.contiguous(), w_gate_up, w_down, 2),
+              atol=1e-5, rtol=1e-4)
+    bad = logits.clone()
+    bad[1, 0, 5] = NAN  # token 3 of the [6, 8] rows
+    with pytest.raises(ArgumentError, match="fused_moe: argument 'router_logits' has NaN or "
+                                            "infinity in row 3"):
+        O.fused_moe(x, bad, w_gate_up, w_down, 2)
+    bias = torch.zeros(8)
+    O.fused_moe(x, logits, w_gate_up, w_down, 2, correction_bias=bias)
+    bias[2] = NAN
+    with pytest.raises(ArgumentError, match="'correction_bias' has NaN or infinity"):
+        O.fused_moe(x, logits, w_gate_up, w_down, 2, correction_bias=bias)
+
+
+def test_moe_decode_launch_refuses_bad_ids_and_flags() -> None:
+    """The template's launch checks what it is given: ids in [0, E) and no flagged token."""
+    from tessera.errors import TesseraError
+    from tessera.templates.gemm import moe_decode
+
+    w_gate_up, w_down = _experts(4, 16, 8)
+    run = moe_decode(torch.float32, w_gate_up, w_down)
+    x, weights, out = torch.randn(1, 16), torch.ones(1, 2), torch.empty(1, 16)
+    flags = torch.tensor([1], dtype=torch.int32)
+    for ids in (torch.tensor([[0, 4]]), torch.tensor([[-1, 0]])):
+        with pytest.raises(TesseraError, match="moe_decode: an expert id is out of range"):
+            run(1, 2, x.data_ptr(), 16, 1, ids.data_ptr(), weights.data_ptr(), 0,
+                out.data_ptr(), lambda: ArgumentError("refused"))
+    with pytest.raises(ArgumentError, match="refused"):
+        run(1, 2, x.data_ptr(), 16, 1, torch.tensor([[0, 1]]).data_ptr(), weights.data_ptr(),
+            flags.data_ptr(), out.data_ptr(), lambda: ArgumentError("refused"))

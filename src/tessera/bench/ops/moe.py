@@ -6,8 +6,10 @@ fp32 eager loop, on the dequantized weights (so the check compares like with lik
 
 Sizes (fp32 experts fit comfortably in RAM): E8 top-2 with hidden 1024, intermediate 2816
 (8 x 34.6 MB = 277 MB), E64 top-8 with hidden 1024, intermediate 512 (64 x 6.3 MB =
-403 MB); 1, 16 and 512 tokens. Decode cases report weight GB/s over the experts hit,
-prefill GFLOPS. Goal: fused_moe >= 2.4x the eager loop."""
+403 MB); 1, 16 and 512 tokens; and a small decode layer, E8 top-2 with hidden 256,
+intermediate 512 (1.5 MB per expert; cases `..._h256_t*`), at 1, 4 and 16 tokens, where
+per-call overhead shows. Decode cases report weight GB/s over the experts hit, prefill
+GFLOPS. Goal: fused_moe >= 2.4x the eager loop."""
 
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from typing import Any
 from tessera.bench.cases import torch_case
 from tessera.bench.runner import Case
 
-CONFIGS = ((8, 2, 1024, 2816), (64, 8, 1024, 512))  # experts, top-k, hidden, intermediate
-TOKENS = (1, 16, 512)
+# experts, top-k, hidden, intermediate, token counts (quick runs take the first two)
+CONFIGS = ((8, 2, 1024, 2816, (1, 16, 512)), (64, 8, 1024, 512, (1, 16, 512)),
+           (8, 2, 256, 512, (1, 4, 16)))
 FORMATS = ("fp32", "int8", "int4")
 
 
@@ -28,7 +31,7 @@ def cases(quick: bool) -> list[Case]:
 
     bandwidth = measured_peaks()["read_bandwidth_gbs"]
     out = []
-    for experts, top_k, hidden, inter in CONFIGS:
+    for experts, top_k, hidden, inter, tokens_run in CONFIGS:
         gen = torch.Generator().manual_seed(experts)
         # stored as a checkpoint stores them, stacked nn.Linear weights [E, out, in];
         # fused_moe takes them as [E, in, out] views
@@ -39,7 +42,7 @@ def cases(quick: bool) -> list[Case]:
         for fmt in FORMATS:
             weights = _weights(fmt, w_gate_up, w_down)
             eager = _eager_moe(weights["fp32"][0], weights["fp32"][1], top_k)
-            for tokens in TOKENS[:2] if quick else TOKENS:
+            for tokens in tokens_run[:2] if quick else tokens_run:
                 out.append(_case(fmt, experts, top_k, tokens, weights, eager, bandwidth,
                                  quick))
     return out
@@ -77,7 +80,8 @@ def _case(fmt: str, experts: int, top_k: int, tokens: int, weights: dict[str, An
     logits = torch.randn(tokens, experts, generator=gen)
     hit = O.moe_route(logits, top_k)[1].unique().numel()
     args, kwargs = weights["args"], weights["kwargs"]
-    name = f"fused_moe_{'' if fmt == 'fp32' else fmt + '_'}e{experts}k{top_k}_t{tokens}"
+    size = "" if hidden == 1024 else f"_h{hidden}"  # the large layers' names stay as they were
+    name = f"fused_moe_{'' if fmt == 'fp32' else fmt + '_'}e{experts}k{top_k}{size}_t{tokens}"
     flops = 2 * tokens * top_k * 3 * hidden * inter
     meta = {"experts_hit": hit, "weight_mb_read": hit * weights["bytes_per_expert"] / 1e6,
             "read_bandwidth_gbs": bandwidth}
