@@ -246,3 +246,40 @@ def test_a_copy_only_where_a_reader_needs_one() -> None:
     (copy,) = [n for n in ex.graph.nodes if n.op == "transpose"]
     assert copy.outputs[0].shape == (2, 4, 6, 4)
     assert _python_steps(ex) == []
+
+
+# -- GEMM epilogues on the registry's linear and matmul ----------------------------------------
+@pytest.mark.parametrize("name", ["linear", "matmul"])
+def test_linear_and_matmul_take_epilogues(name: str) -> None:
+    """activation= and residual= (what the GEMM epilogue rewrite emits) as eager computes
+    them; an unknown activation is an error naming it."""
+    from tessera.errors import TesseraError
+    torch.manual_seed(0)
+    d = registry.get(name)
+    x, r = torch.randn(2, 64, 32), torch.randn(64, 48)
+    w = torch.randn(48, 32) if name == "linear" else torch.randn(32, 48)
+    extra = (torch.randn(48),) if name == "linear" else ()
+    for act in ("gelu", "silu", "relu", None):
+        got = d.impl(x, w, *extra, activation=act, residual=r)
+        torch.testing.assert_close(got, d.reference(x, w, *extra, activation=act, residual=r),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(TesseraError, match="softsign"):
+        d.impl(x, w, activation="softsign")
+
+
+def test_epilogue_rewrite_emits_linear() -> None:
+    """A linear then GELU then a residual add (past the dot-product path's rows) becomes
+    one registry linear whose weight is the module's own (no transpose of it)."""
+    torch.manual_seed(0)
+    up = nn.Linear(32, 32).eval()
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(up(x)) + x
+
+    x = torch.randn(2, 64, 32)
+    out, ex = _compile(block, x, calls=1)
+    torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-5)
+    (node,) = [n for n in ex.graph.nodes if n.op == "linear"]
+    assert node.args["activation"] == "gelu" and node.args["residual"] is not None
+    assert node.args["weight"].kind == "const" and node.args["weight"].shape == (32, 32)
+    assert len(ex.graph.nodes) == 1

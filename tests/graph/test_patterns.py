@@ -168,7 +168,8 @@ def _ops(g: Graph) -> Counter[str]:
 
 
 def _kwargs(g: Graph, op: str) -> list[dict[str, Any]]:
-    return [n.args["kwargs"] for n in g.nodes if n.op == op]
+    """The arguments of op's nodes (a registry op's by name, a fused node's keywords)."""
+    return [n.args if n.kind == "op" else n.args["kwargs"] for n in g.nodes if n.op == op]
 
 
 # -- built-in rewrites on models ------------------------------------------------------------------
@@ -181,8 +182,8 @@ def test_bert_layer() -> None:
     torch.testing.assert_close(out, model(x, mask), rtol=1e-5, atol=1e-5)
     ops = _ops(g)
     assert ops["scaled_dot_product_attention"] == 1 and not ops["bmm"] and not ops["softmax"]
-    assert ops["fused:linear"] == 6 and not ops["addmm"]
-    epilogues = _kwargs(g, "fused:linear")
+    assert ops["linear"] == 6 and not ops["addmm"]
+    epilogues = _kwargs(g, "linear")
     assert [e["activation"] for e in epilogues].count("gelu") == 1
     assert sum(e["residual"] is not None for e in epilogues) == 2
 
@@ -198,7 +199,7 @@ def test_gpt2_block() -> None:
     ops = _ops(g)
     assert ops["scaled_dot_product_attention"] == 1 and not ops["bmm"]
     assert ops["layer_norm"] == 2 and not ops["mean"] and not any("tanh" in o for o in ops)
-    epilogues = _kwargs(g, "fused:linear")
+    epilogues = _kwargs(g, "linear")
     assert len(epilogues) == 4 and [e["activation"] for e in epilogues] == \
         [None, None, "gelu_tanh", None]
     assert sum(e["residual"] is not None for e in epilogues) == 2
@@ -212,8 +213,8 @@ def test_llama_block() -> None:
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
     ops = _ops(g)
     assert ops["scaled_dot_product_attention"] == 1 and not ops["rms_norm"]
-    assert ops["fused:swiglu"] == 1 and ops["fused:linear"] == 2 and not ops["silu"]
-    assert all(e["residual"] is not None for e in _kwargs(g, "fused:linear"))
+    assert ops["fused:swiglu"] == 1 and ops["linear"] == 2 and not ops["silu"]
+    assert all(e["residual"] is not None for e in _kwargs(g, "linear"))
 
 
 def test_dynamic_shapes() -> None:
@@ -233,9 +234,9 @@ def test_dynamic_shapes() -> None:
     (ex,) = [e for e in compiled() if id(e) not in before]
     assert any(isinstance(d, str) for v in ex.graph.inputs for d in v.shape)
     ops = _ops(ex.graph)
-    assert ops["scaled_dot_product_attention"] == 1 and ops["fused:linear"] == 6
+    assert ops["scaled_dot_product_attention"] == 1 and ops["linear"] == 6
     assert all(e["activation"] is None and e["residual"] is None
-               for e in _kwargs(ex.graph, "fused:linear"))
+               for e in _kwargs(ex.graph, "linear"))
 
 
 @pytest.mark.parametrize(("seq", "fused"), [(1, True), (7, False)])
@@ -248,7 +249,7 @@ def test_epilogues_only_where_they_pay(seq: int, fused: bool) -> None:
     g = _graph(model, x)
     counts = rewrites.run(g)
     assert ("swiglu_3d" in counts) == fused and counts["attention_mul_add"] == 1
-    assert not _kwargs(g, "fused:linear")  # residuals: only past 48 rows
+    assert not _kwargs(g, "linear")  # residuals: only past 48 rows
     torch.testing.assert_close(compile_graph(g)(x)[0], model(x), rtol=1e-5, atol=1e-5)
 
 

@@ -530,7 +530,7 @@ class _Layouts:
             if not self._coalesces(n, tensors):
                 for v in tensors:
                     self.need(v)
-        elif not (n.kind == "fused" and n.op == "fused:linear"):  # (fused_matmul)
+        else:
             for v in tensors:
                 self.need(v)
 

@@ -409,12 +409,19 @@ def _activation(n: Node) -> str:
 
 
 def _linear_build(m: Match) -> Value:
-    from tessera.ops.matmul import fused_matmul
+    """linear(x, weight, b, activation=, residual=) on the weight w [K, N] transposes (an
+    nn.Linear weight itself where w is its view)."""
     act = _activation(m.node("relu")) if "relu" in m.by_name else None
-    return m.emit("fused:linear", {"args": [m["x"], m["w"], m.values.get("b")],
-                                   "kwargs": {"activation": act,
-                                              "residual": m.values.get("r")}},
-                  fn=fused_matmul, like=m.output)
+    w = m["w"]
+    n = w.producer
+    if n is not None and n.op == "view:t.default" and len(w.shape) == 2:
+        weight = n.args["args"][0]
+    else:
+        weight = m.emit("view:t.default", {"args": [w], "kwargs": {}}, fn=torch.t,
+                        like=(w.dtype, w.shape[::-1]), name="weight")
+    return m.emit("linear", {"x": m["x"], "weight": weight, "bias": m.values.get("b"),
+                             "activation": act, "residual": m.values.get("r")},
+                  like=m.output)
 
 
 def _linear(form: str, act: bool, res: bool) -> Pattern:

@@ -8,8 +8,9 @@ decode path wants, an operand shared by the batch has batch stride 0, and leadin
 x fold into M when its layout allows. Batch dims that do not fold into one stride are
 walked in Python. Products accumulate in float32 and round once to the result's dtype.
 
-The template fuses a bias, an activation and a residual into its final store;
-`fused_matmul` and `fused_linear` are how the graph compiler asks for them.
+The template fuses a bias, an activation and a residual into its final store: linear and
+matmul take them as arguments (`activation=`, `residual=`), which is how the graph
+compiler's GEMM epilogue rewrites ask for them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import itertools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 import tessera.lang as tl
 from tessera.errors import DtypeError, ShapeError
@@ -220,13 +222,33 @@ def _fold(a: torch.Tensor, residual: torch.Tensor | None
     return rows, res
 
 
-@op("matmul(Tensor x, Tensor other) -> Tensor", kind="contraction", reference=torch.matmul,
-    epilogues=EPILOGUES, implements=(*_aten("matmul", "default"), *_aten("mm", "default"),
-                                     *_aten("mv", "default"), *_aten("dot", "default")))
-def matmul(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+# the template's activations (sgemm.ACTIVATIONS) as torch computes them: the references
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid,
+                "tanh": torch.tanh, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}
+
+
+def _epilogue_reference(y: torch.Tensor, activation: str | None,
+                        residual: torch.Tensor | None) -> torch.Tensor:
+    if activation is not None:
+        y = _ACTIVATIONS[activation](y)
+    return y if residual is None else y + residual
+
+
+def _matmul_reference(x: torch.Tensor, other: torch.Tensor, *, activation: str | None = None,
+                      residual: torch.Tensor | None = None) -> torch.Tensor:
+    return _epilogue_reference(torch.matmul(x, other), activation, residual)
+
+
+@op("matmul(Tensor x, Tensor other, *, str? activation=None, Tensor? residual=None) -> Tensor",
+    kind="contraction", reference=_matmul_reference, epilogues=EPILOGUES,
+    implements=(*_aten("matmul", "default"), *_aten("mm", "default"),
+                *_aten("mv", "default"), *_aten("dot", "default")))
+def matmul(x: torch.Tensor, other: torch.Tensor, *, activation: str | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
     """torch.matmul: dot, matrix-vector, matrix and batched products with broadcast batch
-    dims."""
-    return fused_matmul(x, other)
+    dims; then `activation` (relu, gelu, gelu_tanh, silu, sigmoid, tanh) and a `residual`
+    added (broadcast to the result), in the GEMM's final store."""
+    return fused_matmul(x, other, activation=activation, residual=residual)
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -245,14 +267,21 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                         activation=activation, residual=residual, name="linear")
 
 
-@op("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor", kind="contraction",
-    reference=torch.nn.functional.linear, epilogues=EPILOGUES,
-    implements=_aten("linear", "default"))
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+def _linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                      *, activation: str | None = None, residual: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    return _epilogue_reference(F.linear(x, weight, bias), activation, residual)
+
+
+@op("linear(Tensor x, Tensor weight, Tensor? bias=None, *, str? activation=None, "
+    "Tensor? residual=None) -> Tensor", kind="contraction", reference=_linear_reference,
+    epilogues=EPILOGUES, implements=_aten("linear", "default"))
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           activation: str | None = None, residual: torch.Tensor | None = None
            ) -> torch.Tensor:
     """nn.Linear: x @ weight.T + bias for weight [out_features, in_features] and any
-    leading dims of x."""
-    return fused_linear(x, weight, bias)
+    leading dims of x; then `activation` and a `residual` added, as matmul's."""
+    return fused_linear(x, weight, bias, activation=activation, residual=residual)
 
 
 def _batched(name: str, x: torch.Tensor, other: torch.Tensor, ndim: int,
