@@ -283,3 +283,50 @@ def test_epilogue_rewrite_emits_linear() -> None:
     assert node.args["activation"] == "gelu" and node.args["residual"] is not None
     assert node.args["weight"].kind == "const" and node.args["weight"].shape == (32, 32)
     assert len(ex.graph.nodes) == 1
+
+
+# -- floats dynamo passes as inputs ------------------------------------------------------------
+class NormAttention(nn.Module):
+    """An RMSNorm with its eps and attention written out with its scale, both module
+    attributes: with dynamic shapes dynamo passes them as inputs."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.h, self.eps, self.scale = heads, 1e-6, (d // heads) ** -0.5
+        self.w = nn.Parameter(1 + 0.1 * torch.randn(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        x = self.w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        q = x.view(b, t, self.h, -1).transpose(1, 2)
+        p = F.softmax(torch.matmul(q, q.transpose(2, 3)) * self.scale, dim=-1)
+        return torch.matmul(p, q).transpose(1, 2).reshape(b, t, c)
+
+
+def test_dynamic_floats_become_constants() -> None:
+    """eps and the scale are constants of the graph (the RMSNorm and attention patterns
+    match, no torch step casts them), guarded: another eps compiles again, right."""
+    torch.manual_seed(0)
+    model = NormAttention().eval()
+    torch._dynamo.reset()
+    before = {id(e) for e in compiled()}
+    f = torch.compile(model, backend="tessera", dynamic=True, options={"fusion": False})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in (5, 9):
+            x = torch.randn(2, t, 32)
+            torch.testing.assert_close(f(x), model(x), rtol=1e-5, atol=1e-5)
+        (ex,) = [e for e in compiled() if id(e) not in before]
+        ops = _ops(ex)
+        assert ops["rms_norm"] == 1 and ops["scaled_dot_product_attention"] == 1, ops
+        assert not any(n.kind == "torch" for n in ex.graph.nodes)
+        (norm,) = [n for n in ex.graph.nodes if n.op == "rms_norm"]
+        (attn,) = [n for n in ex.graph.nodes if n.op == "scaled_dot_product_attention"]
+        # (the numbers as the graph computed with them: rounded to float32)
+        assert norm.args["eps"] == pytest.approx(1e-6, rel=1e-7)
+        assert attn.args["scale"] == pytest.approx(model.scale, rel=1e-7)
+        model.eps = 0.5
+        x = torch.randn(2, 7, 32)
+        torch.testing.assert_close(f(x), model(x), rtol=1e-5, atol=1e-5)
+    (again,) = [e for e in compiled() if id(e) not in before and e is not ex]
+    assert [n.args["eps"] for n in again.graph.nodes if n.op == "rms_norm"] == [0.5]

@@ -153,6 +153,7 @@ class _Builder:
         self.graph = Graph()
         self.env: dict[torch.fx.Node, Any] = {}
         self.fallbacks: dict[str, int] = {}
+        self.placeholders: list[Value] = []  # inputs and frozen constants, in order
 
     def value_of(self, fx: torch.fx.Node, val: Any, name: str | None = None) -> Value | None:
         if isinstance(val, torch.Tensor):
@@ -182,6 +183,7 @@ class _Builder:
                     v.kind = "input"
                     self.graph.inputs.append(v)
                     self.env[fx] = v
+                self.placeholders.append(self.env[fx])
                 index += 1
             elif fx.op == "get_attr":
                 t = getattr(self.gm, fx.target)
@@ -252,14 +254,92 @@ class _Builder:
         self.env[fx] = outs[0] if single else outs
 
 
-def from_fx(gm: torch.fx.GraphModule, constants: dict[int, torch.Tensor] | None = None
-            ) -> Graph:
+def from_fx(gm: torch.fx.GraphModule, constants: dict[int, torch.Tensor] | None = None, *,
+            specialize: bool = True) -> Graph:
     """The Graph of an aten-level FX graph; placeholders whose index is in `constants`
-    become frozen constants holding those tensors."""
-    g = _Builder(gm, constants or {}).build()
+    become frozen constants holding those tensors. `specialize`: while dynamo compiles
+    the graph, floats it passes as inputs become constants (see `_dynamo_floats`)."""
+    b = _Builder(gm, constants or {})
+    g = b.build()
+    floats = _dynamo_floats(b.placeholders) if specialize else {}
+    if floats:
+        _fold_scalars(g, floats)
     place_copies(g)
     g.verify()
     return g
+
+
+# -- floats dynamo passes as inputs -----------------------------------------------------------
+def _dynamo_floats(placeholders: list[Value]) -> dict[Value, float]:
+    """The floats dynamo passes as 0-dim float64 inputs — module attributes it does not
+    specialize when shapes are dynamic (a norm's eps, an attention scale), which then hide
+    the patterns they belong to — by input, each guarded to keep its value (another value
+    compiles the model again, as a specialized float would). Empty outside dynamo's
+    compile or where its graph arguments do not line up with the placeholders."""
+    try:
+        from torch._dynamo.guards import GuardBuilder
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        tx = InstructionTranslator.current_tx()
+        graphargs = tx.output.graphargs if tx is not None else []
+    except Exception:  # not compiling under dynamo (or a dynamo without these)
+        return {}
+    if len(graphargs) != len(placeholders):
+        return {}
+    found: dict[Value, float] = {}
+    for ga, v in zip(graphargs, placeholders, strict=True):
+        x = getattr(ga, "example_strong_ref", None)
+        if not (getattr(ga, "pass_arg_as_tensor", False) and v.kind == "input" and
+                v.shape == () and v.dtype == torch.float64 and isinstance(x, torch.Tensor)
+                and x.dim() == 0 and x.dtype == torch.float64):
+            continue
+        try:
+            tx.output.guards.add(ga.source.make_guard(GuardBuilder.EQUALS_MATCH))
+        except Exception:  # a source dynamo cannot guard: the float stays an input
+            continue
+        found[v] = x.item()
+    return found
+
+
+_SCALAR_READERS = ("add", "sub", "mul", "div")  # registry ops taking a number as `other`
+
+
+def _fold_scalars(g: Graph, floats: dict[Value, float]) -> None:
+    """The inputs in `floats` hold those numbers: 0-dim nodes computed from them alone
+    (dynamo's casts) are computed now, and their readers get the number — as a Python
+    scalar where an arithmetic op takes it as `other` on a float tensor of the result's
+    dtype (what models write: x + eps, x * scale, so patterns see it), else as a 0-dim
+    constant."""
+    from tessera.graph.interpreter import call_node, node_function
+    from tessera.graph.passes import _substitute
+
+    known: dict[Value, Any] = {v: torch.tensor(x, dtype=v.dtype) for v, x in floats.items()}
+    consts: dict[Value, Value] = {}
+    kept = []
+    for n in g.nodes:
+        ins = list(n.inputs())
+        if ins and all(v in known for v in ins) and n.kind in ("op", "torch") and \
+                len(n.outputs) == 1 and n.outputs[0].shape == ():
+            env = dict(known)
+            call_node(n, env, node_function(n))
+            if isinstance(env[n.outputs[0]], torch.Tensor):
+                known[n.outputs[0]] = env[n.outputs[0]]
+                continue
+        if any(v in known for v in ins):
+            args = n.args
+            if n.kind == "op" and n.op in _SCALAR_READERS:
+                if n.op in ("add", "mul") and args.get("alpha", 1) == 1 and \
+                        args.get("x") in known and args.get("other") not in known:
+                    args = {**args, "x": args["other"], "other": args["x"]}
+                x, other = args.get("x"), args.get("other")
+                if other in known and isinstance(x, Value) and x.dtype.is_floating_point \
+                        and x.dtype == n.outputs[0].dtype:
+                    args = {**args, "other": known[other].item()}
+            for v in ins:
+                if v in known and v not in consts:
+                    consts[v] = g.value(f"{v.name}_value", v.dtype, (), "const", known[v])
+            n.args = _substitute(args, consts)
+        kept.append(n)
+    g.nodes = kept
 
 
 # -- layouts: where a transpose must be a copy ----------------------------------------------

@@ -95,7 +95,8 @@ def _trace(fn: Callable[..., Any], args: Sequence[Any], what: str) -> Graph:
             with mode:
                 gm = make_fx(traced, tracing_mode="fake",
                              decomposition_table=decompositions())(*fakes)
-            g = from_fx(gm)  # outside the fake mode: constants it folds hold real data
+            g = from_fx(gm, specialize=False)  # outside the fake mode: constants it
+            # folds hold real data
     except TesseraError:
         raise
     except Exception as e:
