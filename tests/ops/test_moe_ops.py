@@ -447,8 +447,9 @@ def test_fused_moe_decode_plans_never_serve_stale_weights() -> None:
 
 
 def test_fused_moe_decode_layouts_and_nan_on_a_planned_call() -> None:
-    """Rows of x and logits that are no view of them (copied each call); NaN logits and a
-    NaN correction bias are refused on calls that reuse a plan too."""
+    """Rows of x and logits that are no view of them (copied each call), weights with no
+    unit stride; NaN logits, a NaN correction bias and a float top_k are refused on calls
+    that would reuse a plan too."""
     w_gate_up, w_down = _experts(8, 64, 48)
     x = torch.randn(3, 2, 64).transpose(0, 1)  # [2, 3, 64]: its rows do not merge
     logits = torch.randn(3, 2, 8).transpose(0, 1)
@@ -456,6 +457,12 @@ def test_fused_moe_decode_layouts_and_nan_on_a_planned_call() -> None:
         close(O.fused_moe(x, logits, w_gate_up, w_down, 2),
               hf_moe(x.contiguous(), logits.contiguous(), w_gate_up, w_down, 2),
               atol=1e-5, rtol=1e-4)
+    with pytest.raises(ArgumentError, match=r"top_k=2\.0"):  # equal to a planned 2, refused
+        O.fused_moe(x, logits, w_gate_up, w_down, 2.0)
+    # weights with no unit stride take the grouped path, planned or not
+    spread = torch.randn(8, 128, 192)[:, ::2, ::2]
+    close(O.fused_moe(x, logits, spread, w_down, 2),
+          hf_moe(x.contiguous(), logits.contiguous(), spread, w_down, 2), atol=1e-5, rtol=1e-4)
     bad = logits.clone()
     bad[1, 0, 5] = NAN  # token 3 of the [6, 8] rows
     with pytest.raises(ArgumentError, match="fused_moe: argument 'router_logits' has NaN or "

@@ -11,6 +11,10 @@ whatever T and E (nothing per expert in Python; experts no token picked are neve
   experts  grouped_gemm(rows, w_gate_up, swiglu) [T * k, I], then grouped_gemm(., w_down)
   combine  out[t] = sum_j weights[t, j] * y[row_map[t, j]], in float32  a program per token
 
+Decode (up to 16 tokens) takes two launches instead: route, then sort, gather, both expert
+products and the combine in one (templates/gemm/moe.c), their arguments planned once per
+call signature (`_Decode`), so a repeated decode step costs little Python.
+
 Expert weights are [E, K, N] (x @ w[e]), any strides: stacked nn.Linear weights [E, N, K]
 pass as `w.transpose(1, 2)`, without a copy. Gate and up projections are one [E, H, 2I]
 tensor, [gate | up] along N. Quantized experts are the (data, scales) pairs of
@@ -707,10 +711,13 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
     [gate | up] and w_down [E, I, H], float or int8/int4 from tessera.ops.quantize (with
     gate_up_scales / down_scales), and sum the outputs by the routing weights in float32.
     Only the experts some token picked are read. Result in x's dtype. Decode streams the
-    weights fastest stored as nn.Linear stores them ([E, out, in], passed transposed)."""
+    weights fastest stored as nn.Linear stores them ([E, out, in], passed transposed).
+    Up to 16 tokens run as one launch of the experts (moe.c), planned once per call
+    signature: later calls with it skip the checks and the argument binding."""
     options = (top_k, renormalize, scoring, routed_scaling, n_group, topk_group)
     key = (_layout(x), _layout(router_logits), _placed(w_gate_up), _placed(gate_up_scales),
-           _placed(w_down), _placed(down_scales), _placed(correction_bias), *options)
+           _placed(w_down), _placed(down_scales), _placed(correction_bias), *options,
+           type(top_k), type(n_group), type(topk_group))  # 2.0 == 2, but is refused
     plan = _DECODES.get(key)
     if plan is not None:  # a decode signature seen before: checked then
         if correction_bias is not None:
@@ -739,10 +746,7 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
     if xs.shape[0] <= _DECODE_TOKENS and moe_decode_fits(gate_up) and moe_decode_fits(down):
         plan = _Decode(x, router_logits, correction_bias, options,
                        moe_decode(x.dtype, gate_up, down))
-        if all(w is None or w.is_contiguous() for w in (gate_up_scales, down_scales)) and \
-                (gate_up_scales is None or w_gate_up.is_contiguous()) and \
-                (down_scales is None or w_down.is_contiguous()):
-            # the launch reads the caller's tensors (not copies): valid while the key holds
+        if _read_in_place(w_gate_up, gate_up_scales) and _read_in_place(w_down, down_scales):
             if len(_DECODES) >= _MAX_DECODES:
                 _DECODES.clear()
             _DECODES[key] = plan
@@ -757,6 +761,12 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
     y = torch.empty((rows.shape[0], h), dtype=torch.float32)
     grouped_gemm(act, down, sizes, y)
     return _combine(y, row_map, weights, x.dtype).view(x.shape)
+
+
+def _read_in_place(w: torch.Tensor, scales: torch.Tensor | None) -> bool:
+    """Whether the launch reads the caller's tensors, not copies (quantized data and
+    scales are copied unless contiguous): only then may a plan outlive the call."""
+    return scales is None or (w.is_contiguous() and scales.is_contiguous())
 
 
 def _layout(t: Any) -> Any:
