@@ -330,3 +330,26 @@ def test_dynamic_floats_become_constants() -> None:
         torch.testing.assert_close(f(x), model(x), rtol=1e-5, atol=1e-5)
     (again,) = [e for e in compiled() if id(e) not in before and e is not ex]
     assert [n.args["eps"] for n in again.graph.nodes if n.op == "rms_norm"] == [0.5]
+
+
+# -- the zoo -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "copies"), [("gpt2", 0), ("moe_lm", 6)])
+def test_zoo_copies(name: str, copies: int) -> None:
+    """Layout copies left in zoo models (2 layers; before transposes were views, GPT-2 had
+    8 and moe_lm 12): GPT-2's attention none, moe_lm's q and k (read by its written-out
+    rotary's 4-dim negation) and the output (its q is a new contiguous tensor), per layer;
+    its repeated k/v are read as grouped-query attention."""
+    from tessera.bench import zoo
+
+    z = zoo.build(name, "tiny")
+    args = z.inputs(2, 16)
+    out, ex = _compile(z.model, *args)
+    with torch.no_grad():
+        want = z.model(*args)
+    torch.testing.assert_close(out[0], want[0], rtol=1e-4, atol=1e-4)
+    ops = _ops(ex)
+    assert sum(ops[c] for c in COPIES) == copies, ops
+    if name == "moe_lm":
+        attn = [n for n in ex.graph.nodes if n.op == "scaled_dot_product_attention"]
+        assert len(attn) == 2 and all(n.args["enable_gqa"] and n.args["k"].shape[1] == 2
+                                      for n in attn)

@@ -396,15 +396,21 @@ def place_copies(g: Graph) -> int:
 def _drop_copies(g: Graph, layouts: _Layouts) -> None:
     """Readers of contiguous(x) read x where x is surely contiguous (the model's copy was
     for eager's layout; the graph is functional, so the copy is never needed for itself).
-    Graph outputs keep their own buffer."""
+    Graph outputs (and views they are) keep their own buffer: a caller may write them."""
     from tessera.graph.passes import _substitute
+    returned = set()
+    for v in g.outputs:
+        while isinstance(v, Value) and v not in returned:
+            returned.add(v)
+            v = next(v.producer.inputs(), None) if v.producer is not None and \
+                v.producer.kind == "view" else None
     rename: dict[Value, Value] = {}
     kept = []
     for n in g.nodes:
         n.args = _substitute(n.args, rename)
         x = n.args.get("x") if n.op == "contiguous" else None
         if isinstance(x, Value) and x in layouts.known and layouts.contiguous(x) and \
-                n.outputs[0] not in g.outputs:
+                n.outputs[0] not in returned:
             rename[n.outputs[0]] = x
         else:
             kept.append(n)
