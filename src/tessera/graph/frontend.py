@@ -25,6 +25,7 @@ import torch.fx
 
 from tessera.graph.ir import Graph, GraphError, Node, Value
 from tessera.ops import registry
+from tessera.ops.shape import contiguous_strides
 
 __all__ = ["from_fx", "lowering", "place_copies"]
 
@@ -417,20 +418,12 @@ def _drop_copies(g: Graph, layouts: _Layouts) -> None:
     g.nodes = kept
 
 
-def _contiguous(shape: Sequence[int]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
-
-
 def _view_strides(shape: Sequence[int], strides: Sequence[int], new: Sequence[int]
                   ) -> tuple[int, ...] | None:
     """The strides of a tensor of `shape` and `strides` viewed as `new`, or None if no
     view can (torch's computeStride: reshape copies then)."""
     if not shape or math.prod(shape) == 0:
-        return _contiguous(new)
+        return contiguous_strides(new)
     out = [0] * len(new)
     view_d, base, tensor_n, view_n = len(new) - 1, strides[-1], 1, 1
     for d in range(len(shape) - 1, -1, -1):
@@ -473,7 +466,7 @@ class _Layouts:
         self.needs: list[Value] = []
         self.known: set[Value] = set(g.constants)  # layouts surely as computed
         for v in g.inputs:  # (assumed: a strided input costs a copy at worst)
-            self.strides[v] = _contiguous(self.shape(v))
+            self.strides[v] = contiguous_strides(self.shape(v))
         for v in g.constants:
             self.strides[v] = tuple(v.data.stride()) if v.data is not None else None
         live = _live(g)
@@ -485,7 +478,7 @@ class _Layouts:
             else:
                 if n in live:
                     self._reads(n)
-                outs = [_contiguous(self.shape(o)) for o in n.outputs]
+                outs = [contiguous_strides(self.shape(o)) for o in n.outputs]
                 like = _LIKE_INPUT.get(n.op) if n.kind == "op" else None
                 sure = n.kind in ("op", "fused")
                 if like is not None:
@@ -505,7 +498,7 @@ class _Layouts:
             e = sympy.sympify(d)
             for s in sorted(e.free_symbols, key=str):
                 self.primes.setdefault(s.name, int(sympy.nextprime(
-                    max(self.primes.values(), default=1 << 12))))
+                    max(self.primes.values(), default=1 << 10))))
             hit = self.sizes[d] = int(e.subs({s: self.primes[s.name] for s in e.free_symbols}))
         return hit
 
@@ -513,10 +506,9 @@ class _Layouts:
         return tuple(self.size(d) for d in v.shape)
 
     def contiguous(self, v: Value) -> bool:
-        st = self.strides.get(v)
-        return st is not None and all(
-            n == 1 or a == b for n, a, b in zip(self.shape(v), st, _contiguous(self.shape(v)),
-                                              strict=True))
+        st, shape = self.strides.get(v), self.shape(v)
+        return st is not None and all(n == 1 or a == b for n, a, b in zip(
+            shape, st, contiguous_strides(shape), strict=True))
 
     def need(self, v: Value) -> None:
         if isinstance(v, Value) and v.shape and not self.contiguous(v):
@@ -564,7 +556,7 @@ class _Layouts:
                 if st is not None else None
             if new is None:  # torch.reshape copies: the reader of a strided x
                 self.need(x)
-                return [_contiguous(self.shape(n.outputs[0]))]
+                return [contiguous_strides(self.shape(n.outputs[0]))]
             return [new]
         if n.op == "view:as_strided.default":  # reads x's storage as laid out: keep it
             self.need(x)
@@ -644,7 +636,7 @@ class _Layouts:
             pad = len(out) - len(shape)
             strides.append([0] * pad + [0 if d == 1 else s for d, s in zip(shape, st,
                                                                           strict=True)])
-        sizes, _ = coalesce(out, [*strides, list(_contiguous(out))])
+        sizes, _ = coalesce(out, [*strides, list(contiguous_strides(out))])
         return len(sizes) <= 3
 
 
