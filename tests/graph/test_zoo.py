@@ -107,6 +107,10 @@ def test_matches_eager(model: zoo.ZooModel) -> None:
         # the dynamic graph's second length recorded its generic plan, which ran the
         # lengths after it in both decodes
         assert sum(e.calls["generic"] for e in new) >= DECODE_STEPS - 1
+        # up to 16 tokens, fused_moe reads nothing back on the host: it replays natively
+        plans = [p for e in new for p in (*e.plans.values(), e.generic) if p is not None]
+        assert not [s.node for p in plans for s in p.steps
+                    if s.node is not None and s.node.op == "fused_moe"]
     else:
         assert sum(e.recordings for e in new) >= 1
 

@@ -40,7 +40,7 @@ import torch
 
 from tessera.errors import TesseraError
 from tessera.graph import memplan
-from tessera.graph.interpreter import call_node, check_inputs, interpret, node_function
+from tessera.graph.interpreter import call_node, check_inputs, interpret, node_function, resolve
 from tessera.graph.ir import Graph, Node, Value
 from tessera.graph.record import Alloc, Recorder
 from tessera.graph.replay import native
@@ -101,7 +101,7 @@ class _Plan:
         self.graph = graph
         self.kept = rec.kept  # constants ops made while recording: launches point into them
         variant = _variant(plan_steps, env, varying) if varying is not None else set()
-        replayable = [r.why is None and not _host_reads(n) and not _data_dependent(n)
+        replayable = [r.why is None and not _host_reads(n, env) and not _data_dependent(n)
                       and i not in variant
                       for i, ((n, _), r) in enumerate(zip(plan_steps, rec.records,
                                                           strict=True))]
@@ -471,8 +471,12 @@ def _data_dependent(node: Node) -> bool:
                for v in (*node.inputs(), *node.outputs) for d in v.shape)
 
 
-def _host_reads(node: Node) -> bool:
-    return node.kind == "op" and registry.get(node.op).host_reads
+def _host_reads(node: Node, env: dict[Value, Any]) -> bool:
+    """Whether the node's op read data on the host for the values it had in `env`."""
+    if node.kind != "op":
+        return False
+    reads = registry.get(node.op).host_reads
+    return reads(**resolve(node.args, env)) if callable(reads) else reads
 
 
 def _redirect(launches: list[Any], first: int, address: int, key: tuple[str, Any]) -> None:

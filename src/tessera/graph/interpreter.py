@@ -13,16 +13,17 @@ from tessera.errors import TesseraError
 from tessera.graph.ir import Graph, Node, Value
 from tessera.ops import registry
 
-__all__ = ["call_node", "interpret", "steps"]
+__all__ = ["call_node", "interpret", "resolve", "steps"]
 
 
-def _resolve(a: Any, env: dict[Value, Any]) -> Any:
+def resolve(a: Any, env: dict[Value, Any]) -> Any:
+    """`a` with the Values in it replaced by theirs in `env`."""
     if isinstance(a, Value):
         return env[a]
     if isinstance(a, (list, tuple)):
-        return type(a)(_resolve(x, env) for x in a)
+        return type(a)(resolve(x, env) for x in a)
     if isinstance(a, dict):
-        return {k: _resolve(v, env) for k, v in a.items()}
+        return {k: resolve(v, env) for k, v in a.items()}
     return a
 
 
@@ -46,7 +47,7 @@ def call_node(node: Node, env: dict[Value, Any], fn: Callable[[dict[str, Any]], 
               ) -> None:
     """Run `node` on the values in `env` and put its outputs there."""
     try:
-        result = fn(_resolve(node.args, env))
+        result = fn(resolve(node.args, env))
     except TesseraError as e:
         message = f"{e.message} (in graph node {node!r}, from: {node.source})"
         try:  # the same error class, naming the node; a class with other arguments as is

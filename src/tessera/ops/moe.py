@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 import tessera.lang as tl
-from tessera.errors import DtypeError, ShapeError
+from tessera.errors import DtypeError, ShapeError, TesseraError
 from tessera.lang.jit import Specialization
 from tessera.ops._launch import (
     FLOATS,
@@ -697,7 +697,8 @@ def _fused_reference(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: to
     "bool renormalize=True, *, Tensor? gate_up_scales=None, Tensor? down_scales=None, "
     "str scoring='softmax', Tensor? correction_bias=None, float routed_scaling=1.0, "
     "int n_group=1, int topk_group=1) -> Tensor", kind="moe", reference=_fused_reference,
-    meta=lambda x, *args, **kwargs: x.new_empty(x.shape), host_reads=True)
+    meta=lambda x, *args, **kwargs: x.new_empty(x.shape),
+    host_reads=lambda **a: not _decodes(**a))
 def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor,
               w_down: torch.Tensor, top_k: int, renormalize: bool = True, *,
               gate_up_scales: torch.Tensor | None = None,
@@ -761,6 +762,28 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Ten
     y = torch.empty((rows.shape[0], h), dtype=torch.float32)
     grouped_gemm(act, down, sizes, y)
     return _combine(y, row_map, weights, x.dtype).view(x.shape)
+
+
+def _decodes(x: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor,
+             w_down: torch.Tensor, gate_up_scales: torch.Tensor | None = None,
+             down_scales: torch.Tensor | None = None,
+             correction_bias: torch.Tensor | None = None, **_: Any) -> bool:
+    """Whether fused_moe takes the decode path for these arguments, which reads nothing
+    back on the host (errors come back through the launch's status word), so the graph
+    compiler may replay its launches (a correction bias is checked on the host)."""
+    if correction_bias is not None or x.dim() < 1 or router_logits.dim() < 1:
+        return False
+    tokens = x.numel() // max(x.shape[-1], 1)
+    try:
+        gate_up, n2 = _experts(w_gate_up, gate_up_scales, router_logits.shape[-1],
+                               x.shape[-1], "fused_moe", "w_gate_up", "gate_up_scales")
+        down, _ = _experts(w_down, down_scales, router_logits.shape[-1], n2 // 2,
+                           "fused_moe", "w_down", "down_scales")
+    except TesseraError:
+        return False
+    return 0 < tokens <= _DECODE_TOKENS and moe_decode_fits(gate_up) and \
+        moe_decode_fits(down) and _read_in_place(w_gate_up, gate_up_scales) and \
+        _read_in_place(w_down, down_scales)
 
 
 def _read_in_place(w: torch.Tensor, scales: torch.Tensor | None) -> bool:

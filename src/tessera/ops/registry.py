@@ -64,7 +64,7 @@ class OpDef:
     implements: tuple[Any, ...] = ()  # torch callables / aten overloads this op computes
     tile: Any = None  # pointwise: a tessera.lang function of tiles, for fused kernels
     fast: str | None = None  # the native fast path's call, see `op`
-    host_reads: bool = False  # reads tensor data on the host (checks, sizes): see `op`
+    host_reads: bool | Callable[..., bool] = False  # reads data on the host: see `op`
     eager: Callable[..., Any] = field(default=None, repr=False)  # type: ignore[assignment]
 
     @property
@@ -85,7 +85,8 @@ def op(schema: str, *, kind: str, reference: Callable[..., Any],
        meta: Callable[..., Any] | None = None,
        dtypes: Sequence[str] = ("float32", "bfloat16", "float16"),
        epilogues: Sequence[str] = (), implements: Sequence[Any] = (),
-       tile: Any = None, fast: str | None = None, host_reads: bool = False
+       tile: Any = None, fast: str | None = None,
+       host_reads: bool | Callable[..., bool] = False
        ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare the decorated function (the eager implementation on CPU torch tensors) as
     the operator `schema` and return its public eager form, which also takes numpy arrays
@@ -96,7 +97,9 @@ def op(schema: str, *, kind: str, reference: Callable[..., Any],
     `_rows(@table, ...)` (see _fastpath.py), that gives the result or None. `host_reads`:
     the implementation reads tensor data back on the host (index range checks, expert
     counts), so the kernels it launches depend on data, not only on shapes: the graph
-    compiler then runs it from Python at every call rather than replaying its launches."""
+    compiler then runs it from Python at every call rather than replaying its launches;
+    a function of the op's arguments (by name) says so per call, for an op with a path
+    that reads nothing back."""
     if kind not in KINDS:
         raise ValueError(f"unknown op kind {kind!r}; one of {sorted(KINDS)}")
 

@@ -18,7 +18,7 @@ from tessera.errors import ShapeError, TesseraError
 from tessera.lang.codegen import MATH_HEADER, TILE_HEADER
 from tessera.runtime import dtype as dt
 from tessera.runtime.cpu.device import cache_sizes
-from tessera.runtime.cpu.launch import check
+from tessera.runtime.cpu.launch import check, lasting
 from tessera.runtime.cpu.launch import launcher as _launcher
 from tessera.runtime.tensor import Tensor, as_tensor, empty
 from tessera.runtime.toolchain import compile_c
@@ -446,8 +446,9 @@ def moe_decode(dtype: Any, gate_up: Any, down: Any) -> MoeDecode:
         fn = compile_c(variant.source() + _MOE_SOURCE.read_text(), name="gemm_moe",
                        openmp=True).function(symbol)
         return ctypes.cast(fn, ctypes.c_void_p).value
-    return MoeDecode(address(up_fmt, up_group, "tsr_moe_launch"),
-                     address(down_fmt, down_group, "tsr_moe_down"),
+    down_phase = address(down_fmt, down_group, "tsr_moe_down")
+    lasting(down_phase, 1)  # a slot holds it: code loaded for good, which replays may call
+    return MoeDecode(address(up_fmt, up_group, "tsr_moe_launch"), down_phase,
                      (gate_up.shape[0], gate_up.shape[1], down.shape[1]),
                      up_slots + down_slots)
 
