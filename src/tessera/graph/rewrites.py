@@ -4,6 +4,7 @@ and DCE and before fusion, each written the way models write it:
 - attention: softmax(q @ k^T * scale [+ mask | masked_fill]) @ v (BERT, GPT-2, Llama, as
   their eager code writes it) -> scaled_dot_product_attention (the flash template: the
   scores never exist); aten's flash attention with its logsumexp unused -> the same op;
+- rotary positions written out (x * cos + rotate_half(x) * sin) -> rotary_embedding;
 - RMSNorm and LayerNorm written out -> rms_norm / layer_norm; GELU written out -> gelu;
 - gate/up projections, SiLU and the product -> one SwiGLU GEMM ([gate | up] weights
   folded into one constant, the pairing done in the GEMM's final store);
@@ -64,7 +65,8 @@ def run(graph: Graph, fusion: bool = True) -> dict[str, int]:
 def builtins(fusion: bool = True) -> list[Pattern]:
     """The built-in rewrites, in the order they are tried (see `run` for `fusion`)."""
     chains = [] if fusion else [*_norm_patterns(), *_gelu_patterns()]
-    return [*_attention_patterns(), *chains, *_swiglu_patterns(), *_linear_patterns()]
+    return [*_attention_patterns(), *_rotary_patterns(), *chains, *_swiglu_patterns(),
+            *_linear_patterns()]
 
 
 def _empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -200,6 +202,44 @@ def _unrepeated(r: Any) -> Value | None:
     if not all(_equal(a, w) for a, w in zip(r.shape, (b, rows, s, d), strict=True)):
         return None
     return x
+
+
+# -- rotary embeddings ---------------------------------------------------------------------
+def _rotate_chunks(x: Any) -> Any:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def _rotate_slices(x: Any) -> Any:
+    """Hugging Face's rotate_half."""
+    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
+
+
+def _rotary_check(m: Match) -> bool:
+    """cos and sin broadcast to x the way the op reads them ([S, D], or 4-D; a 3-D table
+    is [B, S, D] to the op) over all of x's features."""
+    x = m["x"]
+    return _same_dtype("x", "cos", "sin")(m) and all(
+        (len(t.shape) in (2, 4) or (len(t.shape) == 3 and t.shape[0] == 1))
+        and _equal(t.shape[-1], x.shape[-1]) for t in (m["cos"], m["sin"]))
+
+
+@cache
+def _rotary_patterns() -> list[Pattern]:
+    """x * cos + rotate_half(x) * sin (Llama / GPT-NeoX rotary positions, written out) ->
+    rotary_embedding: one kernel instead of a negation, a concatenation and the products;
+    it reads x in any layout (heads transposed from the projection: no copy) and gives its
+    result in x's."""
+    def rotary(rotate: Callable[[Any], Any]) -> Pattern:
+        def fn(x: Any, cos: Any, sin: Any) -> Any:
+            return x * cos + rotate(x) * sin
+
+        x, table = _empty(_B, _H, _SQ, _D), _empty(_B, _H, _SQ, _D)
+        return Pattern(fn, [x, table, table], broadcast=("cos", "sin"), check=_rotary_check,
+                       name=f"rotary{rotate.__name__.removeprefix('_rotate')}",
+                       needs=("cat", "neg"),
+                       replace=lambda x, cos, sin: _tessera.rotary_embedding(x, cos, sin))
+    return [rotary(_rotate_chunks), rotary(_rotate_slices)]
 
 
 # -- normalizations -----------------------------------------------------------------------
