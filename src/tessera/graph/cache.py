@@ -1,8 +1,9 @@
 """Compiled graphs in the artifact cache (runtime/cache.py): the graph after the passes,
 keyed by the lowered graph (ops, attributes, shapes), its constants' contents, the
-compiler options and Tessera's version. A second process compiling the same model skips
-the passes (expert weights folded, weights quantized, patterns traced, kernels fused);
-the kernels themselves come from the kernel cache as before.
+compiler options and the compiler's code (the sources of the passes and the ops). A
+second process compiling the same model skips the passes (expert weights folded, weights
+quantized, patterns traced, kernels fused); the kernels themselves come from the kernel
+cache as before.
 
 Constants the passes left as they were (most weights) are not stored twice: the entry
 names the input constant, whose contents are part of the key. `TESSERA_GRAPH_CACHE=0`
@@ -10,10 +11,12 @@ turns the cache off."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +42,7 @@ def key(graph: Graph, options: dict[str, Any]) -> str | None:
         return None
     h = hashlib.sha256()
     constants = data.pop("constants")
-    h.update(repr((tessera.__version__, FORMAT, sorted(options.items()), data)).encode())
+    h.update(repr((_code(), FORMAT, sorted(options.items()), data)).encode())
     for name, t in constants.items():
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -84,6 +87,19 @@ def optimized(graph: Graph, options: dict[str, Any], run: Callable[[Graph], Grap
 
     store.put(KIND, k, write)
     return out
+
+
+@functools.cache
+def _code() -> str:
+    """A hash of what decides an optimized graph: the graph compiler's, the operator
+    library's and the templates' sources (a changed pass must not find old graphs)."""
+    root = Path(tessera.__file__).parent
+    h = hashlib.sha256(tessera.__version__.encode())
+    for path in sorted(p for d in ("graph", "ops", "templates", "lang")
+                       for p in (root / d).rglob("*") if p.suffix in (".py", ".c", ".cpp")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def _identity(t: torch.Tensor) -> tuple[Any, ...]:
