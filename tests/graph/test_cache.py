@@ -1,6 +1,6 @@
 """The compiled-graph cache: a graph compiled again (same ops, weights and options; also
-in another process) skips the passes and computes the same; other weights or options
-miss; unchanged weights are not stored twice; a damaged entry is compiled again."""
+in another process) skips the passes and computes the same; other weights, options or
+compiler code miss; unchanged weights are not stored twice; a damaged entry is compiled again."""
 
 from __future__ import annotations
 
@@ -67,14 +67,17 @@ def test_second_compile_skips_the_passes(passes_run: list[int]) -> None:
     assert any(v.data.data_ptr() == fc for v in again.graph.constants)
 
 
-def test_other_weights_or_options_miss(passes_run: list[int]) -> None:
+def test_other_weights_options_or_compiler_miss(passes_run: list[int],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     model, x = Net().eval(), torch.randn(3, 32)
     compile_graph(_graph(model, x))
     with torch.no_grad():
         model.fc.weight[0, 0] += 1.0
     ex = compile_graph(_graph(model, x))
     compile_graph(_graph(model, x), {"fusion": False})
-    assert len(passes_run) == 3
+    monkeypatch.setattr(cache, "_code", lambda: "a changed pass")
+    compile_graph(_graph(model, x))
+    assert len(passes_run) == 4
     with torch.no_grad():
         torch.testing.assert_close(ex(x)[0], model(x), rtol=1e-5, atol=1e-6)
 
