@@ -68,8 +68,7 @@ class _Miss(Exception):
 def signature(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     """What a plan depends on: every input's dtype, shape, strides and storage offset (and
     the value of int inputs)."""
-    return tuple((x.dtype, x.shape, x.stride(), x.storage_offset())
-                 if isinstance(x, torch.Tensor) else x for x in inputs)
+    return tuple(_layout(x) if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
 # where a tensor lives: base kind ("arena", "out", "input", "ext", "const"), base id,
