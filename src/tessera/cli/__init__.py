@@ -1,8 +1,11 @@
-"""The `tessera` command: machine report, compile cache, autotuning, benchmarks."""
+"""The `tessera` command: machine report, compile cache, benchmarks; every other module of
+this package adds its own commands through `register(app)` (tune, and the tools)."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 import platform
 import sys
 from dataclasses import asdict
@@ -20,11 +23,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Tessera: an open, hardware-neutral compute stack for neural networks.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect or clear the compile cache.")
 app.add_typer(cache_app, name="cache")
-tune_app = typer.Typer(no_args_is_help=True,
-                       help="Tune template parameters for this machine; show what is recorded.")
-app.add_typer(tune_app, name="tune")
 console = Console()
-_Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 
 def _version(dist: str) -> str:
@@ -42,6 +42,10 @@ def _fmt_bytes(n: float) -> str:
         if n < 1024 or unit == "GiB":
             break
     return f"{n:.1f} {unit}"
+
+
+def fmt_blocking(b: dict[str, Any]) -> str:
+    return f"MR x NR {b['mr']} x {b['nr']}, MC {b['mc']}, KC {b['kc']}, NC {b['nc']}"
 
 
 def machine_report(remeasure: bool = False) -> dict[str, Any]:
@@ -81,7 +85,7 @@ def machine_report(remeasure: bool = False) -> dict[str, Any]:
 def info(
     remeasure: Annotated[bool, typer.Option(help="Measure peak GFLOPS and bandwidth again.")]
     = False,
-    as_json: _Json = False,
+    as_json: Json = False,
 ) -> None:
     """Devices, ISA, compiler, cache, and this machine's measured peaks."""
     report = machine_report(remeasure)
@@ -98,7 +102,7 @@ def info(
     top.add_row("compile cache", f"{cache['path']}  ({entries} entries, "
                                  f"{_fmt_bytes(cache['total_bytes'])})")
     gemm = report["gemm_blocking"]
-    top.add_row("GEMM blocking", _fmt_blocking(gemm) + (
+    top.add_row("GEMM blocking", fmt_blocking(gemm) + (
         f"  (tuned: {gemm['speedup']:.2f}x the default)" if gemm["speedup"] else
         "  (default from the caches; `tessera tune gemm` tunes it)"))
     top.add_row("collectives", _fmt_collectives(report["collectives"]))
@@ -153,85 +157,6 @@ def cache_clear() -> None:
     console.print(f"cleared {cache.root} ({_fmt_bytes(freed)} freed)")
 
 
-_BUSY_NOISE = 1.1  # a tuning's noise (see tessera.tune.gemm) above which it was busy
-
-
-def _fmt_blocking(b: dict[str, Any]) -> str:
-    return f"MR x NR {b['mr']} x {b['nr']}, MC {b['mc']}, KC {b['kc']}, NC {b['nc']}"
-
-
-def _print_gemm_record(record: dict[str, Any]) -> None:
-    """The tuning trials of a GEMM blocking record as a table, then winner vs default."""
-    sizes = record["sizes"]
-    table = Table(title=f"GEMM blocking candidates ({'quick, ' if record['quick'] else ''}"
-                        f"median GFLOPS on square sizes)", title_justify="left")
-    for column in ("stage", "MR x NR", "MC", "KC", "NC", *map(str, sizes)):
-        table.add_column(column, justify="left" if column == "stage" else "right")
-    table.add_column("note")
-    for trial in record["trials"]:
-        b = trial["blocking"]
-        gflops = trial["gflops"] or [None] * len(sizes)
-        note = trial.get("error") or ("default" if b == record["default"] else "")
-        style = "bold green" if b == record["blocking"] else None
-        table.add_row(trial["stage"], f"{b['mr']} x {b['nr']}", str(b["mc"]), str(b["kc"]),
-                      str(b["nc"]), *("-" if g is None else f"{g:.1f}" for g in gflops),
-                      note, style=style)
-    console.print(table)
-    console.print(f"winner   {_fmt_blocking(record['blocking'])}: "
-                  f"{' / '.join(map(str, record['gflops']['tuned']))} GFLOPS")
-    console.print(f"default  {_fmt_blocking(record['default'])}: "
-                  f"{' / '.join(map(str, record['gflops']['default']))} GFLOPS")
-    console.print(f"speedup  {record['speedup']:.3f}x (geometric mean over sizes "
-                  f"{', '.join(map(str, sizes))}; {record['seconds']} s of tuning)")
-    if record["noise"] > _BUSY_NOISE:
-        console.print(f"[yellow]warning:[/] repeated timings differed by up to "
-                      f"{record['noise'] - 1:.0%}: the machine was busy, so the choice may be "
-                      "noise. Re-tune when it is idle.")
-
-
-@tune_app.command("gemm")
-def tune_gemm(
-    quick: Annotated[bool, typer.Option(help="Smaller sizes, narrower search (~15 s).")]
-    = False,
-    as_json: _Json = False,
-) -> None:
-    """Find this machine's fastest GEMM blocking (MR, NR, MC, KC, NC) and record it; every
-    later GEMM uses it."""
-    from tessera.runtime import knowledge
-    from tessera.templates.gemm.tuning import KEY, KIND
-    from tessera.tune import tune_gemm as tune
-
-    status = Console(stderr=True).status("tuning the GEMM blocking")
-    with status:
-        tune(quick=quick, progress=status.update)
-    record = knowledge.load(KIND, KEY)
-    if as_json:
-        print(json.dumps(record, indent=2))
-    else:
-        _print_gemm_record(record)
-
-
-@tune_app.command("show")
-def tune_show(as_json: _Json = False) -> None:
-    """What the knowledge base holds for this machine (tuned template parameters)."""
-    from tessera.runtime import knowledge
-    from tessera.templates.gemm.tuning import KEY, KIND
-
-    records = knowledge.records()
-    if as_json:
-        print(json.dumps({"machine": knowledge.machine(), "records": records}, indent=2))
-        return
-    if not records:
-        console.print("no tuning records for this machine (`tessera tune gemm` makes one)")
-    for record in records:
-        console.print(f"[bold]{record['kind']} {record['key']}[/]  "
-                      f"recorded {record['recorded_at']}")
-        if (record["kind"], record["key"]) == (KIND, KEY):
-            _print_gemm_record(record["value"])
-        else:
-            console.print_json(data=record["value"])
-
-
 @app.command()
 def bench(
     suite: Annotated[str, typer.Argument(help="Suite to run, e.g. runtime.")],
@@ -249,6 +174,16 @@ def bench(
 
     runner.run(suite, quick=quick, ranks=ranks, json_path=json_path, console=console,
                only=only)
+
+
+def _register_commands() -> None:
+    """Each module of this package defines `register(app)`; heavy imports stay inside the
+    commands, so `tessera --help` starts fast."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}").register(app)
+
+
+_register_commands()
 
 
 def main() -> None:
