@@ -695,7 +695,8 @@ def _fused_node(g: Graph, grp: _Group) -> Node:
                          grp.r)
     values = [m.value for m, _ in grp.outputs]
     node = Node(f"fused:{name}", {"args": inputs, "kwargs": {}}, values, kernel,
-                source="fused: " + "; ".join(repr(m.node) for m in grp.members))
+                source="fused: " + "; ".join(repr(m.node) for m in grp.members)
+                ).derive(m.node for m in grp.members)
     node.meta["returns"] = list(range(len(values)))
     node.meta["members"] = [m.node for m in grp.members]
     return node
@@ -770,7 +771,7 @@ def fuse_epilogues(g: Graph) -> int:
             "args": [a["x"], w, b, a.get("stride", 1), a.get("padding", 0),
                      a.get("dilation", 1), a.get("groups", 1)],
             "kwargs": {"activation": activation, "residual": residual}}, [v], fused_conv2d,
-            source="fused: " + "; ".join(repr(m) for m in chain))
+            source="fused: " + "; ".join(repr(m) for m in chain)).derive(chain)
         replace.update(dict.fromkeys(chain[:-1]))
         replace[chain[-1]] = node
     if replace:

@@ -5,7 +5,7 @@ program: inputs, constants (frozen weights), nodes in execution order, outputs."
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,10 @@ class GraphError(TesseraError):
 @dataclass(eq=False)
 class Value:
     """One tensor of the program. `kind`: "input" (an argument of the compiled function),
-    "const" (a frozen tensor, held in `data`) or "node" (an output of `producer`)."""
+    "const" (a frozen tensor, held in `data`) or "node" (an output of `producer`).
+    `origin`: the value of the source FX graph this one equals ("name", or "name[i]" for
+    element i of a node's tuple result; "" if none): what eager computes for it, which
+    passes keep when they replace the node that computes it (tessera.tools.compare)."""
 
     name: str
     dtype: torch.dtype
@@ -33,6 +36,7 @@ class Value:
     kind: str = "node"
     producer: Node | None = None
     data: torch.Tensor | None = None
+    origin: str = ""
 
     def __repr__(self) -> str:
         dims = ", ".join(map(str, self.shape))
@@ -49,7 +53,10 @@ class Node:
     data moves), "torch:<name>" for a fallback or "fused:<name>" for a generated kernel
     (fusion.py); those three call `fn` with `args` = {"args": [...], "kwargs": {...}}.
     For registry ops `args` maps the schema's arguments to Values (tensors, lists of
-    them) or Python constants (attributes). `outputs` are the results in order."""
+    them) or Python constants (attributes). `outputs` are the results in order.
+    `origin`: the names of the FX nodes it stands for (one from the frontend, several after
+    patterns and fusion); `where`: the user's source line it came from ("file:line: code",
+    "" if unknown), which nodes made from others inherit (see `derive`)."""
 
     op: str
     args: dict[str, Any]
@@ -57,6 +64,16 @@ class Node:
     fn: Callable[..., Any] | None = None
     source: str = ""  # where it came from (the FX node, a pattern), for messages
     meta: dict[str, Any] = field(default_factory=dict)
+    origin: list[str] = field(default_factory=list)
+    where: str = ""
+
+    def derive(self, nodes: Iterable[Node]) -> Node:
+        """Take the origin of `nodes` (the nodes this one replaces, in graph order) and the
+        last one's `where` that is known; self, for chaining."""
+        nodes = list(nodes)
+        self.origin = list(dict.fromkeys(o for n in nodes for o in n.origin))
+        self.where = next((n.where for n in reversed(nodes) if n.where), "")
+        return self
 
     @property
     def kind(self) -> str:
