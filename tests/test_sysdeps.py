@@ -50,11 +50,15 @@ def _bin(tmp_path: Path, *present: str, apt: bool = True, sudo: bool = False) ->
 
 
 def _run(path: Path, *parts: str, as_nobody: bool = False) -> subprocess.CompletedProcess:
-    cmd = [shutil.which("bash"), str(SCRIPT), *parts]
+    """The script run from a copy in the scratch directory (also its working directory):
+    `nobody` may not reach the checkout (a clone inside a 0700 directory)."""
+    script = shutil.copy(SCRIPT, path.parent / SCRIPT.name)
+    cmd = [shutil.which("bash"), script, *parts]
     if as_nobody and ROOT:
         cmd = [shutil.which("runuser"), "-u", "nobody", "--", *cmd]
     return subprocess.run(cmd, env={"PATH": str(path), "OCL_ICD_VENDORS": str(
-        path.parent / "vendors")}, capture_output=True, text=True, timeout=60)
+        path.parent / "vendors")}, cwd=path.parent, capture_output=True, text=True,
+        timeout=60)
 
 
 def test_nothing_missing_is_silent(tmp_path: Path) -> None:
