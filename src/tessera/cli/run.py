@@ -1,0 +1,40 @@
+"""`tessera run script.py [args]`: run a PyTorch script written for a GPU, unmodified, on this
+machine (see tessera.tools.migrate); `--nproc N` launches it under torchrun."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+
+_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True,
+             "allow_interspersed_args": False}  # everything after SCRIPT is the script's
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run", context_settings=_SETTINGS)(run)
+
+
+def run(
+    script: Annotated[str, typer.Argument(help="The Python script to run.")],
+    args: Annotated[list[str] | None, typer.Argument(help="The script's own arguments.")]
+    = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1,
+                                       help="Processes to launch with torchrun "
+                                            "(--standalone, one node); 1 runs in this "
+                                            "process.")] = 1,
+) -> None:
+    """Run a PyTorch script written for a GPU: cuda -> cpu, torch.compile -> tessera,
+    nccl -> tessera collectives; prints (stderr) what was redirected and what fell back."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(nproc), "-m", "tessera.tools.migrate", script,
+               *(args or [])]
+        raise typer.Exit(subprocess.call(cmd))
+    from tessera.tools.migrate import run_script
+
+    code = run_script(script, args or [])
+    if code:
+        raise typer.Exit(code)
