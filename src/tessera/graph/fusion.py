@@ -22,6 +22,7 @@ any op.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import heapq
 import math
 from collections.abc import Callable, Sequence
@@ -41,6 +42,7 @@ from tessera.lang.passes import dce
 from tessera.lang.types import TensorType
 from tessera.ops import norm, pointwise, reduce, registry
 from tessera.ops._launch import FLOATS, KERNEL_DTYPES, coalesce, launch, ldtype
+from tessera.runtime import knowledge
 from tessera.runtime.toolchain import compile_c
 
 __all__ = ["MAX_ROW", "FusedKernel", "fuse", "fuse_epilogues"]
@@ -199,6 +201,8 @@ class FusedKernel:
             self.tile, self.widths = None, (0,) * len(in_dtypes)
             self.stores = tuple((i, 0) for i, _ in outputs)
         self.key = (_key(program), self.stores, self.widths, tuple(self.dtypes), r)
+        # the knowledge base's name of this program: the same in every process and checkout
+        self.tune_key = "fused:" + hashlib.sha256(repr(_named(self.key)).encode()).hexdigest()[:16]
         self._spec = {"name": name, "program": program, "outputs": outputs,
                       "in_dtypes": in_dtypes, "row_inputs": row_inputs, "r": r}
 
@@ -237,7 +241,7 @@ class FusedKernel:
                              sizes[1:], [st[1:] for st in strides])
             return
         rank = len(sizes)
-        bm, bn = self.tile or pointwise._blocks(sizes)
+        bm, bn = self._tile(sizes)
         units = tuple(st[-1] == 1 for st in strides)
         # a pointwise group's inputs that are constant along the last dim (stride 0: a
         # scalar, a per-row value) are 1-wide tiles: what uses only them runs per row
@@ -255,6 +259,25 @@ class FusedKernel:
         grid = (1 if self.r else -(-sizes[-1] // bn), -(-sizes[-2] // bm) if rank > 1 else 1,
                 sizes[0] if rank == 3 else 1)
         launch(s, grid, *flat)
+
+
+    def _tile(self, sizes: list[int]) -> tuple[int, int]:
+        """A launch's (BM, BN): tuned for this program, shape class and dtype if recorded
+        (a row group's rows stay one tile: only BM), else the heuristic's."""
+        dtype = str(self.dtypes[0]).removeprefix("torch.")
+        if self.tile:
+            return knowledge.tile(self.tune_key, reduce.shape_class(math.prod(sizes[:-1]),
+                                                                    self.r), dtype, self.tile,
+                                  fixed_bn=True)
+        return knowledge.tile(self.tune_key, "x".join(map(str, sizes)), dtype,
+                              pointwise._blocks(sizes))
+
+
+def _named(x: Any) -> Any:
+    """A program key with its kernels named (their repr holds a path)."""
+    if isinstance(x, tuple):
+        return tuple(_named(v) for v in x)
+    return x.fn.__qualname__ if isinstance(x, tl.Kernel) else x
 
 
 def _domain(xs: Sequence[torch.Tensor], name: str) -> tuple[int, ...]:

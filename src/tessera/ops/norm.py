@@ -24,7 +24,7 @@ from tessera.ops._launch import (
     spec,
 )
 from tessera.ops.pointwise import run
-from tessera.ops.reduce import _row_tile, _width
+from tessera.ops.reduce import _width, row_tile
 from tessera.ops.registry import op
 
 _ONE_ROW = 4096  # rows up to this long are one tile
@@ -111,7 +111,7 @@ def _norm(x: torch.Tensor, shape: Sequence[int], w: torch.Tensor | None,
     if m == 0 or n == 0:
         return out
     one = n <= _ONE_ROW
-    bm, bn = _row_tile(n, _ONE_ROW if one else 1024)
+    bm, bn = row_tile(name, m, n, x.dtype, _ONE_ROW if one else 1024, one)
     exact = one and n == bn
     wt = wv if wv is not None else x2
     bt = bv if bv is not None else x2

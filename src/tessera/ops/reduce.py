@@ -8,7 +8,8 @@ only when the dims around it do not coalesce). inner == 1 is a row reduction (ti
 BM rows x BN columns walk R); inner > 1 a column reduction (each program owns BI inner
 columns and walks R with vector loads). Tile widths come from a short menu, so a kernel
 is compiled once per menu entry, never per size: a decode loop whose softmax row grows
-by one each step compiles nothing new.
+by one each step compiles nothing new. A tile tuned for this machine (`tessera tune op`,
+recorded in the knowledge base per op, shape class and dtype) replaces the heuristic one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tessera.ops._launch import (
 )
 from tessera.ops.pointwise import NUMERIC, contiguous
 from tessera.ops.registry import op
+from tessera.runtime import knowledge
 
 _NUM_NAMES = tuple(str(d).removeprefix("torch.") for d in NUMERIC)
 _ROWS = 4096  # elements per program of a row kernel (BM x BN)
@@ -174,6 +176,21 @@ def _row_tile(n: int, cap: int) -> tuple[int, int]:
     return 1 << max(0, (_ROWS // bn).bit_length() - 1), bn
 
 
+def shape_class(rows: int, n: int) -> str:
+    """The knowledge base's shape class of `rows` rows of n: the rows rounded up to a power
+    of two (tiles are tuned for a range of row counts), the row length exact."""
+    return f"{1 << max(rows - 1, 0).bit_length()}x{n}"
+
+
+def row_tile(kernel: str, rows: int, n: int, dtype: torch.dtype, cap: int,
+             one: bool = False) -> tuple[int, int]:
+    """(BM, BN) of row kernel `kernel` (the op's name) over `rows` rows of n: this
+    machine's tuned tile if one is recorded, else _row_tile's. `one`: each row must be
+    one tile, so only BM may be tuned."""
+    return knowledge.tile(kernel, shape_class(rows, n), str(dtype).removeprefix("torch."),
+                          _row_tile(n, cap), fixed_bn=one)
+
+
 def _three(x: torch.Tensor, dims: list[int], op_name: str) -> tuple[torch.Tensor, int, int, int]:
     """x seen as [outer, R, inner] over the (adjacent, sorted) reduced `dims`, and those
     three sizes; a contiguous copy when the strides do not allow the view."""
@@ -213,7 +230,7 @@ def _reduce(x: torch.Tensor, dims: list[int], fn: str, out_dtype: torch.dtype,
     idx_arg = idx if idx is not None else out
     od = ldtype(out_dtype)
     if inner == 1:
-        bm, bn = _row_tile(red, 1024)
+        bm, bn = row_tile(op_name, outer, red, v.dtype, 1024)
         st = v.stride()
         key = ("rows", fn, compute, bm, bn, correction, v.dtype, out_dtype, st[1] == 1)
         s = compiled(key, rows_kernel, tl.TensorSpec(ldtype(v.dtype), (2, 2),
@@ -438,7 +455,7 @@ def _softmax(x: torch.Tensor, dim: int, log: bool, name: str) -> torch.Tensor:
     ov = out.view(outer, red, inner)
     if inner == 1:
         one = red <= _ONE_ROW
-        bm, bn = _row_tile(red, _ONE_ROW if one else 1024)
+        bm, bn = row_tile(name, outer, red, v.dtype, _ONE_ROW if one else 1024, one)
         st = v.stride()
         key = ("softmax_rows", log, bm, bn, one, v.dtype, st[1] == 1)
         s = compiled(key, softmax_rows, tl.TensorSpec(ldtype(v.dtype), (2, 2),

@@ -1,5 +1,7 @@
-"""Per-machine knowledge: small JSON records of what was measured on this machine (the
-autotuner's best GEMM blocking, ...), keyed by (kind, problem key).
+"""Per-machine knowledge: small JSON records of what was measured on this machine, keyed
+by (kind, problem key): the GEMM blocking ("gemm.blocking"), `@tl.autotune` winners
+("autotune") and the tiles of row and pointwise kernels ("tile", read through `tile()`
+when a kernel is compiled).
 
 Each record is an entry of the artifact cache (kind `knowledge`), so it is written
 atomically, integrity-checked, safe under concurrent processes, listed by `tessera cache
@@ -13,15 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tessera.runtime.cache import default_cache
 from tessera.runtime.cpu.device import cache_sizes, cpu_features, cpu_model, usable_cores
 
-__all__ = ["load", "machine", "records", "store"]
+__all__ = ["MAX_TILE", "TILE", "load", "machine", "records", "reload", "store", "tile",
+           "tile_key", "trying"]
 
 _KIND = "knowledge"
 _RECORD = "record.json"
@@ -41,10 +47,13 @@ def _cache_key(kind: str, key: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def store(kind: str, key: str, value: dict[str, Any]) -> None:
-    """Record `value` (JSON-able) for (kind, key) on this machine, replacing any old one."""
+def store(kind: str, key: str, value: dict[str, Any], recorded_at: str | None = None
+          ) -> None:
+    """Record `value` (JSON-able) for (kind, key) on this machine, replacing any old one;
+    `recorded_at` keeps an imported record's date (default: now)."""
     record = {"kind": kind, "key": key, "machine": machine(),
-              "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "value": value}
+              "recorded_at": recorded_at or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "value": value}
     text = json.dumps(record, indent=1)  # fails here, before anything is written
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -52,6 +61,7 @@ def store(kind: str, key: str, value: dict[str, Any]) -> None:
         return {"kind": kind, "key": key}
 
     default_cache().put(_KIND, _cache_key(kind, key), build)
+    reload()
 
 
 def load(kind: str, key: str) -> dict[str, Any] | None:
@@ -115,3 +125,78 @@ def _ignore(entry: Path, why: str) -> None:
         warnings.warn(f"ignoring the knowledge record {entry}: it {why}; defaults are used "
                       "(`tessera cache clear` removes it, re-tuning replaces it)",
                       RuntimeWarning, stacklevel=2)
+
+
+# -- tiles of generated kernels --------------------------------------------------------------
+TILE = "tile"  # records {"tile": [BM, BN], ...} under tile_key(kernel, shape class, dtype)
+MAX_TILE = 1 << 16  # elements of a tile at most: a larger one is no tuning result
+_memo: dict[tuple[str | None, str, str, str], tuple[int, int]] = {}
+_trial: list[tuple[tuple[int, int] | None, list[dict[str, Any]]]] = []  # see trying()
+
+
+def tile_key(kernel: str, shape: str, dtype: str) -> str:
+    """The record key of a kernel's tile for one shape class and dtype."""
+    return f"{kernel}|{shape}|{dtype}"
+
+
+def tile(kernel: str, shape: str, dtype: str, default: tuple[int, int],
+         fixed_bn: bool = False) -> tuple[int, int]:
+    """The (BM, BN) tile kernel `kernel` (a program key: an op's name, a fused kernel's
+    digest) compiles with for shape class `shape` and `dtype`: this machine's record, or
+    `default` (the caller's heuristic). `fixed_bn`: only BM may differ from the default
+    (a row must fit one tile). The answer is kept in memory, so a repeated lookup is one
+    dict access; a record that does not fit is ignored with one warning."""
+    if _trial:
+        return _tried(kernel, shape, dtype, default, fixed_bn)
+    key = (os.environ.get("TESSERA_CACHE_DIR"), kernel, shape, dtype)
+    found = _memo.get(key)
+    if found is None:
+        found = _memo[key] = _tuned(kernel, shape, dtype, default, fixed_bn)
+    return found
+
+
+def _tuned(kernel: str, shape: str, dtype: str, default: tuple[int, int],
+           fixed_bn: bool) -> tuple[int, int]:
+    value = load(TILE, tile_key(kernel, shape, dtype))
+    if value is None:
+        return default
+    t = value.get("tile")
+    if not (isinstance(t, list) and len(t) == 2 and all(type(v) is int and v > 0 for v in t)
+            and t[0] * t[1] <= MAX_TILE):
+        why = f"its tile {t!r} is not two positive integers of at most {MAX_TILE} elements"
+    elif fixed_bn and t[1] != default[1]:
+        why = f"its tile {t} is not {default[1]} wide, as a row of this kernel must be"
+    else:
+        return t[0], t[1]
+    _ignore(default_cache().entry_dir(_KIND, _cache_key(TILE, tile_key(kernel, shape, dtype))),
+            f"does not fit ({why})")
+    return default
+
+
+def _tried(kernel: str, shape: str, dtype: str, default: tuple[int, int],
+           fixed_bn: bool) -> tuple[int, int]:
+    tried, seen = _trial[-1]
+    seen.append({"kernel": kernel, "shape": shape, "dtype": dtype, "default": default,
+                 "fixed_bn": fixed_bn})
+    return default if tried is None else tried
+
+
+@contextmanager
+def trying(tried: tuple[int, int] | None) -> Iterator[list[dict[str, Any]]]:
+    """Inside the block, every tile lookup of this process answers `tried` (None: the
+    caller's default; records are not read) and is noted in the yielded list (kernel,
+    shape, dtype, default, fixed_bn): how a tuner runs a kernel with a candidate tile
+    and learns which kernels a call compiles."""
+    seen: list[dict[str, Any]] = []
+    _trial.append((tried, seen))
+    try:
+        yield seen
+    finally:
+        _trial.pop()
+
+
+def reload() -> None:
+    """Forget the tiles looked up so far: the next lookups read the records again (after
+    this process stored or imported some; another process's new records are seen by
+    processes started after them, or after this call)."""
+    _memo.clear()
