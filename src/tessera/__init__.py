@@ -49,6 +49,8 @@ _LAZY: dict[str, str] = {
     # the graph compiler
     "compile": "tessera.graph.api",
     "load": "tessera.graph.api",
+    # tools
+    "profile": "tessera.tools.profiler",
 }
 
 __all__ = [*_error_names, *_LAZY, "__version__"]

@@ -19,19 +19,29 @@ cache's length) run from Python, everything else replays, so decode steps whose 
 never repeat still run natively. Guards on each call (the sizes that did not change, the
 layout of every tensor a native launch touches) send a call the plan does not fit to the
 interpreter.
+
+Profiling (runtime/profiling.py): while a profile is active, each call is a "graph" event
+(args: the graph's `label`, how it ran); native segments replay through replay.c's build
+with per-launch timers, giving one "kernel" event per launch and one "op" event per node
+(args: graph label, node index in `graph.nodes`, op, and the node's tensor shapes); nodes
+run in Python are "op" events too, and the kernels they launch carry the same args. The
+arena of a plan made during a profile and each call's output buffers are memory events.
+With no profile active, a call costs one check more.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
+import functools
+import hashlib
 import logging
 import math
 import re
 import struct
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +53,9 @@ from tessera.graph import memplan
 from tessera.graph.interpreter import call_node, check_inputs, interpret, node_function, resolve
 from tessera.graph.ir import Graph, Node, Value
 from tessera.graph.record import Alloc, Recorder
-from tessera.graph.replay import native
+from tessera.graph.replay import native, profiled
 from tessera.ops import _fastpath, registry
+from tessera.runtime import profiling
 from tessera.runtime.cpu import launch as cpu_launch
 
 __all__ = ["Executable", "PlanError"]
@@ -85,6 +96,7 @@ class _Step:
     checks: list[tuple[int, int]] = field(default_factory=list)  # (base, byte offset)
     errors: list[Callable[[], Exception]] = field(default_factory=list)
     node: Node | None = None
+    index: int = -1  # the node's in graph.nodes
     fn: Callable[[dict[str, Any]], Any] | None = None
     reads: list[tuple[Value, Location]] = field(default_factory=list)
     exts: list[tuple[Value, int]] = field(default_factory=list)  # outputs -> their base
@@ -95,9 +107,11 @@ class _Plan:
 
     def __init__(self, graph: Graph, rec: Recorder, env: dict[Value, Any],
                  inputs: tuple[Any, ...], plan_steps: list[tuple[Node, Any]],
-                 varying: frozenset[str] | None = None) -> None:
-        """`varying`: for a generic plan, the symbols whose sizes change between calls."""
+                 varying: frozenset[str] | None = None, label: str = "") -> None:
+        """`varying`: for a generic plan, the symbols whose sizes change between calls;
+        `label`: the executable's (a profile's events name the graph by it)."""
         self.graph = graph
+        self.label = label
         self.kept = rec.kept  # constants ops made while recording: launches point into them
         variant = _variant(plan_steps, env, varying) if varying is not None else set()
         replayable = [r.why is None and not _host_reads(n, env) and not _data_dependent(n)
@@ -140,6 +154,7 @@ class _Plan:
             last_use[a] = max(last_use.get(a, pos), pos)
 
         launches: list[tuple[int, tuple[int, int, int], list[int], list[tuple[int, Any, int]]]] = []
+        self.launch_nodes: list[int] = []  # the node index of each launch (for profiles)
         self.steps: list[_Step] = []
         pos = 0
         checked: list[Alloc] = []  # status words in the arena: read when the segment ends
@@ -170,6 +185,7 @@ class _Plan:
                             use(what, pos)
                         relocs.append((s, (kind, what), value - start))
                     launches.append((lc.address, lc.grid, slots, relocs))
+                    self.launch_nodes.append(i)
                     pos += 1
                 for address, error in r.checks:
                     hit = ranges.find(address)
@@ -188,7 +204,7 @@ class _Plan:
                 for a in checked:
                     use(a, pos - 1)
                 checked.clear()
-                step = _Step(node=node, fn=fn)
+                step = _Step(node=node, index=i, fn=fn)
                 for v in node.inputs():
                     t = env.get(v)
                     if v.kind == "input" or v in python_made:
@@ -266,6 +282,16 @@ class _Plan:
                 step.exts = [(v, self.base_ext + k) for v, k in step.exts]
         self.outputs = [(v, _rebase(loc, base)) for v, loc in self.outputs]
         self.arena = torch.empty(max(self.memory.arena_bytes, memplan.ALIGN), dtype=torch.uint8)
+        # what a profile says of each replayed node: its op and tensor shapes when recorded
+        self.node_args = {i: {"op": plan_steps[i][0].op, **_shapes(
+            [env.get(v) for v in plan_steps[i][0].inputs()],
+            [env.get(v) for v in plan_steps[i][0].outputs]),
+            "params": profiling.scalars(plan_steps[i][0].args)} for i in set(self.launch_nodes)}
+        if profiling.active is not None:
+            t = profiling.now()
+            profiling.active.memory("graph arenas", "arena", self.arena.numel(), t, t,
+                                    {"graph": label,
+                                     "plan": "generic" if varying is not None else "own"})
         self.status = np.zeros(max(len(status_words), 1), np.int64)
         self.bases[0] = self.arena.data_ptr()
         self.bases[1] = self.status.ctypes.data
@@ -330,6 +356,8 @@ class _Plan:
             all(_layout(inputs[k]) == want for k, want in self.input_layouts)
 
     def run(self, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        session = profiling.active
+        label = self.label
         with self.lock:
             bases = self.bases
             holders: list[Any] = [None] * len(bases)
@@ -347,8 +375,13 @@ class _Plan:
                                       * memplan.ALIGN, dtype=torch.uint8)
                 bases[self.base_out + k] = buf.data_ptr()
                 holders[self.base_out + k] = buf
+            if session is not None and self.out_sizes:
+                t = profiling.now()
+                session.memory("graph outputs", "outputs", sum(
+                    holders[self.base_out + k].untyped_storage().nbytes()
+                    for k in range(len(self.out_sizes))), t, t, {"graph": label}, count=False)
             env: dict[Value, Any] = dict(zip(self.graph.inputs, inputs, strict=True))
-            run = native().run
+            run = native().run if session is None else self._timed(session, label)
             steps, slots, relocs, base_table = self.addresses
             for step in self.steps:
                 if step.node is None:
@@ -359,7 +392,8 @@ class _Plan:
                     continue
                 for v, loc in step.reads:
                     env[v] = self.tensor(loc, holders, env)
-                call_node(step.node, env, step.fn)
+                call_node(step.node, env, step.fn if session is None else _timed_node(
+                    session, label, step.index, step.node, step.fn))
                 for v, b in step.exts:
                     t = env[v]
                     if self.generic and b in self.ext_layouts and \
@@ -369,6 +403,36 @@ class _Plan:
                     holders[b] = t
             return tuple(self._output(loc, holders, env) for _, loc in self.outputs)
 
+    def _timed(self, session: profiling.Session, label: str) -> Callable[..., int]:
+        """replay.c's `run` with per-launch timers: each launch a "kernel" event, each
+        node's launches an "op" event around them."""
+        run = profiled().run
+
+        def timed(steps: int, first: int, last: int, slots: int, relocs: int, bases: int,
+                  checks: int, nchecks: int) -> int:
+            times = np.zeros(2 * max(last - first, 1), np.int64)
+            failed = run(steps, first, last, slots, relocs, bases, checks, nchecks,
+                         times.ctypes.data)
+            tid = threading.get_ident()
+            spans = times.tolist()
+            node_start = 0
+            for k in range(last - first):
+                i = first + k
+                node = self.launch_nodes[i]
+                info = self.node_args[node]
+                args = {"graph": label, "node": node, "op": info["op"]}
+                session.events.append(profiling.Event(
+                    "kernel", profiling.kernel_name(int(self.steps_arr[i, 0])),
+                    spans[2 * k], spans[2 * k + 1], tid, args))
+                if i + 1 == last or self.launch_nodes[i + 1] != node:
+                    session.events.append(profiling.Event(
+                        "op", info["op"], spans[2 * node_start], spans[2 * k + 1], tid,
+                        {**args, "inputs": info["inputs"], "outputs": info["outputs"],
+                         "params": info["params"]}))
+                    node_start = k + 1
+            return failed
+        return timed
+
     def _output(self, loc: Location, holders: list[Any], env: dict[Value, Any]) -> Any:
         if loc[0] == "base" and loc[1] >= self.base_out and loc[1] < self.base_ext and \
                 self.direct[loc[1] - self.base_out] is not None:
@@ -377,6 +441,43 @@ class _Plan:
 
 
 _SYMBOL = re.compile(r"[A-Za-z_]\w*")
+
+
+def _shapes(inputs: list[Any], outputs: list[Any]) -> dict[str, list[Any]]:
+    """The (shape, dtype) of each tensor read and made, as a profile's op events give."""
+    def describe(xs: list[Any]) -> list[Any]:
+        return [(tuple(x.shape), str(x.dtype).removeprefix("torch."))
+                for x in xs if isinstance(x, torch.Tensor)]
+    return {"inputs": describe(inputs), "outputs": describe(outputs)}
+
+
+def _timed_node(session: profiling.Session, label: str, index: int, node: Node,
+                fn: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+    """`fn` (node `index` run in Python) reporting itself as an "op" event; the kernels it
+    launches carry the graph, node and op."""
+    args = {"graph": label, "node": index, "op": node.op}
+
+    def run(a: dict[str, Any]) -> Any:
+        with session.scope(args):
+            t0 = profiling.now()
+            out = fn(a)
+            t1 = profiling.now()
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        session.record("op", node.op, t0, t1, {**args, **_shapes(list(_leaves(a)), outs),
+                                               "params": profiling.scalars(node.args)})
+        return out
+    return run
+
+
+def _leaves(a: Any) -> Iterator[Any]:
+    """The non-container values in nested dicts, lists and tuples (a node's arguments)."""
+    if isinstance(a, dict):
+        a = a.values()
+    elif not isinstance(a, (list, tuple)):
+        yield a
+        return
+    for x in a:
+        yield from _leaves(x)
 
 
 def _variant(plan_steps: list[tuple[Node, Any]], env: dict[Value, Any],
@@ -541,7 +642,41 @@ class Executable:
         # calls by how they ran: "plan", "generic", "record", "interpreter"
         self.calls: collections.Counter[str] = collections.Counter()
 
+    @functools.cached_property
+    def label(self) -> str:
+        """A short hash of the graph's text (ops, shapes, arguments): the same graph gets the
+        same label in every process; a profile's events name graphs by it."""
+        text = re.sub(r"0x[0-9a-f]+", "", str(self.graph))  # object reprs' addresses
+        return "g" + hashlib.sha256(text.encode()).hexdigest()[:10]
+
     def __call__(self, *inputs: Any) -> tuple[Any, ...]:
+        if profiling.active is not None:
+            return self._profiled(inputs)
+        return self._call(inputs)
+
+    def _profiled(self, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A call as one "graph" event, saying how it ran (plan, generic, record,
+        interpreter)."""
+        session = profiling.active
+        assert session is not None
+        before = collections.Counter(self.calls)
+        t0 = profiling.now()
+        out = self._call(inputs)
+        t1 = profiling.now()
+        how = sorted((self.calls - before).keys())
+        session.record("graph", f"graph {self.label}", t0, t1, {
+            "graph": self.label, "nodes": len(self.graph.nodes), "ran": ",".join(how)})
+        return out
+
+    def _steps(self) -> list[tuple[Node, Callable[[dict[str, Any]], Any]]]:
+        """The node functions, reporting each node while a profile is active."""
+        session = profiling.active
+        if session is None:
+            return self.plan_steps
+        return [(n, _timed_node(session, self.label, i, n, fn))
+                for i, (n, fn) in enumerate(self.plan_steps)]
+
+    def _call(self, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
         if self.reference is not None:
             return self._compare(inputs)
         key = signature(inputs) if self.native else None
@@ -562,7 +697,7 @@ class Executable:
                 return generic
         check_inputs(self.graph, list(inputs))
         self.calls["interpreter"] += 1
-        return tuple(interpret(self.graph, list(inputs), self.plan_steps))
+        return tuple(interpret(self.graph, list(inputs), self._steps()))
 
     def _generic(self, inputs: tuple[Any, ...], key: tuple[Any, ...]
                  ) -> tuple[Any, ...] | None:
@@ -620,12 +755,12 @@ class Executable:
         env: dict[Value, Any] = {v: v.data for v in self.graph.constants}
         env.update(zip(self.graph.inputs, inputs, strict=True))
         with _fastpath.suspended(), rec:
-            for i, (node, fn) in enumerate(self.plan_steps):
+            for i, (node, fn) in enumerate(self._steps()):
                 with rec.node(i):
                     call_node(node, env, fn)
         outputs = tuple(env[v] for v in self.graph.outputs)
         try:
-            plan = _Plan(self.graph, rec, env, inputs, self.plan_steps, varying)
+            plan = _Plan(self.graph, rec, env, inputs, self.plan_steps, varying, self.label)
             again = plan.run(inputs)
             for want, got in zip(outputs, again, strict=True):
                 if isinstance(want, torch.Tensor):

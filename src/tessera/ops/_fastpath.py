@@ -8,6 +8,7 @@ parameters) in tables named for the op variant; an op's `fast` expression calls
 `_pw(@table, ...)` or `_rows(@table, ...)`, and the generated entry points are rebound to
 the native functions once they are loaded. `TESSERA_OPS_FASTPATH=0` keeps everything on
 the Python path; `wait()` blocks until the native path is ready (benchmarks, tests).
+While a profile is active, its launches are timed in C and reported (runtime/profiling.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from tessera.errors import TesseraError
+from tessera.runtime import profiling
 
 __all__ = ["add_plan", "bind", "enabled", "start", "suspended", "table", "wait"]
 
@@ -87,6 +89,7 @@ def _build() -> None:
             native.add_plan(*plan)
         _native = native
         _rebind()
+    profiling.subscribe(lambda session: native.set_timer(session and session.kernel))
     _ready.set()
 
 

@@ -2,11 +2,16 @@
 Python binds the arguments, does one type test per tensor argument and calls the
 implementation directly when every tensor is a torch tensor. Numpy arrays and tessera
 tensors are wrapped zero-copy on the way in and the result is given back in the kind of
-the first tensor argument."""
+the first tensor argument.
+
+While a profile is active (runtime/profiling.py) every call is an "op" event with its
+tensors' shapes and dtypes, around the kernels it launches; otherwise the cost is one test
+of the global `_prof` that the profiler flips in every entry point's globals."""
 
 from __future__ import annotations
 
 import re
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -17,12 +22,14 @@ import torch
 from tessera.errors import DeviceError, DtypeError
 from tessera.ops import _fastpath
 from tessera.ops.registry import Arg, OpDef
+from tessera.runtime import profiling
 from tessera.runtime.tensor import Tensor as TesseraTensor
 from tessera.runtime.tensor import as_tensor
 
 __all__ = ["eager_function", "to_torch"]
 
 _T = torch.Tensor
+_ENVS: list[dict[str, Any]] = []  # globals of every entry point: `_prof` is flipped there
 
 
 def eager_function(d: OpDef) -> Callable[..., Any]:
@@ -51,13 +58,22 @@ def eager_function(d: OpDef) -> Callable[..., Any]:
         _fastpath.bind(env)
         expr = re.sub(r"@(\w+)", lambda m: str(_fastpath.table(m.group(1))), d.fast)
         native = [f"        _r = {expr}", "        if _r is not None:", "            return _r"]
-    source = "\n".join([
+    body = [f"    if {' and '.join(fast) or 'True'}:",
+            *native,
+            f"        return _impl({', '.join(call)})",
+            f"    return _foreign(_op, ({names}{',' if len(d.args) == 1 else ''}))"]
+    source = "\n".join([  # the entry point, and its body unprofiled for a profiled call
         f"def {d.name}({', '.join(params)}):",
-        f"    if {' and '.join(fast) or 'True'}:",
-        *native,
-        f"        return _impl({', '.join(call)})",
-        f"    return _foreign(_op, ({names}{',' if len(d.args) == 1 else ''}))"])
+        "    if _prof:",
+        f"        return _profiled(_op, _unprofiled, {', '.join(call)})",
+        *body,
+        f"def _unprofiled({', '.join(params)}):",
+        *body])
+    env["_profiled"] = _profiled
     exec(compile(source, f"<tessera op {d.name}>", "exec"), env)
+    with _envs_lock:
+        _ENVS.append(env)
+        env["_prof"] = profiling.active is not None
     fn = env[d.name]
     fn.__doc__ = d.impl.__doc__
     fn.__qualname__ = fn.__name__ = d.name
@@ -65,6 +81,49 @@ def eager_function(d: OpDef) -> Callable[..., Any]:
     fn.__wrapped__ = d.impl  # inspect.signature shows the implementation's
     fn.op = d
     return fn
+
+
+_envs_lock = threading.Lock()
+
+
+def _profile(session: profiling.Session | None) -> None:
+    with _envs_lock:
+        for env in _ENVS:
+            env["_prof"] = session is not None
+
+
+profiling.subscribe(_profile)
+
+
+def _profiled(d: OpDef, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run `fn` (op `d`'s unprofiled entry point) as one "op" event with the shapes and
+    dtypes of its tensor arguments and results."""
+    session = profiling.active
+    if session is None:
+        return fn(*args, **kwargs)
+    t0 = profiling.now()
+    out = fn(*args, **kwargs)
+    t1 = profiling.now()
+    values = [*args, *kwargs.values()]
+    inputs = [_describe(x) for v in values
+              for x in (v if isinstance(v, (list, tuple)) else (v,)) if _is_tensor(x)]
+    outs = out if isinstance(out, (list, tuple)) else (out,)
+    named = {**dict(zip((a.name for a in d.args if not a.kwarg_only), args,
+                          strict=True)), **kwargs}
+    session.record("op", d.name, t0, t1, {
+        "inputs": inputs, "outputs": [_describe(x) for x in outs if _is_tensor(x)],
+        "params": profiling.scalars(named)})
+    return out
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, (_T, np.ndarray, TesseraTensor))
+
+
+def _describe(x: Any) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype name) of a torch, numpy or tessera tensor."""
+    dtype = str(x.dtype)
+    return tuple(x.shape), dtype.removeprefix("torch.").removeprefix("tessera.")
 
 
 def _all_torch(xs: Any) -> bool:

@@ -6,7 +6,8 @@
 // tables, one table per operator variant (e.g. "add", "gelu_tanh", "layer_norm"). A call
 // checks everything that chose its plan; anything unusual returns None and the Python path
 // handles it (and registers a plan for next time). It never raises for bad input: the
-// Python path reports that.
+// Python path reports that. set_timer(fn) makes every launch timed (CLOCK_MONOTONIC, ns)
+// and reported as fn(address, start, end) (a profile); unset, it costs one NULL check.
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <torch/csrc/Dtype.h>
@@ -14,6 +15,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 #include <vector>
 
 namespace {
@@ -40,6 +42,13 @@ struct Plan {
 };
 
 std::vector<std::vector<Plan>> tables;
+PyObject *timer = nullptr;  // called with each launch's address and times, or null
+
+inline int64_t now_ns() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
 
 inline bool is_plain_tensor(PyObject *o) {
     // torch.Tensor and nn.Parameter only: subclasses may override __torch_function__
@@ -57,12 +66,25 @@ inline void put(char *buf, int &slot, double v) { std::memcpy(buf + 8 * slot++, 
 
 PyObject *run(const Plan &p, int64_t grid0, const char *buf, int64_t work, at::Tensor &out) {
     entry_fn fn = reinterpret_cast<entry_fn>(p.address);
+    PyObject *timed = timer;
+    int64_t t0 = 0, t1 = 0;
     if (work >= kParallelGrain) {
         Py_BEGIN_ALLOW_THREADS
+        if (timed) t0 = now_ns();
         fn(grid0, 1, 1, buf);
+        if (timed) t1 = now_ns();
         Py_END_ALLOW_THREADS
     } else {
+        if (timed) t0 = now_ns();
         fn(grid0, 1, 1, buf);
+        if (timed) t1 = now_ns();
+    }
+    if (timed && timer) {
+        PyObject *r = PyObject_CallFunction(timer, "LLL", static_cast<long long>(p.address),
+                                            static_cast<long long>(t0),
+                                            static_cast<long long>(t1));
+        if (r == nullptr) return nullptr;
+        Py_DECREF(r);
     }
     return THPVariable_Wrap(std::move(out));
 }
@@ -275,12 +297,25 @@ PyObject *add_plan(PyObject *, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyObject *set_timer(PyObject *, PyObject *fn) {
+    if (fn != Py_None && !PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "set_timer takes a callable or None");
+        return nullptr;
+    }
+    Py_XDECREF(timer);
+    timer = fn == Py_None ? nullptr : fn;
+    Py_XINCREF(timer);
+    Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"pointwise", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(pointwise)),
      METH_FASTCALL, "pointwise(table, *tensors): a result, or None for the Python path"},
     {"rows", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(rows)),
      METH_FASTCALL, "rows(table, x, weight, bias, eps, normalized): a result, or None"},
     {"add_plan", add_plan, METH_VARARGS, "register a compiled kernel as a plan"},
+    {"set_timer", set_timer, METH_O,
+     "set_timer(fn or None): call fn(address, start_ns, end_ns) after every launch"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -16,6 +16,9 @@ allocation that triggered the garbage collector.
 
 `TESSERA_DISABLE_CACHING_ALLOCATOR=1` (read when a device's allocator is created) turns off
 rounding and caching: every block comes from and goes back to the OS, for memory debuggers.
+
+Profiling: while a profile is active, every allocation and free is a "memory" event of
+source "allocator <device>" (runtime/profiling.py); otherwise each costs one check.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import threading
 from typing import TYPE_CHECKING, Protocol
 
 from tessera.errors import OutOfMemoryError, ShapeError
+from tessera.runtime import profiling
 
 if TYPE_CHECKING:
     from tessera.runtime.device import Device
@@ -161,6 +165,8 @@ class CachingAllocator:
             raise ShapeError(f"cannot allocate a negative number of bytes ({nbytes})",
                              where=self.device.name)
         size = self.round_size(nbytes)
+        session = profiling.active
+        t0 = profiling.now() if session is not None else 0
         with self._lock:
             self._drain()
             cached = self._take_cached(size)
@@ -172,6 +178,9 @@ class CachingAllocator:
             self._active += 1
             self._allocated += size
             self._peak = max(self._peak, self._allocated)
+        if session is not None:
+            session.memory(f"allocator {self.device.name}", "alloc", size, t0,
+                           profiling.now(), {"requested": nbytes, "cached": cached is not None})
         return Block(self, ptr, size, nbytes)
 
     def _take_cached(self, size: int) -> tuple[int, int] | None:
@@ -220,6 +229,10 @@ class CachingAllocator:
             ptr, size = self._pending.popleft()
             self._active -= 1
             self._allocated -= size
+            session = profiling.active
+            if session is not None:
+                t = profiling.now()
+                session.memory(f"allocator {self.device.name}", "free", -size, t, t)
             if not self.caching:
                 self.backend.free(ptr)
                 self._reserved -= size

@@ -5,6 +5,10 @@ OpenMP: one runtime per process. When torch is installed, modules link torch's b
 `libgomp.so.1` (same soname as the system's), so whichever is loaded first serves both and
 symbol versions are checked against the older library at link time. See
 docs/design/threading.md for the measurements behind this choice.
+
+Profiling: every symbol looked up is named for the profiler (module name, and the symbol
+unless it is the kernel language's entry); a compile or cache lookup while a profile is
+active is a "compile" event saying whether the cache had it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from types import ModuleType
 from typing import Any
 
 from tessera.errors import CompileError, ToolchainError
+from tessera.runtime import profiling
 from tessera.runtime.cache import default_cache
 from tessera.runtime.cpu.device import cpu_features
 
@@ -157,6 +162,10 @@ class Module:
                                  hint="check the name and that it is not `static`") from None
         fn.restype = restype
         fn.argtypes = list(argtypes)
+        address = ctypes.cast(fn, ctypes.c_void_p).value
+        if address:
+            profiling.name_kernel(address, self.name if symbol == _KERNEL_ENTRY
+                                  else f"{self.name}:{symbol}")
         return fn
 
     @property
@@ -167,6 +176,7 @@ class Module:
         return f"<tessera Module {self.name!r} {self.key[:12]} at {self.path}>"
 
 
+_KERNEL_ENTRY = "tessera_kernel"  # lang/codegen/c.py's ENTRY (runtime cannot import lang)
 _loaded: dict[str, Module] = {}
 _loaded_lock = threading.Lock()
 
@@ -197,7 +207,9 @@ def compile_c(source: str, *, name: str = "kernel", openmp: bool = False,
 
     # Builds of one key are serialized by the cache's file lock (across threads too), so
     # different kernels compile in parallel; the dict lock only keeps one Module per key.
-    entry, built = default_cache().get_or_build("modules", key, build)
+    with profiling.span("compile", name, {"key": key[:16]}) as event:
+        entry, built = default_cache().get_or_build("modules", key, build)
+        event["cache"] = "miss" if built else "hit"
     flags_used = default_cache().manifest(entry)["meta"]["flags"]
     with _loaded_lock:
         return _loaded.setdefault(key, Module(name, key, entry, built, flags_used))

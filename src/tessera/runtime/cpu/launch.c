@@ -5,17 +5,27 @@
  * with each argument in an 8-byte slot: pointers and integers as int64, floats as double.
  * call(address, grid0, grid1, grid2, *args) packs Python ints and floats into those slots
  * on the stack and calls the entry point without the GIL. set_hook(fn) makes every later
- * call also pass its arguments to fn (the graph compiler records launch sequences so). */
+ * call also pass its arguments to fn (the graph compiler records launch sequences so).
+ * set_timer(fn) makes every later call time the entry point (CLOCK_MONOTONIC, ns) and
+ * call fn(address, start, end) (a profile); unset, the cost is one NULL check. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #define MAX_SLOTS 256
 
 typedef void (*entry_fn)(int64_t, int64_t, int64_t, const char *);
 
 static PyObject *hook = NULL;  /* called with each launch's arguments, or NULL */
+static PyObject *timer = NULL; /* called with each launch's address and times, or NULL */
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 static int slot(PyObject *v, char *dst) {
     if (PyLong_CheckExact(v) || PyBool_Check(v)) {
@@ -69,10 +79,20 @@ static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         if (slot(args[i], buf + 8 * (i - 4)) < 0) return NULL;
     }
     entry_fn fn = (entry_fn)(intptr_t)head[0];
+    const int timed = timer != NULL;  /* read with the GIL held */
+    int64_t t0 = 0, t1 = 0;
     if (head[1] > 0 && head[2] > 0 && head[3] > 0) {
         Py_BEGIN_ALLOW_THREADS
+        if (timed) t0 = now_ns();
         fn(head[1], head[2], head[3], buf);
+        if (timed) t1 = now_ns();
         Py_END_ALLOW_THREADS
+    }
+    if (timed && timer != NULL && t0 != 0) {
+        PyObject *r = PyObject_CallFunction(timer, "OLL", args[0], (long long)t0,
+                                            (long long)t1);
+        if (r == NULL) return NULL;
+        Py_DECREF(r);
     }
     if (hook != NULL) {
         PyObject *r = PyObject_Vectorcall(hook, args, (size_t)nargs, NULL);
@@ -94,10 +114,24 @@ static PyObject *set_hook(PyObject *self, PyObject *fn) {
     Py_RETURN_NONE;
 }
 
+static PyObject *set_timer(PyObject *self, PyObject *fn) {
+    (void)self;
+    if (fn != Py_None && !PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "set_timer takes a callable or None");
+        return NULL;
+    }
+    Py_XDECREF(timer);
+    timer = fn == Py_None ? NULL : fn;
+    Py_XINCREF(timer);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL,
      "call(address, grid0, grid1, grid2, *args): run a compiled kernel entry point"},
     {"set_hook", set_hook, METH_O, "set_hook(fn or None): pass every call's arguments to fn"},
+    {"set_timer", set_timer, METH_O,
+     "set_timer(fn or None): call fn(address, start_ns, end_ns) after every launch"},
     {NULL, NULL, 0, NULL},
 };
 

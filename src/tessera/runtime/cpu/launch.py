@@ -3,7 +3,8 @@ entry point (the ABI of lang/codegen/c.py: the grid, then 8-byte argument slots)
 about the cost of a Python method call. ctypes took ~2 us per launch to marshal the same.
 
 A recorder (the graph compiler's) may watch every launch and every status check, to
-replay the sequence later without Python.
+replay the sequence later without Python. While a profile is active (runtime/profiling.py)
+every launch is timed in C and reported; otherwise the timer hook is a NULL pointer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
+from tessera.runtime import profiling
 from tessera.runtime.toolchain import compile_extension
 
 __all__ = ["Recorder", "check", "lasting", "lasting_buffers", "launcher", "set_recorder"]
@@ -30,7 +32,9 @@ _LASTING: dict[int, int] = {}  # address -> bytes of buffers kernels use for the
 
 @cache
 def _extension() -> Any:
-    return compile_extension(Path(__file__).with_name("launch.c").read_text(), "_tsr_launch")
+    ext = compile_extension(Path(__file__).with_name("launch.c").read_text(), "_tsr_launch")
+    profiling.subscribe(lambda session: ext.set_timer(session and session.kernel))
+    return ext
 
 
 def launcher() -> Callable[..., None]:
