@@ -5,6 +5,10 @@ Every collective must be called by every rank of the communicator in the same or
 MPI and NCCL). Ranks that disagree on a collective's kind, dtype, op, root or size get a
 `CommError` naming both calls; a peer that dies or stalls gets `CommTimeoutError` naming it.
 After either, the communicator is aborted on every rank: build a new one.
+
+While a profile is active (tessera.profile()), every collective and message is a
+"collective" event (op, bytes, rank, ranks); the timed methods are swapped in on the class
+only then.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from tessera.dist.bootstrap import Bootstrap
 from tessera.dist.engine import Engine
 from tessera.dist.transport import Transport
 from tessera.errors import CommError, CommTimeoutError, DtypeError, ShapeError
+from tessera.runtime import profiling
 
 __all__ = ["OPS", "Communicator", "Work", "node_key"]
 
@@ -759,3 +764,40 @@ class _SplitBootstrap(Bootstrap):
         return [table[r] for r in self.ranks]
 
 
+
+
+# -- profiling: while a profile is active, the collectives below are swapped for timed
+# versions on the class (so a call with no profile costs nothing extra)
+_PROFILED = ("allreduce", "reduce", "broadcast", "allgather", "allgatherv", "reduce_scatter",
+             "reduce_scatterv", "alltoall", "alltoallv", "barrier", "send", "recv", "isend",
+             "irecv")
+_PLAIN = {name: getattr(Communicator, name) for name in _PROFILED}
+
+
+def _timed(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method` reporting each call as a "collective" event: op, bytes of the buffer it
+    sends (or, for recv, receives), rank, ranks, and whether it was asynchronous (then
+    the event is the submission)."""
+    def timed(self: Communicator, *args: Any, **kwargs: Any) -> Any:
+        session = profiling.active
+        if session is None:
+            return method(self, *args, **kwargs)
+        t0 = profiling.now()
+        out = method(self, *args, **kwargs)
+        t1 = profiling.now()
+        x = args[0] if args else kwargs.get("x", kwargs.get("out"))
+        session.record("collective", name, t0, t1, {
+            "bytes": int(getattr(x, "nbytes", 0) or 0), "rank": self.rank, "ranks": self.size,
+            "async": bool(kwargs.get("async_op")) or name in ("isend", "irecv")})
+        return out
+    timed.__name__ = timed.__qualname__ = name
+    timed.__doc__ = method.__doc__
+    return timed
+
+
+def _profile(session: profiling.Session | None) -> None:
+    for name, method in _PLAIN.items():
+        setattr(Communicator, name, method if session is None else _timed(name, method))
+
+
+profiling.subscribe(_profile)
