@@ -37,8 +37,10 @@ import bisect
 import io
 import json
 import os
+import runpy
+import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -47,7 +49,7 @@ from typing import Any
 from tessera.runtime import profiling
 from tessera.tools import roofline
 
-__all__ = ["Profile", "Stat", "profile"]
+__all__ = ["Profile", "Stat", "profile", "profile_script"]
 
 CATEGORIES = ("kernel", "op", "graph", "compile", "memory", "collective")
 
@@ -231,9 +233,10 @@ class Profile:
                                 f"total time)", title_justify="left")
             columns = ["name", "calls", "total ms", "share", "avg us"]
             if roofed:
-                columns += ["GFLOPS", "GB/s", "roofline", "bound"]
+                columns += ["GFLOPS", "GB/s", "of roof", "bound"]
             for c in columns:
-                table.add_column(c, justify="left" if c in ("name", "bound") else "right")
+                table.add_column(c, justify="left" if c in ("name", "bound") else "right",
+                                 overflow="fold", no_wrap=c != "name")
             for s in stats[:top]:
                 row = [s.name, str(s.calls), f"{s.total_ns / 1e6:.3f}", f"{s.share:.1%}",
                        f"{s.avg_us:.1f}"]
@@ -336,6 +339,28 @@ class Profile:
 def profile() -> Profile:
     """A profile to use as `with tessera.profile() as p:`."""
     return Profile()
+
+
+def profile_script(path: str, argv: Sequence[str] = ()) -> tuple[Profile, int]:
+    """Run the Python script at `path` as `__main__` with `sys.argv = [path, *argv]` inside
+    a profile: (the profile, the script's exit code). An exception from the script is
+    raised after the profile stops."""
+    if not os.path.isfile(path):
+        raise profiling.ProfilerError(f"no script at {path!r}", where="tessera profile",
+                                      hint="give the path of a Python file: "
+                                           "tessera profile train.py ARGS")
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [path, *argv]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    p, code = Profile(), 0
+    try:
+        with p:
+            runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    return p, code
 
 
 def _num(x: float | None) -> str:
