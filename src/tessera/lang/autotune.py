@@ -1,13 +1,15 @@
 """`@tl.autotune`: pick the fastest of several constexpr configurations of a kernel by
 timing them on the real arguments, once per tuning key, and remember the winner in
-memory and in the compile cache on disk (so the next process does not tune again)."""
+memory and in this machine's knowledge base (kind "autotune", with every config's
+timing), so the next process does not tune again and `tessera tune show/export` see it.
+A record made for other configs or another version of the kernel's source is never
+trusted: the kernel is tuned again and the record replaced."""
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
 import inspect
-import json
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -16,10 +18,11 @@ from typing import Any
 from tessera.errors import TesseraError
 from tessera.lang.errors import LaunchError
 from tessera.lang.jit import Kernel, _tensor_arg
-from tessera.runtime.cache import default_cache
-from tessera.runtime.knowledge import machine
+from tessera.runtime import knowledge
 
-__all__ = ["Autotuner", "Config", "autotune"]
+__all__ = ["KIND", "Autotuner", "Config", "autotune"]
+
+KIND = "autotune"  # the knowledge records: key "module.kernel|tuning key"
 
 
 class Config:
@@ -89,31 +92,35 @@ class Autotuner:
         return best
 
     # -- tuning ---------------------------------------------------------------------------
-    def _disk_key(self, key: tuple) -> str:
-        text = json.dumps([
-            "tessera-autotune-1", self.kernel.fn.__qualname__, inspect.getsource(self.kernel.fn),
-            [repr(c) for c in self.configs], repr(key), machine()], sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
+    def _record_key(self, key: tuple) -> str:
+        fn = self.kernel.fn
+        return f"{fn.__module__}.{fn.__qualname__}|{key!r}"
+
+    def _identity(self) -> dict[str, Any]:
+        """What a record must have been made for: this source and these configs."""
+        source = inspect.getsource(self.kernel.fn)
+        return {"source": hashlib.sha256(source.encode()).hexdigest()[:16],
+                "configs": [repr(c) for c in self.configs]}
 
     def _load_or_tune(self, key: tuple, grid: Any, args: Sequence[Any],
                       kwargs: dict[str, Any], values: dict[str, Any]) -> Config:
-        def build(tmp: Any) -> dict[str, Any]:
-            timings = self._tune(grid, args, kwargs, values)
-            winner = min(timings, key=timings.__getitem__)
-            record = {"best": winner.kwargs,
-                      "timings": [[c.kwargs, t] for c, t in timings.items()]}
-            (tmp / "autotune.json").write_text(json.dumps(record, indent=1))
-            return {"best": winner.kwargs}
-
-        entry, built = default_cache().get_or_build("autotune", self._disk_key(key), build)
-        record = json.loads((entry / "autotune.json").read_text())
-        if not built:
-            self.timings[key] = {Config(**c): t for c, t in record["timings"]}
-        best = Config(**record["best"])
-        if best not in self.configs:  # a record from other configs: never trust it
-            raise TesseraError(f"autotune record {entry} names {best}, not one of the configs",
-                               hint="run `tessera cache clear`")
-        return best
+        identity = self._identity()
+        record = knowledge.load(KIND, self._record_key(key))
+        if record is not None and all(record.get(k) == v for k, v in identity.items()):
+            try:
+                best = Config(**record["best"])
+                timings = {Config(**c): float(t) for c, t in record["timings"]}
+            except (KeyError, TypeError, ValueError):
+                best, timings = None, {}
+            if best in self.configs and set(timings) <= set(self.configs):
+                self.timings[key] = timings
+                return best
+        timings = self._tune(grid, args, kwargs, values)
+        winner = min(timings, key=timings.__getitem__)
+        knowledge.store(KIND, self._record_key(key), {
+            **identity, "best": winner.kwargs,
+            "timings": [[c.kwargs, t] for c, t in timings.items()]})
+        return winner
 
     def _tune(self, grid: Any, args: Sequence[Any], kwargs: dict[str, Any],
               values: dict[str, Any]) -> dict[Config, float]:
