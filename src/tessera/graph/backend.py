@@ -16,7 +16,13 @@ import torch
 from tessera.graph.compiler import compile_graph
 from tessera.graph.frontend import from_fx
 
-__all__ = ["tessera"]
+__all__ = ["HOOKS", "tessera"]
+
+# Called as hook(compiled, args) before every call of a graph the backend compiled while
+# the hook is in the list (tessera.tools.compare watches the first call's inputs):
+# `compiled.fx` is the aten graph, `compiled.executable(*args)` the Executable the call
+# runs, `compiled.options` the compiler options.
+HOOKS: list[Callable[[Any, tuple[Any, ...]], None]] = []
 
 
 def tessera(gm: torch.fx.GraphModule, example_inputs: list[Any],
@@ -52,14 +58,23 @@ def tessera(gm: torch.fx.GraphModule, example_inputs: list[Any],
         runs = {tuple(id(example_inputs[i]) for i in frozen):
                 (compile_graph(graph, opts), [example_inputs[i] for i in frozen])}
 
-        def compiled(*args: Any) -> Any:
+        def executable(*args: Any) -> Any:
             key = tuple(id(args[i]) for i in frozen)
             hit = runs.get(key)
             if hit is None:
                 again = from_fx(aten_gm, {i: args[i].detach() for i in frozen})
                 hit = runs[key] = (compile_graph(again, opts), [args[i] for i in frozen])
-            return hit[0](*(args[i] for i in keep))
+            return hit[0]
+
+        def compiled(*args: Any) -> Any:
+            if HOOKS:
+                for hook in list(HOOKS):
+                    hook(compiled, args)
+            return executable(*args)(*(args[i] for i in keep))
         compiled.graph = graph  # type: ignore[attr-defined]
+        compiled.fx, compiled.options = aten_gm, opts  # type: ignore[attr-defined]
+        compiled.executable = executable  # type: ignore[attr-defined]
+        compiled.inputs = keep  # type: ignore[attr-defined]  # args the executable takes
         return compiled
 
     return aot_autograd(fw_compiler=forward, decompositions=decompositions(),

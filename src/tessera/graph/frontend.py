@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import operator
+import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from functools import cache
@@ -27,7 +29,7 @@ from tessera.graph.ir import Graph, GraphError, Node, Value
 from tessera.ops import registry
 from tessera.ops.shape import contiguous_strides
 
-__all__ = ["from_fx", "lowering", "place_copies"]
+__all__ = ["from_fx", "lowering", "place_copies", "where"]
 
 aten = torch.ops.aten
 
@@ -181,7 +183,7 @@ class _Builder:
                     if v is None:
                         raise GraphError(f"input {fx.name} is a {type(val).__name__}; the "
                                          "graph compiler takes tensors and ints")
-                    v.kind = "input"
+                    v.kind, v.origin = "input", fx.name
                     self.graph.inputs.append(v)
                     self.env[fx] = v
                 self.placeholders.append(self.env[fx])
@@ -246,13 +248,33 @@ class _Builder:
 
     def emit(self, fx: torch.fx.Node, op: str, args: dict[str, Any], vals: list[Any],
              fn: Callable[..., Any] | None) -> None:
+        single = not isinstance(fx.meta.get("val"), (list, tuple))
         outs = [self.value_of(fx, v, fx.name if len(vals) == 1 else f"{fx.name}_{i}")
                 for i, v in enumerate(vals)]
-        node = Node(op, args, [o for o in outs if o is not None], fn, source=fx.format_node())
+        for i, o in enumerate(outs):
+            if o is not None:
+                o.origin = fx.name if single else f"{fx.name}[{i}]"
+        node = Node(op, args, [o for o in outs if o is not None], fn, source=fx.format_node(),
+                    origin=[fx.name], where=where(fx))
         node.meta["returns"] = [i for i, o in enumerate(outs) if o is not None]
         self.graph.add(node)
-        single = not isinstance(fx.meta.get("val"), (list, tuple))
         self.env[fx] = outs[0] if single else outs
+
+
+def where(fx: torch.fx.Node) -> str:
+    """The user's source line an FX node came from, "file:line: code": the innermost frame
+    of its recorded stack trace outside the graph compiler (whose code dynamo traces in
+    place of the user's, e.g. moe.fused_forward), or "" if it has none."""
+    frames = [f for f in _FRAME.findall(fx.meta.get("stack_trace") or "")
+              if not f[0].startswith(_COMPILER)]
+    if not frames:
+        return ""
+    file, line, code = frames[-1]
+    return f"{file}:{line}: {code.strip()}"
+
+
+_FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+), in [^\n]*\n([^\n]*)', re.MULTILINE)
+_COMPILER = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def from_fx(gm: torch.fx.GraphModule, constants: dict[int, torch.Tensor] | None = None, *,

@@ -474,10 +474,17 @@ class Match:
             args = {a.name: args.get(a.name, a.default) for a in d.args
                     if a.name in args or a.default is not a.REQUIRED}
         out = self.graph.value(name or op.rpartition(":")[2].partition(".")[0], dtype, shape)
-        node = Node(op, args, [out], fn, source=f"pattern {self.pattern.name}")
+        node = Node(op, args, [out], fn, source=f"pattern {self.pattern.name}"
+                    ).derive(self._replaced())
         out.producer = node
         self.emitted.append(node)
         return out
+
+    def _replaced(self) -> list[Node]:
+        """The covered nodes, the output's producer last: what emitted nodes derive their
+        origin and source line from."""
+        anchor = self.output.producer
+        return [*(n for n in self.nodes if n is not anchor), *([anchor] if anchor else [])]
 
     def constant(self, data: torch.Tensor, name: str = "folded") -> Value:
         """A new constant of the graph holding `data`."""
@@ -507,7 +514,7 @@ class Match:
                 continue
             outs = [self.graph.value(v.name, v.dtype, v.shape) for v in n.outputs]
             node = Node(n.op, args, outs, n.fn, source=f"pattern {self.pattern.name}",
-                        meta=dict(n.meta))
+                        meta=dict(n.meta)).derive(self._replaced())
             for o in outs:
                 o.producer = node
             env.update(zip(n.outputs, outs, strict=True))
@@ -873,6 +880,7 @@ def _apply(m: Match) -> bool:
     g.nodes = [n for n in g.nodes[:at] if n not in drop] + m.emitted + \
         [n for n in g.nodes[at:] if n not in drop]
     rename = {old: new}
+    new.origin = new.origin or old.origin  # eager's value of what it replaces
     for n in g.nodes:
         n.args = _substitute(n.args, rename)
     g.outputs = [rename.get(v, v) for v in g.outputs]

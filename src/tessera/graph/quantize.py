@@ -58,7 +58,7 @@ def quantize(g: Graph, mode: str) -> list[str]:
             data, scales = _quantized(g, w, bits, n.outputs[0].name)
             node = Node("quantized_linear", {"x": x, "data": data, "scales": scales,
                                              "bias": bias}, n.outputs,
-                        source=f"quantized ({mode}) from {n.source}")
+                        source=f"quantized ({mode}) from {n.source}").derive([n])
             g.nodes[i] = node
             for v in n.outputs:
                 v.producer = node

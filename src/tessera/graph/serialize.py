@@ -19,7 +19,7 @@ from tessera.runtime.dtype import dtype as ldtype
 
 __all__ = ["FORMAT", "from_data", "to_data"]
 
-FORMAT = 2
+FORMAT = 3  # 3: nodes' origin and source line, values' origin
 _MODULES = ("torch", "operator", "math", "tessera")  # where stored callables may be found
 _TAGGED = {torch.dtype: "dtype", torch.memory_format: "memory_format",
            torch.layout: "layout", torch.device: "device"}
@@ -110,7 +110,7 @@ def _decode(a: Any, values: dict[str, Value]) -> Any:
 
 def _value(v: Value) -> dict[str, Any]:
     return {"name": v.name, "dtype": str(v.dtype).removeprefix("torch."),
-            "shape": list(v.shape), "kind": v.kind}
+            "shape": list(v.shape), "kind": v.kind, "origin": v.origin}
 
 
 def to_data(g: Graph) -> dict[str, Any]:
@@ -123,7 +123,8 @@ def to_data(g: Graph) -> dict[str, Any]:
         "nodes": [{"op": n.op, "fn": None if n.fn is None else _encode(n.fn, n.op)
                    if isinstance(n.fn, FusedKernel) else _callable_name(n.fn),
                    "args": _encode(n.args, n.op), "outputs": [_value(v) for v in n.outputs],
-                   "returns": n.meta.get("returns", [0]), "source": n.source}
+                   "returns": n.meta.get("returns", [0]), "source": n.source,
+                   "origin": n.origin, "where": n.where}
                   for n in g.nodes],
         "outputs": [v.name for v in g.outputs],
     }
@@ -139,6 +140,7 @@ def from_data(data: dict[str, Any]) -> Graph:
 
     def make(d: dict[str, Any], data_: torch.Tensor | None = None) -> Value:
         v = g.value(d["name"], getattr(torch, d["dtype"]), tuple(d["shape"]), d["kind"], data_)
+        v.origin = d["origin"]
         values[d["name"]] = v
         return v
 
@@ -150,7 +152,8 @@ def from_data(data: dict[str, Any]) -> Graph:
         outs = [make(d) for d in nd["outputs"]]
         fn = nd["fn"] if nd["fn"] is None else _decode(nd["fn"], values) \
             if isinstance(nd["fn"], dict) else _resolve(nd["fn"])
-        node = Node(nd["op"], _decode(nd["args"], values), outs, fn, nd["source"])
+        node = Node(nd["op"], _decode(nd["args"], values), outs, fn, nd["source"],
+                    origin=nd["origin"], where=nd["where"])
         node.meta["returns"] = nd["returns"]
         g.add(node)
     g.outputs = [values[name] for name in data["outputs"]]

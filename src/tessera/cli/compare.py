@@ -1,0 +1,99 @@
+"""`tessera compare`: every graph a script compiles with the tessera backend against eager,
+node by node, on its first call's inputs; or two saved dumps against each other."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tessera.cli import console
+from tessera.errors import TesseraError
+
+
+def register(app: typer.Typer) -> None:
+    app.command(context_settings={"allow_extra_args": True,
+                                  "ignore_unknown_options": True})(compare)
+
+
+def compare(
+    script: Annotated[str | None, typer.Argument(help="The Python script to run; the "
+                                                      "arguments after it are its own.")]
+    = None,
+    args: Annotated[list[str] | None, typer.Argument(help="The script's arguments.")]
+    = None,
+    dumps: Annotated[tuple[str, str] | None, typer.Option(
+        "--dumps", help="Compare two dumps, A against the reference B, instead of running "
+                        "a script.")] = None,
+    dump: Annotated[str | None, typer.Option(
+        help="Write every node's outputs here (DIR/graph<N> per compiled graph).")] = None,
+    rtol: Annotated[float | None, typer.Option(help="Relative tolerance for floats "
+                                                    "(default: by dtype).")] = None,
+    atol: Annotated[float | None, typer.Option(help="Absolute tolerance for floats.")]
+    = None,
+    cosine: Annotated[float | None, typer.Option(help="Least cosine similarity for "
+                                                      "floats.")] = None,
+    rows: Annotated[int, typer.Option(help="Rows per table (the values out of tolerance "
+                                           "first, then the largest errors); 0: all.")]
+    = 40,
+) -> None:
+    """Run SCRIPT and compare every torch.compile(..., backend="tessera") graph it calls
+    against eager PyTorch on its first call's inputs: per node max abs/rel error and cosine
+    similarity, and the first node out of tolerance with its source line. Exit code 1 if
+    any value is out of tolerance."""
+    from tessera.tools import compare as tool
+
+    tol = {"rtol": rtol, "atol": atol, "cosine": cosine}
+    limit = rows or None
+    if dumps is not None:
+        if script is not None:
+            raise tool.CompareError("give a script or --dumps A B, not both")
+        result = tool.compare_dumps(*dumps, **tol)
+        result.report(console, limit)
+        raise typer.Exit(0 if result.ok else 1)
+    if script is None:
+        raise tool.CompareError("no script to run", hint="tessera compare script.py [args] "
+                                                         "or tessera compare --dumps A B")
+    results = _run(Path(script), list(args or []), tol, dump, limit)
+    if not results:
+        raise tool.CompareError(f"{script} called no graph compiled with "
+                                "torch.compile(..., backend='tessera')")
+    bad = [r for r in results if not r.ok]
+    console.print(f"{len(results)} compiled graph(s) compared, "
+                  f"{len(bad)} with values out of tolerance")
+    raise typer.Exit(1 if bad else 0)
+
+
+def _run(script: Path, args: list[str], tol: dict[str, Any], dump: str | None,
+         limit: int | None) -> list[Any]:
+    """Run the script as __main__; compare each compiled graph at its first call and
+    print its report."""
+    from tessera.tools import compare as tool
+
+    if not script.is_file():
+        raise tool.CompareError(f"no script {script}")
+    if dump is not None:
+        tool.start_dump(dump)
+    results: list[Any] = []
+
+    def check(compiled: Any, call_args: tuple[Any, ...]) -> None:
+        n = len(results)
+        result = tool.compare_compiled(compiled, call_args, index=n, dump=dump, **tol)
+        result.what = f"compiled graph {n} vs eager"
+        result.report(console, limit)
+        results.append(result)
+
+    argv, path = sys.argv[:], sys.path[:]
+    sys.argv, sys.path[0:0] = [str(script), *args], [str(script.resolve().parent)]
+    try:
+        with tool.watching(check):
+            runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise TesseraError(f"{script} exited with {e.code}") from e
+    finally:
+        sys.argv, sys.path[:] = argv, path
+    return results

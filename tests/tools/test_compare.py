@@ -1,0 +1,181 @@
+"""tessera.tools.compare and `tessera compare`: a zoo model compares clean; a wrong kernel
+injected at a known node is found with its source line; dumps round-trip and a perturbed
+tensor is found; the CLI's exit codes; bad input."""
+
+from __future__ import annotations
+
+import json
+import linecache
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tessera.bench import zoo
+from tessera.tools.compare import CompareError, compare, compare_dumps
+
+
+@pytest.fixture(scope="module")
+def moe_lm() -> Any:
+    """The MoE LM (tiny), compiled by the tessera backend, and its clean comparison."""
+    z = zoo.build("moe_lm")
+    inputs = z.inputs(2, 8)
+    compiled = torch.compile(z.model, backend="tessera")
+    return compiled, inputs, compare(compiled, inputs)
+
+
+def test_zoo_model_compares_clean(moe_lm: Any) -> None:
+    _, _, result = moe_lm
+    assert result.ok and result.first_bad is None, result.summary()
+    compared = [r for r in result.rows if r.ok is not None]
+    assert len(compared) > 50
+    ops = {r.op for r in compared}
+    assert "fused_moe" in ops and "scaled_dot_product_attention" in ops
+    assert any(op.startswith("fused:") for op in ops)
+    assert max(r.max_rel for r in compared) < 1e-5
+    # every kernel came from a line of the model's source (fused_moe: the MoE block's
+    # call, not the compiler's own code dynamo traced in its place)
+    for r in compared:
+        if not r.op.startswith("view:"):
+            assert Path(r.file).name == "zoo.py", r.describe()
+            assert linecache.getline(r.file, r.line).strip() == r.code
+
+
+def _perturbed(fn: Any) -> Any:
+    """fn with its first output off by 1% of its largest magnitude."""
+    def wrong(*args: Any, **kwargs: Any) -> Any:
+        out = fn(*args, **kwargs)
+        first = out[0] if isinstance(out, (list, tuple)) else out
+        bad = first + 0.01 * first.abs().max()
+        return [bad, *out[1:]] if isinstance(out, (list, tuple)) else bad
+    return wrong
+
+
+def test_wrong_kernel_is_found(moe_lm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled, inputs, clean = moe_lm
+    graph = clean.graphs[0].graph
+    # a generated kernel of the second layer (the first layer's are fine)
+    fused = [i for i, n in enumerate(graph.nodes) if n.op.startswith("fused:")]
+    index = fused[len(fused) // 2 + 1]
+    node = graph.nodes[index]
+    monkeypatch.setattr(node, "fn", _perturbed(node.fn))
+    result = compare(compiled, inputs)
+    bad = result.first_bad
+    assert bad is not None and not result.ok
+    assert (bad.graph, bad.node, bad.op, bad.value) == (0, index, node.op,
+                                                        node.outputs[0].name)
+    assert bad.where == node.where and Path(bad.file).name == "zoo.py"
+    assert linecache.getline(bad.file, bad.line).strip() == bad.code
+    assert bad.max_rel > 5e-3 and "out of tolerance" in bad.note
+    assert f"zoo.py:{bad.line}" in result.summary()
+    before = [r for r in result.rows if (r.graph, r.node) < (0, index)]
+    assert all(r.ok is not False for r in before)
+
+
+class Small(torch.nn.Module):
+    """A GEMM with an epilogue, a norm and softmax: registry ops and a generated kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(32, 48)
+        self.norm = torch.nn.LayerNorm(48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.gelu(self.fc(x))
+        return torch.softmax(self.norm(y) * 2.0, dim=-1)
+
+
+def test_dumps_round_trip_and_find_a_perturbed_tensor(tmp_path: Path) -> None:
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    result = compare(Small().eval(), x, dump=tmp_path / "a")
+    assert result.ok, result.summary()
+    index = json.loads((tmp_path / "a" / "index.json").read_text())
+    (graph,) = index["graphs"]
+    tensors = torch.load(tmp_path / "a" / graph["file"], weights_only=True)
+    assert [e["key"] for e in graph["entries"]] == list(tensors)
+    assert all(list(tensors[e["key"]].shape) == e["shape"] for e in graph["entries"])
+    assert {e["op"] for e in graph["entries"]} >= {"linear"}
+    same = compare_dumps(tmp_path / "a", tmp_path / "a")
+    assert same.ok and all(r.max_abs == 0 for r in same.rows if r.ok is not None)
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    entry = next(e for e in graph["entries"] if e["op"] == "linear")
+    tensors[entry["key"]][1, 3] += 0.5
+    torch.save(tensors, tmp_path / "b" / graph["file"])
+    result = compare_dumps(tmp_path / "a", tmp_path / "b")
+    assert result.first_bad is not None
+    assert (result.first_bad.origin, result.first_bad.node) == (entry["key"], entry["node"])
+    assert result.first_bad.max_abs == pytest.approx(0.5, rel=1e-3)
+
+
+def test_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(CompareError, match=r"torch\.nn\.Module"):
+        compare(lambda x: x, torch.ones(2))  # type: ignore[arg-type]
+    eager_only = torch.compile(Small(), backend="eager")
+    with pytest.raises(CompareError, match="ran no graph compiled by Tessera"):
+        compare(eager_only, torch.ones(2, 32))
+    with pytest.raises(CompareError, match="not a dump"):
+        compare_dumps(tmp_path, tmp_path)
+    compare(Small().eval(), torch.randn(4, 32), dump=tmp_path / "four")
+    compare(Small().eval(), torch.randn(3, 32), dump=tmp_path / "three")
+    with pytest.raises(CompareError, match="different graphs or inputs"):
+        compare_dumps(tmp_path / "four", tmp_path / "three")
+
+
+_SCRIPT = """
+import sys
+import torch
+from tessera.ops import registry
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(32, 48)
+        self.norm = torch.nn.LayerNorm(48)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return torch.softmax(self.norm(torch.relu(h)), dim=-1)
+
+if "--wrong" in sys.argv:  # a linear kernel off by one in its first element
+    linear = registry.get("linear")
+    right = linear.impl
+
+    def wrong(*args, **kwargs):
+        out = right(*args, **kwargs)
+        out.view(-1)[0] += 1.0
+        return out
+    linear.impl = wrong
+
+torch.manual_seed(0)
+model = torch.compile(Net().eval(), backend="tessera")
+for _ in range(2):
+    model(torch.randn(4, 32))
+print("script done")
+"""
+
+
+def _cli(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tessera", "compare", str(script), *args],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def test_cli_exit_codes(tmp_path: Path) -> None:
+    script = tmp_path / "net.py"
+    script.write_text(textwrap.dedent(_SCRIPT))
+    clean = _cli(script)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "script done" in clean.stdout and "0 out of tolerance" in clean.stdout
+    wrong = _cli(script, "--wrong")
+    assert wrong.returncode == 1, wrong.stdout + wrong.stderr
+    assert "script done" in wrong.stdout and "BAD" in wrong.stdout
+    line = next(i for i, text in enumerate(_SCRIPT.splitlines()) if "self.fc(x)" in text)
+    assert f"{script}:{line + 1}" in wrong.stdout and "h = self.fc(x)" in wrong.stdout
