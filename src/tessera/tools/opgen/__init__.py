@@ -28,19 +28,22 @@ from tessera.tools.opgen import pointwise, reduction, template
 
 __all__ = ["KINDS", "Generated", "OpgenError", "generate", "tessera_tree"]
 
-# opgen kind -> the module holding its templates (SUMMARY, KIND, OP, TEST, BENCH or
-# BENCH_BYTES for the one-input ops, whose benchmark is _UNARY_BENCH)
+# opgen kind -> the module holding its templates: SUMMARY, OP, TEST,
+# BENCH (or BENCH_BYTES for one-input ops, whose benchmark is _UNARY_BENCH), CASES (the
+# pattern of the bench cases' names after the op's)
 _TEMPLATES: dict[str, ModuleType] = {"pointwise": pointwise, "reduction": reduction,
                                      "template": template}
 KINDS = {kind: m.SUMMARY for kind, m in _TEMPLATES.items()}  # what each kind's example computes
-MAX_NAME = 32  # keeps every generated line within the tree's 100 columns
+_MADE_BY = "tessera opgen"  # what every generated file says in its docstring
+MAX_NAME = 24  # keeps every generated line within the tree's 100 columns
 
 # the files a Tessera tree has, relative to its root, that the generated ones build on
 _TREE_MARKS = ("src/tessera/ops/registry.py", "src/tessera/ops/docs.py",
                "src/tessera/bench/ops/__init__.py", "tests/ops/opcheck.py", "docs/ops.md")
 
-_UNARY_BENCH = '''"""Benchmark of `$name` (made by `tessera opgen`) against torch eager, its
-reference: `tessera bench ops --quick --only '${name}_*'`."""
+_UNARY_BENCH = '''"""Benchmark of `$name` (made by `tessera opgen`)
+against torch eager, its reference:
+`tessera bench ops --quick --only '${name}${cases}'`."""
 
 from __future__ import annotations
 
@@ -58,8 +61,9 @@ def cases(quick: bool) -> list[Case]:
     out: list[Case] = []
     for m, n in ((32, 384), (256, 1024) if quick else (4096, 4096)):
         x = torch.randn(m, n)
-        out.append(torch_case(f"${name}_{m}x{n}", lambda x=x: O.$name(x), reference, (x,),
-                              quick, bytes_moved=$bytes_moved))
+        ours = lambda x=x: O.$name(x)
+        out.append(torch_case(f"${name}_{m}x{n}", ours, reference, (x,), quick,
+                              bytes_moved=$bytes_moved))
     return out
 '''
 
@@ -135,7 +139,7 @@ def _check_name(name: str, root: Path) -> None:
     if len(name) > MAX_NAME:
         raise OpgenError(f"op name {name!r} is {len(name)} characters long; at most "
                          f"{MAX_NAME}", hint="use a shorter name")
-    if keyword.iskeyword(name) or keyword.issoftkeyword(name):
+    if keyword.iskeyword(name):
         raise OpgenError(f"op name {name!r} is a Python keyword", hint=f"e.g. {name}_")
     if hasattr(builtins, name):
         raise OpgenError(f"op name {name!r} is a Python builtin, which its module could not "
@@ -162,8 +166,9 @@ def _package_names(root: Path) -> set[str]:
 
 
 def _targets(name: str, root: Path, force: bool) -> dict[str, Path]:
-    """The three files to write, checked: none may exist unless `force`, and even then an
-    existing module must be one op's own (never a family module of several)."""
+    """The three files to write, checked: an existing op module must be this op's own (never
+    a family module of several), and existing files are overwritten only with `force` and
+    only if opgen wrote them."""
     targets = {"op": root / "src/tessera/ops" / f"{name}.py",
                "test": root / "tests/ops" / f"test_{name}.py",
                "bench": root / "src/tessera/bench/ops" / f"{name}.py"}
@@ -173,25 +178,30 @@ def _targets(name: str, root: Path, force: bool) -> dict[str, Path]:
         raise OpgenError(f"a test module named test_{name}.py exists already, at "
                          f"{clashes[0]}; pytest would not import both",
                          hint="pick another name")
+    if targets["op"].exists():
+        defined = {"ops named at run time" if "{" in n else n for n in re.findall(
+            r"\bop\(\s*f?[\"']([^\"'(]*)\(", targets["op"].read_text())}
+        if defined != {name}:
+            raise OpgenError(f"{targets['op']} is a module of tessera.ops, not op {name!r}'s "
+                             f"own (it defines {', '.join(sorted(defined)) or 'no op'})",
+                             hint="pick another name")
     existing = [p for p in targets.values() if p.exists()]
     if existing and not force:
         raise OpgenError(f"{existing[0]} exists already",
                          hint="pick another name, or pass --force to overwrite what "
                               "opgen wrote before")
-    if targets["op"].exists():
-        defined = set(re.findall(r"\bop\(\s*f?[\"']([^\"'(]*)\(", targets["op"].read_text()))
-        if defined != {name}:
-            raise OpgenError(f"{targets['op']} is not the module of op {name!r} alone "
-                             f"(it defines {', '.join(sorted(defined)) or 'no op'}); "
-                             "--force replaces only an op's own module",
-                             hint="pick another name")
+    for p in existing:  # every file opgen writes says so in its docstring
+        if _MADE_BY not in p.read_text():
+            raise OpgenError(f"{p} was not written by opgen; --force overwrites only what "
+                             "opgen wrote", hint="pick another name")
     return targets
 
 
 def _render(name: str, kind: str) -> dict[str, str]:
     t = _TEMPLATES[kind]
-    bench = Template(_UNARY_BENCH).substitute(name=name, bytes_moved=t.BENCH_BYTES) \
-        if hasattr(t, "BENCH_BYTES") else Template(t.BENCH).substitute(name=name)
+    bench = Template(_UNARY_BENCH).substitute(name=name, bytes_moved=t.BENCH_BYTES,
+                                              cases=t.CASES) \
+        if hasattr(t, "BENCH_BYTES") else Template(t.BENCH).substitute(name=name, cases=t.CASES)
     return {"op": Template(t.OP).substitute(name=name),
             "test": Template(t.TEST).substitute(name=name), "bench": bench}
 
@@ -222,9 +232,12 @@ def generate(name: str, kind: str, *, root: str | Path | None = None,
             else:
                 _write(path, data)
         raise
+    # another tree than the running one is imported from its src
+    run = "" if tree == Path(__file__).resolve().parents[4] else "PYTHONPATH=src "
     return Generated(name, kind, tree, tuple(targets.values()), docs,
-                     test_command=f"python -m pytest tests/ops/test_{name}.py",
-                     bench_command=f"tessera bench ops --quick --only '{name}_*'")
+                     test_command=f"cd {tree} && {run}python -m pytest tests/ops/test_{name}.py",
+                     bench_command=f"cd {tree} && {run}python -m tessera bench ops --quick "
+                                   f"--only '{name}{_TEMPLATES[kind].CASES}'")
 
 
 def _write(path: Path, data: bytes) -> None:

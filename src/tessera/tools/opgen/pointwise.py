@@ -3,15 +3,17 @@ as a tile function applied by a 2-D tile kernel to inputs of any layout (templat
 string.Template: `$name` is the op's name)."""
 
 SUMMARY = "x * sigmoid(alpha * x), elementwise"
-KIND = "pointwise"
 
-OP = '''"""`$name`: x * sigmoid(alpha * x), elementwise (alpha 1.702 is "quick GELU", 1 is SiLU).
+OP = '''"""`$name`: x * sigmoid(alpha * x), elementwise
+(alpha 1.702 is "quick GELU", 1 is SiLU).
 
-Made by `tessera opgen $name --kind pointwise` as a working example to edit. The
-computation is `${name}_tile`, on float32 tiles: change it, `_reference` with it, and the
-schema in `@op` if the arguments change. `${name}_kernel` applies it to [BM, BN] tiles
-of the input seen with its own strides (docs/lang/reference.md is the kernel language).
-Its tests are tests/ops/test_$name.py, its benchmark src/tessera/bench/ops/$name.py.
+Made by `tessera opgen $name --kind pointwise` as a working example to edit.
+The computation is `${name}_tile`, on float32 tiles:
+change it, `_reference` with it, and the schema in `@op` if the arguments change.
+`${name}_kernel` applies it to [BM, BN] tiles of x
+seen with its own strides (docs/lang/reference.md is the kernel language).
+Its tests are in tests/ops/test_$name.py,
+its benchmark in src/tessera/bench/ops/$name.py.
 """
 
 from __future__ import annotations
@@ -42,11 +44,13 @@ def ${name}_tile(x, alpha):
 
 @tl.kernel
 def ${name}_kernel(x, out, alpha, BM: tl.constexpr, BN: tl.constexpr):
-    """out = ${name}_tile(x) on this program's [BM, BN] tile, computed in float32 and
-    rounded once on store (elements past the edges are masked by the compiler)."""
+    """out = ${name}_tile(x) on this program's [BM, BN] tile,
+    computed in float32 and rounded once on store (the compiler masks what lies past
+    the edges)."""
     i = tl.program_id(1) * BM
     j = tl.program_id(0) * BN
-    out[i:i + BM, j:j + BN] = ${name}_tile(x[i:i + BM, j:j + BN].to(tl.float32), alpha)
+    t = x[i:i + BM, j:j + BN].to(tl.float32)
+    out[i:i + BM, j:j + BN] = ${name}_tile(t, alpha)
 
 
 def _reference(x: torch.Tensor, alpha: float = 1.702) -> torch.Tensor:
@@ -76,16 +80,18 @@ def $name(x: torch.Tensor, alpha: float = 1.702) -> torch.Tensor:
         bn = min(1024, 1 << (sizes[1] - 1).bit_length())
         bm = _BLOCK // bn
     unit = strides[1] == 1  # a unit stride compiles to vector loads
-    s = compiled(("$name", x.dtype, unit, bm, bn), ${name}_kernel,
-                 spec(x.dtype, 2, unit), spec(x.dtype, 2), 0.0, BM=bm, BN=bn)
+    kernel = ${name}_kernel
+    s = compiled((kernel, x.dtype, unit, bm, bn), kernel, spec(x.dtype, 2, unit),
+                 spec(x.dtype, 2), 0.0, BM=bm, BN=bn)
     m, n = sizes
     launch(s, (-(-n // bn), -(-m // bm), 1), x.data_ptr(), m, n, *strides,
            out.data_ptr(), m, n, n, 1, float(alpha))
     return out
 '''
 
-TEST = '''"""`$name` against its torch reference: dtypes, layouts (views, broadcast, empty, 0-dim),
-its scalar argument, bad input. Made by `tessera opgen`; extend it as the op grows."""
+TEST = '''"""`$name` against its torch reference:
+dtypes, layouts (views, broadcast, empty, 0-dim), its scalar argument, bad input.
+Made by `tessera opgen`; extend it as the op grows."""
 
 from __future__ import annotations
 
@@ -109,18 +115,21 @@ def test_${name}_layouts() -> None:
     x = torch.randn(6, 70) * 4
     check("$name", x[:, ::3])  # a stepped view
     check("$name", x[:, :1].expand(6, 5))  # a broadcast (stride-0) view
-    check("$name", x.reshape(2, 3, 70).permute(2, 0, 1)[:, :, :2])  # dims that do not merge
+    unmerged = x.reshape(2, 3, 70).permute(2, 0, 1)[:, :, :2]
+    check("$name", unmerged)  # dims that do not merge
     check("$name", x[0])  # 1-D
     check("$name", torch.randn(()))  # 0-dim
     check("$name", torch.empty(0, 4))  # empty
-    check("$name", torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0]))
+    inf = float("inf")
+    check("$name", torch.tensor([float("nan"), inf, -inf, 0.0]))
     check("$name", x, alpha=1.0)
     check("$name", x, 2)  # an int scalar
 
 
 def test_${name}_torch_op() -> None:
     x = torch.randn(3, 5)
-    torch.testing.assert_close(torch.ops.tessera.$name(x, 1.5), O.$name(x, alpha=1.5))
+    got = torch.ops.tessera.$name(x, 1.5)
+    torch.testing.assert_close(got, O.$name(x, alpha=1.5))
 
 
 def test_${name}_bad_input() -> None:
@@ -131,3 +140,4 @@ def test_${name}_bad_input() -> None:
 '''
 
 BENCH_BYTES = "8 * m * n"  # read x, write the result (float32)
+CASES = "_[0-9]*x[0-9]*"  # the bench cases' names after the op's

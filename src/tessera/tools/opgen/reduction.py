@@ -3,16 +3,18 @@ mean square sqrt(mean(x ** 2, dim)), as a row kernel over x seen as [rows, R]
 (templates for string.Template: `$name` is the op's name)."""
 
 SUMMARY = "sqrt(mean(x ** 2)) along one dim"
-KIND = "reduction"
 
-OP = '''"""`$name`: the root mean square of x along one dim, sqrt(mean(x ** 2, dim)).
+OP = '''"""`$name`: the root mean square of x along one dim,
+sqrt(mean(x ** 2, dim)).
 
-Made by `tessera opgen $name --kind reduction` as a working example to edit. The
-reduction is `${name}_rows`: what each element adds (t * t), how a row's columns
-combine (a float32 sum, whose identity 0 is what masked loads read past the row's end)
-and how a row finishes (sqrt of the sum over R). Change `_reference` with it, and the
-schema in `@op` if the arguments change (docs/lang/reference.md is the kernel language).
-Its tests are tests/ops/test_$name.py, its benchmark src/tessera/bench/ops/$name.py.
+Made by `tessera opgen $name --kind reduction` as a working example to edit.
+The reduction is `${name}_rows`:
+what each element adds (t * t), how a row's columns combine (a float32 sum, whose
+identity 0 is what masked loads read past the row's end) and how a row finishes (sqrt
+of the sum over R). Change `_reference` with it, and the schema in `@op` if the
+arguments change (docs/lang/reference.md is the kernel language).
+Its tests are in tests/ops/test_$name.py,
+its benchmark in src/tessera/bench/ops/$name.py.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def _reference(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.T
     return torch.sqrt(torch.mean(x.float() ** 2, dim, keepdim)).to(x.dtype)
 
 
-@op("$name(Tensor x, int dim=-1, bool keepdim=False) -> Tensor", kind="reduction",
-    reference=_reference, dtypes=("float32", "bfloat16", "float16"))
+@op("$name(Tensor x, int dim=-1, bool keepdim=False) -> Tensor",
+    kind="reduction", reference=_reference, dtypes=("float32", "bfloat16", "float16"))
 def $name(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
     """sqrt(mean(x ** 2)) along dim, in float32 (an example op made by tessera opgen)."""
     check_tensor(x, "$name", "x", FLOATS)
@@ -65,15 +67,17 @@ def $name(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor
         bn = min(1024, -(-r // 16) * 16)  # a short row is one tile
         bm = 1 << max(0, (_TILE // bn).bit_length() - 1)
         unit = v.stride(1) == 1  # a unit stride compiles to vector loads
-        s = compiled(("$name", x.dtype, unit, bm, bn), ${name}_rows,
-                     spec(x.dtype, 2, unit), spec(x.dtype, 1), r, BM=bm, BN=bn)
+        kernel = ${name}_rows
+        s = compiled((kernel, x.dtype, unit, bm, bn), kernel, spec(x.dtype, 2, unit),
+                     spec(x.dtype, 1), r, BM=bm, BN=bn)
         launch(s, (-(-v.shape[0] // bm), 1, 1), v.data_ptr(), *v.shape, *v.stride(),
                out.data_ptr(), out.numel(), 1, r)
     return out.unsqueeze(d) if keepdim and x.dim() else out
 '''
 
-TEST = '''"""`$name` against its torch reference: dtypes, dims, layouts (views, rows longer than a
-tile, empty, 0-dim), bad input. Made by `tessera opgen`; extend it as the op grows."""
+TEST = '''"""`$name` against its torch reference:
+dtypes, dims, layouts (views, rows longer than a tile, empty, 0-dim), bad input.
+Made by `tessera opgen`; extend it as the op grows."""
 
 from __future__ import annotations
 
@@ -106,7 +110,8 @@ def test_${name}_dims_and_layouts() -> None:
 
 def test_${name}_torch_op() -> None:
     x = torch.randn(3, 5)
-    torch.testing.assert_close(torch.ops.tessera.$name(x, 0), O.$name(x, 0))
+    got = torch.ops.tessera.$name(x, 0)
+    torch.testing.assert_close(got, O.$name(x, 0))
 
 
 def test_${name}_bad_input() -> None:
@@ -117,3 +122,4 @@ def test_${name}_bad_input() -> None:
 '''
 
 BENCH_BYTES = "4 * m * n + 4 * m"  # read x, write one value a row (float32)
+CASES = "_[0-9]*x[0-9]*"  # the bench cases' names after the op's

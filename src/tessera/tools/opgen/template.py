@@ -3,19 +3,20 @@ epilogue, silu(x @ weight.T + bias), following tessera/ops/matmul.py (templates 
 string.Template: `$name` is the op's name)."""
 
 SUMMARY = "silu(x @ weight.T + bias) on the GEMM template, its activation fused"
-KIND = "contraction"
+CASES = "_m[0-9]*_k[0-9]*_n[0-9]*"  # the bench cases' names after the op's
 
-OP = '''"""`$name`: silu(x @ weight.T + bias), a linear layer whose bias and activation are
-fused into the GEMM template's store.
+OP = '''"""`$name`: silu(x @ weight.T + bias),
+a linear layer whose bias and activation are fused into the GEMM template's store.
 
-Made by `tessera opgen $name --kind template` as a working example to edit, following
-tessera/ops/matmul.py: the product is one launch of the GEMM template
+Made by `tessera opgen $name --kind template` as a working example to edit,
+following tessera/ops/matmul.py: the product is one launch of the GEMM template
 (tessera.templates.gemm, through `product`) on x's rows and the weight read in place,
 and the template's epilogue adds the bias, applies ACTIVATION and can add a residual
 (`product(..., residual=r)`) in the same pass over the result. Change ACTIVATION to
 another of tessera.templates.gemm.ACTIVATIONS (relu, gelu, gelu_tanh, silu, sigmoid,
 tanh) and `_reference` with it, and the schema in `@op` if the arguments change.
-Its tests are tests/ops/test_$name.py, its benchmark src/tessera/bench/ops/$name.py.
+Its tests are in tests/ops/test_$name.py,
+its benchmark in src/tessera/bench/ops/$name.py.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return F.silu(y).to(x.dtype)  # ACTIVATION, as torch computes it
 
 
-@op("$name(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor", kind="contraction",
-    reference=_reference, dtypes=("float32", "bfloat16", "float16"))
+@op("$name(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor",
+    kind="contraction", reference=_reference, dtypes=("float32", "bfloat16", "float16"))
 def $name(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
           ) -> torch.Tensor:
     """silu(x @ weight.T + bias) for weight [out, in], on the GEMM template (an example op
@@ -51,15 +52,15 @@ def $name(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     check_tensor(x, "$name", "x", FLOATS)
     check_tensor(weight, "$name", "weight", (x.dtype,))
     if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ShapeError(f"$name: x of shape {tuple(x.shape)} does not fit a weight of "
-                         f"shape {tuple(weight.shape)}",
+        raise ShapeError(f"$name: x of shape {tuple(x.shape)} does not fit "
+                         f"a weight of shape {tuple(weight.shape)}",
                          hint="weight is [out_features, in_features], x [..., in_features]")
     n, k = weight.shape
     if bias is not None:
         check_tensor(bias, "$name", "bias", (x.dtype,))
         if bias.shape != (n,):
-            raise ShapeError(f"$name: bias of shape {tuple(bias.shape)} does not fit "
-                             f"{n} output features")
+            raise ShapeError(f"$name: bias of shape {tuple(bias.shape)} "
+                             f"does not fit {n} output features")
         bias = bias.to(torch.float32).contiguous()  # the epilogue reads a float32 [N]
     m = math.prod(x.shape[:-1])
     try:  # x's leading dims folded into the rows of one product, without a copy
@@ -71,10 +72,11 @@ def $name(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     return out.view(*x.shape[:-1], n)
 '''
 
-TEST = '''"""`$name` against its torch reference: layouts of x and the weight (leading dims,
-transposed, stepped, copied), no bias, empty products, dtypes, bad input. Made by
-`tessera opgen`; extend it as the op grows. Each dtype and bias/no-bias pair compiles
-one variant of the GEMM template (seconds, once per machine: cached)."""
+TEST = '''"""`$name` against its torch reference:
+layouts of x and the weight (leading dims, transposed, stepped, copied), no bias, empty
+products, dtypes, bad input. Made by `tessera opgen`; extend it as the op grows.
+Each dtype and bias/no-bias pair compiles one variant of the GEMM template (seconds,
+once per machine: cached)."""
 
 from __future__ import annotations
 
@@ -90,7 +92,8 @@ def test_${name}_layouts() -> None:
     x, w, b = torch.randn(6, 40), torch.randn(24, 40), torch.randn(24)
     check("$name", x, w, b)
     check("$name", x.reshape(2, 3, 40), w, b)  # leading dims fold into rows
-    check("$name", torch.randn(3, 40, 2).permute(0, 2, 1), w, b)  # they do not: a copy
+    unfolded = torch.randn(3, 40, 2).permute(0, 2, 1)
+    check("$name", unfolded, w, b)  # dims that do not fold: a copy
     check("$name", torch.randn(40, 6).t(), w, b)  # a transposed x
     check("$name", x, torch.randn(40, 24).t(), b)  # a weight stored transposed
     check("$name", x[:, ::2], w[:, ::2], b)  # stepped views
@@ -111,7 +114,8 @@ def test_${name}_half(dtype: torch.dtype) -> None:
 
 def test_${name}_torch_op() -> None:
     x, w, b = torch.randn(3, 40), torch.randn(24, 40), torch.randn(24)
-    torch.testing.assert_close(torch.ops.tessera.$name(x, w, b), O.$name(x, w, b))
+    got = torch.ops.tessera.$name(x, w, b)
+    torch.testing.assert_close(got, O.$name(x, w, b))
 
 
 def test_${name}_bad_input() -> None:
@@ -126,8 +130,9 @@ def test_${name}_bad_input() -> None:
         O.$name(x, w, torch.randn(5))
 '''
 
-BENCH = '''"""Benchmark of `$name` (made by `tessera opgen`) against torch eager, its reference:
-`tessera bench ops --quick --only '${name}_*'`. Reports GFLOPS."""
+BENCH = '''"""Benchmark of `$name` (made by `tessera opgen`)
+against torch eager, its reference, reporting GFLOPS:
+`tessera bench ops --quick --only '${name}${cases}'`."""
 
 from __future__ import annotations
 
@@ -145,8 +150,8 @@ def cases(quick: bool) -> list[Case]:
     out: list[Case] = []
     for m, k, n in ((8, 256, 256), (32, 1024, 1024) if quick else (256, 4096, 4096)):
         x, w, b = torch.randn(m, k), torch.randn(n, k) / k ** 0.5, torch.randn(n)
-        out.append(torch_case(f"${name}_m{m}_k{k}_n{n}",
-                              lambda x=x, w=w, b=b: O.$name(x, w, b), reference, (x, w, b),
-                              quick, flops=2 * m * n * k))
+        ours = lambda x=x, w=w, b=b: O.$name(x, w, b)
+        out.append(torch_case(f"${name}_m{m}_k{k}_n{n}", ours, reference,
+                              (x, w, b), quick, flops=2 * m * n * k))
     return out
 '''
