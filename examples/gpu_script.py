@@ -30,7 +30,7 @@ class Block(nn.Module):
 
 def build_model(dim: int = 64, depth: int = 2) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(*(Block(dim) for _ in range(depth)), nn.Linear(dim, 10)).eval()
+    return nn.Sequential(*(Block(dim) for _ in range(depth))).eval()
 
 
 def make_inputs(batch: int = 8, dim: int = 64, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -51,7 +51,7 @@ def main() -> None:
 
     model = build_model().cuda()
     x = make_inputs(device=device)
-    bias = torch.zeros(10, device="cuda")
+    bias = torch.zeros(64, device="cuda")
     compiled = torch.compile(model)
 
     with torch.no_grad():
