@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from tessera.cli import console
+
+_WIDTH = 110  # the tables' columns fit in this many
 
 # options may follow the script (unknown ones go to it; after `--` everything does)
 _SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -35,8 +38,9 @@ def profile(
     from tessera.tools.profiler import profile_script
 
     p, code = profile_script(script, args or [])
+    wide = Console(width=max(console.width, _WIDTH))  # rows stay whole on narrow terminals
     for table in p.tables(top):
-        console.print(table)
+        wide.print(table)
     roof = p.peaks()
     console.print(f"roofline: {roof.gflops:.1f} GFLOPS fp32, {roof.gbs:.1f} GB/s (ridge at "
                   f"{roof.ridge:.1f} flop/byte); {len(p.events)} events in "

@@ -236,7 +236,9 @@ class Profile:
                 columns += ["GFLOPS", "GB/s", "of roof", "bound"]
             for c in columns:
                 table.add_column(c, justify="left" if c in ("name", "bound") else "right",
-                                 overflow="fold", no_wrap=c != "name")
+                                 overflow="fold", no_wrap=c != "name",
+                                 min_width=min(24, max(len(s.name) for s in stats))
+                                 if c == "name" else None)
             for s in stats[:top]:
                 row = [s.name, str(s.calls), f"{s.total_ns / 1e6:.3f}", f"{s.share:.1%}",
                        f"{s.avg_us:.1f}"]
