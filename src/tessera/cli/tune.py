@@ -1,4 +1,5 @@
-"""`tessera tune`: tune template parameters for this machine; show what is recorded."""
+"""`tessera tune`: tune template parameters and kernel tiles for this machine; show,
+export and import what is recorded."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from rich.table import Table
 from tessera.cli import Json, console, fmt_blocking
 
 tune_app = typer.Typer(no_args_is_help=True,
-                       help="Tune template parameters for this machine; show what is recorded.")
+                       help="Tune template parameters and kernel tiles for this machine; "
+                            "show, export and import what is recorded.")
 
 
 def register(app: typer.Typer) -> None:
@@ -73,9 +75,146 @@ def tune_gemm(
         _print_gemm_record(record)
 
 
+Strategy = Annotated[str, typer.Option(
+    help="exhaustive: every candidate tile; random: a seeded sample; model: the ones an "
+         "analytic cost model ranks best.")]
+Timeout = Annotated[float, typer.Option(help="Seconds each search may take (about).")]
+
+
+def _print_tile_result(result: Any) -> None:
+    """One search: every trial (model estimate, median, ratio to the default), then the
+    outcome."""
+    from tessera.tune.search import TuneResult
+    r: TuneResult = result
+    default = next(t for t in r.trials if t.tile == r.target.default)
+    table = Table(title=f"{r.target.label}  [dim]{r.target.key}[/]  ({r.strategy}, "
+                        f"{r.seconds:.1f} s)", title_justify="left")
+    for column in ("BM x BN", "model us", "median us", "vs default", "note"):
+        table.add_column(column, justify="left" if column == "note" else "right")
+    for t in r.trials:
+        note = t.error or ("default" if t.tile == r.target.default else
+                           "" if t.median_s is not None else "not tried")
+        ratio = (f"{default.median_s / t.median_s:.2f}x" if t.median_s and default.median_s
+                 else "-")
+        table.add_row(f"{t.tile[0]} x {t.tile[1]}", f"{t.model_s * 1e6:.1f}",
+                      "-" if t.median_s is None else f"{t.median_s * 1e6:.1f}", ratio, note,
+                      style="bold green" if r.recorded and t.tile == r.best else
+                      "red" if t.error else None)
+    console.print(table)
+    console.print(("[green]" if r.recorded else "") + r.note)
+
+
+def _report(results: list[Any], skipped: list[str], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"results": [{"key": r.target.key, "recorded": r.recorded,
+                                       "note": r.note, **r.record()} for r in results],
+                          "skipped": skipped}, indent=2))
+        return
+    for r in results:
+        _print_tile_result(r)
+    for line in skipped:
+        console.print(f"[yellow]skipped[/] {line}")
+
+
+@tune_app.command("op")
+def tune_op(
+    name: Annotated[str, typer.Argument(help="The op: softmax, log_softmax, layer_norm, "
+                                             "rms_norm, sum, mean, amax, amin, var.")],
+    spec: Annotated[str, typer.Argument(help="Input shape and dtype, e.g. 4096x1024 or "
+                                             "8x128x768:bfloat16 (float32 by default).")],
+    strategy: Strategy = "model",
+    timeout: Timeout = 30.0,
+    as_json: Json = False,
+) -> None:
+    """Search the tile of an op's row kernel at one shape; record it if it beats the
+    default beyond noise (every later compile of that op and shape class uses it)."""
+    from tessera.tune import parse_spec
+    from tessera.tune import tune_op as tune
+
+    shape, dtype = parse_spec(spec)
+    status = Console(stderr=True).status(f"tuning {name} {spec}")
+    with status:
+        result = tune(name, shape, dtype, strategy, timeout, progress=status.update)
+    _report([result], [], as_json)
+
+
+@tune_app.command("graph", context_settings={"allow_extra_args": True,
+                                             "ignore_unknown_options": True})
+def tune_graph(
+    ctx: typer.Context,
+    script: Annotated[str, typer.Argument(help="A Python script that compiles models with "
+                                               "the tessera backend; its arguments follow.")],
+    strategy: Strategy = "model",
+    timeout: Timeout = 30.0,
+    as_json: Json = False,
+) -> None:
+    """Run SCRIPT, then search the tile of every generated kernel (fused groups, row ops)
+    of the graphs it compiled; record the tiles that beat the default beyond noise."""
+    from tessera.tune import tune_graph as tune
+
+    status = Console(stderr=True).status(f"running {script}")
+    with status:
+        results, skipped = tune(script, ctx.args, strategy, timeout, progress=status.update)
+    _report(results, skipped, as_json)
+
+
+@tune_app.command("export")
+def tune_export(file: Annotated[str, typer.Argument(help="The JSON file to write.")]) -> None:
+    """Write this machine's records (with its fingerprint) to one JSON file."""
+    from tessera.tune import export_records
+
+    console.print(f"exported {export_records(file)} records to {file}")
+
+
+@tune_app.command("import")
+def tune_import(
+    file: Annotated[str, typer.Argument(help="A file written by `tessera tune export`.")],
+    force: Annotated[bool, typer.Option(
+        help="Import another machine's records when its ISA features and core count match "
+             "this one's.")] = False,
+) -> None:
+    """Store the records of an exported file here (all or none: a corrupted file or one
+    from another machine imports nothing)."""
+    from tessera.tune import import_records
+
+    console.print(f"imported {import_records(file, force)} records from {file}")
+
+
+def _print_tiles(records: list[dict[str, Any]]) -> None:
+    table = Table(title="kernel tiles", title_justify="left")
+    for column in ("kernel", "shape", "dtype", "tile", "default", "speedup", "recorded",
+                   "what"):
+        table.add_column(column, justify="right" if column == "speedup" else "left")
+    for r in records:
+        kernel, shape, dtype = r["key"].split("|")
+        v = r["value"]
+        table.add_row(kernel, shape, dtype, " x ".join(map(str, v["tile"])),
+                      " x ".join(map(str, v.get("default", ["?"]))),
+                      f"{v['speedup']:.2f}x" if "speedup" in v else "-", r["recorded_at"],
+                      v.get("label", "") + (f" (from {v['imported_from']})"
+                                            if "imported_from" in v else ""))
+    console.print(table)
+
+
+def _print_autotuned(records: list[dict[str, Any]]) -> None:
+    table = Table(title="@tl.autotune winners", title_justify="left")
+    for column in ("kernel", "tuning key", "best", "median us (every config)", "recorded"):
+        table.add_column(column)
+    for r in records:
+        kernel, _, key = r["key"].partition("|")
+        v = r["value"]
+        times = ", ".join(f"{' '.join(f'{k}={x}' for k, x in c.items())}: {t * 1e6:.1f}"
+                          for c, t in v.get("timings", []))
+        table.add_row(kernel, key, " ".join(f"{k}={x}" for k, x in v.get("best", {}).items()),
+                      times, r["recorded_at"])
+    console.print(table)
+
+
 @tune_app.command("show")
 def tune_show(as_json: Json = False) -> None:
-    """What the knowledge base holds for this machine (tuned template parameters)."""
+    """What the knowledge base holds for this machine (GEMM blocking, kernel tiles,
+    @tl.autotune winners)."""
+    from tessera.lang.autotune import KIND as AUTOTUNE
     from tessera.runtime import knowledge
     from tessera.templates.gemm.tuning import KEY, KIND
 
@@ -84,13 +223,20 @@ def tune_show(as_json: Json = False) -> None:
         print(json.dumps({"machine": knowledge.machine(), "records": records}, indent=2))
         return
     if not records:
-        console.print("no tuning records for this machine (`tessera tune gemm` makes one)")
+        console.print("no tuning records for this machine (`tessera tune gemm`, `tessera "
+                      "tune op` and `tessera tune graph` make them)")
+    tiles = [r for r in records if r["kind"] == knowledge.TILE]
+    autotuned = [r for r in records if r["kind"] == AUTOTUNE]
     for record in records:
+        if record in tiles or record in autotuned:
+            continue
         console.print(f"[bold]{record['kind']} {record['key']}[/]  "
                       f"recorded {record['recorded_at']}")
         if (record["kind"], record["key"]) == (KIND, KEY):
             _print_gemm_record(record["value"])
         else:
             console.print_json(data=record["value"])
-
-
+    if tiles:
+        _print_tiles(tiles)
+    if autotuned:
+        _print_autotuned(autotuned)

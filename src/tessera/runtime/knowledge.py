@@ -32,7 +32,7 @@ __all__ = ["MAX_TILE", "TILE", "load", "machine", "records", "reload", "store", 
 _KIND = "knowledge"
 _RECORD = "record.json"
 _VERSION = 1  # bump when the record format changes; old records are then simply not found
-_warned: set[Path] = set()
+_warned: set[tuple[Path, str]] = set()
 
 
 def machine() -> dict[str, Any]:
@@ -119,9 +119,9 @@ def _read(cache_key: str) -> dict[str, Any] | None:
 
 
 def _ignore(entry: Path, why: str) -> None:
-    """Warn, once per entry and process, that a record is not trusted."""
-    if entry not in _warned:
-        _warned.add(entry)
+    """Warn, once per entry, reason and process, that a record is not trusted."""
+    if (entry, why) not in _warned:
+        _warned.add((entry, why))
         warnings.warn(f"ignoring the knowledge record {entry}: it {why}; defaults are used "
                       "(`tessera cache clear` removes it, re-tuning replaces it)",
                       RuntimeWarning, stacklevel=2)

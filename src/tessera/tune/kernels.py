@@ -121,11 +121,13 @@ def tune_graph(script: str | Path, args: Sequence[str] = (), strategy: str = "mo
                timeout: float = 30.0, progress: Callable[[str], None] | None = None
                ) -> tuple[list[TuneResult], list[str]]:
     """Run `script` with `args` as `python script args` would, then search the tile of
-    every generated kernel of the graphs it compiled that are still alive (each search
-    within `timeout`). Returns the results and what was skipped."""
+    every generated kernel of the graphs it compiled that are still alive when it ends
+    (each search within `timeout`). Returns the results and what was skipped."""
     path = Path(script)
     if not path.is_file():
         raise TuneError(f"tune graph: no script {path}", hint="give the path of a .py file")
+    from tessera.graph import compiled
+    before = {id(ex): ex for ex in compiled()}  # (held, so that no id is reused)
     argv, sys.argv = sys.argv, [str(path), *args]
     sys.path.insert(0, str(path.resolve().parent))
     try:
@@ -137,7 +139,7 @@ def tune_graph(script: str | Path, args: Sequence[str] = (), strategy: str = "mo
     finally:
         sys.argv = argv
         sys.path.remove(str(path.resolve().parent))
-    targets, skipped = graph_targets()
+    targets, skipped = graph_targets([ex for ex in compiled() if id(ex) not in before])
     if not targets:
         raise TuneError(f"tune graph: {path} compiled no graph with a tunable kernel "
                         "that is still alive when it ends",
