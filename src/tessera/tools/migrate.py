@@ -132,7 +132,6 @@ def _is_cuda(device: Any) -> bool:
 # --------------------------------------------------------------------------- device mode
 
 _DEVICE = "cuda device arguments -> cpu (factories, .to, Module.to)"
-_CUDA_CALL = "Tensor.cuda() -> stays on the cpu"
 
 
 class _CudaToCpu(TorchFunctionMode):
@@ -145,23 +144,31 @@ class _CudaToCpu(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            self.report.redirected[_CUDA_CALL] += 1
-            rest = {k: v for k, v in kwargs.items() if k in ("non_blocking", "memory_format")}
-            return args[0].to(**rest) if rest else args[0]
-        if func is torch.Tensor.pin_memory:
-            self.report.redirected["pin_memory() -> no-op (cpu memory)"] += 1
-            return args[0]
-        if func is torch.Tensor.record_stream:
-            self.report.redirected["record_stream() -> no-op (one inline stream)"] += 1
-            return None
-        if _is_cuda(kwargs.get("device")):
+        if func in _METHODS:  # one set lookup on the path every other call takes
+            if func is torch.Tensor.to:
+                if len(args) > 1 and _is_cuda(args[1]):
+                    args = (args[0], "cpu", *args[2:])
+                    self.report.redirected[_DEVICE] += 1
+            else:
+                self.report.redirected[_METHODS[func]] += 1
+                if func is torch.Tensor.record_stream:
+                    return None
+                rest = {k: v for k, v in kwargs.items()
+                        if k in ("non_blocking", "memory_format")}
+                return args[0].to(**rest) if rest else args[0]
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs = {**kwargs, "device": "cpu"}
             self.report.redirected[_DEVICE] += 1
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], "cpu", *args[2:])
-            self.report.redirected[_DEVICE] += 1
         return func(*args, **kwargs)
+
+
+# Tensor methods the mode looks at (besides device= arguments), and what each becomes
+_METHODS: dict[Any, str] = {
+    torch.Tensor.to: _DEVICE,
+    torch.Tensor.cuda: "Tensor.cuda() -> stays on the cpu",
+    torch.Tensor.pin_memory: "pin_memory() -> no-op (cpu memory)",
+    torch.Tensor.record_stream: "record_stream() -> no-op (one inline stream)",
+}
 
 
 # --------------------------------------------------------------------------- torch.cuda
@@ -446,6 +453,26 @@ def _graph_breaks() -> Counter[str]:
     return Counter(counters["graph_break"])
 
 
+# --------------------------------------------------------------------------- compile
+
+
+def _tessera_outside_mode(gm: torch.fx.GraphModule, example_inputs: list[Any],
+                          **options: Any) -> Callable[..., Any]:
+    """The "tessera" backend, its compiled graphs run with torch function modes off: dynamo
+    traced the device mode into the graph already, and the executable's own tensor calls
+    (strides, data pointers, outputs) need not pass through it on every call."""
+    from tessera.graph.backend import tessera
+
+    compiled = tessera(gm, example_inputs, **options)
+
+    @functools.wraps(compiled)
+    def run(*args: Any) -> Any:
+        with torch._C.DisableTorchFunction():
+            return compiled(*args)
+
+    return run
+
+
 # --------------------------------------------------------------------------- migration
 
 
@@ -553,10 +580,12 @@ class Migration:
                 backend = kwargs["backend"]
                 name = backend if isinstance(backend, str) else getattr(
                     backend, "__name__", type(backend).__name__)
-                if name != "tessera":
+                if name == "tessera":
+                    kwargs["backend"] = _tessera_outside_mode
+                else:
                     report.kept[f"torch.compile(backend={name!r}): explicit backend"] += 1
             else:
-                kwargs["backend"] = "tessera"
+                kwargs["backend"] = _tessera_outside_mode
                 report.redirected["torch.compile -> backend='tessera'"] += 1
                 for opt in ("mode", "options"):
                     if kwargs.pop(opt, None) is not None:
