@@ -190,3 +190,21 @@ def test_command_reports_errors_in_one_line(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "OpgenError: op name 'class' is a Python keyword" in \
         out.stderr, out.stderr
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tessera.tools.opgen as opgen
+
+    tree = _small_tree(tmp_path)
+    before = _snapshot(tree)
+    write = opgen._write
+
+    def full_disk(path: Path, data: bytes) -> None:
+        if path.name.startswith("test_"):  # the second of the three files
+            raise OSError(28, "No space left on device", str(path))
+        write(path, data)
+
+    monkeypatch.setattr(opgen, "_write", full_disk)
+    with pytest.raises(OpgenError, match="No space left on device; nothing was written"):
+        generate("fine", "pointwise", root=tree)
+    assert _snapshot(tree) == before

@@ -198,6 +198,7 @@ def _targets(name: str, root: Path, force: bool) -> dict[str, Path]:
 
 
 def _render(name: str, kind: str) -> dict[str, str]:
+    """The three files' text for op `name` of `kind`, by target ("op", "test", "bench")."""
     t = _TEMPLATES[kind]
     bench = Template(_UNARY_BENCH).substitute(name=name, bytes_moved=t.BENCH_BYTES,
                                               cases=t.CASES) \
@@ -225,12 +226,16 @@ def generate(name: str, kind: str, *, root: str | Path | None = None,
         for key, path in targets.items():
             _write(path, texts[key].encode())
         _write(docs, _validate(tree, name).encode())
-    except BaseException:
+    except BaseException as e:
         for path, data in saved.items():
             if data is None:
                 path.unlink(missing_ok=True)
             else:
                 _write(path, data)
+        if isinstance(e, OSError):
+            raise OpgenError(f"could not write {e.filename or tree}: {e.strerror or e}; "
+                             "nothing was written", hint="check that the tree is writable "
+                                                         "and its disk not full") from e
         raise
     # another tree than the running one is imported from its src
     run = "" if tree == Path(__file__).resolve().parents[4] else "PYTHONPATH=src "
@@ -254,8 +259,14 @@ def _validate(root: Path, name: str) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(src), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "TESSERA_OPS_FASTPATH": "0"}  # no native fast-path build for one import
-    r = subprocess.run([sys.executable, "-c", _VALIDATE, str(src), name], env=env,
-                       capture_output=True, text=True, timeout=600)
+    try:
+        r = subprocess.run([sys.executable, "-c", _VALIDATE, str(src), name], env=env,
+                           capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise OpgenError(f"importing the tree at {root} with the new op {name!r} took over "
+                         "600 s, so nothing was written",
+                         hint="run `python -c 'import tessera.ops'` in the tree to see why"
+                         ) from None
     if r.returncode == 0:
         return r.stdout
     said = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
