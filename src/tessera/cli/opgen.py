@@ -26,9 +26,12 @@ def opgen(
     force: Annotated[bool, typer.Option(help="Overwrite the files of an op opgen wrote "
                                              "before.")] = False,
 ) -> None:
-    """Write a new op into the tree: src/tessera/ops/NAME.py (schema, torch reference,
-    kernel), tests/ops/test_NAME.py, src/tessera/bench/ops/NAME.py; regenerate
-    docs/ops.md. It computes a working example to edit; all files or none are written."""
+    """Scaffold a new op, green from the start: definition, kernel, test, benchmark.
+
+    Writes src/tessera/ops/NAME.py (schema, torch reference, kernel),
+    tests/ops/test_NAME.py and src/tessera/bench/ops/NAME.py, and regenerates
+    docs/ops.md: a working example computation to edit. All files or none are written.
+    """
     from tessera.tools.opgen import KINDS, generate
 
     with console.status(f"generating op {name!r} and importing the tree with it"):
