@@ -12,6 +12,8 @@ The computation is `${name}_tile`, on float32 tiles:
 change it, `_reference` with it, and the schema in `@op` if the arguments change.
 `${name}_kernel` applies it to [BM, BN] tiles of x
 seen with its own strides (docs/lang/reference.md is the kernel language).
+For the graph compiler to lower torch ops to this one, list their aten overloads in
+`implements=` (as tessera/ops/pointwise.py does); none are listed yet.
 Its tests are in tests/ops/test_$name.py,
 its benchmark in src/tessera/bench/ops/$name.py.
 """

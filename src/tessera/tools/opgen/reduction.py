@@ -13,6 +13,8 @@ what each element adds (t * t), how a row's columns combine (a float32 sum, whos
 identity 0 is what masked loads read past the row's end) and how a row finishes (sqrt
 of the sum over R). Change `_reference` with it, and the schema in `@op` if the
 arguments change (docs/lang/reference.md is the kernel language).
+For the graph compiler to lower torch ops to this one, list their aten overloads in
+`implements=` (as tessera/ops/pointwise.py does); none are listed yet.
 Its tests are in tests/ops/test_$name.py,
 its benchmark in src/tessera/bench/ops/$name.py.
 """

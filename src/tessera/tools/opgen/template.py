@@ -15,6 +15,8 @@ and the template's epilogue adds the bias, applies ACTIVATION and can add a resi
 (`product(..., residual=r)`) in the same pass over the result. Change ACTIVATION to
 another of tessera.templates.gemm.ACTIVATIONS (relu, gelu, gelu_tanh, silu, sigmoid,
 tanh) and `_reference` with it, and the schema in `@op` if the arguments change.
+For the graph compiler to lower torch ops to this one, list their aten overloads in
+`implements=` (as tessera/ops/pointwise.py does); none are listed yet.
 Its tests are in tests/ops/test_$name.py,
 its benchmark in src/tessera/bench/ops/$name.py.
 """
