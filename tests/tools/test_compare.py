@@ -4,13 +4,13 @@ tensor is found; the CLI's exit codes; bad input."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import linecache
 import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from tessera.bench import zoo
+from tessera.graph import interpreter
+from tessera.graph.ir import Node
 from tessera.tools.compare import CompareError, compare, compare_dumps
 
 
@@ -25,7 +27,7 @@ from tessera.tools.compare import CompareError, compare, compare_dumps
 def moe_lm() -> Any:
     """The MoE LM (tiny), compiled by the tessera backend, and its clean comparison."""
     z = zoo.build("moe_lm")
-    inputs = z.inputs(2, 8)
+    inputs = z.inputs(2, 6)  # tests/graph/test_zoo's prompt: kernels from the cache
     compiled = torch.compile(z.model, backend="tessera")
     return compiled, inputs, compare(compiled, inputs)
 
@@ -47,14 +49,24 @@ def test_zoo_model_compares_clean(moe_lm: Any) -> None:
             assert linecache.getline(r.file, r.line).strip() == r.code
 
 
-def _perturbed(fn: Any) -> Any:
-    """fn with its first output off by 1% of its largest magnitude."""
-    def wrong(*args: Any, **kwargs: Any) -> Any:
-        out = fn(*args, **kwargs)
-        first = out[0] if isinstance(out, (list, tuple)) else out
-        bad = first + 0.01 * first.abs().max()
-        return [bad, *out[1:]] if isinstance(out, (list, tuple)) else bad
-    return wrong
+def _inject(monkeypatch: pytest.MonkeyPatch, target: Node) -> None:
+    """Make the graph interpreter run a wrong kernel for the node standing for the same
+    FX nodes as `target` (in whatever graph object compiling makes again): its first
+    output off by 1% of its largest magnitude."""
+    right = interpreter.node_function
+
+    def injected(node: Node) -> Any:
+        fn = right(node)
+        if (node.op, node.origin) != (target.op, target.origin):
+            return fn
+
+        def wrong(args: dict[str, Any]) -> Any:
+            out = fn(args)
+            first = out[0] if isinstance(out, (list, tuple)) else out
+            bad = first + 0.01 * first.abs().max()
+            return [bad, *out[1:]] if isinstance(out, (list, tuple)) else bad
+        return wrong
+    monkeypatch.setattr(interpreter, "node_function", injected)
 
 
 def test_wrong_kernel_is_found(moe_lm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,7 +76,7 @@ def test_wrong_kernel_is_found(moe_lm: Any, monkeypatch: pytest.MonkeyPatch) -> 
     fused = [i for i, n in enumerate(graph.nodes) if n.op.startswith("fused:")]
     index = fused[len(fused) // 2 + 1]
     node = graph.nodes[index]
-    monkeypatch.setattr(node, "fn", _perturbed(node.fn))
+    _inject(monkeypatch, node)
     result = compare(compiled, inputs)
     bad = result.first_bad
     assert bad is not None and not result.ok
@@ -134,15 +146,8 @@ import sys
 import torch
 from tessera.ops import registry
 
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(32, 48)
-        self.norm = torch.nn.LayerNorm(48)
-
-    def forward(self, x):
-        h = self.fc(x)
-        return torch.softmax(self.norm(torch.relu(h)), dim=-1)
+sys.path.insert(0, {tests!r})
+from test_compare import Small  # the model the other tests compile: kernels cached
 
 if "--wrong" in sys.argv:  # a linear kernel off by one in its first element
     linear = registry.get("linear")
@@ -154,8 +159,7 @@ if "--wrong" in sys.argv:  # a linear kernel off by one in its first element
         return out
     linear.impl = wrong
 
-torch.manual_seed(0)
-model = torch.compile(Net().eval(), backend="tessera")
+model = torch.compile(Small().eval(), backend="tessera")
 for _ in range(2):
     model(torch.randn(4, 32))
 print("script done")
@@ -170,12 +174,14 @@ def _cli(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_exit_codes(tmp_path: Path) -> None:
     script = tmp_path / "net.py"
-    script.write_text(textwrap.dedent(_SCRIPT))
+    script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent)))
     clean = _cli(script)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert "script done" in clean.stdout and "0 out of tolerance" in clean.stdout
     wrong = _cli(script, "--wrong")
     assert wrong.returncode == 1, wrong.stdout + wrong.stderr
     assert "script done" in wrong.stdout and "BAD" in wrong.stdout
-    line = next(i for i, text in enumerate(_SCRIPT.splitlines()) if "self.fc(x)" in text)
-    assert f"{script}:{line + 1}" in wrong.stdout and "h = self.fc(x)" in wrong.stdout
+    lines, first = inspect.getsourcelines(Small.forward)
+    line = first + next(i for i, text in enumerate(lines) if "self.fc(x)" in text)
+    assert f"{__file__}:{line}" in wrong.stdout
+    assert linecache.getline(__file__, line).strip() in wrong.stdout

@@ -29,7 +29,8 @@ def compare(
         "--dumps", help="Compare two dumps, A against the reference B, instead of running "
                         "a script.")] = None,
     dump: Annotated[str | None, typer.Option(
-        help="Write every node's outputs here (DIR/graph<N> per compiled graph).")] = None,
+        help="Write every node's outputs to this directory (a dump: see --dumps).")]
+    = None,
     rtol: Annotated[float | None, typer.Option(help="Relative tolerance for floats "
                                                     "(default: by dtype).")] = None,
     atol: Annotated[float | None, typer.Option(help="Absolute tolerance for floats.")]
@@ -39,6 +40,8 @@ def compare(
     rows: Annotated[int, typer.Option(help="Rows per table (the values out of tolerance "
                                            "first, then the largest errors); 0: all.")]
     = 40,
+    strict: Annotated[bool, typer.Option(help="With --dumps: refuse dumps of graphs with "
+                                              "other aten code or input shapes.")] = True,
 ) -> None:
     """Run SCRIPT and compare every torch.compile(..., backend="tessera") graph it calls
     against eager PyTorch on its first call's inputs: per node max abs/rel error and cosine
@@ -51,7 +54,7 @@ def compare(
     if dumps is not None:
         if script is not None:
             raise tool.CompareError("give a script or --dumps A B, not both")
-        result = tool.compare_dumps(*dumps, **tol)
+        result = tool.compare_dumps(*dumps, strict=strict, **tol)
         result.report(console, limit)
         raise typer.Exit(0 if result.ok else 1)
     if script is None:
