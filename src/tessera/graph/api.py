@@ -1,6 +1,7 @@
 """`tessera.compile(model, example_inputs)`: ahead-of-time compilation through torch.export,
 whose result runs, saves (`.save(path)`) and loads in another process (`tessera.load`)
-without tracing or compiling again (kernels come from the compile cache)."""
+without tracing or compiling again (kernels come from the compile cache). `executables`
+finds the executables behind a compiled model (either kind)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import torch.utils._pytree as pytree
 from tessera.errors import TesseraError
 from tessera.graph import moe
 from tessera.graph.backend import decompositions
-from tessera.graph.compiler import compile_graph
+from tessera.graph.compiler import compile_graph, compiled
+from tessera.graph.executable import Executable
 from tessera.graph.frontend import from_fx
 from tessera.graph.serialize import from_data, to_data
 
-__all__ = ["CompiledModel", "compile", "load"]
+__all__ = ["CompiledModel", "compile", "executables", "load"]
 
 
 class CompiledModel:
@@ -81,3 +83,25 @@ def load(path: str | Path) -> CompiledModel:
         raise TesseraError(f"{path} is not a saved Tessera model: {e}") from e
     return CompiledModel(data["graph"], pytree.treespec_loads(data["out_spec"]),
                          data["options"])
+
+
+def executables(model: CompiledModel | torch.nn.Module) -> list[Executable]:
+    """The live executables of a compiled model: a `CompiledModel`'s, or those
+    torch.compile(backend="tessera") made for a module (or its compiled wrapper) so far,
+    found by the parameters and buffers they froze; oldest first."""
+    if isinstance(model, CompiledModel):
+        return [model.executable]
+    if not isinstance(model, torch.nn.Module):
+        raise TesseraError(f"executables() takes a compiled model or a torch.nn.Module, got "
+                           f"{type(model).__name__}")
+    storages = {t.untyped_storage().data_ptr()
+                for t in (*model.parameters(), *model.buffers()) if t.numel()}
+    found = [ex for ex in compiled() if any(
+        c.data is not None and c.data.numel() and c.data.untyped_storage().data_ptr() in storages
+        for c in ex.graph.constants)]
+    if not found:
+        raise TesseraError(f"no live Tessera executable froze the weights of this "
+                           f"{type(model).__name__}",
+                           hint="call the torch.compile(model, backend='tessera') module "
+                                "once first (it compiles on its first call)")
+    return found

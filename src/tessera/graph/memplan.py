@@ -27,6 +27,7 @@ class Plan:
     offsets: tuple[int, ...]  # per buffer, in bytes from the arena's start
     arena_bytes: int
     total_bytes: int  # the sum of all buffers: what allocating each separately would take
+    buffers: tuple[Buffer, ...]  # what was planned, in the caller's order (for tools.view)
 
     def __str__(self) -> str:
         share = self.arena_bytes / self.total_bytes if self.total_bytes else 0.0
@@ -58,4 +59,4 @@ def plan(buffers: Sequence[Buffer]) -> Plan:
         offsets[i] = best if best is not None else cursor
         arena = max(arena, offsets[i] + size)
         placed.append(i)
-    return Plan(tuple(offsets), arena, sum(_aligned(b.nbytes) for b in buffers))
+    return Plan(tuple(offsets), arena, sum(_aligned(b.nbytes) for b in buffers), tuple(buffers))

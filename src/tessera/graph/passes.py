@@ -1,8 +1,11 @@
 """Graph passes: dead-code elimination and common-subexpression elimination, run to a
-fixed point by `run`, then autofusion (fusion.py)."""
+fixed point by `run`, then autofusion (fusion.py). `run` is `prepare` (everything before
+fusion) then `fuse`; `snapshot` copies a graph's structure between them (what the graph
+viewer shows as the graph before fusion)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -10,7 +13,7 @@ import torch
 from tessera.graph import fusion, moe, quantize, rewrites
 from tessera.graph.ir import Graph, Node, Value
 
-__all__ = ["cse", "dce", "run"]
+__all__ = ["cse", "dce", "fuse", "prepare", "run", "snapshot"]
 
 
 def dce(g: Graph) -> bool:
@@ -74,6 +77,12 @@ def run(g: Graph, options: dict[str, Any] | None = None) -> Graph:
     """The default pipeline, in place; the graph is verified after it. `options`: the
     compiler's (`fusion`: False leaves pointwise and row ops, and convolutions'
     consumers, unfused; `patterns`: False skips the pattern rewrites)."""
+    return fuse(prepare(g, options), options)
+
+
+def prepare(g: Graph, options: dict[str, Any] | None = None) -> Graph:
+    """The pipeline up to fusion, in place: expert weights folded, CSE and DCE to a fixed
+    point, weights quantized, the pattern rewrites."""
     moe.fold_expert_weights(g)
     while cse(g) | dce(g):
         pass
@@ -84,8 +93,35 @@ def run(g: Graph, options: dict[str, Any] | None = None) -> Graph:
         # attention, norms, GEMM epilogues (rewrites.py) and the user's
         rewrites.run(g, fusion=(options or {}).get("fusion", True))
         dce(g)
+    return g
+
+
+def fuse(g: Graph, options: dict[str, Any] | None = None) -> Graph:
+    """The rest of the pipeline after `prepare`, in place: fusion (unless `fusion` is
+    False), then the graph is verified."""
     if (options or {}).get("fusion", True):
         fusion.fuse_epilogues(g)  # convolutions take their consumers first
         fusion.fuse(g)
     g.verify()
     return g
+
+
+def snapshot(g: Graph, data: bool = False) -> Graph:
+    """A copy of g's structure that passes run on g later cannot change: new Values and
+    Nodes (same names, ops, callables, sources, every other field) over, with `data`, the
+    same constant tensors; without, constants hold no tensor (only for looking at)."""
+    new = Graph()
+    values: dict[Value, Value] = {}
+
+    def copy(v: Value) -> Value:
+        values[v] = new.value(v.name, v.dtype, v.shape, v.kind, v.data if data else None)
+        return values[v]
+
+    for v in (*g.inputs, *g.constants):
+        copy(v)
+    for n in g.nodes:
+        outputs = [copy(v) for v in n.outputs]
+        new.add(dataclasses.replace(n, args=_substitute(n.args, values), outputs=outputs,
+                                    meta=dict(n.meta)))
+    new.outputs = [values[v] for v in g.outputs]
+    return new
