@@ -95,6 +95,7 @@ def _patched_objects() -> dict[str, object]:
 def test_redirections_in_process_and_all_undone():
     before = _patched_objects()
     modes = torch._C._len_torch_function_stack()
+    has_cuda = torch.cuda.is_available()
     x = torch.ones(2, 3)
     with Migration() as m:
         assert torch.cuda.is_available() and torch.cuda.device_count() == 1
@@ -116,7 +117,7 @@ def test_redirections_in_process_and_all_undone():
         # torch's own code still sees the real answer
         internal = {"__name__": "torch.fake", "torch": torch}
         exec("available = torch.cuda.is_available()", internal)
-        assert internal["available"] is False
+        assert internal["available"] is has_cuda
         kept = torch.compile(lin, backend="eager")
         assert kept(x).shape == (2, 2)
     report = m.report
@@ -129,9 +130,10 @@ def test_redirections_in_process_and_all_undone():
     changed = [k for k in before if before[k] is not after.get(k)]
     assert not changed, changed
     assert torch._C._len_torch_function_stack() == modes
-    assert torch.cuda.is_available() is False
-    with pytest.raises((RuntimeError, AssertionError)):
-        torch.zeros(1, device="cuda")
+    assert torch.cuda.is_available() is has_cuda
+    if not has_cuda:
+        with pytest.raises((RuntimeError, AssertionError)):
+            torch.zeros(1, device="cuda")
 
 
 def test_events_time_and_streams_order_inline():

@@ -26,8 +26,12 @@ def run(
                                             "(--standalone, one node); 1 runs in this "
                                             "process.")] = 1,
 ) -> None:
-    """Run a PyTorch script written for a GPU: cuda -> cpu, torch.compile -> tessera,
-    nccl -> tessera collectives; prints (stderr) what was redirected and what fell back."""
+    """Run a PyTorch script written for a GPU, unmodified, on this machine.
+
+    cuda -> cpu, torch.compile -> tessera, nccl -> tessera collectives.
+
+    Prints (stderr) what was redirected, what fell back and what could not be mapped.
+    """
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(nproc), "-m", "tessera.tools.migrate", script,
