@@ -28,8 +28,10 @@ _INSTALL = ("install Open MPI and mpi4py: apt-get install openmpi-bin libopenmpi
 _TIMEOUT_S = 1800.0
 
 
-def rows(quick: bool, ranks: int) -> list[dict[str, Any]]:
-    """Run the suite in `ranks` processes under mpirun; the rows rank 0 reports."""
+def rows(quick: bool, ranks: int, only: str | None = None) -> list[dict[str, Any]]:
+    """Run the suite in `ranks` processes under mpirun; the rows rank 0 reports. `only`:
+    comma-separated name patterns (as `tessera bench --only`): the ranks build and time
+    the matching cases alone."""
     if ranks < 2:
         raise BenchError(f"bench comm needs at least 2 ranks, got {ranks}",
                          hint="pass --ranks 2 or more")
@@ -47,7 +49,7 @@ def rows(quick: bool, ranks: int) -> list[dict[str, Any]]:
         command = [mpirun, "-np", str(ranks),
                    *(["--oversubscribe"] if ranks > usable_cores() else []),
                    sys.executable, "-m", "mpi4py", "-m", "tessera.bench.comm_worker", str(out),
-                   *(["--quick"] if quick else [])]
+                   *(["--quick"] if quick else []), *(["--only", only] if only else [])]
         code, output = _launch(command)
         if not out.exists():
             tail = "\n".join(output.strip().splitlines()[-25:])

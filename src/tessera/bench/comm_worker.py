@@ -2,7 +2,7 @@
 tessera.dist, Open MPI (mpi4py) and gloo (torch.distributed) on the same buffers, in step
 with the other ranks, and rank 0 writes the rows (or the error) to a JSON file.
 
-    python -m mpi4py -m tessera.bench.comm_worker OUT.json [--quick]
+    python -m mpi4py -m tessera.bench.comm_worker OUT.json [--quick] [--only PATTERNS]
 
 Rank, size and the gloo rendezvous come from mpirun's environment plus MASTER_ADDR and
 MASTER_PORT, which the launching process sets.
@@ -11,6 +11,7 @@ MASTER_PORT, which the launching process sets.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import time
 from collections.abc import Iterator
@@ -128,16 +129,23 @@ def _alltoall_case(name: str, nbytes: int, tcomm: tdist.Communicator, mcomm: Any
                 meta={"ranks": size, "bytes": src.nbytes})
 
 
-def cases(quick: bool, tcomm: tdist.Communicator, mcomm: Any) -> Iterator[Case]:
-    """The suite's cases, built one at a time so earlier cases' buffers can be freed."""
+def cases(quick: bool, tcomm: tdist.Communicator, mcomm: Any, only: list[str] | None = None
+          ) -> Iterator[Case]:
+    """The suite's cases whose names match a pattern of `only` (fnmatch; all if None),
+    built one at a time so earlier cases' buffers can be freed."""
+    def wanted(name: str, nbytes: int) -> bool:
+        return not (quick and nbytes >= QUICK_SKIP) and (
+            only is None or any(fnmatch.fnmatchcase(name, p) for p in only))
+
     for label, nbytes in LATENCY.items():
-        yield _allreduce_case(f"allreduce_{label}", nbytes, tcomm, mcomm, latency=True)
+        if wanted(name := f"allreduce_{label}", nbytes):
+            yield _allreduce_case(name, nbytes, tcomm, mcomm, latency=True)
     for label, nbytes in BANDWIDTH.items():
-        if not (quick and nbytes >= QUICK_SKIP):
-            yield _allreduce_case(f"allreduce_{label}", nbytes, tcomm, mcomm, latency=False)
+        if wanted(name := f"allreduce_{label}", nbytes):
+            yield _allreduce_case(name, nbytes, tcomm, mcomm, latency=False)
     for label, nbytes in ALLTOALL.items():
-        if not (quick and nbytes >= QUICK_SKIP):
-            yield _alltoall_case(f"alltoall_{label}", nbytes, tcomm, mcomm)
+        if wanted(name := f"alltoall_{label}", nbytes):
+            yield _alltoall_case(name, nbytes, tcomm, mcomm)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tessera.bench.comm_worker")
     parser.add_argument("out", type=Path)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", help="comma-separated fnmatch patterns of case names")
     args = parser.parse_args(argv)
     mcomm = MPI.COMM_WORLD
     tcomm = tdist.init("mpi")
@@ -154,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any]
     try:
         rows = []
-        for case in cases(args.quick, tcomm, mcomm):
+        only = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else None
+        for case in cases(args.quick, tcomm, mcomm, only):
             rows += run_case("comm", case, rounds=7 if args.quick else 21,
                              min_sample_s=0.01 if args.quick else 0.02, clock=clock)
         result = {"rows": rows}
