@@ -26,7 +26,7 @@ from tessera.graph import fusion
 from tessera.ops import reduce, registry
 from tessera.runtime import knowledge
 from tessera.runtime.cache import default_cache
-from tessera.tune import ShareError, export_records, import_records, op_target, search
+from tessera.tune import ShareError, export_records, import_records, op_target, tune_tile
 from tessera.tune.share import _digest
 
 SHAPE = (24, 40)  # an odd shape no other test tunes: softmax's tile (64, 48) by default
@@ -71,7 +71,7 @@ def test_each_strategy_records_a_checked_candidate(strategy):
     assert (target.kernel, target.shape, target.dtype) == ("softmax", "32x40", "float32")
     assert target.default == (64, 48) and target.fixed_bn
     assert target.candidates == [(2, 48), (4, 48), (8, 48), (16, 48), (32, 48)]
-    result = search(target, strategy, timeout=60)
+    result = tune_tile(target, strategy, timeout=60)
     timed = [t.tile for t in result.trials if t.median_s is not None]
     assert len(timed) == {"exhaustive": 6, "random": 6, "model": 5}[strategy]
     assert result.recorded and result.best in target.candidates
@@ -85,7 +85,7 @@ def test_each_strategy_records_a_checked_candidate(strategy):
 def test_wrong_and_failing_candidates_are_rejected_never_recorded():
     target = _slow_default(op_target("softmax", SHAPE))
     # a 16-wide tile leaves most of each 40-long row unwritten: a wrong result
-    result = search(target, "exhaustive", timeout=60, candidates=[(4, 16), (8, 48)])
+    result = tune_tile(target, "exhaustive", timeout=60, candidates=[(4, 16), (8, 48)])
     wrong = next(t for t in result.trials if t.tile == (4, 16))
     assert wrong.error and wrong.median_s is None
     assert result.best == (8, 48) and knowledge.load(knowledge.TILE, KEY)["tile"] == [8, 48]
@@ -97,7 +97,7 @@ def test_wrong_and_failing_candidates_are_rejected_never_recorded():
             raise TuneError("no such tile")
         return run(tile)
     target.run = failing
-    result = search(target, "exhaustive", timeout=60, candidates=[(8, 48)])
+    result = tune_tile(target, "exhaustive", timeout=60, candidates=[(8, 48)])
     assert not result.recorded and "TuneError: no such tile" in result.trials[1].error
     assert "computed right" in result.note
 
@@ -105,9 +105,9 @@ def test_wrong_and_failing_candidates_are_rejected_never_recorded():
 def test_search_refuses_bad_arguments():
     target = op_target("softmax", SHAPE)
     with pytest.raises(TuneError, match="unknown strategy"):
-        search(target, "genetic")
+        tune_tile(target, "genetic")
     with pytest.raises(TuneError, match="timeout"):
-        search(target, timeout=0)
+        tune_tile(target, timeout=0)
     with pytest.raises(TuneError, match="no tunable tile"):
         op_target("matmul", SHAPE)
     with pytest.raises(TuneError, match="shape spec"):

@@ -19,7 +19,7 @@ import torch
 
 from tessera.errors import TuneError
 from tessera.runtime import knowledge
-from tessera.tune.search import Target, Tile, TuneResult, search
+from tessera.tune.search import Target, Tile, TuneResult, tune_tile
 
 __all__ = ["OPS", "graph_targets", "op_target", "parse_spec", "tune_graph", "tune_op"]
 
@@ -77,8 +77,8 @@ def tune_op(name: str, shape: Sequence[int], dtype: str = "float32",
             strategy: str = "model", timeout: float = 30.0,
             candidates: Sequence[Tile] | None = None,
             progress: Callable[[str], None] | None = None) -> TuneResult:
-    """Search the tile of op `name`'s row kernel at `shape` (see `search`)."""
-    return search(op_target(name, shape, dtype), strategy, timeout, candidates,
+    """Search the tile of op `name`'s row kernel at `shape` (see `tune_tile`)."""
+    return tune_tile(op_target(name, shape, dtype), strategy, timeout, candidates,
                   progress=progress)
 
 
@@ -145,7 +145,7 @@ def tune_graph(script: str | Path, args: Sequence[str] = (), strategy: str = "mo
                         "that is still alive when it ends",
                         hint="compile with torch.compile(model, backend='tessera') or "
                              "tessera.compile and keep the model referenced")
-    results = [search(t, strategy, timeout, progress=progress) for t in targets]
+    results = [tune_tile(t, strategy, timeout, progress=progress) for t in targets]
     del scope  # the script's objects (its compiled graphs) were needed until here
     return results, skipped
 

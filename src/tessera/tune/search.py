@@ -29,7 +29,7 @@ from tessera.runtime.cpu.device import cache_sizes, usable_cores
 from tessera.templates.gemm.tuning import vector_lanes
 from tessera.tune.tuner import time_interleaved
 
-__all__ = ["STRATEGIES", "Target", "Trial", "TuneResult", "estimate", "search"]
+__all__ = ["STRATEGIES", "Target", "Trial", "TuneResult", "estimate", "tune_tile"]
 
 Tile = tuple[int, int]
 STRATEGIES = ("exhaustive", "random", "model")
@@ -118,7 +118,7 @@ def estimate(target: Target, tile: Tile) -> float:
     return moved / 8e9 * vector * spill / max(busy, 1e-9) + programs * 5e-8
 
 
-def search(target: Target, strategy: str = "model", timeout: float = 30.0,
+def tune_tile(target: Target, strategy: str = "model", timeout: float = 30.0,
            candidates: Sequence[Tile] | None = None, seed: int = 0,
            progress: Callable[[str], None] | None = None) -> TuneResult:
     """Search tiles for `target` with `strategy` within about `timeout` seconds (the
