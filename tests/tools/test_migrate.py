@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.amp.autocast_mode import autocast
 from torch.amp.grad_scaler import GradScaler
+from torch.distributed import device_mesh
 from torch.nn.parallel import DistributedDataParallel
 from typer.testing import CliRunner
 
@@ -87,7 +89,8 @@ def _patched_objects() -> dict[str, object]:
         "DDP.__init__": DistributedDataParallel.__init__,
         "init_process_group": dist.init_process_group, "new_group": dist.new_group,
         "is_nccl_available": dist.is_nccl_available,
-        "showwarning": __import__("warnings").showwarning,
+        "init_device_mesh": device_mesh.init_device_mesh,
+        "showwarning": warnings.showwarning,
     })
     return objs
 
@@ -211,8 +214,11 @@ def test_nccl_under_torchrun_uses_tessera_backend(tmp_path):
         import os, torch, torch.distributed as dist
         local_rank = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        dist.barrier(device_ids=[local_rank])
         rank, world = dist.get_rank(), dist.get_world_size()
+        from torch.distributed.device_mesh import init_device_mesh
+        assert init_device_mesh("cuda", (world,)).device_type == "cpu"
         x = torch.arange(5, dtype=torch.float32, device=f"cuda:{local_rank}") * (rank + 1)
         dist.all_reduce(x)
         model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2).cuda(),
@@ -229,5 +235,7 @@ def test_nccl_under_torchrun_uses_tessera_backend(tmp_path):
         assert f"rank {rank} of 2 on tessera: {want}" in out.stdout, out.stdout
         for line in ("process group backend 'nccl' -> 'tessera'",
                      "DistributedDataParallel device_ids dropped (cpu module)",
+                     "init_process_group device_id= dropped (cpu)",
+                     "init_device_mesh('cuda') -> 'cpu'",
                      "torch.cuda.set_device -> no-op"):
             assert f"[rank {rank}]" in out.stderr and line in out.stderr, out.stderr

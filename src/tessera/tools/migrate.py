@@ -653,6 +653,18 @@ class Migration:
                 kwargs["backend"] = backend_for(kwargs["backend"])
             return original_group(*args, **kwargs)
 
+        from torch.distributed import device_mesh
+
+        original_mesh = device_mesh.init_device_mesh
+
+        @functools.wraps(original_mesh)
+        def init_device_mesh(device_type: str, *args: Any, **kwargs: Any) -> Any:
+            if device_type == "cuda":
+                report.redirected["init_device_mesh('cuda') -> 'cpu'"] += 1
+                device_type = "cpu"
+            return original_mesh(device_type, *args, **kwargs)
+
+        self._set(device_mesh, "init_device_mesh", init_device_mesh)
         self._set(dist, "init_process_group", init_process_group)
         self._set(dist, "new_group", new_group)
         self._for_user(dist, "is_nccl_available", "is_nccl_available -> True (tessera)",
