@@ -26,7 +26,15 @@ import math
 import torch
 
 import tessera.lang as tl
-from tessera.ops._launch import FLOATS, check_dim, check_tensor, compiled, launch, spec
+from tessera.ops._launch import (
+    FLOATS,
+    ArgumentError,
+    check_dim,
+    check_tensor,
+    compiled,
+    launch,
+    spec,
+)
 from tessera.ops.pointwise import contiguous
 from tessera.ops.registry import op
 
@@ -55,6 +63,8 @@ def _reference(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.T
 def $name(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
     """sqrt(mean(x ** 2)) along dim, in float32 (an example op made by tessera opgen)."""
     check_tensor(x, "$name", "x", FLOATS)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ArgumentError(f"$name: dim={dim!r} must be an int (one dim)")
     d = check_dim(dim, x.dim(), "$name")
     rows_of = x.movedim(d, -1) if x.dim() else x.view(1)  # the reduced dim last
     r = rows_of.shape[-1]
@@ -89,6 +99,7 @@ from opcheck import check
 
 import tessera.ops as O
 from tessera.errors import DtypeError, ShapeError
+from tessera.ops import ArgumentError
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -121,6 +132,8 @@ def test_${name}_bad_input() -> None:
         O.$name(torch.ones(3, dtype=torch.int32))
     with pytest.raises(ShapeError, match="dim=2"):
         O.$name(torch.ones(3, 4), 2)
+    with pytest.raises(ArgumentError, match="must be an int"):
+        O.$name(torch.ones(3, 4), [0, 1])
 '''
 
 BENCH_BYTES = "4 * m * n + 4 * m"  # read x, write one value a row (float32)
