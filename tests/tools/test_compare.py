@@ -7,10 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import linecache
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ import torch
 from tessera.bench import zoo
 from tessera.graph import interpreter
 from tessera.graph.ir import Node
+from tessera.ops import registry
 from tessera.tools.compare import CompareError, compare, compare_dumps
 
 
@@ -144,20 +142,9 @@ def test_bad_input(tmp_path: Path) -> None:
 _SCRIPT = """
 import sys
 import torch
-from tessera.ops import registry
 
 sys.path.insert(0, {tests!r})
 from test_compare import Small  # the model the other tests compile: kernels cached
-
-if "--wrong" in sys.argv:  # a linear kernel off by one in its first element
-    linear = registry.get("linear")
-    right = linear.impl
-
-    def wrong(*args, **kwargs):
-        out = right(*args, **kwargs)
-        out.view(-1)[0] += 1.0
-        return out
-    linear.impl = wrong
 
 model = torch.compile(Small().eval(), backend="tessera")
 for _ in range(2):
@@ -166,22 +153,29 @@ print("script done")
 """
 
 
-def _cli(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tessera", "compare", str(script), *args],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "COLUMNS": "200"})
+def test_cli_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
 
+    from tessera.cli import app
 
-def test_cli_exit_codes(tmp_path: Path) -> None:
     script = tmp_path / "net.py"
     script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent)))
-    clean = _cli(script)
-    assert clean.returncode == 0, clean.stdout + clean.stderr
-    assert "script done" in clean.stdout and "0 out of tolerance" in clean.stdout
-    wrong = _cli(script, "--wrong")
-    assert wrong.returncode == 1, wrong.stdout + wrong.stderr
-    assert "script done" in wrong.stdout and "BAD" in wrong.stdout
+    clean = CliRunner().invoke(app, ["compare", str(script)])
+    assert clean.exit_code == 0, clean.output
+    assert "script done" in clean.output and "0 out of tolerance" in clean.output
+
+    linear = registry.get("linear")  # a linear kernel off by one in its first element
+    right = linear.impl
+
+    def wrong(*args: Any, **kwargs: Any) -> Any:
+        out = right(*args, **kwargs)
+        out.view(-1)[0] += 1.0
+        return out
+    monkeypatch.setattr(linear, "impl", wrong)
+    bad = CliRunner().invoke(app, ["compare", str(script), "--rows", "0"])
+    assert bad.exit_code == 1, bad.output
+    assert "script done" in bad.output and "BAD" in bad.output
     lines, first = inspect.getsourcelines(Small.forward)
     line = first + next(i for i, text in enumerate(lines) if "self.fc(x)" in text)
-    assert f"{__file__}:{line}" in wrong.stdout
-    assert linecache.getline(__file__, line).strip() in wrong.stdout
+    assert f"{__file__}:{line}" in bad.output
+    assert linecache.getline(__file__, line).strip() in bad.output

@@ -204,7 +204,7 @@ class Comparison:
         from rich.console import Console
         console = console or Console()
         console.print(self.table(limit))
-        console.print(self.summary(), markup=False, highlight=False)
+        console.print(self.summary(), markup=False, highlight=False, soft_wrap=True)
 
 
 def _num(x: float | None) -> str:
