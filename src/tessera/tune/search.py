@@ -8,7 +8,8 @@ masked padding, vector width, whether a tile fits the caches, balance of the pro
 the cores). Every trial is checked against the default tile's result first: a wrong or
 failing one is rejected and reported, never timed or recorded. The checked ones and the
 default are timed interleaved (medians); the winner is recorded only when it beats the
-default beyond noise (its slower runs faster than the default's faster runs).
+default beyond noise: its upper-quartile time below the default's lower quartile, and its
+median at least 3% faster.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ STRATEGIES = ("exhaustive", "random", "model")
 _TOP = 4  # candidates the model strategy times (besides the default)
 _SAMPLES = 6  # candidates the random strategy times
 _REPEATS = 25
-_MIN_BUDGET_S = 0.5  # the timing rounds' budget when the checks used up the timeout
+_MIN_BUDGET_S = 2.0  # the timing rounds' budget when the checks used up the timeout
+_MIN_GAIN = 1.03  # a smaller gain of the medians is not worth a record
 
 
 @dataclass
@@ -154,9 +156,9 @@ def tune_tile(target: Target, strategy: str = "model", timeout: float = 30.0,
             trials[c].median_s = statistics.median(r)
         best = min(checked, key=lambda c: trials[c].median_s or math.inf)
         spread = dict(zip(checked, runs, strict=True))
-        beats = best != target.default and _quartile(spread[best], 3) < _quartile(
-            spread[target.default], 1)
         speedup = trials[target.default].median_s / trials[best].median_s
+        beats = best != target.default and speedup >= _MIN_GAIN and _quartile(
+            spread[best], 3) < _quartile(spread[target.default], 1)
     else:
         best, beats, speedup = target.default, False, 1.0
     listed = [target.default, *order]  # then the candidates the strategy left out
