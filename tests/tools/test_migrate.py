@@ -5,6 +5,7 @@ collectives backend."""
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import subprocess
@@ -37,14 +38,17 @@ def _script(tmp_path: Path, body: str, name: str = "script.py") -> Path:
 
 @pytest.fixture(scope="module")
 def example_run(tmp_path_factory: pytest.TempPathFactory):
-    """`tessera run examples/gpu_script.py --steps 3 --save FILE`, in this process."""
-    out = tmp_path_factory.mktemp("migrate") / "y.pt"
-    result = CliRunner().invoke(app, ["run", str(EXAMPLE), "--steps", "3", "--save", str(out)])
-    return result, out
+    """`tessera run --json R examples/gpu_script.py --steps 3 --save Y`, in this process:
+    (the CLI result, Y, the JSON report)."""
+    tmp = tmp_path_factory.mktemp("migrate")
+    result = CliRunner().invoke(app, ["run", "--json", str(tmp / "report.json"), str(EXAMPLE),
+                                      "--steps", "3", "--save", str(tmp / "y.pt")])
+    report = json.loads((tmp / "report.json").read_text()) if result.exit_code == 0 else None
+    return result, tmp / "y.pt", report
 
 
 def test_gpu_script_matches_eager_cpu(example_run):
-    result, out = example_run
+    result, out, _ = example_run
     assert result.exit_code == 0, (result.output, result.exception)
     example = runpy.run_path(str(EXAMPLE), run_name="reference")
     with torch.no_grad():
@@ -58,7 +62,7 @@ def test_gpu_script_matches_eager_cpu(example_run):
 
 
 def test_summary_lists_redirections(example_run):
-    result, _ = example_run
+    result, _, report = example_run
     summary = result.stderr
     assert "tessera run: what was migrated" in summary
     for line in ("Module.cuda() -> stays on the cpu",
@@ -69,11 +73,13 @@ def test_summary_lists_redirections(example_run):
                  "torch.cuda.is_available -> True for the script",
                  "torch.cuda.max_memory_allocated -> peak process resident memory"):
         assert line in summary, summary
-    counts = {line.split(None, 1)[1]: int(line.split()[0])
-              for line in summary.splitlines() if line.strip()[:1].isdigit()}
+    counts = report["redirected"]
     assert counts["torch.cuda.synchronize -> tessera.synchronize()"] == 2
     assert counts["torch.cuda.Event -> tessera.Event"] == 2
+    assert counts["torch.compile -> backend='tessera'"] == 1
+    assert counts["Module.cuda() -> stays on the cpu"] == 1
     # the compiled graph replays; nothing the script compiled fell back or was unsupported
+    assert report["fallbacks"] == {} and report["unsupported"] == {} and report["kept"] == {}
     assert "fell back" not in summary and "unsupported" not in summary
 
 
@@ -226,13 +232,16 @@ def test_nccl_under_torchrun_uses_tessera_backend(tmp_path):
         print(f"rank {rank} of {world} on {dist.get_backend()}: {x.tolist()}", flush=True)
         dist.destroy_process_group()
     """)
-    out = subprocess.run([sys.executable, "-m", "tessera", "run", "--nproc", "2", str(script)],
+    out = subprocess.run([sys.executable, "-m", "tessera", "run", "--nproc", "2", "--json",
+                          str(tmp_path / "report.json"), str(script)],
                          capture_output=True, text=True, timeout=180,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stdout + out.stderr
     want = [float(i * 3) for i in range(5)]  # ranks 1 and 2 times arange(5)
     for rank in (0, 1):
         assert f"rank {rank} of 2 on tessera: {want}" in out.stdout, out.stdout
+        report = json.loads((tmp_path / f"report.rank{rank}.json").read_text())
+        assert report["redirected"]["process group backend 'nccl' -> 'tessera'"] == 1
         for line in ("process group backend 'nccl' -> 'tessera'",
                      "DistributedDataParallel device_ids dropped (cpu module)",
                      "init_process_group device_id= dropped (cpu)",

@@ -25,6 +25,9 @@ def run(
                                        help="Processes to launch with torchrun "
                                             "(--standalone, one node); 1 runs in this "
                                             "process.")] = 1,
+    json_path: Annotated[str | None, typer.Option("--json", help="Also write the report as "
+                                                  "JSON here (per rank: NAME.rankR.json).")]
+    = None,
 ) -> None:
     """Run a PyTorch script written for a GPU, unmodified, on this machine.
 
@@ -34,11 +37,11 @@ def run(
     """
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(nproc), "-m", "tessera.tools.migrate", script,
-               *(args or [])]
+               "--nproc-per-node", str(nproc), "-m", "tessera.tools.migrate",
+               *(["--json", json_path] if json_path else []), script, *(args or [])]
         raise typer.Exit(subprocess.call(cmd))
     from tessera.tools.migrate import run_script
 
-    code = run_script(script, args or [])
+    code = run_script(script, args or [], json_path=json_path)
     if code:
         raise typer.Exit(code)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import re
 import runpy
@@ -112,7 +113,7 @@ def _internal(depth: int) -> bool:
 
 
 def _user_site() -> str:
-    """file:line of the innermost frame outside torch, Tessera and this module's callers."""
+    """file:line of the innermost frame outside torch and Tessera: the script's line."""
     frame = sys._getframe(1)
     while frame is not None and \
             frame.f_globals.get("__name__", "").split(".", 1)[0] in _OWN_PACKAGES:
@@ -127,6 +128,14 @@ def _is_cuda(device: Any) -> bool:
     if isinstance(device, torch.device):
         return device.type == "cuda"
     return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _cpu_for(report: MigrationReport, device: Any, kind: str) -> Any:
+    """"cpu" for a CUDA device request (counted under `kind`), else `device` unchanged."""
+    if not _is_cuda(device):
+        return device
+    report.redirected[kind] += 1
+    return "cpu"
 
 
 # --------------------------------------------------------------------------- device mode
@@ -147,8 +156,7 @@ class _CudaToCpu(TorchFunctionMode):
         if func in _METHODS:  # one set lookup on the path every other call takes
             if func is torch.Tensor.to:
                 if len(args) > 1 and _is_cuda(args[1]):
-                    args = (args[0], "cpu", *args[2:])
-                    self.report.redirected[_DEVICE] += 1
+                    args = (args[0], _cpu_for(self.report, args[1], _DEVICE), *args[2:])
             else:
                 self.report.redirected[_METHODS[func]] += 1
                 if func is torch.Tensor.record_stream:
@@ -157,8 +165,7 @@ class _CudaToCpu(TorchFunctionMode):
                         if k in ("non_blocking", "memory_format")}
                 return args[0].to(**rest) if rest else args[0]
         if "device" in kwargs and _is_cuda(kwargs["device"]):
-            kwargs = {**kwargs, "device": "cpu"}
-            self.report.redirected[_DEVICE] += 1
+            kwargs = {**kwargs, "device": _cpu_for(self.report, kwargs["device"], _DEVICE)}
         return func(*args, **kwargs)
 
 
@@ -605,15 +612,11 @@ class Migration:
 
         def init_autocast(self: Any, device_type: str, dtype: torch.dtype | None = None,
                           enabled: bool = True, cache_enabled: bool | None = None) -> None:
-            if device_type == "cuda":
-                device_type = "cpu"
-                report.redirected["autocast('cuda') -> autocast('cpu')"] += 1
+            device_type = _cpu_for(report, device_type, "autocast('cuda') -> autocast('cpu')")
             autocast_init(self, device_type, dtype, enabled, cache_enabled)
 
         def init_scaler(self: Any, device: str = "cuda", *args: Any, **kwargs: Any) -> None:
-            if device == "cuda":
-                device = "cpu"
-                report.redirected["GradScaler('cuda') -> GradScaler('cpu')"] += 1
+            device = _cpu_for(report, device, "GradScaler('cuda') -> GradScaler('cpu')")
             scaler_init(self, device, *args, **kwargs)
 
         self._set(autocast, "__init__", functools.wraps(autocast_init)(init_autocast))
@@ -659,9 +662,7 @@ class Migration:
 
         @functools.wraps(original_mesh)
         def init_device_mesh(device_type: str, *args: Any, **kwargs: Any) -> Any:
-            if device_type == "cuda":
-                report.redirected["init_device_mesh('cuda') -> 'cpu'"] += 1
-                device_type = "cpu"
+            device_type = _cpu_for(report, device_type, "init_device_mesh('cuda') -> 'cpu'")
             return original_mesh(device_type, *args, **kwargs)
 
         self._set(device_mesh, "init_device_mesh", init_device_mesh)
@@ -690,10 +691,7 @@ class Migration:
 
         @functools.wraps(original)
         def set_default_device(device: Any) -> None:
-            if device is not None and _is_cuda(device):
-                report.redirected[_DEVICE] += 1
-                device = "cpu"
-            original(device)
+            original(_cpu_for(report, device, _DEVICE))
 
         self._set(torch, "set_default_device", set_default_device)
 
@@ -718,17 +716,29 @@ _NVTX = _Nvtx()
 # --------------------------------------------------------------------------- scripts
 
 
-def _rank_prefix() -> str:
-    """"[rank N] " under a multi-process launch (torchrun sets RANK and WORLD_SIZE)."""
+def _rank() -> str | None:
+    """This process's rank under a multi-process launch (torchrun sets RANK, WORLD_SIZE)."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    return f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
+    return os.environ.get("RANK", "?") if world > 1 else None
 
 
-def run_script(path: str, argv: Sequence[str] = (), *,
-               summary: TextIO | None = None) -> int:
+def _write_json(report: MigrationReport, path: str) -> None:
+    """The report as JSON at `path`; under a multi-process launch each rank writes its own
+    file, `NAME.rankR.json`."""
+    rank = _rank()
+    if rank is not None:
+        stem, ext = os.path.splitext(path)
+        path = f"{stem}.rank{rank}{ext or '.json'}"
+    with open(path, "w") as f:
+        json.dump(report.as_dict(), f, indent=2)
+
+
+def run_script(path: str, argv: Sequence[str] = (), *, summary: TextIO | None = None,
+               json_path: str | None = None) -> int:
     """Run the script at `path` as `__main__` with `sys.argv = [path, *argv]` under a
     Migration; print the report's summary to `summary` (default stderr) at the end, also
-    when the script fails. Returns the script's exit code."""
+    when the script fails, and write it as JSON to `json_path` if given. Returns the
+    script's exit code."""
     if not os.path.isfile(path):
         raise MigrationError(f"no script at {path!r}", where="tessera run",
                              hint="give the path of a Python file: tessera run train.py ARGS")
@@ -744,7 +754,11 @@ def run_script(path: str, argv: Sequence[str] = (), *,
         code = _exit_code(e.code)
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
-        print(migration.report.summary(_rank_prefix()), file=summary or sys.stderr, flush=True)
+        rank = _rank()
+        print(migration.report.summary("" if rank is None else f"[rank {rank}] "),
+              file=summary or sys.stderr, flush=True)
+        if json_path:
+            _write_json(migration.report, json_path)
     return code
 
 
@@ -756,16 +770,20 @@ def _exit_code(code: Any) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m tessera.tools.migrate script.py [args]` (what torchrun launches per rank)."""
+    """`python -m tessera.tools.migrate [--json FILE] script.py [args]` (what torchrun
+    launches per rank)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    json_path = None
+    if args[:1] == ["--json"] and len(args) > 1:
+        json_path, args = args[1], args[2:]
     if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m tessera.tools.migrate SCRIPT [ARGS...]\n"
+        print("usage: python -m tessera.tools.migrate [--json FILE] SCRIPT [ARGS...]\n"
               "       torchrun --nproc-per-node N -m tessera.tools.migrate SCRIPT [ARGS...]\n"
               "Runs a PyTorch script written for a GPU on this machine (see `tessera run`).",
               file=sys.stderr)
         return 0 if args else 2
     try:
-        return run_script(args[0], args[1:])
+        return run_script(args[0], args[1:], json_path=json_path)
     except TesseraError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
