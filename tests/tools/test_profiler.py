@@ -96,6 +96,78 @@ def test_flop_counts_of_gemm_like_ops() -> None:
 
 
 @pytest.fixture(scope="module")
+def small_graph() -> tuple[Profile, Any]:
+    """A small MLP compiled; its second call (recording the plan) and third (replaying
+    it) profiled."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(),
+                                torch.nn.Linear(64, 32), torch.nn.LayerNorm(32)).eval()
+    x = torch.randn(4, 32)
+    before = {id(e) for e in compiled()}
+    compiled_model = torch.compile(model, backend="tessera")
+    with torch.no_grad():
+        compiled_model(x)
+        with tessera.profile() as p:
+            compiled_model(x)
+            compiled_model(x)
+    (executable,) = [e for e in compiled() if id(e) not in before]
+    return p, executable
+
+
+def test_small_graph_recorded_and_replayed(small_graph: tuple[Profile, Any]) -> None:
+    p, executable = small_graph
+    calls = [e for e in p.events if e.cat == "graph"]
+    assert [e.args["ran"] for e in calls] == ["record", "plan"]
+    nodes = executable.graph.nodes
+    for call in calls:
+        kernels = [e for e in p.events if e.cat == "kernel" and _inside(e, call)]
+        assert kernels and all(e.args["graph"] == executable.label for e in kernels)
+        assert all(nodes[e.args["node"]].op == e.args["op"] for e in kernels)
+        ops_in = {e.args["node"] for e in p.events if e.cat == "op" and _inside(e, call)}
+        assert {e.args["node"] for e in kernels} <= ops_in
+    arena = [e for e in p.events if e.cat == "memory" and e.name == "arena"]
+    assert len(arena) == 1 and arena[0].args["graph"] == executable.label
+    linear = next(s for s in p.stats("op") if s.name == "linear")
+    # two layers; recording runs them, then replays the new plan once to check it
+    assert linear.calls == 2 * 3 and linear.flops == 6 * (2 * 4 * 64 * 32)
+
+
+def test_chrome_trace_is_valid(small_graph: tuple[Profile, Any], tmp_path: Path) -> None:
+    p, executable = small_graph
+    events = _check_trace(p, executable.label, tmp_path)
+    assert any(e["ph"] == "C" and e["name"] == "memory: graph arenas" for e in events)
+
+
+def _check_trace(p: Profile, label: str, tmp_path: Path) -> list[dict[str, Any]]:
+    """The exported trace's events, checked: required keys, categories, non-negative
+    times, metadata, graph kernels, and events of one thread nesting."""
+    path = p.export_chrome_trace(tmp_path / "trace.json")
+    data = json.loads(path.read_text())
+    assert data["displayTimeUnit"] == "ms"
+    events = data["traceEvents"]
+    complete = [e for e in events if e["ph"] == "X"]
+    assert len(complete) == len(p.events)
+    for e in complete:
+        assert {"name", "cat", "ts", "dur", "pid", "tid", "args"} <= set(e)
+        assert e["cat"] in CATEGORIES and e["dur"] >= 0 and e["ts"] >= 0
+    assert {e["name"] for e in events if e["ph"] == "M"} >= {"process_name", "thread_name"}
+    assert any(e["ph"] == "X" and e["args"].get("graph") == label and e["cat"] == "kernel"
+               for e in events)
+    assert any(e["ph"] == "X" and e["cat"] == "memory" and e["name"] == "outputs"
+               for e in events)  # each call's output buffers
+    by_tid: dict[int, list[tuple[float, float]]] = {}
+    for e in complete:
+        by_tid.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e["dur"]))
+    for spans in by_tid.values():  # none starts inside another and ends after it
+        stack: list[float] = []
+        for start, end in sorted(spans, key=lambda s: (s[0], -s[1])):
+            while stack and stack[-1] <= start:
+                stack.pop()
+            assert not stack or end <= stack[-1] + 1e-3, (start, end, stack[-1])
+            stack.append(end)
+    return events
+
+
+@pytest.fixture(scope="module")
 def bert_profile() -> tuple[Profile, Any]:
     """Tiny BERT compiled; two calls profiled after its plan is recorded."""
     z = zoo.build("bert", "tiny")
@@ -113,6 +185,7 @@ def bert_profile() -> tuple[Profile, Any]:
     return p, executable
 
 
+@pytest.mark.slow
 def test_compiled_graph_calls_and_kernels(bert_profile: tuple[Profile, Any]) -> None:
     p, executable = bert_profile
     label = executable.label
@@ -137,33 +210,10 @@ def test_compiled_graph_calls_and_kernels(bert_profile: tuple[Profile, Any]) -> 
     assert linear and linear[0].flops > 0
 
 
-def test_chrome_trace_is_valid(bert_profile: tuple[Profile, Any], tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_bert_trace_is_valid(bert_profile: tuple[Profile, Any], tmp_path: Path) -> None:
     p, executable = bert_profile
-    path = p.export_chrome_trace(tmp_path / "trace.json")
-    data = json.loads(path.read_text())
-    assert data["displayTimeUnit"] == "ms"
-    events = data["traceEvents"]
-    complete = [e for e in events if e["ph"] == "X"]
-    assert len(complete) == len(p.events)
-    for e in complete:
-        assert {"name", "cat", "ts", "dur", "pid", "tid", "args"} <= set(e)
-        assert e["cat"] in CATEGORIES and e["dur"] >= 0 and e["ts"] >= 0
-    assert {e["name"] for e in events if e["ph"] == "M"} >= {"process_name", "thread_name"}
-    assert any(e["ph"] == "X" and e["args"].get("graph") == executable.label
-               and e["cat"] == "kernel" for e in events)
-    assert any(e["ph"] == "X" and e["cat"] == "memory" and e["name"] == "outputs"
-               for e in events)  # each call's output buffers
-    # events of one thread nest: none starts inside another and ends after it
-    by_tid: dict[int, list[tuple[float, float]]] = {}
-    for e in complete:
-        by_tid.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e["dur"]))
-    for spans in by_tid.values():
-        stack: list[float] = []
-        for start, end in sorted(spans, key=lambda s: (s[0], -s[1])):
-            while stack and stack[-1] <= start:
-                stack.pop()
-            assert not stack or end <= stack[-1] + 1e-3, (start, end, stack[-1])
-            stack.append(end)
+    _check_trace(p, executable.label, tmp_path)
 
 
 def test_compile_miss_is_an_event() -> None:
