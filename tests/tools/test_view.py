@@ -87,7 +87,7 @@ def moe_lm() -> tuple[Any, Any]:
     return _compiled("moe_lm")
 
 
-@pytest.mark.parametrize("which", ["bert", "moe_lm"])
+@pytest.mark.parametrize("which", ["bert", pytest.param("moe_lm", marks=pytest.mark.slow)])
 def test_page_shows_nodes_groups_and_memory(which: str, request: pytest.FixtureRequest
                                             ) -> None:
     model, ex = request.getfixturevalue(which)
@@ -124,7 +124,7 @@ def test_page_shows_nodes_groups_and_memory(which: str, request: pytest.FixtureR
     assert any(e is ex for e in api.executables(model))
 
 
-@pytest.mark.parametrize("which", ["bert", "moe_lm"])
+@pytest.mark.parametrize("which", ["bert", pytest.param("moe_lm", marks=pytest.mark.slow)])
 def test_layout_has_no_overlaps_and_edges_go_down(which: str,
                                                   request: pytest.FixtureRequest) -> None:
     _, ex = request.getfixturevalue(which)

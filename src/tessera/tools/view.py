@@ -287,7 +287,8 @@ def _svg(d: _Drawn, standalone: bool = False) -> str:
            + (' xmlns="http://www.w3.org/2000/svg">' if standalone else ">")]
     if standalone:
         out.append(f"<style>{_SVG_CSS}</style>")
-    out.append('<defs><marker id="arrow" viewBox="0 0 8 8" refX="8" refY="4" '
+    arrow = f"arrow-{d.prefix}"  # (one per drawing: a hidden one's would not show)
+    out.append(f'<defs><marker id="{arrow}" viewBox="0 0 8 8" refX="8" refY="4" '
                'markerWidth="6" markerHeight="6" orient="auto-start-reverse">'
                '<path d="M0,0 L8,4 L0,8 z" fill="#888"/></marker></defs>')
     for c, (b, title) in sorted(d.groups.items()):
@@ -301,7 +302,7 @@ def _svg(d: _Drawn, standalone: bool = False) -> str:
         mid = (y1 + y2) / 2
         out.append(f'<path class="edge" data-from="{d.ids[u]}" data-to="{d.ids[v]}" '
                    f'd="M{a.center:.1f},{y1:.1f} C{a.center:.1f},{mid:.1f} {b.center:.1f},'
-                   f'{mid:.1f} {b.center:.1f},{y2:.1f}" marker-end="url(#arrow)"/>')
+                   f'{mid:.1f} {b.center:.1f},{y2:.1f}" marker-end="url(#{arrow})"/>')
     for k, b in enumerate(d.boxes):
         search = html.escape(" ".join(d.lines[k]).lower() + " " + d.details[k].lower())
         out.append(f'<g class="{d.classes[k]}" id="{d.ids[k]}" data-search="{search}" '
