@@ -30,6 +30,7 @@ def moe_lm() -> Any:
     return compiled, inputs, compare(compiled, inputs)
 
 
+@pytest.mark.slow  # the MoE LM's compile: ~10 s
 def test_zoo_model_compares_clean(moe_lm: Any) -> None:
     _, _, result = moe_lm
     assert result.ok and result.first_bad is None, result.summary()
@@ -67,6 +68,7 @@ def _inject(monkeypatch: pytest.MonkeyPatch, target: Node) -> None:
     monkeypatch.setattr(interpreter, "node_function", injected)
 
 
+@pytest.mark.slow  # (shares the compile)
 def test_wrong_kernel_is_found(moe_lm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     compiled, inputs, clean = moe_lm
     graph = clean.graphs[0].graph
