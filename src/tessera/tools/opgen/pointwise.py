@@ -100,6 +100,7 @@ from __future__ import annotations
 import pytest
 import torch
 from opcheck import check
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import tessera.ops as O
 from tessera.errors import DtypeError
@@ -132,6 +133,10 @@ def test_${name}_torch_op() -> None:
     x = torch.randn(3, 5)
     got = torch.ops.tessera.$name(x, 1.5)
     torch.testing.assert_close(got, O.$name(x, alpha=1.5))
+    with FakeTensorMode():  # the fake implementation torch.compile traces with
+        half = torch.empty(3, 5, dtype=torch.bfloat16)
+        fake = torch.ops.tessera.$name(half)
+    assert fake.shape == (3, 5) and fake.dtype == torch.bfloat16
 
 
 def test_${name}_bad_input() -> None:

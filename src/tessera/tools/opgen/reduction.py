@@ -96,6 +96,7 @@ from __future__ import annotations
 import pytest
 import torch
 from opcheck import check
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import tessera.ops as O
 from tessera.errors import DtypeError, ShapeError
@@ -125,6 +126,10 @@ def test_${name}_torch_op() -> None:
     x = torch.randn(3, 5)
     got = torch.ops.tessera.$name(x, 0)
     torch.testing.assert_close(got, O.$name(x, 0))
+    with FakeTensorMode():  # the fake implementation torch.compile traces with
+        half = torch.empty(3, 5, dtype=torch.bfloat16)
+        fake = torch.ops.tessera.$name(half, 0, True)
+    assert fake.shape == (1, 5) and fake.dtype == torch.bfloat16
 
 
 def test_${name}_bad_input() -> None:

@@ -86,6 +86,7 @@ from __future__ import annotations
 import pytest
 import torch
 from opcheck import check
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import tessera.ops as O
 from tessera.errors import DtypeError, ShapeError
@@ -116,6 +117,10 @@ def test_${name}_torch_op() -> None:
     x, w, b = torch.randn(3, 40), torch.randn(24, 40), torch.randn(24)
     got = torch.ops.tessera.$name(x, w, b)
     torch.testing.assert_close(got, O.$name(x, w, b))
+    with FakeTensorMode():  # the fake implementation torch.compile traces with
+        x, w = torch.empty(3, 40), torch.empty(24, 40)
+        fake = torch.ops.tessera.$name(x.bfloat16(), w.bfloat16())
+    assert fake.shape == (3, 24) and fake.dtype == torch.bfloat16
 
 
 def test_${name}_bad_input() -> None:
