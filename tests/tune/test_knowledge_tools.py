@@ -313,3 +313,21 @@ def test_concurrent_writers_and_importers_leave_every_record_readable(tmp_path):
         for i in range(5):
             assert knowledge.load("tile", f"w{w}|{i}x40|float32")["tile"] == [i % 4 + 1, 48]
     assert knowledge.load(knowledge.TILE, KEY)["tile"] == [8, 48]
+
+
+@pytest.mark.slow
+def test_zoo_bert_kernels_are_tuned_with_every_candidate_correct():
+    from tessera.bench import zoo
+    before = {id(ex) for ex in tessera.graph.compiled()}
+    z = zoo.build("bert", "tiny")
+    model = torch.compile(z.model, backend="tessera")
+    with torch.no_grad():
+        model(*z.inputs(2, 16))
+    mine = [ex for ex in tessera.graph.compiled() if id(ex) not in before]
+    targets, skipped = tessera.tune.graph_targets(mine)
+    assert skipped == [] and len(targets) >= 2
+    assert any("layer_norm" in t.label for t in targets)
+    target = next(t for t in targets if "layer_norm" in t.label)
+    result = tune_tile(target, "exhaustive", timeout=20)
+    assert all(t.error is None for t in result.trials), result.trials
+    assert result.best in [target.default, *target.candidates]
