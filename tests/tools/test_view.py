@@ -34,6 +34,7 @@ class _Page(HTMLParser):
         self.rows: dict[str, str] = {}
         self.buffers: set[str] = set()
         self.text: list[str] = []
+        self.ids: list[str] = []
         self._in: tuple[str, str] | None = None  # ("node" | "group", id) of an open <g>
         self._row: str | None = None
         self.feed(text)
@@ -42,6 +43,8 @@ class _Page(HTMLParser):
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
         cls = (a.get("class") or "").split()
+        if a.get("id"):
+            self.ids.append(a["id"] or "")
         if tag == "g" and ("node" in cls or "group" in cls):
             self._in = ("node" if "node" in cls else "group", a["id"] or "")
         elif tag == "rect" and self._in is not None:
@@ -96,6 +99,8 @@ def test_page_shows_nodes_groups_and_memory(which: str, request: pytest.FixtureR
     for i, n in enumerate(g.nodes):
         assert f"g0-f-n{i}" in page.boxes, f"node {i} ({n.op}) not drawn"
         assert n.op in page.rows[f"g0-f-n{i}"]
+        for k in tv.kernels(n):
+            assert k in page.rows[f"g0-f-n{i}"]
         for v in n.outputs:
             assert f"%{v.name}:" in page.rows[f"g0-f-n{i}"]
     # before fusion: each fused group is a box holding exactly the nodes it replaced
@@ -118,7 +123,7 @@ def test_page_shows_nodes_groups_and_memory(which: str, request: pytest.FixtureR
             assert f"%{name}" in page.rows[f"g0-f-n{i}"]
     # the memory plan: every buffer of the recorded plan, and the arena
     plan = next(p for p in ex.plans.values() if p is not None)
-    assert page.buffers == {f"buffer-{k}" for k in range(len(plan.memory.buffers))}
+    assert {f"g0-p0-b{k}" for k in range(len(plan.memory.buffers))} <= page.buffers
     assert f"{plan.memory.arena_bytes} B" in "".join(page.text)
     # the model finds the same executable
     assert any(e is ex for e in api.executables(model))
@@ -210,11 +215,12 @@ _SCRIPT = """
 import torch
 from test_model import Mlp
 torch.manual_seed(0)
-model = torch.compile(Mlp().eval(), backend="tessera")
+models = [torch.compile(Mlp().eval(), backend="tessera") for _ in range(2)]
 x = torch.randn(4, 32)
 with torch.no_grad():
-    model(x)
-    model(x)
+    for model in models:
+        model(x)
+        model(x)
 """
 
 
@@ -228,7 +234,11 @@ def test_cli_on_a_script_and_a_saved_model(tmp_path: Path) -> None:
     result = runner.invoke(app, ["view", str(tmp_path / "script.py"), "-o", str(out), "--svg"])
     assert result.exit_code == 0, result.output
     page = _Page(out.read_text())
-    assert "g0-f-n0" in page.boxes and page.groups and page.buffers
+    for k in (0, 1):  # a graph per model, each its own section
+        assert f"g{k}-f-n0" in page.boxes and f"g{k}-o-n0" in page.boxes
+        assert f'<option value="g{k}">' in out.read_text()
+    assert page.groups and page.buffers
+    assert len(page.ids) == len(set(page.ids)), "element ids repeat"
     assert "layer_norm" in " ".join(page.rows.values())
     svg = (tmp_path / "graph.0.fused.svg").read_text()
     assert svg.startswith("<svg") and 'xmlns="http://www.w3.org/2000/svg"' in svg

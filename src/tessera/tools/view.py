@@ -229,6 +229,7 @@ class _Drawn:
     lines: list[list[str]]
     classes: list[str]
     details: list[str]
+    shares: list[float]  # of the profiled time (0: none)
     boxes: list[Box]
     edges: list[tuple[int, int]]
     groups: dict[int, tuple[Box, str]]
@@ -240,7 +241,7 @@ def _draw(graph: Any, prefix: str, timings: dict[int, Timing] | None,
     total = sum(t.us for t in timings.values()) if timings else 0.0
     index = {v: len(graph.nodes) + k for k, v in enumerate(graph.inputs)}
     outputs = set(graph.outputs)
-    ids, lines, classes, details = [], [], [], []
+    ids, lines, classes, details, shares = [], [], [], [], []
     edges: set[tuple[int, int]] = set()
     for i, n in enumerate(graph.nodes):
         for v in n.outputs:
@@ -250,8 +251,9 @@ def _draw(graph: Any, prefix: str, timings: dict[int, Timing] | None,
                 + (f" +{len(n.outputs) - 2}" if len(n.outputs) > 2 else "")]
         ks = kernels(n)
         t = timings.get(i) if timings else None
+        shares.append(t.us / total if t is not None and total else 0.0)
         if t is not None and t.calls:
-            text.append(f"{t.us / 1000:.3f} ms ({t.us / total:.0%})" if total else "0 ms")
+            text.append(f"{t.us / 1000:.3f} ms ({shares[-1]:.0%})")
         classes.append(f"node {n.kind}" + (" output" if outputs.intersection(n.outputs)
                                            else ""))
         args = sorted({f"%{v.name}" + (" (const)" if v.kind == "const" else "")
@@ -268,14 +270,16 @@ def _draw(graph: Any, prefix: str, timings: dict[int, Timing] | None,
         lines.append([_clip(f"input %{v.name}"), _short(v)])
         classes.append("node input")
         details.append(f"graph input {k}: {v!r}")
+        shares.append(0.0)
     for i, n in enumerate(graph.nodes):
         edges.update((index[v], i) for v in n.inputs() if v in index and index[v] != i)
     sizes = [(max(map(len, ls)) * _CHAR_W + 14, len(ls) * _LINE_H + 10) for ls in lines]
     order = sorted(edges)
     if cluster is None:
-        return _Drawn(prefix, ids, lines, classes, details, layered(sizes, order), order, {})
+        return _Drawn(prefix, ids, lines, classes, details, shares, layered(sizes, order),
+                      order, {})
     boxes, groups = clustered(sizes, order, cluster + [None] * len(graph.inputs))
-    return _Drawn(prefix, ids, lines, classes, details, boxes, order,
+    return _Drawn(prefix, ids, lines, classes, details, shares, boxes, order,
                   {c: (b, (titles or {}).get(c, "")) for c, b in groups.items()})
 
 
@@ -313,6 +317,9 @@ def _svg(d: _Drawn, standalone: bool = False) -> str:
             head = ' class="head"' if j == 0 else ""
             out.append(f'<text x="{b.x + 7:.1f}" y="{b.y + 16 + j * _LINE_H:.1f}"{head}>'
                        f"{html.escape(line)}</text>")
+        if d.shares[k]:  # a bar along the bottom: the node's share of the profiled time
+            out.append(f'<rect class="share" x="{b.x:.1f}" y="{b.bottom - 4:.1f}" '
+                       f'width="{b.w * d.shares[k]:.1f}" height="4"/>')
         out.append("</g>")
     out.append("</svg>")
     return "\n".join(out)
@@ -366,12 +373,12 @@ def _memory(page: _GraphPage) -> str:
         return ("<p>No memory plan yet: a plan is recorded on the second call with the same "
                 "input shapes (and the executor must be native).</p>")
     out = []
-    for title, p in plans:
+    for j, (title, p) in enumerate(plans):
         m = p.memory
         where = _positions(p, len(ex.graph.nodes))
         out.append(f"<h4>{html.escape(title)}</h4><p class=summary>{html.escape(str(m))}; "
                    f"{len(where)} steps (kernel launches and nodes run from Python)</p>")
-        out.append(_memory_chart(m, where, ex.graph))
+        out.append(_memory_chart(m, where, ex.graph, f"{page.prefix}p{j}-"))
         rows = []
         for k, (b, off) in enumerate(zip(m.buffers, m.offsets, strict=True)):
             rows.append(f"<tr><td>{k}</td><td>{b.nbytes}</td><td>{off}</td>"
@@ -420,8 +427,9 @@ def _step_name(where: list[tuple[int | None, bool]], pos: int, graph: Any) -> st
     return html.escape(f"#{node} {graph.nodes[node].op}" + (" (Python)" if python else ""))
 
 
-def _memory_chart(m: Any, where: list[tuple[int | None, bool]], graph: Any) -> str:
-    """Offset (down) over steps (right): one rectangle per buffer."""
+def _memory_chart(m: Any, where: list[tuple[int | None, bool]], graph: Any, prefix: str
+                  ) -> str:
+    """Offset (down) over steps (right): one rectangle per buffer (ids `<prefix>b<k>`)."""
     steps = max(len(where), max((b.last + 1 for b in m.buffers), default=1))
     width, height = 960.0, 320.0
     sx, sy = width / steps, height / max(m.arena_bytes, 1)
@@ -439,7 +447,7 @@ def _memory_chart(m: Any, where: list[tuple[int | None, bool]], graph: Any) -> s
     for k, (b, off) in enumerate(zip(m.buffers, m.offsets, strict=True)):
         tip = (f"buffer {k}: {b.nbytes} B at offset {off}, live steps {b.first}-{b.last} "
                f"({_step_name(where, b.first, graph)} to {_step_name(where, b.last, graph)})")
-        out.append(f'<rect class="buffer" id="buffer-{k}" x="{b.first * sx:.1f}" '
+        out.append(f'<rect class="buffer" id="{prefix}b{k}" x="{b.first * sx:.1f}" '
                    f'y="{off * sy:.1f}" width="{max((b.last - b.first + 1) * sx, 1):.1f}" '
                    f'height="{max(b.nbytes * sy, 1):.1f}"><title>{tip}</title></rect>')
     out.append("</svg>")
@@ -501,6 +509,7 @@ text.head { font-weight: bold; }
 .node.input rect { fill: #dcfce7; stroke: #2f855a; }
 .node.output rect { stroke-width: 2.5; }
 .node.hit rect { stroke: #e11d48; stroke-width: 3; }
+.node rect.share { fill: #e11d48; stroke: none; }
 .group rect { fill: #fffbeb; stroke: #b7791f; stroke-dasharray: 5 3; }
 .edge { fill: none; stroke: #888; stroke-width: 1; }
 """
