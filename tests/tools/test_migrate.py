@@ -173,6 +173,20 @@ def test_events_time_and_streams_order_inline():
     assert m.report.sites["torch.cuda.CUDAGraph"].startswith(__file__)
 
 
+def test_training_graph_runs_through_torch_and_is_reported():
+    torch.manual_seed(0)
+    lin, x = torch.nn.Linear(4, 2), torch.randn(3, 4)
+    with Migration() as m:
+        model = lin.cuda()
+        torch.compile(model)(x.to("cuda")).square().sum().backward()
+    got = lin.weight.grad.clone()
+    lin.weight.grad = None
+    lin(x).square().sum().backward()
+    torch.testing.assert_close(got, lin.weight.grad)
+    assert m.report.fallbacks == {"graph that needs gradients (training) run by torch: the "
+                                  "tessera backend compiles inference graphs": 1}
+
+
 def test_one_migration_at_a_time():
     with Migration(), pytest.raises(MigrationError, match="already installed"):
         Migration().install()

@@ -463,13 +463,23 @@ def _graph_breaks() -> Counter[str]:
 # --------------------------------------------------------------------------- compile
 
 
+_TRAINING = ("graph that needs gradients (training) run by torch: the tessera backend "
+             "compiles inference graphs")
+
+
 def _tessera_outside_mode(gm: torch.fx.GraphModule, example_inputs: list[Any],
                           **options: Any) -> Callable[..., Any]:
     """The "tessera" backend, its compiled graphs run with torch function modes off: dynamo
     traced the device mode into the graph already, and the executable's own tensor calls
-    (strides, data pointers, outputs) need not pass through it on every call."""
+    (strides, data pointers, outputs) need not pass through it on every call. A graph that
+    needs gradients runs as dynamo traced it (torch), counted as a fallback."""
     from tessera.graph.backend import tessera
 
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                       for t in example_inputs):
+        if _active:
+            _active[-1].fallbacks[_TRAINING] += 1
+        return gm.forward
     compiled = tessera(gm, example_inputs, **options)
 
     @functools.wraps(compiled)
