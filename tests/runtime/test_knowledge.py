@@ -101,3 +101,32 @@ def test_another_machines_records_are_not_used(monkeypatch):
     _put_raw(json.dumps(theirs))
     with pytest.warns(RuntimeWarning, match="another machine"):
         assert knowledge.load("k", "p") is None
+
+
+def test_tile_lookups_are_kept_in_memory_until_reload():
+    key = knowledge.tile_key("k", "32x40", "float32")
+    assert knowledge.tile("k", "32x40", "float32", (64, 48)) == (64, 48)  # no record
+    knowledge.store(knowledge.TILE, key, {"tile": [8, 48]})  # a store forgets the memo
+    assert knowledge.tile("k", "32x40", "float32", (64, 48), fixed_bn=True) == (8, 48)
+    default_cache().clear()  # another process clears the cache: this one keeps its answer
+    assert knowledge.tile("k", "32x40", "float32", (64, 48)) == (8, 48)
+    knowledge.reload()
+    assert knowledge.tile("k", "32x40", "float32", (64, 48)) == (64, 48)
+
+
+def test_trying_answers_every_lookup_and_notes_it():
+    knowledge.store(knowledge.TILE, knowledge.tile_key("k", "8", "int32"), {"tile": [1, 64]})
+    with knowledge.trying(None) as seen:  # the defaults, records not read
+        assert knowledge.tile("k", "8", "int32", (1, 2048)) == (1, 2048)
+    assert seen == [{"kernel": "k", "shape": "8", "dtype": "int32", "default": (1, 2048),
+                     "fixed_bn": False}]
+    with knowledge.trying((4, 16)):
+        assert knowledge.tile("other", "8", "int32", (1, 2048)) == (4, 16)
+    assert knowledge.tile("k", "8", "int32", (1, 2048)) == (1, 64)
+
+
+@pytest.mark.parametrize("tile", [[0, 48], [8], "8x48", [1024, 1024]])
+def test_tile_records_that_do_not_fit_are_ignored(tile):
+    knowledge.store(knowledge.TILE, knowledge.tile_key("k", "1x1", "float32"), {"tile": tile})
+    with pytest.warns(RuntimeWarning, match="does not fit"):
+        assert knowledge.tile("k", "1x1", "float32", (64, 48)) == (64, 48)

@@ -23,15 +23,14 @@ from tessera.tune.search import Target, Tile, TuneResult, tune_tile
 
 __all__ = ["OPS", "graph_targets", "op_target", "parse_spec", "tune_graph", "tune_op"]
 
-# op -> (tensors a launch streams through memory, call of its eager implementation on x)
-OPS: dict[str, tuple[int, Callable[[Any, torch.Tensor, torch.Generator], Any]]] = {
-    "softmax": (2, lambda impl, x, g: impl(x, -1)),
-    "log_softmax": (2, lambda impl, x, g: impl(x, -1)),
-    "layer_norm": (2, lambda impl, x, g: impl(x, [x.shape[-1]], _like(x, (x.shape[-1],), g),
-                                              _like(x, (x.shape[-1],), g))),
-    "rms_norm": (2, lambda impl, x, g: impl(x, [x.shape[-1]], _like(x, (x.shape[-1],), g))),
-    **{name: (1, lambda impl, x, g: impl(x, -1)) for name in ("sum", "mean", "amax", "amin")},
-    "var": (2, lambda impl, x, g: impl(x, -1)),
+# op -> (tensors a launch streams through memory, its arguments for an input x)
+OPS: dict[str, tuple[int, Callable[[torch.Tensor, torch.Generator], tuple[Any, ...]]]] = {
+    "softmax": (2, lambda x, g: (x, -1)),
+    "log_softmax": (2, lambda x, g: (x, -1)),
+    "layer_norm": (2, lambda x, g: (x, [x.shape[-1]], _like(x, g), _like(x, g))),
+    "rms_norm": (2, lambda x, g: (x, [x.shape[-1]], _like(x, g))),
+    **{name: (1, lambda x, g: (x, -1)) for name in ("sum", "mean", "amax", "amin")},
+    "var": (2, lambda x, g: (x, -1)),  # two passes over the row
 }
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MIN_TILE, _MAX_TILE = 64, 16384  # elements of the candidate tiles
@@ -62,9 +61,8 @@ def op_target(name: str, shape: Sequence[int], dtype: str = "float32") -> Target
         raise TuneError(f"tune: dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tuple(shape), generator=g).to(_DTYPES[dtype])
-    streams, call = OPS[name]
-    impl = registry.get(name).impl
-    args = call(lambda *a: a, x, g)  # the arguments, made once
+    streams, arguments = OPS[name]
+    impl, args = registry.get(name).impl, arguments(x, g)
     label = f"{name} {'x'.join(map(str, shape))}:{dtype}"
     target = _target(label, lambda: impl(*args), x.shape, x.element_size(), streams, True)
     if target is None:
@@ -196,8 +194,9 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _like(x: torch.Tensor, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    return torch.randn(shape, generator=g).to(x.dtype)
+def _like(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A random weight for rows of x."""
+    return torch.randn(x.shape[-1], generator=g).to(x.dtype)
 
 
 def _materialize(a: Any, g: torch.Generator) -> Any:
