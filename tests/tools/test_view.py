@@ -18,8 +18,8 @@ from tessera.bench import zoo
 from tessera.cli import app
 from tessera.graph import api
 from tessera.graph.compiler import stages
-from tessera.tools import view as tv
 from tessera.tools.layout import Box, LayoutError, layered
+from tessera.tools.view import ViewError, kernels, member_names, node_timings, render, run_script
 
 
 class _Page(HTMLParser):
@@ -94,12 +94,12 @@ def moe_lm() -> tuple[Any, Any]:
 def test_page_shows_nodes_groups_and_memory(which: str, request: pytest.FixtureRequest
                                             ) -> None:
     model, ex = request.getfixturevalue(which)
-    page = _Page(tv.render(ex))
+    page = _Page(render(ex))
     g = ex.graph
     for i, n in enumerate(g.nodes):
         assert f"g0-f-n{i}" in page.boxes, f"node {i} ({n.op}) not drawn"
         assert n.op in page.rows[f"g0-f-n{i}"]
-        for k in tv.kernels(n):
+        for k in kernels(n):
             assert k in page.rows[f"g0-f-n{i}"]
         for v in n.outputs:
             assert f"%{v.name}:" in page.rows[f"g0-f-n{i}"]
@@ -109,7 +109,7 @@ def test_page_shows_nodes_groups_and_memory(which: str, request: pytest.FixtureR
     fused = [i for i, n in enumerate(g.nodes) if n.kind == "fused"]
     assert fused, "the zoo model should have fused kernels"
     for i in fused:
-        names = tv.member_names(g.nodes[i])
+        names = member_names(g.nodes[i])
         members = [k for k, n in enumerate(before.nodes)
                    if names.intersection(v.name for v in n.outputs)]
         assert len(members) >= 2
@@ -133,7 +133,7 @@ def test_page_shows_nodes_groups_and_memory(which: str, request: pytest.FixtureR
 def test_layout_has_no_overlaps_and_edges_go_down(which: str,
                                                   request: pytest.FixtureRequest) -> None:
     _, ex = request.getfixturevalue(which)
-    page = _Page(tv.render(ex))
+    page = _Page(render(ex))
     for stage in ("f", "o"):
         boxes = [(k, b) for k, b in page.boxes.items() if k.startswith(f"g0-{stage}-")]
         assert len(boxes) >= len(ex.graph.nodes)
@@ -174,7 +174,7 @@ def test_profile_times_land_on_their_nodes(bert: tuple[Any, Any], tmp_path: Path
         {"ph": "X", "cat": "graph", "name": "graph", "ts": 0, "dur": 1000, "pid": 1, "tid": 1},
         event("op", g.nodes[a].op, 10, 300, a), event("kernel", "gemm_a", 20, 250, a),
         event("kernel", "kernel_b", 400, 100, b), event("kernel", "kernel_b", 600, 100, b)])
-    page = _Page(tv.render(ex, profile=trace))
+    page = _Page(render(ex, profile=trace))
     row_a, row_b = page.rows[f"g0-f-n{a}"], page.rows[f"g0-f-n{b}"]
     assert "300.0" in row_a and "gemm_a x1" in row_a  # the nested kernel adds no time
     assert "200.0" in row_b and "kernel_b x2" in row_b
@@ -183,8 +183,8 @@ def test_profile_times_land_on_their_nodes(bert: tuple[Any, Any], tmp_path: Path
     # events of another graph only: they fit none
     stray = _trace(tmp_path, [{**event("kernel", "k", 0, 5, a),
                                "args": {"graph": "0000", "node": a, "op": g.nodes[a].op}}])
-    with pytest.raises(tv.ViewError, match="fit none"):
-        tv.render(ex, profile=stray)
+    with pytest.raises(ViewError, match="fit none"):
+        render(ex, profile=stray)
 
 
 def test_unlabeled_events_match_by_op(bert: tuple[Any, Any]) -> None:
@@ -194,11 +194,11 @@ def test_unlabeled_events_match_by_op(bert: tuple[Any, Any]) -> None:
     j = next(j for j, n in enumerate(g.nodes) if n.op != g.nodes[i].op)
     good = {"ph": "X", "cat": "kernel", "name": "k", "ts": 0, "dur": 7, "tid": 1,
             "args": {"node": i, "op": g.nodes[i].op}}
-    per, notes = tv.node_timings([good], [(None, g)])
+    per, notes = node_timings([good], [(None, g)])
     assert per[0][i].us == 7 and "matched by op" in notes[0]
     wrong = {**good, "args": {"node": j, "op": g.nodes[i].op}}
-    with pytest.raises(tv.ViewError):
-        tv.node_timings([wrong], [(None, g)])
+    with pytest.raises(ViewError):
+        node_timings([wrong], [(None, g)])
 
 
 class _Mlp(torch.nn.Module):
@@ -261,15 +261,15 @@ def test_bad_input_is_a_tessera_error(bert: tuple[Any, Any], tmp_path: Path) -> 
     junk = tmp_path / "junk.pt"
     junk.write_text("not a model")
     with pytest.raises(tessera.TesseraError):
-        tv.render(junk)
+        render(junk)
     result = CliRunner().invoke(app, ["view", str(junk), "-o", str(tmp_path / "x.html")])
     assert isinstance(result.exception, tessera.TesseraError)
-    with pytest.raises(tv.ViewError, match="not a Chrome-trace JSON"):
-        tv.render(ex, profile=junk)
+    with pytest.raises(ViewError, match="not a Chrome-trace JSON"):
+        render(ex, profile=junk)
     (tmp_path / "other.json").write_text(json.dumps({"hello": 1}))
-    with pytest.raises(tv.ViewError, match="not a Chrome trace"):
-        tv.render(ex, profile=tmp_path / "other.json")
-    with pytest.raises(tv.ViewError):
-        tv.render(42)
-    with pytest.raises(tv.ViewError, match="no Python script"):
-        tv.run_script(tmp_path / "missing.py")
+    with pytest.raises(ViewError, match="not a Chrome trace"):
+        render(ex, profile=tmp_path / "other.json")
+    with pytest.raises(ViewError):
+        render(42)
+    with pytest.raises(ViewError, match="no Python script"):
+        run_script(tmp_path / "missing.py")
