@@ -240,6 +240,7 @@ def test_cli_on_a_script_and_a_saved_model(tmp_path: Path) -> None:
     assert page.groups and page.buffers
     assert len(page.ids) == len(set(page.ids)), "element ids repeat"
     assert "layer_norm" in " ".join(page.rows.values())
+    assert "test_model.py:" in " ".join(page.rows.values())  # the model's source lines
     svg = (tmp_path / "graph.0.fused.svg").read_text()
     assert svg.startswith("<svg") and 'xmlns="http://www.w3.org/2000/svg"' in svg
     assert (tmp_path / "graph.0.optimized.svg").is_file()

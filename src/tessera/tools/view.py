@@ -263,7 +263,7 @@ def _draw(graph: Any, prefix: str, timings: dict[int, Timing] | None,
             "reads: " + ", ".join(args), "kernels: " + ("; ".join(ks) or "none (a view)"),
             *([f"time: {t.us:.1f} us in {t.calls} events; launched: " + ", ".join(
                 f"{k} x{c}" for k, c in t.kernels.most_common())] if t else []),
-            f"source: {n.source}"]))
+            *([f"where: {n.where}"] if n.where else []), f"source: {n.source}"]))
         lines.append([_clip(s) for s in text])
     for k, v in enumerate(graph.inputs):
         ids.append(f"{prefix}i{k}")
@@ -471,9 +471,10 @@ def _nodes_table(page: _GraphPage) -> str:
             f"<td>{html.escape(', '.join(map(repr, n.outputs)))}</td>"
             f"<td>{html.escape('; '.join(kernels(n)))}"
             f"{'<br>launched: ' + html.escape(launched) if launched else ''}</td>"
-            f"<td>{time}</td><td>{html.escape(members)}</td></tr>")
+            f"<td>{time}</td><td>{html.escape(members)}</td><td>{html.escape(n.where)}</td></tr>")
     return ("<table class=nodes><tr><th>#</th><th>op</th><th>outputs</th><th>kernels</th>"
-            "<th>time (us)</th><th>events</th><th>share</th><th>fused from</th></tr>"
+            "<th>time (us)</th><th>events</th><th>share</th><th>fused from</th>"
+            "<th>where (model source)</th></tr>"
             + "".join(rows) + "</table>")
 
 
