@@ -20,6 +20,7 @@ without a graph label go to the graphs whose node at each index has the event's 
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import re
 from collections import Counter
@@ -232,6 +233,7 @@ class _Drawn:
     shares: list[float]  # of the profiled time (0: none)
     boxes: list[Box]
     edges: list[tuple[int, int]]
+    routes: dict[tuple[int, int], list[tuple[float, float]]]
     groups: dict[int, tuple[Box, str]]
 
 
@@ -276,10 +278,12 @@ def _draw(graph: Any, prefix: str, timings: dict[int, Timing] | None,
     sizes = [(max(map(len, ls)) * _CHAR_W + 14, len(ls) * _LINE_H + 10) for ls in lines]
     order = sorted(edges)
     if cluster is None:
-        return _Drawn(prefix, ids, lines, classes, details, shares, layered(sizes, order),
-                      order, {})
-    boxes, groups = clustered(sizes, order, cluster + [None] * len(graph.inputs))
-    return _Drawn(prefix, ids, lines, classes, details, shares, boxes, order,
+        plain = layered(sizes, order)
+        return _Drawn(prefix, ids, lines, classes, details, shares, plain.boxes, order,
+                      plain.routes, {})
+    drawn, groups = clustered(sizes, order, cluster + [None] * len(graph.inputs))
+    return _Drawn(prefix, ids, lines, classes, details, shares, drawn.boxes, order,
+                  drawn.routes,
                   {c: (b, (titles or {}).get(c, "")) for c, b in groups.items()})
 
 
@@ -300,13 +304,14 @@ def _svg(d: _Drawn, standalone: bool = False) -> str:
                    f'<rect x="{b.x:.1f}" y="{b.y:.1f}" width="{b.w:.1f}" height="{b.h:.1f}" '
                    f'rx="8"/><text x="{b.x + 8:.1f}" y="{b.y + 14:.1f}">'
                    f"{html.escape(_clip(title))}</text></g>")
-    for u, v in d.edges:
+    for u, v in d.edges:  # through the gaps kept for it; vertical at each point
         a, b = d.boxes[u], d.boxes[v]
-        y1, y2 = a.bottom, b.y
-        mid = (y1 + y2) / 2
+        points = [(a.center, a.bottom), *d.routes.get((u, v), ()), (b.center, b.y)]
+        path = f"M{points[0][0]:.1f},{points[0][1]:.1f}" + "".join(
+            f" C{x0:.1f},{(y0 + y1) / 2:.1f} {x1:.1f},{(y0 + y1) / 2:.1f} {x1:.1f},{y1:.1f}"
+            for (x0, y0), (x1, y1) in itertools.pairwise(points))
         out.append(f'<path class="edge" data-from="{d.ids[u]}" data-to="{d.ids[v]}" '
-                   f'd="M{a.center:.1f},{y1:.1f} C{a.center:.1f},{mid:.1f} {b.center:.1f},'
-                   f'{mid:.1f} {b.center:.1f},{y2:.1f}" marker-end="url(#{arrow})"/>')
+                   f'd="{path}" marker-end="url(#{arrow})"/>')
     for k, b in enumerate(d.boxes):
         search = html.escape(" ".join(d.lines[k]).lower() + " " + d.details[k].lower())
         out.append(f'<g class="{d.classes[k]}" id="{d.ids[k]}" data-search="{search}" '
