@@ -41,7 +41,7 @@ def compare(
                                            "first, then the largest errors); 0: all.")]
     = 40,
     strict: Annotated[bool, typer.Option(help="With --dumps: refuse dumps of graphs with "
-                                              "other aten code or input shapes.")] = True,
+                                              "other aten code or inputs.")] = True,
 ) -> None:
     """Run SCRIPT and compare every torch.compile(..., backend="tessera") graph it calls
     against eager PyTorch on its first call's inputs: per node max abs/rel error and cosine

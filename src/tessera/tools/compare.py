@@ -185,16 +185,16 @@ class Comparison:
             f" ({len(rows)} shown)"
         t = Table(title=f"{self.what}{shown}", title_justify="left")
         several = len({r.graph for r in self.rows}) > 1
-        columns = ["graph"] * several + ["node", "op", "value", "shape", "max abs",
-                                         "max rel", "cosine", "", "source"]
+        columns = ["graph"] * several + ["node", "op", "shape", "max abs", "max rel",
+                                         "cosine", "", "source"]
         for c in columns:
             t.add_column(c, justify="right" if c in ("graph", "node", "max abs", "max rel",
                                                      "cosine") else "left")
         for r in rows:
-            t.add_row(*[str(r.graph)] * several, str(r.node), r.op, r.value, _shape(r),
+            t.add_row(*[str(r.graph)] * several, str(r.node), r.op, _shape(r),
                       _num(r.max_abs), _num(r.max_rel),
                       "-" if r.cosine is None else f"{r.cosine:.6f}",
-                      "ok" if r.ok else "BAD" + (f": {r.note}" if r.note else ""),
+                      "ok" if r.ok else "BAD" if r.note == _OUT else f"BAD: {r.note}",
                       f"{Path(r.file).name}:{r.line}" if r.where else "",
                       style=None if r.ok else "bold red")
         return t
@@ -225,6 +225,9 @@ def _shape(r: Row) -> str:
 
 
 # -- metrics --------------------------------------------------------------------------------
+_OUT = "out of tolerance"
+
+
 def _check(row: Row, got: Any, ref: Any, tol: Tolerance) -> None:
     """Fill row's shapes, dtypes, errors and verdict for `got` against `ref`."""
     got, ref = _tensor(got), _tensor(ref)
@@ -250,7 +253,7 @@ def _check(row: Row, got: Any, ref: Any, tol: Tolerance) -> None:
     if got.dtype != ref.dtype:
         row.ok, row.note = False, "dtype differs"
     elif not row.ok:
-        row.note = "out of tolerance"
+        row.note = _OUT
 
 
 def _tensor(x: Any) -> torch.Tensor:
@@ -381,11 +384,17 @@ def compare_compiled(compiled: Any, args: Sequence[Any], *, index: int = 0,
 
 def _fingerprint(compiled: Any, args: Sequence[Any]) -> str:
     """What identifies a graph and its inputs across machines and versions: the aten
-    graph's code and the inputs' shapes and dtypes."""
+    graph's code and the inputs' shapes, dtypes and contents (not the frozen weights')."""
     import hashlib
-    shapes = [(tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else repr(a)
-              for a in args]
-    return hashlib.sha256(repr((compiled.fx.code, shapes)).encode()).hexdigest()[:16]
+    h = hashlib.sha256(compiled.fx.code.encode())
+    for i in compiled.inputs:
+        a = args[i]
+        if isinstance(a, torch.Tensor):
+            h.update(f"{tuple(a.shape)}{a.dtype}".encode())
+            h.update(a.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        else:
+            h.update(repr(a).encode())
+    return h.hexdigest()[:16]
 
 
 def _key(row: Row, taken: dict[str, Any]) -> str:
@@ -484,9 +493,9 @@ def compare_dumps(a: str | Path, b: str | Path, *, rtol: float | None = None,
                   strict: bool = True) -> Comparison:
     """Compare dump `a` against dump `b` (the reference), entry by entry: the same FX value
     of the same graph. Entries only one dump has (another version fused them away) are
-    listed as not compared. Dumps of other graphs or inputs (their aten graphs' code,
-    input shapes and dtypes differ) raise CompareError, unless `strict` is False (e.g.
-    two torch versions: values are then matched by their FX names)."""
+    listed as not compared. Dumps of other graphs or inputs (their aten graphs' code or
+    the inputs differ) raise CompareError, unless `strict` is False (e.g. two torch
+    versions: values are then matched by their FX names)."""
     (ra, ia), (rb, ib) = _read_dump(a), _read_dump(b)
     ga = {g["graph"]: g for g in ia["graphs"]}
     gb = {g["graph"]: g for g in ib["graphs"]}
@@ -496,7 +505,7 @@ def compare_dumps(a: str | Path, b: str | Path, *, rtol: float | None = None,
     differ = [g for g in sorted(ga) if ga[g]["fx"] != gb[g]["fx"]]
     if strict and differ:
         raise CompareError(f"dumps {ra} and {rb} are of different graphs or inputs "
-                           f"(graph(s) {differ}: other aten code or input shapes)",
+                           f"(graph(s) {differ}: other aten code or inputs)",
                            hint="compare_dumps(..., strict=False) matches their values by "
                                 "FX name anyway")
     result = Comparison([], what=f"{ra} vs {rb}")
