@@ -102,28 +102,27 @@ static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_RETURN_NONE;
 }
 
-static PyObject *set_hook(PyObject *self, PyObject *fn) {
-    (void)self;
+/* Point *slot at callable fn, or at NULL for None. */
+static PyObject *replace(PyObject **slot, PyObject *fn, const char *who) {
     if (fn != Py_None && !PyCallable_Check(fn)) {
-        PyErr_SetString(PyExc_TypeError, "set_hook takes a callable or None");
+        PyErr_Format(PyExc_TypeError, "%s takes a callable or None", who);
         return NULL;
     }
-    Py_XDECREF(hook);
-    hook = fn == Py_None ? NULL : fn;
-    Py_XINCREF(hook);
+    PyObject *old = *slot;
+    *slot = fn == Py_None ? NULL : fn;
+    Py_XINCREF(*slot);
+    Py_XDECREF(old);
     Py_RETURN_NONE;
+}
+
+static PyObject *set_hook(PyObject *self, PyObject *fn) {
+    (void)self;
+    return replace(&hook, fn, "set_hook");
 }
 
 static PyObject *set_timer(PyObject *self, PyObject *fn) {
     (void)self;
-    if (fn != Py_None && !PyCallable_Check(fn)) {
-        PyErr_SetString(PyExc_TypeError, "set_timer takes a callable or None");
-        return NULL;
-    }
-    Py_XDECREF(timer);
-    timer = fn == Py_None ? NULL : fn;
-    Py_XINCREF(timer);
-    Py_RETURN_NONE;
+    return replace(&timer, fn, "set_timer");
 }
 
 static PyMethodDef methods[] = {
