@@ -145,6 +145,19 @@ def test_layout_has_no_overlaps_and_edges_go_down(which: str,
         assert page.boxes[u].bottom < page.boxes[v].y, f"edge {u} -> {v} goes up"
 
 
+def test_long_edges_pass_between_nodes() -> None:
+    # a chain 0 -> 1 -> ... -> 5 with side nodes in each layer, and 0 -> 5 around them
+    edges = [(k, k + 1) for k in range(5)] + [(k, 6 + k) for k in range(4)] + [(0, 5)]
+    layout = layered([(80, 30)] * 10, edges)
+    boxes = layout.boxes
+    points = layout.routes[(0, 5)]
+    assert len(points) == 2 * 4  # in and out of each of the 4 layers between
+    for (x0, y0), (x1, y1) in zip(points[::2], points[1::2], strict=True):
+        assert x0 == x1 and y0 < y1
+        assert not any(b.x <= x0 <= b.x + b.w and b.y < y1 and y0 < b.bottom for b in boxes)
+    assert (0, 1) not in layout.routes  # neighbouring layers: a direct edge
+
+
 def test_layout_refuses_a_cycle() -> None:
     with pytest.raises(LayoutError):
         layered([(10, 10)] * 3, [(0, 1), (1, 2), (2, 0)])
