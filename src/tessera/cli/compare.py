@@ -47,22 +47,22 @@ def compare(
     against eager PyTorch on its first call's inputs: per node max abs/rel error and cosine
     similarity, and the first node out of tolerance with its source line. Exit code 1 if
     any value is out of tolerance."""
-    from tessera.tools import compare as tool
+    from tessera.tools.compare import CompareError, compare_dumps
 
     tol = {"rtol": rtol, "atol": atol, "cosine": cosine}
     limit = rows or None
     if dumps is not None:
         if script is not None:
-            raise tool.CompareError("give a script or --dumps A B, not both")
-        result = tool.compare_dumps(*dumps, strict=strict, **tol)
+            raise CompareError("give a script or --dumps A B, not both")
+        result = compare_dumps(*dumps, strict=strict, **tol)
         result.report(console, limit)
         raise typer.Exit(0 if result.ok else 1)
     if script is None:
-        raise tool.CompareError("no script to run", hint="tessera compare script.py [args] "
+        raise CompareError("no script to run", hint="tessera compare script.py [args] "
                                                          "or tessera compare --dumps A B")
     results = _run(Path(script), list(args or []), tol, dump, limit)
     if not results:
-        raise tool.CompareError(f"{script} called no graph compiled with "
+        raise CompareError(f"{script} called no graph compiled with "
                                 "torch.compile(..., backend='tessera')")
     bad = [r for r in results if not r.ok]
     console.print(f"{len(results)} compiled graph(s) compared, "
@@ -74,17 +74,17 @@ def _run(script: Path, args: list[str], tol: dict[str, Any], dump: str | None,
          limit: int | None) -> list[Any]:
     """Run the script as __main__; compare each compiled graph at its first call and
     print its report."""
-    from tessera.tools import compare as tool
+    from tessera.tools.compare import CompareError, compare_compiled, start_dump, watching
 
     if not script.is_file():
-        raise tool.CompareError(f"no script {script}")
+        raise CompareError(f"no script {script}")
     if dump is not None:
-        tool.start_dump(dump)
+        start_dump(dump)
     results: list[Any] = []
 
     def check(compiled: Any, call_args: tuple[Any, ...]) -> None:
         n = len(results)
-        result = tool.compare_compiled(compiled, call_args, index=n, dump=dump, **tol)
+        result = compare_compiled(compiled, call_args, index=n, dump=dump, **tol)
         result.what = f"compiled graph {n} vs eager"
         result.report(console, limit)
         results.append(result)
@@ -92,7 +92,7 @@ def _run(script: Path, args: list[str], tol: dict[str, Any], dump: str | None,
     argv, path = sys.argv[:], sys.path[:]
     sys.argv, sys.path[0:0] = [str(script), *args], [str(script.resolve().parent)]
     try:
-        with tool.watching(check):
+        with watching(check):
             runpy.run_path(str(script), run_name="__main__")
     except SystemExit as e:
         if e.code not in (None, 0):
