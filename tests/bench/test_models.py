@@ -15,6 +15,7 @@ from tessera.bench.models import own_code
 from tessera.graph import compiled
 
 
+@pytest.mark.slow
 def test_a_second_backend_leaves_tesseras_graph_alone() -> None:
     """Dynamo's eager backend graph-breaks in the MoE LM's loop over blocks like Inductor
     (and costs no compile): it marks that forward's code skipped for every backend, so
