@@ -44,8 +44,7 @@ def export_records(path: str | Path) -> int:
            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "sha256": _digest(records), "records": records}
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".",
-                               prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=1)
