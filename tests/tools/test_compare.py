@@ -18,7 +18,7 @@ from tessera.bench import zoo
 from tessera.graph import interpreter
 from tessera.graph.ir import Node
 from tessera.ops import registry
-from tessera.tools.compare import CompareError, compare, compare_dumps
+from tessera.tools.compare import CompareError, Row, _check, compare, compare_dumps, tolerance
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +125,25 @@ def test_dumps_round_trip_and_find_a_perturbed_tensor(tmp_path: Path) -> None:
     assert result.first_bad is not None
     assert (result.first_bad.origin, result.first_bad.node) == (entry["key"], entry["node"])
     assert result.first_bad.max_abs == pytest.approx(0.5, rel=1e-3)
+
+
+def test_metrics() -> None:
+    """Integers must be equal (no cosine rounding), NaNs where the reference has them,
+    float errors are relative to the reference's largest magnitude; shapes must agree."""
+    def check(got: torch.Tensor, ref: torch.Tensor) -> Row:
+        row = Row(0, 0, "op", "v", "", "")
+        _check(row, got, ref, tolerance(ref.dtype))
+        return row
+    ids = torch.arange(16).view(2, 8) * 37 + 5
+    assert check(ids, ids.clone()).ok
+    assert check(ids + (ids == 5), ids).ok is False
+    x = torch.tensor([1000.0, -2.0, float("nan"), 0.0])
+    close = check(x + torch.tensor([0.0, 0.0, 0.0, 1e-5]), x)
+    assert close.ok and close.max_abs == pytest.approx(1e-5) and close.max_rel < 1e-7
+    assert check(x.nan_to_num(), x).ok is False
+    assert check(x * 1.001, x).ok is False
+    wrong = check(ids[:1], ids)
+    assert wrong.ok is False and wrong.note == "shape differs"
 
 
 def test_bad_input(tmp_path: Path) -> None:

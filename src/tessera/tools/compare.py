@@ -62,7 +62,7 @@ TOLERANCES = {torch.float64: Tolerance(1e-9, 1e-12, 1 - 1e-12),
               torch.float16: Tolerance(4e-3, 1e-5, 1 - 1e-4),
               torch.bfloat16: Tolerance(3e-2, 1e-5, 1 - 1e-3)}
 QUANTIZED = {"int8": Tolerance(5e-2, 1e-4, 0.999), "int4": Tolerance(0.25, 1e-3, 0.98)}
-EXACT = Tolerance(0.0, 0.0, 1.0)  # integers and bools
+EXACT = Tolerance(0.0, 0.0, -1.0)  # integers and bools: equal (no cosine condition)
 
 
 def tolerance(dtype: torch.dtype, quantize: str | None = None) -> Tolerance:
