@@ -14,7 +14,7 @@ from tessera.tune.share import ShareError, export_records, import_records
 
 _LAZY = {**dict.fromkeys(("OPS", "graph_targets", "op_target", "parse_spec", "tune_graph",
                           "tune_op"), "tessera.tune.kernels"),
-         **dict.fromkeys(("STRATEGIES", "Target", "Trial", "TuneResult", "estimate",
+         **dict.fromkeys(("MAX_SPREAD", "STRATEGIES", "Target", "Trial", "TuneResult", "estimate",
                           "tune_tile"), "tessera.tune.search")}
 
 __all__ = ["FULL_SIZES", "MAX_NOISE", "QUICK_SIZES", "ShareError", "export_records",

@@ -19,7 +19,7 @@ import torch
 
 from tessera.errors import TuneError
 from tessera.runtime import knowledge
-from tessera.tune.search import Target, Tile, TuneResult, tune_tile
+from tessera.tune.search import MAX_SPREAD, Target, Tile, TuneResult, tune_tile
 
 __all__ = ["OPS", "graph_targets", "op_target", "parse_spec", "tune_graph", "tune_op"]
 
@@ -74,10 +74,11 @@ def op_target(name: str, shape: Sequence[int], dtype: str = "float32") -> Target
 def tune_op(name: str, shape: Sequence[int], dtype: str = "float32",
             strategy: str = "model", timeout: float = 30.0,
             candidates: Sequence[Tile] | None = None,
-            progress: Callable[[str], None] | None = None) -> TuneResult:
+            progress: Callable[[str], None] | None = None,
+            max_spread: float | None = MAX_SPREAD) -> TuneResult:
     """Search the tile of op `name`'s row kernel at `shape` (see `tune_tile`)."""
     return tune_tile(op_target(name, shape, dtype), strategy, timeout, candidates,
-                  progress=progress)
+                     progress=progress, max_spread=max_spread)
 
 
 def graph_targets(executables: Sequence[Any] | None = None
@@ -116,8 +117,8 @@ def graph_targets(executables: Sequence[Any] | None = None
 
 
 def tune_graph(script: str | Path, args: Sequence[str] = (), strategy: str = "model",
-               timeout: float = 30.0, progress: Callable[[str], None] | None = None
-               ) -> tuple[list[TuneResult], list[str]]:
+               timeout: float = 30.0, progress: Callable[[str], None] | None = None,
+               max_spread: float | None = MAX_SPREAD) -> tuple[list[TuneResult], list[str]]:
     """Run `script` with `args` as `python script args` would, then search the tile of
     every generated kernel of the graphs it compiled that are still alive when it ends
     (each search within `timeout`). Returns the results and what was skipped."""
@@ -143,7 +144,8 @@ def tune_graph(script: str | Path, args: Sequence[str] = (), strategy: str = "mo
                         "that is still alive when it ends",
                         hint="compile with torch.compile(model, backend='tessera') or "
                              "tessera.compile and keep the model referenced")
-    results = [tune_tile(t, strategy, timeout, progress=progress) for t in targets]
+    results = [tune_tile(t, strategy, timeout, progress=progress, max_spread=max_spread)
+               for t in targets]
     del scope  # the script's objects (its compiled graphs) were needed until here
     return results, skipped
 

@@ -9,7 +9,8 @@ the cores). Every trial is checked against the default tile's result first: a wr
 failing one is rejected and reported, never timed or recorded. The checked ones and the
 default are timed interleaved (medians); the winner is recorded only when it beats the
 default beyond noise: its upper-quartile time below the default's lower quartile, and its
-median at least 3% faster.
+median at least 3% faster; and nothing is recorded when the machine was too busy to tell
+(a tile's quartiles more than MAX_SPREAD apart).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from tessera.runtime.cpu.device import cache_sizes, usable_cores
 from tessera.templates.gemm.tuning import vector_lanes
 from tessera.tune.tuner import time_interleaved
 
-__all__ = ["STRATEGIES", "Target", "Trial", "TuneResult", "estimate", "tune_tile"]
+__all__ = ["MAX_SPREAD", "STRATEGIES", "Target", "Trial", "TuneResult", "estimate",
+           "tune_tile"]
 
 Tile = tuple[int, int]
 STRATEGIES = ("exhaustive", "random", "model")
@@ -39,6 +41,7 @@ _SAMPLES = 6  # candidates the random strategy times
 _REPEATS = 25
 _MIN_BUDGET_S = 2.0  # the timing rounds' budget when the checks used up the timeout
 _MIN_GAIN = 1.03  # a smaller gain of the medians is not worth a record
+MAX_SPREAD = 2.0  # a tile's upper / lower quartile time beyond it: the machine is busy
 
 
 @dataclass
@@ -90,12 +93,14 @@ class TuneResult:
     note: str
     seconds: float
     trials: list[Trial] = field(default_factory=list)
+    noise: float = 1.0  # the largest upper / lower quartile time of a timed tile
 
     def record(self) -> dict[str, Any]:
         """The knowledge record's value (also what --json prints)."""
         return {"tile": list(self.best), "default": list(self.target.default),
                 "label": self.target.label, "strategy": self.strategy,
-                "speedup": round(self.speedup, 4), "seconds": round(self.seconds, 2),
+                "speedup": round(self.speedup, 4), "noise": round(self.noise, 3),
+                "seconds": round(self.seconds, 2),
                 "trials": [{**asdict(t), "tile": list(t.tile)} for t in self.trials]}
 
 
@@ -121,11 +126,14 @@ def estimate(target: Target, tile: Tile) -> float:
 
 
 def tune_tile(target: Target, strategy: str = "model", timeout: float = 30.0,
-           candidates: Sequence[Tile] | None = None, seed: int = 0,
-           progress: Callable[[str], None] | None = None) -> TuneResult:
+              candidates: Sequence[Tile] | None = None, seed: int = 0,
+              progress: Callable[[str], None] | None = None,
+              max_spread: float | None = MAX_SPREAD) -> TuneResult:
     """Search tiles for `target` with `strategy` within about `timeout` seconds (the
     checks stop there; the timing rounds shrink to fit) and record the winner if it beats
-    the default beyond noise. `candidates` replaces the target's own list."""
+    the default beyond noise. `candidates` replaces the target's own list. If a tile's
+    upper-quartile time exceeds its lower quartile by more than `max_spread` times (a
+    busy machine: launches stall waiting for descheduled threads), nothing is recorded."""
     if strategy not in STRATEGIES:
         raise TuneError(f"tune: unknown strategy {strategy!r}",
                         hint=f"one of {', '.join(STRATEGIES)}")
@@ -157,17 +165,23 @@ def tune_tile(target: Target, strategy: str = "model", timeout: float = 30.0,
         best = min(checked, key=lambda c: trials[c].median_s or math.inf)
         spread = dict(zip(checked, runs, strict=True))
         speedup = trials[target.default].median_s / trials[best].median_s
-        beats = best != target.default and speedup >= _MIN_GAIN and _quartile(
+        noise = max(_quartile(r, 3) / _quartile(r, 1) for r in runs)
+        busy = max_spread is not None and noise > max_spread
+        beats = not busy and best != target.default and speedup >= _MIN_GAIN and _quartile(
             spread[best], 3) < _quartile(spread[target.default], 1)
     else:
-        best, beats, speedup = target.default, False, 1.0
+        best, beats, speedup, busy, noise = target.default, False, 1.0, False, 1.0
     listed = [target.default, *order]  # then the candidates the strategy left out
     result = TuneResult(target, strategy, best if beats else target.default,
                         speedup if beats else 1.0, beats, "", time.perf_counter() - started,
                         [trials[c] for c in [*listed, *(c for c in trials if c not in listed)]])
+    result.noise = noise
     if beats:
         result.note = f"{best} beats the default {target.default} by {speedup:.2f}x: recorded"
         knowledge.store(knowledge.TILE, target.key, result.record())
+    elif busy:
+        result.note = (f"the machine is busy (a tile's timings varied by {noise:.1f}x between "
+                       "quartiles): nothing recorded; tune again when it is idle")
     elif len(checked) == 1:
         result.note = "no candidate besides the default computed right in time: nothing recorded"
     else:
