@@ -51,6 +51,16 @@ def test_eager_ops_give_named_kernels_nested_in_ops() -> None:
     assert all(e.end >= e.start for e in events)
 
 
+def test_template_entry_points_called_directly_are_kernels() -> None:
+    from tessera.templates.gemm import batched_gemm
+    a, b = torch.randn(3, 16, 32), torch.randn(3, 32, 8)
+    batched_gemm(a, b)
+    with tessera.profile() as p:
+        got = batched_gemm(a, b)
+    torch.testing.assert_close(torch.as_tensor(np.asarray(got)), a @ b, rtol=1e-4, atol=1e-4)
+    assert [e.name for e in p.events if e.cat == "kernel"] == ["gemm:tsr_gemm_batched"]
+
+
 def test_table_counts_flops_of_a_known_matmul() -> None:
     m, k, n = 64, 128, 32
     a, b = torch.randn(m, k), torch.randn(k, n)

@@ -17,6 +17,7 @@ import numpy as np
 from tessera.errors import ShapeError, TesseraError
 from tessera.lang.codegen import MATH_HEADER, TILE_HEADER
 from tessera.runtime import dtype as dt
+from tessera.runtime import profiling
 from tessera.runtime.cpu.device import cache_sizes
 from tessera.runtime.cpu.launch import check, lasting
 from tessera.runtime.cpu.launch import launcher as _launcher
@@ -145,7 +146,7 @@ _SIGNATURES = {
 @cache
 def _kernel(variant: _Variant, entry: str) -> Any:
     module = compile_c(variant.source(), name="gemm", openmp=True)
-    return module.function(entry, *_SIGNATURES[entry])
+    return profiling.timed(module.function(entry, *_SIGNATURES[entry]))
 
 
 def launch_entry(a: dt.dtype, b: dt.dtype, c: dt.dtype, *, packed: bool = False,
