@@ -220,7 +220,7 @@ def test_graph_fallbacks_and_exit_code_reported(tmp_path):
 
 
 def test_missing_script_is_a_tessera_error(tmp_path):
-    with pytest.raises(MigrationError, match="no script"):
+    with pytest.raises(MigrationError, match="no Python script"):
         run_script(str(tmp_path / "nope.py"))
 
 

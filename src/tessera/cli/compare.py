@@ -3,15 +3,12 @@ node by node, on its first call's inputs; or two saved dumps against each other.
 
 from __future__ import annotations
 
-import runpy
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from tessera.cli import console
-from tessera.errors import TesseraError
 
 
 def register(app: typer.Typer) -> None:
@@ -75,9 +72,8 @@ def _run(script: Path, args: list[str], tol: dict[str, Any], dump: str | None,
     """Run the script as __main__; compare each compiled graph at its first call and
     print its report."""
     from tessera.tools.compare import CompareError, compare_compiled, start_dump, watching
+    from tessera.tools.script import run_as_main
 
-    if not script.is_file():
-        raise CompareError(f"no script {script}")
     if dump is not None:
         start_dump(dump)
     results: list[Any] = []
@@ -89,14 +85,8 @@ def _run(script: Path, args: list[str], tol: dict[str, Any], dump: str | None,
         result.report(console, limit)
         results.append(result)
 
-    argv, path = sys.argv[:], sys.path[:]
-    sys.argv, sys.path[0:0] = [str(script), *args], [str(script.resolve().parent)]
-    try:
-        with watching(check):
-            runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as e:
-        if e.code not in (None, 0):
-            raise TesseraError(f"{script} exited with {e.code}") from e
-    finally:
-        sys.argv, sys.path[:] = argv, path
+    with watching(check):
+        code = run_as_main(script, args, command="compare", error=CompareError)[1]
+    if code:
+        raise CompareError(f"{script} exited with status {code}", where="tessera compare")
     return results

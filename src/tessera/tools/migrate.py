@@ -40,7 +40,6 @@ import functools
 import json
 import os
 import re
-import runpy
 import sys
 import warnings
 from collections import Counter
@@ -54,6 +53,7 @@ from torch.overrides import TorchFunctionMode
 from tessera.errors import TesseraError
 from tessera.runtime.stream import Event, Stream, current_stream, synchronize
 from tessera.runtime.stream import stream as use_stream
+from tessera.tools.script import run_as_main, script_path
 
 __all__ = ["Migration", "MigrationError", "MigrationReport", "main", "run_script"]
 
@@ -749,34 +749,19 @@ def run_script(path: str, argv: Sequence[str] = (), *, summary: TextIO | None = 
     Migration; print the report's summary to `summary` (default stderr) at the end, also
     when the script fails, and write it as JSON to `json_path` if given. Returns the
     script's exit code."""
-    if not os.path.isfile(path):
-        raise MigrationError(f"no script at {path!r}", where="tessera run",
-                             hint="give the path of a Python file: tessera run train.py ARGS")
-    saved_argv, saved_path = sys.argv, list(sys.path)
-    sys.argv = [path, *argv]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    script_path(path, command="run", error=MigrationError)
     migration = Migration()
-    code = 0
+    code = 1
     try:
         with migration:
-            runpy.run_path(path, run_name="__main__")
-    except SystemExit as e:
-        code = _exit_code(e.code)
+            code = run_as_main(path, argv, command="run", error=MigrationError)[1]
     finally:
-        sys.argv, sys.path[:] = saved_argv, saved_path
         rank = _rank()
         print(migration.report.summary("" if rank is None else f"[rank {rank}] "),
               file=summary or sys.stderr, flush=True)
         if json_path:
             _write_json(migration.report, json_path)
     return code
-
-
-def _exit_code(code: Any) -> int:
-    if code is None or isinstance(code, int):
-        return code or 0
-    print(code, file=sys.stderr)
-    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,8 +37,6 @@ import bisect
 import io
 import json
 import os
-import runpy
-import sys
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +46,7 @@ from typing import Any
 
 from tessera.runtime import profiling
 from tessera.tools import roofline
+from tessera.tools.script import run_as_main
 
 __all__ = ["Profile", "Stat", "profile", "profile_script"]
 
@@ -347,21 +346,9 @@ def profile_script(path: str, argv: Sequence[str] = ()) -> tuple[Profile, int]:
     """Run the Python script at `path` as `__main__` with `sys.argv = [path, *argv]` inside
     a profile: (the profile, the script's exit code). An exception from the script is
     raised after the profile stops."""
-    if not os.path.isfile(path):
-        raise profiling.ProfilerError(f"no script at {path!r}", where="tessera profile",
-                                      hint="give the path of a Python file: "
-                                           "tessera profile train.py ARGS")
-    saved_argv, saved_path = sys.argv, list(sys.path)
-    sys.argv = [path, *argv]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
-    p, code = Profile(), 0
-    try:
-        with p:
-            runpy.run_path(path, run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-    finally:
-        sys.argv, sys.path[:] = saved_argv, saved_path
+    p = Profile()
+    with p:
+        code = run_as_main(path, argv, command="profile", error=profiling.ProfilerError)[1]
     return p, code
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from tessera.errors import TesseraError
 from tessera.tools.layout import Box, clustered, layered
+from tessera.tools.script import run_as_main
 
 __all__ = ["Timing", "ViewError", "kernels", "load_profile", "member_names", "node_timings",
            "render", "render_svg", "run_script", "view"]
@@ -636,27 +637,12 @@ def run_script(path: str | Path, argv: Sequence[str] = ()) -> tuple[list[Any], d
     """Run the Python script at `path` as `__main__` with `sys.argv = [path, *argv]`: (the
     executables it compiled that are still alive, the script's globals, which keep its
     models alive while they are shown)."""
-    import os
-    import runpy
-    import sys
-
     from tessera.graph import compiled
 
-    if not Path(path).is_file() or Path(path).suffix != ".py":
-        raise ViewError(f"no Python script at {str(path)!r}", where="tessera view",
-                        hint="give a .py file (or a file CompiledModel.save wrote)")
     before = {id(ex) for ex in compiled()}
-    saved_argv, saved_path = sys.argv, list(sys.path)
-    sys.argv = [str(path), *argv]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
-    script: dict[str, Any] = {}
-    try:
-        script = runpy.run_path(str(path), run_name="__main__")
-    except SystemExit as e:
-        if e.code not in (None, 0):
-            raise ViewError(f"{path} exited with status {e.code}", where="tessera view") from e
-    finally:
-        sys.argv, sys.path[:] = saved_argv, saved_path
+    script, code = run_as_main(path, argv, command="view", error=ViewError)
+    if code:
+        raise ViewError(f"{path} exited with status {code}", where="tessera view")
     found = [ex for ex in compiled() if id(ex) not in before]
     if not found:
         raise ViewError(f"{path} compiled no graph that is still alive when it ends",
