@@ -32,9 +32,18 @@ def _close(got: torch.Tensor, want: torch.Tensor, k: int) -> None:
                                atol=rtol * k ** 0.5 + 1e-4)
 
 
+# Each pair is a variant of the template to compile (seconds each). Every format of A, of B
+# and of C (their promotion), A read in place (float32) or converted, with B read in place
+# (float32) or converted: no format's conversion depends on the other operand's.
+PAIRS = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+         (torch.float32, torch.float16), (torch.bfloat16, torch.float32),
+         (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float16),
+         (torch.float16, torch.float16)]
+
+
 @pytest.mark.parametrize("m", [1, 3, 9, 16, 37, 60])
-@pytest.mark.parametrize("a_dtype", slow_after(1, [torch.float32, *F16]))
-@pytest.mark.parametrize("b_dtype", [torch.float32, *F16])
+@pytest.mark.parametrize("a_dtype, b_dtype", [
+    *PAIRS[:3], *(pytest.param(*p, marks=pytest.mark.slow) for p in PAIRS[3:])])
 def test_16bit_operands(m: int, a_dtype: torch.dtype, b_dtype: torch.dtype) -> None:
     k, n = 70, 45
     a = torch.randn(m, k).to(a_dtype)
@@ -44,8 +53,9 @@ def test_16bit_operands(m: int, a_dtype: torch.dtype, b_dtype: torch.dtype) -> N
         _close(got, (a.float() @ b.float()).to(got.dtype), k)
 
 
-@pytest.mark.parametrize("out_dtype", slow_after(1, F16))
-@pytest.mark.parametrize("config", slow_after(1, [None, TINY]))
+# each 16-bit result once, one of them with many KC steps (a variant per pair and epilogue)
+@pytest.mark.parametrize("out_dtype, config", [
+    (torch.bfloat16, None), pytest.param(torch.float16, TINY, marks=pytest.mark.slow)])
 def test_16bit_result_accumulates_in_float32(out_dtype: torch.dtype, config: Blocking) -> None:
     m, n, k = 29, 50, 1000  # K spans several KC blocks
     a, b = torch.randn(m, k), torch.randn(k, n)
@@ -70,12 +80,14 @@ def test_quantize_round_trip(bits: int, group: int) -> None:
     assert q.nbytes == q.data.nbytes + q.scales.nbytes
 
 
-@pytest.mark.parametrize("bits", slow_after(1, [4, 8]))
+# (bits, group): one variant each per blocking and A format; with K = 32 (less than a group
+# of 64, padded), 100 and 257 (partial last groups)
+@pytest.mark.parametrize("bits, group", [(4, 64), pytest.param(8, 32, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("m", [1, 2, 4, 5, 8, 37])
 @pytest.mark.parametrize("k", slow_after(1, [100, 32, 257]))
-def test_quantized_matches_dequantized(bits: int, m: int, k: int) -> None:
+def test_quantized_matches_dequantized(bits: int, group: int, m: int, k: int) -> None:
     n = 70
-    q = quantize(torch.randn(k, n), bits=bits, group_size=32 if k < 64 else 64)
+    q = quantize(torch.randn(k, n), bits=bits, group_size=group)
     a = torch.randn(m, k)
     want = a @ torch.from_numpy(q.dequantize())
     torch.testing.assert_close(gemm(a, q), want, rtol=1e-4, atol=1e-4 * k ** 0.5)
