@@ -155,6 +155,28 @@ def test_a_record_changes_the_tile_an_op_launches_with(monkeypatch):
     assert grids[-1][0] == 1
 
 
+def test_a_tuned_width_stays_off_the_native_fast_path(monkeypatch):
+    """The C++ fast path knows only default tiles, one plan per default width: no plan of
+    that width is given to it once any length of that width is tuned."""
+    from tessera.ops import _fastpath
+    given = []
+    monkeypatch.setattr(_fastpath, "add_plan", lambda name, *a, **k: given.append(name))
+    softmax = registry.get("softmax").impl
+    x = torch.randn(24, 200)
+    softmax(x, -1)  # an untuned width: its plan is given
+    assert given == ["softmax"]
+    bn = reduce._row_tile(36, 1024)[1]
+    knowledge.store(knowledge.TILE, knowledge.tile_key("softmax", "32x36", "float32"),
+                    {"tile": [8, bn]})
+    knowledge.reload()
+    for cols in (36, 40):  # the tuned length, and another of the same default width
+        assert not reduce.native_rows("softmax", cols, torch.float32,
+                                      reduce._row_tile(cols, 1024), 1024)
+        torch.testing.assert_close(softmax(x[:, :cols], -1), torch.softmax(x[:, :cols], -1))
+    assert given == ["softmax"]
+    assert reduce.native_rows("softmax", 200, torch.float32, reduce._row_tile(200, 1024), 1024)
+
+
 class _Model(torch.nn.Module):
     def forward(self, x):
         y = x * 2.0 + 1.0

@@ -24,7 +24,7 @@ from tessera.ops._launch import (
     spec,
 )
 from tessera.ops.pointwise import run
-from tessera.ops.reduce import _width, row_tile
+from tessera.ops.reduce import _width, native_rows, row_tile
 from tessera.ops.registry import op
 
 _ONE_ROW = 4096  # rows up to this long are one tile
@@ -120,7 +120,7 @@ def _norm(x: torch.Tensor, shape: Sequence[int], w: torch.Tensor | None,
     s = compiled(key, norm_rows, spec(x.dtype, 2), spec(wt.dtype, wt.dim()),
                  spec(bt.dtype, bt.dim()), spec(x.dtype, 2), n, float(eps), RMS=rms,
                  W=wv is not None, B=bv is not None, BM=bm, BN=bn, ONE=one, EXACT=exact)
-    if x.is_contiguous():
+    if x.is_contiguous() and native_rows(name, n, x.dtype, (bm, bn), _ONE_ROW if one else 1024):
         _fastpath.add_plan(name, s.address, (x.dtype, wt.dtype, bt.dtype), x.dtype, rows=(
             wv is not None, bv is not None, wt.dtype, bt.dtype, bm, bn, one, exact))
     launch(s, (-(-m // bm), 1, 1), x2.data_ptr(), m, n, n, 1, *_flat(wt), *_flat(bt),

@@ -191,6 +191,19 @@ def row_tile(kernel: str, rows: int, n: int, dtype: torch.dtype, cap: int,
                           _row_tile(n, cap), fixed_bn=one)
 
 
+def native_rows(kernel: str, n: int, dtype: torch.dtype, tile: tuple[int, int],
+                cap: int) -> bool:
+    """Whether row kernel `kernel`'s plan for rows of n may be given to the native fast
+    path, which knows only default tiles and serves every length of the same default
+    tile with one plan: `tile` is the default and no length sharing it has a tuned tile
+    on this machine (a record stored after a width's plan was given applies from the
+    next process on)."""
+    tuned = knowledge.tile_shapes(kernel, str(dtype).removeprefix("torch."))
+    default = _row_tile(n, cap)
+    return tile == default and not any(_row_tile(int(s.rpartition("x")[2]), cap) == default
+                                       for s in tuned)
+
+
 def _three(x: torch.Tensor, dims: list[int], op_name: str) -> tuple[torch.Tensor, int, int, int]:
     """x seen as [outer, R, inner] over the (adjacent, sorted) reduced `dims`, and those
     three sizes; a contiguous copy when the strides do not allow the view."""
@@ -461,7 +474,7 @@ def _softmax(x: torch.Tensor, dim: int, log: bool, name: str) -> torch.Tensor:
         s = compiled(key, softmax_rows, tl.TensorSpec(ldtype(v.dtype), (2, 2),
                                                          (2, 1 if st[1] == 1 else 2)),
                         spec(x.dtype, 2), red, LOG=log, BM=bm, BN=bn, ONE=one)
-        if st[1] == 1:
+        if st[1] == 1 and native_rows(name, red, v.dtype, (bm, bn), _ONE_ROW if one else 1024):
             _fastpath.add_plan(name, s.address, (x.dtype,), x.dtype,
                                rows=(False, False, x.dtype, x.dtype, bm, bn, one, red == bn))
         launch(s, (-(-outer // bm), 1, 1), v.data_ptr(), outer, red, st[0], st[1],

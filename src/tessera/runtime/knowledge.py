@@ -27,7 +27,7 @@ from tessera.runtime.cache import default_cache
 from tessera.runtime.cpu.device import cache_sizes, cpu_features, cpu_model, usable_cores
 
 __all__ = ["MAX_TILE", "TILE", "load", "machine", "records", "reload", "store", "tile",
-           "tile_key", "trying"]
+           "tile_key", "tile_shapes", "trying"]
 
 _KIND = "knowledge"
 _RECORD = "record.json"
@@ -131,6 +131,7 @@ def _ignore(entry: Path, why: str) -> None:
 TILE = "tile"  # records {"tile": [BM, BN], ...} under tile_key(kernel, shape class, dtype)
 MAX_TILE = 1 << 16  # elements of a tile at most: a larger one is no tuning result
 _memo: dict[tuple[str | None, str, str, str], tuple[int, int]] = {}
+_shapes: dict[tuple[str | None, str, str], frozenset[str]] = {}
 _trial: list[tuple[tuple[int, int] | None, list[dict[str, Any]]]] = []  # see trying()
 
 
@@ -152,6 +153,21 @@ def tile(kernel: str, shape: str, dtype: str, default: tuple[int, int],
     found = _memo.get(key)
     if found is None:
         found = _memo[key] = _tuned(kernel, shape, dtype, default, fixed_bn)
+    return found
+
+
+def tile_shapes(kernel: str, dtype: str) -> frozenset[str]:
+    """The shape classes this machine has tile records for, of `kernel` in `dtype` (kept in
+    memory like `tile`'s answers): for a caller that must know whether any shape of a
+    kind is tuned, e.g. before serving it through a path that only knows default tiles."""
+    key = (os.environ.get("TESSERA_CACHE_DIR"), kernel, dtype)
+    found = _shapes.get(key)
+    if found is None:
+        prefix = tile_key(kernel, "", "").removesuffix("|")
+        found = _shapes[key] = frozenset(
+            r["key"].split("|")[1] for r in records()
+            if r["kind"] == TILE and r["key"].startswith(prefix)
+            and r["key"].endswith(f"|{dtype}"))
     return found
 
 
@@ -200,3 +216,4 @@ def reload() -> None:
     this process stored or imported some; another process's new records are seen by
     processes started after them, or after this call)."""
     _memo.clear()
+    _shapes.clear()
