@@ -67,6 +67,21 @@ def test_second_compile_skips_the_passes(passes_run: list[int]) -> None:
     assert any(v.data.data_ptr() == fc for v in again.graph.constants)
 
 
+def test_moved_source_lines_hit_and_show_where_they_are_now(passes_run: list[int]) -> None:
+    """Editing the model's file around it (lines move) does not recompile; the cached
+    graph's nodes name today's lines."""
+    model, x = Net().eval(), torch.randn(3, 32)
+    compile_graph(_graph(model, x))
+    moved = _graph(model, x)
+    for node in moved.nodes:
+        node.where = node.where.replace(":", ":1", 1) if node.where else ""
+    again = compile_graph(moved)
+    assert len(passes_run) == 1, "moved source lines missed the cache"
+    lines = {n.where for n in moved.nodes if n.where}
+    assert lines and all(n.where in lines for n in again.graph.nodes if n.where)
+    assert any(n.where for n in again.graph.nodes)
+
+
 def test_other_weights_options_or_compiler_miss(passes_run: list[int],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     model, x = Net().eval(), torch.randn(3, 32)

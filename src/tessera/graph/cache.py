@@ -42,11 +42,22 @@ def key(graph: Graph, options: dict[str, Any]) -> str | None:
         return None
     h = hashlib.sha256()
     constants = data.pop("constants")
+    for node in data["nodes"]:  # source lines move when the model's file is edited; what
+        del node["where"]       # is compiled does not (a hit takes today's, _source_lines)
     h.update(repr((_code(), FORMAT, sorted(options.items()), data)).encode())
     for name, t in constants.items():
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def _source_lines(cached: Graph, lowered: Graph) -> Graph:
+    """`cached` with each node's `where` taken from the nodes of `lowered` it stands for
+    (the last one's known line, as `Node.derive` does), not from the compile that stored it."""
+    where = {o: n.where for n in lowered.nodes for o in n.origin if n.where}
+    for node in cached.nodes:
+        node.where = next((where[o] for o in reversed(node.origin) if o in where), "")
+    return cached
 
 
 def optimized(graph: Graph, options: dict[str, Any], run: Callable[[Graph], Graph]
@@ -65,7 +76,7 @@ def optimized(graph: Graph, options: dict[str, Any], run: Callable[[Graph], Grap
                 data = torch.load(entry / _FILE, map_location="cpu", weights_only=True)
             data["constants"].update((name, inputs[source])
                                      for name, source in data.pop("aliases").items())
-            return from_data(data)
+            return _source_lines(from_data(data), graph)
         except Exception as e:  # an entry of another layout: compile again, replace it
             _log.warning("compiled-graph cache entry %s unreadable (%s); compiling again",
                          k[:12], e)
