@@ -20,13 +20,15 @@ import torch
 from typer.testing import CliRunner
 
 import tessera
+import tessera.tools.tuning
 from tessera.cli import app
 from tessera.errors import TuneError
 from tessera.graph import fusion
 from tessera.ops import reduce, registry
 from tessera.runtime import knowledge
 from tessera.runtime.cache import default_cache
-from tessera.tune import ShareError, export_records, import_records, op_target, tune_tile
+from tessera.tools.tuning import op_target
+from tessera.tune import ShareError, export_records, import_records, tune_tile
 from tessera.tune.share import _digest
 
 SHAPE = (24, 40)  # an odd shape no other test tunes: softmax's tile (64, 48) by default
@@ -127,7 +129,7 @@ def test_search_refuses_bad_arguments():
     with pytest.raises(TuneError, match="no tunable tile"):
         op_target("matmul", SHAPE)
     with pytest.raises(TuneError, match="shape spec"):
-        tessera.tune.parse_spec("24xforty")
+        tessera.tools.tuning.parse_spec("24xforty")
 
 
 def _grids(monkeypatch, module):
@@ -218,15 +220,15 @@ def test_tune_graph_tunes_the_generated_kernels_of_a_script(tmp_path):
         "        return torch.softmax(x * float(sys.argv[1]), -1)\n"
         "model = torch.compile(M(), backend='tessera')\n"
         "model(torch.randn(24, 72))\n")
-    results, skipped = tessera.tune.tune_graph(script, ["0.5"], "model", timeout=20)
+    results, skipped = tessera.tools.tuning.tune_graph(script, ["0.5"], "model", timeout=20)
     assert skipped == [] and results
     labels = [r.target.label for r in results]  # the script's graph only
     assert all("24x72:float32" in label for label in labels), labels
     for r in results:
         assert r.best in [r.target.default, *r.target.candidates]
         assert all(t.error is None for t in r.trials)
-    with pytest.raises(TuneError, match="no script"):
-        tessera.tune.tune_graph(tmp_path / "missing.py")
+    with pytest.raises(TuneError, match="no Python script"):
+        tessera.tools.tuning.tune_graph(tmp_path / "missing.py")
 
 
 def _some_records():
@@ -362,7 +364,7 @@ def test_zoo_bert_kernels_are_tuned_with_every_candidate_correct():
     with torch.no_grad():
         model(*z.inputs(2, 16))
     mine = [ex for ex in tessera.graph.compiled() if id(ex) not in before]
-    targets, skipped = tessera.tune.graph_targets(mine)
+    targets, skipped = tessera.tools.tuning.graph_targets(mine)
     assert skipped == [] and len(targets) >= 2
     assert any("layer_norm" in t.label for t in targets)
     target = next(t for t in targets if "layer_norm" in t.label)

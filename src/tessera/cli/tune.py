@@ -128,8 +128,8 @@ def tune_op(
 ) -> None:
     """Search the tile of an op's row kernel at one shape; record it if it beats the
     default beyond noise (every later compile of that op and shape class uses it)."""
-    from tessera.tune import parse_spec
-    from tessera.tune import tune_op as tune
+    from tessera.tools.tuning import parse_spec
+    from tessera.tools.tuning import tune_op as tune
 
     shape, dtype = parse_spec(spec)
     status = Console(stderr=True).status(f"tuning {name} {spec}")
@@ -150,7 +150,7 @@ def tune_graph(
 ) -> None:
     """Run SCRIPT, then search the tile of every generated kernel (fused groups, row ops)
     of the graphs it compiled; record the tiles that beat the default beyond noise."""
-    from tessera.tune import tune_graph as tune
+    from tessera.tools.tuning import tune_graph as tune
 
     status = Console(stderr=True).status(f"running {script}")
     with status:

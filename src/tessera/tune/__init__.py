@@ -1,8 +1,9 @@
 """The autotuner: measure which template parameters and kernel tiles are fastest on this
 machine and keep them in the per-machine knowledge base (`tessera.runtime.knowledge`),
 which the templates, ops and generated kernels read without importing this layer; and
-share that knowledge between machines. The op and graph tuners (which import torch) load
-on first use, so sharing records stays light."""
+share that knowledge between machines. The tile search (which imports torch) loads on
+first use, so sharing records stays light; its targets for ops and compiled graphs are
+in `tessera.tools.tuning` (they import the layers above this one)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,8 @@ from typing import Any
 from tessera.tune.gemm import FULL_SIZES, MAX_NOISE, QUICK_SIZES, tune_gemm
 from tessera.tune.share import ShareError, export_records, import_records
 
-_LAZY = {**dict.fromkeys(("OPS", "graph_targets", "op_target", "parse_spec", "tune_graph",
-                          "tune_op"), "tessera.tune.kernels"),
-         **dict.fromkeys(("MAX_SPREAD", "STRATEGIES", "Target", "Trial", "TuneResult", "estimate",
-                          "tune_tile"), "tessera.tune.search")}
+_LAZY = dict.fromkeys(("MAX_SPREAD", "STRATEGIES", "Target", "Trial", "TuneResult", "estimate",
+                       "tune_tile"), "tessera.tune.search")
 
 __all__ = ["FULL_SIZES", "MAX_NOISE", "QUICK_SIZES", "ShareError", "export_records",
            "import_records", "tune_gemm", *_LAZY]

@@ -8,8 +8,6 @@ reads; its candidates are tiles that keep a row whole where the kernel needs it.
 from __future__ import annotations
 
 import math
-import runpy
-import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 
 from tessera.errors import TuneError
 from tessera.runtime import knowledge
+from tessera.tools.script import run_as_main
 from tessera.tune.search import MAX_SPREAD, Target, Tile, TuneResult, tune_tile
 
 __all__ = ["OPS", "graph_targets", "op_target", "parse_spec", "tune_graph", "tune_op"]
@@ -122,25 +121,14 @@ def tune_graph(script: str | Path, args: Sequence[str] = (), strategy: str = "mo
     """Run `script` with `args` as `python script args` would, then search the tile of
     every generated kernel of the graphs it compiled that are still alive when it ends
     (each search within `timeout`). Returns the results and what was skipped."""
-    path = Path(script)
-    if not path.is_file():
-        raise TuneError(f"tune graph: no script {path}", hint="give the path of a .py file")
     from tessera.graph import compiled
     before = {id(ex): ex for ex in compiled()}  # (held, so that no id is reused)
-    argv, sys.argv = sys.argv, [str(path), *args]
-    sys.path.insert(0, str(path.resolve().parent))
-    try:
-        scope = runpy.run_path(str(path), run_name="__main__")
-    except SystemExit as e:
-        if e.code not in (None, 0):
-            raise TuneError(f"tune graph: {path} exited with status {e.code}") from None
-        scope = {}
-    finally:
-        sys.argv = argv
-        sys.path.remove(str(path.resolve().parent))
+    scope, code = run_as_main(script, args, command="tune graph", error=TuneError)
+    if code:
+        raise TuneError(f"tune graph: {script} exited with status {code}")
     targets, skipped = graph_targets([ex for ex in compiled() if id(ex) not in before])
     if not targets:
-        raise TuneError(f"tune graph: {path} compiled no graph with a tunable kernel "
+        raise TuneError(f"tune graph: {script} compiled no graph with a tunable kernel "
                         "that is still alive when it ends",
                         hint="compile with torch.compile(model, backend='tessera') or "
                              "tessera.compile and keep the model referenced")
