@@ -135,7 +135,7 @@ def test_a_suite_can_return_finished_rows(monkeypatch, tmp_path):
     module = types.ModuleType("fake_rows_suite")
     seen = {}
 
-    def rows(quick: bool, ranks: int) -> list[dict]:
+    def rows(quick: bool, ranks: int, only: str | None = None) -> list[dict]:
         seen.update(quick=quick, ranks=ranks)
         return [{"suite": "fake", "case": c, "impl": i, "median_s": 1e-6,
                  "extra": {"iqr_pct": 1.0, "rounds": 3, "calls_per_sample": 10, "ranks": ranks},
