@@ -112,7 +112,9 @@ def test_runtime_suite_end_to_end(tmp_path):
     rows = bench.run("runtime", quick=True, json_path=str(out))
     assert {(r["case"], r["impl"]) for r in rows} == {
         (c, i) for c in ("call_trivial_c", "call_kernel_ptr_args")
-        for i in ("tessera", "torch_eager")}
+        for i in ("tessera", "torch_eager")} | {
+        (c, i) for c in ("launch_profiled_x100", "op_add_profiled_x100")
+        for i in ("tessera", "profiled")}
     assert all(r["extra"]["us_per_call"] > 0 for r in rows)
     assert json.loads(out.read_text())["results"] == rows
 
