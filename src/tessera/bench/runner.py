@@ -218,7 +218,7 @@ def run(suite: str, *, quick: bool = False, ranks: int = 2, json_path: str | Non
         return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
     if hasattr(module, "rows"):  # timed in processes of its own, which return finished rows
-        rows = [r for r in module.rows(quick, ranks) if wanted(r["case"])]
+        rows = [r for r in module.rows(quick, ranks, only) if wanted(r["case"])]
     else:
         rows = [row for case in module.cases(quick) if wanted(case.name)
                 for row in run_case(suite, case, rounds=7 if quick else 21,
