@@ -764,8 +764,6 @@ class _SplitBootstrap(Bootstrap):
         return [table[r] for r in self.ranks]
 
 
-
-
 # -- profiling: while a profile is active, the collectives below are swapped for timed
 # versions on the class (so a call with no profile costs nothing extra)
 _PROFILED = ("allreduce", "reduce", "broadcast", "allgather", "allgatherv", "reduce_scatter",

@@ -41,7 +41,7 @@ import re
 import struct
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -443,12 +443,9 @@ class _Plan:
 _SYMBOL = re.compile(r"[A-Za-z_]\w*")
 
 
-def _shapes(inputs: list[Any], outputs: list[Any]) -> dict[str, list[Any]]:
+def _shapes(inputs: Iterable[Any], outputs: Iterable[Any]) -> dict[str, list[Any]]:
     """The (shape, dtype) of each tensor read and made, as a profile's op events give."""
-    def describe(xs: list[Any]) -> list[Any]:
-        return [(tuple(x.shape), str(x.dtype).removeprefix("torch."))
-                for x in xs if isinstance(x, torch.Tensor)]
-    return {"inputs": describe(inputs), "outputs": describe(outputs)}
+    return {"inputs": profiling.describe(inputs), "outputs": profiling.describe(outputs)}
 
 
 def _timed_node(session: profiling.Session, label: str, index: int, node: Node,

@@ -105,25 +105,15 @@ def _profiled(d: OpDef, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> An
     out = fn(*args, **kwargs)
     t1 = profiling.now()
     values = [*args, *kwargs.values()]
-    inputs = [_describe(x) for v in values
-              for x in (v if isinstance(v, (list, tuple)) else (v,)) if _is_tensor(x)]
+    inputs = profiling.describe(x for v in values
+                                for x in (v if isinstance(v, (list, tuple)) else (v,)))
     outs = out if isinstance(out, (list, tuple)) else (out,)
     named = {**dict(zip((a.name for a in d.args if not a.kwarg_only), args,
                           strict=True)), **kwargs}
     session.record("op", d.name, t0, t1, {
-        "inputs": inputs, "outputs": [_describe(x) for x in outs if _is_tensor(x)],
+        "inputs": inputs, "outputs": profiling.describe(outs),
         "params": profiling.scalars(named)})
     return out
-
-
-def _is_tensor(x: Any) -> bool:
-    return isinstance(x, (_T, np.ndarray, TesseraTensor))
-
-
-def _describe(x: Any) -> tuple[tuple[int, ...], str]:
-    """(shape, dtype name) of a torch, numpy or tessera tensor."""
-    dtype = str(x.dtype)
-    return tuple(x.shape), dtype.removeprefix("torch.").removeprefix("tessera.")
 
 
 def _all_torch(xs: Any) -> bool:

@@ -59,9 +59,9 @@ _MAX_SIZE_T = (1 << (8 * ctypes.sizeof(ctypes.c_size_t))) - 1
 
 
 def format_bytes(n: int) -> str:
-    """`n` bytes for humans, e.g. '512 B' or '1.5 MiB'."""
+    """`n` bytes for humans, e.g. '512 B' or '1.5 MiB' (a change may be negative)."""
     units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
-    i = min((max(n, 1).bit_length() - 1) // 10, len(units) - 1)
+    i = min((max(abs(n), 1).bit_length() - 1) // 10, len(units) - 1)
     return f"{n} B" if i == 0 else f"{n / (1 << (10 * i)):.1f} {units[i]}"
 
 

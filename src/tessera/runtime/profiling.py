@@ -18,13 +18,13 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 from tessera.errors import TesseraError
 
-__all__ = ["Event", "ProfilerError", "Session", "active", "kernel_name", "name_kernel",
+__all__ = ["Event", "ProfilerError", "Session", "active", "describe", "kernel_name", "name_kernel",
            "now", "scalars", "span", "start", "stop", "subscribe", "timed"]
 
 now = time.perf_counter_ns
@@ -178,6 +178,13 @@ def timed(fn: Any) -> Callable[..., Any]:
         finally:
             session.kernel(address, t0, now())
     return call
+
+
+def describe(xs: Iterable[Any]) -> list[tuple[tuple[int, ...], str]]:
+    """(shape, dtype name) of each tensor (torch, numpy, tessera) among `xs`: what an op
+    event says of its operands."""
+    return [(tuple(x.shape), str(x.dtype).removeprefix("torch.").removeprefix("tessera."))
+            for x in xs if hasattr(x, "shape") and hasattr(x, "dtype")]
 
 
 def scalars(named: dict[str, Any]) -> dict[str, Any]:

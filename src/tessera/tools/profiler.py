@@ -45,6 +45,7 @@ from types import TracebackType
 from typing import Any
 
 from tessera.runtime import profiling
+from tessera.runtime.memory import format_bytes
 from tessera.tools import roofline
 from tessera.tools.script import run_as_main
 
@@ -253,8 +254,8 @@ class Profile:
             for c in ("source", "events", "peak", "at end"):
                 table.add_column(c, justify="left" if c == "source" else "right")
             for source, values in _by_source(self._session.counters).items():
-                table.add_row(source, str(len(values)), _bytes(max(values)),
-                              _bytes(values[-1]))
+                table.add_row(source, str(len(values)), format_bytes(max(values)),
+                              format_bytes(values[-1]))
             out.append(table)
         return out
 
@@ -354,14 +355,6 @@ def profile_script(path: str, argv: Sequence[str] = ()) -> tuple[Profile, int]:
 
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _by_source(counters: list[tuple[str, int, int]]) -> dict[str, list[int]]:
