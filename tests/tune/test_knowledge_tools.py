@@ -37,9 +37,15 @@ KEY = knowledge.tile_key("softmax", "32x40", "float32")
 
 @pytest.fixture(scope="module", autouse=True)
 def module_cache(tmp_path_factory):
-    """One cache for the module (its kernels compile once), restored afterwards."""
+    """A cache of the module's own, so its knowledge records are its alone, sharing the
+    session's compiled modules and graphs (no kernel compiles twice); restored afterwards."""
+    session = default_cache().base
     with pytest.MonkeyPatch.context() as m:
         m.setenv("TESSERA_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        default_cache().base.mkdir(parents=True, exist_ok=True)
+        for kind in ("modules", "graph"):
+            (session / kind).mkdir(parents=True, exist_ok=True)
+            (default_cache().base / kind).symlink_to(session / kind, target_is_directory=True)
         yield
     knowledge.reload()
 
