@@ -4,8 +4,9 @@ for SIMD, and the math library is pasted in so the source alone decides the bina
 from __future__ import annotations
 
 from tessera.lang.codegen import MATH_HEADER, TILE_HEADER
-from tessera.lang.codegen.cstyle import CStylePrinter
-from tessera.lang.ir import Function, Op
+from tessera.lang.codegen.cstyle import INT_DIVMOD, CStylePrinter
+from tessera.lang.ir import Function
+from tessera.runtime import dtype as dt
 from tessera.runtime.cpu.device import cpu_features
 
 __all__ = ["ENTRY", "CPrinter"]
@@ -21,19 +22,7 @@ _PRELUDE = r"""#include <stdint.h>
 #include <string.h>
 #include <omp.h>
 
-/* Python's // and % on integers (floor semantics). x // 0 and x % 0 give 0 in kernels. */
-#define TSR_INT_DIVMOD(T, U, S) \
-static inline T tsr_floordiv_##S(T a, T b) { \
-    if (b == 0) return 0; \
-    if (b == -1) return (T)((U)0 - (U)a); \
-    T q = a / b; return q - ((a % b != 0) & ((a < 0) != (b < 0))); } \
-static inline T tsr_mod_##S(T a, T b) { \
-    if (b == 0 || b == -1) return 0; \
-    T r = a % b; return r + ((r != 0) & ((r < 0) != (b < 0))) * b; }
-TSR_INT_DIVMOD(int32_t, uint32_t, i32)
-TSR_INT_DIVMOD(int64_t, uint64_t, i64)
-
-"""
+""" + INT_DIVMOD + "\n"
 
 class CPrinter(CStylePrinter):
     """Prints a kernel as `void tessera_kernel(grid0, grid1, grid2, params...)`."""
@@ -59,14 +48,18 @@ class CPrinter(CStylePrinter):
     def tile_step(self, acc: str, mr: int, nv: int, a: str, b: str) -> str:
         return f"TSR_TILE_STEP({acc}, {mr}, {nv}, {a}, {b});"
 
-    def op_program_id(self, op: Op) -> None:
-        self.names[op.id] = f"tsr_pid{op.attrs['axis']}"
+    def unroll(self, n: int) -> str:
+        return f"#pragma GCC unroll {n}"
 
-    def op_num_programs(self, op: Op) -> None:
-        self.names[op.id] = f"tsr_grid{op.attrs['axis']}"
+    def int64_literal(self, value: int) -> str:
+        return f"INT64_C({value})"
 
-    def op_dim(self, op: Op) -> None:
-        self.names[op.id] = f"{self.name(op.operands[0])}_n{op.attrs['axis']}"
+    def pointer_type(self, d: dt.dtype, writes: bool, restrict: bool) -> str:
+        return f"{'' if writes else 'const '}{d.c_type} *{'restrict ' if restrict else ''}"
+
+    # a big tile: per-thread storage, so no worker thread's stack overflows
+    large_tile_storage = "static _Thread_local "
+    prefetch_builtin = "__builtin_prefetch"
 
     def source(self) -> str:
         params, unpack, call = [], [], []

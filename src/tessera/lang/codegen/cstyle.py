@@ -17,7 +17,7 @@ from tessera.lang.ir import Block, Function, Op
 from tessera.lang.types import COMPUTE, TensorType, TileType
 from tessera.runtime import dtype as dt
 
-__all__ = ["CStylePrinter"]
+__all__ = ["INT_DIVMOD", "CStylePrinter"]
 
 _INLINE = frozenset({"unary", "binary", "where", "cast", "arange", "full", "reshape", "trans",
                      "load", "const"})
@@ -34,17 +34,20 @@ _LIMITS = {"int32_t": ("INT32_MIN", "INT32_MAX"), "int64_t": ("INT64_MIN", "INT6
            "bool": ("0", "1"), "float": ("-INFINITY", "INFINITY")}
 
 
-def _literal(value: object, ctype: str) -> str:
-    if ctype == "float":
-        v = float(value)  # type: ignore[arg-type]
-        if math.isnan(v):
-            return "NAN"
-        if math.isinf(v):
-            return "INFINITY" if v > 0 else "(-INFINITY)"
-        return f"{v!r}f"
-    if ctype == "int64_t":
-        return f"INT64_C({int(value)})"  # type: ignore[call-overload]
-    return str(int(value))  # type: ignore[call-overload]
+# Integer // and % for the int32/int64 compute types: valid C and OpenCL C, pasted into both
+# dialects' preludes.
+INT_DIVMOD = ("/* Python's // and % on integers (floor semantics). x // 0 and x % 0 give 0 in "
+              "kernels. */\n" + r"""#define TSR_INT_DIVMOD(T, U, S) \
+static inline T tsr_floordiv_##S(T a, T b) { \
+    if (b == 0) return 0; \
+    if (b == -1) return (T)((U)0 - (U)a); \
+    T q = a / b; return q - ((a % b != 0) & ((a < 0) != (b < 0))); } \
+static inline T tsr_mod_##S(T a, T b) { \
+    if (b == 0 || b == -1) return 0; \
+    T r = a % b; return r + ((r != 0) & ((r < 0) != (b < 0))) * b; }
+TSR_INT_DIVMOD(int32_t, uint32_t, i32)
+TSR_INT_DIVMOD(int64_t, uint64_t, i64)
+""")
 
 
 class CStylePrinter(ABC):
@@ -107,7 +110,8 @@ class CStylePrinter(ABC):
     def _direct_dot_operand(self, op: Op, user: Op) -> bool:
         """A float32 load from a tensor with unit last stride, used only as A or B of a
         dot that gets the vector micro-kernel: no copy is needed for in-bounds tiles."""
-        return (op.kind == "load" and user.kind == "dot" and op in user.operands[:2]
+        return (self.direct_dot_operands and op.kind == "load" and user.kind == "dot"
+                and op in user.operands[:2]
                 and op.type.dtype is dt.float32 and op.operands[0].type.unit_stride
                 and self.ctype(user) == "float" and user.shape[1] % self.vector_lanes == 0)
 
@@ -133,6 +137,24 @@ class CStylePrinter(ABC):
     def line(self, text: str) -> None:
         self.lines.append("    " * self.depth + text)
 
+    def pragma(self, text: str) -> None:
+        """A dialect's loop hint, if it has one (an empty hint prints nothing)."""
+        if text:
+            self.line(text)
+
+    def literal(self, value: object, ctype: str) -> str:
+        """`value` as a constant of compute type `ctype`."""
+        if ctype == "float":
+            v = float(value)  # type: ignore[arg-type]
+            if math.isnan(v):
+                return "NAN"
+            if math.isinf(v):
+                return "INFINITY" if v > 0 else "(-INFINITY)"
+            return f"{v!r}f"
+        if ctype == "int64_t":
+            return self.int64_literal(int(value))  # type: ignore[call-overload]
+        return str(int(value))  # type: ignore[call-overload]
+
     def name(self, op: Op) -> str:
         if op.id not in self.names:
             self.names[op.id] = f"v{op.id}"
@@ -151,9 +173,9 @@ class CStylePrinter(ABC):
             return f"{self.name(op)}[{self.flat(idx, op.shape)}]"
         kind, t = op.kind, self.ctype(op)
         if kind == "const":
-            return _literal(op.attrs["value"], t)
+            return self.literal(op.attrs["value"], t)
         if kind == "full":
-            return _literal(op.attrs["value"], t)
+            return self.literal(op.attrs["value"], t)
         if kind == "arange":
             return f"((int32_t)({op.attrs['start']} + {idx[0]}))"
         if kind == "reshape":
@@ -251,7 +273,7 @@ class CStylePrinter(ABC):
         value = self.from_storage(f"{self.name(tensor)}[{offset}]", tensor.type.dtype)
         if not masked or not mask:
             return value
-        other = _literal(op.attrs["other"], self.ctype(op))
+        other = self.literal(op.attrs["other"], self.ctype(op))
         return f"({' && '.join(mask)} ? {value} : {other})"
 
     @staticmethod
@@ -282,7 +304,7 @@ class CStylePrinter(ABC):
                 idx[d] = "0"
                 continue
             if d == len(shape) - 1 or all(x == 1 for x in shape[d + 1:]):
-                self.line(simd_pragma or self.simd())
+                self.pragma(simd_pragma or self.simd())
             self.line(f"for (int {i} = 0; {i} < {s}; {i}++) {{")
             self.depth += 1
             opened += 1
@@ -360,7 +382,7 @@ class CStylePrinter(ABC):
                 acc = f"{self.name(red)}_acc"
                 nan = self.accumulators(fn, t, [acc], _IDENTITY[fn](t))
                 accs.append((acc, nan, self.reduction_clause(fn, [acc], nan)))
-            self.line(self.simd(" ".join(c for _, _, c in accs)))
+            self.pragma(self.simd(" ".join(c for _, _, c in accs)))
             self.line(f"for (int {j} = 0; {j} < {op.shape[-1]}; {j}++) {{")
             self.depth += 1
             self.line(f"{name}[{self.flat([*idx, j], op.shape)}] = "
@@ -463,7 +485,7 @@ class CStylePrinter(ABC):
         nan = self.accumulators(fn, t, accs, init)
 
         def loop(lo: int, hi: int, accs: list[str]) -> None:
-            self.line(self.simd(self.reduction_clause(fn, accs, nan)))
+            self.pragma(self.simd(self.reduction_clause(fn, accs, nan)))
             self.line(f"for (int {j} = {lo}; {j} < {hi}; {j}++) {{")
             self.depth += 1
             for k, acc in enumerate(accs):
@@ -606,7 +628,7 @@ class CStylePrinter(ABC):
         self.line(f"for (int {i} = 0; {i} < {m}; {i}++) for (int {p} = 0; {p} < {k}; {p}++) {{")
         self.depth += 1
         self.line(f"const {t} {c}_a = {self.expr(a, [i, p], True, [])};")
-        self.line(self.simd())
+        self.pragma(self.simd())
         self.line(f"for (int {j} = 0; {j} < {n}; {j}++) "
                   f"{c}[{i} * {n} + {j}] += {c}_a * {self.expr(b, [p, j], True, [])};")
         self.depth -= 1
@@ -673,8 +695,8 @@ class CStylePrinter(ABC):
             self.line(f"{t.ctype} {name};")
         elif t.numel * (8 if t.ctype == "int64_t" else 4) <= STACK_TILE_BYTES:
             self.line(f"{t.ctype} {name}[{t.numel}];")
-        else:  # a big tile: per-thread storage, so no worker thread's stack overflows
-            self.line(f"static _Thread_local {t.ctype} {name}[{t.numel}];")
+        else:  # a big tile: the dialect's storage for it (see large_tile_storage)
+            self.line(f"{self.large_tile_storage}{t.ctype} {name}[{t.numel}];")
 
     def copy_array(self, dst: str, src: str, t: TileType) -> None:
         self.line(f"{dst} = {src};" if t.is_scalar else
@@ -691,12 +713,12 @@ class CStylePrinter(ABC):
         self.depth += 1
         self.line(f"const int64_t {i}_step = {s2};")
         if op.attrs.get("unroll"):
-            self.line(f"#pragma GCC unroll {int(op.attrs['unroll'])}")
+            self.pragma(self.unroll(int(op.attrs["unroll"])))
         self.line(f"for (int64_t {i} = {s0}; {i}_step > 0 ? {i} < {s1} : "
                   f"{i}_step < 0 && {i} > {s1}; {i} += {i}_step) {{")  # step 0: no trips
         self.depth += 1
         self.bind(args, names)
-        if op.attrs.get("pipeline"):
+        if op.attrs.get("pipeline") and self.prefetch_builtin:
             self.prefetch(body, ind, f"({i} + {int(op.attrs['pipeline'])} * {i}_step)")
         self.block(body)
         self.update(names, body.yields, types)
@@ -723,7 +745,8 @@ class CStylePrinter(ABC):
             last = len(sizes) - 1
             loops = [f"for (int64_t {i} = 0; {i} < {n}; {i} += {per_line if d == last else 1})"
                      for d, (i, n) in enumerate(zip(idx, sizes, strict=True)) if n is not None]
-            self.line(" ".join(loops) + f" __builtin_prefetch(&{self.name(tensor)}[{offset}]);")
+            address = f"&{self.name(tensor)}[{offset}]"
+            self.line(" ".join(loops) + f" {self.prefetch_builtin}({address});")
 
     def scalar_expr(self, op: Op, subst: dict[int, str]) -> str | None:
         """A C expression recomputing scalar `op` with some values replaced, or None if it
@@ -801,6 +824,32 @@ class CStylePrinter(ABC):
     def tile_step(self, acc: str, mr: int, nv: int, a: str, b: str) -> str:
         """A statement: acc[r][v] += a(r) * (vector v of the floats at b), r < mr, v < nv."""
 
+    @abstractmethod
+    def unroll(self, n: int) -> str:
+        """The pragma asking to unroll the next loop `n` times."""
+
+    @abstractmethod
+    def int64_literal(self, value: int) -> str:
+        """An int64 constant."""
+
+    @abstractmethod
+    def pointer_type(self, d: dt.dtype, writes: bool, restrict: bool) -> str:
+        """The declarator prefix of a pointer to a tensor's elements (ends in `*` or a
+        space): `writes` if the kernel stores through it, `restrict` if nothing aliases."""
+
+    large_tile_storage = ""  # qualifiers of tiles above STACK_TILE_BYTES
+    prefetch_builtin: str | None = None  # a cache prefetch of an address, for `pipeline`
+    direct_dot_operands = True  # dots may read in-bounds tiles in place (see op_dot)
+
+    def op_program_id(self, op: Op) -> None:
+        self.names[op.id] = f"tsr_pid{op.attrs['axis']}"  # each dialect's entry defines them
+
+    def op_num_programs(self, op: Op) -> None:
+        self.names[op.id] = f"tsr_grid{op.attrs['axis']}"
+
+    def op_dim(self, op: Op) -> None:
+        self.names[op.id] = f"{self.name(op.operands[0])}_n{op.attrs['axis']}"
+
     def params(self, op: Op, restrict: bool) -> list[tuple[str, str]]:
         """(C type, name) of each C parameter a kernel parameter becomes: a scalar, or a
         tensor's data pointer, sizes and strides (in elements)."""
@@ -808,8 +857,7 @@ class CStylePrinter(ABC):
             return [(op.type.ctype, self.name(op))]
         t: TensorType = op.type
         p = self.name(op)
-        qual = "" if self.fn_writes(op) else "const "
-        return [(f"{qual}{t.dtype.c_type} *{'restrict ' if restrict else ''}", p),
+        return [(self.pointer_type(t.dtype, self.fn_writes(op), restrict), p),
                 *((("int64_t", f"{p}_n{d}")) for d in range(t.ndim)),
                 *((("int64_t", f"{p}_s{d}")) for d in range(t.ndim))]
 
