@@ -60,10 +60,11 @@ def machine_report(remeasure: bool = False) -> dict[str, Any]:
     cc = toolchain.compiler()
     devices = []
     for dev in tessera.devices():
-        props = dev.properties(measure=False)
+        props = dev.properties(measure=False) if dev.type == "cpu" else dev.properties()
         if dev.type == "cpu":
             props.update(measured_peaks(remeasure=remeasure))
         devices.append(props)
+    from tessera.runtime import opencl
     gomp = toolchain.openmp_flags(cc)
     return {
         "tessera": tessera.__version__,
@@ -74,6 +75,7 @@ def machine_report(remeasure: bool = False) -> dict[str, Any]:
                      "version": cc.version.splitlines()[0]},
         "openmp": gomp[1] if len(gomp) > 1 else "the compiler's own runtime",
         "devices": devices,
+        "opencl": opencl.unavailable_reason() or None,  # why no OpenCL device, if none
         "cache": default_cache().info(),
         "gemm_blocking": {**asdict(blocking()),
                           "speedup": record.get("speedup") if (record := tuned_record()) else None},
@@ -106,9 +108,15 @@ def info(
         f"  (tuned: {gemm['speedup']:.2f}x the default)" if gemm["speedup"] else
         "  (default from the caches; `tessera tune gemm` tunes it)"))
     top.add_row("collectives", _fmt_collectives(report["collectives"]))
+    if report["opencl"]:
+        top.add_row("OpenCL", f"no device: {report['opencl']}")
     console.print(top)
     for dev in report["devices"]:
         table = Table(show_header=False, title=f"device {dev['name']!r}", title_justify="left")
+        if dev["type"] == "opencl":
+            _opencl_rows(table, dev)
+            console.print(table)
+            continue
         table.add_row("model", f"{dev['model']} ({dev['arch']})")
         table.add_row("cores", f"{dev['cores']} usable of {dev['logical_cpus']} logical CPUs")
         table.add_row("ISA", " ".join(dev["isa"]) or "(baseline)")
@@ -119,6 +127,19 @@ def info(
                                               f"read {dev['read_bandwidth_gbs']:.1f} GB/s")
         table.add_row("measured at", dev["measured_at"])
         console.print(table)
+
+
+def _opencl_rows(table: Table, dev: dict[str, Any]) -> None:
+    table.add_row("model", f"{dev['model']} ({dev['kind']}, {dev['vendor']})")
+    table.add_row("platform / driver", f"{dev['platform']} / {dev['driver']}")
+    table.add_row("compute units", f"{dev['compute_units']} at {dev['clock_mhz']} MHz")
+    table.add_row("memory", f"global {_fmt_bytes(dev['global_memory_bytes'])}, one buffer up to "
+                            f"{_fmt_bytes(dev['max_buffer_bytes'])}, local "
+                            f"{_fmt_bytes(dev['local_memory_bytes'])}")
+    table.add_row("work-groups", f"up to {dev['max_work_group_size']} work-items; float vectors "
+                                 f"of {dev['preferred_float_vector']}")
+    table.add_row("fp16 / fp64", f"{'yes' if dev['fp16'] else 'no'} / "
+                                 f"{'yes' if dev['fp64'] else 'no'}")
 
 
 def _fmt_collectives(c: dict[str, Any]) -> str:

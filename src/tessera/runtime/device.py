@@ -22,6 +22,7 @@ class Device:
     """One compute device. Subclasses provide `properties()` and an allocator."""
 
     type: str = "abstract"
+    is_host = True  # its memory is host memory (numpy and torch may read it in place)
 
     def __init__(self, index: int = 0):
         self.index = index
@@ -48,6 +49,11 @@ class Device:
         """What the device is and can do (ISA, cores, caches, measured peaks)."""
         return {"name": self.name, "type": self.type}
 
+    def new_queue(self) -> Any:
+        """A native queue for a new stream (devices with command queues), or None: the
+        stream then runs its work on a thread of its own."""
+        return None
+
     def synchronize(self) -> None:
         """Wait for all work queued on this device's streams."""
         from tessera.runtime.stream import synchronize
@@ -71,25 +77,31 @@ class Device:
 
 _backends: dict[str, Callable[[int], Device]] = {}
 _counts: dict[str, Callable[[], int]] = {}
+_missing: dict[str, Callable[[], str]] = {}
 _instances: dict[tuple[str, int], Device] = {}
 _registry_lock = threading.Lock()
 
 
 def register_backend(type_: str, factory: Callable[[int], Device],
-                     count: Callable[[], int] = lambda: 1) -> None:
-    """Make `tessera.device(f"{type_}:i")` build devices with `factory(i)`, i < `count()`."""
+                     count: Callable[[], int] = lambda: 1,
+                     missing: Callable[[], str] = lambda: "") -> None:
+    """Make `tessera.device(f"{type_}:i")` build devices with `factory(i)`, i < `count()`;
+    `missing()` says why there are none and what to install."""
     with _registry_lock:
         _backends[type_] = factory
         _counts[type_] = count
+        _missing[type_] = missing
 
 
 def _ensure_builtin_backends() -> None:
     if "cpu" not in _backends:
         from tessera.runtime.cpu import device as _cpu  # noqa: F401  (registers "cpu")
+    if "opencl" not in _backends:
+        from tessera.runtime.opencl import device as _cl  # noqa: F401  (registers "opencl")
 
 
 def device(spec: str | Device | None = None) -> Device:
-    """The device for `spec` ("cpu", "cpu:0", a Device, or None for the default CPU)."""
+    """The device for `spec` ("cpu", "opencl:1", a Device, or None for the default CPU)."""
     if isinstance(spec, Device):
         return spec
     _ensure_builtin_backends()
@@ -107,6 +119,9 @@ def device(spec: str | Device | None = None) -> Device:
         raise DeviceError(f"bad device index {idx!r} in {spec!r}",
                           hint="write e.g. 'cpu' or 'cpu:0'") from None
     n = _counts[type_]()
+    if n == 0:
+        raise DeviceError(f"device {spec!r} does not exist: this machine has no {type_} "
+                          "device", hint=_missing[type_]() or None)
     if not 0 <= index < n:
         raise DeviceError(f"device {spec!r} does not exist: {type_} has {n} device(s)",
                           hint=f"use an index in 0..{n - 1}")

@@ -12,6 +12,12 @@ of microseconds, more than many ops take. Like CUDA's per-thread default stream 
 synchronize implicitly with other streams; order work across streams with events or
 `wait_stream`.
 
+Device queues. On a device with command queues (OpenCL) a stream is one in-order queue:
+kernels and copies are enqueued on it and run on the device in order; events are markers
+in the queue, timed by the device's clock; `wait_event` makes the device wait, not the
+host. Host callables submitted to such a stream run on the caller's thread once the queue
+has drained.
+
 Errors. An exception raised by work on a stream is kept and raised at the stream's next sync
 point (`Stream.synchronize`, `Event.synchronize` of an event recorded after the failing work,
 `tessera.synchronize`, `Stream.close`): the original exception object with its original
@@ -237,6 +243,7 @@ class _Record:
 # collected with work still queued is waited for too.
 _workers: dict[Device, weakref.WeakSet[_Worker]] = {}
 _defaults: dict[Device, Stream] = {}
+_queues: dict[Device, weakref.WeakSet[Any]] = {}  # native queues (OpenCL) of each device
 _registry_lock = threading.Lock()
 
 
@@ -248,16 +255,28 @@ class Stream:
     def __init__(self, device: str | Device = "cpu", name: str | None = None):
         self.device = _get_device(device)
         self.name = name if name is not None else f"stream-{next(Stream._ids)}"
-        self._worker: _Worker | None = _Worker(f"stream {self.name!r} on {self.device.name}")
+        self.queue = self.device.new_queue()
+        self._default = False
+        self._worker: _Worker | None = None
+        if self.queue is not None:
+            with _registry_lock:
+                _queues.setdefault(self.device, weakref.WeakSet()).add(self.queue)
+            return
+        self._worker = _Worker(f"stream {self.name!r} on {self.device.name}")
         weakref.finalize(self, self._worker.close)
         with _registry_lock:
             _workers.setdefault(self.device, weakref.WeakSet()).add(self._worker)
 
     @classmethod
     def _inline(cls, device: Device) -> Stream:
-        """The default stream of `device`: no worker, work runs on the caller's thread."""
+        """The default stream of `device`: its default queue, or, with none (the CPU), no
+        worker either: work runs on the caller's thread."""
         self = cls.__new__(cls)
         self.device, self.name, self._worker = device, "default", None
+        self._default = True
+        self.queue = getattr(device, "default_queue", None)
+        if self.queue is not None:  # (the caller holds _registry_lock)
+            _queues.setdefault(device, weakref.WeakSet()).add(self.queue)
         return self
 
     def submit(self, fn: Callable[..., object], /, *args: Any, **kwargs: Any) -> None:
@@ -267,22 +286,31 @@ class Stream:
             raise StreamError(f"submit needs a callable, got {type(fn).__name__} {fn!r}",
                               hint="pass the function, then its arguments: s.submit(f, x, y)")
         if self._worker is None:
+            if self.queue is not None:  # host work after the device work queued so far
+                self.queue.finish()
             fn(*args, **kwargs)
         else:
             self._worker.put(_Work(fn, args, kwargs, _user_site()))
 
     def synchronize(self) -> None:
         """Wait until all work submitted so far has run, then raise any error it raised."""
-        if self._worker is not None:
+        if self.queue is not None:
+            self.queue.finish()
+        elif self._worker is not None:
             self._worker.raise_error(self._worker.wait_for())
 
     def query(self) -> bool:
         """True if all submitted work has run. Never raises the stream's pending error."""
+        if self.queue is not None:
+            return self.queue.marker().done()
         return self._worker is None or self._worker.idle()
 
     def record_event(self, event: Event | None = None) -> Event:
         """Record `event` (a new one if None) at the end of the work submitted so far."""
         event = Event() if event is None else _as_event(event)
+        if self.queue is not None:  # a marker in the queue, timed by the device's clock
+            event._record = self.queue.marker()
+            return event
         record = _Record(self._worker)
         if self._worker is not None:
             self._worker.mark(record, event.enable_timing)
@@ -297,7 +325,13 @@ class Stream:
         record = _as_event(event)._record
         if record is None or record.done():
             return
-        if self._worker is None:
+        if self.queue is not None:
+            if getattr(record, "event", None) is not None and \
+                    record.event.context == self.queue.cl_queue.context:
+                self.queue.wait_for(record)  # the device orders it: no host wait
+            else:
+                record.wait()
+        elif self._worker is None:
             record.wait()
         else:
             self._worker.put(_Work(record.wait, (), {}, _user_site(), user=False))
@@ -309,9 +343,12 @@ class Stream:
     def close(self) -> None:
         """Finish the queued work, stop the worker thread and raise any pending error; later
         submits raise StreamError. Dropping the last reference closes without waiting."""
-        if self._worker is None:
+        if self._default:
             raise StreamError(f"the default stream of {self.device.name} cannot be closed",
                               hint="close streams you created with tessera.Stream()")
+        if self.queue is not None:
+            self.synchronize()
+            return
         try:
             self.synchronize()
         finally:
@@ -346,8 +383,11 @@ class Event:
         """Block until the event completes and raise the recording stream's pending error if
         it came from work before the event. A never-recorded event returns at once (CUDA)."""
         record = self._record
-        if record is not None and record.worker is not None:
-            record.worker.raise_error(record.worker.wait_for(record.seq))
+        if isinstance(record, _Record):
+            if record.worker is not None:
+                record.worker.raise_error(record.worker.wait_for(record.seq))
+        elif record is not None:  # a device queue's marker
+            record.wait()
 
     def elapsed_time(self, end: Event) -> float:
         """Milliseconds from this event to `end`; both need enable_timing=True and must have
@@ -420,6 +460,9 @@ def synchronize(device: str | Device | None = None) -> None:
     dev = _get_device(device)
     with _registry_lock:
         workers = list(_workers.get(dev, ()))
+        queues = list(_queues.get(dev, ()))
+    for q in queues:
+        q.finish()
     reached = [(worker, worker.wait_for()) for worker in workers]
     for worker, seq in reached:
         worker.raise_error(seq)

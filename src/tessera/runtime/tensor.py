@@ -187,14 +187,63 @@ class Tensor:
 
     def clone(self) -> Tensor:
         """A contiguous copy in new memory on the same device."""
+        if not self._device.is_host:
+            return self.to("cpu").to(self._device) if not self.is_contiguous() else \
+                self._device_copy()
         out = empty(self._shape, dtype=self._dtype, device=self._device)
         np.copyto(out.numpy(view_bfloat16_as_uint16=True),
                   self.numpy(view_bfloat16_as_uint16=True))
         return out
 
+    def _device_copy(self) -> Tensor:
+        out = empty(self._shape, dtype=self._dtype, device=self._device)
+        self._device.copy(out.data_ptr(), self.data_ptr(), self.nbytes)
+        return out
+
+    # --- devices -----------------------------------------------------------------------------
+
+    def to(self, device: str | Device) -> Tensor:
+        """This tensor on `device`: itself if it is there already, else a contiguous copy
+        (host <-> device copies wait for the data; device-side copies are queued)."""
+        dev = _device(device)
+        if dev == self._device:
+            return self
+        if not self._device.is_host:  # device -> host (then, if asked, on to another device)
+            host = self._read_host()
+            return host if dev.is_host else host.to(dev)
+        out = empty(self._shape, dtype=self._dtype, device=dev)
+        data = np.ascontiguousarray(self.numpy(view_bfloat16_as_uint16=True))
+        out._device.write(out.data_ptr(), data.reshape(-1).view(np.uint8))
+        return out
+
+    def cpu(self) -> Tensor:
+        """`self.to("cpu")`."""
+        return self.to("cpu")
+
+    def _read_host(self) -> Tensor:
+        """A contiguous host copy of a device tensor (reads the span its elements cover)."""
+        out = empty(self._shape, dtype=self._dtype, device="cpu")
+        if not self._numel:
+            return out
+        itemsize = self._dtype.itemsize
+        lo, hi = element_span(self._shape, self._strides)
+        raw = self._device.read(self.data_ptr() + lo * itemsize, (hi - lo + 1) * itemsize)
+        bits = np.dtype(self._dtype.numpy or np.uint16)
+        src = np.lib.stride_tricks.as_strided(
+            raw.view(bits)[-lo:], self._shape, tuple(st * itemsize for st in self._strides))
+        np.copyto(out.numpy(view_bfloat16_as_uint16=True), src)
+        return out
+
+    def _host_only(self, what: str) -> DeviceError:
+        return DeviceError(f"{what} of a tensor on {self._device.name}: its memory is on the "
+                           "device, not readable by the host", where=repr(self),
+                           hint="copy it first: t.cpu() (or t.to('cpu'))")
+
     # --- numpy -------------------------------------------------------------------------------
 
     def _array_interface(self, np_dtype: np.dtype) -> dict[str, Any]:
+        if not self._device.is_host:
+            raise self._host_only("numpy view")
         itemsize = self._dtype.itemsize
         return {
             "version": 3,
@@ -229,11 +278,15 @@ class Tensor:
         if any(s < 0 for s in self._strides):
             raise ShapeError(f"torch tensors cannot have negative strides {self._strides}",
                              where=repr(self), hint="call .clone() first, or use .numpy()")
+        if not self._device.is_host:
+            raise self._host_only("a torch view")
         import torch
 
         return torch.from_dlpack(self)
 
     def __dlpack_device__(self) -> tuple[int, int]:
+        if not self._device.is_host:
+            raise self._host_only("DLPack export")
         return _DL_DEVICE_TYPES[self._device.type], self._device.index
 
     def __dlpack__(self, *, stream: Any = None, max_version: tuple[int, int] | None = None,
@@ -298,7 +351,10 @@ def zeros(shape: int | Sequence[int], dtype: DType | str = float32,
           device: str | Device | None = "cpu") -> Tensor:
     """A contiguous tensor of zeros (all-zero bytes are zero in every Tessera dtype)."""
     t = empty(shape, dtype, device)
-    ctypes.memset(t.data_ptr(), 0, t.nbytes)
+    if t.device.is_host:
+        ctypes.memset(t.data_ptr(), 0, t.nbytes)
+    else:
+        t.device.fill(t.data_ptr(), t.nbytes)
     return t
 
 
