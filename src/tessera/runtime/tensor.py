@@ -121,6 +121,11 @@ class Tensor:
         return self._numel * self._dtype.itemsize
 
     @property
+    def storage_nbytes(self) -> int:
+        """Bytes of the whole storage this tensor views."""
+        return self._extent
+
+    @property
     def owner(self) -> object:
         """What keeps the memory alive: a `Block` or a foreign array/tensor/capsule holder."""
         return self._owner

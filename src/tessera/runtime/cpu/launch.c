@@ -7,7 +7,10 @@
  * on the stack and calls the entry point without the GIL. set_hook(fn) makes every later
  * call also pass its arguments to fn (the graph compiler records launch sequences so).
  * set_timer(fn) makes every later call time the entry point (CLOCK_MONOTONIC, ns) and
- * call fn(address, start, end) (a profile); unset, the cost is one NULL check. */
+ * call fn(address, start, end) (a profile); unset, the cost is one NULL check.
+ * set_redirect(fn) makes every later call first ask fn(address, grid0, grid1, grid2, *args):
+ * if it returns True it has run the launch elsewhere (on another device) and the entry point
+ * is not called; the hook still sees the launch. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -20,6 +23,7 @@ typedef void (*entry_fn)(int64_t, int64_t, int64_t, const char *);
 
 static PyObject *hook = NULL;  /* called with each launch's arguments, or NULL */
 static PyObject *timer = NULL; /* called with each launch's address and times, or NULL */
+static PyObject *redirect = NULL; /* asked first whether it runs the launch, or NULL */
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -78,6 +82,13 @@ static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     for (Py_ssize_t i = 4; i < nargs; i++) {
         if (slot(args[i], buf + 8 * (i - 4)) < 0) return NULL;
     }
+    if (redirect != NULL) {
+        PyObject *r = PyObject_Vectorcall(redirect, args, (size_t)nargs, NULL);
+        if (r == NULL) return NULL;
+        const int handled = r == Py_True;
+        Py_DECREF(r);
+        if (handled) goto after;
+    }
     entry_fn fn = (entry_fn)(intptr_t)head[0];
     const int timed = timer != NULL;  /* read with the GIL held */
     int64_t t0 = 0, t1 = 0;
@@ -94,6 +105,7 @@ static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         if (r == NULL) return NULL;
         Py_DECREF(r);
     }
+after:
     if (hook != NULL) {
         PyObject *r = PyObject_Vectorcall(hook, args, (size_t)nargs, NULL);
         if (r == NULL) return NULL;
@@ -125,12 +137,19 @@ static PyObject *set_timer(PyObject *self, PyObject *fn) {
     return replace(&timer, fn, "set_timer");
 }
 
+static PyObject *set_redirect(PyObject *self, PyObject *fn) {
+    (void)self;
+    return replace(&redirect, fn, "set_redirect");
+}
+
 static PyMethodDef methods[] = {
     {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL,
      "call(address, grid0, grid1, grid2, *args): run a compiled kernel entry point"},
     {"set_hook", set_hook, METH_O, "set_hook(fn or None): pass every call's arguments to fn"},
     {"set_timer", set_timer, METH_O,
      "set_timer(fn or None): call fn(address, start_ns, end_ns) after every launch"},
+    {"set_redirect", set_redirect, METH_O,
+     "set_redirect(fn or None): fn(address, grids, *args) returning True runs the launch"},
     {NULL, NULL, 0, NULL},
 };
 

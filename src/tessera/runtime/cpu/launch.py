@@ -3,7 +3,8 @@ entry point (the ABI of lang/codegen/c.py: the grid, then 8-byte argument slots)
 about the cost of a Python method call. ctypes took ~2 us per launch to marshal the same.
 
 A recorder (the graph compiler's) may watch every launch and every status check, to
-replay the sequence later without Python. While a profile is active (runtime/profiling.py)
+replay the sequence later without Python. A redirect (tessera.ops on an OpenCL device) may
+take launches over and run them on another device. While a profile is active (runtime/profiling.py)
 every launch is timed in C and reported; otherwise the timer hook is a NULL pointer.
 """
 
@@ -18,7 +19,8 @@ from typing import Any, Protocol
 from tessera.runtime import profiling
 from tessera.runtime.toolchain import compile_extension
 
-__all__ = ["Recorder", "check", "lasting", "lasting_buffers", "launcher", "set_recorder"]
+__all__ = ["Recorder", "check", "lasting", "lasting_buffers", "launcher", "set_recorder",
+           "set_redirect"]
 
 
 class Recorder(Protocol):
@@ -47,6 +49,12 @@ def set_recorder(recorder: Recorder | None) -> None:
     global _recorder
     _recorder = recorder
     _extension().set_hook(recorder.launched if recorder is not None else None)
+
+
+def set_redirect(redirect: Callable[..., bool] | None) -> None:
+    """Ask `redirect(address, g0, g1, g2, *slots)` about every launch first: when it returns
+    True it has run the launch itself (on another device) and the entry point is skipped."""
+    _extension().set_redirect(redirect)
 
 
 def check(address: int, error: Callable[[], Exception]) -> None:
