@@ -32,7 +32,7 @@ demo:
 test:
 	scripts/sysdeps.sh cc mpi opencl
 	$(MAKE) --no-print-directory venv
-	$(PY) -m pytest -n $(JOBS) --dist worksteal
+	TESSERA_REQUIRE_OPENCL=1 $(PY) -m pytest -n $(JOBS) --dist worksteal -rs
 
 # Keeps its compile cache in .venv between runs: the first run builds every kernel.
 test-quick:

@@ -30,3 +30,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if os.environ.get(_OWNED) == str(os.getpid()):
         shutil.rmtree(os.environ.pop("TESSERA_CACHE_DIR"), ignore_errors=True)
         del os.environ[_OWNED]
+
+
+@pytest.fixture(scope="session")
+def opencl_device():
+    """The first OpenCL device. Skips, saying why, where there is none, unless
+    TESSERA_REQUIRE_OPENCL=1 (`make test`, CI): there a missing device fails."""
+    import tessera
+    from tessera.runtime import opencl
+
+    if not opencl.available():
+        why = f"no OpenCL device: {opencl.unavailable_reason()}"
+        if os.environ.get("TESSERA_REQUIRE_OPENCL") == "1":
+            pytest.fail(f"{why} (TESSERA_REQUIRE_OPENCL=1)")
+        pytest.skip(why)
+    return tessera.device("opencl")

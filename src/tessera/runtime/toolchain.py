@@ -247,7 +247,7 @@ def _build(cc: Compiler, source: str, base: Sequence[str], extra: list[str], tmp
     if not ok and "native" in output and ("unrecognized" in output or "unknown" in output):
         cmd, ok, output = _run_cc(cc, [*base, *_portable_flags(), *extra], src)
     if not ok:
-        saved = str(_save_failed_source(source, name, key))
+        saved = str(save_failed_source(source, name, key))
         raise CompileError(f"C compilation of {name!r} failed",
                            compiler_output=output.replace(str(src), saved), source_path=saved,
                            command=shlex.join(cmd).replace(str(src), saved), where=where,
@@ -271,10 +271,10 @@ def _run_cc(cc: Compiler, flags: list[str], src: Path) -> tuple[list[str], bool,
     return cmd, proc.returncode == 0, proc.stderr + proc.stdout
 
 
-def _save_failed_source(source: str, name: str, key: str) -> Path:
+def save_failed_source(source: str, name: str, key: str, suffix: str = ".c") -> Path:
     """Keep a failed source where the user can open it (outside the temp build dir)."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-    path = default_cache().base / "errors" / f"{safe}-{key[:12]}.c"
+    path = default_cache().base / "errors" / f"{safe}-{key[:12]}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.write_text(source)
     return path

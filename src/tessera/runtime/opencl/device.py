@@ -13,6 +13,7 @@ from tessera.errors import CompileError
 from tessera.runtime import opencl
 from tessera.runtime.device import Device, register_backend
 from tessera.runtime.profiling import span
+from tessera.runtime.toolchain import save_failed_source
 
 __all__ = ["OpenCLDevice", "Queue"]
 
@@ -149,7 +150,7 @@ class OpenCLDevice(Device):
         from tessera.runtime.cache import default_cache
 
         def compile_(tmp) -> dict[str, Any]:
-            program = self._compile(source, name, options, where)
+            program = self._compile(source, name, options, where, key)
             (tmp / "program.bin").write_bytes(program.get_info(
                 self.cl.program_info.BINARIES)[0])
             (tmp / "source.cl").write_text(source)
@@ -163,20 +164,20 @@ class OpenCLDevice(Device):
             program = self.cl.Program(self.context, [self.cl_device], [binary]).build(
                 options=list(options))
         except self.cl.Error:  # a binary this driver no longer takes: build from source
-            program = self._compile(source, name, options, where)
+            program = self._compile(source, name, options, where, key)
         with self._programs_lock:
             return self._programs.setdefault(key, program)
 
     def _compile(self, source: str, name: str, options: tuple[str, ...],
-                 where: str | None) -> Any:
+                 where: str | None, key: str) -> Any:
         try:
             return self.cl.Program(self.context, source).build(options=list(options))
         except self.cl.Error as e:
-            log = str(e).strip()
             raise CompileError(f"OpenCL build of {name!r} failed on {self.name} "
-                               f"({self.cl_device.name})", where=where,
-                               hint="the build log follows; run with TESSERA_DUMP=1 to see the "
-                                    f"source\n{log}") from None
+                               f"({self.cl_device.name})", compiler_output=str(e),
+                               source_path=str(save_failed_source(source, name, key, ".cl")),
+                               command=f"clBuildProgram(options={' '.join(options)!r})",
+                               where=where) from None
 
     def _identity(self) -> tuple[str, ...]:
         d = self.cl_device
