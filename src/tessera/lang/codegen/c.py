@@ -4,14 +4,13 @@ for SIMD, and the math library is pasted in so the source alone decides the bina
 from __future__ import annotations
 
 from tessera.lang.codegen import MATH_HEADER, TILE_HEADER
-from tessera.lang.codegen.cstyle import INT_DIVMOD, CStylePrinter
+from tessera.lang.codegen.cstyle import ENTRY, INT_DIVMOD, CStylePrinter
 from tessera.lang.ir import Function
 from tessera.runtime import dtype as dt
 from tessera.runtime.cpu.device import cpu_features
 
 __all__ = ["ENTRY", "CPrinter"]
 
-ENTRY = "tessera_kernel"
 # Launches that move fewer elements than this run on the calling thread: below it, waking
 # the other threads costs more than they save (and a busy machine makes that far worse).
 PARALLEL_GRAIN = 32768

@@ -17,7 +17,9 @@ from tessera.lang.ir import Block, Function, Op
 from tessera.lang.types import COMPUTE, TensorType, TileType
 from tessera.runtime import dtype as dt
 
-__all__ = ["INT_DIVMOD", "CStylePrinter"]
+__all__ = ["ENTRY", "INT_DIVMOD", "CStylePrinter"]
+
+ENTRY = "tessera_kernel"  # the entry point every dialect prints
 
 _INLINE = frozenset({"unary", "binary", "where", "cast", "arange", "full", "reshape", "trans",
                      "load", "const"})
