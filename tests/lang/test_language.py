@@ -24,10 +24,10 @@ def axpb(x, out, a, b, BLOCK: tl.constexpr):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8,
                                    torch.uint8, torch.int32, torch.int64])
-def test_every_storage_dtype(dtype: torch.dtype) -> None:
+def test_every_storage_dtype(dtype: torch.dtype, device) -> None:
     x = torch.arange(-50, 50).to(dtype) if dtype != torch.uint8 else torch.arange(100).to(dtype)
     out = torch.empty_like(x)
-    axpb[(tl.cdiv(x.numel(), 16),)](x, out, 3, 1, BLOCK=16)
+    device.launch(axpb, (tl.cdiv(x.numel(), 16),), x, out, 3, 1, BLOCK=16)
     want = (x.to(torch.float64) * 3 + 1).to(dtype) if dtype.is_floating_point else \
         (x.to(torch.int64) * 3 + 1).to(dtype)  # integer results wrap as in torch
     assert torch.equal(out, want)
@@ -40,11 +40,11 @@ def mask_ops(x, y, out, N: tl.constexpr):
     out[0:N] = (a & b) | ~(a ^ b)
 
 
-def test_bool_tensors() -> None:
+def test_bool_tensors(device) -> None:
     x = torch.rand(77) > 0.5
     y = torch.rand(77) > 0.5
     out = torch.empty(77, dtype=torch.bool)
-    mask_ops[(1,)](x, y, out, N=128)
+    device.launch(mask_ops, (1,), x, y, out, N=128)
     assert torch.equal(out, (x & y) | ~(x ^ y))
 
 
@@ -54,10 +54,10 @@ def float_div_int(x, out, N: tl.constexpr):
     out[0:N] = v / 2 + v // 3 + v % 3
 
 
-def test_int_promotion_follows_torch() -> None:
+def test_int_promotion_follows_torch(device) -> None:
     x = torch.arange(-10, 10, dtype=torch.int32)
     out = torch.empty(20)
-    float_div_int[(1,)](x, out, N=20)
+    device.launch(float_div_int, (1,), x, out, N=20)
     want = x / 2 + torch.div(x, 3, rounding_mode="floor") + torch.remainder(x, 3)
     assert torch.equal(out, want.float())
 
@@ -68,10 +68,10 @@ def cast_to(x, out, N: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int32", "int8", "bool"])
-def test_casts_round_like_torch(dtype: str) -> None:
+def test_casts_round_like_torch(dtype: str, device) -> None:
     x = torch.randn(1000) * 100
     out = torch.empty(1000)
-    cast_to[(1,)](x, out, N=1000, DTYPE=getattr(tl, dtype))
+    device.launch(cast_to, (1,), x, out, N=1000, DTYPE=getattr(tl, dtype))
     tdt = getattr(torch, dtype)
     want = x.to(tdt).float()  # int8: wraps modulo 256, as torch does
     assert torch.equal(out, want)
@@ -137,9 +137,9 @@ def grid_ids(out):
     out[c, b, a] = a + n0 * (b + n1 * c)
 
 
-def test_three_axis_grid() -> None:
+def test_three_axis_grid(device) -> None:
     out = torch.full((4, 3, 5), -1, dtype=torch.int64)
-    grid_ids[(5, 3, 4)](out)
+    device.launch(grid_ids, (5, 3, 4), out)
     assert torch.equal(out.flatten(), torch.arange(60))
 
 
@@ -163,10 +163,10 @@ def row_sums_loop(x, out, BN: tl.constexpr):
     out[r] = tl.sum(acc)
 
 
-def test_for_loop_with_carried_tile_and_runtime_bound() -> None:
+def test_for_loop_with_carried_tile_and_runtime_bound(device) -> None:
     x = torch.randn(5, 1001)
     out = torch.empty(5)
-    row_sums_loop[(5,)](x, out, BN=64)
+    device.launch(row_sums_loop, (5,), x, out, BN=64)
     torch.testing.assert_close(out, x.sum(1), atol=1e-4, rtol=1e-5)
 
 
@@ -184,10 +184,10 @@ def collatz_steps(n, out):
     out[i] = steps
 
 
-def test_while_and_if_on_scalars() -> None:
+def test_while_and_if_on_scalars(device) -> None:
     n = torch.tensor([1, 2, 3, 6, 7, 27], dtype=torch.int64)
     out = torch.empty(6, dtype=torch.int32)
-    collatz_steps[(6,)](n, out)
+    device.launch(collatz_steps, (6,), n, out)
     assert out.tolist() == [0, 1, 7, 8, 16, 111]
 
 
@@ -202,12 +202,16 @@ def unrolled(x, out, K: tl.constexpr):
     out[0] = acc
 
 
-def test_static_range_and_unroll_hint() -> None:
+def test_static_range_and_unroll_hint(device) -> None:
     x = torch.arange(8, dtype=torch.float32)
     out = torch.empty(1)
-    unrolled[(1,)](x, out, K=8)
+    device.launch(unrolled, (1,), x, out, K=8)
     assert out.item() == sum(x[k] * (k + 1) for k in range(0, 8, 2)) + x[::2].sum()
-    assert "#pragma GCC unroll 4" in unrolled.source(x, out, K=8)
+    if device.name == "cpu":
+        assert "#pragma GCC unroll 4" in unrolled.source(x, out, K=8)
+    else:
+        xd, od = tessera.as_tensor(x).to(device.name), tessera.empty(1, device=device.name)
+        assert "#pragma unroll 4" in unrolled.source(xd, od, K=8)
 
 
 # -- reductions, argmax, dot ------------------------------------------------------------------
@@ -226,12 +230,12 @@ def reductions(x, s, mx, mn, mean, am, an, BM: tl.constexpr, BN: tl.constexpr,
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-def test_reductions_keepdims_nan_and_ties(axis: int) -> None:
+def test_reductions_keepdims_nan_and_ties(axis: int, device) -> None:
     x = torch.randint(-3, 4, (6, 9)).float()  # many ties: the first index must win
     x[2, 3] = float("nan")
     outs = [torch.empty(6, 9) for _ in range(4)] + [torch.empty(6, 9, dtype=torch.int64)
                                                     for _ in range(2)]
-    reductions[(1,)](x, *outs, BM=6, BN=9, AXIS=axis)
+    device.launch(reductions, (1,), x, *outs, BM=6, BN=9, AXIS=axis)
     s, mx, mn, mean, am, an = outs
     e = {"equal_nan": True}
     torch.testing.assert_close(s, x.sum(axis, keepdim=True).expand(6, 9), **e)
@@ -247,11 +251,11 @@ def int_dot(a, b, c, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
     c[0:M, 0:N] = tl.dot(a[0:M, 0:K], b[0:K, 0:N])
 
 
-def test_integer_dot_accumulates_in_int32() -> None:
+def test_integer_dot_accumulates_in_int32(device) -> None:
     a = torch.randint(-128, 128, (7, 40), dtype=torch.int8)
     b = torch.randint(-128, 128, (40, 5), dtype=torch.int8)
     c = torch.empty(7, 5, dtype=torch.int32)
-    int_dot[(1,)](a, b, c, M=7, N=5, K=40)
+    device.launch(int_dot, (1,), a, b, c, M=7, N=5, K=40)
     assert torch.equal(c, a.int() @ b.int())
 
 
@@ -344,11 +348,13 @@ def pipelined_matmul(a, b, c, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constex
     c[i:i + BM, j:j + BN] = acc
 
 
-def test_pipeline_hint_prefetches_next_tiles() -> None:
+def test_pipeline_hint_prefetches_next_tiles(device) -> None:
     a, b, c = torch.randn(100, 300), torch.randn(300, 70), torch.empty(100, 70)
     args = (a, b, c)
-    pipelined_matmul[(4, 3)](*args, BM=32, BN=32, BK=64, AHEAD=2)
+    device.launch(pipelined_matmul, (4, 3), *args, BM=32, BN=32, BK=64, AHEAD=2)
     torch.testing.assert_close(c, a @ b, atol=1e-4, rtol=1e-4)
+    if device.name != "cpu":
+        return  # OpenCL has no prefetch here: the hint changes nothing
     src = pipelined_matmul.source(*args, BM=32, BN=32, BK=64, AHEAD=2)
     assert src.count("__builtin_prefetch") == 2  # both operands, two iterations ahead
     assert "2 * v" in src.split("__builtin_prefetch")[1]
@@ -364,11 +370,11 @@ def stepped_sum(x, out, step):
     out[0] = acc
 
 
-def test_runtime_zero_step_runs_no_iterations() -> None:
+def test_runtime_zero_step_runs_no_iterations(device) -> None:
     x, out = torch.arange(10), torch.full((1,), -1)
-    stepped_sum[(1,)](x, out, 0)  # Python would raise; a kernel must neither hang nor crash
+    device.launch(stepped_sum, (1,), x, out, 0)  # Python would raise; a kernel must not hang
     assert out.item() == 0
-    stepped_sum[(1,)](x, out, 3)
+    device.launch(stepped_sum, (1,), x, out, 3)
     assert out.item() == 0 + 3 + 6 + 9
 
 
@@ -379,10 +385,10 @@ def int_sum_and_wrap(x, total, wrapped, N: tl.constexpr):
     wrapped[0:N] = v * 3
 
 
-def test_integer_sums_widen_and_overflow_wraps_like_torch() -> None:
+def test_integer_sums_widen_and_overflow_wraps_like_torch(device) -> None:
     x = torch.full((64,), 2**30, dtype=torch.int32)
     total, wrapped = torch.empty(1, dtype=torch.int64), torch.empty(64, dtype=torch.int32)
-    int_sum_and_wrap[(1,)](x, total, wrapped, N=64)
+    device.launch(int_sum_and_wrap, (1,), x, total, wrapped, N=64)
     assert total.item() == x.sum().item() == 64 * 2**30  # int64, as torch.sum
     assert torch.equal(wrapped, x * 3)  # int32 overflow wraps, as in torch
 
@@ -422,11 +428,12 @@ def calls_forever(x, out):
     out[0] = forever(x[0])
 
 
-def test_kernels_call_kernels_inline() -> None:
+def test_kernels_call_kernels_inline(device) -> None:
     x, gate, out = torch.randn(5, 70), torch.randn(5, 70), torch.empty(5, 70)
-    gated_rows[(5,)](x, gate, out, N=70)
+    device.launch(gated_rows, (5,), x, gate, out, N=70)
     torch.testing.assert_close(out, x * torch.sigmoid(2 * x) * gate)
-    assert "swish" not in gated_rows.source(x, gate, out, N=70).split("tsr_run")[1]
+    if device.name == "cpu":
+        assert "swish" not in gated_rows.source(x, gate, out, N=70).split("tsr_run")[1]
 
 
 def test_kernel_calls_that_cannot_work_are_errors() -> None:
@@ -443,13 +450,14 @@ def normalize_rows(x, out, BM: tl.constexpr):
     out[r:r + BM, :] = t / tl.sum(t * t, axis=1, keepdims=True)
 
 
-def test_whole_dimension_slices_specialize_on_size() -> None:
+def test_whole_dimension_slices_specialize_on_size(device) -> None:
     for m, n in [(37, 50), (5, 7), (37, 50)]:
         x = torch.randn(m, n)
         out = torch.empty_like(x)
-        normalize_rows[(tl.cdiv(m, 8),)](x, out, BM=8)
+        device.launch(normalize_rows, (tl.cdiv(m, 8),), x, out, BM=8)
         torch.testing.assert_close(out, x / (x * x).sum(1, keepdim=True))
-    assert len(normalize_rows._compiled) == 2  # one build per column count
+    builds = normalize_rows._compiled if device.name == "cpu" else normalize_rows._device_builds
+    assert len(builds) == 2  # one build per column count
 
 
 @tl.kernel
@@ -462,17 +470,18 @@ def centered_rows(x, out, mx, BM: tl.constexpr, BN: tl.constexpr):
     mx[i:i + BM, 0:1] = m + s
 
 
-def test_row_reductions_fused_into_materialization() -> None:
+def test_row_reductions_fused_into_materialization(device) -> None:
     x = torch.randn(37, 50)
     x[3, 7] = float("nan")
     x[5] = float("-inf")
     out, mx = torch.empty(37, 50), torch.empty(37, 1)
-    centered_rows[(tl.cdiv(37, 8),)](x, out, mx, BM=8, BN=64)
+    device.launch(centered_rows, (tl.cdiv(37, 8),), x, out, mx, BM=8, BN=64)
     t = x * 2
     m = t.amax(1, keepdim=True)
     torch.testing.assert_close(out, t - m, equal_nan=True)
     torch.testing.assert_close(mx, m + torch.exp(t - m).sum(1, keepdim=True), equal_nan=True)
-    assert "reduction(max:" in centered_rows.source(x, out, mx, BM=8, BN=64)
+    assert device.name != "cpu" or "reduction(max:" in centered_rows.source(x, out, mx, BM=8,
+                                                                             BN=64)
 
 
 def test_reduction_of_a_dot_whose_operand_is_read_in_place() -> None:

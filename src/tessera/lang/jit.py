@@ -3,7 +3,10 @@ runtime toolchain, and launch as `k[grid](*args)` on tessera, torch or numpy ten
 
 Launching is on the hot path of small kernels, so it avoids `inspect` and ctypes:
 arguments are bound by hand and handed to the native launcher (runtime/cpu/launch.py),
-which packs them into the 8-byte slots the generated entry point unpacks (codegen/c.py)."""
+which packs them into the 8-byte slots the generated entry point unpacks (codegen/c.py).
+Tensors on an OpenCL device launch the same traced kernel printed as OpenCL C
+(codegen/opencl.py) on that device; `device_launch` does so for a CPU specialization's
+flat launch, which is how tessera.ops runs on OpenCL."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -21,16 +24,19 @@ from tessera.errors import DtypeError
 from tessera.lang import core
 from tessera.lang.binder import make_fast_launcher
 from tessera.lang.codegen.c import ENTRY, CPrinter
+from tessera.lang.codegen.opencl import VECTOR_WIDTHS, OpenCLPrinter, kernel_args
 from tessera.lang.errors import LaunchError
 from tessera.lang.frontend import trace, whole_slices
+from tessera.lang.ir import Function
 from tessera.lang.passes import dce
 from tessera.lang.types import TensorType, TileType
 from tessera.runtime import dtype as dt
+from tessera.runtime import opencl
 from tessera.runtime.cpu.launch import launcher
 from tessera.runtime.tensor import Tensor, as_tensor, contiguous_strides, element_span
 from tessera.runtime.toolchain import compile_c
 
-__all__ = ["Kernel", "Specialization", "TensorSpec", "kernel"]
+__all__ = ["DeviceBuild", "Kernel", "Specialization", "TensorSpec", "device_launch", "kernel"]
 
 _TORCH_DTYPES: dict[Any, dt.dtype] = {}  # torch.dtype -> dtype, filled on first sight
 
@@ -56,6 +62,7 @@ class _Arg(NamedTuple):
     lo: int
     hi: int
     dense: bool  # known to be contiguous (so no two elements share memory)
+    device: Any  # the Device whose memory ptr is in, None for host memory
 
 
 def _span(ptr: int, shape: Sequence[int], strides: Sequence[int], itemsize: int
@@ -87,17 +94,19 @@ def _tensor_arg(x: Any, name: str) -> _Arg | None:
         ptr, shape, strides = x.data_ptr(), x.shape, x.stride()
         if x.is_contiguous():  # (_new_arg: the NamedTuple without its slow __new__)
             return _new_arg(_Arg, (ptr, shape, strides, d, False, ptr,
-                                   ptr + x.numel() * d.itemsize, True))
+                                   ptr + x.numel() * d.itemsize, True, None))
         return _Arg(ptr, shape, strides, d, False, *_span(ptr, shape, strides, d.itemsize),
-                    False)
+                    False, None)
     if t is TensorSpec:
         strides = x.strides if x.strides is not None else contiguous_strides(x.shape)
-        return _Arg(0, tuple(x.shape), tuple(strides), dt.as_dtype(x.dtype), False, 0, 0, True)
+        return _Arg(0, tuple(x.shape), tuple(strides), dt.as_dtype(x.dtype), False, 0, 0, True,
+                    None)
     if t is Tensor or t is np.ndarray or hasattr(x, "__dlpack__"):
         x = x if t is Tensor else as_tensor(x)
         ptr = x.data_ptr()
         return _Arg(ptr, x.shape, x.strides, x.dtype, x.readonly,
-                    *_span(ptr, x.shape, x.strides, x.dtype.itemsize), False)
+                    *_span(ptr, x.shape, x.strides, x.dtype.itemsize), False,
+                    None if x.device.is_host else x.device)
     return None
 
 
@@ -111,13 +120,32 @@ class Specialization:
     """One compiled specialization: the native entry point (run it with
     `runtime.cpu.launch.launcher()(address, grid0, grid1, grid2, *args)`, the arguments
     flattened as the general launcher does: each tensor as its data pointer, sizes and
-    strides in elements, each scalar as an int or float, constexprs left out)."""
+    strides in elements, each scalar as an int or float, constexprs left out). Given its
+    traced `function`, `device_launch` can run it on an OpenCL device too."""
 
     address: int  # of the entry point (see runtime/cpu/launch.py)
     source: str
     ir: str
     writes: frozenset[str]  # tensor parameters the kernel stores into
     restrict: bool  # compiled assuming no output aliases another argument
+    function: Function | None = None  # the traced kernel, for other devices
+    device_builds: dict[Any, DeviceBuild] = field(default_factory=dict)  # by device
+
+    def __post_init__(self) -> None:
+        if self.function is not None:
+            _BY_ADDRESS[self.address] = self
+
+
+class DeviceBuild(NamedTuple):
+    """A kernel built for an OpenCL device: the cl.Kernel, its source, and how each flat
+    launch slot becomes kernel arguments (codegen.opencl.kernel_args)."""
+
+    kernel: Any
+    source: str
+    slots: list[tuple[str, dt.dtype | None]]
+
+
+_BY_ADDRESS: dict[int, Specialization] = {}  # entry address -> specialization, for devices
 
 
 class Kernel:
@@ -140,6 +168,8 @@ class Kernel:
         self._whole: dict[str, frozenset[int]] | None = None  # parsed at first launch
         self.where = _where(fn)
         self._compiled: dict[tuple, Specialization] = {}
+        self._traced: dict[tuple, tuple[Function, frozenset[str]]] = {}
+        self._device_builds: dict[tuple, DeviceBuild] = {}  # by key, aliasing, device
         self._fast: list[Callable[..., bool]] = []  # see binder.py
         self._fast_for: list[Specialization] = []
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
@@ -256,20 +286,28 @@ class Kernel:
                 params[name] = TileType({bool: dt.bool, int: dt.int64, float: dt.float32}[k])
         return params
 
+    def _function(self, key: tuple, values: dict[str, Any]) -> tuple[Function, frozenset[str]]:
+        """The traced kernel for a cache key (without its aliasing flag), and the tensor
+        parameters it stores into."""
+        traced = self._traced.get(key)
+        if traced is None:
+            ir = dce(trace(self.fn, self._params(values, key)))
+            writes = frozenset(op.operands[0].attrs["name"] for op in ir.body.walk()
+                               if op.kind == "store")
+            traced = self._traced[key] = (ir, writes)
+        return traced
+
     def _compile(self, key: tuple, values: dict[str, Any]) -> Specialization:
         compiled = self._compiled.get(key)
         if compiled is not None:
             return compiled
-        ir = dce(trace(self.fn, self._params(values, key[:-1])))
-        writes = frozenset(op.operands[0].attrs["name"] for op in ir.body.walk()
-                           if op.kind == "store")
+        ir, writes = self._function(key[:-1], values)
         source = CPrinter(ir, restrict=not key[-1]).source()
-        if os.environ.get("TESSERA_DUMP"):
-            print(f"// tessera: {self.fn.__name__} {key}\n{source}", file=sys.stderr)
+        _dump(self.fn.__name__, key, source)
         module = compile_c(source, name=self.fn.__name__, openmp=True, where=self.where,
                            flags=["-fwrapv"])  # integer overflow wraps, as in torch
         address = ctypes.cast(module.function(ENTRY), ctypes.c_void_p).value
-        compiled = Specialization(address, source, str(ir), writes, not key[-1])
+        compiled = Specialization(address, source, str(ir), writes, not key[-1], ir)
         self._compiled[key] = compiled
         return compiled
 
@@ -277,14 +315,23 @@ class Kernel:
                  ) -> tuple[dict[str, Any], Specialization, list[Any]]:
         values = self.bind(args, kwargs)
         key, flat, tensors = self._specialize(values)
+        return values, self._choose(key, values, tensors), flat
+
+    def _choose(self, key: tuple, values: dict[str, Any], tensors: dict[str, _Arg]
+                ) -> Specialization:
+        """The CPU build for these arguments (without `restrict` when outputs alias)."""
         compiled = self._compiled.get((*key, False)) or self._compile((*key, False), values)
-        if compiled.writes:
-            for name in compiled.writes:
-                if not tensors[name].dense:
-                    self._check_writable(name, tensors[name])
-            if _overlaps(tensors, compiled.writes):  # no `restrict` when outputs alias
-                compiled = self._compile((*key, True), values)
-        return values, compiled, flat
+        if compiled.writes and self._aliased(compiled.writes, tensors):
+            compiled = self._compile((*key, True), values)
+        return compiled
+
+    def _aliased(self, writes: frozenset[str], tensors: dict[str, _Arg]) -> bool:
+        """Whether an output overlaps another tensor argument, once each output is known
+        to be writable."""
+        for name in writes:
+            if not tensors[name].dense:
+                self._check_writable(name, tensors[name])
+        return _overlaps(tensors, writes)
 
     def _check_writable(self, name: str, arg: _Arg) -> None:
         if arg.readonly:
@@ -296,9 +343,44 @@ class Kernel:
                               where=self.where, hint="pass a contiguous tensor, e.g. "
                                                      ".contiguous() or .copy()")
 
+    # -- devices -----------------------------------------------------------------------------
+    def _device_of(self, tensors: dict[str, _Arg]) -> Any:
+        """The device the tensor arguments are on (None: host memory, the CPU kernel runs);
+        a LaunchError if they are not all on one."""
+        first, device = None, None
+        for name, arg in tensors.items():
+            if first is None:
+                first, device = name, arg.device
+            elif arg.device != device:
+                raise LaunchError(
+                    f"kernel {self.fn.__name__}: argument {name!r} is on "
+                    f"{_place(arg.device)} but {first!r} is on {_place(device)}",
+                    where=self.where, hint="a launch runs on one device: move every tensor "
+                    "argument there with .to(device) (numpy arrays and torch tensors are "
+                    "host memory)")
+        return device
+
+    def _device_build(self, key: tuple, values: dict[str, Any], tensors: dict[str, _Arg],
+                      device: Any) -> DeviceBuild:
+        """The build for `device` of these arguments (`key` without its aliasing flag)."""
+        ir, writes = self._function(key, values)
+        full = (*key, bool(writes) and self._aliased(writes, tensors), device)
+        build = self._device_builds.get(full)
+        if build is None:
+            build = self._device_builds[full] = _build(ir, not full[-2], device, self.where)
+        return build
+
     # -- launching and inspection ------------------------------------------------------------
     def launch(self, grid: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
-        values, compiled, flat = self._prepare(args, kwargs)
+        values = self.bind(args, kwargs)
+        key, flat, tensors = self._specialize(values)
+        device = self._device_of(tensors)
+        if device is not None:
+            build = self._device_build(key, values, tensors, device)
+            g = _grid(grid(values) if callable(grid) else grid, self)
+            device.run(build.kernel, g, _device_args(build.slots, flat, device, self.where))
+            return
+        compiled = self._choose(key, values, tensors)
         g = _grid(grid(values) if callable(grid) else grid, self)
         launcher()(compiled.address, *g, *flat)
         if type(grid) is tuple and compiled.restrict and compiled not in self._fast_for \
@@ -309,18 +391,96 @@ class Kernel:
                 self._fast.append(fast)
 
     def specialize(self, *args: Any, **kwargs: Any) -> Specialization:
-        """The compiled build for arguments like these (tensors may be `TensorSpec`s), for
-        callers that launch it directly with precomputed arguments (tessera.ops). The
-        build assumes no output overlaps another tensor argument."""
+        """The compiled CPU build for arguments like these (tensors may be `TensorSpec`s),
+        for callers that launch it directly with precomputed arguments (tessera.ops; with
+        device memory, through `device_launch`). The build assumes no output overlaps
+        another tensor argument."""
         return self._prepare(args, kwargs)[1]
 
     def source(self, *args: Any, **kwargs: Any) -> str:
-        """The C source this kernel compiles to for these arguments."""
-        return self._prepare(args, kwargs)[1].source
+        """The source this kernel compiles to for these arguments: C for host memory,
+        OpenCL C when the tensors are on an OpenCL device."""
+        values = self.bind(args, kwargs)
+        key, _, tensors = self._specialize(values)
+        device = self._device_of(tensors)
+        if device is not None:
+            return self._device_build(key, values, tensors, device).source
+        return self._choose(key, values, tensors).source
 
     def ir(self, *args: Any, **kwargs: Any) -> str:
         """The tile IR of this kernel for these arguments."""
         return self._prepare(args, kwargs)[1].ir
+
+
+def device_launch(address: int, grid: Sequence[int], slots: Sequence[Any], device: Any
+                  ) -> None:
+    """Run the specialization whose CPU entry point is `address` on `device`: `grid` and
+    `slots` are what its CPU launch takes (each tensor as data pointer, sizes and strides
+    in elements, each scalar as an int or float), the pointers being `device` addresses.
+    tessera.ops reaches OpenCL this way: its impls launch CPU specializations."""
+    spec = _BY_ADDRESS.get(address)
+    if spec is None or spec.function is None:
+        raise LaunchError(f"0x{address:x} is not the entry point of a kernel-language "
+                          f"specialization, so it cannot run on {_place(device)}",
+                          hint="only kernels built by tessera.lang (Kernel.specialize or a "
+                               "launch) run on other devices; other native code is CPU-only")
+    where = str(spec.function.loc)
+    build = spec.device_builds.get(device)
+    if build is None:
+        build = spec.device_builds[device] = _build(spec.function, spec.restrict, device, where)
+    g = (*grid, 1, 1)[:3] if 1 <= len(grid) <= 3 else None
+    if g is None or not all(isinstance(x, (int, np.integer)) and x >= 0 for x in g):
+        raise LaunchError(f"grid must be 1 to 3 non-negative ints, got {tuple(grid)!r}",
+                          where=where)
+    device.run(build.kernel, tuple(map(int, g)), _device_args(build.slots, slots, device, where))
+
+
+def _place(device: Any) -> str:
+    return "host memory (the CPU)" if device is None else f"device {device.name}"
+
+
+def _build(fn: Function, restrict: bool, device: Any, where: str) -> DeviceBuild:
+    """`fn` printed as OpenCL C for `device` and built there (dev.build caches the
+    binary). Division and sqrt are asked to round correctly, as in C, where the device
+    can."""
+    if getattr(device, "type", None) != "opencl":
+        raise LaunchError(f"kernels run on the CPU or on OpenCL devices, not on "
+                          f"{_place(device)}", where=where)
+    cl, cl_device = opencl.cl(), device.cl_device
+    width = cl_device.preferred_vector_width_float
+    source = OpenCLPrinter(fn, restrict, width if width in VECTOR_WIDTHS else 4).source()
+    _dump(fn.name, device.name, source)
+    exact = cl_device.single_fp_config & cl.device_fp_config.CORRECTLY_ROUNDED_DIVIDE_SQRT
+    program = device.build(source, fn.name,
+                           ("-cl-fp32-correctly-rounded-divide-sqrt",) if exact else (),
+                           where=where)
+    return DeviceBuild(cl.Kernel(program, ENTRY), source, kernel_args(fn))
+
+
+def _device_args(slots: list[tuple[str, dt.dtype | None]], flat: Sequence[Any], device: Any,
+                 where: str) -> list[Any]:
+    """Flat launch slots as OpenCL kernel arguments: each data pointer as its buffer and
+    element offset, ints and bools as int64, floats as float32."""
+    if len(flat) != len(slots):
+        raise LaunchError(f"the kernel takes {len(slots)} launch slots, got {len(flat)}",
+                          where=where)
+    args: list[Any] = []
+    for (kind, d), v in zip(slots, flat, strict=True):
+        if kind == "tensor":
+            buffer, offset = device.locate(v)
+            if offset % d.itemsize:  # type: ignore[union-attr]
+                raise LaunchError(f"a {d.name} tensor at 0x{v:x} on {device.name} is not "  # type: ignore[union-attr]
+                                  "aligned to its element size", where=where,
+                                  hint="pass a view whose offset is whole elements")
+            args += [buffer, np.int64(offset // d.itemsize)]  # type: ignore[union-attr]
+        else:
+            args.append(np.int64(v) if kind == "long" else np.float32(v))
+    return args
+
+
+def _dump(name: str, key: Any, source: str) -> None:
+    if os.environ.get("TESSERA_DUMP"):
+        print(f"// tessera: {name} {key}\n{source}", file=sys.stderr)
 
 
 def _where(fn: Callable[..., Any]) -> str:
