@@ -15,10 +15,13 @@ from tessera.graph import cache, passes, quantize
 from tessera.graph.executable import Executable
 from tessera.graph.ir import Graph
 from tessera.graph.serialize import from_data, to_data
+from tessera.runtime.device import device
 
 __all__ = ["OPTIONS", "Stages", "compile_graph", "compiled", "stages"]
 
-OPTIONS = {"executor": "native or python (default: $TESSERA_EXECUTOR, else native)",
+OPTIONS = {"device": "'cpu' (default) or a device such as 'opencl' or 'opencl:1': where the "
+                     "graph's kernels run (inputs and outputs stay host tensors)",
+           "executor": "native or python (default: $TESSERA_EXECUTOR, else native)",
            "fusion": "True (default) or False: pointwise and row-op chains as generated "
                      "kernels",
            "quantize": "None (default), 'int8' or 'int4': weight-only quantized linear "
@@ -48,13 +51,14 @@ def compile_graph(graph: Graph, options: dict[str, Any] | None = None) -> Execut
     if options.get("quantize") not in (None, *quantize.BITS):
         raise TesseraError(f"quantize={options['quantize']!r}; it is None, "
                            f"{' or '.join(map(repr, quantize.BITS))}")
+    dev = device(options.get("device", "cpu"))
     reference = None
     if options.get("quantize") is not None:
         float_options = {k: v for k, v in options.items() if k != "quantize"}
         reference = compile_graph(from_data(to_data(graph)), float_options)
     lowered = passes.snapshot(graph, data=True)  # (the passes change `graph` in place)
     graph = cache.optimized(graph, options, lambda g: passes.run(g, options))
-    ex = Executable(graph, native=executor == "native", reference=reference)
+    ex = Executable(graph, native=executor == "native", reference=reference, device=dev)
     _COMPILED.append(weakref.ref(ex))
     _STAGES[ex] = Stages(lowered, graph, options)
     return ex

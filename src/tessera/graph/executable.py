@@ -50,6 +50,7 @@ import torch
 
 from tessera.errors import TesseraError
 from tessera.graph import memplan
+from tessera.graph.device import DeviceRunner
 from tessera.graph.interpreter import call_node, check_inputs, interpret, node_function, resolve
 from tessera.graph.ir import Graph, Node, Value
 from tessera.graph.record import Alloc, Recorder
@@ -57,6 +58,8 @@ from tessera.graph.replay import native, profiled
 from tessera.ops import _fastpath, registry
 from tessera.runtime import profiling
 from tessera.runtime.cpu import launch as cpu_launch
+from tessera.runtime.device import Device
+from tessera.runtime.device import device as _device
 
 __all__ = ["Executable", "PlanError"]
 
@@ -622,8 +625,12 @@ class Executable:
     MAX_MISSES = 8  # calls a generic plan may turn away before it is dropped
 
     def __init__(self, graph: Graph, native: bool = True,
-                 reference: Executable | None = None) -> None:
+                 reference: Executable | None = None, device: Device | None = None) -> None:
         self.graph = graph
+        self.device = device if device is not None else _device("cpu")
+        # off the host the graph runs through its device runner (graph/device.py)
+        self.runner = None if self.device.is_host else DeviceRunner(graph, self.device,
+                                                                    self.label)
         self.native = native
         self.reference = reference  # the float graph of a quantized one, until compared
         self.quantization: dict[str, float] | None = None
@@ -636,7 +643,7 @@ class Executable:
         self.first: dict[str, int] | None = None  # the first call's sizes of the symbols
         self.generic: _Plan | None = None
         self.misses = 0  # calls the generic plan did not fit
-        # calls by how they ran: "plan", "generic", "record", "interpreter"
+        # calls by how they ran: "plan", "generic", "record", "interpreter", "device"
         self.calls: collections.Counter[str] = collections.Counter()
 
     @functools.cached_property
@@ -676,6 +683,10 @@ class Executable:
     def _call(self, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
         if self.reference is not None:
             return self._compare(inputs)
+        if self.runner is not None:
+            check_inputs(self.graph, list(inputs))
+            self.calls["device"] += 1
+            return self.runner(inputs)
         key = signature(inputs) if self.native else None
         plan = self.plans.get(key, False) if key is not None else None
         if plan:

@@ -70,11 +70,13 @@ def steps(graph: Graph) -> Iterator[tuple[Node, Callable[[dict[str, Any]], Any]]
 
 def interpret(graph: Graph, inputs: list[Any],
               plan: list[tuple[Node, Callable[[dict[str, Any]], Any]]] | None = None, *,
-              watch: Callable[[Node, list[Any]], None] | None = None) -> list[Any]:
+              watch: Callable[[Node, list[Any]], None] | None = None,
+              constants: dict[Value, Any] | None = None) -> list[Any]:
     """The graph's outputs for these inputs, running every node in Python. `watch` is
     called after each node with the node and its outputs (what tessera.tools.compare
-    checks)."""
-    env: dict[Value, Any] = {v: v.data for v in graph.constants}
+    checks); `constants` replaces the constants' own data (a device's copies)."""
+    env: dict[Value, Any] = dict(constants) if constants is not None else \
+        {v: v.data for v in graph.constants}
     env.update(zip(graph.inputs, inputs, strict=True))
     for node, fn in plan if plan is not None else steps(graph):
         call_node(node, env, fn)

@@ -9,6 +9,8 @@ Layout is torch's: q [B, H, S, D] (SDPA broadcasts other ranks as torch does); a
 [B, S, H, D] projection is passed as its transpose (`x.transpose(1, 2)`, no copy), since
 every stride is honored.
 Everything accumulates in float32; results are in the inputs' dtype.
+On a device that is not the host (OpenCL), SDPA runs the kernel-language attention
+(tiled_attention.py) instead of the C template.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 import tessera.lang as tl
 from tessera.errors import DtypeError, ShapeError
+from tessera.ops import device, tiled_attention
 from tessera.ops._launch import FLOATS, ArgumentError, check_tensor, compiled, launch, spec
 from tessera.ops.registry import op
 from tessera.templates import attention as template
@@ -278,6 +281,9 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
     rows = q.shape[2] * (q.shape[1] // max(k.shape[1], 1))  # query rows per kv head
     if not (out.numel() or (lse and sums.numel())):
         pass
+    elif device.current() is not None:  # on OpenCL: the kernel-language attention
+        tiled_attention.attention(q, k, v, out, scale=scale, causal=bool(is_causal),
+                                  mask=mask, lse=sums)
     elif not is_causal and rows <= _DECODE_ROWS and sk and not lse:
         # a few queries: split the keys across the threads instead of the query rows
         lens = torch.tensor([sk] * q.shape[0], dtype=torch.int64)  # replayable: no fill

@@ -21,6 +21,7 @@ import torch
 
 from tessera.errors import DeviceError, DtypeError
 from tessera.ops import _fastpath
+from tessera.ops.device import device_of, on_device
 from tessera.ops.registry import Arg, OpDef
 from tessera.runtime import profiling
 from tessera.runtime.tensor import Tensor as TesseraTensor
@@ -149,7 +150,13 @@ def to_torch(x: Any, op: str, arg: str) -> tuple[torch.Tensor, str | None]:
 
 
 def _foreign(d: OpDef, values: tuple[Any, ...]) -> Any:
-    """The general path: convert every tensor argument, run, convert the result back."""
+    """The general path: convert every tensor argument, run, convert the result back;
+    tessera tensors on a device run the op there (ops/device.py)."""
+    dev = device_of(x for v in values for x in (v if isinstance(v, (list, tuple)) else (v,)))
+    if dev is not None:
+        pairs = list(zip(d.args, values, strict=True))
+        return on_device(d.name, d.impl, dev, [v for a, v in pairs if not a.kwarg_only],
+                         {a.name: v for a, v in pairs if a.kwarg_only})
     kind = None
     args: list[Any] = []
     kwargs: dict[str, Any] = {}

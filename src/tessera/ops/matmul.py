@@ -10,7 +10,8 @@ walked in Python. Products accumulate in float32 and round once to the result's 
 
 The template fuses a bias, an activation and a residual into its final store: linear and
 matmul take them as arguments (`activation=`, `residual=`), which is how the graph
-compiler's GEMM epilogue rewrites ask for them.
+compiler's GEMM epilogue rewrites ask for them. On a device that is not the host (OpenCL)
+products run the kernel-language GEMM (tiled_gemm.py) with the same epilogue.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 import tessera.lang as tl
 from tessera.errors import DtypeError, ShapeError
+from tessera.ops import device, tiled_gemm
 from tessera.ops._launch import (
     ArgumentError,
     check_tensor,
@@ -67,6 +69,10 @@ def product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float
     of out: a [..., M, K] and b [..., K, N] broadcast to them, bias a contiguous float32
     [N] (`bias_rows`: [M]), residual float32 broadcastable to out."""
     if out.numel() == 0:
+        return
+    if device.current() is not None:  # on OpenCL: the kernel-language GEMM, same epilogue
+        tiled_gemm.product(a, b, out, alpha=alpha, beta=beta, bias=bias,
+                           activation=activation, residual=residual, bias_rows=bias_rows)
         return
     entry = gemm_entry(a.dtype, b.dtype, out.dtype, bias=bias is not None,
                        activation=activation, residual=residual is not None,

@@ -1,0 +1,335 @@
+"""tessera.ops on a device that is not the host (OpenCL): the same op definitions, with the
+data on the device.
+
+An op's implementation is written against CPU torch tensors: it checks shapes, makes
+views, allocates outputs and launches kernel-language kernels through the one native
+launcher. On a device it runs unchanged over *aliases*: CPU torch tensors whose storage is
+the device buffer's reserved address (runtime/opencl/memory.py: never readable by the
+host). While it runs, a `TorchDispatchMode` serves what torch would do on the host:
+allocations come from the device's allocator, zero-fills are device fills, views cost
+nothing, constants made from Python data are uploaded, and every other torch call (torch
+computing on the data) runs on host copies of its operands — a round trip, counted and
+warned about once per op and aten function. The launcher's redirect sends every kernel
+launch to the device (`tessera.lang.jit.device_launch`: the same specialization, built
+for the device). The C++ eager fast path, which would read the data on the host, is
+suspended meanwhile. One in-order queue per stream keeps freed blocks safe to reuse.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_map
+
+from tessera.errors import DeviceError
+from tessera.lang import jit
+from tessera.ops import _fastpath
+from tessera.runtime.cpu import launch as cpu_launch
+from tessera.runtime.device import Device
+from tessera.runtime.dtype import as_dtype
+from tessera.runtime.tensor import Tensor, element_span
+
+__all__ = ["DeviceSession", "current", "device_of", "download", "on_device", "replay",
+           "round_trips", "session", "write"]
+
+aten = torch.ops.aten
+_ALLOC = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default,
+          aten.new_empty_strided.default, aten.empty_like.default}
+_ZEROS = {aten.zeros.default: aten.empty.memory_format, aten.new_zeros.default:
+          aten.new_empty.default, aten.zeros_like.default: aten.empty_like.default}
+_FREE = {aten.detach.default, aten.alias.default, aten.resolve_conj.default,
+         aten.resolve_neg.default, aten.is_same_size.default, aten.sym_size.int,
+         aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default}
+
+_local = threading.local()  # .session: the DeviceSession running on this thread
+_ROUND_TRIPS: dict[tuple[str, str], int] = {}  # (op, aten function) -> host round trips
+_redirect_lock = threading.Lock()
+_redirect_installed = False
+
+
+def current() -> DeviceSession | None:
+    """The device run of an op on this thread, if any (ops choose device kernels by it)."""
+    return getattr(_local, "session", None)
+
+
+def round_trips() -> dict[tuple[str, str], int]:
+    """How often each (op, aten function) ran on host copies of device data so far."""
+    return dict(_ROUND_TRIPS)
+
+
+def device_of(values: Iterator[Any]) -> Device | None:
+    """The one non-host device of the tessera tensors among `values`, None if there is none;
+    DeviceError if there are several, or host tensors beside device ones."""
+    found: Device | None = None
+    host = None
+    for v in values:
+        if isinstance(v, Tensor):
+            if v.device.is_host:
+                host = v.device.name
+            elif found is None:
+                found = v.device
+            elif v.device != found:
+                raise DeviceError(f"tensors on {found.name} and {v.device.name} in one call",
+                                  hint="move them to one device with t.to(device)")
+        elif isinstance(v, (torch.Tensor, np.ndarray)):
+            host = "cpu"
+    if found is not None and host is not None:
+        raise DeviceError(f"a tensor on {found.name} and one on the host ({host}) in one call",
+                          hint=f"move the host tensor with t.to({found.name!r}) (tessera."
+                               "as_tensor(x).to(device) for torch and numpy)")
+    return found
+
+
+def on_device(name: str, impl: Callable[..., Any], device: Device, args: list[Any],
+              kwargs: dict[str, Any]) -> Any:
+    """`impl(*args, **kwargs)` of op `name` with its tessera tensors on `device`; the
+    result's tensors are tessera tensors on `device`."""
+    _install_redirect()
+    with DeviceSession(device, name) as s:
+        out = impl(*tree_map(s.arg, args), **tree_map(s.arg, kwargs))
+        return tree_map(s.result, out)
+
+
+class DeviceSession(TorchDispatchMode):
+    """One op's run over device data (see the module docstring)."""
+
+    def __init__(self, device: Device, op: str):
+        super().__init__()
+        self.device = device
+        self.op = op
+        self.storages: dict[int, Tensor] = {}  # storage base address -> a tensor over it
+        self.host_calls = 0  # torch calls that ran on host copies
+        # what ran on the device, in order, to replay: ("launch", address, grid, slots),
+        # ("fill", address, nbytes) or ("copy", dst, src, nbytes)
+        self.commands: list[tuple[Any, ...]] = []
+
+    def __enter__(self) -> DeviceSession:
+        if getattr(_local, "session", None) is not None:
+            raise DeviceError(f"{self.op}: an op on {self.device.name} called inside another "
+                              "op's device run", hint="report this: ops must not nest so")
+        _local.session = self
+        self._suspend = _fastpath.suspended()
+        self._suspend.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._suspend.__exit__(*exc)
+            _local.session = None
+
+    # -- tessera tensors <-> aliases -----------------------------------------------------
+    def arg(self, v: Any) -> Any:
+        return self.alias(v) if isinstance(v, Tensor) else v
+
+    def alias(self, t: Tensor) -> torch.Tensor:
+        """A CPU torch tensor over t's device address (never read by the host)."""
+        base = t.data_ptr() - t.storage_offset() * t.dtype.itemsize
+        self.storages[base] = t
+        itemsize = t.dtype.itemsize
+        typestr = np.dtype(t.dtype.numpy or np.uint16).str
+        holder = _Interface(t, {"version": 3, "shape": (max(t.storage_nbytes // itemsize, 1),),
+                                "typestr": typestr, "data": (base, False)})
+        with _disable_current_modes():  # (torch.from_numpy would reach lift_fresh)
+            flat = torch.from_numpy(np.asarray(holder))
+            if t.dtype.numpy is None:
+                flat = flat.view(torch.bfloat16)
+            return flat.as_strided(t.shape, t.strides, t.storage_offset())
+
+    def owner(self, x: torch.Tensor) -> Tensor | None:
+        return self.storages.get(x.untyped_storage().data_ptr())
+
+    def adopt(self, x: torch.Tensor) -> Tensor:
+        """The tessera tensor an alias stands for."""
+        t = self.owner(x)
+        if t is None:
+            raise DeviceError(f"{self.op}: a host tensor reached a result on "
+                              f"{self.device.name}", hint="report this with the op's call")
+        base = x.untyped_storage().data_ptr()
+        d = as_dtype(x.dtype)
+        return Tensor(t.owner, base, t.storage_nbytes, tuple(x.shape), tuple(x.stride()),
+                      x.storage_offset(), d, self.device)
+
+    def result(self, v: Any) -> Any:
+        return self.adopt(v) if isinstance(v, torch.Tensor) else v
+
+    def new(self, like: torch.Tensor) -> torch.Tensor:
+        """An alias of fresh device memory with `like`'s shape, strides and dtype."""
+        n = _span_elements(tuple(like.shape), tuple(like.stride()))
+        block = self.device.allocator.allocate(n * like.element_size())
+        t = Tensor(block, block.ptr, n * like.element_size(), (n,), (1,), 0,
+                   as_dtype(like.dtype), self.device)
+        return self.alias(t).as_strided(like.shape, like.stride(), 0)
+
+    # -- host <-> device -----------------------------------------------------------------
+    def to_host(self, x: torch.Tensor) -> torch.Tensor:
+        return download(self.device, x)
+
+    def write_back(self, x: torch.Tensor, host: torch.Tensor) -> None:
+        write(self.device, x, host)
+
+    def upload(self, host: torch.Tensor) -> torch.Tensor:
+        """An alias of new device memory holding `host`'s values in `host`'s layout."""
+        out = self.new(host)
+        write(self.device, out, host)
+        return out
+
+    # -- torch calls -----------------------------------------------------------------------
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        kwargs = kwargs or {}
+        if func in _ALLOC:
+            return self.new(func(*args, **kwargs))
+        if func in _ZEROS:
+            out = self.new(_ZEROS[func](*args, **kwargs))
+            self.fill(out.data_ptr(), out.untyped_storage().nbytes())
+            return out
+        if func is aten.lift_fresh.default:  # torch.tensor(data): upload it
+            return self.upload(args[0])
+        if func in _FREE or func.is_view:
+            return func(*args, **kwargs)
+        if func is aten.copy_.default and self._device_copy(args[0], args[1]):
+            return args[0]
+        return self.on_host(func, args, kwargs)
+
+    def _device_copy(self, dst: torch.Tensor, src: Any) -> bool:
+        """Copy between device tensors of one dtype and layout as one device copy."""
+        if not (isinstance(src, torch.Tensor) and self.owner(dst) and self.owner(src)
+                and dst.dtype == src.dtype and dst.shape == src.shape
+                and dst.is_contiguous() and src.is_contiguous()):
+            return False
+        command = ("copy", dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size())
+        self.device.copy(*command[1:])
+        self.commands.append(command)
+        return True
+
+    def fill(self, address: int, nbytes: int) -> None:
+        self.device.fill(address, nbytes)
+        self.commands.append(("fill", address, nbytes))
+
+    def launch(self, address: int, grid: tuple[int, int, int], slots: tuple[Any, ...]
+               ) -> None:
+        jit.device_launch(address, grid, slots, self.device)
+        self.commands.append(("launch", address, grid, slots))
+
+    def on_host(self, func: Any, args: Any, kwargs: Any) -> Any:
+        """Run `func` on host copies of the device tensors it is given; write back the ones
+        it mutates and upload the new tensors it returns."""
+        copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(host) -> (alias, host)
+
+        def host(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and self.owner(v) is not None:
+                h = self.to_host(v)
+                copies[id(h)] = (v, h)
+                return h
+            return v
+        self.host_calls += 1
+        key = (self.op, str(func))
+        if key not in _ROUND_TRIPS:
+            warnings.warn(f"tessera.ops.{self.op} on {self.device.name}: torch's {func} ran on "
+                          "the host (data copied to and from the device)", stacklevel=2)
+        _ROUND_TRIPS[key] = _ROUND_TRIPS.get(key, 0) + 1
+        hargs, hkwargs = tree_map(host, args), tree_map(host, kwargs)
+        out = func(*hargs, **hkwargs)
+        for a, h in copies.values():
+            if _mutated(func, h, hargs, hkwargs):
+                self.write_back(a, h)
+
+        def back(v: Any) -> Any:
+            if not isinstance(v, torch.Tensor):
+                return v
+            if id(v) in copies:
+                return copies[id(v)][0]
+            return self.upload(v)
+        return tree_map(back, out)
+
+
+def download(device: Device, x: torch.Tensor) -> torch.Tensor:
+    """A host tensor with alias x's layout over a copy of the bytes its elements span."""
+    if x.numel() == 0:
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
+    lo, hi = element_span(tuple(x.shape), tuple(x.stride()))
+    size = x.element_size()
+    raw = device.read(x.data_ptr() + lo * size, (hi - lo + 1) * size)
+    with _disable_current_modes():  # host tensors, even inside a session
+        return torch.from_numpy(raw).view(x.dtype).as_strided(x.shape, x.stride(), -lo)
+
+
+def write(device: Device, x: torch.Tensor, host: torch.Tensor) -> None:
+    """Write the bytes host's elements span over the same span of alias x (one layout)."""
+    if x.numel():
+        lo, hi = element_span(tuple(x.shape), tuple(x.stride()))
+        with _disable_current_modes():  # host tensors, even inside a session
+            span = host.as_strided((hi - lo + 1,), (1,), host.storage_offset() + lo)
+            data = span.contiguous().view(torch.uint8).numpy()
+        device.write(x.data_ptr() + lo * x.element_size(), data)
+
+
+class _Interface:
+    """What numpy is handed to alias device memory (never read), keeping the tensor alive."""
+
+    __slots__ = ("__array_interface__", "tensor")
+
+    def __init__(self, tensor: Tensor, interface: dict[str, Any]):
+        self.tensor = tensor
+        self.__array_interface__ = interface
+
+
+def _span_elements(shape: tuple[int, ...], strides: tuple[int, ...]) -> int:
+    if 0 in shape:
+        return 0
+    lo, hi = element_span(shape, strides)
+    return hi - lo + 1
+
+
+def _mutated(func: Any, h: torch.Tensor, args: Any, kwargs: Any) -> bool:
+    """Whether `func` writes the argument `h` (its schema marks it `(a!)`)."""
+    for i, a in enumerate(func._schema.arguments):
+        value = args[i] if i < len(args) else kwargs.get(a.name)
+        if value is h and a.alias_info is not None and a.alias_info.is_write:
+            return True
+    return False
+
+
+def _redirect(address: int, g0: int, g1: int, g2: int, *slots: Any) -> bool:
+    """The launcher's redirect: a launch on a thread running an op on a device runs there."""
+    s = getattr(_local, "session", None)
+    if s is None:
+        return False
+    s.launch(address, (g0, g1, g2), slots)
+    return True
+
+
+def replay(device: Device, commands: list[tuple[Any, ...]]) -> None:
+    """Run recorded device commands again (their buffers must still be alive)."""
+    for c in commands:
+        if c[0] == "launch":
+            jit.device_launch(c[1], c[2], c[3], device)
+        elif c[0] == "fill":
+            device.fill(c[1], c[2])
+        else:
+            device.copy(c[1], c[2], c[3])
+
+
+def _install_redirect() -> None:
+    global _redirect_installed
+    with _redirect_lock:
+        if not _redirect_installed:
+            cpu_launch.set_redirect(_redirect)
+            _redirect_installed = True
+
+
+@contextmanager
+def session(device: Device, op: str) -> Iterator[DeviceSession]:
+    """Run code over device aliases as an op does (for the graph compiler's executor)."""
+    _install_redirect()
+    with DeviceSession(device, op) as s:
+        yield s
