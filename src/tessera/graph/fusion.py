@@ -155,8 +155,8 @@ def _specialize(program: tuple, outs: tuple, widths: tuple, dtypes: Sequence[tor
     module = compile_c(source, name="fused_kernel", openmp=True, where=fused_kernel.where,
                        flags=["-fwrapv"])
     address = ctypes.cast(module.function(ENTRY), ctypes.c_void_p).value
-    return Specialization(address, source, str(ir), frozenset(p.attrs["name"]
-                                                              for p in params[n_in:]), True)
+    writes = frozenset(p.attrs["name"] for p in params[n_in:])
+    return Specialization(address, source, str(ir), writes, True, ir)  # (ir: for devices)
 
 
 _SPECS: dict[tuple, Specialization] = {}

@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_map
 from tessera.errors import DeviceError
 from tessera.lang import jit
 from tessera.ops import _fastpath
+from tessera.ops._launch import ArgumentError
 from tessera.runtime.cpu import launch as cpu_launch
 from tessera.runtime.device import Device
 from tessera.runtime.dtype import as_dtype
@@ -107,7 +108,8 @@ class DeviceSession(TorchDispatchMode):
         self.storages: dict[int, Tensor] = {}  # storage base address -> a tensor over it
         self.host_calls = 0  # torch calls that ran on host copies
         # what ran on the device, in order, to replay: ("launch", address, grid, slots),
-        # ("fill", address, nbytes) or ("copy", dst, src, nbytes)
+        # ("fill", address, nbytes), ("copy", dst, src, nbytes) or ("check", address,
+        # nbytes, message): flags read back, an error if any is set
         self.commands: list[tuple[Any, ...]] = []
 
     def __enter__(self) -> DeviceSession:
@@ -215,6 +217,17 @@ class DeviceSession(TorchDispatchMode):
         self.device.fill(address, nbytes)
         self.commands.append(("fill", address, nbytes))
 
+    def scratch(self, nbytes: int) -> int:
+        """The address of `nbytes` of device memory that lives as long as the session
+        (status flags kernels write and the host reads back)."""
+        return self.new(torch.empty(max(nbytes, 1), dtype=torch.uint8)).data_ptr()
+
+    def flagged(self, address: int, nbytes: int, message: str) -> bool:
+        """Whether any of the `nbytes` flag bytes at `address` is set (replays check them
+        again and raise ArgumentError(message))."""
+        self.commands.append(("check", address, nbytes, message))
+        return bool(self.device.read(address, nbytes).any())
+
     def launch(self, address: int, grid: tuple[int, int, int], slots: tuple[Any, ...]
                ) -> None:
         jit.device_launch(address, grid, slots, self.device)
@@ -315,8 +328,10 @@ def replay(device: Device, commands: list[tuple[Any, ...]]) -> None:
             jit.device_launch(c[1], c[2], c[3], device)
         elif c[0] == "fill":
             device.fill(c[1], c[2])
-        else:
+        elif c[0] == "copy":
             device.copy(c[1], c[2], c[3])
+        elif device.read(c[1], c[2]).any():  # "check": flags a kernel set
+            raise ArgumentError(c[3])
 
 
 def _install_redirect() -> None:

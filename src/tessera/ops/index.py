@@ -30,6 +30,7 @@ import torch
 import tessera.lang as tl
 from tessera.errors import ShapeError
 from tessera.lang.jit import Specialization
+from tessera.ops import device
 from tessera.ops._launch import (
     KERNEL_DTYPES,
     ArgumentError,
@@ -226,12 +227,16 @@ def _go(plan: Plan, p0: int, p1: int, p2: int, scalars: tuple[Any, ...],
     """Run a plan's index launches on operands at data pointers p0, p1, p2; raise on a
     bad index."""
     flags = _FLAGS
+    on = device.current()  # on OpenCL: the flags live on the device and are read back
     for lc in plan.launches:
         (o0, o1, o2), (t0, t1, t2), programs = lc.offsets, lc.tails, lc.programs
-        flag = flags.address if programs <= flags.size else flags.take(programs)
+        flag = on.scratch(programs) if on is not None else \
+            flags.address if programs <= flags.size else flags.take(programs)
         call(lc.address, *lc.grid, p0 + o0, *t0, p1 + o1, *t1, p2 + o2, *t2, *scalars, flag,
              programs, 1)
-        if flags.buf.find(1, 0, programs) >= 0:
+        if (on.flagged(flag, programs, f"{name}: argument {arg!r} holds an index out of "
+                                       f"range for {plan.what} of size {plan.n}")
+                if on is not None else flags.buf.find(1, 0, programs) >= 0):
             _out_of_range(index, plan.n, name, arg, plan.what)
     if plan.check:
         _out_of_range(index, plan.n, name, arg, plan.what)
