@@ -14,6 +14,7 @@ import ctypes
 import inspect
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -36,7 +37,8 @@ from tessera.runtime.cpu.launch import launcher
 from tessera.runtime.tensor import Tensor, as_tensor, contiguous_strides, element_span
 from tessera.runtime.toolchain import compile_c
 
-__all__ = ["DeviceBuild", "Kernel", "Specialization", "TensorSpec", "device_launch", "kernel"]
+__all__ = ["DeviceBuild", "Kernel", "Specialization", "TensorSpec", "device_launch", "kernel",
+           "runs_on_devices"]
 
 _TORCH_DTYPES: dict[Any, dt.dtype] = {}  # torch.dtype -> dtype, filled on first sight
 
@@ -137,12 +139,20 @@ class Specialization:
 
 
 class DeviceBuild(NamedTuple):
-    """A kernel built for an OpenCL device: the cl.Kernel, its source, and how each flat
-    launch slot becomes kernel arguments (codegen.opencl.kernel_args)."""
+    """A kernel built for an OpenCL device: the cl.Kernel, its source, how each flat launch
+    slot becomes kernel arguments (codegen.opencl.kernel_args), and the lock that keeps
+    one thread's arguments from being set between another's set_args and enqueue."""
 
     kernel: Any
     source: str
     slots: list[tuple[str, dt.dtype | None]]
+    lock: threading.Lock
+
+    def run(self, device: Any, grid: tuple[int, int, int], flat: Sequence[Any],
+            where: str) -> None:
+        args = _device_args(self.slots, flat, device, where)
+        with self.lock:
+            device.run(self.kernel, grid, args)
 
 
 _BY_ADDRESS: dict[int, Specialization] = {}  # entry address -> specialization, for devices
@@ -378,7 +388,7 @@ class Kernel:
         if device is not None:
             build = self._device_build(key, values, tensors, device)
             g = _grid(grid(values) if callable(grid) else grid, self)
-            device.run(build.kernel, g, _device_args(build.slots, flat, device, self.where))
+            build.run(device, g, flat, self.where)
             return
         compiled = self._choose(key, values, tensors)
         g = _grid(grid(values) if callable(grid) else grid, self)
@@ -412,6 +422,13 @@ class Kernel:
         return self._prepare(args, kwargs)[1].ir
 
 
+def runs_on_devices(address: int) -> bool:
+    """Whether the CPU entry point at `address` is a kernel-language specialization that
+    `device_launch` can run on other devices (C templates and other native code cannot)."""
+    spec = _BY_ADDRESS.get(address)
+    return spec is not None and spec.function is not None
+
+
 def device_launch(address: int, grid: Sequence[int], slots: Sequence[Any], device: Any
                   ) -> None:
     """Run the specialization whose CPU entry point is `address` on `device`: `grid` and
@@ -432,7 +449,7 @@ def device_launch(address: int, grid: Sequence[int], slots: Sequence[Any], devic
     if g is None or not all(isinstance(x, (int, np.integer)) and x >= 0 for x in g):
         raise LaunchError(f"grid must be 1 to 3 non-negative ints, got {tuple(grid)!r}",
                           where=where)
-    device.run(build.kernel, tuple(map(int, g)), _device_args(build.slots, slots, device, where))
+    build.run(device, tuple(map(int, g)), slots, where)
 
 
 def _place(device: Any) -> str:
@@ -454,7 +471,7 @@ def _build(fn: Function, restrict: bool, device: Any, where: str) -> DeviceBuild
     program = device.build(source, fn.name,
                            ("-cl-fp32-correctly-rounded-divide-sqrt",) if exact else (),
                            where=where)
-    return DeviceBuild(cl.Kernel(program, ENTRY), source, kernel_args(fn))
+    return DeviceBuild(cl.Kernel(program, ENTRY), source, kernel_args(fn), threading.Lock())
 
 
 def _device_args(slots: list[tuple[str, dt.dtype | None]], flat: Sequence[Any], device: Any,
