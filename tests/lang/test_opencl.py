@@ -19,7 +19,7 @@ from tessera.errors import DeviceError
 from tessera.kernels.attention import flash_attention_kernel
 from tessera.kernels.gemm import matmul_kernel
 from tessera.kernels.rows import layer_norm_kernel, softmax_kernel
-from tessera.lang.jit import TensorSpec, device_launch
+from tessera.lang.jit import TensorSpec, device_launch, runs_on_devices
 from tessera.runtime import opencl
 
 pytestmark = pytest.mark.skipif(not opencl.available(), reason=opencl.unavailable_reason())
@@ -213,6 +213,7 @@ def test_device_launch_runs_a_cpu_specialization() -> None:
     device_launch(spec.address, (2, 2), slots, tessera.device(DEV))
     assert torch.equal(back(out), torch.arange(60, dtype=torch.float32).reshape(6, 10) * -0.5)
 
+    assert runs_on_devices(spec.address) and not runs_on_devices(spec.address + 1)
     with pytest.raises(tl.LaunchError, match="not the entry point of a kernel-language"):
         device_launch(spec.address + 1, (1,), slots, tessera.device(DEV))
     with pytest.raises(tl.LaunchError, match="takes 11 launch slots, got 10"):

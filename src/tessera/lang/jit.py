@@ -435,12 +435,12 @@ def device_launch(address: int, grid: Sequence[int], slots: Sequence[Any], devic
     `slots` are what its CPU launch takes (each tensor as data pointer, sizes and strides
     in elements, each scalar as an int or float), the pointers being `device` addresses.
     tessera.ops reaches OpenCL this way: its impls launch CPU specializations."""
-    spec = _BY_ADDRESS.get(address)
-    if spec is None or spec.function is None:
+    if not runs_on_devices(address):
         raise LaunchError(f"0x{address:x} is not the entry point of a kernel-language "
                           f"specialization, so it cannot run on {_place(device)}",
                           hint="only kernels built by tessera.lang (Kernel.specialize or a "
                                "launch) run on other devices; other native code is CPU-only")
+    spec = _BY_ADDRESS[address]
     where = str(spec.function.loc)
     build = spec.device_builds.get(device)
     if build is None:
