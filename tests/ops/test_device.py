@@ -8,16 +8,18 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from opcheck import close
+from test_opinfo import COVERED, OUTSIDE, _opinfos
 
 import tessera
 import tessera.ops as O
-from tessera.errors import DeviceError
+from tessera.errors import DeviceError, TesseraError
 from tessera.ops import device as ops_device
-
-from opcheck import close
 
 
 def on(dev, x):
+    if isinstance(x, (list, tuple)):
+        return type(x)(on(dev, v) for v in x)
     return tessera.as_tensor(x).to(dev) if isinstance(x, torch.Tensor) else x
 
 
@@ -112,3 +114,31 @@ def test_torch_on_the_host_is_counted_and_warned(opencl_device):
     assert sum(ops_device.round_trips().values()) == before + 1
     assert any("ran on the host" in str(w.message) for w in seen)
     close(back(y), torch.cumsum(back(x), 0))
+
+
+DEVICE_SAMPLES = 2  # per OpInfo: kernels build for the CPU and again for the device
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("info", _opinfos(), ids=lambda o: ".".join(
+    filter(None, (o.name, o.variant_test_name))))
+def test_opinfo_samples_on_opencl(opencl_device, info):
+    """OpInfo's samples (a few per op) on OpenCL tensors against the OpInfo's op on the
+    host: ops of the device kinds over device data, the others through the host."""
+    name, adapt = COVERED[(info.name, info.variant_test_name)]
+    calls = [(i, sample, call) for i, sample in enumerate(info.sample_inputs("cpu",
+                                                                             torch.float32))
+             if (call := adapt(sample)) is not OUTSIDE]
+    stride = -(-len(calls) // DEVICE_SAMPLES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # host round trips of host-only ops
+        for i, sample, (args, kwargs) in calls[::stride]:
+            want = info.op(sample.input, *sample.args, **sample.kwargs)
+            try:
+                got = getattr(O, name)(*on(opencl_device, args),
+                                       **{k: on(opencl_device, v) for k, v in kwargs.items()})
+            except TesseraError as e:
+                raise AssertionError(f"{name} on OpenCL refused OpInfo sample {i} ({sample}): "
+                                     f"{e}") from e
+            close(back(got), tuple(want) if isinstance(want, tuple) else want, atol=1e-4,
+                  rtol=1e-4, what=f"{name} sample {i} on {opencl_device.name}")

@@ -17,6 +17,7 @@ node by node every time.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,15 @@ class _Plan:
                      for o in self.outputs)
 
 
+def _on_device(op: str, fn: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+    """A node function run through the session (host-only ops fall back to the host)."""
+    def run(a: dict[str, Any]) -> Any:
+        s = ops_device.current()
+        assert s is not None
+        return s.run(op, fn, a)
+    return run
+
+
 class DeviceRunner:
     """Runs `graph` on `device` (see the module docstring)."""
 
@@ -60,7 +70,7 @@ class DeviceRunner:
         self.device = device
         self.label = label
         self.constants: dict[Value, Any] | None = None  # uploaded on the first call
-        self.steps = list(steps(graph))
+        self.steps = [(n, _on_device(n.op, fn)) for n, fn in steps(graph)]
         self.plans: collections.OrderedDict[tuple[Any, ...], _Plan | None] = \
             collections.OrderedDict()
         self.calls: collections.Counter[str] = collections.Counter()  # "replay", "record"

@@ -17,6 +17,7 @@ suspended meanwhile. One in-order queue per stream keeps freed blocks safe to re
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -30,15 +31,15 @@ from torch.utils._pytree import tree_map
 
 from tessera.errors import DeviceError
 from tessera.lang import jit
-from tessera.ops import _fastpath
+from tessera.ops import _fastpath, registry
 from tessera.ops._launch import ArgumentError
 from tessera.runtime.cpu import launch as cpu_launch
 from tessera.runtime.device import Device
 from tessera.runtime.dtype import as_dtype
 from tessera.runtime.tensor import Tensor, element_span
 
-__all__ = ["DeviceSession", "current", "device_of", "download", "on_device", "replay",
-           "round_trips", "session", "write"]
+__all__ = ["DEVICE_KINDS", "HOST_ONLY", "DeviceSession", "current", "device_of", "download",
+           "on_device", "replay", "round_trips", "runs_on_devices", "session", "write"]
 
 aten = torch.ops.aten
 _ALLOC = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default,
@@ -48,6 +49,15 @@ _ZEROS = {aten.zeros.default: aten.empty.memory_format, aten.new_zeros.default:
 _FREE = {aten.detach.default, aten.alias.default, aten.resolve_conj.default,
          aten.resolve_neg.default, aten.is_same_size.default, aten.sym_size.int,
          aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default}
+
+# The op kinds whose implementations only check, view, allocate and launch kernel-language
+# kernels (so they run over aliases; tests/ops check every one on OpenCL), but for the ops
+# named: those, and every op of another kind (convolution and pooling, on the GEMM
+# template and host tables; MoE and quantization, on C templates and host reads), run on
+# host copies of their arguments, as a counted and warned round trip.
+DEVICE_KINDS = frozenset({"pointwise", "reduction", "normalization", "contraction", "index",
+                          "shape", "attention"})
+HOST_ONLY = frozenset({"quantized_linear", "decode_attention", "topk"})
 
 _local = threading.local()  # .session: the DeviceSession running on this thread
 _ROUND_TRIPS: dict[tuple[str, str], int] = {}  # (op, aten function) -> host round trips
@@ -88,13 +98,25 @@ def device_of(values: Iterator[Any]) -> Device | None:
     return found
 
 
+def runs_on_devices(op: str) -> bool:
+    """Whether op `op` (a registry op, or a graph's generated `fused:` kernel) runs over
+    device data; others run on host copies."""
+    return op.startswith("fused:") or op in _device_ops()
+
+
+@functools.cache
+def _device_ops() -> frozenset[str]:
+    return frozenset(n for n in registry.list_ops()
+                     if registry.get(n).kind in DEVICE_KINDS) - HOST_ONLY
+
+
 def on_device(name: str, impl: Callable[..., Any], device: Device, args: list[Any],
               kwargs: dict[str, Any]) -> Any:
     """`impl(*args, **kwargs)` of op `name` with its tessera tensors on `device`; the
     result's tensors are tessera tensors on `device`."""
     _install_redirect()
     with DeviceSession(device, name) as s:
-        out = impl(*tree_map(s.arg, args), **tree_map(s.arg, kwargs))
+        out = s.run(name, impl, *tree_map(s.arg, args), **tree_map(s.arg, kwargs))
         return tree_map(s.result, out)
 
 
@@ -184,6 +206,34 @@ class DeviceSession(TorchDispatchMode):
         write(self.device, out, host)
         return out
 
+    # -- ops -------------------------------------------------------------------------------
+    def run(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs) of op `name` over device aliases; an op that does not run on
+        devices (`runs_on_devices`), or that launches native code other than
+        kernel-language kernels, runs on host copies instead (a counted, warned round
+        trip)."""
+        if runs_on_devices(name):
+            try:
+                return fn(*args, **kwargs)
+            except _HostOnly:
+                pass
+        self._count(name, "its implementation")
+        host = tree_map(lambda v: self.to_host(v) if self.is_alias(v) else v, (args, kwargs))
+        with _disable_current_modes(), _detached():
+            out = fn(*host[0], **host[1])
+        return tree_map(lambda v: self.upload(v) if isinstance(v, torch.Tensor) else v, out)
+
+    def is_alias(self, v: Any) -> bool:
+        return isinstance(v, torch.Tensor) and self.owner(v) is not None
+
+    def _count(self, op: str, what: str) -> None:
+        self.host_calls += 1
+        key = (op, what)
+        if key not in _ROUND_TRIPS:
+            warnings.warn(f"tessera.ops.{op} on {self.device.name}: {what} ran on the host "
+                          "(data copied to and from the device)", stacklevel=3)
+        _ROUND_TRIPS[key] = _ROUND_TRIPS.get(key, 0) + 1
+
     # -- torch calls -----------------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
@@ -230,6 +280,8 @@ class DeviceSession(TorchDispatchMode):
 
     def launch(self, address: int, grid: tuple[int, int, int], slots: tuple[Any, ...]
                ) -> None:
+        if not jit.runs_on_devices(address):
+            raise _HostOnly(address)
         jit.device_launch(address, grid, slots, self.device)
         self.commands.append(("launch", address, grid, slots))
 
@@ -239,17 +291,12 @@ class DeviceSession(TorchDispatchMode):
         copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(host) -> (alias, host)
 
         def host(v: Any) -> Any:
-            if isinstance(v, torch.Tensor) and self.owner(v) is not None:
+            if self.is_alias(v):
                 h = self.to_host(v)
                 copies[id(h)] = (v, h)
                 return h
             return v
-        self.host_calls += 1
-        key = (self.op, str(func))
-        if key not in _ROUND_TRIPS:
-            warnings.warn(f"tessera.ops.{self.op} on {self.device.name}: torch's {func} ran on "
-                          "the host (data copied to and from the device)", stacklevel=2)
-        _ROUND_TRIPS[key] = _ROUND_TRIPS.get(key, 0) + 1
+        self._count(self.op, f"torch's {func}")
         hargs, hkwargs = tree_map(host, args), tree_map(host, kwargs)
         out = func(*hargs, **hkwargs)
         for a, h in copies.values():
@@ -284,6 +331,22 @@ def write(device: Device, x: torch.Tensor, host: torch.Tensor) -> None:
             span = host.as_strided((hi - lo + 1,), (1,), host.storage_offset() + lo)
             data = span.contiguous().view(torch.uint8).numpy()
         device.write(x.data_ptr() + lo * x.element_size(), data)
+
+
+class _HostOnly(Exception):
+    """A launch of native code that only runs on the CPU, inside a device run (caught by
+    DeviceSession.run, which runs the op on the host instead)."""
+
+
+@contextmanager
+def _detached() -> Iterator[None]:
+    """No device session on this thread for a while: launches run on the CPU."""
+    s = _local.session
+    _local.session = None
+    try:
+        yield
+    finally:
+        _local.session = s
 
 
 class _Interface:

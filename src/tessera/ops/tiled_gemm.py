@@ -5,6 +5,8 @@ bias (per column, or per row), activation, residual — before its one store."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import tessera.lang as tl
@@ -55,9 +57,9 @@ def _batched(t: torch.Tensor, batch: list[int], rows: int, cols: int) -> torch.T
     batch dims do not fold into one stride)."""
     t = t.expand(*batch, rows, cols)
     try:
-        return t.view(-1, rows, cols)
+        return t.view(math.prod(batch), rows, cols)
     except RuntimeError:
-        return t.reshape(-1, rows, cols)
+        return t.reshape(math.prod(batch), rows, cols)
 
 
 def product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float = 1.0,
@@ -68,9 +70,9 @@ def product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float
     *batch, m, n = out.shape
     k = a.shape[-1]
     try:
-        o, copied = out.view(-1, m, n), False
+        o, copied = out.view(math.prod(batch), m, n), False
     except RuntimeError:  # batch dims that do not fold: work in a copy, then write back
-        o, copied = out.contiguous().view(-1, m, n), True
+        o, copied = out.contiguous().view(math.prod(batch), m, n), True
     a3, b3 = _batched(a, batch, m, k), _batched(b, batch, k, n)
     unused = a3[0, 0]  # stands for an absent bias or residual (never read)
     gemm_kernel[(-(-m // BM), -(-n // BN), o.shape[0])](
