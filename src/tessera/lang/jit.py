@@ -471,13 +471,17 @@ def _build(fn: Function, restrict: bool, device: Any, where: str) -> DeviceBuild
     program = device.build(source, fn.name,
                            ("-cl-fp32-correctly-rounded-divide-sqrt",) if exact else (),
                            where=where)
-    return DeviceBuild(cl.Kernel(program, ENTRY), source, kernel_args(fn), threading.Lock())
+    kernel, slots = cl.Kernel(program, ENTRY), kernel_args(fn)
+    # declared scalar types let pyopencl pack arguments without inspecting each one
+    kernel.set_scalar_arg_dtypes([t for kind, _ in slots for t in (
+        (None, np.int64) if kind == "tensor" else (np.int64 if kind == "long" else np.float32,))])
+    return DeviceBuild(kernel, source, slots, threading.Lock())
 
 
 def _device_args(slots: list[tuple[str, dt.dtype | None]], flat: Sequence[Any], device: Any,
                  where: str) -> list[Any]:
     """Flat launch slots as OpenCL kernel arguments: each data pointer as its buffer and
-    element offset, ints and bools as int64, floats as float32."""
+    element offset, scalars as they are (the kernel packs them: see _build)."""
     if len(flat) != len(slots):
         raise LaunchError(f"the kernel takes {len(slots)} launch slots, got {len(flat)}",
                           where=where)
@@ -489,9 +493,9 @@ def _device_args(slots: list[tuple[str, dt.dtype | None]], flat: Sequence[Any], 
                 raise LaunchError(f"a {d.name} tensor at 0x{v:x} on {device.name} is not "  # type: ignore[union-attr]
                                   "aligned to its element size", where=where,
                                   hint="pass a view whose offset is whole elements")
-            args += [buffer, np.int64(offset // d.itemsize)]  # type: ignore[union-attr]
+            args += [buffer, offset // d.itemsize]  # type: ignore[union-attr]
         else:
-            args.append(np.int64(v) if kind == "long" else np.float32(v))
+            args.append(v)  # packed as the kernel's scalar_arg_dtypes say
     return args
 
 
