@@ -52,3 +52,11 @@ def device(request: pytest.FixtureRequest) -> Target:
     if request.param == "opencl" and not opencl.available():
         pytest.skip(opencl.unavailable_reason())
     return Target(request.param)
+
+
+@pytest.fixture
+def opencl_device() -> Target:
+    """The OpenCL target alone, for tests whose CPU twin is written apart (other limits)."""
+    if not opencl.available():
+        pytest.skip(opencl.unavailable_reason())
+    return Target("opencl")

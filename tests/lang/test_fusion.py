@@ -61,11 +61,28 @@ def _load(tmp_path, source: str):
     return module
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(prog=programs(), m=st.sampled_from([1, 3, 8]), n=st.sampled_from([1, 5, 16, 33]),
-       seed=st.integers(0, 2**16))
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROGRAMS = dict(prog=programs(), m=st.sampled_from([1, 3, 8]),
+                n=st.sampled_from([1, 5, 16, 33]), seed=st.integers(0, 2**16))
+
+
+@SETTINGS
+@given(**PROGRAMS)
 def test_random_fused_programs_match_numpy(tmp_path, prog, m, n, seed) -> None:
+    check_program(tmp_path, prog, m, n, seed, lambda k, grid, *a, **kw: k[grid](*a, **kw))
+
+
+@settings(SETTINGS, max_examples=10)  # each example is a program build (~0.5 s on PoCL)
+@given(**PROGRAMS)
+def test_random_fused_programs_match_numpy_on_opencl(tmp_path, opencl_device, prog, m, n,
+                                                     seed) -> None:
+    check_program(tmp_path, prog, m, n, seed, opencl_device.launch)
+
+
+def check_program(tmp_path, prog, m: int, n: int, seed: int, launch) -> None:
+    """Build the drawn program as a kernel, `launch(kernel, grid, *args)` it on numpy
+    arrays and compare with numpy."""
     lines_k, lines_n, out_k, out_n = prog
     source = "\n".join([
         "import numpy as np", "import tessera.lang as tl", "",
@@ -80,6 +97,6 @@ def test_random_fused_programs_match_numpy(tmp_path, prog, m, n, seed) -> None:
     x = rng.standard_normal((m, n)).astype(np.float32)
     row = rng.standard_normal(n).astype(np.float32)
     out = np.full((m, n), np.nan, np.float32)
-    module.kernel[(1,)](x, row, out, M=m, N=n)
+    launch(module.kernel, (1,), x, row, out, M=m, N=n)
     want = module.reference(x.astype(np.float64), row.astype(np.float64)[None, :], m, n)
     np.testing.assert_allclose(out, want, rtol=2e-4, atol=2e-4, err_msg=source)
