@@ -6,12 +6,13 @@ other constants are uploaded once. Each node runs its op's own implementation ov
 data (tessera/ops/device.py): its kernels are the same kernel-language specializations the
 CPU runs, built for the device.
 
-The first call with an input signature runs node by node and records what reached the
-device — kernel launches, fills, copies — keeping every buffer it used. Later calls with
-that signature write the inputs into the recorded input buffers and replay the commands:
-no op implementation, no torch dispatch, only the launches. A recording in which torch
-computed on host copies (ops/device.py's round trips) is not replayed: those calls run
-node by node every time.
+The first call with an input signature runs node by node and records what each node sent
+to the device — kernel launches, fills, copies, flag checks — keeping every buffer the
+call used. Later calls with that signature write the inputs into the recorded input
+buffers and replay the commands: no op implementation and no torch dispatch, only the
+launches. A node that computed on the host (a torch fallback, a host-only op: ops/device.py's
+round trips) is run again in Python at its place in the replay, its results written into
+the buffers its consumers were recorded reading.
 """
 
 from __future__ import annotations
@@ -23,36 +24,76 @@ from typing import Any
 
 import torch
 
-from tessera.graph.interpreter import interpret, steps
-from tessera.graph.ir import Graph, Value
+from tessera.graph.interpreter import call_node, resolve, steps
+from tessera.graph.ir import Graph, Node, Value
 from tessera.ops import device as ops_device
 from tessera.runtime.device import Device
 from tessera.runtime.tensor import Tensor, as_tensor
 
 __all__ = ["DeviceRunner"]
 
+Step = Callable[[dict[str, Any]], Any]
+
+
+@dataclass
+class _HostStep:
+    """A node run in Python at each replay: its recorded arguments and output buffers."""
+
+    node: Node
+    fn: Step
+    args: Any  # the node's arguments with Values resolved to the recorded aliases
+    outputs: list[Any]
+
 
 @dataclass
 class _Plan:
-    """One recorded call: its commands, the buffers they use, where inputs go and where
-    outputs are."""
+    """One recorded call: device command segments and host steps in order, the buffers
+    they use, where the inputs go and where the outputs are."""
 
-    commands: list[tuple[Any, ...]]
+    steps: list[list[tuple[Any, ...]] | _HostStep]
     keep: list[Tensor]
     inputs: list[torch.Tensor | None]  # the alias each input was uploaded to
     outputs: list[Any]  # aliases (downloaded after each replay) or Python values
 
-    def run(self, device: Device, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    def run(self, device: Device, label: str, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
         for x, alias in zip(inputs, self.inputs, strict=True):
             if alias is not None:
                 ops_device.write(device, alias, x.detach())
-        ops_device.replay(device, self.commands)
+        for step in self.steps:
+            if isinstance(step, list):
+                ops_device.replay(device, step)
+                continue
+            with ops_device.session(device, f"graph {label}") as s:
+                for v in _leaves(step.args):
+                    if isinstance(v, torch.Tensor):
+                        s.storages.setdefault(v.untyped_storage().data_ptr(),
+                                              self._owner(v))
+                result = step.fn(step.args)
+                results = result if isinstance(result, (tuple, list)) else [result]
+                for dst, src in zip(step.outputs, results, strict=False):
+                    if isinstance(dst, torch.Tensor):
+                        ops_device.write(device, dst, s.to_host(src) if s.is_alias(src)
+                                         else src)
         return tuple(ops_device.download(device, o) if isinstance(o, torch.Tensor) else o
                      for o in self.outputs)
 
+    def _owner(self, alias: torch.Tensor) -> Tensor:
+        base = alias.untyped_storage().data_ptr()
+        return next(t for t in self.keep
+                    if t.data_ptr() - t.storage_offset() * t.dtype.itemsize == base)
 
-def _on_device(op: str, fn: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
-    """A node function run through the session (host-only ops fall back to the host)."""
+
+def _leaves(a: Any) -> list[Any]:
+    if isinstance(a, (list, tuple)):
+        return [x for v in a for x in _leaves(v)]
+    if isinstance(a, dict):
+        return [x for v in a.values() for x in _leaves(v)]
+    return [a]
+
+
+def _on_device(op: str, fn: Step) -> Step:
+    """A registry op's node function, run through the session (host-only ops fall back to
+    host copies)."""
     def run(a: dict[str, Any]) -> Any:
         s = ops_device.current()
         assert s is not None
@@ -70,8 +111,12 @@ class DeviceRunner:
         self.device = device
         self.label = label
         self.constants: dict[Value, Any] | None = None  # uploaded on the first call
-        self.steps = [(n, _on_device(n.op, fn)) for n, fn in steps(graph)]
-        self.plans: collections.OrderedDict[tuple[Any, ...], _Plan | None] = \
+        # views and torch fallbacks directly over the aliases (torch computing there
+        # round-trips); ops and generated kernels through the session (host-only ones run
+        # on host copies)
+        self.steps = [(n, fn if n.op.startswith(("view:", "torch:")) else _on_device(n.op, fn))
+                      for n, fn in steps(graph)]
+        self.plans: collections.OrderedDict[tuple[Any, ...], _Plan] = \
             collections.OrderedDict()
         self.calls: collections.Counter[str] = collections.Counter()  # "replay", "record"
 
@@ -82,29 +127,37 @@ class DeviceRunner:
         if plan is not None:
             self.plans.move_to_end(key)
             self.calls["replay"] += 1
-            return plan.run(self.device, inputs)
+            return plan.run(self.device, self.label, inputs)
         self.calls["record"] += 1
-        out, plan = self._record(inputs)
-        if key not in self.plans or plan is not None:
-            self.plans[key] = plan
-            if len(self.plans) > self.MAX_PLANS:
-                self.plans.popitem(last=False)
+        out, self.plans[key] = self._record(inputs)
+        if len(self.plans) > self.MAX_PLANS:
+            self.plans.popitem(last=False)
         return out
 
-    def _record(self, inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], _Plan | None]:
+    def _record(self, inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], _Plan]:
         if self.constants is None:
             self.constants = {v: as_tensor(v.data.detach().contiguous()).to(self.device)
                               if isinstance(v.data, torch.Tensor) else v.data
                               for v in self.graph.constants}
         with ops_device.session(self.device, f"graph {self.label}") as s:
-            consts = {v: s.alias(t) if isinstance(t, Tensor) else t
-                      for v, t in self.constants.items()}
+            env: dict[Value, Any] = {v: s.alias(t) if isinstance(t, Tensor) else t
+                                     for v, t in self.constants.items()}
             ins = [s.upload(x.detach()) if isinstance(x, torch.Tensor) else None
                    for x in inputs]
-            outs = interpret(self.graph, [a if a is not None else x
-                                          for a, x in zip(ins, inputs, strict=True)],
-                             self.steps, constants=consts)
-            host = tuple(s.to_host(o) if isinstance(o, torch.Tensor) else o for o in outs)
-            plan = None if s.host_calls else _Plan(list(s.commands), list(s.storages.values()),
-                                                   ins, list(outs))
-        return host, plan
+            env.update(zip(self.graph.inputs, [a if a is not None else x for a, x in
+                                               zip(ins, inputs, strict=True)], strict=True))
+            plan_steps: list[list[tuple[Any, ...]] | _HostStep] = []
+            for node, fn in self.steps:
+                first, host = len(s.commands), s.host_calls
+                args = resolve(node.args, env)
+                call_node(node, env, fn)
+                if s.host_calls == host:
+                    plan_steps.append(s.commands[first:])
+                else:  # computed on the host: run again at each replay
+                    plan_steps.append(_HostStep(node, fn, args,
+                                                [env[v] for v in node.outputs]))
+            outs = [env[v] for v in self.graph.outputs]
+            host_outs = tuple(s.to_host(o) if isinstance(o, torch.Tensor) else o
+                              for o in outs)
+            plan = _Plan(plan_steps, list(s.storages.values()), ins, outs)
+        return host_outs, plan

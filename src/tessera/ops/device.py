@@ -57,7 +57,8 @@ _FREE = {aten.detach.default, aten.alias.default, aten.resolve_conj.default,
 # host copies of their arguments, as a counted and warned round trip.
 DEVICE_KINDS = frozenset({"pointwise", "reduction", "normalization", "contraction", "index",
                           "shape", "attention"})
-HOST_ONLY = frozenset({"quantized_linear", "decode_attention", "topk"})
+HOST_ONLY = frozenset({"quantized_linear", "decode_attention", "topk",
+                       "fused:conv2d"})  # (the graph compiler's conv with its epilogue)
 
 _local = threading.local()  # .session: the DeviceSession running on this thread
 _ROUND_TRIPS: dict[tuple[str, str], int] = {}  # (op, aten function) -> host round trips
@@ -101,7 +102,7 @@ def device_of(values: Iterator[Any]) -> Device | None:
 def runs_on_devices(op: str) -> bool:
     """Whether op `op` (a registry op, or a graph's generated `fused:` kernel) runs over
     device data; others run on host copies."""
-    return op.startswith("fused:") or op in _device_ops()
+    return (op.startswith("fused:") and op not in HOST_ONLY) or op in _device_ops()
 
 
 @functools.cache
@@ -244,7 +245,8 @@ class DeviceSession(TorchDispatchMode):
             out = self.new(_ZEROS[func](*args, **kwargs))
             self.fill(out.data_ptr(), out.untyped_storage().nbytes())
             return out
-        if func is aten.lift_fresh.default:  # torch.tensor(data): upload it
+        if func in (aten.lift_fresh.default, aten.lift_fresh_copy.default) and \
+                not self.is_alias(args[0]):  # torch.tensor(data): upload it
             return self.upload(args[0])
         if func in _FREE or func.is_view:
             return func(*args, **kwargs)
