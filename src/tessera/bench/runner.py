@@ -32,6 +32,7 @@ SUITES: dict[str, str] = {
     "models": "tessera.bench.models",
 }
 BASELINE_ORDER = ("numpy", "torch_eager", "torch_inductor", "mpi", "gloo")
+DEVICE_SUITES = ("lang", "ops")  # the suites whose cases can time Tessera on a device
 
 
 class BenchError(TesseraError):
@@ -44,7 +45,8 @@ class Case:
     """One benchmark: named zero-argument callables, timed against each other.
 
     `check` runs once before timing and raises AssertionError if the implementations
-    disagree; `extra(impl, median_s)` derives metrics such as GFLOPS or GB/s.
+    disagree; `extra(impl, median_s)` derives metrics such as GFLOPS or GB/s. `skipped`:
+    implementations that cannot run, with why (the check may add to it).
     """
 
     name: str
@@ -52,6 +54,7 @@ class Case:
     check: Callable[[], None] | None = None
     extra: Callable[[str, float], dict[str, float]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,8 +125,9 @@ def available() -> list[str]:
     return sorted(SUITES)
 
 
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on (never imports torch just to ask its version)."""
+def machine_info(device: Any = None) -> dict[str, Any]:
+    """What the numbers were measured on (never imports torch just to ask its version), and
+    the properties of `device` if Tessera was timed on one besides the host."""
     from tessera import __version__
     from tessera.runtime.cpu.device import cpu_model, usable_cores
     from tessera.runtime.toolchain import compiler
@@ -134,9 +138,12 @@ def machine_info() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             return None
 
-    return {"cpu": cpu_model(), "cores": usable_cores(), "torch": version("torch"),
+    info = {"cpu": cpu_model(), "cores": usable_cores(), "torch": version("torch"),
             "numpy": version("numpy"), "python": platform.python_version(),
             "tessera": __version__, "compiler": compiler().version.splitlines()[0]}
+    if device is not None:
+        info["device"] = device.properties()
+    return info
 
 
 def _fmt_time(s: float) -> str:
@@ -168,8 +175,10 @@ def run_case(suite: str, case: Case, *, rounds: int, min_sample_s: float,
     return rows
 
 
-def _table(suite: str, rows: list[dict[str, Any]]) -> Table:
-    table = Table(title=f"tessera bench {suite}", title_justify="left")
+def _table(suite: str, rows: list[dict[str, Any]], reference: str) -> Table:
+    table = Table(title=f"tessera bench {suite}", title_justify="left",
+                  caption=f"speedup: the impl's median / {reference}'s median "
+                          f"(above 1: {reference} is faster)", caption_justify="left")
     for col in ("case", "impl", "median", "IQR", "speedup"):
         table.add_column(col, justify="left" if col in ("case", "impl") else "right",
                          no_wrap=col == "case")
@@ -178,10 +187,10 @@ def _table(suite: str, rows: list[dict[str, Any]]) -> Table:
                       and k not in r.get("_meta", ())})
     for m in metrics:
         table.add_column(m, justify="right")
-    tessera_s = {r["case"]: r["median_s"] for r in rows if r["impl"] == "tessera"}
+    reference_s = {r["case"]: r["median_s"] for r in rows if r["impl"] == reference}
     for r in rows:
-        ref = tessera_s.get(r["case"])
-        speedup = "" if r["impl"] == "tessera" or ref is None else \
+        ref = reference_s.get(r["case"])
+        speedup = "" if r["impl"] == reference or ref is None else \
             f"{r['median_s'] / ref:.2f}x"
         values = [r["extra"].get(m, "") for m in metrics]
         table.add_row(r["case"], r["impl"], _fmt_time(r["median_s"]),
@@ -190,26 +199,35 @@ def _table(suite: str, rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def _in_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows in case order, Tessera first in each case, then the baselines in a fixed order."""
+def _in_order(rows: list[dict[str, Any]], reference: str = "tessera") -> list[dict[str, Any]]:
+    """Rows in case order, the reference first in each case, then Tessera on the host, then
+    the baselines in a fixed order."""
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    return sorted(rows, key=lambda r: (cases.index(r["case"]), r["impl"] != "tessera",
+    return sorted(rows, key=lambda r: (cases.index(r["case"]), r["impl"] != reference,
+                                       r["impl"] != "tessera",
                                        BASELINE_ORDER.index(r["impl"])
                                        if r["impl"] in BASELINE_ORDER else 99, r["impl"]))
 
 
 def run(suite: str, *, quick: bool = False, ranks: int = 2, json_path: str | None = None,
-        console: Console | None = None, only: str | None = None) -> list[dict[str, Any]]:
+        console: Console | None = None, only: str | None = None,
+        device: str = "cpu") -> list[dict[str, Any]]:
     """Run one suite, print its table, optionally write the JSON; returns the rows.
 
     `speedup` is baseline median / Tessera median: above 1 means Tessera is faster.
     `ranks` is the number of processes a suite that launches its own (comm) starts.
     `only`: comma-separated name patterns (fnmatch, e.g. "softmax_*,gelu_32x384"); the
-    cases matching none are skipped.
+    cases matching none are skipped. `device` (e.g. "opencl"; a suite of DEVICE_SUITES)
+    also times Tessera there, as `tessera_<type>`, which then is the reference of
+    `speedup`; the implementations that could not run are listed with why (in the JSON
+    under "skipped").
     """
     if suite not in SUITES:
         raise BenchError(f"unknown benchmark suite {suite!r}",
                          hint=f"available suites: {', '.join(available())}")
+    from tessera.bench import device as bench_device  # (it imports this module)
+
+    dev = _bench_device(suite, device)
     console = console or Console()
     module = importlib.import_module(SUITES[suite])
     patterns = [p.strip() for p in only.split(",") if p.strip()] if only else []
@@ -217,20 +235,44 @@ def run(suite: str, *, quick: bool = False, ranks: int = 2, json_path: str | Non
     def wanted(name: str) -> bool:
         return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
+    skipped: list[dict[str, str]] = []
     if hasattr(module, "rows"):  # timed in processes of its own, which return finished rows
         rows = [r for r in module.rows(quick, ranks, only) if wanted(r["case"])]
     else:
-        rows = [row for case in module.cases(quick) if wanted(case.name)
+        with bench_device.target(dev):
+            cases = [case for case in module.cases(quick) if wanted(case.name)]
+        rows = [row for case in cases
                 for row in run_case(suite, case, rounds=7 if quick else 21,
                                     min_sample_s=0.002 if quick else 0.005)]
+        skipped = [{"case": case.name, "impl": impl, "reason": why}
+                   for case in cases for impl, why in case.skipped.items()]
     if not rows:
         raise BenchError(f"no case of suite {suite!r} matches {only!r}",
                          hint="--only takes comma-separated patterns such as 'softmax_*'")
-    rows = _in_order(rows)
-    console.print(_table(suite, rows))
+    reference = "tessera" if dev is None else bench_device.impl_name(dev)
+    rows = _in_order(rows, reference)
+    console.print(_table(suite, rows, reference))
+    for s in skipped:
+        console.print(f"not run: {s['case']} {s['impl']}: {s['reason']}", markup=False,
+                      highlight=False)
     rows = [{k: v for k, v in r.items() if k != "_meta"} for r in rows]
     if json_path:
-        Path(json_path).write_text(json.dumps({"machine": machine_info(), "results": rows},
-                                              indent=1))
+        data = {"machine": machine_info(dev), "results": rows}
+        if skipped:
+            data["skipped"] = skipped
+        Path(json_path).write_text(json.dumps(data, indent=1))
         console.print(f"wrote {json_path}")
     return rows
+
+
+def _bench_device(suite: str, spec: str) -> Any:
+    """The device `spec` names, None for the host (BenchError if `suite` cannot use one)."""
+    from tessera.runtime.device import device
+
+    dev = device(spec)
+    if dev.is_host:
+        return None
+    if suite not in DEVICE_SUITES:
+        raise BenchError(f"suite {suite!r} does not time Tessera on a device ({dev.name})",
+                         hint=f"--device works with the suites {', '.join(DEVICE_SUITES)}")
+    return dev

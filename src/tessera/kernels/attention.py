@@ -16,6 +16,7 @@ from typing import Any
 
 import tessera.lang as tl
 from tessera.errors import ShapeError
+from tessera.kernels._util import empty
 
 
 @tl.kernel
@@ -59,13 +60,12 @@ def flash_attention(q: Any, k: Any, v: Any, causal: bool = False,
                     scale: float | None = None, block: tuple[int, int] = (64, 64)) -> Any:
     """softmax(q @ k^T * scale) @ v for [batch, heads, seq, head_dim] tensors, as
     torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)."""
-    import torch
-    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or \
+    if q.ndim != 4 or tuple(k.shape) != tuple(v.shape) or q.shape[:2] != k.shape[:2] or \
             q.shape[3] != k.shape[3]:
         raise ShapeError(f"flash_attention needs q [B, H, S, D] and k, v [B, H, S', D], got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     bsz, heads, s, d = q.shape
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = empty(tuple(q.shape), q)
     bm, bn = block
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     flash_attention_kernel[(tl.cdiv(s, bm), heads, bsz)](q, k, v, out, scale, BM=bm, BN=bn,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import tessera.lang as tl
 from tessera.errors import ShapeError
-from tessera.kernels._util import check_vector, like, rows
+from tessera.kernels._util import check_vector, empty, like, reshape, rows
 
 
 @tl.kernel
@@ -17,12 +18,12 @@ def add_kernel(x, y, out, BLOCK: tl.constexpr):
 
 def add(x: Any, y: Any, block: int = 4096) -> Any:
     """x + y for two tensors of the same shape."""
-    import torch
-    if x.shape != y.shape:
+    if tuple(x.shape) != tuple(y.shape):
         raise ShapeError(f"add: shapes {tuple(x.shape)} and {tuple(y.shape)} differ")
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    xf, yf, of = x.reshape(-1), y.reshape(-1), out.view(-1)
-    add_kernel[(tl.cdiv(xf.numel(), block),)](xf, yf, of, BLOCK=block)
+    out = empty(tuple(x.shape), x)
+    n = (math.prod(x.shape),)
+    xf, yf, of = reshape(x, n, "add"), reshape(y, n, "add"), reshape(out, n, "add")
+    add_kernel[(tl.cdiv(n[0], block),)](xf, yf, of, BLOCK=block)
     return out
 
 
@@ -38,10 +39,9 @@ def bias_gelu_kernel(x, bias, out, BM: tl.constexpr, BN: tl.constexpr,
 def bias_gelu(x: Any, bias: Any, approximate: str = "none") -> Any:
     """gelu(x + bias) over the last dimension, in one pass (the fused epilogue of a linear
     layer), as torch.nn.functional.gelu(x + bias, approximate=...)."""
-    import torch
     x2, m, n = rows(x, "bias_gelu")
     check_vector(bias, n, "bias_gelu", "bias")
-    out = torch.empty((m, n), dtype=x.dtype)
+    out = empty((m, n), x)
     bm, bn = 8, min(512, 1 << max(n - 1, 1).bit_length())
     bias_gelu_kernel[(tl.cdiv(m, bm), tl.cdiv(n, bn))](x2, bias, out, BM=bm, BN=bn,
                                                        APPROX=approximate)

@@ -6,6 +6,7 @@ from typing import Any
 
 import tessera.lang as tl
 from tessera.errors import ShapeError
+from tessera.kernels._util import empty
 
 
 @tl.kernel
@@ -20,12 +21,11 @@ def matmul_kernel(a, b, c, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr)
 
 def matmul(a: Any, b: Any, block: tuple[int, int, int] = (32, 64, 64)) -> Any:
     """a @ b for 2-D tensors, accumulated in float32, returned in a's dtype."""
-    import torch
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise ShapeError(f"matmul needs [M, K] and [K, N] tensors, got {tuple(a.shape)} "
                          f"and {tuple(b.shape)}")
     (m, _), n = a.shape, b.shape[1]
-    c = torch.empty((m, n), dtype=a.dtype)
+    c = empty((m, n), a)
     bm, bn, bk = block
     matmul_kernel[(tl.cdiv(m, bm), tl.cdiv(n, bn))](a, b, c, BM=bm, BN=bn, BK=bk)
     return c

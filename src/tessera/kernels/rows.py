@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import tessera.lang as tl
-from tessera.kernels._util import check_vector, like, rows
+from tessera.errors import ShapeError
+from tessera.kernels._util import check_vector, empty, like, rows, zeros
 
 
 @tl.kernel
@@ -20,11 +21,13 @@ def softmax_kernel(x, out, N: tl.constexpr):
 
 def softmax(x: Any, dim: int = -1) -> Any:
     """torch.softmax(x, dim) (computed in float32, stored in x's dtype)."""
-    import torch
-    last = dim in (-1, x.dim() - 1)
+    last = dim in (-1, x.ndim - 1)
+    if not last and not hasattr(x, "movedim"):
+        raise ShapeError(f"softmax over dim {dim} of a {x.device.name} tensor: only the last "
+                         "dimension is supported there", hint="pass dim=-1")
     xt = x if last else x.movedim(dim, -1)
     x2, m, n = rows(xt, "softmax")
-    out = torch.empty((m, n), dtype=x.dtype)
+    out = empty((m, n), x)
     softmax_kernel[(m,)](x2, out, N=n)
     return like(out, xt) if last else out.view(xt.shape).movedim(-1, dim)
 
@@ -49,14 +52,13 @@ def rms_norm_kernel(x, weight, out, eps, N: tl.constexpr):
 
 def layer_norm(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Any:
     """torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)."""
-    import torch
     x2, m, n = rows(x, "layer_norm")
     check_vector(weight, n, "layer_norm", "weight")
     check_vector(bias, n, "layer_norm", "bias")
     affine = weight is not None
     if affine and bias is None:
-        bias = torch.zeros(n, dtype=weight.dtype)
-    out = torch.empty((m, n), dtype=x.dtype)
+        bias = zeros((n,), weight)
+    out = empty((m, n), x)
     w = weight if affine else x2
     layer_norm_kernel[(m,)](x2, w, bias if affine else x2, out, float(eps), N=n,
                             AFFINE=affine)
@@ -65,9 +67,8 @@ def layer_norm(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) 
 
 def rms_norm(x: Any, weight: Any, eps: float = 1e-6) -> Any:
     """x / sqrt(mean(x**2) + eps) * weight over the last dimension (Llama's RMSNorm)."""
-    import torch
     x2, m, n = rows(x, "rms_norm")
     check_vector(weight, n, "rms_norm", "weight")
-    out = torch.empty((m, n), dtype=x.dtype)
+    out = empty((m, n), x)
     rms_norm_kernel[(m,)](x2, weight, out, float(eps), N=n)
     return like(out, x)
