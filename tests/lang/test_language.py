@@ -292,20 +292,24 @@ def accumulate(x, out, BLOCK: tl.constexpr):
 
 
 def _grid(meta):
-    return (tl.cdiv(meta["x"].numel(), meta["BLOCK"]),)
+    return (tl.cdiv(meta["x"].shape[0], meta["BLOCK"]),)
 
 
-def test_autotune_picks_times_and_restores() -> None:
+def test_autotune_picks_times_and_restores(device) -> None:
     x = torch.ones(5000)
     out = torch.zeros(5000)
+    if device.name != "cpu":  # tensors that stay on the device across launches
+        x, out = (tessera.as_tensor(t).to(device.name) for t in (x, out))
     accumulate[_grid](x, out)
     # every config ran several times, but `restore` undid each timed run
-    assert torch.equal(out, torch.ones(5000))
-    key = (("torch.float32", (5000,)),)
+    assert torch.equal(out.cpu().torch() if device.name != "cpu" else out, torch.ones(5000))
+    key = (("torch.float32", (5000,)),) if device.name == "cpu" else \
+        (("tessera.float32", (5000,), device.name),)
     assert set(accumulate.timings[key]) == {tl.Config(BLOCK=b) for b in (16, 256, 4096)}
     assert accumulate.best[key] in accumulate.timings[key]
     accumulate[_grid](x, out)
-    assert torch.equal(out, torch.full((5000,), 2.0))
+    assert torch.equal(out.cpu().torch() if device.name != "cpu" else out,
+                       torch.full((5000,), 2.0))
 
 
 def test_autotune_winner_persists_across_processes(tmp_path) -> None:

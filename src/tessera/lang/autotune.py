@@ -125,6 +125,7 @@ class Autotuner:
     def _tune(self, grid: Any, args: Sequence[Any], kwargs: dict[str, Any],
               values: dict[str, Any]) -> dict[Config, float]:
         saved = [_snapshot(values[name], name) for name in self.restore]
+        device = _device(values)
         timings: dict[Config, float] = {}
         errors: list[TesseraError] = []
         for config in self.configs:
@@ -134,6 +135,8 @@ class Autotuner:
                 for i in range(self.warmup + self.rep):
                     start = time.perf_counter()
                     self.kernel.launch(grid, args, launch_kwargs)
+                    if device is not None:
+                        device.synchronize()  # time the kernel, not its enqueue
                     if i >= self.warmup:
                         times.append(time.perf_counter() - start)
                     for restore in saved:
@@ -149,11 +152,23 @@ class Autotuner:
 
 
 def _key_part(value: Any) -> Any:
-    """What of an argument decides the best config: a tensor's dtype and shape, a value."""
+    """What of an argument decides the best config: a tensor's dtype and shape (and its
+    device, if not the host), a value."""
     shape = getattr(value, "shape", None)
     if shape is not None:
-        return str(getattr(value, "dtype", "")), tuple(shape)
+        part = str(getattr(value, "dtype", "")), tuple(shape)
+        device = getattr(value, "device", None)
+        return (*part, device.name) if getattr(device, "is_host", True) is False else part
     return value
+
+
+def _device(values: dict[str, Any]) -> Any:
+    """The device the tensor arguments are on, None for host memory."""
+    for name, v in values.items():
+        arg = _tensor_arg(v, name)
+        if arg is not None and arg.device is not None:
+            return arg.device
+    return None
 
 
 def _snapshot(value: Any, name: str) -> Callable[[], None]:
@@ -161,7 +176,10 @@ def _snapshot(value: Any, name: str) -> Callable[[], None]:
     arg = _tensor_arg(value, name)
     if arg is None:
         raise LaunchError(f"autotune restore={name!r} names a non-tensor argument")
-    lo, hi = arg.lo, arg.hi
+    lo, hi, device = arg.lo, arg.hi, arg.device
+    if device is not None:  # device memory: the host cannot touch its addresses
+        saved = device.read(lo, hi - lo)
+        return lambda: device.write(lo, saved)
     data = ctypes.string_at(lo, hi - lo)
     return lambda: ctypes.memmove(lo, data, hi - lo)
 
