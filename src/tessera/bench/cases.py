@@ -101,7 +101,7 @@ def _add_device_impl(case: Case, device: Any, fn: Callable[..., Any], call_args:
     def check() -> None:  # (runs first: moves the inputs only for the cases that run)
         host_check()
         state["args"] = bench_device.upload(call_args, device)
-        before = sum(round_trips().values())
+        before = round_trips()
         try:
             with warnings.catch_warnings():  # counted below, reported in the table
                 warnings.simplefilter("ignore")
@@ -110,7 +110,12 @@ def _add_device_impl(case: Case, device: Any, fn: Callable[..., Any], call_args:
             del case.impls[name]
             case.skipped[name] = f"{type(e).__name__}: {e}"
             return
-        state["round_trips"] = sum(round_trips().values()) - before
+        after = round_trips()
+        trips = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+        state["round_trips"] = sum(trips.values())
+        if trips:
+            case.notes[name] = "ran on host copies of its data: " + ", ".join(
+                f"tessera.ops.{op} ({what}, {n}x a call)" for (op, what), n in trips.items())
         torch.testing.assert_close(got, ref(*args), atol=atol, rtol=rtol,
                                    msg=lambda m: f"{name}: {m}")
 
@@ -121,10 +126,10 @@ def _add_device_impl(case: Case, device: Any, fn: Callable[..., Any], call_args:
                 warnings.simplefilter("ignore")
                 p = bench_device.profile(device, call)
             out.update({"commands": p.commands, "device_us": p.device_s * 1e6})
-            if p.device_s > 0:
-                out[f"device_{metric}"] = work / p.device_s / 1e9
-            if state["round_trips"]:
+            if state["round_trips"]:  # the device ran copies only: no device rate
                 out["host_round_trips"] = state["round_trips"]
+            elif p.device_s > 0:
+                out[f"device_{metric}"] = work / p.device_s / 1e9
         return out
 
     case.impls = {name: run, **case.impls}

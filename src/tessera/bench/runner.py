@@ -46,7 +46,8 @@ class Case:
 
     `check` runs once before timing and raises AssertionError if the implementations
     disagree; `extra(impl, median_s)` derives metrics such as GFLOPS or GB/s. `skipped`:
-    implementations that cannot run, with why (the check may add to it).
+    implementations that cannot run, with why; `notes`: what else to know about an
+    implementation's numbers (the check may add to both).
     """
 
     name: str
@@ -55,6 +56,7 @@ class Case:
     extra: Callable[[str, float], dict[str, float]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -175,10 +177,15 @@ def run_case(suite: str, case: Case, *, rounds: int, min_sample_s: float,
     return rows
 
 
-def _table(suite: str, rows: list[dict[str, Any]], reference: str) -> Table:
-    table = Table(title=f"tessera bench {suite}", title_justify="left",
-                  caption=f"speedup: the impl's median / {reference}'s median "
-                          f"(above 1: {reference} is faster)", caption_justify="left")
+def _table(suite: str, rows: list[dict[str, Any]], reference: str, device: bool) -> Table:
+    caption = f"speedup: the impl's median / {reference}'s median (above 1: {reference} " \
+              "is faster)"
+    if device:
+        caption += ("\ndevice_us: the device's own time for the commands one call enqueues "
+                    "(commands; OpenCL event profiling), the rest of the median is the host's"
+                    " (Python, launch, enqueue, synchronize); device_*: the rate over it")
+    table = Table(title=f"tessera bench {suite}", title_justify="left", caption=caption,
+                  caption_justify="left")
     for col in ("case", "impl", "median", "IQR", "speedup"):
         table.add_column(col, justify="left" if col in ("case", "impl") else "right",
                          no_wrap=col == "case")
@@ -220,7 +227,8 @@ def run(suite: str, *, quick: bool = False, ranks: int = 2, json_path: str | Non
     cases matching none are skipped. `device` (e.g. "opencl"; a suite of DEVICE_SUITES)
     also times Tessera there, as `tessera_<type>`, which then is the reference of
     `speedup`; the implementations that could not run are listed with why (in the JSON
-    under "skipped").
+    under "skipped"), and what else to know about one's numbers (under "notes": e.g. an
+    op that ran on host copies of device data).
     """
     if suite not in SUITES:
         raise BenchError(f"unknown benchmark suite {suite!r}",
@@ -235,7 +243,8 @@ def run(suite: str, *, quick: bool = False, ranks: int = 2, json_path: str | Non
     def wanted(name: str) -> bool:
         return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
-    skipped: list[dict[str, str]] = []
+    skipped: list[dict[str, str]] = []  # impls that did not run, and why
+    notes: list[dict[str, str]] = []  # what else to know about an impl's numbers
     if hasattr(module, "rows"):  # timed in processes of its own, which return finished rows
         rows = [r for r in module.rows(quick, ranks, only) if wanted(r["case"])]
     else:
@@ -246,20 +255,24 @@ def run(suite: str, *, quick: bool = False, ranks: int = 2, json_path: str | Non
                                     min_sample_s=0.002 if quick else 0.005)]
         skipped = [{"case": case.name, "impl": impl, "reason": why}
                    for case in cases for impl, why in case.skipped.items()]
+        notes = [{"case": case.name, "impl": impl, "note": note}
+                 for case in cases for impl, note in case.notes.items()]
     if not rows:
         raise BenchError(f"no case of suite {suite!r} matches {only!r}",
                          hint="--only takes comma-separated patterns such as 'softmax_*'")
     reference = "tessera" if dev is None else bench_device.impl_name(dev)
     rows = _in_order(rows, reference)
-    console.print(_table(suite, rows, reference))
+    console.print(_table(suite, rows, reference, dev is not None))
     for s in skipped:
         console.print(f"not run: {s['case']} {s['impl']}: {s['reason']}", markup=False,
+                      highlight=False)
+    for n in notes:
+        console.print(f"note: {n['case']} {n['impl']}: {n['note']}", markup=False,
                       highlight=False)
     rows = [{k: v for k, v in r.items() if k != "_meta"} for r in rows]
     if json_path:
         data = {"machine": machine_info(dev), "results": rows}
-        if skipped:
-            data["skipped"] = skipped
+        data.update({k: v for k, v in (("skipped", skipped), ("notes", notes)) if v})
         Path(json_path).write_text(json.dumps(data, indent=1))
         console.print(f"wrote {json_path}")
     return rows

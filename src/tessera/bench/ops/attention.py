@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tessera.bench.cases import torch_case
+from tessera.bench.cases import op_case
 from tessera.bench.runner import Case
 
 
@@ -54,10 +54,8 @@ def _rotary(quick: bool) -> list[Case]:
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-5  # torch rounds each bf16 step
-        out.append(torch_case(name, lambda x=x, cos=cos, sin=sin: O.rotary_embedding(x, cos, sin),
-                              _llama_rotary, (x, cos, sin), quick,
-                              bytes_moved=2 * x.numel() * x.element_size(),
-                              atol=tol, rtol=tol))
+        out.append(op_case(name, O.rotary_embedding, _llama_rotary, (x, cos, sin), quick,
+                           bytes_moved=2 * x.numel() * x.element_size(), atol=tol, rtol=tol))
     return out
 
 
@@ -69,10 +67,10 @@ def _prefill(s: int, d: int, quick: bool) -> Case:
 
     b, h = 1, 8
     q, k, v = (torch.randn(b, h, s, d) for _ in range(3))
-    return torch_case(f"attention_s{s}_d{d}",
-                      lambda: O.scaled_dot_product_attention(q, k, v, is_causal=True),
-                      lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                      (q, k, v), quick, flops=2 * b * h * s * s * d, atol=1e-4)
+    return op_case(f"attention_s{s}_d{d}",
+                   lambda q, k, v: O.scaled_dot_product_attention(q, k, v, is_causal=True),
+                   lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                   (q, k, v), quick, flops=2 * b * h * s * s * d, atol=1e-4)
 
 
 def _decode(hq: int, hkv: int, s: int, d: int, quick: bool) -> Case:
@@ -86,6 +84,7 @@ def _decode(hq: int, hkv: int, s: int, d: int, quick: bool) -> Case:
     k, v = torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
     lens = torch.full((b,), s)
     name = f"attention_decode_h{hq}" + (f"_gqa{hkv}" if hkv != hq else "") + f"_s{s}_d{d}"
-    return torch_case(name, lambda: O.decode_attention(q, k, v, lens),
-                      lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-                      (q, k, v), quick, bytes_moved=(k.numel() + v.numel()) * 4, atol=1e-4)
+    return op_case(name, O.decode_attention,
+                   lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                   (q, k, v), quick, ours_args=(q, k, v, lens),
+                   bytes_moved=(k.numel() + v.numel()) * 4, atol=1e-4)

@@ -5,7 +5,7 @@ downsample. Reports GFLOPS. Goal: conv2d >= 1.0x torch eager."""
 
 from __future__ import annotations
 
-from tessera.bench.cases import torch_case
+from tessera.bench.cases import op_case
 from tessera.bench.runner import Case
 
 # name: (in channels, out channels, kernel, stride, padding, input size)
@@ -35,8 +35,7 @@ def cases(quick: bool) -> list[Case]:
         w = torch.randn(cout, cin, k, k, generator=gen) / (cin * k * k) ** 0.5
         b = torch.randn(cout, generator=gen)
         o = (size + 2 * p - k) // s + 1
-        out.append(torch_case(
-            f"conv2d_{name}", lambda x=x, w=w, b=b, s=s, p=p: O.conv2d(x, w, b, s, p),
-            torch.nn.functional.conv2d, (x, w, b, s, p), quick,
-            flops=2 * cout * o * o * cin * k * k, atol=1e-4, rtol=1e-4))
+        out.append(op_case(f"conv2d_{name}", O.conv2d, torch.nn.functional.conv2d,
+                           (x, w, b, s, p), quick, flops=2 * cout * o * o * cin * k * k,
+                           atol=1e-4, rtol=1e-4))
     return out

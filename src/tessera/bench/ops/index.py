@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tessera.bench.cases import torch_case
+from tessera.bench.cases import op_case
 from tessera.bench.runner import Case
 
 
@@ -34,10 +34,9 @@ def _embedding(quick: bool) -> list[Case]:
     out = []
     for tokens in (1, 512):
         ids = torch.randint(0, table.shape[0], (1, tokens))
-        out.append(torch_case(f"embedding_32000x4096_t{tokens}",
-                              lambda ids=ids: O.embedding(table, ids),
-                              lambda w, i: F.embedding(i, w), (table, ids), quick,
-                              bytes_moved=2 * tokens * table.shape[1] * 4))
+        out.append(op_case(f"embedding_32000x4096_t{tokens}", O.embedding,
+                           lambda w, i: F.embedding(i, w), (table, ids), quick,
+                           bytes_moved=2 * tokens * table.shape[1] * 4))
     return out
 
 
@@ -51,11 +50,10 @@ def _small(quick: bool) -> list[Case]:
     m = torch.randn(64, 128)
     rows = torch.randint(0, 64, (8,))
     return [
-        torch_case("gather_8x64_k4", lambda: O.gather(x, 1, gi), torch.gather, (x, 1, gi),
-                   quick, bytes_moved=gi.numel() * (4 + 8 + 4)),
-        torch_case("index_select_64x128_r8", lambda: O.index_select(m, 0, rows),
-                   torch.index_select, (m, 0, rows), quick,
-                   bytes_moved=2 * rows.numel() * m.shape[1] * 4),
+        op_case("gather_8x64_k4", O.gather, torch.gather, (x, 1, gi), quick,
+                bytes_moved=gi.numel() * (4 + 8 + 4)),
+        op_case("index_select_64x128_r8", O.index_select, torch.index_select, (m, 0, rows),
+                quick, bytes_moved=2 * rows.numel() * m.shape[1] * 4),
     ]
 
 
@@ -69,9 +67,9 @@ def _cat(quick: bool) -> list[Case]:
         cache = torch.randn(1, 8, steps, 128).to(dtype)
         new = torch.randn(1, 8, 1, 128).to(dtype)
         name = f"cat_kv_1x8x{steps}x128" + ("_bf16" if dtype == torch.bfloat16 else "")
-        out.append(torch_case(name, lambda cache=cache, new=new: O.cat([cache, new], 2),
-                              _cat_ref, (cache, new), quick,
-                              bytes_moved=2 * (cache.numel() + new.numel()) * cache.itemsize))
+        out.append(op_case(name, O.cat, _cat_ref, (cache, new), quick,
+                           ours_args=([cache, new], 2),
+                           bytes_moved=2 * (cache.numel() + new.numel()) * cache.itemsize))
     return out
 
 
@@ -89,8 +87,8 @@ def _transpose(quick: bool) -> list[Case]:
     out = []
     for n in (64, 4096):
         x = torch.randn(n, n)
-        out.append(torch_case(f"transpose_{n}x{n}", lambda x=x: O.transpose(x, 0, 1),
-                              _transpose_ref, (x,), quick, bytes_moved=2 * x.numel() * 4))
+        out.append(op_case(f"transpose_{n}x{n}", O.transpose, _transpose_ref, (x,), quick,
+                           ours_args=(x, 0, 1), bytes_moved=2 * x.numel() * 4))
     return out
 
 
@@ -107,9 +105,9 @@ def _index_add(quick: bool) -> Case:
     x = torch.zeros(tokens, d)
     index = torch.randint(0, tokens, (tokens * k,))
     src = torch.randn(tokens * k, d)
-    return torch_case(f"index_add_moe_t{tokens}_k{k}_d{d}",
-                      lambda: O.index_add(x, 0, index, src), _index_add_ref, (x, index, src),
-                      quick, bytes_moved=(2 * x.numel() + 3 * src.numel()) * 4)
+    return op_case(f"index_add_moe_t{tokens}_k{k}_d{d}", O.index_add, _index_add_ref,
+                   (x, index, src), quick, ours_args=(x, 0, index, src),
+                   bytes_moved=(2 * x.numel() + 3 * src.numel()) * 4)
 
 
 def _index_add_ref(x: Any, index: Any, src: Any) -> Any:

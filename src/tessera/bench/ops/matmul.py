@@ -6,7 +6,7 @@ GFLOPS."""
 
 from __future__ import annotations
 
-from tessera.bench.cases import torch_case
+from tessera.bench.cases import op_case
 from tessera.bench.runner import Case
 
 SHAPES = ((1, 4096, 4096), (8, 4096, 4096), (32, 4096, 4096), (1, 256, 256))  # M, K, N
@@ -23,8 +23,6 @@ def cases(quick: bool) -> list[Case]:
         x = torch.randn(m, k, generator=gen)
         w = torch.randn(n, k, generator=gen) / k ** 0.5
         b = torch.randn(n, generator=gen)
-        out.append(torch_case(
-            f"linear_m{m}_k{k}_n{n}", lambda x=x, w=w, b=b: O.linear(x, w, b),
-            torch.nn.functional.linear, (x, w, b), quick, flops=2 * m * n * k,
-            atol=1e-4, rtol=1e-4))
+        out.append(op_case(f"linear_m{m}_k{k}_n{n}", O.linear, torch.nn.functional.linear,
+                           (x, w, b), quick, flops=2 * m * n * k, atol=1e-4, rtol=1e-4))
     return out

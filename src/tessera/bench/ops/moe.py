@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tessera.bench.cases import torch_case
+from tessera.bench.cases import op_case
 from tessera.bench.runner import Case
 
 # experts, top-k, hidden, intermediate, token counts (quick runs take the first two)
@@ -79,7 +79,7 @@ def _case(fmt: str, experts: int, top_k: int, tokens: int, weights: dict[str, An
     x = torch.randn(tokens, hidden, generator=gen)
     logits = torch.randn(tokens, experts, generator=gen)
     hit = O.moe_route(logits, top_k)[1].unique().numel()
-    args, kwargs = weights["args"], weights["kwargs"]
+    scales = weights["kwargs"]
     size = "" if hidden == 1024 else f"_h{hidden}"  # the large layers' names stay as they were
     name = f"fused_moe_{'' if fmt == 'fp32' else fmt + '_'}e{experts}k{top_k}{size}_t{tokens}"
     flops = 2 * tokens * top_k * 3 * hidden * inter
@@ -87,8 +87,14 @@ def _case(fmt: str, experts: int, top_k: int, tokens: int, weights: dict[str, An
             "read_bandwidth_gbs": bandwidth}
     measure = {"flops": flops} if tokens > 16 else \
         {"bytes_moved": hit * weights["bytes_per_expert"]}
-    return torch_case(name, lambda: O.fused_moe(x, logits, *args, top_k, **kwargs), eager,
-                      (x, logits), quick, atol=2e-3, rtol=2e-3, meta=meta, **measure)
+    def ours(x: Any, logits: Any, w_gate_up: Any, w_down: Any, gate_up_scales: Any,
+             down_scales: Any) -> Any:
+        return O.fused_moe(x, logits, w_gate_up, w_down, top_k,
+                           gate_up_scales=gate_up_scales, down_scales=down_scales)
+    return op_case(name, ours, eager, (x, logits), quick,
+                   ours_args=(x, logits, *weights["args"], scales.get("gate_up_scales"),
+                              scales.get("down_scales")),
+                   atol=2e-3, rtol=2e-3, meta=meta, **measure)
 
 
 def _eager_moe(w_gate_up: Any, w_down: Any, top_k: int) -> Any:
