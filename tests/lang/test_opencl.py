@@ -91,9 +91,11 @@ def test_math_functions_match_torch_and_keep_special_values() -> None:
     got = back(out)
     for k, name in enumerate(UNARY + BINARY):
         want = _reference(name, a, b)
-        # OpenCL builtins: up to 16 ulp (pow, erf); the gelus' sums lose a little more
-        torch.testing.assert_close(got[k], want, rtol=8e-6, atol=2e-6, equal_nan=True,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        # tessera_math.h on fp64 devices (sin/cos documented on |x| <= 1e5: -1e30 is out),
+        # else OpenCL builtins: up to 16 ulp (pow, erf); the gelus' sums lose a little more
+        domain = ~(a.abs() > 1e5) | a.isinf() if name in ("sin", "cos") else slice(None)
+        torch.testing.assert_close(got[k][domain], want[domain], rtol=8e-6, atol=2e-6,
+                                   equal_nan=True, msg=lambda m, name=name: f"{name}: {m}")
         special = got[k][dense.size:]
         assert torch.equal(special.isnan(), want[dense.size:].isnan()), name
         inf = want[dense.size:].isinf()
@@ -154,7 +156,8 @@ def test_matmul_kernel_uses_the_vector_micro_kernel() -> None:
     matmul_kernel[(3, 2)](*args, BM=32, BN=64, BK=32)
     torch.testing.assert_close(back(c), a @ b, atol=1e-4, rtol=1e-4)
     src = matmul_kernel.source(*args, BM=32, BN=64, BK=32)
-    assert "fma((float" in src and "vload" in src and "#pragma omp" not in src
+    assert "fma((float" in src and "vload" in src
+    assert not any(line.lstrip().startswith("#pragma omp") for line in src.splitlines())
 
 
 def test_flash_attention_kernel_causal() -> None:

@@ -147,12 +147,13 @@ class DeviceBuild(NamedTuple):
     source: str
     slots: list[tuple[str, dt.dtype | None]]
     lock: threading.Lock
+    name: str  # the kernel's, for profiles
 
     def run(self, device: Any, grid: tuple[int, int, int], flat: Sequence[Any],
             where: str) -> None:
         args = _device_args(self.slots, flat, device, where)
         with self.lock:
-            device.run(self.kernel, grid, args)
+            device.run(self.kernel, grid, args, self.name)
 
 
 _BY_ADDRESS: dict[int, Specialization] = {}  # entry address -> specialization, for devices
@@ -465,7 +466,8 @@ def _build(fn: Function, restrict: bool, device: Any, where: str) -> DeviceBuild
                           f"{_place(device)}", where=where)
     cl, cl_device = opencl.cl(), device.cl_device
     width = cl_device.preferred_vector_width_float
-    source = OpenCLPrinter(fn, restrict, width if width in VECTOR_WIDTHS else 4).source()
+    source = OpenCLPrinter(fn, restrict, width if width in VECTOR_WIDTHS else 4,
+                           "cl_khr_fp64" in cl_device.extensions).source()
     _dump(fn.name, device.name, source)
     exact = cl_device.single_fp_config & cl.device_fp_config.CORRECTLY_ROUNDED_DIVIDE_SQRT
     program = device.build(source, fn.name,
@@ -475,7 +477,7 @@ def _build(fn: Function, restrict: bool, device: Any, where: str) -> DeviceBuild
     # declared scalar types let pyopencl pack arguments without inspecting each one
     kernel.set_scalar_arg_dtypes([t for kind, _ in slots for t in (
         (None, np.int64) if kind == "tensor" else (np.int64 if kind == "long" else np.float32,))])
-    return DeviceBuild(kernel, source, slots, threading.Lock())
+    return DeviceBuild(kernel, source, slots, threading.Lock(), fn.name)
 
 
 def _device_args(slots: list[tuple[str, dt.dtype | None]], flat: Sequence[Any], device: Any,

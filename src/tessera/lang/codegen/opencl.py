@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tessera.lang.codegen import MATH_HEADER
 from tessera.lang.codegen.cstyle import ENTRY, INT_DIVMOD, CStylePrinter
 from tessera.lang.ir import Function
 from tessera.lang.types import TileType
@@ -30,10 +31,12 @@ class OpenCLPrinter(CStylePrinter):
     # pointers to tiles are private and to tensors global: a dot reads private copies
     direct_dot_operands = False
 
-    def __init__(self, fn: Function, restrict: bool = True, vector_lanes: int = 8):
+    def __init__(self, fn: Function, restrict: bool = True, vector_lanes: int = 8,
+                 fp64: bool = False):
         if vector_lanes not in VECTOR_WIDTHS:
             raise ValueError(f"vector_lanes must be one of {VECTOR_WIDTHS}, not {vector_lanes}")
         self.vector_lanes = vector_lanes
+        self.fp64 = fp64  # the device has doubles: the C math library (tessera_math.h) runs
         super().__init__(fn)
         self.restrict = restrict
 
@@ -80,8 +83,11 @@ class OpenCLPrinter(CStylePrinter):
         self.block(self.fn.body)
         ids = [f"    const int64_t tsr_{v}{d} = get_global_{f}({d});"
                for v, f in (("pid", "id"), ("grid", "size")) for d in range(3)]
+        math = [MATH_CL.read_text()] if not self.fp64 else [
+            "#pragma OPENCL EXTENSION cl_khr_fp64 : enable", "#define TSR_C_MATH",
+            MATH_CL.read_text(), MATH_HEADER.read_text()]
         return "\n".join([
-            MATH_CL.read_text(), INT_DIVMOD,
+            *math, INT_DIVMOD,
             f"/* kernel {self.fn.name}, from {self.fn.loc} */",
             f"__kernel void {ENTRY}({', '.join(params)}) {{",
             *ids, *pointers, *self.lines, "}", ""])

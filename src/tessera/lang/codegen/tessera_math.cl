@@ -1,6 +1,12 @@
-/* tessera_math.cl: the OpenCL C counterpart of tessera_math.h, for generated kernels.
+/* tessera_math.cl: the OpenCL C side of tessera_math.h, for generated kernels.
  *
- * The same tsr_* functions with the same semantics, on OpenCL builtins: NaN-propagating
+ * First a prelude: the C99 fixed-width type names and limits the shared printer uses, and
+ * the C math names tessera_math.h calls. On a device with cl_khr_fp64 the printer defines
+ * TSR_C_MATH and pastes tessera_math.h itself after this file: the same branch-free
+ * polynomials as on the CPU, so results agree across targets, and far faster than some
+ * drivers' builtins (PoCL's erf, tanh, log, sin and pow take 20-90x its exp).
+ * Without fp64, the tsr_* functions below take their place, with the same semantics on the
+ * OpenCL builtins: NaN-propagating
  * maximum/minimum as torch, exact float16/bfloat16 conversions (float16 through
  * vload_half/vstore_half_rte, bfloat16 as the top bits of a float in a ushort), torch's
  * special values for sigmoid/silu/gelu. Accuracy is the builtins' (OpenCL C spec, "Relative
@@ -23,6 +29,15 @@ typedef ulong uint64_t;
 #define INT32_MAX INT_MAX
 #define INT64_MIN LONG_MIN
 #define INT64_MAX LONG_MAX
+#define fabsf fabs
+#define sqrtf sqrt
+#define copysignf copysign
+#define fmaf fma
+#ifdef FP_FAST_FMAF
+#define __FP_FAST_FMAF 1
+#endif
+
+#ifndef TSR_C_MATH
 
 /* ---- simple ------------------------------------------------------------------------- */
 static inline float tsr_abs(float x) { return fabs(x); }
@@ -86,4 +101,5 @@ static inline ushort tsr_f32_to_bf16(float x) {
     return (ushort)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x0040u : r);
 }
 
+#endif /* TSR_C_MATH */
 #endif /* TESSERA_MATH_CL */

@@ -16,15 +16,24 @@
  * used only through tsr__fma, which falls back to a double product without hardware FMA.
  * Requires SSE4.1-class SIMD for full vectorization (plain x86-64 SSE2 leaves gelu_tanh and
  * pow scalar).
+ * The same text is OpenCL C on a device with cl_khr_fp64, after tessera_math.cl's prelude
+ * (which maps the few C names): kernels then compute the same values on every target.
  */
 #ifndef TESSERA_MATH_H
 #define TESSERA_MATH_H
 
 /* ---- bit casts ---------------------------------------------------------------------- */
+#ifdef __OPENCL_VERSION__  /* OpenCL C (tessera_math.cl's prelude comes first) */
+static inline uint32_t tsr__f2u(float x) { return as_uint(x); }
+static inline float tsr__u2f(uint32_t u) { return as_float(u); }
+static inline uint64_t tsr__d2u(double x) { return as_ulong(x); }
+static inline double tsr__u2d(uint64_t u) { return as_double(u); }
+#else
 static inline uint32_t tsr__f2u(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
 static inline float tsr__u2f(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
 static inline uint64_t tsr__d2u(double x) { uint64_t u; memcpy(&u, &x, 8); return u; }
 static inline double tsr__u2d(uint64_t u) { double x; memcpy(&x, &u, 8); return x; }
+#endif
 
 /* Branch-free selects c ? a : b on bit masks. Both sides are always evaluated, which keeps
  * loops if-convertible under the default -ftrapping-math (GCC will not speculate a float
@@ -44,7 +53,11 @@ static inline double tsr__seld(bool c, double a, double b) {
 
 #define TSR__RND32 0x1.8p23f  /* x + RND32 - RND32 rounds |x| < 2^22 to an integer */
 #define TSR__RND64 0x1.8p52   /* same for doubles, |x| < 2^51 */
+#ifdef __OPENCL_VERSION__
+#define TSR__NANF NAN
+#else
 #define TSR__NANF (__builtin_nanf(""))
+#endif
 
 /* 2^k for an integer k in [-150, 129] (low bits of k): applied as two normal halves. */
 static inline float tsr__scale(float p, uint32_t k) {

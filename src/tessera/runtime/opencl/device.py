@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from tessera.errors import CompileError
-from tessera.runtime import opencl
+from tessera.runtime import opencl, profiling
 from tessera.runtime.device import Device, register_backend
 from tessera.runtime.profiling import span
 from tessera.runtime.toolchain import save_failed_source
@@ -183,12 +183,22 @@ class OpenCLDevice(Device):
         d = self.cl_device
         return (d.platform.name, d.platform.version, d.name, d.version, d.driver_version)
 
-    def run(self, kernel: Any, grid: tuple[int, int, int], args: list[Any]) -> None:
-        """Enqueue `kernel` over an NDRange of `grid` on the current stream's queue."""
+    def run(self, kernel: Any, grid: tuple[int, int, int], args: list[Any],
+            name: str = "") -> None:
+        """Enqueue `kernel` over an NDRange of `grid` on the current stream's queue. While
+        a profile is active the launch waits for the device and becomes a "kernel" event
+        lasting what the device's own timestamps say, ending when the host saw it end."""
         if 0 in grid:
             return
         kernel.set_args(*args)
-        self.cl.enqueue_nd_range_kernel(self.queue.cl_queue, kernel, grid, None)
+        event = self.cl.enqueue_nd_range_kernel(self.queue.cl_queue, kernel, grid, None)
+        session = profiling.active
+        if session is not None:
+            event.wait()
+            end = profiling.now()
+            ran = event.profile.end - event.profile.start
+            session.record("kernel", name or kernel.function_name, end - ran, end,
+                           {"device": self.name, "grid": list(grid)})
 
     # -- facts ---------------------------------------------------------------------------
     def properties(self) -> dict[str, Any]:
