@@ -188,13 +188,16 @@ def bench(
     only: Annotated[str | None, typer.Option(help="Only the cases matching these "
                                                   "comma-separated patterns, e.g. "
                                                   "'softmax_*,gelu_*'.")] = None,
+    device: Annotated[str, typer.Option(help="Also time Tessera on this device, e.g. "
+                                             "opencl (suites lang and ops); it becomes the "
+                                             "reference of the speedups.")] = "cpu",
 ) -> None:
     """Time Tessera against its baselines, interleaved in one process (comm: in each of its
     ranks); medians and ratios."""
     from tessera import bench as runner
 
     runner.run(suite, quick=quick, ranks=ranks, json_path=json_path, console=console,
-               only=only)
+               only=only, device=device)
 
 
 def _register_commands() -> None:
