@@ -75,9 +75,9 @@ def test_random_fused_programs_match_numpy(tmp_path, prog, m, n, seed) -> None:
 
 @settings(SETTINGS, max_examples=10)  # each example is a program build (~0.5 s on PoCL)
 @given(**PROGRAMS)
-def test_random_fused_programs_match_numpy_on_opencl(tmp_path, opencl_device, prog, m, n,
+def test_random_fused_programs_match_numpy_on_opencl(tmp_path, opencl_target, prog, m, n,
                                                      seed) -> None:
-    check_program(tmp_path, prog, m, n, seed, opencl_device.launch)
+    check_program(tmp_path, prog, m, n, seed, opencl_target.launch)
 
 
 def check_program(tmp_path, prog, m: int, n: int, seed: int, launch) -> None:

@@ -20,9 +20,11 @@ from tessera.kernels.attention import flash_attention_kernel
 from tessera.kernels.gemm import matmul_kernel
 from tessera.kernels.rows import layer_norm_kernel, softmax_kernel
 from tessera.lang.jit import TensorSpec, device_launch, runs_on_devices
-from tessera.runtime import opencl
 
-pytestmark = pytest.mark.skipif(not opencl.available(), reason=opencl.unavailable_reason())
+
+@pytest.fixture(autouse=True)
+def _needs_opencl(opencl_device):
+    """Every test here runs on OpenCL (skipped without a device unless one is required)."""
 
 DEV = "opencl"
 
