@@ -256,7 +256,6 @@ class Stream:
         self.device = _get_device(device)
         self.name = name if name is not None else f"stream-{next(Stream._ids)}"
         self.queue = self.device.new_queue()
-        self._default = False
         self._worker: _Worker | None = None
         if self.queue is not None:
             with _registry_lock:
@@ -273,7 +272,6 @@ class Stream:
         worker either: work runs on the caller's thread."""
         self = cls.__new__(cls)
         self.device, self.name, self._worker = device, "default", None
-        self._default = True
         self.queue = getattr(device, "default_queue", None)
         if self.queue is not None:  # (the caller holds _registry_lock)
             _queues.setdefault(device, weakref.WeakSet()).add(self.queue)
@@ -343,7 +341,7 @@ class Stream:
     def close(self) -> None:
         """Finish the queued work, stop the worker thread and raise any pending error; later
         submits raise StreamError. Dropping the last reference closes without waiting."""
-        if self._default:
+        if self._worker is None and (self.queue is None or _defaults.get(self.device) is self):
             raise StreamError(f"the default stream of {self.device.name} cannot be closed",
                               hint="close streams you created with tessera.Stream()")
         if self.queue is not None:

@@ -189,6 +189,7 @@ class CpuStream(Stream):
         _note("torch.cuda.Stream -> the inline cpu stream")
         inline = current_stream("cpu")
         self.device, self.name, self._worker = inline.device, "cuda stream (inline)", None
+        self.queue = None
         self.priority = priority
 
     @property
