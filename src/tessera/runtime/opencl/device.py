@@ -72,6 +72,12 @@ class OpenCLDevice(Device):
         self.cl = opencl.cl()
         self.cl_device = opencl.cl_devices()[index]
         self.context = self.cl.Context([self.cl_device])
+        # On CPU devices (PoCL) one work-item per work-group: given no local size, PoCL picks
+        # large groups and keeps every work-item's private arrays at once, so a kernel's
+        # 16 KB tiles over a large grid overflow its threads' stacks (a segfault). Kernels
+        # are one program per work-item (no barriers, no local memory): no slower on PoCL.
+        cpu = self.cl_device.type & self.cl.device_type.CPU
+        self._local_size = (1, 1, 1) if cpu else None
         self._default_queue: Queue | None = None
         self._programs: dict[str, Any] = {}
         self._programs_lock = threading.Lock()
@@ -191,7 +197,8 @@ class OpenCLDevice(Device):
         if 0 in grid:
             return
         kernel.set_args(*args)
-        event = self.cl.enqueue_nd_range_kernel(self.queue.cl_queue, kernel, grid, None)
+        event = self.cl.enqueue_nd_range_kernel(self.queue.cl_queue, kernel, grid,
+                                                self._local_size)
         session = profiling.active
         if session is not None:
             event.wait()
