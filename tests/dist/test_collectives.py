@@ -22,10 +22,9 @@ CONFIGS = {
                                            "TESSERA_COMM_DIRECT_MIN": "0"}),
     "torchrun-2-twoshot": ("torchrun", 2, {"TESSERA_COMM_ALGO": "twoshot",
                                            "TESSERA_COMM_DIRECT_MIN": "0"}),
-    "torchrun-4-oneshot": ("torchrun", 4, {"TESSERA_COMM_ALGO": "oneshot"}),
+    "torchrun-3-oneshot": ("torchrun", 3, {"TESSERA_COMM_ALGO": "oneshot"}),
     "mpirun-3-direct": ("mpirun", 3, {"TESSERA_COMM_ALGO": "direct",
                                       "TESSERA_COMM_DIRECT_MIN": "1"}),
-    "mpirun-4-two-nodes": ("mpirun", 4, {"TESSERA_COMM_LOCAL_SIZE": "2"}),
     "torchrun-4-two-nodes": ("torchrun", 4, {"TESSERA_COMM_LOCAL_SIZE": "2"}),
     "mpirun-3-uneven-nodes": ("mpirun", 3, {"TESSERA_COMM_LOCAL_SIZE": "2"}),
 }

@@ -131,7 +131,7 @@ def test_torch_on_the_host_is_counted_and_warned(opencl_device):
     close(back(y), torch.cumsum(back(x), 0))
 
 
-DEVICE_SAMPLES = 2  # per OpInfo: kernels build for the CPU and again for the device
+DEVICE_SAMPLES = 1  # per OpInfo (its middle one): kernels build for the CPU and the device
 
 
 @pytest.mark.slow
@@ -147,6 +147,7 @@ def test_opinfo_samples_on_opencl(opencl_device, info):
                                                                              torch.float32))
              if (call := adapt(sample)) is not OUTSIDE]
     stride = -(-len(calls) // DEVICE_SAMPLES)
+    calls = calls[len(calls) // 2:] + calls[:len(calls) // 2]  # start from the middle one
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # host round trips of host-only ops
         for i, sample, (args, kwargs) in calls[::stride]:
