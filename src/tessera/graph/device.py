@@ -50,7 +50,7 @@ class _Plan:
     """One recorded call: device command segments and host steps in order, the buffers
     they use, where the inputs go and where the outputs are."""
 
-    steps: list[list[tuple[Any, ...]] | _HostStep]
+    steps: list[list[Callable[[], None]] | _HostStep]  # (device commands, prepared)
     keep: list[Tensor]
     inputs: list[torch.Tensor | None]  # the alias each input was uploaded to
     outputs: list[Any]  # aliases (downloaded after each replay) or Python values
@@ -61,7 +61,8 @@ class _Plan:
                 ops_device.write(device, alias, x.detach())
         for step in self.steps:
             if isinstance(step, list):
-                ops_device.replay(device, step)
+                for command in step:
+                    command()
                 continue
             with ops_device.session(device, f"graph {label}") as s:
                 for v in _leaves(step.args):
@@ -146,13 +147,13 @@ class DeviceRunner:
                    for x in inputs]
             env.update(zip(self.graph.inputs, [a if a is not None else x for a, x in
                                                zip(ins, inputs, strict=True)], strict=True))
-            plan_steps: list[list[tuple[Any, ...]] | _HostStep] = []
+            plan_steps: list[list[Callable[[], None]] | _HostStep] = []
             for node, fn in self.steps:
                 first, host = len(s.commands), s.host_calls
                 args = resolve(node.args, env)
                 call_node(node, env, fn)
                 if s.host_calls == host:
-                    plan_steps.append(s.commands[first:])
+                    plan_steps.append(ops_device.prepare(self.device, s.commands[first:]))
                 else:  # computed on the host: run again at each replay
                     plan_steps.append(_HostStep(node, fn, args,
                                                 [env[v] for v in node.outputs]))

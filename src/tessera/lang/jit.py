@@ -37,8 +37,8 @@ from tessera.runtime.cpu.launch import launcher
 from tessera.runtime.tensor import Tensor, as_tensor, contiguous_strides, element_span
 from tessera.runtime.toolchain import compile_c
 
-__all__ = ["DeviceBuild", "Kernel", "Specialization", "TensorSpec", "device_launch", "kernel",
-           "runs_on_devices"]
+__all__ = ["DeviceBuild", "Kernel", "Specialization", "TensorSpec", "device_launch",
+           "device_prepare", "kernel", "runs_on_devices"]
 
 _TORCH_DTYPES: dict[Any, dt.dtype] = {}  # torch.dtype -> dtype, filled on first sight
 
@@ -436,6 +436,26 @@ def device_launch(address: int, grid: Sequence[int], slots: Sequence[Any], devic
     `slots` are what its CPU launch takes (each tensor as data pointer, sizes and strides
     in elements, each scalar as an int or float), the pointers being `device` addresses.
     tessera.ops reaches OpenCL this way: its impls launch CPU specializations."""
+    build, g, where = _device_target(address, grid, device)
+    build.run(device, g, slots, where)
+
+
+def device_prepare(address: int, grid: Sequence[int], slots: Sequence[Any], device: Any
+                   ) -> Callable[[], None]:
+    """`device_launch`'s launch with its arguments bound once: a function that enqueues it
+    again (a kernel object of its own, arguments set; what a graph's replay calls)."""
+    build, g, where = _device_target(address, grid, device)
+    args = iter(_device_args(build.slots, slots, device, where))
+    typed = [x for kind, _ in build.slots for x in (  # numpy scalars: set once, untyped
+        (next(args), np.int64(next(args))) if kind == "tensor" else
+        (np.int64(next(args)) if kind == "long" else np.float32(next(args)),))]
+    return device.prepare(build.kernel, g, typed, build.name)
+
+
+def _device_target(address: int, grid: Sequence[int], device: Any
+                   ) -> tuple[DeviceBuild, tuple[int, int, int], str]:
+    """The device build of the specialization at `address`, the grid as 3 ints, and where
+    the kernel was written."""
     if not runs_on_devices(address):
         raise LaunchError(f"0x{address:x} is not the entry point of a kernel-language "
                           f"specialization, so it cannot run on {_place(device)}",
@@ -450,7 +470,7 @@ def device_launch(address: int, grid: Sequence[int], slots: Sequence[Any], devic
     if g is None or not all(isinstance(x, (int, np.integer)) and x >= 0 for x in g):
         raise LaunchError(f"grid must be 1 to 3 non-negative ints, got {tuple(grid)!r}",
                           where=where)
-    build.run(device, tuple(map(int, g)), slots, where)
+    return build, tuple(map(int, g)), where  # type: ignore[return-value]
 
 
 def _place(device: Any) -> str:

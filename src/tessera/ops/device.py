@@ -39,7 +39,7 @@ from tessera.runtime.dtype import as_dtype
 from tessera.runtime.tensor import Tensor, element_span
 
 __all__ = ["DEVICE_KINDS", "HOST_ONLY", "DeviceSession", "current", "device_of", "download",
-           "on_device", "replay", "round_trips", "runs_on_devices", "session", "write"]
+           "on_device", "prepare", "round_trips", "runs_on_devices", "session", "write"]
 
 aten = torch.ops.aten
 _ALLOC = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default,
@@ -386,17 +386,20 @@ def _redirect(address: int, g0: int, g1: int, g2: int, *slots: Any) -> bool:
     return True
 
 
-def replay(device: Device, commands: list[tuple[Any, ...]]) -> None:
-    """Run recorded device commands again (their buffers must still be alive)."""
+def prepare(device: Device, commands: list[tuple[Any, ...]]) -> list[Callable[[], None]]:
+    """Recorded device commands as functions that run them again, launches with their
+    arguments bound (their buffers must stay alive while the functions are used)."""
+    def check(address: int, nbytes: int, message: str) -> None:
+        if device.read(address, nbytes).any():  # flags a kernel set
+            raise ArgumentError(message)
+    out: list[Callable[[], None]] = []
     for c in commands:
         if c[0] == "launch":
-            jit.device_launch(c[1], c[2], c[3], device)
-        elif c[0] == "fill":
-            device.fill(c[1], c[2])
-        elif c[0] == "copy":
-            device.copy(c[1], c[2], c[3])
-        elif device.read(c[1], c[2]).any():  # "check": flags a kernel set
-            raise ArgumentError(c[3])
+            out.append(jit.device_prepare(c[1], c[2], c[3], device))
+        else:
+            run = {"fill": device.fill, "copy": device.copy, "check": check}[c[0]]
+            out.append(functools.partial(run, *c[1:]))
+    return out
 
 
 def _install_redirect() -> None:

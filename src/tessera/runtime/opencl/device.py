@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -197,6 +198,20 @@ class OpenCLDevice(Device):
         if 0 in grid:
             return
         kernel.set_args(*args)
+        self._enqueue(kernel, grid, name)
+
+    def prepare(self, kernel: Any, grid: tuple[int, int, int], args: list[Any],
+                name: str = "") -> Callable[[], None]:
+        """A function that runs `kernel` with `args` over `grid` each time it is called,
+        through a kernel object of its own whose arguments are set now, once."""
+        if 0 in grid:
+            return lambda: None
+        own = self.cl.Kernel(kernel.program, kernel.function_name)
+        for i, a in enumerate(args):
+            own.set_arg(i, a)
+        return functools.partial(self._enqueue, own, grid, name)
+
+    def _enqueue(self, kernel: Any, grid: tuple[int, int, int], name: str) -> None:
         event = self.cl.enqueue_nd_range_kernel(self.queue.cl_queue, kernel, grid,
                                                 self._local_size)
         session = profiling.active
