@@ -67,26 +67,6 @@ def download(value: Any) -> Any:
     return value.cpu().torch() if isinstance(value, Tensor) else value
 
 
-class _Recorder:
-    """The pyopencl module as a device sees it, keeping the event of every command enqueued
-    (kernels, copies, fills; not markers or barriers) so their device times can be read."""
-
-    def __init__(self, cl: Any):
-        self._cl = cl
-        self.events: list[Any] = []
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._cl, name)
-        if not name.startswith("enqueue_") or name in ("enqueue_marker", "enqueue_barrier"):
-            return attr
-
-        def enqueue(*args: Any, **kwargs: Any) -> Any:
-            event = attr(*args, **kwargs)
-            self.events.append(event)
-            return event
-        return enqueue
-
-
 class DeviceProfile:
     """Where one call's time goes on an OpenCL device, medians over several calls: the
     commands it enqueues and their summed execution time on the device's clock."""
@@ -106,13 +86,9 @@ def profile(device: Device, fn: Callable[[], object], calls: int = 7) -> DeviceP
     device.synchronize()
     counts, times = [], []
     for _ in range(calls):
-        recorder = _Recorder(device.cl)
-        device.cl = recorder  # this device's commands go through the recorder meanwhile
-        try:
+        with device.commands() as events:
             fn()
             device.synchronize()
-        finally:
-            device.cl = recorder._cl
-        counts.append(len(recorder.events))
-        times.append(sum(e.profile.end - e.profile.start for e in recorder.events) * 1e-9)
+        counts.append(len(events))
+        times.append(sum(e.profile.end - e.profile.start for e in events) * 1e-9)
     return DeviceProfile(int(statistics.median(counts)), statistics.median(times))

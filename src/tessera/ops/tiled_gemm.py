@@ -13,7 +13,8 @@ import tessera.lang as tl
 
 __all__ = ["product"]
 
-BM, BN, BK = 32, 32, 32
+BN, BK = 32, 32
+_ROWS = (1, 8, 32)  # BM: the smallest that covers M (a decode GEMV does not pay 32 rows)
 
 
 @tl.kernel
@@ -75,11 +76,12 @@ def product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float
         o, copied = out.contiguous().view(math.prod(batch), m, n), True
     a3, b3 = _batched(a, batch, m, k), _batched(b, batch, k, n)
     unused = a3[0, 0]  # stands for an absent bias or residual (never read)
-    gemm_kernel[(-(-m // BM), -(-n // BN), o.shape[0])](
+    bm = next((r for r in _ROWS if m <= r), _ROWS[-1])
+    gemm_kernel[(-(-m // bm), -(-n // BN), o.shape[0])](
         a3, b3, o, unused if bias is None else bias,
         unused if residual is None else _batched(residual, batch, m, n),
         float(alpha), float(beta), BIAS="none" if bias is None else "rows" if bias_rows
         else "cols", ACT=activation or "none", RES=residual is not None, BETA=beta != 0,
-        BM=BM, BN=BN, BK=BK)
+        BM=bm, BN=BN, BK=BK)
     if copied:
         out.copy_(o.view(out.shape))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,7 @@ class OpenCLDevice(Device):
         self._default_queue: Queue | None = None
         self._programs: dict[str, Any] = {}
         self._programs_lock = threading.Lock()
+        self._sinks = threading.local()  # .stack: the lists `commands()` blocks collect into
 
     def _make_allocator(self):
         from tessera.runtime.memory import CachingAllocator
@@ -116,7 +118,8 @@ class OpenCLDevice(Device):
         """Copy the bytes of contiguous `host` to device memory at `address`."""
         if host.nbytes:
             buffer, offset = self.locate(address)
-            self.cl.enqueue_copy(self.queue.cl_queue, buffer, host, dst_offset=offset)
+            self._note(self.cl.enqueue_copy(self.queue.cl_queue, buffer, host,
+                                            dst_offset=offset))
             self.queue.finish()  # the host array may go away once this returns
 
     def read(self, address: int, nbytes: int) -> np.ndarray:
@@ -124,7 +127,8 @@ class OpenCLDevice(Device):
         out = np.empty(nbytes, np.uint8)
         if nbytes:
             buffer, offset = self.locate(address)
-            self.cl.enqueue_copy(self.queue.cl_queue, out, buffer, src_offset=offset)
+            self._note(self.cl.enqueue_copy(self.queue.cl_queue, out, buffer,
+                                            src_offset=offset))
             self.queue.finish()
         return out
 
@@ -132,15 +136,33 @@ class OpenCLDevice(Device):
         """Device-to-device copy of `nbytes` (queued on the current stream)."""
         if nbytes:
             (db, do), (sb, so) = self.locate(dst), self.locate(src)
-            self.cl.enqueue_copy(self.queue.cl_queue, db, sb, byte_count=nbytes,
-                                 dst_offset=do, src_offset=so)
+            self._note(self.cl.enqueue_copy(self.queue.cl_queue, db, sb, byte_count=nbytes,
+                                            dst_offset=do, src_offset=so))
 
     def fill(self, address: int, nbytes: int, byte: int = 0) -> None:
         """Set `nbytes` bytes at `address` to `byte` (queued on the current stream)."""
         if nbytes:
             buffer, offset = self.locate(address)
-            self.cl.enqueue_fill_buffer(self.queue.cl_queue, buffer, np.uint8(byte), offset,
-                                        nbytes)
+            self._note(self.cl.enqueue_fill_buffer(self.queue.cl_queue, buffer,
+                                                   np.uint8(byte), offset, nbytes))
+
+    @contextlib.contextmanager
+    def commands(self) -> Iterator[list[Any]]:
+        """Collect the OpenCL event of every command this thread enqueues on this device
+        inside the block — kernels, copies, fills — e.g. to sum their device times
+        (`e.profile.end - e.profile.start`, ns, once each has completed)."""
+        sinks = self._sinks.__dict__.setdefault("stack", [])
+        events: list[Any] = []
+        sinks.append(events)
+        try:
+            yield events
+        finally:
+            sinks.remove(events)
+
+    def _note(self, event: Any) -> Any:
+        for events in getattr(self._sinks, "stack", ()):
+            events.append(event)
+        return event
 
     # -- programs ------------------------------------------------------------------------
     def build(self, source: str, name: str, options: tuple[str, ...] = (),
@@ -212,8 +234,8 @@ class OpenCLDevice(Device):
         return functools.partial(self._enqueue, own, grid, name)
 
     def _enqueue(self, kernel: Any, grid: tuple[int, int, int], name: str) -> None:
-        event = self.cl.enqueue_nd_range_kernel(self.queue.cl_queue, kernel, grid,
-                                                self._local_size)
+        event = self._note(self.cl.enqueue_nd_range_kernel(self.queue.cl_queue, kernel, grid,
+                                                           self._local_size))
         session = profiling.active
         if session is not None:
             event.wait()
