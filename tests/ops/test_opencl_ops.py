@@ -88,6 +88,13 @@ def test_shape_and_index(opencl_device):
     check_on(opencl_device, "embedding", table, ids)
 
 
+def test_empty_tensors(opencl_device):
+    """Empty operands (a null data pointer) launch fine: K = 0 gives zeros, as torch."""
+    check_on(opencl_device, "matmul", torch.randn(5, 5, 0), torch.randn(0, 5))
+    check_on(opencl_device, "add", torch.randn(0, 3), torch.randn(3))
+    check_on(opencl_device, "softmax", torch.randn(4, 0), -1)
+
+
 def test_results_stay_on_the_device_and_chain(opencl_device):
     x = on(opencl_device, torch.randn(8, 64))
     y = O.softmax(O.gelu(x))

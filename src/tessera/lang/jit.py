@@ -509,8 +509,8 @@ def _device_args(slots: list[tuple[str, dt.dtype | None]], flat: Sequence[Any], 
                           where=where)
     args: list[Any] = []
     for (kind, d), v in zip(slots, flat, strict=True):
-        if kind == "tensor":
-            buffer, offset = device.locate(v)
+        if kind == "tensor":  # (an empty tensor's null pointer: a buffer it never reads)
+            buffer, offset = device.locate(v) if v else (device.empty_buffer, 0)
             if offset % d.itemsize:  # type: ignore[union-attr]
                 raise LaunchError(f"a {d.name} tensor at 0x{v:x} on {device.name} is not "  # type: ignore[union-attr]
                                   "aligned to its element size", where=where,

@@ -114,6 +114,12 @@ class OpenCLDevice(Device):
         """(cl.Buffer, byte offset) of a device address (a tensor's data_ptr())."""
         return self.allocator.backend.locate(address)
 
+    @functools.cached_property
+    def empty_buffer(self) -> Any:
+        """A small buffer that stands for the null data pointer of an empty tensor in kernel
+        arguments (a kernel never reads an empty tensor's elements)."""
+        return self.cl.Buffer(self.context, self.cl.mem_flags.READ_WRITE, 64)
+
     def write(self, address: int, host: np.ndarray) -> None:
         """Copy the bytes of contiguous `host` to device memory at `address`."""
         if host.nbytes:
