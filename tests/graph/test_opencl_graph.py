@@ -81,3 +81,24 @@ def test_host_steps_rerun_in_replays(opencl_device):
             x = torch.randn(2, 3, 8, 8)
             _close(c(x), m(x), tol=1e-5)
     assert _last_runner().calls == {"record": 1, "replay": 2}
+
+
+def test_host_steps_read_weights_from_their_host_copies(opencl_device, monkeypatch):
+    """A host step (here a convolution) gets the graph's weights from their host data, not
+    by downloading them at every call: a replay reads back activations only."""
+    torch.manual_seed(0)
+    m = torch.nn.Conv2d(64, 64, 3).eval()  # 147 KB of weights, 4 KB of input
+    x = torch.randn(1, 64, 4, 4)
+    c = tessera.compile(m, (x,), options={"device": "opencl"})
+    read, total = opencl_device.read, [0]
+
+    def counting(address, nbytes):
+        total[0] += nbytes
+        return read(address, nbytes)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        c(x)
+        monkeypatch.setattr(opencl_device, "read", counting)
+        _close(c(x), m(x), tol=1e-4)
+    weight_bytes = m.weight.numel() * 4
+    assert 0 < total[0] < weight_bytes // 4

@@ -54,6 +54,7 @@ class _Plan:
     keep: list[Tensor]
     inputs: list[torch.Tensor | None]  # the alias each input was uploaded to
     outputs: list[Any]  # aliases (downloaded after each replay) or Python values
+    host_constants: dict[int, torch.Tensor]  # DeviceRunner.host_constants
 
     def run(self, device: Device, label: str, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
         for x, alias in zip(inputs, self.inputs, strict=True):
@@ -65,6 +66,7 @@ class _Plan:
                     command()
                 continue
             with ops_device.session(device, f"graph {label}") as s:
+                s.host_copies = self.host_constants
                 for v in _leaves(step.args):
                     if isinstance(v, torch.Tensor):
                         s.storages.setdefault(v.untyped_storage().data_ptr(),
@@ -112,6 +114,8 @@ class DeviceRunner:
         self.device = device
         self.label = label
         self.constants: dict[Value, Any] | None = None  # uploaded on the first call
+        # their host data by device storage, for host steps (weights are never downloaded)
+        self.host_constants: dict[int, torch.Tensor] = {}
         # views and torch fallbacks directly over the aliases (torch computing there
         # round-trips); ops and generated kernels through the session (host-only ones run
         # on host copies)
@@ -137,10 +141,16 @@ class DeviceRunner:
 
     def _record(self, inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], _Plan]:
         if self.constants is None:
-            self.constants = {v: as_tensor(v.data.detach().contiguous()).to(self.device)
-                              if isinstance(v.data, torch.Tensor) else v.data
-                              for v in self.graph.constants}
+            self.constants = {}
+            for v in self.graph.constants:
+                if not isinstance(v.data, torch.Tensor):
+                    self.constants[v] = v.data
+                    continue
+                host = v.data.detach().contiguous()
+                t = self.constants[v] = as_tensor(host).to(self.device)
+                self.host_constants[t.data_ptr()] = host.reshape(-1)
         with ops_device.session(self.device, f"graph {self.label}") as s:
+            s.host_copies = self.host_constants
             env: dict[Value, Any] = {v: s.alias(t) if isinstance(t, Tensor) else t
                                      for v, t in self.constants.items()}
             ins = [s.upload(x.detach()) if isinstance(x, torch.Tensor) else None
@@ -160,5 +170,6 @@ class DeviceRunner:
             outs = [env[v] for v in self.graph.outputs]
             host_outs = tuple(s.to_host(o) if isinstance(o, torch.Tensor) else o
                               for o in outs)
-            plan = _Plan(plan_steps, list(s.storages.values()), ins, outs)
+            plan = _Plan(plan_steps, list(s.storages.values()), ins, outs,
+                         self.host_constants)
         return host_outs, plan
