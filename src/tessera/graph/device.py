@@ -51,7 +51,7 @@ class _Plan:
     they use, where the inputs go and where the outputs are."""
 
     steps: list[list[Callable[[], None]] | _HostStep]  # (device commands, prepared)
-    keep: list[Tensor]
+    storages: dict[int, Tensor]  # every buffer the recording used, by storage base
     inputs: list[torch.Tensor | None]  # the alias each input was uploaded to
     outputs: list[Any]  # aliases (downloaded after each replay) or Python values
     host_constants: dict[int, torch.Tensor]  # DeviceRunner.host_constants
@@ -67,10 +67,7 @@ class _Plan:
                 continue
             with ops_device.session(device, f"graph {label}") as s:
                 s.host_copies = self.host_constants
-                for v in _leaves(step.args):
-                    if isinstance(v, torch.Tensor):
-                        s.storages.setdefault(v.untyped_storage().data_ptr(),
-                                              self._owner(v))
+                s.storages.update(self.storages)  # the step's arguments are aliases of them
                 result = step.fn(step.args)
                 results = result if isinstance(result, (tuple, list)) else [result]
                 for dst, src in zip(step.outputs, results, strict=False):
@@ -79,19 +76,6 @@ class _Plan:
                                          else src)
         return tuple(ops_device.download(device, o) if isinstance(o, torch.Tensor) else o
                      for o in self.outputs)
-
-    def _owner(self, alias: torch.Tensor) -> Tensor:
-        base = alias.untyped_storage().data_ptr()
-        return next(t for t in self.keep
-                    if t.data_ptr() - t.storage_offset() * t.dtype.itemsize == base)
-
-
-def _leaves(a: Any) -> list[Any]:
-    if isinstance(a, (list, tuple)):
-        return [x for v in a for x in _leaves(v)]
-    if isinstance(a, dict):
-        return [x for v in a.values() for x in _leaves(v)]
-    return [a]
 
 
 def _on_device(op: str, fn: Step) -> Step:
@@ -170,6 +154,5 @@ class DeviceRunner:
             outs = [env[v] for v in self.graph.outputs]
             host_outs = tuple(s.to_host(o) if isinstance(o, torch.Tensor) else o
                               for o in outs)
-            plan = _Plan(plan_steps, list(s.storages.values()), ins, outs,
-                         self.host_constants)
+            plan = _Plan(plan_steps, dict(s.storages), ins, outs, self.host_constants)
         return host_outs, plan

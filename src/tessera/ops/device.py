@@ -115,8 +115,7 @@ def on_device(name: str, impl: Callable[..., Any], device: Device, args: list[An
               kwargs: dict[str, Any]) -> Any:
     """`impl(*args, **kwargs)` of op `name` with its tessera tensors on `device`; the
     result's tensors are tessera tensors on `device`."""
-    _install_redirect()
-    with DeviceSession(device, name) as s:
+    with session(device, name) as s:
         out = s.run(name, impl, *tree_map(s.arg, args), **tree_map(s.arg, kwargs))
         return tree_map(s.result, out)
 

@@ -93,8 +93,3 @@ class DeviceMemory:
                     return self._buffers[start], address - start
         raise DeviceError(f"address 0x{address:x} is not memory of {self.device.name}",
                           hint="pass tensors allocated on this device (t.to(device))")
-
-    def owns(self, address: int) -> bool:
-        with self._lock:
-            i = bisect.bisect_right(self._starts, address) - 1
-            return i >= 0 and address < self._ends[self._starts[i]]
